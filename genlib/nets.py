@@ -1,0 +1,140 @@
+"""Networks shared by every chapter: an MLP for 2-D toys and convolutional
+generator / critic / encoder parametrised by image resolution and width.
+
+Resolutions are ``base * 2**k`` with ``base`` in 4..7, so 8, 16, 28 (Fashion-MNIST),
+32 and 64 all work: the generator starts from a ``base x base`` map and doubles it
+``k`` times; the critic and encoder mirror it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU,
+               "elu": nn.ELU, "softplus": nn.Softplus}
+
+
+def activation(name: str) -> nn.Module:
+    """A fresh activation module by name (``relu``, ``tanh``, ``leaky_relu``, ``silu``, ``elu``, ``softplus``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class MLP(nn.Sequential):
+    """Fully connected net ``in_dim -> hidden x depth -> out_dim``; input [n, in_dim], output [n, out_dim]."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, act: str = "relu",
+                 batchnorm: bool = False):
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden)]
+            if batchnorm:
+                layers += [nn.BatchNorm1d(hidden)]
+            layers += [activation(act)]
+            width = hidden
+        layers += [nn.Linear(width, out_dim)]
+        super().__init__(*layers)
+
+
+def conv_stages(resolution: int) -> tuple[int, int]:
+    """Split ``resolution`` into (base size in 4..7, number of 2x stages); e.g. 64 -> (4, 4), 28 -> (7, 2)."""
+    if resolution < 8 or resolution > 256:
+        raise ValueError(f"resolution must be between 8 and 256, got {resolution}")
+    base, stages = resolution, 0
+    while base % 2 == 0 and base // 2 >= 4:
+        base, stages = base // 2, stages + 1
+    if base > 7:
+        raise ValueError(f"resolution {resolution} is not base * 2**k with base in 4..7 (e.g. 8, 16, 28, 32, 64)")
+    return base, stages
+
+
+def stage_widths(stages: int, width: int, max_mult: int = 8) -> list[int]:
+    """Channel widths from the finest to the coarsest feature map: width, 2 width, ... capped at max_mult width."""
+    return [width * min(2**i, max_mult) for i in range(stages + 1)]
+
+
+class ConvGenerator(nn.Module):
+    """DCGAN-style generator: z [n, z_dim] -> image [n, channels, resolution, resolution] in [-1, 1]."""
+
+    def __init__(self, z_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, out_act: str = "tanh"):
+        super().__init__()
+        base, stages = conv_stages(resolution)
+        widths = stage_widths(stages, width)[::-1]
+        self.z_dim, self.resolution, self.channels = z_dim, resolution, channels
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(z_dim, widths[0], base, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.Conv2d(widths[-1], channels, 3, 1, 1)]
+        if out_act == "tanh":
+            layers += [nn.Tanh()]
+        elif out_act != "none":
+            raise ValueError(f"out_act must be 'tanh' or 'none', got {out_act!r}")
+        self.net = nn.Sequential(*layers)
+        init_dcgan(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.reshape(z.shape[0], self.z_dim, 1, 1))
+
+
+class ConvEncoder(nn.Module):
+    """DCGAN-style encoder / critic: image [n, channels, r, r] -> [n, out_dim].
+
+    ``norm`` is ``'batch'``, ``'layer'`` (GroupNorm with one group, safe with gradient
+    penalties, which assume each sample's output depends on that sample only) or ``'none'``."""
+
+    def __init__(self, out_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none"):
+        super().__init__()
+        base, stages = conv_stages(resolution)
+        widths = stage_widths(stages, width)
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), make_norm(norm, c_out),
+                       nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(widths[-1], out_dim, base, 1, 0), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        init_dcgan(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvCritic(ConvEncoder):
+    """Scalar critic / discriminator / energy: image [n, channels, r, r] -> [n] (raw score, no sigmoid)."""
+
+    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none"):
+        super().__init__(1, resolution, channels, width, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Normalisation layer by name: ``batch``, ``layer`` (GroupNorm(1)) or ``none``."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'batch', 'layer' or 'none', got {kind!r}")
+
+
+def init_dcgan(module: nn.Module) -> None:
+    """DCGAN initialisation: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.normal_(layer.weight, 1.0, 0.02)
+            nn.init.zeros_(layer.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

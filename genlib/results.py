@@ -1,0 +1,132 @@
+"""Recorded runs with provenance.
+
+A recorded run is a folder under ``results/`` holding small files only:
+``run.json`` (command, config, git commit, device, torch version, wall time, date),
+``metrics.json`` and optionally ``samples.png`` and ``log.txt``. Chapters display them
+beside the command that made them, so the book never shows a number nobody measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """The current git commit (with ``-dirty`` if the tree has changes), or ``'unknown'`` outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device: torch.device | str, command: list[str] | str | None = None) -> dict:
+    """Who, what and where of a run: command line, git commit, device, versions, host, date."""
+    from genlib import __version__
+    from genlib.runtime import device_name, scale
+
+    device = torch.device(device)
+    if command is None:
+        command = [Path(sys.argv[0]).name if sys.argv[0].endswith("__main__.py") else sys.argv[0], *sys.argv[1:]]
+    if not isinstance(command, str):
+        command = shlex.join(command)
+    return {
+        "command": command,
+        "git_commit": git_commit(),
+        "genlib_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": device.type,
+        "device_name": device_name(device),
+        "scale": scale(),
+        "host": platform.node(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: object) -> object:
+    """Convert tensors, paths and numpy scalars for JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a run record")
+
+
+@dataclass
+class RecordedRun:
+    """A recorded run as read back from disk: its folder, provenance, config and metrics."""
+
+    path: Path
+    run: dict
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        return self.run["command"]
+
+    @property
+    def samples_png(self) -> Path | None:
+        png = self.path / "samples.png"
+        return png if png.exists() else None
+
+    def summary(self) -> str:
+        """A few lines for a notebook: the command, where and when it ran, and its metrics."""
+        run = self.run
+        lines = [f"command : {run['command']}",
+                 f"device  : {run['device_name']} | torch {run['torch_version']} | commit {run['git_commit'][:12]}",
+                 f"scale   : {run['scale']} | wall time {run.get('wall_time_s', float('nan')):.0f} s | {run['date']}"]
+        lines += [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())]
+        return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    """Three significant digits for floats, as is for the rest."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def record_run(out_dir: str | Path, *, device: torch.device | str, config: dict, metrics: dict,
+               wall_time_s: float, command: list[str] | str | None = None) -> RecordedRun:
+    """Write ``run.json`` (provenance + config + wall time) and ``metrics.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    run = provenance(device, command) | {"config": config, "wall_time_s": round(wall_time_s, 2)}
+    write_json(out / "run.json", run)
+    write_json(out / "metrics.json", metrics)
+    return RecordedRun(out, run, metrics)
+
+
+def load_run(path: str | Path) -> RecordedRun:
+    """Read a recorded run folder; a clear error says which file is missing."""
+    path = Path(path)
+    run_file = path / "run.json"
+    if not run_file.exists():
+        raise FileNotFoundError(f"{run_file} does not exist: no recorded run at {path} "
+                                "(recorded runs are made with `python -m genlib train ... --record DIR`)")
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    return RecordedRun(path, json.loads(run_file.read_text()), metrics)

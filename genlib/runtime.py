@@ -1,0 +1,95 @@
+"""Runtime: device choice, seeding, the run scale and a one-line description of a run.
+
+The run scale is chosen by one environment variable, ``GENLIB_SCALE``: ``small`` (the
+default, what CI and the committed notebooks run on a CPU) or ``full`` (GPU size).
+Every experiment asks :func:`by_scale` for its sizes so that one switch changes them all.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+SCALES = ("small", "full")
+T = TypeVar("T")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """Raised when a device is requested that this machine does not have."""
+
+
+def scale() -> str:
+    """The run scale from ``GENLIB_SCALE``: ``'small'`` (default) or ``'full'``."""
+    value = os.environ.get("GENLIB_SCALE", "small").strip().lower() or "small"
+    if value not in SCALES:
+        raise ValueError(f"GENLIB_SCALE must be one of {SCALES}, got {value!r}")
+    return value
+
+
+def by_scale(small: T, full: T) -> T:
+    """Return ``small`` or ``full`` according to the current run scale."""
+    return full if scale() == "full" else small
+
+
+def device(name: str | None = None) -> torch.device:
+    """Pick the device: ``name`` if given (``'cuda'``, ``'cpu'``, ``'cuda:1'``), else
+    ``GENLIB_DEVICE``, else CUDA when available, else CPU. Asking for an absent GPU is an error."""
+    name = name or os.environ.get("GENLIB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(name)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"device {name!r} was requested but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "use device='cpu' or install a CUDA build of torch"
+        )
+    if chosen.type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"unsupported device type {chosen.type!r}; use 'cuda' or 'cpu'")
+    return chosen
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator seeded with ``seed``."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (``GENLIB_THREADS`` or all cores); return the number used."""
+    threads = threads or int(os.environ.get("GENLIB_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def use_fast_matmul(dev: torch.device) -> None:
+    """Allow TF32 matmuls and cuDNN autotuning on CUDA (no effect on CPU)."""
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def device_name(dev: torch.device) -> str:
+    """A human name for ``dev``: the GPU model, or the CPU with its core count."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def describe(seed: int, dev: torch.device | None = None) -> str:
+    """One line saying what is being run: scale, device, seed and versions."""
+    from genlib import __version__
+
+    dev = dev or device()
+    return (
+        f"scale={scale()} | device={dev.type} [{device_name(dev)}] | seed={seed} | "
+        f"genlib {__version__} | torch {torch.__version__}"
+    )

@@ -1,0 +1,249 @@
+"""The one training loop, and the one contract every model family implements.
+
+A family is a :class:`GenerativeModel`: it builds its networks and its optimisers
+(``self.optimizers``, a dict) in ``__init__``, takes one full training step on a batch in
+:meth:`GenerativeModel.step` (forward, backward, every optimiser step it needs, e.g. the
+critic's and then the generator's) and returns its losses, and draws samples with
+:meth:`GenerativeModel.sample`. :func:`fit` never special-cases a family; it adds what
+every run needs: a progress bar, a loss history, atomic periodic checkpoints with exact
+resume, a guard against non-finite losses, bf16 autocast and an EMA of the generator on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+History = dict[str, list[float]]
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss becomes NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class GenerativeModel(nn.Module):
+    """Base class of every model family (see the module docstring for the contract)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.ema: nn.Module | None = None
+
+    def step(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step on reals ``x`` [B, ...] with dataset indices ``index`` [B]; returns scalar losses."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """Draw ``n`` samples [n, ...] on the model's device."""
+        raise NotImplementedError
+
+    def ema_source(self) -> nn.Module | None:
+        """The sub-network whose weights an EMA averages (usually the generator); None for no EMA."""
+        return None
+
+    def sampling_net(self) -> nn.Module:
+        """The network to sample with: the EMA copy when one is kept, else the live ``ema_source()``."""
+        source = self.ema_source()
+        if source is None:
+            raise NotImplementedError(f"{type(self).__name__} has no ema_source() to sample with")
+        return self.ema if self.ema is not None else source
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameter."""
+        return next(self.parameters()).device
+
+    def attach_ema(self, decay: float) -> None:
+        """Start keeping an exponential moving average (``decay`` per step) of ``ema_source()``."""
+        source = self.ema_source()
+        if source is None:
+            raise ValueError(f"{type(self).__name__} defines no ema_source(); cannot keep an EMA")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.ema = copy.deepcopy(source).requires_grad_(False).eval()
+        self.ema_decay = decay
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the EMA weights towards the live ones; buffers (BatchNorm statistics) are copied."""
+        if self.ema is None:
+            return
+        source = self.ema_source()
+        ema_params = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in source.parameters()], 1.0 - self.ema_decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), source.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to resume: weights (with EMA) and optimiser states."""
+        return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+        self.load_state_dict(state["model"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+
+
+def rng_state() -> dict:
+    """The state of every random number generator a training step may touch."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, history: History) -> None:
+    """Write model, optimisers, sampler position, RNG states and history after ``step`` steps."""
+    state = model.checkpoint_state()
+    state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state())
+    save_atomic(state, path)
+
+
+def load_checkpoint(path: Path, model: GenerativeModel, sampler) -> tuple[int, History]:
+    """Restore what :func:`save_checkpoint` wrote; return (step, history)."""
+    state = torch.load(path, map_location=model.device, weights_only=False)
+    model.load_checkpoint_state(state)
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+def first_non_finite(pending: list[dict[str, torch.Tensor]], first_step: int) -> tuple[int, dict[str, float]] | None:
+    """(step, losses) of the first step in ``pending`` with a NaN/inf loss, else None; one device sync."""
+    names = list(pending[0])
+    table = torch.stack([torch.stack([losses[k] for k in names]) for losses in pending]).cpu()
+    bad_rows = (~torch.isfinite(table)).any(1).nonzero()
+    if len(bad_rows) == 0:
+        return None
+    row = int(bad_rows[0])
+    return first_step + row, dict(zip(names, table[row].tolist()))
+
+
+def non_finite_error(step: int, losses: dict[str, float], path: Path | None, last_saved: int | None):
+    """The error raised for a non-finite loss, naming the step and the checkpoint that is kept."""
+    where = (f"the last good checkpoint (step {last_saved}) is kept in {path}"
+             if path is not None and last_saved is not None else "no checkpoint was written")
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+    return NonFiniteLossError(f"non-finite loss at step {step} ({shown}); training stopped and {where}. "
+                              "Lower the learning rate, or check the data and the model.")
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def fit(
+    model: GenerativeModel,
+    sampler: Iterator[Batch],
+    steps: int,
+    *,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    log_every: int = 50,
+    resume: bool = True,
+    amp: bool | None = None,
+    ema_decay: float | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+    callback: Callable[[int, GenerativeModel], None] | None = None,
+    callback_every: int = 0,
+) -> History:
+    """Train ``model`` for ``steps`` steps on batches from ``sampler``; return the loss history.
+
+    ``history['step']`` lists the logged steps and ``history[name]`` the mean of each loss over
+    the preceding ``log_every`` steps. With ``run_dir`` a checkpoint is written atomically every
+    ``checkpoint_every`` steps and at the end, and a later call with the same
+    ``run_dir`` resumes exactly where the last checkpoint left it (an interrupted or crashed
+    run loses at most ``checkpoint_every`` steps). ``amp`` (bf16 autocast) and ``ema_decay``
+    default to on (0.999) on CUDA and off on the CPU. ``callback(step, model)`` runs every
+    ``callback_every`` steps (e.g. to record snapshots for a figure).
+    """
+    if steps < 0 or log_every < 1 or checkpoint_every < 1:
+        raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
+    device = model.device
+    on_cuda = device.type == "cuda"
+    amp = on_cuda if amp is None else amp
+    if ema_decay is None and on_cuda and model.ema_source() is not None:
+        ema_decay = 0.999
+    if ema_decay and model.ema is None:
+        model.attach_ema(ema_decay)
+
+    path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+    start, history, last_saved = 0, {"step": []}, None
+    if path is not None and resume and path.exists():
+        start, history = load_checkpoint(path, model, sampler)
+        last_saved = start
+
+    pending: list[dict[str, torch.Tensor]] = []
+    bar = _progress_bar(start, steps, desc or type(model).__name__, progress)
+    began = time.perf_counter()
+    try:
+        for step in range(start + 1, steps + 1):
+            x, index = next(sampler)
+            model.train()
+            with autocast_context(device, amp):
+                losses = model.step(x, index)
+            model.update_ema()
+            pending.append({k: v.detach().float() for k, v in losses.items()})
+            if callback is not None and callback_every and step % callback_every == 0:
+                callback(step, model)
+            if step % log_every == 0 or step == steps or (path is not None and step % checkpoint_every == 0):
+                bad = first_non_finite(pending, step - len(pending) + 1)
+                if bad is not None:
+                    raise non_finite_error(*bad, path, last_saved)
+                means = {k: torch.stack([p[k] for p in pending]).mean().item() for k in pending[0]}
+                history["step"].append(step)
+                for name, value in means.items():
+                    history.setdefault(name, []).append(value)
+                pending = []
+                rate = x.shape[0] * (step - start) / max(time.perf_counter() - began, 1e-9)
+                bar.set_postfix({**{k: f"{v:.3g}" for k, v in means.items()}, "samples/s": f"{rate:.3g}"},
+                                refresh=False)
+                if path is not None and (step % checkpoint_every == 0 or step == steps):
+                    save_checkpoint(path, model, sampler, step, history)
+                    last_saved = step
+            bar.update(1)
+    finally:
+        bar.close()
+    model.eval()
+    return history
+
+
+def _progress_bar(start: int, steps: int, desc: str, enabled: bool):
+    """A tqdm bar (notebook-aware) positioned at ``start`` of ``steps``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=0.5)

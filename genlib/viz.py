@@ -1,0 +1,176 @@
+"""Plots the chapters share: 2-D scatters, densities, vector fields and energy surfaces,
+image grids, loss curves, and a helper that turns a list of frames into a slider widget.
+
+Every function draws on a given matplotlib ``Axes`` (or makes one) and returns it, so
+figures compose; nothing here calls ``plt.show()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+Grid = tuple[np.ndarray, np.ndarray, torch.Tensor]
+
+
+def _axes(ax: plt.Axes | None, size: float = 4.0) -> plt.Axes:
+    """``ax`` or a fresh square axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(size, size))
+    return ax
+
+
+def as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A detached float CPU numpy copy of ``x``."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def grid_points(lim: float | tuple[float, float, float, float], n: int = 200) -> Grid:
+    """A square grid: (X [n,n], Y [n,n], points [n*n, 2]) over ``lim`` (half-width or x0, x1, y0, y1)."""
+    x0, x1, y0, y1 = (-lim, lim, -lim, lim) if np.isscalar(lim) else lim
+    xs, ys = np.meshgrid(np.linspace(x0, x1, n), np.linspace(y0, y1, n))
+    points = torch.from_numpy(np.stack([xs.ravel(), ys.ravel()], 1)).float()
+    return xs, ys, points
+
+
+def scatter2d(points, ax: plt.Axes | None = None, lim: float | None = None, title: str | None = None,
+              **kw) -> plt.Axes:
+    """Scatter [n, 2] points with small markers; ``lim`` fixes a square view."""
+    ax = _axes(ax)
+    pts = as_numpy(points)
+    ax.scatter(pts[:, 0], pts[:, 1], s=kw.pop("s", 2), alpha=kw.pop("alpha", 0.5), **kw)
+    if lim is not None:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def field2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None, n: int = 150,
+            cmap: str = "viridis", title: str | None = None, contours: int = 0) -> plt.Axes:
+    """Image of a scalar function ``fn([m,2]) -> [m]`` (a density, log-density or energy) over a square."""
+    ax = _axes(ax)
+    xs, ys, points = grid_points(lim, n)
+    with torch.no_grad():
+        values = as_numpy(fn(points)).reshape(xs.shape)
+    ax.imshow(values, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, aspect="equal")
+    if contours:
+        ax.contour(xs, ys, values, contours, colors="white", linewidths=0.5, alpha=0.6)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def quiver2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None, n: int = 20,
+             title: str | None = None, **kw) -> plt.Axes:
+    """Arrows of a vector field ``fn([m,2]) -> [m,2]`` (a score, or r(x) - x) on an n x n grid."""
+    ax = _axes(ax)
+    xs, ys, points = grid_points(lim, n)
+    with torch.no_grad():
+        vec = as_numpy(fn(points))
+    ax.quiver(xs, ys, vec[:, 0].reshape(xs.shape), vec[:, 1].reshape(xs.shape), **kw)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def energy_surface(energy: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None,
+                   real=None, fake=None, n: int = 150, title: str | None = None) -> plt.Axes:
+    """Energy ``U`` as a filled contour map (low = dark pits), with reals and fakes on top."""
+    ax = field2d(energy, lim, ax=ax, n=n, cmap="magma", contours=12)
+    if real is not None:
+        scatter2d(real, ax, lim, s=3, c="cyan", alpha=0.6, label="real")
+    if fake is not None:
+        scatter2d(fake, ax, lim, s=3, c="lime", alpha=0.6, label="fake")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
+    """Tile images [n, C, H, W] (uint8, or float in [-1, 1]) into one [rows*H, nrow*W, C] uint8 array."""
+    if images.dtype != torch.uint8:
+        images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    images = images.cpu()
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    canvas = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return canvas.permute(1, 2, 0).numpy()
+
+
+def show_images(images: torch.Tensor, nrow: int = 8, ax: plt.Axes | None = None, title: str | None = None,
+                size: float = 4.0) -> plt.Axes:
+    """Show a tiled grid of images on ``ax`` without ticks."""
+    ax = _axes(ax, size)
+    grid = image_grid(images, nrow)
+    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
+              vmin=0, vmax=255)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """Write a tiled grid of images to a PNG file."""
+    grid = image_grid(images, nrow)
+    plt.imsave(path, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+
+
+def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None, keys: Sequence[str] | None = None,
+                title: str | None = None) -> plt.Axes:
+    """Plot each logged loss of a training history against its step."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3))
+    for key in keys or [k for k in history if k != "step"]:
+        ax.plot(history["step"], history[key], label=key)
+    ax.set_xlabel("step")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def figure_png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = (4.0, 4.0), dpi: int = 72) -> bytes:
+    """Render ``draw(ax)`` into PNG bytes (the figure is closed, never shown)."""
+    import io
+
+    fig, ax = plt.subplots(figsize=figsize)
+    draw(ax)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def frame_slider(draw: Callable[[int, plt.Axes], None], frames: int, description: str = "frame",
+                 figsize: tuple[float, float] = (4.0, 4.0), labels: Sequence[str] | None = None, dpi: int = 72):
+    """A slider over ``frames`` pre-rendered figures ``draw(i, ax)``; returns the widget to display.
+
+    The slider is linked to the pictures in the browser (``jslink``), so it keeps working in the
+    static HTML book, where no Python kernel is running."""
+    import ipywidgets as widgets
+
+    pictures = [widgets.Image(value=figure_png(lambda ax, i=i: draw(i, ax), figsize, dpi), format="png")
+                for i in range(frames)]
+    stack = widgets.Stack(pictures, selected_index=0)
+    slider = widgets.IntSlider(value=0, min=0, max=frames - 1, description=description, continuous_update=True)
+    widgets.jslink((slider, "value"), (stack, "selected_index"))
+    children = [slider, stack]
+    if labels is not None:
+        caption = widgets.Dropdown(options=[(label, i) for i, label in enumerate(labels)], value=0,
+                                   description="value")
+        widgets.jslink((slider, "value"), (caption, "value"))
+        children.insert(1, caption)
+    return widgets.VBox(children)

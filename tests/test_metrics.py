@@ -1,0 +1,344 @@
+"""Tests for genlib.metrics, each against an independent reference (NumPy loops, SciPy, closed forms)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+
+from genlib import metrics as M
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+def _random_spd(rng: np.random.Generator, f: int) -> np.ndarray:
+    a = rng.normal(size=(f, f))
+    return a @ a.T + 0.1 * np.eye(f)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _ref_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out = np.empty((len(a), len(b)))
+    for i in range(len(a)):
+        for j in range(len(b)):
+            out[i, j] = np.sum((a[i] - b[j]) ** 2)
+    return out
+
+
+def _ref_unbiased_mmd2(x: np.ndarray, y: np.ndarray, kernel) -> float:
+    m, n = len(x), len(y)
+    kxx = sum(kernel(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kyy = sum(kernel(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kxy = sum(kernel(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return kxx + kyy - 2 * kxy
+
+
+def _ref_one_nn(x: np.ndarray, y: np.ndarray) -> float:
+    z = np.concatenate([x, y])
+    labels = [0] * len(x) + [1] * len(y)
+    correct = 0
+    for i in range(len(z)):
+        best, best_j = np.inf, -1
+        for j in range(len(z)):
+            if j != i and np.linalg.norm(z[i] - z[j]) < best:
+                best, best_j = np.linalg.norm(z[i] - z[j]), j
+        correct += labels[best_j] == labels[i]
+    return correct / len(z)
+
+
+def _ref_fd(mu1, s1, mu2, s2) -> float:
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
+
+
+def _ref_is(p: np.ndarray) -> float:
+    py = p.mean(0)
+    kl = [
+        sum(p[i, k] * math.log(p[i, k] / py[k]) for k in range(p.shape[1]) if p[i, k] > 0) for i in range(len(p))
+    ]
+    return math.exp(np.mean(kl))
+
+
+# ----------------------------------------------------------------------------- pairwise distances
+
+
+def test_pairwise_sq_dists_matches_loop():
+    rng = _rng(1)
+    a, b = rng.normal(size=(7, 4)), rng.normal(size=(5, 4)) + 3.0
+    got = M.pairwise_sq_dists(_t(a).float(), _t(b).float())
+    assert got.dtype == torch.float64 and got.shape == (7, 5)
+    ref = _ref_sq_dists(a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_pairwise_sq_dists_self_is_nonnegative_with_zero_diagonal():
+    x = _t(_rng(2).normal(size=(50, 3)) * 100.0)
+    d = M.pairwise_sq_dists(x, x)
+    assert (d >= 0).all()
+    np.testing.assert_allclose(d.diagonal().numpy(), 0.0, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- mode coverage
+
+
+def test_mode_coverage_on_true_mixture():
+    gen = torch.Generator().manual_seed(0)
+    std, k, n = 0.02, 8, 2500
+    angles = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
+    modes = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    which = torch.randint(k, (n,), generator=gen)
+    samples = modes[which] + std * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    covered, hq = M.mode_coverage(samples.float(), modes.float(), std=std)
+    assert covered == 8
+    # P(||z|| <= 3) for a standard 2-D Gaussian is 1 - exp(-9/2); the binomial s.e. is ~0.002.
+    assert abs(hq - (1 - math.exp(-4.5))) < 0.01
+
+
+def test_mode_coverage_hand_made():
+    modes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    samples = torch.tensor(
+        [
+            [2.99, 0.0],  # mode 0, inside 3
+            [0.0, 0.0],  # mode 0, exactly on it
+            [10.0, 3.01],  # mode 1, just outside 3
+            [5.5, 0.0],  # mode 1 at 4.5, outside 3
+            [1.0, 9.0],  # mode 2 at sqrt(2)
+        ]
+    )
+    assert M.mode_coverage(samples, modes, std=1.0) == (2, pytest.approx(3 / 5))
+    assert M.mode_coverage(samples, modes, std=1.0, threshold=5.0) == (3, pytest.approx(1.0))
+    assert M.mode_coverage(samples, modes, std=0.1, threshold=1.0) == (1, pytest.approx(1 / 5))
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_gaussians_matches_scipy_sqrtm():
+    rng = _rng(3)
+    for f in (1, 3, 8):
+        mu1, mu2 = rng.normal(size=f), rng.normal(size=f)
+        s1, s2 = _random_spd(rng, f), _random_spd(rng, f)
+        got = M.frechet_distance_gaussians(_t(mu1), _t(s1), _t(mu2), _t(s2))
+        assert got == pytest.approx(_ref_fd(mu1, s1, mu2, s2), rel=1e-8, abs=1e-8)
+
+
+def test_frechet_gaussians_diagonal_closed_form():
+    rng = _rng(4)
+    a, b = rng.uniform(0.1, 3.0, size=6), rng.uniform(0.1, 3.0, size=6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = M.frechet_distance_gaussians(_t(mu1), _t(np.diag(a)), _t(mu2), _t(np.diag(b)))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_gaussians_equal_covariance_is_mean_distance():
+    rng = _rng(5)
+    s = _random_spd(rng, 5)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    got = M.frechet_distance_gaussians(_t(mu1), _t(s), _t(mu2), _t(s))
+    assert got == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8, abs=1e-9)
+
+
+def test_frechet_gaussians_singular_covariance():
+    # Rank-deficient covariances give tiny negative eigenvalues that must be clamped, not NaN.
+    rng = _rng(6)
+    v = rng.normal(size=(4, 2))
+    s1, s2 = v @ v.T, np.diag([1.0, 2.0, 0.0, 0.0])
+    got = M.frechet_distance_gaussians(_t(np.zeros(4)), _t(s1), _t(np.zeros(4)), _t(s2))
+    # sqrtm is unreliable on singular input; S1 S2 has real non-negative eigenvalues, so sum their roots.
+    trace_root = np.sum(np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)))
+    assert math.isfinite(got)
+    assert got == pytest.approx(np.trace(s1) + np.trace(s2) - 2 * trace_root, abs=1e-6)
+
+
+def test_frechet_distance_from_features_matches_numpy():
+    rng = _rng(7)
+    a, b = rng.normal(size=(200, 6)), rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 1.0
+    expected = _ref_fd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert M.frechet_distance(_t(a).float(), _t(b).float()) == pytest.approx(expected, rel=1e-5)
+    assert M.frechet_distance(_t(a), _t(a)) == pytest.approx(0.0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- MMD and KID
+
+
+def test_mmd2_matches_loop_with_bandwidth():
+    rng = _rng(8)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(15, 3)) + 0.5
+    h = 1.3
+    ref = _ref_unbiased_mmd2(x, y, lambda a, b: math.exp(-np.sum((a - b) ** 2) / (2 * h * h)))
+    assert M.mmd2(_t(x), _t(y), bandwidth=h) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+def test_mmd2_median_heuristic_matches_loop():
+    rng = _rng(9)
+    x, y = rng.normal(size=(12, 2)), rng.normal(size=(13, 2)) * 2.0
+    z = np.concatenate([x, y])
+    h = np.median([np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))])
+    ref = _ref_unbiased_mmd2(x, y, lambda a, b: math.exp(-np.sum((a - b) ** 2) / (2 * h * h)))
+    assert M.mmd2(_t(x), _t(y)) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    # Same-distribution MMD^2 is unbiased around 0 and can be negative; different ones are clearly positive.
+    assert M.mmd2(_t(x), _t(y)) > M.mmd2(_t(x[:6]), _t(x[6:]))
+
+
+def test_kid_matches_polynomial_loop():
+    rng = _rng(10)
+    a, b = rng.normal(size=(25, 4)), rng.normal(size=(25, 4)) + 0.3
+    ref = _ref_unbiased_mmd2(a, b, lambda u, v: (u @ v / 4 + 1) ** 3)
+    # subset_size is clipped to 25, so every subset is the whole (shuffled) set: the estimate is exact.
+    mean, std = M.kid(_t(a), _t(b), subsets=3, subset_size=1000, generator=torch.Generator().manual_seed(0))
+    assert mean == pytest.approx(ref, rel=1e-10)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_subsets_are_reproducible_and_vary():
+    rng = _rng(11)
+    a, b = _t(rng.normal(size=(60, 3))), _t(rng.normal(size=(40, 3)) + 1.0)
+    first = M.kid(a, b, subsets=5, subset_size=20, generator=torch.Generator().manual_seed(3))
+    again = M.kid(a, b, subsets=5, subset_size=20, generator=torch.Generator().manual_seed(3))
+    assert first == again
+    assert first[1] > 0
+    full = _ref_unbiased_mmd2(a.numpy(), b.numpy(), lambda u, v: (u @ v / 3 + 1) ** 3)
+    assert abs(first[0] - full) < 3 * first[1] + 0.5 * full
+
+
+# ----------------------------------------------------------------------------- 1-NN and Wasserstein
+
+
+@pytest.mark.parametrize("sizes, shift", [((20, 20), 0.0), ((20, 20), 1.0), ((15, 23), 0.5)])
+def test_one_nn_accuracy_matches_loop(sizes, shift):
+    rng = _rng(12)
+    x, y = rng.normal(size=(sizes[0], 3)), rng.normal(size=(sizes[1], 3)) + shift
+    assert M.one_nn_accuracy(_t(x), _t(y)) == pytest.approx(_ref_one_nn(x, y))
+
+
+def test_one_nn_accuracy_disjoint_sets_is_one():
+    rng = _rng(13)
+    x, y = rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 100.0
+    assert M.one_nn_accuracy(_t(x), _t(y)) == 1.0
+
+
+def test_wasserstein_matches_scipy_in_1d():
+    rng = _rng(14)
+    x, y = rng.normal(size=40), rng.exponential(size=40)
+    expected = scipy.stats.wasserstein_distance(x, y)
+    assert M.wasserstein(_t(x[:, None]), _t(y[:, None])) == pytest.approx(expected, rel=1e-7)
+
+
+def test_wasserstein_matches_brute_force_permutations_in_2d():
+    rng = _rng(15)
+    x, y = rng.normal(size=(6, 2)), rng.normal(size=(6, 2)) + 0.7
+    cost = np.sqrt(_ref_sq_dists(x, y))
+    best = min(sum(cost[i, p[i]] for i in range(6)) for p in itertools.permutations(range(6))) / 6
+    assert M.wasserstein(_t(x), _t(y)) == pytest.approx(best, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- Inception and Mode Score
+
+
+def test_inception_score_constant_predictions_is_one():
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(10, 1)
+    assert M.inception_score(probs) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_inception_score_uniform_one_hot_is_k(k):
+    probs = torch.eye(k).repeat(4, 1)
+    assert M.inception_score(probs) == pytest.approx(k)
+
+
+def test_inception_score_matches_numpy_with_splits():
+    p = _rng(16).dirichlet(np.full(6, 0.3), size=30)
+    assert M.inception_score(_t(p)) == pytest.approx(_ref_is(p), rel=1e-10)
+    split_ref = np.mean([_ref_is(p[:10]), _ref_is(p[10:20]), _ref_is(p[20:])])
+    assert M.inception_score(_t(p).float(), splits=3) == pytest.approx(split_ref, rel=1e-5)
+
+
+def test_mode_score_matches_numpy():
+    rng = _rng(17)
+    p, q = rng.dirichlet(np.full(5, 0.5), size=40), rng.dirichlet(np.full(5, 2.0), size=60)
+    py, pr = p.mean(0), q.mean(0)
+    expected = _ref_is(p) * math.exp(-np.sum(py * np.log(py / pr)))
+    assert M.mode_score(_t(p), _t(q)) == pytest.approx(expected, rel=1e-10)
+    # With real marginal equal to the sample marginal the penalty vanishes: Mode Score = IS.
+    assert M.mode_score(_t(p), _t(p)) == pytest.approx(M.inception_score(_t(p)), rel=1e-12)
+
+
+def test_mode_score_zero_when_class_missing_from_real_data():
+    probs = torch.eye(3).repeat(2, 1)
+    real = torch.tensor([[0.5, 0.5, 0.0]])
+    assert M.mode_score(probs, real) == 0.0
+
+
+# ----------------------------------------------------------------------------- input validation
+
+
+GOOD = torch.zeros(5, 2)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: M.pairwise_sq_dists(torch.zeros(5), GOOD),
+        lambda: M.pairwise_sq_dists(GOOD, torch.zeros(5, 3)),
+        lambda: M.pairwise_sq_dists(GOOD, torch.tensor([[0.0, float("nan")]])),
+        lambda: M.pairwise_sq_dists(np.zeros((5, 2)), GOOD),
+        lambda: M.mode_coverage(GOOD, torch.zeros(3, 3), std=1.0),
+        lambda: M.mode_coverage(GOOD, GOOD, std=0.0),
+        lambda: M.mode_coverage(GOOD, GOOD, std=1.0, threshold=-1.0),
+        lambda: M.frechet_distance(torch.zeros(1, 2), GOOD),
+        lambda: M.frechet_distance(GOOD, torch.zeros(5, 3)),
+        lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(2)),
+        lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2), torch.eye(2)),
+        lambda: M.mmd2(GOOD, torch.zeros(1, 2), bandwidth=1.0),
+        lambda: M.mmd2(GOOD, GOOD, bandwidth=0.0),
+        lambda: M.mmd2(GOOD, GOOD),  # all points coincide: the median heuristic gives 0
+        lambda: M.kid(GOOD, GOOD, subset_size=1),
+        lambda: M.kid(GOOD, GOOD, subsets=0),
+        lambda: M.one_nn_accuracy(GOOD, torch.zeros(4, 3)),
+        lambda: M.wasserstein(GOOD, torch.zeros(4, 2)),
+        lambda: M.wasserstein(*[torch.zeros(M.WASSERSTEIN_MAX_SAMPLES + 1, 1)] * 2),
+        lambda: M.inception_score(torch.tensor([[2.0, -1.0]])),
+        lambda: M.inception_score(torch.tensor([[0.2, 0.2]])),
+        lambda: M.inception_score(torch.eye(3), splits=4),
+        lambda: M.mode_score(torch.eye(3), torch.eye(2)),
+    ],
+)
+def test_bad_inputs_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    rng = _rng(18)
+    x, y = _t(rng.normal(size=(40, 3))).float(), _t(rng.normal(size=(40, 3)) + 0.5).float()
+    p = _t(rng.dirichlet(np.ones(4), size=40))
+    cases = [
+        lambda d: M.mode_coverage(x.to(d), y[:8].to(d), std=0.5),
+        lambda d: M.frechet_distance(x.to(d), y.to(d)),
+        lambda d: M.mmd2(x.to(d), y.to(d)),
+        lambda d: M.kid(x.to(d), y.to(d), subsets=2, subset_size=100),
+        lambda d: M.one_nn_accuracy(x.to(d), y.to(d)),
+        lambda d: M.wasserstein(x.to(d), y.to(d)),
+        lambda d: M.inception_score(p.to(d), splits=2),
+        lambda d: M.mode_score(p.to(d), p.flip(0).to(d)),
+    ]
+    for case in cases:
+        assert case("cuda") == pytest.approx(case("cpu"), rel=1e-6, abs=1e-9)

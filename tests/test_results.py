@@ -1,0 +1,31 @@
+"""Recorded runs: provenance written and read back, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from genlib import results
+
+
+def test_record_and_load_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENLIB_SCALE", "full")
+    run = results.record_run(tmp_path / "r", device="cpu", config={"steps": 3}, metrics={"fd": 1.23456,
+                             "modes": torch.tensor(7)}, wall_time_s=12.345, command=["python", "-m", "genlib", "x"])
+    back = results.load_run(tmp_path / "r")
+    assert back.command == "python -m genlib x" == run.command
+    assert back.metrics == {"fd": 1.23456, "modes": 7}
+    assert back.run["scale"] == "full" and back.run["config"] == {"steps": 3}
+    assert back.run["wall_time_s"] == 12.35 and back.run["torch_version"] == torch.__version__
+    assert "fd      : 1.23" in back.summary()
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["device"] == "cpu"
+    assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no recorded run"):
+        results.load_run(tmp_path / "nothing")
+
+
+def test_git_commit_outside_a_repository(tmp_path):
+    assert results.git_commit(tmp_path) == "unknown"

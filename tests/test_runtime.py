@@ -1,0 +1,55 @@
+"""Run scale, device choice, seeding and the run description."""
+
+import numpy as np
+import pytest
+import torch
+
+from genlib import runtime
+
+
+def test_scale_defaults_to_small_and_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("GENLIB_SCALE", raising=False)
+    assert runtime.scale() == "small" and runtime.by_scale(1, 2) == 1
+    monkeypatch.setenv("GENLIB_SCALE", "FULL")
+    assert runtime.scale() == "full" and runtime.by_scale(1, 2) == 2
+
+
+def test_bad_scale_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GENLIB_SCALE", "huge")
+    with pytest.raises(ValueError, match="GENLIB_SCALE must be one of"):
+        runtime.scale()
+
+
+def test_device_defaults_to_cpu_without_a_gpu(monkeypatch):
+    monkeypatch.delenv("GENLIB_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert runtime.device().type == expected
+    assert runtime.device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_an_absent_gpu_is_a_clear_error():
+    with pytest.raises(runtime.DeviceUnavailableError, match="no CUDA GPU"):
+        runtime.device("cuda")
+
+
+def test_unknown_device_type_is_rejected():
+    with pytest.raises((ValueError, RuntimeError)):
+        runtime.device("tpu")
+
+
+def test_seeding_makes_all_generators_repeat():
+    gen = runtime.seed_everything(7)
+    first = (torch.rand(3), np.random.rand(3), torch.rand(2, generator=gen))
+    gen = runtime.seed_everything(7)
+    second = (torch.rand(3), np.random.rand(3), torch.rand(2, generator=gen))
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert torch.equal(first[2], second[2])
+    with pytest.raises(ValueError):
+        runtime.seed_everything(-1)
+
+
+def test_describe_states_scale_device_and_seed(monkeypatch):
+    monkeypatch.delenv("GENLIB_SCALE", raising=False)
+    line = runtime.describe(3, torch.device("cpu"))
+    assert line.startswith("scale=small | device=cpu") and "seed=3" in line and torch.__version__ in line

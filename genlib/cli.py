@@ -1,0 +1,188 @@
+"""Command line: ``python -m genlib {prepare,train,classifier,bench} ...``.
+
+``train`` runs any registered family on any dataset at any scale through the one loop
+(:func:`genlib.train.fit`) and records the run (provenance, metrics, a sample grid) so the
+book can show it. Families register a builder in :data:`FAMILIES` as their chapters land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# family name -> "module:function"; the function takes a TrainSpec and returns a GenerativeModel.
+FAMILIES: dict[str, str] = {
+    "imle": "genlib.imle:build_imle",
+    "glo": "genlib.imle:build_glo",
+    "glann": "genlib.imle:build_glann",
+}
+TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
+IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")
+
+
+@dataclass
+class TrainSpec:
+    """What a family builder needs: the training data, its shape, the device and the options."""
+
+    data: torch.Tensor          # the whole training set on ``device`` (uint8 images or float toys)
+    shape: tuple[int, ...]      # shape of one sample, e.g. (1, 28, 28) or (2,)
+    device: torch.device
+    z_dim: int = 64
+    width: int = 64
+    lr: float = 2e-4
+    batch_size: int = 64
+    options: dict[str, str] = field(default_factory=dict)
+
+    def option(self, name: str, default, kind=None):
+        """The ``--opt name=value`` option converted to the type of ``default``."""
+        if name not in self.options:
+            return default
+        kind = kind or type(default)
+        return kind(self.options[name])
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    """``['a=1', 'b=x']`` -> ``{'a': '1', 'b': 'x'}`` with a clear error for malformed pairs."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --opt expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = value.strip()
+    return options
+
+
+def load_training_data(name: str, root: str | None, resolution: int, n_toy: int, seed: int):
+    """Dataset ``name`` as a tensor (uint8 images N x C x H x W, or float toy points N x 2)."""
+    from genlib import data
+
+    if name in TOYS:
+        return data.toy_dataset(name, n_toy, seed)
+    if name == "folder":
+        return data.load_images(name, root=root, resolution=resolution).images
+    return data.load_images(name, root=root).images
+
+
+def build_family(name: str, spec: TrainSpec):
+    """Import and call the builder registered for family ``name``."""
+    module_name, function = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module_name), function)(spec)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a family, checkpointing into ``--out`` and recording the run there."""
+    from genlib import data as gdata
+    from genlib import runtime, train, viz
+    from genlib.results import record_run
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("error: --steps and --batch-size must be positive")
+    dev = runtime.device(args.device)
+    runtime.use_fast_matmul(dev)
+    runtime.seed_everything(args.seed)
+    print(runtime.describe(args.seed, dev), flush=True)
+    dataset = load_training_data(args.data, args.root, args.resolution, args.toy_points, args.seed)
+    sampler = gdata.BatchSampler(dataset, args.batch_size, dev, seed=args.seed)
+    spec = TrainSpec(sampler.data, tuple(dataset.shape[1:]), dev, args.z_dim, args.width, args.lr, args.batch_size,
+                     parse_options(args.opt))
+    model = build_family(args.family, spec).to(dev)
+    out = Path(args.out)
+    began = time.perf_counter()
+    history = train.fit(model, sampler, args.steps, run_dir=out, checkpoint_every=args.checkpoint_every,
+                        log_every=args.log_every, desc=f"{args.family}/{args.data}")
+    wall = time.perf_counter() - began
+    samples = model.sample(64).float().cpu()
+    metrics = {"final_" + k: v[-1] for k, v in history.items() if k != "step" and v}
+    if samples.dim() == 4:
+        viz.save_image_grid(samples, out / "samples.png")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall)
+    print(f"recorded run in {out} ({wall:.0f} s)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Decode a dataset once into its uint8 cache and report its size."""
+    from genlib import data
+
+    kwargs = {"resolution": args.resolution} if args.data == "folder" else {}
+    images = data.load_images(args.data, split=args.split, root=args.root, **kwargs).images
+    print(f"{args.data}: {tuple(images.shape)} uint8, {images.numel() / 2**20:.1f} MiB")
+
+
+def cmd_classifier(args: argparse.Namespace) -> None:
+    """Train the Fashion-MNIST feature classifier used by the metrics and save it as an asset."""
+    from genlib import features
+
+    features.main_train_classifier(out_dir=args.out, epochs=args.epochs, seed=args.seed)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Run the benchmarks on the chosen device and write a JSON plus a table."""
+    from genlib import bench
+
+    bench.main(device=args.device, out=args.out, quick=args.quick)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m genlib``."""
+    parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model family on a dataset and record the run")
+    train.add_argument("family", choices=sorted(FAMILIES), help="model family")
+    train.add_argument("--data", required=True, choices=TOYS + IMAGE_SETS, help="dataset or 2-D toy")
+    train.add_argument("--root", help="dataset folder (CelebA's img_align_celeba, an image folder, ...)")
+    train.add_argument("--resolution", type=int, default=64, help="image size for --data folder")
+    train.add_argument("--toy-points", type=int, default=50_000, help="size of a 2-D toy training set")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--z-dim", type=int, default=64)
+    train.add_argument("--width", type=int, default=64, help="base channel width of conv nets / MLP width")
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, run.json, metrics.json, samples.png")
+    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--log-every", type=int, default=50)
+    train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="family-specific option (repeatable)")
+    train.set_defaults(func=cmd_train)
+
+    prepare = commands.add_parser("prepare", help="decode an image dataset once into its uint8 cache")
+    prepare.add_argument("data", choices=IMAGE_SETS)
+    prepare.add_argument("--root")
+    prepare.add_argument("--split", default="train")
+    prepare.add_argument("--resolution", type=int, default=64)
+    prepare.set_defaults(func=cmd_prepare)
+
+    classifier = commands.add_parser("classifier", help="train the offline Fashion-MNIST feature classifier")
+    classifier.add_argument("--epochs", type=int, default=4)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.add_argument("--out", help="folder for the weights (default: genlib/assets)")
+    classifier.set_defaults(func=cmd_classifier)
+
+    bench = commands.add_parser("bench", help="benchmark kernels and training steps on this device")
+    bench.add_argument("--device")
+    bench.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
+    bench.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m genlib`` and of the ``genlib`` script."""
+    args = make_parser().parse_args(argv)
+    from genlib.runtime import DeviceUnavailableError
+    from genlib.train import NonFiniteLossError
+
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, DeviceUnavailableError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from error

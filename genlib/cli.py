@@ -162,7 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_prepare)
 
     classifier = commands.add_parser("classifier", help="train the offline Fashion-MNIST feature classifier")
-    classifier.add_argument("--epochs", type=int, default=4)
+    classifier.add_argument("--epochs", type=int, default=6, help="6 made the committed asset")
     classifier.add_argument("--seed", type=int, default=0)
     classifier.add_argument("--out", help="folder for the weights (default: genlib/assets)")
     classifier.set_defaults(func=cmd_classifier)

@@ -1,0 +1,145 @@
+"""Tests of genlib.features: the offline feature networks behind the sample-quality metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genlib import features
+
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = {504, 967, 968}  # coffee mug, espresso, cup
+
+
+def test_fashion_classifier_shapes() -> None:
+    model = features.FashionClassifier().eval()
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert model.features(x).shape == (5, 128)
+    assert model(x).shape == (5, 10)
+    torch.testing.assert_close(model.probs(x).sum(1), torch.ones(5))
+    assert features.count_parameters(model) < 300_000
+    with pytest.raises(ValueError, match="28, 28"):
+        model.features(torch.zeros(2, 1, 32, 32))
+
+
+def test_augment_keeps_shape_and_range() -> None:
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    y = features._augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+
+
+def test_committed_classifier_is_accurate() -> None:
+    data = pytest.importorskip("genlib.data")
+    try:
+        test = data.load_images("fashion-mnist", split="test", download=False)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not available on this machine")
+    images, labels = test.images[:2000], test.labels[:2000]
+    accuracy = features.evaluate_classifier(features.load_fashion_classifier("cpu"), images, labels)["accuracy"]
+    assert accuracy >= 0.88
+    probs = features.fashion_probs(images[:64], device="cpu")
+    assert probs.shape == (64, 10) and torch.allclose(probs.sum(1), torch.ones(64), atol=1e-5)
+    # uint8 and [-1, 1] float inputs give the same features
+    from genlib.data import to_float
+
+    torch.testing.assert_close(features.fashion_features(images[:16], device="cpu"),
+                               features.fashion_features(to_float(images[:16]), device="cpu"))
+
+
+def test_asset_provenance_records_the_command() -> None:
+    meta = json.loads(features.CLASSIFIER_NPZ.with_suffix(".json").read_text())
+    assert meta["command"] == f"python -m genlib classifier --epochs {meta['epochs']} --seed {meta['seed']}"
+    assert meta["test_accuracy"] >= 0.88 and meta["parameters"] < 300_000
+    assert features.CLASSIFIER_NPZ.stat().st_size < 1.5 * 2**20
+
+
+def test_save_load_round_trip_is_exact(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = features.FashionClassifier(width=4, feature_dim=8)
+    model.train()
+    model(torch.randn(16, 1, 28, 28))  # moves the BatchNorm running statistics away from their defaults
+    model.eval()
+    path = tmp_path / "tiny.npz"
+    path_json = features.save_classifier(model, path, {"command": "test", "seed": 0})
+    loaded = features.load_classifier(path, "cpu")
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x)) and torch.equal(model.features(x), loaded.features(x))
+    meta = json.loads(path_json.read_text())
+    assert meta["parameters"] == features.count_parameters(model) and meta["config"]["width"] == 4
+    with np.load(path) as arrays:
+        assert all(arrays[k].dtype == np.float32 for k in arrays.files if k != "__config__")
+
+
+def test_missing_asset_gives_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(features, "CLASSIFIER_NPZ", tmp_path / "fashion_classifier.npz")
+    with pytest.raises(FileNotFoundError, match="python -m genlib classifier"):
+        features.load_fashion_classifier("cpu")
+
+
+@pytest.fixture(scope="module")
+def lite0() -> features.EfficientNetLite0:
+    return features.load_efficientnet_lite0("cpu")
+
+
+def _photo(name: str) -> torch.Tensor:
+    """A scikit-image colour photo as [1, 3, 224, 224] in [-1, 1], centre-cropped to a square."""
+    skdata = pytest.importorskip("skimage.data")
+    x = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1)[None]
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    x = x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return features.to_rgb(features.as_unit_range(x), 224)
+
+
+def test_efficientnet_loads_strictly_every_checkpoint_tensor(lite0) -> None:
+    raw = torch.load(features.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    ours = lite0.state_dict()
+    mapped = {features.map_lite0_key(k): v for k, v in raw.items()}
+    assert set(mapped) == set(ours)
+    assert all(mapped[k].shape == ours[k].shape for k in ours)
+    assert features.count_parameters(lite0) == 4_652_008
+
+
+@pytest.mark.parametrize("photo, expected", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
+def test_efficientnet_classifies_real_photos(lite0, photo, expected) -> None:
+    with torch.no_grad():
+        top = lite0(_photo(photo)).argmax(1).item()
+    assert top in expected
+
+
+def test_feature_shapes_for_grayscale_28px() -> None:
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    assert features.efficientnet_features(images, resolution=64, device="cpu").shape == (3, 1280)
+    assert features.feature_extractor("efficientnet-lite0")(images[:1]).shape == (1, 1280)
+    if features.CLASSIFIER_NPZ.is_file():
+        assert features.feature_extractor("fashion-classifier")(images).shape == (3, 128)
+
+
+def test_unknown_extractor_lists_names() -> None:
+    with pytest.raises(ValueError, match="fashion-classifier.*efficientnet-lite0.*inception"):
+        features.feature_extractor("vgg16")
+
+
+def test_inception_unavailable_raises_clear_error(monkeypatch) -> None:
+    monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
+    assert not features.inception_features_available()
+    with pytest.raises(RuntimeError, match="FD with"):
+        features.inception_features(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_inception_needs_torchvision_even_with_a_file(tmp_path, monkeypatch) -> None:
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed here")
+    except Exception:
+        pass
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not used")
+    monkeypatch.setenv(features.INCEPTION_ENV, str(weights))
+    assert not features.inception_features_available()
+    with pytest.raises(RuntimeError, match="not available offline"):
+        features.feature_extractor("inception")(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

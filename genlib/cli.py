@@ -21,6 +21,10 @@ FAMILIES: dict[str, str] = {
     "imle": "genlib.imle:build_imle",
     "glo": "genlib.imle:build_glo",
     "glann": "genlib.imle:build_glann",
+    "realnvp": "genlib.flows:build_realnvp",
+    "autoregressive": "genlib.flows:build_autoregressive",
+    "autoencoder": "genlib.flows:build_autoencoder",
+    "vae": "genlib.flows:build_vae",
 }
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")

@@ -130,3 +130,13 @@ def load_run(path: str | Path) -> RecordedRun:
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     return RecordedRun(path, json.loads(run_file.read_text()), metrics)
+
+
+def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:
+    """The reproducibility footer of a chapter: scale, device, seed, versions, commit and wall time.
+
+    ``began`` is a ``time.perf_counter()`` reading taken at the top of the notebook."""
+    info = provenance(device, command="")
+    return (f"scale={info['scale']} | device={info['device']} [{info['device_name']}] | seed={seed} | "
+            f"genlib {info['genlib_version']} (commit {info['git_commit'][:12]}) | torch {info['torch_version']} | "
+            f"wall time {time.perf_counter() - began:.0f} s")

@@ -29,3 +29,12 @@ def test_missing_run_is_a_clear_error(tmp_path):
 
 def test_git_commit_outside_a_repository(tmp_path):
     assert results.git_commit(tmp_path) == "unknown"
+
+
+def test_footer_states_what_was_run(monkeypatch):
+    import time
+
+    monkeypatch.setenv("GENLIB_SCALE", "small")
+    line = results.footer(4, time.perf_counter() - 12.4)
+    assert line.startswith("scale=small | device=cpu") and "seed=4" in line and line.endswith("wall time 12 s")
+    assert torch.__version__ in line

@@ -1,0 +1,889 @@
+"""Chapter 1: implicit maximum likelihood (IMLE), its KL(q||p) variant, GLO and GLANN.
+
+Source: Su Jianlin, "A short introduction to the non-adversarial generative model GLANN"
+(kexue.fm/archives/6394, ``seeds/000_*.txt``). The chain of ideas, and where each lives here:
+
+* A generator ``x = G(z)`` defines ``q(x) = E_z[delta(x - G(z))]``; replacing the delta by a
+  Gaussian of width ``sigma`` and maximising the likelihood of data gives
+  ``-mean_i log sum_j exp(-||x_i - G(z_j)||^2 / 2 sigma^2)`` (:func:`smoothed_nll`), whose
+  ``sigma -> 0`` limit is ``mean_i min_j ||x_i - G(z_j)||^2``: IMLE (:class:`IMLE`), built on an
+  exact nearest-neighbour search (:func:`nearest_neighbors`, :func:`match`).
+* The same recipe applied to ``KL(q||p)`` gives attraction to the nearest real sample and
+  repulsion from the nearest other fake (:func:`kl_variant_loss`, :class:`IMLEKL`).
+* L2 between images is a poor distance; a perceptual one is expensive inside IMLE
+  (:func:`pairwise_cost_count`), so GLO (:class:`GLO`) first learns one code per image with a
+  better loss (:class:`LaplacianPyramidL1`, :class:`PixelFeatureL1`), and GLANN
+  (:class:`GLANN`) then runs IMLE in that low-dimensional code space.
+
+Every model is a :class:`genlib.train.GenerativeModel` trained by :func:`genlib.train.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genlib.data import to_float
+from genlib.nets import MLP, ConvGenerator
+from genlib.train import GenerativeModel
+
+PairLoss = Callable[[Tensor, Tensor], Tensor]
+"""A per-pair loss: ``(a [B, ...], b [B, ...]) -> [B]``."""
+Features = Callable[[Tensor], Tensor]
+"""A feature map: ``x [B, ...] -> [B, D]`` (more dimensions are flattened)."""
+
+# ======================================================================================
+# Exact nearest neighbours
+# ======================================================================================
+
+BLOCK_BYTES = 256 * 2**20
+"""Memory budget of one block: of the fp32 distance matrix, and of each float64 working copy."""
+MAX_KEY_BLOCK = 2**16
+CANDIDATES = {"fp32": 4, "tf32": 8, "bf16": 16}
+"""Candidates kept per query by each GEMM precision (more where the GEMM is coarser)."""
+RERANK_BYTES_CPU = 16 * 2**20
+"""Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
+on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
+FP32_UNIT = 2.0**-24
+FP64_UNIT = 2.0**-53
+
+
+def nearest_neighbors(
+    queries: Tensor,
+    keys: Tensor,
+    chunk_size: int | None = None,
+    *,
+    precision: str | None = None,
+    stats: dict[str, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact squared-L2 nearest key for every query: queries [M, d], keys [N, d] -> (sq_dist [M], index [M]).
+
+    ``index[i]`` is the row of ``keys`` nearest to ``queries[i]``, ties broken toward the lowest
+    index (like ``torch.argmin``); ``sq_dist[i]`` is its squared distance computed directly as
+    ``sum((q - k)**2)`` in float64 (float32 off CPU/CUDA). The answer is the one float64 brute
+    force gives, at the speed of one GEMM:
+
+    1. **Candidates from a fast GEMM.** Both sets are centred on the keys' mean (distances do
+       not change; the norms, and so the rounding errors, shrink), rounded to the pass's
+       precision, and ``||q||^2 - 2 q.k + ||k||^2`` gives approximate distances; the
+       ``CANDIDATES[precision]`` smallest per query are kept. Precision is ``'tf32'`` on CUDA
+       (``'bf16'`` on request) and ``'fp32'`` on the CPU.
+    2. **Exact re-rank** of those few candidates in float64, computed as ``||q - k||^2`` (not
+       by the expansion, whose cancellation is what loses near-ties).
+    3. **Certificate.** A rigorous bound ``T`` on the approximation error (input rounding
+       measured exactly from the rounding residuals, plus the worst-case fp32 accumulation
+       error ``2 (d + 4) u (||q|| + max ||k||)^2``) means no key left out can have exact
+       distance below ``(k-th approximate distance) - T``. If the re-ranked best is strictly
+       below that, the answer is proven; otherwise the query goes to the next pass (fp32
+       after tf32/bf16) and, if still unproven (e.g. more exact duplicates than candidates),
+       to a float64 brute force over all keys.
+
+    Memory stays bounded: queries and keys are processed in blocks so that one distance
+    block holds at most ``BLOCK_BYTES`` (256 MB) of fp32 and each float64 working copy at most
+    256 MB; ``chunk_size`` caps both block sides further. Autocast is disabled inside and the
+    matmul precision pinned for each pass (a global ``set_float32_matmul_precision`` or bf16
+    autocast cannot silently void the bound; the pinning sets global torch flags for the duration
+    of the call, so do not race it from other threads). ``stats``, if given, counts queries
+    settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``) and by ``'brute_force'``.
+    """
+    _check_search_inputs(queries, keys, chunk_size)
+    if queries.device.type not in ("cpu", "cuda"):  # the exact re-rank needs float64
+        dist, index = nearest_neighbors(queries.cpu(), keys.cpu(), chunk_size, precision=precision, stats=stats)
+        return dist.float().to(queries.device), index.to(queries.device)
+    with torch.no_grad():
+        return _search(queries, keys, chunk_size, _passes(precision, queries.device), stats)
+
+
+def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) -> None:
+    """Raise a clear error for anything :func:`nearest_neighbors` cannot search."""
+    for name, t in (("queries", queries), ("keys", keys)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries have dimension {queries.shape[1]} but keys have {keys.shape[1]}")
+    if queries.shape[1] == 0 or keys.shape[0] == 0:
+        raise ValueError(f"need dimension >= 1 and at least one key, got keys of shape {tuple(keys.shape)}")
+    if queries.device != keys.device:
+        raise ValueError(f"queries are on {queries.device} but keys are on {keys.device}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    # One float64 sum per tensor (it cannot overflow) is finite exactly when every entry is.
+    if not (torch.isfinite(queries.sum(dtype=torch.float64)) and torch.isfinite(keys.sum(dtype=torch.float64))):
+        raise ValueError("queries and keys must be finite (found NaN or inf)")
+
+
+def _passes(precision: str | None, device: torch.device) -> list[str]:
+    """The GEMM precisions to try in order: the fast one, then fp32 for what it could not prove."""
+    first = precision or ("tf32" if device.type == "cuda" else "fp32")
+    if first not in CANDIDATES:
+        raise ValueError(f"precision must be one of {sorted(CANDIDATES)} or None, got {precision!r}")
+    return [first] if first == "fp32" else [first, "fp32"]
+
+
+def _search(queries: Tensor, keys: Tensor, chunk_size: int | None, passes: list[str],
+            stats: dict[str, int] | None) -> tuple[Tensor, Tensor]:
+    """Run the certified passes, then brute force on the queries none of them proved."""
+    m, n, d = queries.shape[0], keys.shape[0], keys.shape[1]
+    dist = torch.empty(m, dtype=torch.float64, device=queries.device)
+    index = torch.empty(m, dtype=torch.int64, device=queries.device)
+    todo = torch.arange(m, device=queries.device)
+    q_block, k_block = _block_sizes(m, n, d, chunk_size)
+    mean = keys.sum(0, dtype=torch.float64) / n
+    for precision in passes:
+        if todo.numel() == 0:
+            break
+        rows = queries if todo.numel() == m else queries[todo]
+        with _pinned_matmul(precision, queries.device):
+            found, at, proven = _certified_pass(rows, keys, mean, precision, q_block, k_block)
+        dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
+        _count(stats, precision, int(proven.sum()))
+        todo = todo[~proven]
+    if todo.numel():
+        dist[todo], index[todo] = _brute_force(queries[todo], keys)
+        _count(stats, "brute_force", todo.numel())
+    return dist, index
+
+
+def _count(stats: dict[str, int] | None, key: str, value: int) -> None:
+    """Add ``value`` to ``stats[key]`` when the caller asked for statistics."""
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + value
+
+
+def _block_sizes(m: int, n: int, d: int, chunk_size: int | None) -> tuple[int, int]:
+    """(queries, keys) per block: float64 copies of a block <= BLOCK_BYTES, distance block <= BLOCK_BYTES."""
+    rows = max(1, BLOCK_BYTES // (8 * d))
+    k_block = min(n, rows, MAX_KEY_BLOCK, chunk_size or n)
+    q_block = min(m, rows, max(1, BLOCK_BYTES // (4 * k_block)), chunk_size or m)
+    return q_block, k_block
+
+
+@contextmanager
+def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
+    """Make the GEMM do what the error bound assumes: TF32 tensor cores only for the tf32/bf16
+    passes on CUDA (their inputs are already TF32-exact), IEEE fp32 otherwise, no bf16
+    split-K reductions and no autocast."""
+    old_precision = torch.get_float32_matmul_precision()
+    old_reduction = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.set_float32_matmul_precision("high" if device.type == "cuda" and precision != "fp32" else "highest")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_reduction
+
+
+def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, precision: str, q_block: int,
+                    k_block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One candidate-and-certificate pass: (exact sq_dist [M], index [M], proven [M] bool)."""
+    m = queries.shape[0]
+    dist = torch.empty(m, dtype=torch.float64, device=queries.device)
+    index = torch.empty(m, dtype=torch.int64, device=queries.device)
+    proven = torch.empty(m, dtype=torch.bool, device=queries.device)
+    for start in range(0, m, q_block):
+        rows = slice(start, start + q_block)
+        candidates, threshold = _candidates(queries[rows], keys, mean, precision, k_block)
+        dist[rows], index[rows] = _rerank(queries[rows], keys, candidates)
+        # Every key left out has exact distance >= threshold; strict < also settles ties (a
+        # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
+        proven[rows] = dist[rows] < threshold
+    return dist, index, proven
+
+
+def _candidates(queries: Tensor, keys: Tensor, mean: Tensor, precision: str, k_block: int) -> tuple[Tensor, Tensor]:
+    """Scan all keys for one query block: (candidate indices [m, k], threshold [m]).
+
+    Candidates are ranked by a lower bound on their exact distance (approximate distance minus
+    the error bound); ``threshold`` is a lower bound on the exact distance of every key not kept.
+    """
+    q_hat, q_norm2, q_resid = _round_centred(queries, mean, precision)
+    keep = min(CANDIDATES[precision], keys.shape[0])
+    lower = index = None
+    threshold = torch.full((queries.shape[0],), math.inf, dtype=torch.float64, device=queries.device)
+    for start in range(0, keys.shape[0], k_block):
+        k_hat, k_norm2, k_resid = _round_centred(keys[start:start + k_block], mean, precision)
+        approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
+        bound = _error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), keys.shape[1])
+        take = min(keep, approx.shape[1])
+        values, at = approx.topk(take, dim=1, largest=False, sorted=True)
+        block_lower = values.double() - bound[:, None]
+        if take < approx.shape[1]:
+            threshold = torch.minimum(threshold, block_lower[:, -1])
+        if lower is None:
+            lower, index = block_lower, at + start
+        else:
+            lower, index, threshold = _merge(lower, index, block_lower, at + start, keep, threshold)
+    return index, threshold
+
+
+def _merge(lower: Tensor, index: Tensor, new_lower: Tensor, new_index: Tensor, keep: int,
+           threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the ``keep`` smallest lower bounds of two candidate lists; dropped ones lower the threshold."""
+    lower, index = torch.cat([lower, new_lower], 1), torch.cat([index, new_index], 1)
+    if lower.shape[1] <= keep:
+        return lower, index, threshold
+    values, at = lower.topk(keep + 1, dim=1, largest=False, sorted=True)
+    threshold = torch.minimum(threshold, values[:, keep])
+    return values[:, :keep], index.gather(1, at[:, :keep]), threshold
+
+
+def _round_centred(x: Tensor, mean: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre rows in float64 and round them for the GEMM: (rounded [b, d], ||rounded||^2 [b], ||residual|| [b])."""
+    centred = x.double() - mean
+    rounded = _round(centred, precision)
+    wide = rounded.double()
+    # The residual is known exactly, so the input-rounding part of the bound is measured, not assumed.
+    return rounded, wide.pow(2).sum(1), (centred - wide).norm(dim=1)
+
+
+def _round(x: Tensor, precision: str) -> Tensor:
+    """float64 -> values exactly representable in ``precision`` (fp32 tensor, or bf16 for 'bf16')."""
+    x32 = x.float()
+    if precision == "fp32":
+        return x32
+    if precision == "bf16":
+        return x32.bfloat16()
+    # TF32 keeps 10 mantissa bits: round the fp32 bit pattern, so that tensor cores see exact inputs.
+    return ((x32.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _approx_sq_dist(q_hat: Tensor, q_norm2: Tensor, k_hat: Tensor, k_norm2: Tensor) -> Tensor:
+    """fp32 ``||q||^2 - 2 q.k + ||k||^2`` [m, n] from rounded rows (one GEMM, fp32 accumulation)."""
+    k_norm2 = k_norm2.float()[None, :]
+    if q_hat.dtype == torch.bfloat16 and q_hat.is_cuda:
+        try:  # bf16 tensor cores with fp32 accumulation and output
+            approx = k_norm2 - 2.0 * torch.mm(q_hat, k_hat.T, out_dtype=torch.float32)
+            return approx.add_(q_norm2.float()[:, None])
+        except (TypeError, NotImplementedError, RuntimeError):
+            pass  # older torch: bf16 values are exact in TF32, so the fp32 path below is just as exact
+    approx = torch.addmm(k_norm2, q_hat.float(), k_hat.float().T, alpha=-2.0)
+    return approx.add_(q_norm2.float()[:, None])
+
+
+def _error_bound(q_norm2: Tensor, q_resid: Tensor, k_norm2_max: Tensor, k_resid_max: Tensor, d: int) -> Tensor:
+    """Rigorous bound [m] on |approximate - exact| squared distance, for every key of a block.
+
+    With ``s = ||q_hat|| + max ||k_hat||`` and ``r = ||q residual|| + max ||k residual||``:
+    GEMM and fp32 arithmetic on the rounded rows <= (gamma + 4u) s^2 with gamma the worst-case
+    accumulation error ``2 (d + 4) u`` (2u per addition in case tensor cores truncate);
+    rounding the rows <= 2 s r + r^2 (Cauchy-Schwarz); float64 centring adds a negligible term.
+    """
+    gamma = 2 * (d + 4) * FP32_UNIT
+    gamma = gamma / (1 - gamma)
+    s = q_norm2.sqrt() + k_norm2_max.sqrt()
+    r = q_resid + k_resid_max
+    return (gamma + 4 * FP32_UNIT) * s**2 + 2 * s * r + r**2 + 4 * (d + 4) * FP64_UNIT * (s + r) ** 2
+
+
+def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact float64 ``||q - k||^2`` over candidates [m, k]: (best sq_dist [m], lowest best index [m])."""
+    m, k = candidates.shape
+    d = queries.shape[1]
+    dist = torch.empty(m, dtype=torch.float64, device=queries.device)
+    index = torch.empty(m, dtype=torch.int64, device=queries.device)
+    budget = RERANK_BYTES_CPU if queries.device.type == "cpu" else BLOCK_BYTES
+    step = max(1, budget // (8 * k * d))
+    for start in range(0, m, step):
+        rows = slice(start, start + step)
+        at = candidates[rows]
+        near = keys[at.reshape(-1)].double().view(at.shape[0], k, d)
+        # In place, k - q instead of q - k: the same squares bit for bit, one buffer instead of three.
+        exact = near.sub_(queries[rows].double()[:, None, :]).square_().sum(-1)
+        dist[rows], index[rows] = _lowest_index_min(exact, at)
+    return dist, index
+
+
+def _lowest_index_min(dist: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Row minima of dist [m, k] and, among equal minima, the lowest of the matching index [m, k]."""
+    best = dist.min(1).values
+    lowest = torch.where(dist == best[:, None], index, torch.iinfo(torch.int64).max).min(1).values
+    return best, lowest
+
+
+def _brute_force(queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 ``||q - k||^2`` against every key (the reference answer; used only where no pass proved one)."""
+    return _match_by_pairs(queries, keys, _squared_l2_float64, None)
+
+
+def _squared_l2_float64(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pair squared L2 [B] computed in float64 (the brute-force reference arithmetic)."""
+    return squared_l2(a.double(), b.double())
+
+
+def _keep_nearer(best: Tensor, best_at: Tensor, dist: Tensor, at: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold one block of keys into a running nearest (dist, index); blocks come in index order, so
+    strict < keeps the earlier, lower index on ties, as one search over all keys would."""
+    better = dist < best
+    return torch.where(better, dist, best), torch.where(better, at, best_at)
+
+
+# ======================================================================================
+# Distances, matching and the smoothed likelihood
+# ======================================================================================
+
+
+def squared_l2(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pair squared L2 distance: a, b [B, ...] -> [B] (summed over all non-batch dimensions)."""
+    return (a - b).flatten(1).pow(2).sum(1)
+
+
+def l1_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pair L1 distance: a, b [B, ...] -> [B] (summed over all non-batch dimensions)."""
+    return (a - b).flatten(1).abs().sum(1)
+
+
+class LaplacianPyramidL1(nn.Module):
+    """GLO's Lap1 per pair: x, y [B, C, H, W] -> [B], ``sum_j 2^(e j) ||L^j(x) - L^j(y)||_1`` with e = -2.
+
+    ``L^0 .. L^(J-2)`` are band-pass levels ``G^j - up(G^(j+1))`` and ``L^(J-1) = G^(J-1)`` the
+    low-pass residual, where ``G^0 = x`` and ``G^(j+1)`` is ``G^j`` blurred by the 5x5 kernel
+    ``[1, 4, 6, 4, 1] / 16`` (outer product, replicate padding) and subsampled 2x; ``up`` is
+    bilinear. ``j = 0`` is the finest level and ``||.||_1`` sums over channels and pixels.
+
+    The exponent. We use the weights ``2^(-2j)`` as written in the brief and in a later paper's
+    quotation of GLO's formula; we could not check the GLO PDF (Bojanowski et al., 2018) offline,
+    and reimplementations disagree: one averages each level and adds them unweighted, which equals
+    ``2^(+2j)`` on sums (each level counted like its mean), another averages and weights by
+    ``2^(-2j)`` (plain sums). With ``2^(-2j)`` on sums, coarse levels count little: a constant
+    shift ``c`` costs only ``2^(-2(J-1)) |c| C h w`` (``h x w`` the coarsest size), against
+    ``|c| C H W`` for pixel L1. ``level_exponent`` switches the convention.
+
+    The pyramid is linear, so ``L^j(x) - L^j(y) = L^j(x - y)``: it is built once, on the
+    difference, which also makes the loss exactly symmetric.
+    """
+
+    def __init__(self, levels: int | None = None, level_exponent: float = -2.0):
+        super().__init__()
+        if levels is not None and levels < 1:
+            raise ValueError(f"levels must be >= 1 or None, got {levels}")
+        self.levels, self.level_exponent = levels, level_exponent
+        taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+        self.register_buffer("kernel", torch.outer(taps, taps)[None, None], persistent=False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape != y.shape or x.ndim != 4:
+            raise ValueError(f"x and y must be [B, C, H, W] of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        bands = self.pyramid(x - y)
+        return sum(2.0 ** (self.level_exponent * j) * band.abs().flatten(1).sum(1) for j, band in enumerate(bands))
+
+    def pyramid(self, x: Tensor) -> list[Tensor]:
+        """Laplacian pyramid of x [B, C, H, W]: band-pass levels, finest first, then the low-pass residual."""
+        levels = self.levels or default_pyramid_levels(min(x.shape[-2:]))
+        bands, current = [], x
+        for _ in range(levels - 1):
+            smaller = self._blur(current)[..., ::2, ::2]
+            up = F.interpolate(smaller, size=current.shape[-2:], mode="bilinear", align_corners=False)
+            bands.append(current - up)
+            current = smaller
+        return bands + [current]
+
+    def _blur(self, x: Tensor) -> Tensor:
+        """Depthwise 5x5 Gaussian blur; replicate padding keeps constants constant (no dark border)."""
+        channels = x.shape[1]
+        kernel = self.kernel.to(device=x.device, dtype=x.dtype).expand(channels, 1, 5, 5)
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=channels)
+
+
+def default_pyramid_levels(side: int) -> int:
+    """Levels such that the coarsest side stays >= 4, at most 5 (64 -> 5, 28 -> 4, 8 -> 2)."""
+    levels = 1
+    while levels < 5 and math.ceil(side / 2**levels) >= 4:
+        levels += 1
+    return levels
+
+
+class PixelFeatureL1(nn.Module):
+    """GLANN's loss per pair: ``||x - y||_1 + feature_weight * ||f(x) - f(y)||_1``; x, y [B, ...] -> [B].
+
+    ``features`` maps images to [B, D] (GLANN used VGG16 layers; here any callable, e.g. from
+    ``genlib.features``); it is stored outside the module tree so that ``train()`` never flips
+    a pretrained network out of eval mode and its weights stay out of checkpoints.
+    """
+
+    def __init__(self, features: Features, feature_weight: float = 1.0):
+        super().__init__()
+        object.__setattr__(self, "features", features)
+        self.feature_weight = feature_weight
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return l1_distance(x, y) + self.feature_weight * l1_distance(self.features(x), self.features(y))
+
+
+def pair_loss(spec: str | PairLoss) -> PairLoss:
+    """A per-pair loss by name (``'l2'`` squared L2, ``'l1'``, ``'lap1'``) or the callable itself."""
+    if callable(spec):
+        return spec
+    named = {"l2": lambda: squared_l2, "l1": lambda: l1_distance, "lap1": LaplacianPyramidL1}
+    if spec not in named:
+        raise ValueError(f"loss must be 'l2', 'l1', 'lap1' or a callable (a [B, ...], b [B, ...]) -> [B]; got {spec!r}")
+    return named[spec]()
+
+
+def match(queries: Tensor, keys: Tensor, distance: PairLoss | None = None,
+          chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Nearest key for each query: queries [M, ...], keys [N, ...] -> (distance [M], index [M]).
+
+    With ``distance=None`` rows are flattened and searched exactly in squared L2 by
+    :func:`nearest_neighbors` (one GEMM). A callable per-pair ``distance`` is instead evaluated
+    on all M x N pairs (blocks of pairs, lowest index on ties): the expensive route that
+    :func:`pairwise_cost_count` counts.
+    """
+    if distance is None:
+        return nearest_neighbors(queries.flatten(1), keys.flatten(1), chunk_size)
+    return _match_by_pairs(queries, keys, distance, chunk_size)
+
+
+@torch.no_grad()
+def _match_by_pairs(queries: Tensor, keys: Tensor, distance: PairLoss, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """Brute-force nearest key under a per-pair ``distance``, evaluated on blocks of (query, key) pairs."""
+    if len(keys) == 0:
+        raise ValueError("keys must hold at least one row")
+    per_row = max(1, queries[0].numel() if len(queries) else 1)
+    k_block = min(len(keys), chunk_size or len(keys), max(1, 2**22 // per_row))
+    q_block = max(1, min(chunk_size or len(queries) or 1, 2**22 // (per_row * k_block)))
+    dist = torch.full((len(queries),), math.inf, dtype=torch.float64, device=queries.device)
+    index = torch.zeros(len(queries), dtype=torch.int64, device=queries.device)
+    for q0 in range(0, len(queries), q_block):
+        rows, q = slice(q0, q0 + q_block), queries[q0:q0 + q_block]
+        for k0 in range(0, len(keys), k_block):
+            k = keys[k0:k0 + k_block]
+            values = distance(q.repeat_interleave(len(k), 0), k.repeat(len(q), *[1] * (k.ndim - 1)))
+            values = values.double().view(len(q), len(k))
+            # argmin returns the first of equal minima: the lowest index within the block
+            dist[rows], index[rows] = _keep_nearer(dist[rows], index[rows], values.min(1).values, values.argmin(1) + k0)
+    return dist, index
+
+
+def pairwise_cost_count(n_real: int, n_fake: int, feature_flops: float, feature_dim: int) -> dict[str, float]:
+    """Cost of one IMLE matching round under a perceptual distance, counted two ways.
+
+    * ``pairwise``: the distance as a black box on pairs, as the source counts it (a batch of 64
+      against 64 fakes is 64^2 = 4096 perceptual losses): ``n_real * n_fake`` evaluations, each
+      running the feature network on both images (``2 n_real n_fake`` network runs).
+    * ``cached``: a distance between per-image features (VGG/EfficientNet activations, even Gram
+      matrices) lets each image be embedded once (``n_real + n_fake`` runs); matching is then one
+      GEMM of ``2 n_real n_fake feature_dim`` flops (``IMLE(match_features=...)``).
+
+    Honest caveat: caching removes the quadratic network cost, but IMLE still needs many more
+    fakes than reals (10x in the reference code), each embedded at every re-match; that, and
+    the memory of the fake pool, is what stays expensive.
+    """
+    pairs = n_real * n_fake
+    pairwise = 2.0 * pairs * feature_flops
+    cached = (n_real + n_fake) * feature_flops + 2.0 * pairs * feature_dim
+    return {"pairs": pairs, "network_runs_pairwise": 2 * pairs, "network_runs_cached": n_real + n_fake,
+            "flops_pairwise": pairwise, "flops_cached": cached, "speedup": pairwise / cached}
+
+
+def pairwise_sq_dist(a: Tensor, b: Tensor) -> Tensor:
+    """All squared L2 distances [M, N] between small sets a [M, ...], b [N, ...] (float64, direct, differentiable)."""
+    a64, b64 = a.flatten(1).double(), b.flatten(1).double()
+    return (a64[:, None, :] - b64[None, :, :]).pow(2).sum(-1)
+
+
+def soft_assignment(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
+    """Posterior responsibility [M, N] of fake j for real i: softmax_j(-||x_i - G(z_j)||^2 / 2 sigma^2)."""
+    return torch.softmax(-pairwise_sq_dist(reals, fakes) / (2 * sigma**2), dim=1)
+
+
+def smoothed_nll(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
+    """Source eq. (7): ``-mean_i logsumexp_j(-||x_i - G(z_j)||^2 / 2 sigma^2)`` (scalar, float64).
+
+    The negative log-likelihood of reals under the Gaussian-smoothed model
+    ``q_sigma(x) = mean_j N(x; G(z_j), sigma^2 I)`` with two constants dropped: the
+    normaliser ``(d/2) log(2 pi sigma^2)`` and the ``+log N`` of the mean over fakes.
+    Because ``max <= logsumexp <= max + log N``, each real's term obeys
+    ``m_i - sigma^2 log N <= sigma^2 nll_i <= m_i`` with ``m_i = min_j ||x_i - G(z_j)||^2 / 2``,
+    so ``sigma^2 * smoothed_nll -> mean_i m_i`` as sigma -> 0: the IMLE loss (halved).
+    """
+    return -torch.logsumexp(-pairwise_sq_dist(reals, fakes) / (2 * sigma**2), dim=1).mean()
+
+
+# ======================================================================================
+# IMLE
+# ======================================================================================
+
+
+def _descend(optimizers: list[torch.optim.Optimizer], loss: Tensor) -> None:
+    """One gradient step of ``loss`` with every optimiser in ``optimizers``."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+class _FromNoise(GenerativeModel):
+    """Shared by IMLE and IMLEKL: a generator z [n, z_dim] -> x [n, ...] fed with z ~ N(0, I), one Adam."""
+
+    def __init__(self, generator: nn.Module, z_dim: int, lr: float, betas: tuple[float, float]):
+        super().__init__()
+        if z_dim < 1:
+            raise ValueError(f"z_dim must be >= 1, got {z_dim}")
+        self.generator, self.z_dim = generator, z_dim
+        self.optimizers = {"generator": torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)}
+
+    def ema_source(self) -> nn.Module:
+        return self.generator
+
+    def noise(self, n: int) -> Tensor:
+        """n codes [n, z_dim] from N(0, I) on the model's device."""
+        return torch.randn(n, self.z_dim, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n samples [n, ...] = G(z), z ~ N(0, I)."""
+        return self.sampling_net()(self.noise(n))
+
+
+class IMLE(_FromNoise):
+    """Implicit maximum likelihood: pull, for every real, its nearest generated sample towards it.
+
+    ``generator`` is any module z [n, z_dim] -> x [n, ...]. Each step, for a real batch x [B, ...]:
+
+    * ``refresh_every == 1`` (the source's per-batch version): draw ``fakes_per_real * B``
+      codes, generate without gradients, match every real to its nearest fake, regenerate the
+      matched codes (plus ``z_jitter`` N(0, I)) with gradients and minimise the mean distance.
+    * ``refresh_every > 1`` (the reference code's version): every ``refresh_every`` steps,
+      :meth:`refresh` matches every item of ``data`` [n, ...] (on the model's device) to its
+      nearest of ``fakes_per_real * n`` fresh fakes; steps in between reuse the cached code of
+      each real (found through the batch's ``index``), jittered.
+
+    Defaults follow the reference (Li & Malik): 10 fakes per real, jitter 0.01, Adam 1e-3 with
+    betas (0.5, 0.999). ``step`` returns the mean training distance ``'loss'`` and the mean
+    distance of the matches it used, ``'match_dist'`` (before jitter; cached ones may be stale).
+    ``distance``: ``'l2'`` (squared L2, matched exactly by :func:`nearest_neighbors`) or a per-pair
+    loss (name or callable, e.g. ``'lap1'``). ``match_features``: a feature map; matching then
+    uses squared L2 between features (M + N feature extractions instead of M x N pair
+    evaluations) and ``'l2'`` means squared L2 in feature space. A callable ``distance``
+    without ``match_features`` is matched by brute force over all pairs (slow, exact).
+    """
+
+    def __init__(self, generator: nn.Module, z_dim: int, *, fakes_per_real: int = 10, refresh_every: int = 1,
+                 data: Tensor | None = None, z_jitter: float = 0.01, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.5, 0.999), distance: str | PairLoss = "l2",
+                 match_features: Features | None = None, chunk_size: int | None = None, refresh_batch: int = 4096):
+        super().__init__(generator, z_dim, lr, betas)
+        if fakes_per_real < 1 or refresh_every < 1 or refresh_batch < 1:
+            raise ValueError("fakes_per_real, refresh_every and refresh_batch must be >= 1")
+        if refresh_every > 1 and (data is None or not data.is_floating_point()):
+            raise ValueError("refresh_every > 1 needs the whole dataset as a float tensor: data=[n, ...]")
+        self.fakes_per_real, self.refresh_every, self.z_jitter = fakes_per_real, refresh_every, z_jitter
+        self.chunk_size, self.refresh_batch = chunk_size, refresh_batch
+        self.pair_loss = None if distance == "l2" else pair_loss(distance)
+        # A plain attribute: a pretrained feature net must not follow train()/eval() or enter checkpoints.
+        object.__setattr__(self, "match_features", match_features)
+        device = next(generator.parameters()).device  # buffers start where the generator lives
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64, device=device))
+        self.data = data  # not a buffer: it would copy the dataset into every checkpoint
+        if data is not None:
+            self.register_buffer("matched_z", torch.zeros(len(data), z_dim, device=device))
+            self.register_buffer("matched_dist", torch.full((len(data),), math.inf, dtype=torch.float64, device=device))
+
+    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """One IMLE step on reals x [B, ...] with dataset indices [B]: {'loss', 'match_dist'}."""
+        codes, match_dist = self._matched_codes(x, index)
+        fake = self.generator(codes + self.z_jitter * torch.randn_like(codes))
+        loss = self._loss(fake, x).mean()
+        _descend([self.optimizers["generator"]], loss)
+        self.steps_done += 1
+        return {"loss": loss.detach(), "match_dist": match_dist.float()}
+
+    @torch.no_grad()
+    def _matched_codes(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The code matched to each real [B, z_dim] and the batch's mean matching distance."""
+        if self.refresh_every > 1:
+            if int(self.steps_done) % self.refresh_every == 0:
+                self.refresh()
+            return self.matched_z[index], self.matched_dist[index].mean()
+        codes = self.noise(self.fakes_per_real * len(x))
+        dist, at = self._match(self._embed(x), self._embed(self.generator(codes)))
+        return codes[at], dist.mean()
+
+    @torch.no_grad()
+    def refresh(self, codes: Tensor | None = None) -> None:
+        """Match every data item to its nearest of ``codes`` [K, z_dim] (default ``fakes_per_real * n``
+        fresh N(0, I) codes), generated in chunks of ``refresh_batch`` so memory stays bounded."""
+        if self.data is None:
+            raise ValueError("refresh() matches the whole dataset: construct IMLE with data=[n, ...]")
+        data = self._data_on_device()
+        if codes is None:
+            codes = self.noise(self.fakes_per_real * len(data))
+        step = self.refresh_batch
+        reals = torch.cat([self._embed(data[i:i + step]) for i in range(0, len(data), step)])
+        best = torch.full((len(data),), math.inf, dtype=torch.float64, device=data.device)
+        best_at = torch.zeros(len(data), dtype=torch.int64, device=data.device)
+        for start in range(0, len(codes), step):
+            dist, at = self._match(reals, self._embed(self.generator(codes[start:start + step])))
+            best, best_at = _keep_nearer(best, best_at, dist, at + start)
+        self.matched_z.copy_(codes[best_at])
+        self.matched_dist.copy_(best)
+
+    def _data_on_device(self) -> Tensor:
+        """The dataset, moved once to the model's device."""
+        if self.data.device != self.device:
+            self.data = self.data.to(self.device)
+        return self.data
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """What matching compares: features of x if ``match_features`` is set, else x itself."""
+        return x if self.match_features is None else self.match_features(x).flatten(1)
+
+    def _match(self, reals: Tensor, fakes: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest fake for each real, in the matching space (see the class docstring)."""
+        by_pairs = self.pair_loss is not None and self.match_features is None
+        return match(reals, fakes, self.pair_loss if by_pairs else None, self.chunk_size)
+
+    def _loss(self, fake: Tensor, real: Tensor) -> Tensor:
+        """Per-pair training loss [B] between matched fakes and reals."""
+        if self.pair_loss is None:
+            return squared_l2(self._embed(fake), self._embed(real))
+        return self.pair_loss(fake, real)
+
+
+# ======================================================================================
+# The KL(q || p) variant
+# ======================================================================================
+
+
+def kl_variant_terms(fakes_a: Tensor, fakes_b: Tensor, reals: Tensor) -> tuple[Tensor, Tensor]:
+    """(attract [N], repel [N]): each fake's squared distance to its nearest real and to its nearest
+    fake of the other batch. Gradients flow into ``fakes_a`` only (see :func:`kl_variant_loss`)."""
+    _, to_real = match(fakes_a.detach(), reals)
+    _, to_fake = match(fakes_a.detach(), fakes_b.detach())
+    return squared_l2(fakes_a, reals[to_real]), squared_l2(fakes_a, fakes_b.detach()[to_fake])
+
+
+def kl_variant_loss(fakes_a: Tensor, fakes_b: Tensor, reals: Tensor, margin: float | None, sign: int = 1) -> Tensor:
+    """IMLE for KL(q||p): ``sign * mean_i [min_j ||a_i - x_j||^2 + relu(margin - min_k ||a_i - b_k||^2)]``.
+
+    Derivation (source eqs. (9)-(11)). ``KL(q||p) = E_{x~q}[log q(x) - log p(x)]``. Estimate
+    both densities with Gaussian kernels of width sigma, p on the reals x_j and q on a second,
+    independent fake batch b_k (in the same batch the nearest fake is the fake itself, at
+    distance 0). As sigma -> 0, ``log p(a_i) ~ -min_j ||a_i - x_j||^2 / 2 sigma^2`` and
+    ``log q(a_i) ~ -min_k ||a_i - b_k||^2 / 2 sigma^2`` (equal normalising constants cancel), so
+    ``2 sigma^2 KL -> mean_i [min_j ||a_i - x_j||^2 - min_k ||a_i - b_k||^2]``: attraction of
+    each fake to its nearest real (the -log p term) and repulsion from its nearest other fake
+    (the +log q term, i.e. -entropy). Minimising it decreases KL with ``sign = +1``. The source
+    prints this with a leading minus; minimising that pushes fakes away from data and onto each
+    other (``sign = -1`` shows it). The margin replaces the unbounded ``-repel`` by
+    ``relu(margin - repel)``: the same push while fakes are closer than ``sqrt(margin)``, none
+    beyond, so repulsion cannot blow up; ``margin=None`` keeps the raw ``-repel``.
+
+    Only ``fakes_a`` carries gradients: the score-function part of ``d/dtheta E_q[log q_theta]``
+    has zero mean, so the pathwise gradient through the evaluated point is the estimator.
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    return sign * _kl_per_fake(*kl_variant_terms(fakes_a, fakes_b, reals), margin).mean()
+
+
+def _kl_per_fake(attract: Tensor, repel: Tensor, margin: float | None) -> Tensor:
+    """Per-fake KL-variant loss [N]: attraction plus the hinged (or, with no margin, raw) repulsion."""
+    return attract + (-repel if margin is None else F.relu(margin - repel))
+
+
+class IMLEKL(_FromNoise):
+    """The KL(q||p) variant of IMLE (:func:`kl_variant_loss`): each step draws two fake batches,
+    ``n_fakes`` with gradients and ``n_other`` without (default: the real batch size each).
+
+    Measured on ring8 (tanh MLP 2-32-32-32-2, Adam 1e-2, 500 steps, margins 1e-4 to 1): it
+    collapses onto one or two modes with sharp samples, as reverse KL tends to. The repulsion
+    cannot undo a collapse: the gradient of ``relu(m - ||a - b||^2)`` is ``2 (a - b)``, which
+    vanishes as fakes coincide (the sigma -> 0 limit trades the log nearest-neighbour distance
+    of entropy estimators, whose push grows as fakes meet, for a squared distance).
+    """
+
+    def __init__(self, generator: nn.Module, z_dim: int, *, margin: float | None = 0.01, n_fakes: int | None = None,
+                 n_other: int | None = None, lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.999)):
+        super().__init__(generator, z_dim, lr, betas)
+        self.margin, self.n_fakes, self.n_other = margin, n_fakes, n_other
+
+    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """One step on reals x [B, ...]: {'loss', 'attract', 'repel'} (mean squared distances)."""
+        fakes = self.generator(self.noise(self.n_fakes or len(x)))
+        with torch.no_grad():
+            other = self.generator(self.noise(self.n_other or len(x)))
+        attract, repel = kl_variant_terms(fakes, other, x)
+        loss = _kl_per_fake(attract, repel, self.margin).mean()
+        _descend([self.optimizers["generator"]], loss)
+        return {"loss": loss.detach(), "attract": attract.detach().mean(), "repel": repel.detach().mean()}
+
+
+# ======================================================================================
+# GLO and GLANN
+# ======================================================================================
+
+
+def pca_codes(data: Tensor, z_dim: int) -> Tensor:
+    """GLO's PCA initialisation: data [n, ...] projected on its top z_dim principal axes, on the sphere [n, z_dim]."""
+    x = data.flatten(1).double()
+    if z_dim > min(x.shape):
+        raise ValueError(f"z_dim={z_dim} exceeds min(n, d)={min(x.shape)} for PCA codes")
+    _, _, axes = torch.pca_lowrank(x, q=z_dim, center=True)
+    return F.normalize(((x - x.mean(0)) @ axes).float(), dim=1)
+
+
+class GLO(GenerativeModel):
+    """Generative latent optimisation: one learned code per image, jointly with the generator.
+
+    ``min_{G, z_1..z_n} mean_i loss(G(z_i), x_i)`` s.t. ``||z_i|| = 1`` (source eq. (13)). Codes
+    are an ``nn.Embedding`` [n_data, z_dim] picked by the batch's ``index``, updated by a lazy
+    (sparse) Adam with their own learning rate (GLANN: code lr 1e-2, generator 1e-3, Adam
+    (0.5, 0.999); GLO itself used SGD with a 10:1 ratio) and put back on the unit sphere after
+    every step (GLANN's choice; GLO projects onto the unit ball). Lazy Adam moves only the codes
+    of the batch: a dense Adam would keep drifting every other code on stale momentum.
+    ``loss``: ``'l2'``, ``'l1'``, ``'lap1'`` or a per-pair callable (e.g. :class:`PixelFeatureL1`).
+    :meth:`sample` is GLO's own sampler, a full-covariance Gaussian fitted to the codes.
+    """
+
+    def __init__(self, generator: nn.Module, n_data: int, z_dim: int, *, loss: str | PairLoss = "l2",
+                 lr: float = 1e-3, code_lr: float = 1e-2, betas: tuple[float, float] = (0.5, 0.999),
+                 init_codes: Tensor | None = None):
+        super().__init__()
+        self.generator, self.z_dim = generator, z_dim
+        self.codes = nn.Embedding(n_data, z_dim, sparse=True)
+        with torch.no_grad():
+            start = torch.randn(n_data, z_dim) if init_codes is None else init_codes
+            if start.shape != (n_data, z_dim):
+                raise ValueError(f"init_codes must be [{n_data}, {z_dim}], got {tuple(start.shape)}")
+            self.codes.weight.copy_(F.normalize(start.float(), dim=1))
+        self.loss_fn = pair_loss(loss)
+        self.optimizers = {"generator": torch.optim.Adam(generator.parameters(), lr=lr, betas=betas),
+                           "codes": torch.optim.SparseAdam(self.codes.parameters(), lr=code_lr, betas=betas)}
+
+    def ema_source(self) -> nn.Module:
+        return self.generator
+
+    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """One joint step on images x [B, ...] with their dataset indices [B]: {'loss'} (mean per-pair loss)."""
+        loss = self.loss_fn(self.generator(self.codes(index)), x).mean()
+        _descend(list(self.optimizers.values()), loss)
+        with torch.no_grad():
+            self.codes.weight[index] = F.normalize(self.codes.weight[index], dim=1)
+        return {"loss": loss.detach()}
+
+    def latent_codes(self) -> Tensor:
+        """The learned codes [n_data, z_dim] (detached copy)."""
+        return self.codes.weight.detach().clone()
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """Images [n, ...] from codes [n, z_dim] with the sampling generator (EMA when kept)."""
+        return self.sampling_net()(codes)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n samples from a full-covariance Gaussian fitted to the codes, decoded (GLO's sampler)."""
+        codes = self.codes.weight.double()
+        cov = torch.cov(codes.T) + 1e-6 * torch.eye(self.z_dim, dtype=torch.float64, device=codes.device)
+        noise = torch.randn(n, self.z_dim, dtype=torch.float64, device=codes.device)
+        z = codes.mean(0) + noise @ torch.linalg.cholesky(cov).T
+        return self.decode(z.float())
+
+
+class GLANN(GenerativeModel):
+    """GLANN: GLO, then IMLE in GLO's code space; samples go noise z -> T(z) -> G(T(z)) = x.
+
+    One model, one :func:`genlib.train.fit`, one image sampler for both stages: the first
+    ``glo_steps`` steps are GLO steps on the images; every later step is a latent IMLE step of
+    the mapper ``T`` (an MLP ``noise_dim -> hidden -> hidden -> z_dim``, BatchNorm + ReLU) whose
+    data are the learned codes, the batch's codes found through its ``index`` (the images are
+    then unused). So either of::
+
+        fit(GLANN(glo, glo_steps=5000), images, 5000 + 2000)              # both stages
+        fit(glo, images, 5000); fit(GLANN(glo), images, 2000)             # GLO trained first
+
+    Stage 1 reports ``{'glo_loss'}``, stage 2 the mapper's ``{'loss', 'match_dist'}``; in the
+    history, each key's entries belong to the log steps of its own stage. Defaults follow
+    GLANN: 2x random codes per data point, exact flat L2 search re-run every ``refresh_every``
+    mapper steps (about an epoch in the reference), Adam 1e-3 (0.5, 0.999).
+    """
+
+    def __init__(self, glo: GLO, *, glo_steps: int = 0, noise_dim: int = 32, hidden: int = 128,
+                 fakes_per_real: int = 2, refresh_every: int = 50, z_jitter: float = 0.01, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.5, 0.999)):
+        super().__init__()
+        if glo_steps < 0:
+            raise ValueError(f"glo_steps must be >= 0, got {glo_steps}")
+        self.glo, self.glo_steps, self.noise_dim = glo, glo_steps, noise_dim
+        codes = glo.latent_codes()
+        mapper = MLP(noise_dim, glo.z_dim, hidden=hidden, depth=2, act="relu", batchnorm=True).to(codes.device)
+        self.mapper = IMLE(mapper, noise_dim, fakes_per_real=fakes_per_real, refresh_every=refresh_every,
+                           data=codes, z_jitter=z_jitter, lr=lr, betas=betas)
+        # Every optimiser of both stages, so that a checkpoint resumes either stage exactly.
+        self.optimizers = {"glo_generator": glo.optimizers["generator"], "glo_codes": glo.optimizers["codes"],
+                           "mapper": self.mapper.optimizers["generator"]}
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64, device=codes.device))
+        self._codes_current = False  # not saved: after a resume the mapper's data are re-read from GLO
+
+    def ema_source(self) -> nn.Module:
+        return self.mapper.generator
+
+    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """A GLO step on images x [B, ...] for the first ``glo_steps`` steps, then a latent IMLE step."""
+        self.steps_done += 1
+        if int(self.steps_done) <= self.glo_steps:
+            return {"glo_loss": self.glo.step(x, index)["loss"]}
+        if not self._codes_current:  # GLO is done: its codes are the mapper's data from now on
+            self.mapper.data, self._codes_current = self.glo.latent_codes(), True
+        return self.mapper.step(self.glo.codes.weight[index].detach(), index)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n images [n, ...] through the whole chain z -> T -> G."""
+        noise = torch.randn(n, self.noise_dim, device=self.device)
+        return self.glo.decode(self.sampling_net()(noise))
+
+
+# ======================================================================================
+# Builders for ``python -m genlib train {imle,glo,glann}`` (see genlib.cli.TrainSpec)
+# ======================================================================================
+
+
+def _generator_for(spec) -> nn.Module:
+    """An MLP generator for vectors (shape (d,)) or a ConvGenerator for images (shape (C, H, W))."""
+    if len(spec.shape) == 1:
+        return MLP(spec.z_dim, spec.shape[0], hidden=spec.width, depth=3)
+    channels, height, width = spec.shape
+    if height != width:
+        raise ValueError(f"square images only, got {height}x{width}")
+    return ConvGenerator(spec.z_dim, resolution=height, channels=channels, width=spec.width)
+
+
+def _float_data(spec) -> Tensor:
+    """The whole training set as float (uint8 images -> [-1, 1])."""
+    return to_float(spec.data) if spec.data.dtype == torch.uint8 else spec.data.float()
+
+
+def build_imle(spec) -> IMLE:
+    """IMLE for the CLI; ``--opt`` fakes_per_real (10), refresh_every (1), z_jitter (0.01), distance (l2)."""
+    refresh_every = spec.option("refresh_every", 1)
+    return IMLE(_generator_for(spec), spec.z_dim, fakes_per_real=spec.option("fakes_per_real", 10),
+                refresh_every=refresh_every, data=_float_data(spec) if refresh_every > 1 else None,
+                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance=spec.option("distance", "l2"))
+
+
+def build_glo(spec) -> GLO:
+    """GLO for the CLI; ``--opt`` loss (lap1 for images, l2 for vectors), code_lr (10 x lr)."""
+    loss = spec.option("loss", "lap1" if len(spec.shape) == 3 else "l2")
+    return GLO(_generator_for(spec), len(spec.data), spec.z_dim, loss=loss, lr=spec.lr,
+               code_lr=spec.option("code_lr", 10 * spec.lr))
+
+
+def build_glann(spec) -> GLANN:
+    """GLANN for the CLI (GLO then latent IMLE in one run); ``--opt`` glo_steps (1000), noise_dim (32),
+    refresh_every (50), plus the GLO options."""
+    return GLANN(build_glo(spec), glo_steps=spec.option("glo_steps", 1000), noise_dim=spec.option("noise_dim", 32),
+                 refresh_every=spec.option("refresh_every", 50))

@@ -1,0 +1,95 @@
+"""The command line: help, bad input with clear errors, train/record/resume, prepare, bench."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from genlib import cli
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genlib", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("train", "prepare", "classifier", "bench"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "nosuchfamily", "--data", "ring8", "--out", "x"], "invalid choice: 'nosuchfamily'"),
+    (["train", "imle", "--data", "nosuchdata", "--out", "x"], "invalid choice: 'nosuchdata'"),
+    (["train", "imle", "--data", "ring8"], "the following arguments are required: --out"),
+    (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "ten"], "invalid int value"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_nonpositive_steps_are_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="must be positive"):
+        cli.main(["train", "imle", "--data", "ring8", "--out", str(tmp_path), "--steps", "0"])
+
+
+def test_malformed_option_is_rejected():
+    with pytest.raises(SystemExit, match="key=value"):
+        cli.parse_options(["novalue"])
+
+
+def test_missing_dataset_folder_says_how_to_get_it(tmp_path):
+    result = run_cli("prepare", "celeba64", "--root", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "error:" in result.stderr and "img_align_celeba" in result.stderr
+
+
+def test_empty_image_folder_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("prepare", "folder", "--root", str(tmp_path / "empty"))
+    assert result.returncode == 1 and "empty" in result.stderr
+
+
+def test_absent_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("train", "imle", "--data", "ring8", "--out", str(tmp_path), "--device", "cuda", "--steps", "1")
+    assert result.returncode == 1 and "no CUDA GPU" in result.stderr
+
+
+def train_args(out, steps: int) -> list[str]:
+    return ["train", "imle", "--data", "ring8", "--toy-points", "2000", "--steps", str(steps), "--batch-size", "64",
+            "--width", "32", "--lr", "1e-3", "--checkpoint-every", "10", "--log-every", "10", "--out", str(out),
+            "--device", "cpu"]
+
+
+def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys):
+    cli.main(train_args(tmp_path / "straight", 40))
+    cli.main(train_args(tmp_path / "split", 20))
+    cli.main(train_args(tmp_path / "split", 40))  # the same command again continues from step 20
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert straight["step"] == split["step"] == 40
+    for key, value in straight["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    run = json.loads((tmp_path / "straight" / "run.json").read_text())
+    assert run["config"]["family"] == "imle" and run["device"] == "cpu" and run["scale"] == "small"
+    assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert "scale=small | device=cpu" in capsys.readouterr().out
+
+
+def test_bench_quick_writes_json_and_table(tmp_path):
+    from genlib import bench
+
+    report = bench.main(device="cpu", out=tmp_path, quick=True)
+    assert (tmp_path / "bench.md").read_text().startswith("# genlib bench")
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["nearest_neighbors"][0]["agrees_with_float64"] == 1.0
+    assert {row["model"] for row in report["training"]} >= {f"genlib {name}" for name in cli.FAMILIES}

@@ -1,0 +1,369 @@
+"""Tests of genlib.imle: exact nearest neighbours, the smoothed likelihood, Lap1, the KL sign,
+and IMLE / GLO / GLANN trained through genlib.train.fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genlib import imle
+from genlib.data import BatchSampler, load_images, to_float, toy, toy_dataset
+from genlib.metrics import mode_coverage
+from genlib.nets import MLP, ConvGenerator
+from genlib.train import fit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny ops: one thread is faster and steadier (no OpenMP hand-offs on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def brute_force(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: float64 ||q - k||^2 against every key, first index on ties."""
+    dist = (queries.double()[:, None, :] - keys.double()[None, :, :]).pow(2).sum(-1)
+    return dist.min(1).values, dist.argmin(1)
+
+
+def naive_fp32_argmin(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """What a plain fp32 GEMM search returns (the thing that gets near-ties wrong)."""
+    dist = (queries * queries).sum(1)[:, None] - 2 * queries @ keys.T + (keys * keys).sum(1)[None]
+    return dist.argmin(1)
+
+
+def assert_same_as_brute_force(queries, keys, **kw):
+    dist, index = imle.nearest_neighbors(queries, keys, **kw)
+    ref_dist, ref_index = brute_force(queries, keys)
+    assert index.dtype == torch.int64 and index.shape == (len(queries),)
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- nearest neighbours
+
+
+@pytest.mark.parametrize("m, n, d", [(1, 1, 3), (50, 7, 2), (300, 500, 16), (64, 100, 2048), (257, 1000, 33)])
+def test_nearest_neighbors_equals_float64_brute_force(m, n, d):
+    g = torch.Generator().manual_seed(m * n + d)
+    queries, keys = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
+    assert_same_as_brute_force(queries, keys)
+    assert_same_as_brute_force(queries, keys, chunk_size=61)  # blocks over queries and keys
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_low_precision_passes_are_still_exact(precision):
+    """The CUDA passes, emulated on the CPU: coarse GEMM inputs, same certified answer."""
+    g = torch.Generator().manual_seed(1)
+    queries, keys = torch.rand(200, 64, generator=g) * 2 - 1, torch.rand(300, 64, generator=g) * 2 - 1
+    assert_same_as_brute_force(queries, keys, precision=precision)
+
+
+def near_tie_cloud(n_keys: int, seed: int = 0):
+    """Queries and keys around one far-off point, differing by ~1e-6 relative."""
+    g = torch.Generator().manual_seed(seed)
+    centre = 100 + torch.randn(32, generator=g)
+    keys = centre + 1e-4 * torch.randn(n_keys, 32, generator=g)
+    queries = centre + 1e-4 * torch.randn(40, 32, generator=g)
+    return queries, keys
+
+
+def test_near_ties_resolved_as_float64_brute_force():
+    queries, keys = near_tie_cloud(200)
+    _, ref_index = brute_force(queries, keys)
+    # The construction defeats a plain fp32 GEMM search: it gets (almost) every query wrong.
+    assert (naive_fp32_argmin(queries, keys) != ref_index).float().mean() > 0.5
+    stats: dict[str, int] = {}
+    assert_same_as_brute_force(queries, keys, stats=stats)
+    assert stats == {"fp32": len(queries)}  # centring on the keys' mean makes fp32 enough, and proves it
+
+
+def test_unprovable_near_ties_fall_back_to_brute_force():
+    """Two far-apart clusters: centring cannot help, the certificate fails, brute force answers."""
+    queries, keys = near_tie_cloud(100, seed=1)
+    keys = torch.cat([keys, -keys])
+    assert (naive_fp32_argmin(queries, keys) != brute_force(queries, keys)[1]).float().mean() > 0.5
+    for precision in ("fp32", "bf16"):
+        stats: dict[str, int] = {}
+        assert_same_as_brute_force(queries, keys, precision=precision, chunk_size=7, stats=stats)
+        assert stats.get("brute_force", 0) > 0 and sum(stats.values()) == len(queries)
+
+
+def test_duplicates_and_exact_ties_go_to_the_lowest_index():
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(500, 8, generator=g)
+    target = keys[123].clone()
+    copies = torch.tensor([400, 17, 250, 300, 60, 499, 33, 71, 90, 110, 470])  # more copies than candidates
+    keys[copies] = target
+    queries = torch.cat([target[None], target[None] + 1e-3 * torch.randn(5, 8, generator=g)])
+    dist, index = imle.nearest_neighbors(queries, keys)
+    assert index.tolist() == [17] * 6 and dist[0] == 0
+    # Equidistant keys (exact in binary): the first one wins, in any block layout.
+    sym_keys = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0], [0.0, -3.0], [5.0, 5.0]])
+    for chunk in (None, 1, 2):
+        assert imle.nearest_neighbors(torch.zeros(3, 2), sym_keys, chunk)[1].tolist() == [0, 0, 0]
+        assert imle.nearest_neighbors(torch.zeros(1, 2), sym_keys[[4, 3, 1]], chunk)[1].tolist() == [1]
+
+
+def test_nearest_neighbors_ignores_autocast_and_restores_matmul_settings():
+    g = torch.Generator().manual_seed(3)
+    queries, keys = torch.randn(30, 40, generator=g), torch.randn(70, 40, generator=g)
+    before = torch.get_float32_matmul_precision()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_same_as_brute_force(queries, keys)
+    assert torch.get_float32_matmul_precision() == before
+    dist, index = imle.nearest_neighbors(queries[:0], keys)
+    assert dist.shape == index.shape == (0,)
+
+
+@pytest.mark.parametrize("queries, keys, kw, error", [
+    (torch.zeros(3), torch.zeros(4, 3), {}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(4, 3), {}, ValueError),
+    (torch.zeros(3, 2, dtype=torch.int64), torch.zeros(4, 2, dtype=torch.int64), {}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(0, 2), {}, ValueError),
+    (torch.tensor([[0.0, math.nan]]), torch.zeros(4, 2), {}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(4, 2), {"chunk_size": 0}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(4, 2), {"precision": "fp8"}, ValueError),
+    ([[0.0, 0.0]], torch.zeros(4, 2), {}, TypeError),
+])
+def test_nearest_neighbors_validates_inputs(queries, keys, kw, error):
+    with pytest.raises(error):
+        imle.nearest_neighbors(queries, keys, **kw)
+
+
+def test_match_by_pairs_agrees_with_the_gemm_search():
+    g = torch.Generator().manual_seed(4)
+    reals, fakes = torch.randn(20, 1, 4, 4, generator=g), torch.randn(90, 1, 4, 4, generator=g)
+    dist, index = imle.match(reals, fakes)
+    pair_dist, pair_index = imle.match(reals, fakes, imle.squared_l2, chunk_size=16)
+    assert torch.equal(index, pair_index)
+    torch.testing.assert_close(pair_dist, dist, rtol=1e-5, atol=1e-6)
+
+
+def test_pairwise_cost_count_matches_the_source():
+    cost = imle.pairwise_cost_count(64, 64, feature_flops=15.5e9, feature_dim=4096)
+    assert cost["pairs"] == 64**2 == 4096  # the source's "64^2 = 4096 perceptual losses"
+    assert cost["network_runs_cached"] == 128 and cost["speedup"] > 50
+
+
+# ----------------------------------------------------------------------------- smoothed likelihood
+
+
+def test_soft_assignment_rows_sum_to_one_and_harden_to_the_argmin():
+    g = torch.Generator().manual_seed(5)
+    reals, fakes = torch.randn(10, 3, generator=g), torch.randn(25, 3, generator=g)
+    nearest = imle.nearest_neighbors(reals, fakes)[1]
+    for sigma in (10.0, 1.0, 0.1):
+        rows = imle.soft_assignment(reals, fakes, sigma).sum(1)
+        torch.testing.assert_close(rows, torch.ones(10, dtype=torch.float64))
+    hard = imle.soft_assignment(reals, fakes, 1e-3)
+    torch.testing.assert_close(hard, torch.nn.functional.one_hot(nearest, 25).double())
+
+
+def test_sigma_squared_times_nll_tends_to_half_the_imle_loss():
+    g = torch.Generator().manual_seed(6)
+    reals, fakes = torch.randn(12, 4, generator=g), torch.randn(30, 4, generator=g)
+    half_min = imle.nearest_neighbors(reals, fakes)[0].mean() / 2
+    for sigma in (1.0, 0.3, 0.1, 0.01):
+        scaled = sigma**2 * imle.smoothed_nll(reals, fakes, sigma)
+        # max <= logsumexp <= max + log N, row by row
+        assert half_min - sigma**2 * math.log(30) - 1e-12 <= scaled <= half_min + 1e-12
+    assert abs(0.01**2 * imle.smoothed_nll(reals, fakes, 0.01) - half_min) < 1e-3
+
+
+# ----------------------------------------------------------------------------- Lap1
+
+
+def test_lap1_zero_symmetric_and_closed_form_for_a_constant_shift():
+    lap = imle.LaplacianPyramidL1()
+    g = torch.Generator().manual_seed(7)
+    for shape, levels, coarsest in [((2, 1, 28, 28), 4, 4 * 4), ((2, 3, 16, 16), 3, 4 * 4), ((1, 1, 8, 8), 2, 4 * 4)]:
+        x, y = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+        assert imle.default_pyramid_levels(shape[-1]) == levels
+        torch.testing.assert_close(lap(x, x), torch.zeros(shape[0]))
+        torch.testing.assert_close(lap(x, y), lap(y, x))
+        # A constant shift c leaves every band-pass level unchanged (blur and bilinear
+        # upsampling keep constants); only the low-pass residual moves, by c at each of its
+        # C * h * w entries, weighted 2^(-2 (J - 1)).
+        c = -0.3
+        expected = 2.0 ** (-2 * (levels - 1)) * abs(c) * shape[1] * coarsest
+        torch.testing.assert_close(lap(x, x + c), torch.full((shape[0],), expected), rtol=1e-4, atol=1e-5)
+
+
+def test_lap1_is_differentiable_and_validates_shapes():
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    imle.LaplacianPyramidL1()(x, torch.zeros(2, 1, 8, 8)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError):
+        imle.LaplacianPyramidL1()(torch.zeros(2, 64), torch.zeros(2, 64))
+
+
+# ----------------------------------------------------------------------------- KL variant
+
+
+def test_kl_variant_is_the_sigma_to_zero_limit_of_the_kde_kl():
+    """2 sigma^2 [nll_p(a) - nll_q(a)] = 2 sigma^2 KL estimate -> attract - repel: sign +1 is right."""
+    g = torch.Generator().manual_seed(8)
+    reals, fakes_a, fakes_b = (torch.randn(16, 2, generator=g) for _ in range(3))
+    loss = imle.kl_variant_loss(fakes_a, fakes_b, reals, margin=None, sign=1)
+    sigma = 0.01
+    kl = 2 * sigma**2 * (imle.smoothed_nll(fakes_a, reals, sigma) - imle.smoothed_nll(fakes_a, fakes_b, sigma))
+    assert abs(kl.item() - loss.item()) < 1e-3
+
+
+def test_kl_variant_sign_decides_attraction_or_collapse():
+    g = torch.Generator().manual_seed(9)
+    reals = torch.randn(32, 2, generator=g)
+    fakes_b = reals + 0.05 * torch.randn(32, 2, generator=g)
+    start = reals + 0.05 * torch.randn(32, 2, generator=g)
+    moves = {}
+    for sign in (1, -1):
+        fakes = start.clone().requires_grad_(True)
+        imle.kl_variant_loss(fakes, fakes_b, reals, margin=1.0, sign=sign).backward()
+        after = (fakes - 0.01 * fakes.grad).detach()
+        attract0, repel0 = imle.kl_variant_terms(start, fakes_b, reals)
+        attract1, repel1 = imle.kl_variant_terms(after, fakes_b, reals)
+        moves[sign] = (attract1.mean() - attract0.mean(), repel1.mean() - repel0.mean())
+    assert moves[1][0] < 0 < moves[1][1]  # derived sign: towards data, away from other fakes
+    assert moves[-1][0] > 0 > moves[-1][1]  # source's printed sign: away from data, onto each other
+    with pytest.raises(ValueError):
+        imle.kl_variant_loss(start, fakes_b, reals, margin=1.0, sign=0)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def ring8_scaled():
+    """WGAN-GP's 8 Gaussians: radius 2, std 0.02, scaled by 1/sqrt(2); (data, modes, std)."""
+    scale = 1 / math.sqrt(2)
+    ring = toy("ring8")
+    return toy_dataset("ring8", 2048, seed=0) * scale, ring.modes.float() * scale, ring.std * scale
+
+
+def test_imle_covers_the_modes_of_ring8():
+    data, modes, std = ring8_scaled()
+    torch.manual_seed(0)
+    model = imle.IMLE(MLP(2, 2, hidden=32, depth=3, act="tanh"), 2, lr=1e-2)  # the reference toy's net and lr
+    history = fit(model, BatchSampler(data, 128, "cpu", seed=0), 500, progress=False, log_every=100)
+    covered, _ = mode_coverage(model.sample(5000), modes, std)
+    assert covered >= 6
+    assert history["match_dist"][-1] < 0.2 * history["match_dist"][0]
+
+
+def test_imle_refresh_matches_exactly_and_resumes(tmp_path):
+    data, _, _ = ring8_scaled()
+    data = data[:40]
+    torch.manual_seed(1)
+    model = imle.IMLE(MLP(3, 2, hidden=16, depth=2), 3, fakes_per_real=3, refresh_every=5, data=data, refresh_batch=7)
+    codes = torch.randn(120, 3)
+    model.refresh(codes)
+    with torch.no_grad():  # the reference search sees the same fakes, generated in the same chunks
+        fakes = torch.cat([model.generator(codes[i:i + 7]) for i in range(0, 120, 7)])
+    ref_dist, ref_index = brute_force(data, fakes)
+    assert torch.equal(model.matched_z, codes[ref_index])
+    torch.testing.assert_close(model.matched_dist, ref_dist, rtol=1e-12, atol=0.0)
+
+    fit(model, BatchSampler(data, 8, "cpu", seed=0), 12, run_dir=tmp_path, progress=False, log_every=4)
+    assert int(model.steps_done) == 12
+    resumed = imle.IMLE(MLP(3, 2, hidden=16, depth=2), 3, fakes_per_real=3, refresh_every=5, data=data)
+    fit(resumed, BatchSampler(data, 8, "cpu", seed=0), 12, run_dir=tmp_path, progress=False)
+    assert torch.equal(resumed.matched_z, model.matched_z) and int(resumed.steps_done) == 12
+
+
+def test_imle_with_features_and_with_lap1_runs():
+    torch.manual_seed(2)
+    images = torch.rand(16, 1, 8, 8) * 2 - 1
+    projection = torch.randn(64, 10)
+    for kw in ({"match_features": lambda x: x.flatten(1) @ projection}, {"distance": "lap1"}):
+        model = imle.IMLE(ConvGenerator(4, resolution=8, channels=1, width=8), 4, fakes_per_real=2, **kw)
+        losses = model.step(images, torch.arange(16))
+        assert set(losses) == {"loss", "match_dist"} and all(torch.isfinite(v) for v in losses.values())
+    assert model.sample(3).shape == (3, 1, 8, 8)
+
+
+def test_imlekl_step_reports_both_terms():
+    torch.manual_seed(3)
+    model = imle.IMLEKL(MLP(2, 2, hidden=16, depth=2), 2, margin=0.1)
+    losses = model.step(torch.randn(32, 2), torch.arange(32))
+    assert set(losses) == {"loss", "attract", "repel"}
+
+
+@pytest.fixture(scope="module")
+def trained_glo():
+    """GLO on the first 64 sklearn digits (8x8), 200 steps: (model, images, history)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images = to_float(load_images("digits").images[:64])
+    torch.manual_seed(4)
+    glo = imle.GLO(ConvGenerator(16, resolution=8, channels=1, width=32), 64, 16, loss="l2")
+    history = fit(glo, BatchSampler(images, 32, "cpu", seed=0), 200, progress=False, log_every=40)
+    torch.set_num_threads(threads)
+    return glo, images, history
+
+
+def test_glo_reduces_reconstruction_loss_and_keeps_codes_on_the_sphere(trained_glo):
+    glo, images, history = trained_glo
+    assert history["loss"][-1] < 0.1 * history["loss"][0]
+    torch.testing.assert_close(glo.codes.weight.norm(dim=1), torch.ones(64))
+    recon = glo.decode(glo.latent_codes())
+    assert imle.squared_l2(recon, images).mean() < history["loss"][0]
+    assert glo.sample(5).shape == (5, 1, 8, 8)
+
+
+def test_glo_accepts_lap1_pca_init_and_validates():
+    images = torch.rand(32, 1, 8, 8) * 2 - 1
+    codes = imle.pca_codes(images, 6)
+    torch.testing.assert_close(codes.norm(dim=1), torch.ones(32))
+    glo = imle.GLO(ConvGenerator(6, resolution=8, channels=1, width=8), 32, 6, loss="lap1", init_codes=codes)
+    assert torch.isfinite(glo.step(images[:8], torch.arange(8))["loss"])
+    with pytest.raises(ValueError):
+        imle.GLO(ConvGenerator(6, resolution=8, channels=1, width=8), 32, 6, loss="huber")
+
+
+def test_glann_on_a_trained_glo_trains_with_fit_and_samples_images(trained_glo):
+    glo, images, _ = trained_glo
+    codes_before = glo.latent_codes()
+    glann = imle.GLANN(glo, noise_dim=8, refresh_every=4)
+    history = fit(glann, BatchSampler(images, 32, "cpu", seed=0), 20, progress=False, log_every=5)
+    assert history["match_dist"][-1] < history["match_dist"][0]
+    assert glann.sample(10).shape == (10, 1, 8, 8)
+    assert torch.equal(glo.latent_codes(), codes_before)  # stage 2 trains T only
+
+
+def test_glann_runs_both_stages_in_one_fit_and_resumes_exactly(tmp_path):
+    images = to_float(load_images("digits").images[:32])
+
+    def run(steps: int, run_dir=None) -> tuple[imle.GLANN, dict]:
+        torch.manual_seed(5)
+        glo = imle.GLO(ConvGenerator(8, resolution=8, channels=1, width=8), 32, 8)
+        model = imle.GLANN(glo, glo_steps=6, noise_dim=4, refresh_every=3)
+        history = fit(model, BatchSampler(images, 8, "cpu", seed=0), steps, run_dir=run_dir, checkpoint_every=4,
+                      progress=False, log_every=3)
+        return model, history
+
+    straight, history = run(12)
+    assert len(history["glo_loss"]) == 2 and len(history["match_dist"]) == 2  # steps 3, 6 then 9, 12
+    run(8, tmp_path)  # stops in stage 2, after the switch
+    resumed, _ = run(12, tmp_path)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_cli_builders_make_trainable_models():
+    from genlib.cli import TrainSpec
+
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    points = torch.randn(16, 2)
+    for data in (images, points):
+        for build in (imle.build_imle, imle.build_glo, imle.build_glann):
+            spec = TrainSpec(data, tuple(data.shape[1:]), torch.device("cpu"), z_dim=4, width=8,
+                             options={"refresh_every": "2", "glo_steps": "1"})
+            model = build(spec)
+            x = to_float(data[:8]) if data.dtype == torch.uint8 else data[:8]
+            for _ in range(2):
+                assert all(torch.isfinite(v) for v in model.step(x, torch.arange(8)).values())
+            assert model.sample(3).shape == (3, *data.shape[1:])

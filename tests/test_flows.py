@@ -1,0 +1,299 @@
+"""Normalizing flows and the chapter's map: invertibility, exact log-determinants, normalisation,
+the dequantisation convention, maximum-likelihood fitting, the ELBO bound and the chain rule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import sympy as sp
+import torch
+from torch import nn
+
+from genlib import flows as fl
+from genlib.cli import TrainSpec
+from genlib.data import BatchSampler
+from genlib.train import fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets on a shared CPU run fastest (and steadiest) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturbed(module: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
+    """``module`` with every parameter moved randomly, so zero-initialised couplings are no longer the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def jacobian_logdet(fn, x: torch.Tensor) -> float:
+    """``log|det d fn / dx|`` at one sample ``x [1, ...]`` from the full autograd Jacobian."""
+    jac = torch.autograd.functional.jacobian(lambda v: fn(v.reshape(x.shape)).flatten(), x.flatten())
+    return torch.linalg.slogdet(jac)[1].item()
+
+
+def in_cube(*shape: int, dtype=torch.float32) -> torch.Tensor:
+    """Points inside (-0.9, 0.9)^shape, valid inputs for every layer (the logit needs (-1, 1))."""
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(1)) * 1.8 - 0.9).to(dtype)
+
+
+def vector_coupling(kind, make_mask, dim=4, parity=0):
+    outputs = 2 if kind is fl.AffineCoupling else 1
+    return kind(make_mask(dim, parity), fl.coupling_mlp(dim, outputs, 16, 2))
+
+
+def image_coupling(make_mask, shape=(2, 4, 4), parity=1):
+    c = shape[0]
+    return fl.AffineCoupling(make_mask(shape, parity), fl.coupling_resnet(2 * c, 2 * c, 8, 1), mask_as_input=True)
+
+
+LAYERS = {
+    "additive": (lambda: vector_coupling(fl.AdditiveCoupling, fl.alternating_mask), (4,)),
+    "affine-alternating": (lambda: vector_coupling(fl.AffineCoupling, fl.alternating_mask, parity=1), (4,)),
+    "affine-half": (lambda: vector_coupling(fl.AffineCoupling, fl.half_mask), (4,)),
+    "permutation-reverse": (lambda: fl.Permutation(4, "reverse"), (4,)),
+    "permutation-random": (lambda: fl.Permutation(4, "random", seed=3), (4,)),
+    "logit": (lambda: fl.LogitTransform(0.05), (4,)),
+    "checkerboard": (lambda: image_coupling(fl.checkerboard_mask), (2, 4, 4)),
+    "channel": (lambda: image_coupling(fl.channel_mask), (2, 4, 4)),
+    "squeezed": (lambda: fl.Squeezed(image_coupling(fl.channel_mask, (2, 2, 2)), level=1, active=2), (1, 4, 4)),
+}
+FLOWS = {
+    "realnvp": (lambda: fl.RealNVP(4, n_layers=4, hidden=16), (4,)),
+    "realnvp-additive-permuted": (lambda: fl.RealNVP(5, 4, 16, coupling="additive", mask="half",
+                                                     permutation="random"), (5,)),
+    "image-1x4x4": (lambda: fl.RealNVPImage((1, 4, 4), n_scales=2, width=8, blocks=1), (1, 4, 4)),
+    "image-1x8x8": (lambda: fl.RealNVPImage((1, 8, 8), n_scales=3, width=4, blocks=1), (1, 8, 8)),
+    "image-3x4x4": (lambda: fl.RealNVPImage((3, 4, 4), n_scales=2, width=4, blocks=1), (3, 4, 4)),
+}
+ALL = {**LAYERS, **FLOWS}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_inverse_undoes_forward(name):
+    make, shape = ALL[name]
+    flow = perturbed(make(), 0.1)
+    x = in_cube(8, *shape)
+    with torch.no_grad():
+        y, logdet = flow(x)
+        assert y.shape == x.shape and logdet.shape == (8,)
+        torch.testing.assert_close(flow.inverse(y), x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_logdet_matches_autograd_jacobian_both_ways(name):
+    make, shape = ALL[name]
+    flow = perturbed(make(), 0.1).double()
+    x = in_cube(1, *shape, dtype=torch.float64)
+    y, logdet = flow(x)
+    assert logdet.item() == pytest.approx(jacobian_logdet(lambda v: flow(v)[0], x), abs=1e-8)
+    assert -logdet.item() == pytest.approx(jacobian_logdet(flow.inverse, y.detach()), abs=1e-8)
+
+
+def test_coupling_jacobian_is_triangular_with_product_of_scales_symbolically():
+    a, b, c, d = sp.symbols("x1:5")
+    s = [sp.Function(f"s{i}")(a, b) for i in (1, 2)]
+    t = [sp.Function(f"t{i}")(a, b) for i in (1, 2)]
+    y = sp.Matrix([a, b, c * sp.exp(s[0]) + t[0], d * sp.exp(s[1]) + t[1]])
+    jac = y.jacobian([a, b, c, d])
+    assert jac[:2, 2:] == sp.zeros(2, 2)  # y_1 does not depend on x_2: block triangular
+    assert jac[2:, 2:] == sp.diag(sp.exp(s[0]), sp.exp(s[1]))
+    assert sp.simplify(jac.det() - sp.exp(s[0] + s[1])) == 0
+    # The inverse of the source's eq. (15): x_2 = (y_2 - t(x_1)) exp(-s(x_1)), with x_1 = y_1.
+    x2 = [(y[2 + i] - t[i]) * sp.exp(-s[i]) for i in (0, 1)]
+    assert [sp.simplify(v) for v in x2] == [c, d]
+
+
+def test_identity_initialised_flow_is_the_standard_normal():
+    flow = fl.RealNVP(3, n_layers=6, hidden=16)
+    x = torch.randn(50, 3)
+    with torch.no_grad():
+        expected = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(1)
+        torch.testing.assert_close(flow.log_prob(x), expected)
+        torch.testing.assert_close(flow(x)[0], x)
+
+
+def test_flow_fitted_to_a_gaussian_reaches_its_entropy():
+    torch.manual_seed(0)
+    cov, mean = torch.tensor([[2.0, 1.2], [1.2, 1.0]]), torch.tensor([1.0, -0.5])
+    gaussian = torch.distributions.MultivariateNormal(mean, cov)
+    entropy = 0.5 * torch.logdet(2 * math.pi * math.e * cov).item()
+    model = fl.FlowModel(fl.RealNVP(2, n_layers=4, hidden=32), lr=5e-3, decay_steps=400)
+    fit(model, BatchSampler(gaussian.sample((10_000,)), 256, seed=0), 400, progress=False)
+    test = gaussian.sample((20_000,))
+    with torch.no_grad():
+        nll, true_nll = model.nll(test).mean().item(), -gaussian.log_prob(test).mean().item()
+    assert true_nll == pytest.approx(entropy, abs=0.03)  # the test set is big enough to judge
+    assert nll == pytest.approx(entropy, abs=0.05)
+    assert -0.005 < nll - true_nll < 0.02  # an estimate of KL(data || model) >= 0, up to sampling noise
+
+
+def test_flow_training_resumes_exactly_with_its_learning_rate_schedule(tmp_path):
+    data = torch.randn(64, 2)
+
+    def run(steps: int, run_dir=None) -> fl.FlowModel:
+        torch.manual_seed(0)
+        model = fl.FlowModel(fl.RealNVP(2, n_layers=2, hidden=8), lr=1e-2, decay_steps=6)
+        fit(model, BatchSampler(data, 16, seed=0), steps, run_dir=run_dir, checkpoint_every=3, progress=False)
+        return model
+
+    straight = run(6)
+    run(3, tmp_path)
+    resumed = run(6, tmp_path)
+    assert int(resumed.steps_done) == 6 and resumed.current_lr() == 0.0
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def grid_integral(log_prob, lim: float = 9.0, n: int = 361) -> float:
+    """Riemann sum of ``exp(log_prob)`` over the square [-lim, lim]^2 with n x n points."""
+    axis = torch.linspace(-lim, lim, n)
+    points = torch.cartesian_prod(axis, axis)
+    with torch.no_grad():
+        return (log_prob(points).exp().sum() * (axis[1] - axis[0]) ** 2).item()
+
+
+def test_random_flow_density_integrates_to_one():
+    flow = perturbed(fl.RealNVP(2, n_layers=4, hidden=16), 0.2, seed=5)
+    with torch.no_grad():
+        assert not torch.allclose(flow(torch.ones(1, 2))[0], torch.ones(1, 2))  # really not the identity
+    assert grid_integral(flow.log_prob) == pytest.approx(1.0, abs=0.01)
+
+
+def test_bits_per_dim_of_the_identity_flow_on_a_constant_image_by_hand():
+    alpha, k, u = 0.05, 127, 0.5
+    flow = fl.RealNVPImage((1, 8, 8), n_scales=2, width=4, blocks=1, alpha=alpha)
+    image = torch.full((1, 1, 8, 8), k / 127.5 - 1)  # what BatchSampler makes of pixel 127
+    x = fl.dequantize(image, noise=torch.full_like(image, u))
+    with torch.no_grad():
+        got = fl.bits_per_dim(flow.log_prob(x), 64).item()
+    # By hand, per pixel on the [0, 1] scale: v = (k + u) / 256, w = alpha + (1 - 2 alpha) v, y = logit(w).
+    v = (k + u) / 256
+    w = alpha + (1 - 2 * alpha) * v
+    y = math.log(w / (1 - w))
+    log_p01 = -0.5 * y * y - 0.5 * math.log(2 * math.pi) + math.log(1 - 2 * alpha) - math.log(w * (1 - w))
+    assert got == pytest.approx((-log_p01 + math.log(256)) / math.log(2), abs=1e-4)
+
+
+def test_bits_per_dim_conventions():
+    d = 10
+    assert fl.bits_per_dim(-d * math.log(2.0), d) == pytest.approx(8.0)  # uniform on [-1, 1)^D: 8 bits
+    assert fl.bits_per_dim(0.0, d, width=1.0) == pytest.approx(8.0)  # uniform on [0, 1)^D
+    image = torch.tensor([-1.0, 1.0])  # pixels 0 and 255 dequantise into the first and last cells
+    lo, hi = fl.dequantize(image, torch.zeros(2)), fl.dequantize(image, torch.full((2,), 0.999))
+    assert lo.tolist() == [-1.0, 255 / 128 - 1] and (hi < 1).all()
+
+
+def test_linear_gaussian_vae_elbo_bounds_the_exact_log_likelihood():
+    torch.manual_seed(0)
+    w, b, sigma = torch.tensor([[1.5], [-0.7]]), torch.tensor([0.3, -0.2]), 0.5
+    encoder, decoder = nn.Linear(2, 2), nn.Linear(1, 4)
+    with torch.no_grad():  # decoder: mean w z + b, constant log-std log(sigma)
+        decoder.weight.copy_(torch.cat([w, torch.zeros(2, 1)]))
+        decoder.bias.copy_(torch.cat([b, torch.full((2,), math.log(sigma))]))
+        # encoder = the exact posterior N(v w^T (x - b) / sigma^2, v), v = 1 / (1 + w^T w / sigma^2)
+        v = 1 / (1 + (w.T @ w).item() / sigma**2)
+        gain = v * w.T / sigma**2
+        encoder.weight.copy_(torch.cat([gain, torch.zeros(1, 2)]))
+        encoder.bias.copy_(torch.tensor([-(gain @ b).item(), math.log(v)]))
+    vae = fl.VAE((2,), z_dim=1, likelihood="gaussian", encoder=encoder, decoder=decoder)
+    x = torch.tensor([[0.5, 1.0], [-2.0, 0.4], [1.0, -1.0]])
+    log_p = torch.distributions.MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(2)).log_prob(x)
+    with torch.no_grad():
+        tight = vae.elbo(x, samples=20_000)
+        torch.testing.assert_close(tight, log_p, atol=0.02, rtol=0)  # exact posterior: ELBO = log p
+        encoder.bias.add_(torch.tensor([0.5, -1.0]))  # any other q leaves a gap KL(q || posterior) > 0
+        assert (vae.elbo(x, samples=20_000) < log_p - 0.1).all()
+
+
+def test_autoregressive_probabilities_sum_to_one_over_all_binary_images():
+    torch.manual_seed(0)
+    model = fl.AutoregressiveModel((1, 2, 3), "bernoulli", hidden=32)
+    perturbed(model.made, 0.5)
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)))  # all 64 of them
+    with torch.no_grad():
+        total = model.log_prob(images).exp().sum().item()
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_made_is_autoregressive():
+    made = perturbed(fl.MADE(5, k=3, hidden=16), 0.5)
+    jac = torch.autograd.functional.jacobian(lambda v: made(v[None])[0], torch.randn(5))  # [3, 5, 5]
+    dependence = jac.abs().sum(0) > 0  # [output coordinate, input coordinate]
+    assert torch.equal(dependence, torch.ones(5, 5).tril(-1).bool())  # output i sees exactly x_<i
+
+
+def test_gaussian_mixture_autoregression_integrates_to_one():
+    model = fl.AutoregressiveModel((2,), "gmm", hidden=16, components=3)
+    perturbed(model.made, 0.3)
+    assert grid_integral(lambda p: model.log_prob(p), lim=12.0, n=481) == pytest.approx(1.0, abs=0.01)
+
+
+def test_layerwise_states_run_from_data_to_latent_and_back():
+    flow = perturbed(fl.RealNVPImage((1, 8, 8), n_scales=2, width=4, blocks=1), 0.1)
+    x = in_cube(3, 1, 8, 8)
+    states = fl.layerwise(flow, x)
+    with torch.no_grad():
+        z = flow(x)[0]
+    assert len(states) == len(flow.layers) + 1 and all(s.shape == x.shape for s in states)
+    torch.testing.assert_close(states[-1], z)
+    back = fl.layerwise(flow, z, inverse=True)
+    torch.testing.assert_close(back[-1], x, atol=1e-5, rtol=0)
+
+
+def test_image_flow_shapes_and_scales():
+    assert [fl.max_scales(s) for s in [(1, 28, 28), (3, 64, 64), (3, 32, 32), (1, 8, 8)]] == [3, 5, 4, 2]
+    with pytest.raises(ValueError, match="squeezed"):
+        fl.RealNVPImage((1, 28, 28), n_scales=4)
+    flow = fl.RealNVPImage((1, 28, 28), n_scales=3, width=4, blocks=1)
+    assert flow.sample(2).shape == (2, 1, 28, 28)
+
+
+def spec_for(data: torch.Tensor, **options: str) -> TrainSpec:
+    return TrainSpec(data, tuple(data.shape[1:]), torch.device("cpu"), z_dim=4, width=8, lr=1e-3, batch_size=8,
+                     options=dict(options))
+
+
+IMAGES = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+POINTS = torch.randn(64, 2)
+MODELS = {
+    "realnvp-vector": (lambda: fl.build_realnvp(spec_for(POINTS, layers="2")), POINTS, {"nll"}),
+    "realnvp-image": (lambda: fl.build_realnvp(spec_for(IMAGES, blocks="1")), IMAGES, {"nll", "bits_per_dim"}),
+    "ar-image": (lambda: fl.build_autoregressive(spec_for(IMAGES, hidden="16")), IMAGES, {"nll", "bits_per_dim"}),
+    "ar-gmm": (lambda: fl.build_autoregressive(spec_for(POINTS, hidden="16")), POINTS, {"nll"}),
+    "ae-image": (lambda: fl.build_autoencoder(spec_for(IMAGES)), IMAGES, {"recon"}),
+    "ae-vector": (lambda: fl.build_autoencoder(spec_for(POINTS)), POINTS, {"recon"}),
+    "vae-bernoulli": (lambda: fl.build_vae(spec_for(IMAGES)), IMAGES, {"neg_elbo", "bits_per_dim"}),
+    "vae-gaussian-image": (lambda: fl.build_vae(spec_for(IMAGES, likelihood="gaussian")), IMAGES,
+                           {"neg_elbo", "bits_per_dim"}),
+    "vae-vector": (lambda: fl.build_vae(spec_for(POINTS)), POINTS, {"neg_elbo"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_family_trains_through_fit_and_samples(name):
+    torch.manual_seed(0)
+    build, data, keys = MODELS[name]
+    model = build()
+    history = fit(model, BatchSampler(data, 8, seed=0), 3, log_every=3, progress=False)
+    assert set(history) == keys | {"step"} and all(math.isfinite(v[-1]) for k, v in history.items())
+    samples = model.sample(4)
+    assert samples.shape == (4, *data.shape[1:]) and torch.isfinite(samples).all()
+    if data.dtype == torch.uint8:
+        assert samples.abs().max() <= 1
+
+
+def test_flow_evaluate_reports_bits_per_dim_of_a_dataset():
+    model = fl.build_realnvp(spec_for(IMAGES, blocks="1"))
+    result = model.evaluate(IMAGES, batch_size=10)
+    assert set(result) == {"nll", "bits_per_dim"}
+    assert result["bits_per_dim"] == pytest.approx(fl.bits_per_dim(-result["nll"], 64))

@@ -25,6 +25,9 @@ FAMILIES: dict[str, str] = {
     "autoregressive": "genlib.flows:build_autoregressive",
     "autoencoder": "genlib.flows:build_autoencoder",
     "vae": "genlib.flows:build_vae",
+    "dae": "genlib.dae:build_dae",
+    "dde": "genlib.dae:build_dde",
+    "score": "genlib.dae:build_score",
 }
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")

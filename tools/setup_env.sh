@@ -33,8 +33,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] pip install $TORCH_SPEC"
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
+quiet_pip() {
+  # pip's and setuptools' chatter goes to a log, shown only if the install fails.
+  local log; log="$(mktemp)"
+  if ! "$PY" -m pip install -q "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; exit 1; fi
+  rm -f "$log"
+}
 echo "[setup] pip install -r requirements.txt and genlib (editable)"
-"$PY" -m pip install -q -r "$ROOT/requirements.txt" 2>&1 | grep -v "is ignored: it is neither" || true
-"$PY" -m pip install -q --no-deps -e "$ROOT" 2>&1 | grep -v "is ignored: it is neither" || true
+quiet_pip -r "$ROOT/requirements.txt"
+quiet_pip --no-deps -e "$ROOT"
 "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
 "$PY" -c "import torch, genlib; print(f'[setup] ready: torch {torch.__version__}, genlib {genlib.__version__}')"

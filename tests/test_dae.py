@@ -1,0 +1,275 @@
+"""Chapter 4: the optimal denoiser and its score identity, DDE losses and the generator's KL sign,
+(annealed) Langevin sampling, and one smoke run of every family through the training loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sympy as sp
+import torch
+from torch import nn
+
+from genlib import dae
+from genlib.cli import TrainSpec
+from genlib.data import BatchSampler, gaussian_mixture
+from genlib.train import fit
+
+# The 1-D example of REFERENCES.md and a 2-D mixture with unequal weights and widths.
+MIX_1D = dict(weights=[0.3, 0.7], means=[[-2.0], [1.5]], stds=[0.5, 0.3], sigma=0.4)
+MIX_2D = dict(weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], stds=[0.3, 0.5, 0.4], sigma=0.7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets on a shared CPU run fastest (and steadiest) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sample_mixture(weights, means, stds, n: int, seed: int) -> torch.Tensor:
+    """n draws [n, d] (float64) from sum_j w_j N(mu_j, s_j^2 I)."""
+    gen = torch.Generator().manual_seed(seed)
+    w, mu, s = (torch.tensor(v, dtype=torch.float64) for v in (weights, means, stds))
+    which = torch.multinomial(w, n, replacement=True, generator=gen)
+    return mu[which] + s[which, None] * torch.randn(n, mu.shape[1], generator=gen, dtype=torch.float64)
+
+
+def importance_posterior_mean(x: torch.Tensor, x0: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Monte Carlo E[x0 | x] [m, d]: prior draws x0 [n, d] weighted by the likelihood N(x; x0, sigma^2 I)."""
+    log_lik = -torch.cdist(x, x0).pow(2) / (2 * sigma**2)
+    return torch.softmax(log_lik, dim=1) @ x0
+
+
+@pytest.mark.parametrize("mix", [MIX_1D, MIX_2D], ids=["1d", "2d"])
+def test_optimal_denoiser_matches_monte_carlo_posterior_mean(mix):
+    x0 = sample_mixture(mix["weights"], mix["means"], mix["stds"], 100_000, seed=0)
+    # query points drawn from p_sigma itself, so each has many prior draws nearby
+    x = sample_mixture(mix["weights"], mix["means"], mix["stds"], 12, seed=1)
+    x = x + mix["sigma"] * torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    exact = dae.optimal_denoiser(x, mix["weights"], mix["means"], mix["stds"], mix["sigma"])
+    mc = importance_posterior_mean(x, x0, mix["sigma"])
+    assert exact.shape == x.shape
+    assert torch.allclose(exact, mc, atol=0.03)
+
+
+@pytest.mark.parametrize("mix", [MIX_1D, MIX_2D], ids=["1d", "2d"])
+def test_denoiser_is_x_plus_sigma2_score_and_score_is_gradient(mix):
+    args = (mix["weights"], mix["means"], mix["stds"], mix["sigma"])
+    d = len(mix["means"][0])
+    x = (4 * torch.randn(50, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).requires_grad_(True)
+    score = dae.smoothed_score(x, *args)
+    assert torch.allclose(dae.optimal_denoiser(x, *args), x + mix["sigma"] ** 2 * score, atol=1e-12)
+    (grad,) = torch.autograd.grad(dae.smoothed_log_density(x, *args).sum(), x)
+    assert torch.allclose(grad, score, atol=1e-10)
+
+
+def test_closed_forms_are_stable_far_from_the_data_and_at_sigma_zero():
+    args = (MIX_1D["weights"], MIX_1D["means"], MIX_1D["stds"])
+    far = torch.tensor([[-300.0], [400.0]])
+    for fn in (dae.optimal_denoiser, dae.smoothed_score, dae.smoothed_log_density):
+        assert torch.isfinite(fn(far, *args, 0.05)).all()
+    # far from both modes the widest component (s = 0.5, at -2) has the heaviest tail and takes over
+    assert dae.optimal_denoiser(far[1:], *args, 0.05).item() == pytest.approx(-2 + 0.25 / 0.2525 * 402, rel=1e-5)
+    # sigma = 0: the denoiser is the identity and the density is the mixture's own
+    x = torch.linspace(-3, 3, 7)[:, None]
+    assert torch.allclose(dae.optimal_denoiser(x, *args, 0.0), x)
+    toy = gaussian_mixture([[0.0, 0.0], [3.0, 1.0]], 0.4, weights=[0.25, 0.75])
+    points = torch.randn(20, 2)
+    log_density = dae.smoothed_log_density(points, *dae.mixture_params(toy), 0.0)
+    assert torch.allclose(log_density, toy.log_prob(points), atol=1e-5)
+
+
+def test_optimal_denoiser_of_a_gaussian_symbolically():
+    x, x0, mu = sp.symbols("x x0 mu", real=True)
+    s, sigma = sp.symbols("s sigma", positive=True)
+    # N(mu, s^2) blurred by N(0, sigma^2) is N(mu, s^2 + sigma^2); its log density up to a constant:
+    log_p_sigma = -((x - mu) ** 2) / (2 * (s**2 + sigma**2))
+    via_score = x + sigma**2 * sp.diff(log_p_sigma, x)
+    expected = (s**2 * x + sigma**2 * mu) / (s**2 + sigma**2)
+    assert sp.simplify(via_score - expected) == 0
+    # from the definition: log p(x0) + log N(x; x0, sigma^2) is, in x0, a parabola with its peak (the
+    # posterior mean of this Gaussian posterior) at `expected`: its x0-derivative vanishes there and is linear
+    log_joint = -((x0 - mu) ** 2) / (2 * s**2) - (x - x0) ** 2 / (2 * sigma**2)
+    slope = sp.diff(log_joint, x0)
+    assert sp.simplify(slope.subs(x0, expected)) == 0 and sp.diff(slope, x0, 2) == 0
+    numeric = dae.optimal_denoiser(torch.tensor([[0.7]]), [1.0], [[-0.4]], [0.6], 0.3).item()
+    assert numeric == pytest.approx(float(expected.subs({x: 0.7, mu: -0.4, s: 0.6, sigma: 0.3})), rel=1e-6)
+
+
+class Quadratic(nn.Module):
+    """Energy s(x) = -a x^2 / 2 + b x on 1-D points [n, 1] -> [n]."""
+
+    def __init__(self, a: float = 0.0, b: float = 0.0):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.tensor(a)), nn.Parameter(torch.tensor(b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (-self.a * x**2 / 2 + self.b * x).squeeze(1)
+
+
+def test_dde_loss_equals_hand_computation_for_a_quadratic_energy():
+    sigma, a, b = 0.3, 1.7, -0.4
+    x = torch.tensor([[0.5], [-1.0], [2.0]])
+    noisy = x + torch.tensor([[0.1], [0.2], [-0.3]])
+    denoised = noisy + sigma**2 * (-a * noisy + b)  # grad s = -a x + b
+    expected = 0.5 * (denoised - x).pow(2).mean()
+    assert dae.dde_loss(Quadratic(a, b), x, noisy, sigma).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dde_minimiser_is_the_log_density_of_the_noisy_data():
+    # data N(mu, s^2), noise sigma: the best quadratic energy is log N(mu, s^2 + sigma^2) + const
+    mu, s, sigma = 0.8, 0.5, 0.4
+    gen = torch.Generator().manual_seed(0)
+    x = mu + s * torch.randn(20_000, 1, generator=gen)
+    noisy = x + sigma * torch.randn(x.shape, generator=gen)
+    energy = Quadratic()
+    opt = torch.optim.LBFGS(energy.parameters(), lr=1.0, max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = dae.dde_loss(energy, x, noisy, sigma)
+        loss.backward()  # needs create_graph inside energy_denoiser to reach a and b
+        return loss
+
+    opt.step(closure)
+    var = s**2 + sigma**2
+    assert energy.a.item() == pytest.approx(1 / var, rel=0.03)
+    assert energy.b.item() == pytest.approx(mu / var, rel=0.03)
+
+
+class Shift(nn.Module):
+    """Generator z -> z + m with one learnable shift m."""
+
+    def __init__(self, m: float):
+        super().__init__()
+        self.m = nn.Parameter(torch.tensor([m]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.m
+
+
+def test_generator_loss_gradient_is_the_kl_gradient():
+    # data N(0, 1), generator N(m, 1), both energies exact: d KL(q_sigma || p_sigma) / dm = m / (1 + sigma^2)
+    m, sigma = 0.6, 0.5
+    var = 1 + sigma**2
+    model = dae.DDEGenerator((1,), z_dim=1, sigma=sigma)
+    model.generator = Shift(m)
+    model.energy_real = Quadratic(1 / var, 0.0)       # log N(0, var)
+    model.energy_fake = Quadratic(1 / var, m / var)   # log N(m, var), frozen at the current m
+    torch.manual_seed(0)
+    loss = model.generator_loss(200_000)
+    (grad,) = torch.autograd.grad(loss, model.generator.m)
+    assert grad.item() == pytest.approx(m / var, abs=0.01)  # positive: descent moves m towards the data
+
+
+def test_langevin_with_an_exact_gaussian_score_reaches_its_mean_and_variance():
+    mu, s = 1.0, 0.5
+    gen = torch.Generator().manual_seed(0)
+    x = dae.langevin(lambda v: -(v - mu) / s**2, torch.zeros(4000, 1), 0.01, 400, gen)
+    assert x.mean().item() == pytest.approx(mu, abs=0.03)
+    assert x.var().item() == pytest.approx(s**2, rel=0.08)
+
+
+def test_annealing_recovers_mixture_weights_that_plain_langevin_misses():
+    # Song & Ermon's example: weights (0.2, 0.8), modes far apart; the score is exact in both runs
+    weights, means, stds = torch.tensor([0.2, 0.8]), torch.tensor([[-5.0, -5.0], [5.0, 5.0]]), torch.ones(2)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(1000, 2, generator=gen) * 16 - 8  # chains start evenly on both sides
+    plain = dae.langevin(lambda v: dae.smoothed_score(v, weights, means, stds, 0.0), x0, 0.1, 500, gen)
+    annealed = dae.annealed_langevin(lambda v, sg: dae.smoothed_score(v, weights, means, stds, sg), x0,
+                                     dae.geometric_sigmas(20.0, 1.0, 10), 0.1, 50, generator=gen)
+    assert (dae.mixture_weights_recovered(annealed, means) - weights).abs().max() < 0.05
+    assert (dae.mixture_weights_recovered(plain, means) - weights).abs().max() > 0.2
+
+
+def test_geometric_sigmas_and_weights_recovered():
+    sigmas = dae.geometric_sigmas(2.0, 0.02, 5)
+    assert sigmas[0].item() == pytest.approx(2.0) and sigmas[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(sigmas[1:] / sigmas[:-1], torch.full((4,), 0.1 ** 0.5), rtol=1e-5)
+    modes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    samples = torch.tensor([[1.0, 0.0], [9.0, 1.0], [8.0, -1.0], [0.5, 0.5]])
+    assert dae.mixture_weights_recovered(samples, modes).tolist() == [0.5, 0.5, 0.0]
+
+
+def test_dsm_loss_is_zero_mean_noise_norm_for_the_exact_score_of_a_point_mass():
+    # data at a single point c: p_sigma = N(c, sigma^2 I) and its score makes sigma s + eps vanish exactly
+    c = torch.tensor([[1.0, -2.0]]).expand(64, 2)
+    sigma = torch.rand(64) + 0.1
+    exact = lambda v, sg: -(v - c) / sg[:, None] ** 2  # noqa: E731
+    assert dae.dsm_loss(exact, c, sigma).item() == pytest.approx(0.0, abs=1e-9)
+    assert dae.dsm_loss(lambda v, sg: torch.zeros_like(v), c, sigma).item() > 0.5  # E||eps||^2 / 2 = 1
+
+
+def test_a_short_dae_run_moves_towards_the_optimal_denoiser():
+    torch.manual_seed(0)
+    toy = gaussian_mixture([[-1.5, 0.0], [1.5, 0.0]], 0.2)
+    data = toy.sample(4096, torch.Generator().manual_seed(0))
+    model = dae.DAE((2,), sigma=0.3, width=64, depth=2, lr=3e-3)
+    fit(model, BatchSampler(data, 256, seed=0), 300, progress=False)
+    points = data[:1000] + 0.3 * torch.randn(1000, 2)
+    args = (*dae.mixture_params(toy), 0.3)
+    assert dae.denoiser_error(model.denoise, points, *args) < 0.5 * dae.denoiser_error(lambda v: v, points, *args)
+
+
+def image_spec(options: dict[str, str] | None = None) -> TrainSpec:
+    """A TrainSpec over 64 random uint8 1 x 8 x 8 images with tiny nets."""
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return TrainSpec(images, (1, 8, 8), torch.device("cpu"), z_dim=8, width=8, lr=1e-3, batch_size=16,
+                     options=options or {})
+
+
+def toy_spec(options: dict[str, str] | None = None) -> TrainSpec:
+    """A TrainSpec over 512 points of a two-mode mixture with small MLPs."""
+    points = gaussian_mixture([[2.0, 0.0], [-2.0, 0.0]], 0.1).sample(512, torch.Generator().manual_seed(0))
+    return TrainSpec(points, (2,), torch.device("cpu"), z_dim=4, width=32, lr=1e-3, batch_size=64,
+                     options=options or {})
+
+
+FAMILIES = {
+    "dde": (dae.build_dde, {"gen_every": "2", "warmup": "1"}),
+    "score": (dae.build_score, {"n_sigmas": "3", "steps_per_level": "2"}),
+    "dae": (dae.build_dae, {"steps_per_level": "3"}),
+}
+
+
+@pytest.mark.parametrize("make_spec", [toy_spec, image_spec], ids=["toy", "image"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_trains_through_fit_and_samples(family, make_spec):
+    torch.manual_seed(0)
+    build, options = FAMILIES[family]
+    spec = make_spec(dict(options))
+    model = build(spec)
+    history = fit(model, BatchSampler(spec.data, spec.batch_size, seed=0), 4, log_every=2, progress=False)
+    losses = [v for k, values in history.items() if k != "step" for v in values]
+    assert losses and all(math.isfinite(v) for v in losses)
+    samples = model.sample(5)
+    assert samples.shape == (5, *spec.shape) and torch.isfinite(samples).all()
+
+
+def test_builders_convert_options_and_reject_unknown_ones():
+    model = dae.build_dde(toy_spec({"betas": "0.5,0.9", "sigma": "0.3", "train_real": "no"}))
+    assert model.optimizers["g"].defaults["betas"] == (0.5, 0.9) and model.sigma == 0.3 and not model.train_real
+    with pytest.raises(ValueError, match="unknown option 'nope'"):
+        dae.build_score(toy_spec({"nope": "1"}))
+
+
+def test_dde_sigma_anneals_geometrically_after_warmup():
+    model = dae.DDEGenerator((2,), width=8, depth=1, sigma=0.8, sigma_end=0.2, anneal_steps=10, warmup=5)
+    for iteration, expected in [(0, 0.8), (5, 0.8), (10, 0.4), (15, 0.2), (100, 0.2)]:
+        model._iteration = iteration
+        assert model.sigma == pytest.approx(expected)
+
+
+def test_dde_generator_steps_on_schedule():
+    torch.manual_seed(0)
+    model = dae.DDEGenerator((2,), z_dim=2, width=16, depth=2, gen_every=3, warmup=2)
+    before = [p.clone() for p in model.generator.parameters()]
+    x = torch.randn(32, 2)
+    for _ in range(5):  # iterations 1-2 warm up, 3 steps the generator (3 % 3 == 0), 4-5 do not
+        model.step(x, torch.arange(32))
+    assert int(model.iteration) == 5
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.generator.parameters()))
+    assert moved and model.last_loss_g.item() != 0.0

@@ -20,7 +20,7 @@ from torch import nn
 from genlib.results import provenance, write_json
 
 
-def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds (CUDA-synchronised)."""
     for _ in range(warmup):
         fn()
@@ -144,7 +144,7 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
     dev = pick_device(device)
     use_fast_matmul(dev)
     if quick:
-        nn_sizes, resolution, batch, repeats = [(256, 512, 64), (512, 1024, 784)], 16, 8, 3
+        nn_sizes, resolution, batch, repeats = [(256, 512, 64), (512, 1024, 784)], 8, 4, 1
     else:
         nn_sizes = [(1024, 1024, 3072), (4096, 4096, 3072), (4096, 4096, 12288)]
         resolution, batch, repeats = 64, 512 if dev.type == "cuda" else 16, 10 if dev.type == "cuda" else 3

@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "dae": "genlib.dae:build_dae",
     "dde": "genlib.dae:build_dde",
     "score": "genlib.dae:build_score",
+    "energy": "genlib.energy:build_energy",
 }
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")

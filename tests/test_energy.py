@@ -1,0 +1,278 @@
+"""The energy view of GANs: losses, penalties, the 1-D optimal critic, entropy, Dirac-GAN and EnergyGAN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sparse
+import torch
+from scipy.sparse.linalg import spsolve
+from scipy.stats import norm
+from torch import nn
+
+from genlib import energy as E
+from genlib.cli import TrainSpec
+from genlib.data import BatchSampler
+from genlib.train import fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These nets are tiny: a second OpenMP thread on a busy 2-core machine only spins (measured 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Linear(nn.Module):
+    """U(x) = a . x with a trainable ``a`` [d]: grad_x U = a everywhere."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(torch.as_tensor(a, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.a
+
+
+def quadratic(x):
+    """U(x) = ||x||^2: grad_x U = 2 x."""
+    return x.pow(2).sum(1)
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+
+def test_losses_match_hand_computed_values():
+    u_real, u_fake = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    assert E.critic_loss(u_real, u_fake).item() == pytest.approx(1.5 - 4.0)
+    assert E.generator_energy_loss(u_fake).item() == pytest.approx(4.0)
+    # relu(1 + [-1, -0.5]) = [0, 0.5]; relu(1 - [1, 0]) = [0, 1]
+    assert E.hinge_critic_loss(torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.0])).item() == pytest.approx(0.75)
+    # mean [0, 0.2] + mean relu(2 - [2, 1.7]) = 0.1 + 0.15
+    assert E.margin_loss(torch.tensor([0.0, 0.2]), torch.tensor([2.0, 1.7]), 2.0).item() == pytest.approx(0.25)
+
+
+def test_hinge_and_margin_stop_pushing_beyond_their_boundaries():
+    u_real = torch.tensor([-3.0, -1.0, -0.5], requires_grad=True)
+    u_fake = torch.tensor([3.0, 1.0, 0.5], requires_grad=True)
+    E.hinge_critic_loss(u_real, u_fake).backward()
+    assert u_real.grad.tolist() == pytest.approx([0, 0, 1 / 3])  # reals below -1 are left alone
+    assert u_fake.grad.tolist() == pytest.approx([0, 0, -1 / 3])  # fakes above +1 are left alone
+    fake = torch.tensor([2.0, 1.5], requires_grad=True)
+    assert E.margin_loss(torch.zeros(2), fake, 2.0).item() == pytest.approx(0.25)
+    E.margin_loss(torch.zeros(2), fake, 2.0).backward()
+    assert fake.grad.tolist() == pytest.approx([0, -0.5])  # at the margin the push stops
+
+
+# ---- penalties against closed-form input gradients ---------------------------------------------
+
+
+def test_zero_centred_penalty_closed_forms():
+    x = torch.randn(16, 3, dtype=torch.float64)
+    critic = Linear([1.0, -2.0, 0.5])
+    r1 = E.zero_centred_penalty(critic, x)
+    assert r1.item() == pytest.approx(1 + 4 + 0.25)  # ||a||^2
+    (grad_a,) = torch.autograd.grad(r1, critic.a)  # trainable: d||a||^2/da = 2a
+    torch.testing.assert_close(grad_a, 2 * critic.a.detach())
+    assert E.zero_centred_penalty(quadratic, x).item() == pytest.approx(4 * x.pow(2).sum(1).mean().item())
+
+
+def test_one_centred_penalty_closed_forms():
+    real, fake = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    assert E.one_centred_penalty(Linear([3.0, 4.0]), real, fake).item() == pytest.approx((5 - 1) ** 2)
+    # With real == fake every interpolate is the real point: mean (2 ||x|| - 1)^2.
+    expected = (2 * real.norm(dim=1) - 1).pow(2).mean().item()
+    assert E.one_centred_penalty(quadratic, real, real).item() == pytest.approx(expected)
+    points = E.interpolates(real, fake)
+    t = (points - fake)[:, 0] / (real - fake)[:, 0]  # each point lies on its own segment
+    torch.testing.assert_close(points, fake + t[:, None] * (real - fake))
+    assert bool(((t >= 0) & (t <= 1)).all())
+
+
+# ---- the 1-D optimal critic --------------------------------------------------------------------
+
+
+def discretised_optimum_slope(x: np.ndarray, p: np.ndarray, q: np.ndarray, lam: float) -> np.ndarray:
+    """Slope at the midpoints of the minimiser of sum U (p - q) dx + lam sum p_mid ((dU/dx)^2) dx (U_0 = 0)."""
+    dx = x[1] - x[0]
+    n = len(x)
+    diff = sparse.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n)) / dx
+    p_mid = (p[1:] + p[:-1]) / 2
+    hessian = (2 * lam * dx * diff.T @ sparse.diags(p_mid) @ diff).tocsc()
+    rhs = -dx * (p - q)
+    u = np.zeros(n)
+    u[1:] = spsolve(hessian[1:, 1:], rhs[1:])  # the objective is shift-invariant: pin U_0
+    return diff @ u
+
+
+def test_optimal_critic_slope_matches_a_direct_minimisation():
+    lam = 0.5
+    x = np.linspace(-7.0, 8.0, 3001)
+    p, q = norm.pdf(x), norm.pdf(x, loc=1.0)
+    # Renormalise on the grid so that sum (p - q) dx = 0 and the discrete problem has a minimiser.
+    p, q = p / (p.sum() * (x[1] - x[0])), q / (q.sum() * (x[1] - x[0]))
+    numeric = discretised_optimum_slope(x, p, q, lam)
+    mid = (x[1:] + x[:-1]) / 2
+    closed = E.optimal_critic_slope_1d(mid, norm.pdf, norm.cdf, lambda t: norm.cdf(t, loc=1.0), lam)
+    inside = (mid > -3) & (mid < 4)
+    np.testing.assert_allclose(numeric[inside], closed[inside], rtol=2e-3)
+    assert (closed > 0).all()  # data left of the fakes: U rises from reals to fakes (low = real)
+
+
+def test_trained_critic_follows_the_closed_form_slope_and_the_sign_convention():
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(50_000, generator=gen), 1.0 + torch.randn(50_000, generator=gen)
+    critic = E.fit_critic_1d(real, fake, lam=0.5, steps=200, seed=0)
+    x = torch.linspace(-1.0, 2.0, 31)
+    closed = E.optimal_critic_slope_1d(x, lambda t: torch.exp(-t**2 / 2) / math.sqrt(2 * math.pi),
+                                       lambda t: torch.special.ndtr(t), lambda t: torch.special.ndtr(t - 1), 0.5)
+    slope = E.energy_slope(critic, x)
+    assert (slope - closed).abs().max() < 0.1 * closed.abs().max()
+    with torch.no_grad():
+        assert critic(real[:5000, None]).mean() < critic(fake[:5000, None]).mean()  # pits under the reals
+
+
+def test_critic_training_digs_pits_under_reals_in_2d():
+    torch.manual_seed(0)
+    real, fake = torch.randn(2048, 2), torch.randn(2048, 2) + 3.0
+    model = E.CriticFit(E.EnergyMLP(2, 32, 2), fake, lam=0.1, lr=1e-2)
+    history = fit(model, BatchSampler(real, 256, seed=0), 40, log_every=40, progress=False)
+    with torch.no_grad():
+        assert model.critic(real).mean() < model.critic(fake).mean()
+    assert history["gap"][-1] > 0
+
+
+# ---- entropy ------------------------------------------------------------------------------------
+
+
+def test_knn_entropy_matches_gaussian_entropy():
+    cov = torch.tensor([[1.0, 0.6], [0.6, 0.8]])
+    x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0)) @ torch.linalg.cholesky(cov).T
+    assert E.gaussian_entropy(cov) == pytest.approx(0.5 * math.log((2 * math.pi * math.e) ** 2 * 0.44))
+    assert E.knn_entropy(x).item() == pytest.approx(E.gaussian_entropy(cov), abs=0.1)
+    assert E.knn_entropy(x, k=3).item() == pytest.approx(E.gaussian_entropy(cov), abs=0.1)
+    # Scaling by c shifts every entropy by d log c, and the estimator does so exactly.
+    assert E.knn_entropy(3 * x).item() == pytest.approx(E.knn_entropy(x).item() + 2 * math.log(3), abs=1e-4)
+
+
+def test_knn_entropy_is_differentiable_and_rises_when_samples_spread():
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(E.knn_entropy(x), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.no_grad():
+        assert E.knn_entropy(x + 0.1 * grad).item() > E.knn_entropy(x).item()
+    dup = torch.zeros(8, 2, requires_grad=True)  # a fully collapsed batch stays finite
+    assert torch.isfinite(E.knn_entropy(dup))
+
+
+def test_jsd_mutual_information_is_zero_for_an_uninformative_statistic():
+    t = torch.zeros(10)
+    assert E.jsd_mutual_information(t, t).item() == pytest.approx(-2 * math.log(2))
+    assert E.jsd_mutual_information(t + 10, t - 10).item() > -1e-3  # separating T reaches its maximum 0
+
+
+# ---- Dirac-GAN ----------------------------------------------------------------------------------
+
+
+def test_dirac_gan_r1_converges_and_plain_does_not_shrink():
+    r1 = E.dirac_gan_trajectory("r1", lam=1.0, steps=300, lr=0.1)
+    assert r1.shape == (301, 2)
+    assert r1[-1].abs().max() < 0.05
+    for alternating in (False, True):
+        plain = E.dirac_gan_trajectory("none", steps=300, lr=0.1, alternating=alternating)
+        radius = plain.norm(dim=1)
+        assert radius[-1] >= 0.95 * radius[0]
+        assert plain[:, 0].min() < -0.5 < 0.5 < plain[:, 0].max()  # theta keeps swinging through 0
+    spiral = E.dirac_gan_trajectory("none", steps=100, lr=0.1)
+    assert spiral[-1].norm().item() == pytest.approx(math.sqrt(2) * 1.01 ** 50, rel=1e-6)
+
+
+# ---- EnergyGAN ----------------------------------------------------------------------------------
+
+TOY_OPTIONS = [
+    dict(penalty="r1"), dict(penalty="wgan-gp"), dict(penalty="none"), dict(loss="hinge"),
+    dict(optimizer="sgd", momentum=0.9, lr=1e-2), dict(optimizer="rmsprop"), dict(betas=(0.0, 0.9)),
+    dict(entropy=0.1), dict(entropy=0.1, knn_k=2), dict(entropy=0.1, entropy_estimator="mi"),
+]
+
+
+@pytest.mark.parametrize("options", TOY_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_energy_gan_trains_on_a_toy_with_each_option(options):
+    torch.manual_seed(0)
+    model = E.EnergyGAN((2,), z_dim=2, width=16, depth=2, critic_steps=2, **options)
+    history = fit(model, BatchSampler(torch.randn(256, 2), 32, seed=0), 3, log_every=3, progress=False)
+    assert {"loss_u", "penalty", "gap", "loss_g", "energy_g"} <= set(history)
+    assert ("entropy" in history) == bool(options.get("entropy"))
+    assert all(math.isfinite(v[-1]) for v in history.values())
+    assert model.sample(5).shape == (5, 2)
+
+
+@pytest.mark.parametrize("options", [dict(penalty="r1"), dict(penalty="wgan-gp", entropy=1e-3)])
+def test_energy_gan_trains_on_tiny_images(options):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    model = E.EnergyGAN((1, 8, 8), z_dim=4, width=4, critic_steps=1, lam=10.0, **options)
+    history = fit(model, BatchSampler(images, 8, seed=0), 2, log_every=2, progress=False)
+    assert all(math.isfinite(v[-1]) for v in history.values())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.critic.modules())
+    samples = model.sample(3)
+    assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
+
+
+def generator_gradient(entropy: float) -> torch.Tensor:
+    """Gradient of loss_g w.r.t. the generator's first weight, same nets and codes for every call."""
+    torch.manual_seed(0)
+    model = E.EnergyGAN((2,), width=16, depth=2, entropy=entropy)
+    torch.manual_seed(1)
+    loss = model.generator_losses(64)["loss_g"]
+    return torch.autograd.grad(loss, model.generator[0].weight)[0]
+
+
+def test_entropy_term_changes_the_generator_gradient():
+    plain, with_entropy = generator_gradient(0.0), generator_gradient(1.0)
+    torch.testing.assert_close(plain, generator_gradient(0.0))
+    assert (plain - with_entropy).abs().max() > 1e-3
+
+
+def test_snapshot_recorder_records_fakes_and_energy_grids():
+    torch.manual_seed(0)
+    model = E.EnergyGAN((2,), width=16, depth=2, critic_steps=1)
+    recorder = E.snapshot_recorder(model, every=2, lim=2.0, resolution=9, n_fakes=20)
+    fit(model, BatchSampler(torch.randn(64, 2), 16, seed=0), 4, callback=recorder, callback_every=recorder.every,
+        progress=False)
+    assert recorder.steps == [0, 2, 4]
+    assert [f.shape for f in recorder.fakes] == [(20, 2)] * 3
+    assert [u.shape for u in recorder.energies] == [(9, 9)] * 3
+    assert not torch.equal(recorder.fakes[0], recorder.fakes[-1])
+    # row i, column j of the grid is the point (x_j, y_i)
+    torch.testing.assert_close(recorder.energies[-1][2, 7], model.energy(torch.tensor([[1.5, -1.0]]))[0].detach())
+
+
+def test_compare_on_toy_and_summarize():
+    rows = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, toy_name="ring8", seeds=(0,), steps=2,
+                            n_data=512, n_samples=100, base=dict(width=8, depth=1, critic_steps=1))
+    assert [r["setting"] for r in rows] == ["a", "b"]
+    assert all(r["total_modes"] == 8 and 0 <= r["hq"] <= 1 and not r["diverged"] for r in rows)
+    table = E.summarize(rows)
+    assert [t["setting"] for t in table] == ["a", "b"] and table[0]["runs"] == 1
+
+
+def test_build_energy_defaults_and_options():
+    toy = E.build_energy(TrainSpec(torch.randn(64, 2), (2,), torch.device("cpu"), z_dim=2, width=16))
+    assert toy.penalty == "r1" and toy.lam == 0.1 and toy.critic_steps == 5
+    image = E.build_energy(TrainSpec(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), (1, 8, 8), torch.device("cpu"),
+                                     z_dim=4, width=4, options={"optimizer": "sgd", "momentum": "0.5"}))
+    assert image.lam == 10.0 and isinstance(image.optimizers["g"], torch.optim.SGD)
+    assert image.optimizers["g"].param_groups[0]["momentum"] == 0.5
+    split = E.EnergyGAN((2,), width=8, optimizer="sgd", momentum=0.9, critic_optimizer=E.CRITIC_ADAM)
+    assert isinstance(split.optimizers["u"], torch.optim.Adam)
+    assert split.optimizers["u"].param_groups[0]["betas"] == (0.5, 0.9)
+    assert split.optimizers["g"].param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="unknown option"):
+        E.build_energy(TrainSpec(torch.randn(8, 2), (2,), torch.device("cpu"), options={"lamda": "1"}))
+    with pytest.raises(ValueError, match="penalty"):
+        E.EnergyGAN((2,), penalty="r2")

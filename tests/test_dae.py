@@ -20,13 +20,6 @@ MIX_1D = dict(weights=[0.3, 0.7], means=[[-2.0], [1.5]], stds=[0.5, 0.3], sigma=
 MIX_2D = dict(weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], stds=[0.3, 0.5, 0.4], sigma=0.7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets on a shared CPU run fastest (and steadiest) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sample_mixture(weights, means, stds, n: int, seed: int) -> torch.Tensor:

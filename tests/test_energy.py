@@ -18,13 +18,6 @@ from genlib.data import BatchSampler
 from genlib.train import fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: a second OpenMP thread on a busy 2-core machine only spins (measured 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Linear(nn.Module):

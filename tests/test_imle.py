@@ -15,13 +15,6 @@ from genlib.nets import MLP, ConvGenerator
 from genlib.train import fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny ops: one thread is faster and steadier (no OpenMP hand-offs on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def brute_force(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,13 +288,10 @@ def test_imlekl_step_reports_both_terms():
 @pytest.fixture(scope="module")
 def trained_glo():
     """GLO on the first 64 sklearn digits (8x8), 200 steps: (model, images, history)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     images = to_float(load_images("digits").images[:64])
     torch.manual_seed(4)
     glo = imle.GLO(ConvGenerator(16, resolution=8, channels=1, width=32), 64, 16, loss="l2")
     history = fit(glo, BatchSampler(images, 32, "cpu", seed=0), 200, progress=False, log_every=40)
-    torch.set_num_threads(threads)
     return glo, images, history
 
 

@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     "dde": "genlib.dae:build_dde",
     "score": "genlib.dae:build_score",
     "energy": "genlib.energy:build_energy",
+    "gan": "genlib.gan:build_gan",
 }
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")

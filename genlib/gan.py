@@ -1,0 +1,821 @@
+"""Chapter 2: the GAN objective, its Jensen-Shannon proof, mode collapse and six remedies.
+
+Three layers, from the blackboard to the GPU:
+
+* **The objective on a grid** (densities tabulated on points ``x_i`` with cell size ``dx``):
+  :func:`optimal_discriminator` ``D* = p / (p + q)``, :func:`gan_value_on_grid`
+  ``V(D, G) = sum p log D + q log(1 - D) dx`` and :func:`js_divergence`, so that the notebook can
+  check ``V(D*, G) = -log 4 + 2 JS(p || q)`` numerically (Goodfellow et al., 2014).
+* **The losses on logits**: :func:`discriminator_bce` (the discriminator's loss *is* binary
+  cross-entropy, real = 1, fake = 0), :func:`gan_value` (``= -discriminator_bce``),
+  :func:`generator_loss` (``'minimax'`` or ``'non_saturating'``) and
+  :func:`generator_logit_grad`, the closed-form gradient the notebook plots to show why the
+  minimax generator loss saturates. Everything is computed from logits with ``logsigmoid``,
+  never ``log(sigmoid(.))``, which underflows to ``-inf`` for confident discriminators.
+* **Model families** (:class:`genlib.train.GenerativeModel`): :class:`GAN` holds the shared
+  "discriminator step(s), then generator step" and hooks for the losses; each remedy against mode
+  collapse overrides one or two hooks: :class:`UnrolledGAN`, :class:`DRAGAN`, :class:`EBGAN`,
+  :class:`MADGAN`, :class:`MRGAN`, :class:`MinibatchDiscriminationGAN` and :class:`PacGAN`.
+  Vectors (2-D toys) get MLPs, images ``[C, H, W]`` get DCGAN conv nets (``arch='auto'``).
+
+:func:`compare_on_toy` trains several families on a 2-D mixture and reports
+:func:`genlib.metrics.mode_coverage`; :func:`build_gan` is the ``python -m genlib train gan``
+builder (one builder, the family chosen with ``--opt variant=...``). The energy chapter may reuse
+:func:`gradient_penalty` and the losses here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from genlib import data as gdata
+from genlib import metrics, nets, runtime
+from genlib.train import GenerativeModel, fit
+
+__all__ = [
+    "DRAGAN", "EBGAN", "GAN", "MADGAN", "MRGAN", "MinibatchDiscrimination", "MinibatchDiscriminationGAN",
+    "MultiHeadGenerator", "PacGAN", "TOY_BATCH_SIZE", "TOY_METHODS", "UnrolledGAN", "VARIANTS", "build_gan",
+    "compare_on_toy", "discriminator_bce", "dragan_points", "gan_value", "gan_value_on_grid",
+    "generator_logit_grad", "generator_loss", "gradient_penalty", "js_divergence", "make_adam",
+    "optimal_discriminator", "pulling_away_term", "summarize",
+]
+
+GENERATOR_LOSSES = ("minimax", "non_saturating")
+
+# ----------------------------------------------------------------------------------------------
+# The objective on a grid: optimal discriminator and the Jensen-Shannon divergence
+# ----------------------------------------------------------------------------------------------
+
+
+def optimal_discriminator(p: Tensor, q: Tensor) -> Tensor:
+    """Elementwise ``D*(x) = p(x) / (p(x) + q(x))`` for data density ``p`` and generator density ``q``.
+
+    Where both densities are 0 every value of D is optimal (it is multiplied by zero mass in V);
+    we return 0.5, the "cannot tell" answer, instead of 0/0 = nan.
+    """
+    p, q = torch.as_tensor(p), torch.as_tensor(q)
+    total = p + q
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))  # avoids 0/0 in the discarded branch
+    return torch.where(total > 0, p / safe_total, torch.full_like(total, 0.5))
+
+
+def gan_value_on_grid(p: Tensor, q: Tensor, d: Tensor, dx: float | Tensor) -> Tensor:
+    """``V(D, G) = sum_i [p_i log D_i + q_i log(1 - D_i)] dx`` for densities and D tabulated on a grid.
+
+    ``xlogy`` makes ``0 log 0 = 0``, so D* (which is 0 or 1 outside one support) gives a finite V.
+    """
+    p, q, d = torch.as_tensor(p), torch.as_tensor(q), torch.as_tensor(d)
+    return ((torch.xlogy(p, d) + torch.xlogy(q, 1 - d)) * dx).sum()
+
+
+def _kl_on_grid(p: Tensor, m: Tensor, dx: float | Tensor) -> Tensor:
+    """``KL(p || m) = sum p log(p / m) dx`` for a mixture ``m`` that is positive wherever ``p`` is."""
+    ratio = torch.where(m > 0, p / torch.where(m > 0, m, torch.ones_like(m)), torch.ones_like(m))
+    return (torch.xlogy(p, ratio) * dx).sum()
+
+
+def js_divergence(p: Tensor, q: Tensor, dx: float | Tensor) -> Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, log 2]) of densities tabulated on a grid.
+
+    ``JS = KL(p || m) / 2 + KL(q || m) / 2`` with ``m = (p + q) / 2``; zeros are handled
+    (``0 log 0 = 0``). ``dx`` is the cell size (a scalar, or a tensor broadcastable to ``p``).
+    """
+    p, q = torch.as_tensor(p), torch.as_tensor(q)
+    m = (p + q) / 2
+    return (_kl_on_grid(p, m, dx) + _kl_on_grid(q, m, dx)) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses from logits
+# ----------------------------------------------------------------------------------------------
+
+
+def discriminator_bce(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Binary cross-entropy of D (reals labelled 1, fakes 0): ``-mean log D(x) - mean log(1 - D(G(z)))``.
+
+    ``log D = logsigmoid(l)`` and ``log(1 - D) = logsigmoid(-l)`` for logit ``l``; this equals
+    ``-V(D, G)`` estimated on the two batches, so minimising it is the discriminator's max over V.
+    """
+    return -F.logsigmoid(real_logits).mean() - F.logsigmoid(-fake_logits).mean()
+
+
+def gan_value(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Minibatch estimate of ``V(D, G) = E_p log D(x) + E_q log(1 - D(x))`` from logits ([n] each)."""
+    return -discriminator_bce(real_logits, fake_logits)
+
+
+def generator_loss(fake_logits: Tensor, kind: str = "non_saturating") -> Tensor:
+    """Generator loss on D's logits for fakes [n]: ``'minimax'`` = mean log(1 - D(G(z))) (the game's own
+    term, saturates when D rejects fakes) or ``'non_saturating'`` = -mean log D(G(z)) (Goodfellow's fix)."""
+    if kind == "minimax":
+        return F.logsigmoid(-fake_logits).mean()
+    if kind == "non_saturating":
+        return -F.logsigmoid(fake_logits).mean()
+    raise ValueError(f"generator loss must be one of {GENERATOR_LOSSES}, got {kind!r}")
+
+
+def generator_logit_grad(d_fake: Tensor, kind: str = "non_saturating") -> Tensor:
+    """Closed-form d(per-sample generator loss)/d(logit) as a function of ``D = D(G(z))`` in (0, 1).
+
+    minimax: ``d log(1 - sigmoid(l)) / dl = -D`` -> 0 as D -> 0, so a generator the discriminator
+    confidently rejects gets no signal; non-saturating: ``d(-log sigmoid(l)) / dl = -(1 - D)`` -> -1.
+    (With respect to D itself the two are ``-1/(1 - D)`` and ``-1/D``; the logit is what backpropagates.)
+    """
+    d = torch.as_tensor(d_fake)
+    if kind == "minimax":
+        return -d
+    if kind == "non_saturating":
+        return -(1 - d)
+    raise ValueError(f"generator loss must be one of {GENERATOR_LOSSES}, got {kind!r}")
+
+
+def gradient_penalty(critic: Callable[[Tensor], Tensor], points: Tensor, target: float = 1.0) -> Tensor:
+    """``mean_i (||grad_x critic(x_i)|| - target)^2`` at ``points`` [n, ...]; differentiable (create_graph).
+
+    ``target=1`` is the WGAN-GP / DRAGAN penalty; ``target=0`` gives ``mean ||grad||^2`` (R1 on reals).
+    Each output must depend on its own input only (no BatchNorm in the critic).
+    """
+    points = points.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(points).sum(), points, create_graph=True)
+    norms = grad.flatten(1).norm(dim=1)
+    return (norms - target).pow(2).mean() if target else norms.pow(2).mean()
+
+
+def dragan_points(real: Tensor, scale: float = 0.5) -> Tensor:
+    """DRAGAN's penalty points [n, ...]: ``x + alpha * delta``, ``delta = scale * std(x) * U[0, 1)``, alpha ~ U[0, 1].
+
+    This is the authors' reference code (Kodali et al., 2017, github.com/kodalinaveen3/DRAGAN):
+    perturb the real batch by uniform noise scaled by the batch's std (over all elements), then
+    take a random point on the segment to it. The paper's text writes ``x + delta``,
+    ``delta ~ N(0, cI)``; both keep the penalty local to the data. Note U[0, 1) is one-sided.
+    """
+    delta = scale * real.std() * torch.rand_like(real)
+    alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
+    return real + alpha * delta
+
+
+def pulling_away_term(codes: Tensor) -> Tensor:
+    """EBGAN's pulling-away term on codes [n, c]: mean over i != j of cos^2(code_i, code_j) (needs n >= 2).
+
+    Small when a batch's codes are mutually orthogonal, i.e. the generator's samples differ.
+    """
+    s = F.normalize(codes.flatten(1), dim=1)
+    n = s.shape[0]
+    cos2 = (s @ s.T).pow(2)
+    return (cos2.sum() - cos2.diagonal().sum()) / (n * (n - 1))
+
+
+def reconstruction_energy(recon: Tensor, x: Tensor) -> Tensor:
+    """Per-sample autoencoder energy [n]: mean squared reconstruction error over each sample's elements."""
+    return (recon - x).pow(2).flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+
+class Reshape(nn.Module):
+    """Reshape [n, prod(shape)] to [n, *shape]."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    """Number of elements of one sample of ``shape``."""
+    return math.prod(shape)
+
+
+def _use_conv(arch: str, shape: Sequence[int]) -> bool:
+    """``arch`` 'auto' -> conv nets for images [C, H, W], MLPs for vectors; or force 'mlp' / 'conv'."""
+    if arch not in ("auto", "mlp", "conv"):
+        raise ValueError(f"arch must be 'auto', 'mlp' or 'conv', got {arch!r}")
+    if arch == "conv" and len(shape) != 3:
+        raise ValueError(f"arch='conv' needs image samples [C, H, W], got shape {tuple(shape)}")
+    return arch == "conv" or (arch == "auto" and len(shape) == 3)
+
+
+def make_generator(z_dim: int, shape: Sequence[int], width: int, depth: int, conv: bool, act: str = "relu",
+                   batchnorm: bool = False) -> nn.Module:
+    """Generator z [n, z_dim] -> x [n, *shape]: a DCGAN ConvGenerator for images (always BatchNorm), else an
+    MLP with a linear output (BatchNorm after each hidden layer if ``batchnorm``)."""
+    if conv:
+        channels, resolution = shape[0], shape[-1]
+        return nets.ConvGenerator(z_dim, resolution, channels, width)
+    mlp = nets.MLP(z_dim, _numel(shape), width, depth, act, batchnorm)
+    return mlp if len(shape) == 1 else nn.Sequential(mlp, Reshape(shape))
+
+
+def make_discriminator(shape: Sequence[int], out_dim: int, width: int, depth: int, conv: bool,
+                       norm: str = "batch", act: str = "leaky_relu", pack: int = 1) -> nn.Module:
+    """Discriminator x [n, pack * C, H, W] (or [n, pack * d]) -> [n, out_dim] raw scores (logits)."""
+    if conv:
+        channels, resolution = shape[0], shape[-1]
+        return nets.ConvEncoder(out_dim, resolution, channels * pack, width, norm)
+    return nn.Sequential(nn.Flatten(), nets.MLP(_numel(shape) * pack, out_dim, width, depth, act))
+
+
+class MinibatchDiscrimination(nn.Module):
+    """Salimans et al. (2016) minibatch discrimination: features f [n, A] -> [n, A + B].
+
+    ``M_i = f_i T`` reshaped to [B, C]; ``o(x_i)_b = sum_{j != i} exp(-||M_{i,b} - M_{j,b}||_1)``
+    (self excluded, as in the improved-gan code). A batch of near-identical samples gives ``o``
+    close to ``n - 1``, a diverse one close to 0, so D can see a collapsed batch.
+    """
+
+    def __init__(self, in_features: int, kernels: int = 16, kernel_dim: int = 8, init_std: float = 0.1):
+        super().__init__()
+        self.kernels, self.kernel_dim = kernels, kernel_dim
+        self.T = nn.Parameter(init_std * torch.randn(in_features, kernels * kernel_dim))
+
+    def forward(self, f: Tensor) -> Tensor:
+        m = (f @ self.T).reshape(f.shape[0], self.kernels, self.kernel_dim).transpose(0, 1)  # [B, n, C]
+        closeness = torch.exp(-torch.cdist(m, m, p=1)).sum(-1) - 1.0  # [B, n]; the -1 removes j = i
+        return torch.cat([f, closeness.T], dim=1)
+
+
+class MultiHeadGenerator(nn.Module):
+    """MAD-GAN's k generators sharing a trunk: z [n, z_dim], heads [n] in 0..k-1 -> x [n, *shape]."""
+
+    def __init__(self, trunk: nn.Module, heads: Sequence[nn.Module]):
+        super().__init__()
+        self.trunk, self.heads = trunk, nn.ModuleList(heads)
+
+    @property
+    def k(self) -> int:
+        """Number of generators."""
+        return len(self.heads)
+
+    def forward(self, z: Tensor, heads: Tensor | None = None) -> Tensor:
+        """Each row through the shared trunk and then its own head (random heads when None)."""
+        if heads is None:
+            heads = torch.randint(self.k, (z.shape[0],), device=z.device)
+        h = self.trunk(z)
+        out: Tensor | None = None
+        for i, head in enumerate(self.heads):
+            rows = (heads == i).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            y = head(h[rows])
+            out = h.new_zeros(z.shape[0], *y.shape[1:]) if out is None else out
+            out = out.index_copy(0, rows, y)  # out-of-place keeps autograd simple
+        assert out is not None, "empty batch"
+        return out
+
+
+def make_multihead_generator(k: int, z_dim: int, shape: Sequence[int], width: int, depth: int, conv: bool,
+                             act: str = "relu", batchnorm: bool = False) -> MultiHeadGenerator:
+    """k generators that share early layers: MLP trunk + k two-layer heads, or a DCGAN body + k output convs."""
+    if conv:
+        body = list(make_generator(z_dim, shape, width, depth, True).net)
+        last_conv = max(i for i, layer in enumerate(body) if isinstance(layer, nn.Conv2d))
+        trunk = nn.Sequential(Reshape((z_dim, 1, 1)), *body[:last_conv])
+        heads = [make_generator(z_dim, shape, width, depth, True).net[last_conv:] for _ in range(k)]
+        return MultiHeadGenerator(trunk, heads)
+    trunk = nets.MLP(z_dim, width, width, max(depth - 2, 0), act, batchnorm)
+    trunk = nn.Sequential(trunk, *([nn.BatchNorm1d(width)] if batchnorm else []), nets.activation(act))
+    heads = [make_generator(width, shape, width, 1, False, act, batchnorm) for _ in range(k)]
+    return MultiHeadGenerator(trunk, heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model families
+# ----------------------------------------------------------------------------------------------
+
+
+def make_adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam, fused where this torch supports it (CPU and CUDA since torch 2.4; ~15% faster on tiny nets)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # older torch: fused Adam is CUDA-only
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+class GAN(GenerativeModel):
+    """Vanilla GAN (Goodfellow et al., 2014): ``d_steps`` discriminator steps, then one generator step.
+
+    Subclasses change the game through hooks: :meth:`build_discriminator`, :meth:`logits`,
+    :meth:`d_losses` (must return ``loss_d``), :meth:`g_losses` (must return ``loss_g``),
+    :meth:`generate` and :meth:`g_modules`. Each discriminator step reuses the real batch
+    with fresh fakes (the loop hands one batch per step). Adam for both players.
+
+    The defaults are the 2-D toy setting measured to work within a few CPU-seconds (see
+    :data:`TOY_METHODS`): 3-hidden-layer MLPs of width 64, BatchNorm in the generator (as in
+    PacGAN's toy generator; it speeds up the spreading of mass early on), z 16, Adam 2e-3 with
+    beta1 0.5 for both players, batch 128, and (in :func:`compare_on_toy`) a linear decay of the
+    learning rates to 5 % over the run. The published toy settings (lr 1e-4, 2e-4) need 10-100x
+    more steps. For images use DCGAN's Adam 2e-4 (what :func:`build_gan` passes from the CLI).
+    """
+
+    conv_norm = "batch"  # DCGAN discriminators use BatchNorm; penalties and unrolling override it
+
+    def __init__(self, shape: Sequence[int] = (2,), z_dim: int = 16, width: int = 64, depth: int = 3,
+                 lr_d: float = 2e-3, lr_g: float = 2e-3, beta1: float = 0.5, beta2: float = 0.999,
+                 loss: str = "non_saturating", d_steps: int = 1, arch: str = "auto", g_act: str = "relu",
+                 d_act: str = "leaky_relu", g_batchnorm: bool = True, lr_decay_steps: int = 0,
+                 lr_final: float = 0.05):
+        super().__init__()
+        if loss not in GENERATOR_LOSSES:
+            raise ValueError(f"loss must be one of {GENERATOR_LOSSES}, got {loss!r}")
+        if d_steps < 1:
+            raise ValueError(f"d_steps must be >= 1, got {d_steps}")
+        self.shape, self.z_dim, self.width, self.depth = tuple(shape), z_dim, width, depth
+        self.conv, self.loss, self.d_steps = _use_conv(arch, shape), loss, d_steps
+        self.g_act, self.d_act, self.g_batchnorm = g_act, d_act, g_batchnorm
+        self.generator = self.build_generator()
+        self.discriminator = self.build_discriminator()
+        betas = (beta1, beta2)
+        self.optimizers = {
+            "d": make_adam(list(self.discriminator.parameters()), lr_d, betas),
+            "g": make_adam([p for m in self.g_modules() for p in m.parameters()], lr_g, betas),
+        }
+        self.base_lr = {"d": lr_d, "g": lr_g}
+        self.lr_decay_steps, self.lr_final = lr_decay_steps, lr_final
+        # A buffer, so checkpoints carry the schedule's position and resume it exactly.
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    # -- networks -------------------------------------------------------------------------------
+    def build_generator(self) -> nn.Module:
+        """The generator network z [n, z_dim] -> [n, *shape]."""
+        return make_generator(self.z_dim, self.shape, self.width, self.depth, self.conv, self.g_act, self.g_batchnorm)
+
+    def build_discriminator(self) -> nn.Module:
+        """The discriminator network [n, *shape] -> [n, 1] logits."""
+        return make_discriminator(self.shape, 1, self.width, self.depth, self.conv, self.conv_norm, self.d_act)
+
+    def g_modules(self) -> list[nn.Module]:
+        """Modules the generator's optimiser trains."""
+        return [self.generator]
+
+    # -- the game -------------------------------------------------------------------------------
+    def noise(self, n: int) -> Tensor:
+        """Latent codes z ~ N(0, I) [n, z_dim] on the model's device."""
+        return torch.randn(n, self.z_dim, device=self.device)
+
+    def generate(self, n: int) -> Tensor:
+        """n fakes [n, *shape] from the live generator (with gradients unless under no_grad)."""
+        return self.generator(self.noise(n))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Discriminator logits [n] for samples x [n, *shape]."""
+        return self.discriminator(x).squeeze(-1)
+
+    def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """Discriminator losses on a real and a (detached) fake batch; ``loss_d`` is minimised."""
+        return {"loss_d": discriminator_bce(self.logits(real), self.logits(fake))}
+
+    def g_losses(self, real: Tensor) -> dict[str, Tensor]:
+        """Generator losses for a fresh fake batch the size of ``real``; ``loss_g`` is minimised."""
+        return {"loss_g": generator_loss(self.logits(self.generate(len(real))), self.loss)}
+
+    def update(self, player: str, loss: Tensor) -> None:
+        """One optimiser step of ``player`` ('d' or 'g') on ``loss``, touching only that player's gradients."""
+        optimizer = self.optimizers[player]
+        optimizer.zero_grad(set_to_none=True)
+        # inputs= keeps the other player's .grad untouched and skips its weight gradients.
+        loss.backward(inputs=[p for group in optimizer.param_groups for p in group["params"]])
+        optimizer.step()
+
+    def schedule_lr(self) -> None:
+        """Linear decay of both learning rates to ``lr_final`` times their start over ``lr_decay_steps`` steps.
+
+        Short CPU runs end far sharper when the step size shrinks at the end; 0 keeps it constant.
+        """
+        if self.lr_decay_steps <= 0:
+            return
+        fraction = max(self.lr_final, 1.0 - (1.0 - self.lr_final) * int(self.updates) / self.lr_decay_steps)
+        for player, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.base_lr[player] * fraction
+
+    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """``d_steps`` discriminator updates on reals ``x`` [B, *shape], then one generator update."""
+        self.schedule_lr()
+        self.updates += 1
+        for _ in range(self.d_steps):
+            with torch.no_grad():
+                fake = self.generate(len(x))
+            d_losses = self.d_losses(x, fake)
+            self.update("d", d_losses["loss_d"])
+        g_losses = self.g_losses(x)
+        self.update("g", g_losses["loss_g"])
+        return {**d_losses, **g_losses}
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """n samples [n, *shape] from the EMA generator when kept, else the live one."""
+        return self.sampling_net()(self.noise(n))
+
+    def ema_source(self) -> nn.Module:
+        """The generator (averaged by the loop's EMA on CUDA)."""
+        return self.generator
+
+
+class UnrolledGAN(GAN):
+    """Unrolled GAN (Metz et al., 2017): the generator plays against D after ``unroll`` more D steps.
+
+    D itself takes ordinary steps. For the generator's loss we copy D's parameters and Adam state,
+    apply ``unroll`` differentiable Adam steps (the same update rule as ``torch.optim.Adam`` without
+    weight decay, run with :func:`torch.func.functional_call` on the same real and fake batch) and
+    evaluate the fakes with the unrolled D. With ``second_order=True`` (the paper's method)
+    the generator's gradient flows through the unrolled updates, so G anticipates how D will react;
+    ``second_order=False`` is the cheaper stop-gradient variant (G only sees the looked-ahead D).
+    Reference toy setting: 5 unroll steps, D lr 1e-4, G lr 1e-3, beta1 0.5, 2x128 tanh MLPs (pass
+    ``g_act='tanh', d_act='tanh'``); the defaults here are the shared toy nets, so that the comparison
+    differs only in the unrolling (with tanh nets, 1000 steps at lr 2e-3, it covered 4 of 8 ring modes
+    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: about 7x a GAN step for unroll 5.
+    """
+
+    conv_norm = "layer"  # functional_call would otherwise update BatchNorm statistics while unrolling
+
+    def __init__(self, unroll: int = 5, second_order: bool = True, **kw: Any):
+        self.unroll, self.second_order = unroll, second_order
+        super().__init__(**kw)
+
+    def unrolled_parameters(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """D's parameters after ``unroll`` differentiable Adam steps on the batch (real, fake)."""
+        optimizer = self.optimizers["d"]
+        group = optimizer.param_groups[0]
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        names, params = zip(*self.discriminator.named_parameters())
+        states = [optimizer.state.get(p, {}) for p in params]
+        avg = [s["exp_avg"] if s else torch.zeros_like(p) for s, p in zip(states, params)]
+        avg_sq = [s["exp_avg_sq"] if s else torch.zeros_like(p) for s, p in zip(states, params)]
+        t0 = int(states[0]["step"]) if states[0] else 0
+        current = [p if self.second_order else p.detach().requires_grad_(True) for p in params]
+        fake = fake if self.second_order else fake.detach()
+        for t in range(t0 + 1, t0 + self.unroll + 1):
+            weights = dict(zip(names, current))
+            loss = discriminator_bce(functional_call(self.discriminator, weights, (real,)).squeeze(-1),
+                                     functional_call(self.discriminator, weights, (fake,)).squeeze(-1))
+            grads = torch.autograd.grad(loss, current, create_graph=self.second_order)
+            avg = [beta1 * m + (1 - beta1) * g for m, g in zip(avg, grads)]
+            avg_sq = [beta2 * v + (1 - beta2) * g * g for v, g in zip(avg_sq, grads)]
+            # sqrt(v + eps^2) instead of sqrt(v) + eps: same step, but a finite derivative where v = 0.
+            current = [p - lr * (m / (1 - beta1**t)) / (v / (1 - beta2**t) + eps**2).sqrt()
+                       for p, m, v in zip(current, avg, avg_sq)]
+            if not self.second_order:
+                current = [p.detach().requires_grad_(True) for p in current]
+        return dict(zip(names, current))
+
+    def g_losses(self, real: Tensor) -> dict[str, Tensor]:
+        """Generator loss against the unrolled discriminator."""
+        fake = self.generate(len(real))
+        weights = self.unrolled_parameters(real, fake)
+        logits = functional_call(self.discriminator, weights, (fake,)).squeeze(-1)
+        return {"loss_g": generator_loss(logits, self.loss)}
+
+
+class DRAGAN(GAN):
+    """DRAGAN (Kodali et al., 2017): ``lambda * mean(||grad D(x_hat)|| - 1)^2`` at points near the data.
+
+    ``x_hat`` from :func:`dragan_points` (the reference code's perturbation); lambda 10 as in the paper.
+    The penalty keeps D smooth around real data, removing the sharp gradients behind mode collapse.
+    """
+
+    conv_norm = "layer"  # a per-sample gradient penalty needs per-sample outputs (no BatchNorm)
+
+    def __init__(self, penalty: float = 10.0, perturbation: float = 0.5, **kw: Any):
+        self.penalty, self.perturbation = penalty, perturbation
+        super().__init__(**kw)
+
+    def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """BCE plus the DRAGAN gradient penalty (reported as ``penalty``)."""
+        bce = discriminator_bce(self.logits(real), self.logits(fake))
+        penalty = gradient_penalty(self.logits, dragan_points(real, self.perturbation), target=1.0)
+        return {"loss_d": bce + self.penalty * penalty, "penalty": penalty.detach()}
+
+
+class AutoEncoder(nn.Module):
+    """EBGAN's discriminator: x [n, *shape] -> (reconstruction [n, *shape], code [n, code_dim])."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        code = self.encoder(x)
+        return self.decoder(code), code
+
+
+class EBGAN(GAN):
+    """Energy-based GAN (Zhao et al., 2017): D is an autoencoder with energy ``D(x) = mse(AE(x), x)``.
+
+    ``L_D = D(x) + max(0, margin - D(G(z)))``, ``L_G = D(G(z)) + pt_weight * PT`` where PT is the
+    pulling-away term on the encoder's codes of the fakes (0 disables it; the paper uses 0.1).
+    Energies are per-sample mean squared errors, so ``margin`` is in squared data units.
+    """
+
+    conv_norm = "batch"
+
+    def __init__(self, margin: float = 1.0, pt_weight: float = 0.1, code_dim: int = 32, **kw: Any):
+        self.margin, self.pt_weight, self.code_dim = margin, pt_weight, code_dim
+        super().__init__(**kw)
+
+    def build_discriminator(self) -> nn.Module:
+        """Autoencoder: encoder [n, *shape] -> [n, code_dim], decoder back to [n, *shape]."""
+        if self.conv:
+            channels, resolution = self.shape[0], self.shape[-1]
+            encoder = nets.ConvEncoder(self.code_dim, resolution, channels, self.width, self.conv_norm)
+        else:
+            encoder = make_discriminator(self.shape, self.code_dim, self.width, self.depth - 1, False, act=self.d_act)
+        decoder = make_generator(self.code_dim, self.shape, self.width, self.depth - 1, self.conv, self.d_act)
+        return AutoEncoder(encoder, decoder)
+
+    def energy(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(energy [n], code [n, code_dim]) of samples x."""
+        recon, code = self.discriminator(x)
+        return reconstruction_energy(recon, x), code
+
+    def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """Low energy on reals, energy at least ``margin`` on fakes (hinge)."""
+        e_real, e_fake = self.energy(real)[0], self.energy(fake)[0]
+        return {"loss_d": e_real.mean() + F.relu(self.margin - e_fake).mean(), "energy_real": e_real.mean().detach()}
+
+    def g_losses(self, real: Tensor) -> dict[str, Tensor]:
+        """Fakes' energy plus the pulling-away term."""
+        e_fake, code = self.energy(self.generate(len(real)))
+        pt = pulling_away_term(code)
+        return {"loss_g": e_fake.mean() + self.pt_weight * pt, "pt": pt.detach()}
+
+
+class MADGAN(GAN):
+    """MAD-GAN (Ghosh et al., 2018): ``k`` generators sharing early layers and a (k+1)-way discriminator.
+
+    D learns class ``k`` for reals and class ``i`` for generator i's samples (softmax
+    cross-entropy), so each generator is pushed towards a region the others do not cover;
+    generator i minimises ``-log D_real(G_i(z))``. A batch's fakes come from the generators in turn
+    (row r from generator ``r mod k``). Sampling picks a generator uniformly per sample.
+    The cosine-similarity variant (MAD-GAN-Sim) is not implemented.
+    """
+
+    def __init__(self, k: int = 4, **kw: Any):
+        if k < 2:
+            raise ValueError(f"MAD-GAN needs k >= 2 generators, got {k}")
+        self.k = k
+        super().__init__(**kw)
+
+    def build_generator(self) -> nn.Module:
+        """Shared trunk with k heads."""
+        return make_multihead_generator(self.k, self.z_dim, self.shape, self.width, self.depth, self.conv, self.g_act,
+                                        self.g_batchnorm)
+
+    def build_discriminator(self) -> nn.Module:
+        """(k+1)-way classifier: logits [n, k+1], the last class is 'real'."""
+        return make_discriminator(self.shape, self.k + 1, self.width, self.depth, self.conv, self.conv_norm, self.d_act)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """All k+1 class logits [n, k+1]."""
+        return self.discriminator(x)
+
+    def heads(self, n: int) -> Tensor:
+        """Which generator makes each of n training fakes: [0, 1, ..., k-1, 0, 1, ...]."""
+        return torch.arange(n, device=self.device) % self.k
+
+    def generate(self, n: int) -> Tensor:
+        """n fakes, row r from generator r mod k."""
+        return self.generator(self.noise(n), self.heads(n))
+
+    def real_class(self, n: int) -> Tensor:
+        """Labels [n] of the 'real' class, k."""
+        return torch.full((n,), self.k, device=self.device)
+
+    def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy: reals -> class k, generator i's fakes -> class i."""
+        real_loss = F.cross_entropy(self.logits(real), self.real_class(len(real)))
+        return {"loss_d": real_loss + F.cross_entropy(self.logits(fake), self.heads(len(fake)))}
+
+    def g_losses(self, real: Tensor) -> dict[str, Tensor]:
+        """Every generator pushes its samples towards the 'real' class."""
+        fake = self.generate(len(real))
+        return {"loss_g": F.cross_entropy(self.logits(fake), self.real_class(len(fake)))}
+
+
+class MRGAN(GAN):
+    """Mode-regularised GAN (Che et al., 2017), the regularised (not manifold-diffusion) version.
+
+    An encoder E maps data to codes; the generator (with E, one optimiser) minimises
+    ``L_G + lambda_rec * ||x - G(E(x))||^2 + lambda_mode * (-log D(G(E(x))))``.
+    The reconstruction term forces G to reach every real x, i.e. every mode, and the mode term
+    asks those reconstructions to look real. The paper prints the mode term as ``+lambda_2 log
+    D(G(E(x)))`` inside ``T_G``; with D = P(real) minimising that would make reconstructions look
+    fake, so we use the non-saturating form that rewards them for looking real. D is the vanilla
+    discriminator on reals vs G(z). ``||.||^2`` is summed over a sample's elements, averaged over the batch.
+    """
+
+    def __init__(self, lambda_rec: float = 0.2, lambda_mode: float = 0.4, **kw: Any):
+        self.lambda_rec, self.lambda_mode = lambda_rec, lambda_mode
+        super().__init__(**kw)
+
+    def build_generator(self) -> nn.Module:
+        """The generator, with the encoder E built beside it (trained by the generator's optimiser)."""
+        if self.conv:
+            channels, resolution = self.shape[0], self.shape[-1]
+            self.encoder = nets.ConvEncoder(self.z_dim, resolution, channels, self.width, "batch")
+        else:
+            self.encoder = make_discriminator(self.shape, self.z_dim, self.width, self.depth, False, act=self.d_act)
+        return super().build_generator()
+
+    def g_modules(self) -> list[nn.Module]:
+        """Generator and encoder."""
+        return [self.generator, self.encoder]
+
+    def g_losses(self, real: Tensor) -> dict[str, Tensor]:
+        """GAN loss + reconstruction + mode regulariser."""
+        adversarial = generator_loss(self.logits(self.generate(len(real))), self.loss)
+        recon = self.generator(self.encoder(real))
+        rec = (recon - real).pow(2).flatten(1).sum(1).mean()
+        mode = generator_loss(self.logits(recon), "non_saturating")
+        return {"loss_g": adversarial + self.lambda_rec * rec + self.lambda_mode * mode, "recon": rec.detach()}
+
+
+class MinibatchDiscriminationGAN(GAN):
+    """GAN whose discriminator ends with a :class:`MinibatchDiscrimination` layer (Salimans et al., 2016).
+
+    D sees whole batches of reals or of fakes (never mixed), so the closeness features tell a
+    collapsed fake batch from a diverse real one. Cost grows as batch^2 * kernels * kernel_dim;
+    the defaults (8 kernels of dimension 4; improved-gan used 100 x 5) keep toys cheap on a CPU.
+    """
+
+    def __init__(self, kernels: int = 8, kernel_dim: int = 4, features: int = 64, **kw: Any):
+        self.kernels, self.kernel_dim, self.features = kernels, kernel_dim, features
+        super().__init__(**kw)
+
+    def build_discriminator(self) -> nn.Module:
+        """Features -> minibatch layer -> linear logit."""
+        body = make_discriminator(self.shape, self.features, self.width, self.depth - 1, self.conv, self.conv_norm,
+                                  self.d_act)
+        return nn.Sequential(body, nets.activation("leaky_relu"),
+                             MinibatchDiscrimination(self.features, self.kernels, self.kernel_dim),
+                             nn.Linear(self.features + self.kernels, 1))
+
+
+class PacGAN(GAN):
+    """PacGAN (Lin et al., 2018): D judges ``pack`` samples at once, concatenated (features or channels).
+
+    Packs are made of reals only or of fakes only; a collapsed generator yields packs of
+    look-alikes that D can reject. A batch is truncated to a multiple of ``pack``.
+    """
+
+    def __init__(self, pack: int = 4, **kw: Any):
+        if pack < 1:
+            raise ValueError(f"pack must be >= 1, got {pack}")
+        self.pack = pack
+        super().__init__(**kw)
+
+    def build_discriminator(self) -> nn.Module:
+        """Discriminator on ``pack`` concatenated samples."""
+        return make_discriminator(self.shape, 1, self.width, self.depth, self.conv, self.conv_norm, self.d_act,
+                                  self.pack)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits [n // pack] of consecutive packs of x [n, *shape]."""
+        groups = x.shape[0] // self.pack
+        if groups == 0:
+            raise ValueError(f"a batch of {x.shape[0]} cannot make one pack of {self.pack}")
+        packed = x[: groups * self.pack].reshape(groups, self.pack * x.shape[1], *x.shape[2:])
+        return self.discriminator(packed).squeeze(-1)
+
+
+VARIANTS: dict[str, type[GAN]] = {
+    "gan": GAN, "unrolled": UnrolledGAN, "dragan": DRAGAN, "ebgan": EBGAN, "madgan": MADGAN, "mrgan": MRGAN,
+    "minibatch": MinibatchDiscriminationGAN, "pacgan": PacGAN,
+}
+
+# ----------------------------------------------------------------------------------------------
+# The toy comparison
+# ----------------------------------------------------------------------------------------------
+
+# The toy comparison's batch size; the per-method settings below sit on top of GAN's toy defaults.
+TOY_BATCH_SIZE = 128
+TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
+    "GAN": (GAN, {}),
+    "GAN (minimax)": (GAN, {"loss": "minimax"}),
+    "Unrolled": (UnrolledGAN, {"unroll": 5}),  # the paper's method; about 5x the cost of a GAN step
+    "DRAGAN": (DRAGAN, {"penalty": 1.0}),  # lambda 10 (the paper's) stalled D at these learning rates
+    "EBGAN": (EBGAN, {}),
+    "MAD-GAN": (MADGAN, {"k": 4}),
+    "MRGAN": (MRGAN, {}),
+    "Minibatch": (MinibatchDiscriminationGAN, {}),
+    "PacGAN": (PacGAN, {"pack": 2}),  # pack 4 kept 7-8 ring modes but only ~1.5 % hq after 1000 steps
+}
+
+
+def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[str, Any]]],
+                   toy_name: str = "ring8", seeds: Sequence[int] = (0, 1, 2), steps: int = 1000,
+                   batch_size: int = TOY_BATCH_SIZE, n_data: int = 20_000, n_samples: int = 2500,
+                   device: str = "cpu", threads: int | None = 1, progress: bool = False,
+                   **overrides: Any) -> list[dict[str, Any]]:
+    """Train each method with each seed on toy ``toy_name`` through :func:`genlib.train.fit`.
+
+    ``methods`` are names in :data:`TOY_METHODS` or a mapping name -> (class, kwargs); ``overrides``
+    go to every constructor. The learning rates decay linearly over the run to 5 % (override with
+    ``lr_decay_steps=0``). Each run is seeded with its seed (weights, noise and a fresh dataset
+    of ``n_data`` points). Returns one row per run: method, seed, modes (covered, out of
+    ``total_modes``), hq (fraction of ``n_samples`` within 3 std of a mode) and seconds (training
+    time). ``threads`` sets torch's CPU threads for the duration (None leaves them): these tiny
+    MLPs are faster on one thread than on two, and far faster when the cores are shared.
+    """
+    toy = gdata.toy(toy_name)
+    if toy.modes is None or toy.std is None:
+        raise ValueError(f"toy {toy_name!r} is not a Gaussian mixture; mode coverage needs modes and std")
+    table = methods if isinstance(methods, Mapping) else {name: TOY_METHODS[name] for name in methods}
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return [_toy_run(name, cls, {"lr_decay_steps": steps, **kwargs, **overrides}, toy, seed, steps, batch_size,
+                         n_data, n_samples, device, progress)
+                for name, (cls, kwargs) in table.items() for seed in seeds]
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _toy_run(name: str, cls: type[GAN], kwargs: dict[str, Any], toy: gdata.Toy, seed: int, steps: int,
+             batch_size: int, n_data: int, n_samples: int, device: str, progress: bool) -> dict[str, Any]:
+    """One seeded training run of ``cls`` on ``toy``, scored by mode coverage."""
+    runtime.seed_everything(seed)
+    dataset = gdata.toy_dataset(toy.name, n_data, seed)
+    sampler = gdata.BatchSampler(dataset, batch_size, device, seed=seed)
+    model = cls(shape=(2,), **kwargs).to(device)
+    began = time.perf_counter()
+    fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=f"{name} seed {seed}")
+    seconds = time.perf_counter() - began
+    modes, hq = metrics.mode_coverage(model.sample(n_samples).cpu(), toy.modes, toy.std)
+    return {"method": name, "seed": seed, "modes": modes, "total_modes": len(toy.modes), "hq": hq, "seconds": seconds}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: mean / min / max modes covered, mean hq fraction and mean seconds over the seeds."""
+    out = []
+    for name in dict.fromkeys(row["method"] for row in rows):
+        runs = [row for row in rows if row["method"] == name]
+        modes = [row["modes"] for row in runs]
+        out.append({"method": name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
+                    "modes_max": max(modes), "total_modes": runs[0]["total_modes"],
+                    "hq_mean": sum(row["hq"] for row in runs) / len(runs),
+                    "seconds_mean": sum(row["seconds"] for row in runs) / len(runs)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI builder
+# ----------------------------------------------------------------------------------------------
+
+
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    """Keyword arguments (name -> default) accepted by ``cls`` and its GAN base classes."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if isinstance(klass, type) and issubclass(klass, GAN):
+            for name, param in inspect.signature(klass.__init__).parameters.items():
+                if param.default is not inspect.Parameter.empty:
+                    defaults[name] = param.default
+    return defaults
+
+
+def _convert(value: str, default: Any) -> Any:
+    """A ``--opt`` string converted to the type of ``default`` (bools accept 1/0, true/false, yes/no)."""
+    if isinstance(default, bool):
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return value.lower() in ("1", "true", "yes")
+    return type(default)(value)
+
+
+def build_gan(spec: Any) -> GAN:
+    """Builder for ``python -m genlib train gan``: the family from ``--opt variant=`` (see VARIANTS).
+
+    Uses the spec's shape, z_dim, width (MLP width or conv base width) and lr (both players); images
+    get DCGAN conv nets (Adam 2e-4 with beta1 0.5 by the CLI defaults). Any other constructor argument
+    can be set with ``--opt name=value``, e.g. ``--opt variant=pacgan --opt pack=2``.
+    """
+    variant = spec.option("variant", "gan")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown GAN variant {variant!r}; known: {', '.join(VARIANTS)}")
+    cls = VARIANTS[variant]
+    kwargs: dict[str, Any] = {"shape": tuple(spec.shape), "z_dim": spec.z_dim, "width": spec.width,
+                              "lr_d": spec.lr, "lr_g": spec.lr}
+    defaults = _constructor_defaults(cls)
+    for name, value in spec.options.items():
+        if name == "variant":
+            continue
+        if name not in defaults or name == "shape":
+            raise ValueError(f"unknown option {name!r} for GAN variant {variant!r}; known: "
+                             f"{', '.join(sorted(set(defaults) - {'shape'}))}")
+        kwargs[name] = _convert(value, defaults[name])
+    return cls(**kwargs)

@@ -1,0 +1,294 @@
+"""Chapter 2: the GAN objective against closed forms, the losses against autograd, every family through fit."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from scipy import integrate, stats
+from torch import nn
+
+from genlib import data, gan, metrics, runtime
+from genlib.cli import TrainSpec
+from genlib.train import fit
+
+
+
+# ----------------------------------------------------------------------------- the objective on a grid
+
+GRID = torch.linspace(-15.0, 16.0, 310_001, dtype=torch.float64)
+DX = float(GRID[1] - GRID[0])
+
+
+def normal_pdf(x: torch.Tensor, mean: float) -> torch.Tensor:
+    return torch.exp(-0.5 * (x - mean) ** 2) / math.sqrt(2 * math.pi)
+
+
+def test_optimal_discriminator_is_p_over_p_plus_q_and_one_half_where_both_vanish():
+    p = torch.tensor([0.0, 1.0, 0.0, 2.0, 3.0])
+    q = torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0])
+    torch.testing.assert_close(gan.optimal_discriminator(p, q), torch.tensor([0.5, 1.0, 0.0, 0.5, 0.75]))
+
+
+def test_optimal_discriminator_maximises_the_value_pointwise():
+    p, q = normal_pdf(GRID, 0.0), normal_pdf(GRID, 1.0)
+    d_star = gan.optimal_discriminator(p, q)
+    best = gan.gan_value_on_grid(p, q, d_star, DX)
+    for shift in (-0.05, 0.05):
+        assert gan.gan_value_on_grid(p, q, (d_star + shift).clamp(1e-6, 1 - 1e-6), DX) < best
+
+
+def test_value_at_the_optimal_discriminator_is_minus_log4_plus_2_js():
+    """p = N(0, 1), q = N(1, 1): V(D*, G) = -log 4 + 2 JS = -1.163451, JS = 0.111421 (quad, independently)."""
+    p, q = normal_pdf(GRID, 0.0), normal_pdf(GRID, 1.0)
+    js = gan.js_divergence(p, q, DX)
+    value = gan.gan_value_on_grid(p, q, gan.optimal_discriminator(p, q), DX)
+
+    def integrand(x: float) -> float:
+        a, b = stats.norm.pdf(x, 0, 1), stats.norm.pdf(x, 1, 1)
+        m = (a + b) / 2
+        return 0.5 * a * math.log(a / m) + 0.5 * b * math.log(b / m)
+
+    js_quad, _ = integrate.quad(integrand, -30, 31, limit=200)
+    assert js.item() == pytest.approx(js_quad, abs=1e-7)
+    assert js.item() == pytest.approx(0.111421, abs=1e-6)
+    assert value.item() == pytest.approx(-1.163451, abs=1e-6)
+    assert value.item() == pytest.approx(-math.log(4) + 2 * js.item(), abs=1e-9)
+
+
+def test_js_of_identical_is_zero_and_of_disjoint_is_log2():
+    x = torch.linspace(0, 4, 4001, dtype=torch.float64)
+    dx = float(x[1] - x[0])
+    p = ((x >= 0.5) & (x < 1.5)).double()
+    q = ((x >= 2.5) & (x < 3.5)).double()
+    p, q = p / (p.sum() * dx), q / (q.sum() * dx)
+    assert gan.js_divergence(p, p, dx).item() == pytest.approx(0.0, abs=1e-12)
+    assert gan.js_divergence(p, q, dx).item() == pytest.approx(math.log(2), abs=1e-12)
+    # disjoint supports: D* is 1 on p's support and 0 on q's, and V(D*, G) = 0 = -log 4 + 2 log 2
+    assert gan.gan_value_on_grid(p, q, gan.optimal_discriminator(p, q), dx).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sympy_argmax_of_a_log_y_plus_b_log_1_minus_y():
+    a, b = sympy.symbols("a b", positive=True)
+    y = sympy.symbols("y", positive=True)
+    objective = a * sympy.log(y) + b * sympy.log(1 - y)
+    (critical,) = sympy.solve(sympy.diff(objective, y), y)
+    assert sympy.simplify(critical - a / (a + b)) == 0
+    assert sympy.simplify(sympy.diff(objective, y, 2).subs(y, critical)).is_negative
+
+
+# ----------------------------------------------------------------------------- losses on logits
+
+
+def test_discriminator_loss_is_binary_cross_entropy_and_minus_the_value():
+    g = torch.Generator().manual_seed(0)
+    real, fake = 3 * torch.randn(50, generator=g), 3 * torch.randn(70, generator=g)
+    expected = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+    torch.testing.assert_close(gan.discriminator_bce(real, fake), expected)
+    torch.testing.assert_close(gan.gan_value(real, fake), -expected)
+    # logits keep it finite where log(sigmoid(.)) would underflow
+    assert torch.isfinite(gan.discriminator_bce(torch.tensor([-200.0]), torch.tensor([200.0])))
+
+
+@pytest.mark.parametrize("kind", gan.GENERATOR_LOSSES)
+def test_generator_loss_gradient_matches_the_closed_form(kind):
+    logits = torch.linspace(-8, 8, 33, requires_grad=True)
+    (gan.generator_loss(logits, kind) * len(logits)).backward()  # per-sample gradients
+    torch.testing.assert_close(logits.grad, gan.generator_logit_grad(torch.sigmoid(logits.detach()), kind))
+
+
+def test_minimax_gradient_vanishes_when_d_rejects_fakes_non_saturating_does_not():
+    rejected = torch.tensor([-20.0], requires_grad=True)  # D(G(z)) = 2e-9
+    grads = {}
+    for kind in gan.GENERATOR_LOSSES:
+        (grads[kind],) = torch.autograd.grad(gan.generator_loss(rejected, kind), rejected)
+    assert grads["minimax"].abs().item() < 1e-8
+    assert grads["non_saturating"].item() == pytest.approx(-1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="generator loss"):
+        gan.generator_loss(rejected, "wasserstein")
+
+
+def test_gradient_penalty_of_a_linear_discriminator_is_known_in_closed_form():
+    torch.manual_seed(0)
+    linear = nn.Linear(2, 1)
+    w = linear.weight.detach()
+    expected = (w.norm() - 1) ** 2
+    real = torch.randn(64, 2)
+    critic = lambda x: linear(x).squeeze(-1)  # noqa: E731
+    torch.testing.assert_close(gan.gradient_penalty(critic, gan.dragan_points(real)), expected)
+    torch.testing.assert_close(gan.gradient_penalty(critic, real, target=0.0), w.norm() ** 2)
+    # and inside the family: DRAGAN with a linear discriminator reports the same penalty
+    model = gan.DRAGAN(width=8)
+    model.discriminator = linear
+    losses = model.d_losses(real, torch.randn(64, 2))
+    torch.testing.assert_close(losses["penalty"], expected)
+    bce = gan.discriminator_bce(critic(real), critic(torch.randn(64, 2)))
+    assert torch.isfinite(bce)
+
+
+def test_dragan_points_lie_between_the_data_and_half_a_std_above():
+    torch.manual_seed(0)
+    real = torch.randn(500, 3)
+    points = gan.dragan_points(real, 0.5)
+    shift = points - real
+    assert (shift >= 0).all() and (shift <= 0.5 * real.std() + 1e-6).all()
+
+
+def test_pulling_away_term():
+    orthogonal = torch.eye(4)
+    assert gan.pulling_away_term(orthogonal).item() == pytest.approx(0.0)
+    assert gan.pulling_away_term(torch.ones(5, 3)).item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- network pieces
+
+
+def test_minibatch_discrimination_shape_and_collapse_signal():
+    torch.manual_seed(0)
+    layer = gan.MinibatchDiscrimination(in_features=6, kernels=5, kernel_dim=3)
+    diverse = 100 * torch.randn(16, 6)
+    collapsed = diverse[:1].expand(16, 6)
+    out_diverse, out_collapsed = layer(diverse), layer(collapsed)
+    assert out_diverse.shape == (16, 6 + 5)
+    torch.testing.assert_close(out_diverse[:, :6], diverse)  # features pass through
+    # identical samples: every other sample is at L1 distance 0 -> closeness n - 1 per kernel
+    torch.testing.assert_close(out_collapsed[:, 6:], torch.full((16, 5), 15.0))
+    assert out_diverse[:, 6:].max() < 1.0
+
+
+def test_madgan_discriminator_has_k_plus_1_classes_and_generators_take_turns():
+    model = gan.MADGAN(k=3, width=16)
+    x = torch.randn(12, 2)
+    assert model.logits(x).shape == (12, 4)
+    assert model.heads(7).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    z = torch.randn(6, model.z_dim)
+    # each row goes through its own head: generator 1's output for a row does not depend on the other rows
+    one = model.generator.eval()(z, torch.full((6,), 1))
+    mixed = model.generator(z, torch.tensor([1, 0, 2, 1, 0, 2]))
+    torch.testing.assert_close(mixed[[0, 3]], one[[0, 3]])
+    assert not torch.allclose(mixed[1], one[1])
+
+
+def test_pacgan_packs_consecutive_samples():
+    model = gan.PacGAN(pack=4, width=16)
+    assert model.logits(torch.randn(10, 2)).shape == (2,)  # 10 -> two packs of 4, the rest dropped
+    images = gan.PacGAN(pack=2, width=4, shape=(1, 8, 8))
+    assert images.logits(torch.randn(6, 1, 8, 8)).shape == (3,)
+
+
+def test_unrolled_adam_step_matches_torch_adam():
+    """One first-order unrolled step equals torch.optim.Adam on a copy (after a real step, so state is used)."""
+    torch.manual_seed(0)
+    model = gan.UnrolledGAN(unroll=1, second_order=False, width=16, lr_d=1e-2)
+    real = torch.randn(32, 2)
+    model.step(real, torch.arange(32))  # gives D's Adam a non-trivial state
+    fake = model.generate(32).detach()
+    unrolled = model.unrolled_parameters(real, fake)
+    disc, opt = copy.deepcopy(model.discriminator), None
+    opt = torch.optim.Adam(disc.parameters(), **{k: v for k, v in model.optimizers["d"].defaults.items()
+                                                  if k in ("lr", "betas", "eps")})
+    opt.load_state_dict(model.optimizers["d"].state_dict())
+    opt.zero_grad()
+    gan.discriminator_bce(disc(real).squeeze(-1), disc(fake).squeeze(-1)).backward()
+    opt.step()
+    # atol: the unrolled step divides by sqrt(v + eps^2), Adam by sqrt(v) + eps (differs where |grad| ~ eps)
+    for name, p in disc.named_parameters():
+        torch.testing.assert_close(unrolled[name], p.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_second_order_unrolling_changes_the_generator_gradient():
+    torch.manual_seed(0)
+    grads = []
+    for second_order in (False, True):
+        torch.manual_seed(1)
+        model = gan.UnrolledGAN(unroll=3, second_order=second_order, width=16)
+        torch.manual_seed(2)
+        loss = model.g_losses(torch.randn(32, 2))["loss_g"]
+        grads.append(torch.autograd.grad(loss, list(model.generator.parameters())))
+    assert all(torch.isfinite(g).all() for g in grads[1])
+    assert any(not torch.allclose(a, b) for a, b in zip(*grads))
+
+
+# ----------------------------------------------------------------------------- every family through fit
+
+
+@pytest.mark.parametrize("variant", list(gan.VARIANTS))
+def test_every_family_trains_on_a_toy_and_on_images(variant):
+    cls = gan.VARIANTS[variant]
+    torch.manual_seed(0)
+    toy = data.BatchSampler(data.toy_dataset("ring8", 256), 32, "cpu")
+    model = cls(width=16, z_dim=4)
+    history = fit(model, toy, 3, log_every=1, progress=False)
+    assert all(math.isfinite(v) for k, vs in history.items() if k != "step" for v in vs)
+    assert {"loss_d", "loss_g"} <= set(history)
+    assert model.sample(5).shape == (5, 2)
+
+    images = data.BatchSampler(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), 16, "cpu")
+    model = cls(shape=(1, 8, 8), width=4, z_dim=8)
+    assert model.conv
+    history = fit(model, images, 2, log_every=1, progress=False)
+    assert all(math.isfinite(v) for k, vs in history.items() if k != "step" for v in vs)
+    samples = model.sample(3)
+    assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 1
+
+
+def test_learning_rate_decays_linearly_and_its_position_is_checkpointed():
+    model = gan.GAN(width=8, lr_d=1e-3, lr_g=2e-3, lr_decay_steps=10, lr_final=0.05)
+    x = torch.randn(16, 2)
+    for _ in range(5):
+        model.step(x, torch.arange(16))
+    assert model.optimizers["d"].param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 0.95 * 4 / 10))
+    assert model.optimizers["g"].param_groups[0]["lr"] == pytest.approx(2e-3 * (1 - 0.95 * 4 / 10))
+    assert int(model.checkpoint_state()["model"]["updates"]) == 5
+    for _ in range(10):
+        model.step(x, torch.arange(16))
+    assert model.optimizers["d"].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.05)
+
+
+def test_mlp_on_images_and_bad_arguments():
+    model = gan.GAN(shape=(1, 8, 8), arch="mlp", width=16)
+    assert not model.conv and model.sample(2).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="arch"):
+        gan.GAN(shape=(2,), arch="conv")
+    with pytest.raises(ValueError, match="loss"):
+        gan.GAN(loss="hinge")
+
+
+def test_build_gan_from_a_cli_spec():
+    spec = TrainSpec(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), (1, 28, 28), torch.device("cpu"), z_dim=32,
+                     width=8, lr=2e-4, options={"variant": "pacgan", "pack": "2", "beta1": "0.5", "g_batchnorm": "no"})
+    model = gan.build_gan(spec)
+    assert isinstance(model, gan.PacGAN) and model.pack == 2 and model.conv and model.z_dim == 32
+    assert model.optimizers["d"].defaults["lr"] == 2e-4 and model.optimizers["g"].defaults["betas"] == (0.5, 0.999)
+    with pytest.raises(ValueError, match="unknown option"):
+        gan.build_gan(TrainSpec(torch.zeros(4, 2), (2,), torch.device("cpu"), options={"pack": "2"}))
+    with pytest.raises(ValueError, match="variant"):
+        gan.build_gan(TrainSpec(torch.zeros(4, 2), (2,), torch.device("cpu"), options={"variant": "wgan"}))
+
+
+# ----------------------------------------------------------------------------- the toy comparison
+
+
+def test_compare_on_toy_rows_and_summary():
+    rows = gan.compare_on_toy(["GAN", "PacGAN"], "ring8", seeds=[0], steps=5, batch_size=32, n_data=256,
+                              n_samples=100, width=8)
+    assert [(r["method"], r["seed"], r["total_modes"]) for r in rows] == [("GAN", 0, 8), ("PacGAN", 0, 8)]
+    assert all(0 <= r["modes"] <= 8 and 0 <= r["hq"] <= 1 and r["seconds"] > 0 for r in rows)
+    summary = gan.summarize(rows)
+    assert [s["method"] for s in summary] == ["GAN", "PacGAN"] and summary[0]["runs"] == 1
+
+
+def test_a_quick_vanilla_gan_finds_most_ring_modes():
+    """A few CPU-seconds: the vanilla GAN covers at least half the ring's modes (fixed seed)."""
+    runtime.seed_everything(0)
+    toy = data.toy("ring8")
+    model = gan.GAN(lr_decay_steps=500)
+    sampler = data.BatchSampler(data.toy_dataset("ring8", 20_000, 0), gan.TOY_BATCH_SIZE, "cpu", seed=0)
+    fit(model, sampler, 500, progress=False, log_every=100)
+    modes, hq = metrics.mode_coverage(model.sample(2500), toy.modes, toy.std)
+    assert modes >= 4 and hq > 0.01

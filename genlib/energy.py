@@ -17,8 +17,8 @@ for Energy-Based Models" (MEG, 2019).
 
 A usual GAN discriminator logit (high = real) is ``-U``; the WGAN critic ``f`` is ``-U`` too.
 Hinge (:func:`hinge_critic_loss`) and EBGAN's margin (:func:`margin_loss`) are written in the
-energy sign. This module does not import :mod:`genlib.gan` (chapter modules stay independent);
-its penalties could later be shared with :func:`genlib.gan.gradient_penalty`.
+energy sign. Input gradients for the penalties come from :func:`genlib.gan.input_gradients`
+(the one chapter import the design allows: the energy view reuses the GAN chapter's pieces).
 
 What is here:
 
@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from genlib import data as gdata
 from genlib import metrics, nets, runtime
+from genlib.gan import gradient_penalty, input_gradients
 from genlib.train import GenerativeModel, NonFiniteLossError, fit
 
 Critic = Callable[[Tensor], Tensor]
@@ -90,17 +91,6 @@ def generator_energy_loss(u_fake: Tensor) -> Tensor:
     return u_fake.mean()
 
 
-def input_gradients(critic: Critic, points: Tensor) -> Tensor:
-    """``grad_x U(x)`` [n, ...] at ``points`` [n, ...], kept in the graph (create_graph) so a penalty can be trained.
-
-    Summing U over the batch gives each sample's own gradient only if each output depends on its
-    own input alone: no BatchNorm in the critic.
-    """
-    points = points.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(points).sum(), points, create_graph=True)
-    return grad
-
-
 def zero_centred_penalty(critic: Critic, real: Tensor) -> Tensor:
     """R1: ``mean_i ||grad_x U(real_i)||^2`` (scalar); the critic adds ``lam`` times it.
 
@@ -108,8 +98,7 @@ def zero_centred_penalty(critic: Critic, real: Tensor) -> Tensor:
     reference code adds ``gamma * mean ||grad D||^2``; here ``lam`` multiplies the plain mean (as in
     the source and in MEG), so ``lam = gamma / 2`` reproduces the paper and ``lam = gamma`` the code.
     """
-    # Squares summed directly (no norm, no sqrt): exact and smooth even where the gradient is 0.
-    return input_gradients(critic, real).flatten(1).pow(2).sum(1).mean()
+    return gradient_penalty(critic, real, target=0.0)
 
 
 def interpolates(real: Tensor, fake: Tensor) -> Tensor:
@@ -120,8 +109,7 @@ def interpolates(real: Tensor, fake: Tensor) -> Tensor:
 
 def one_centred_penalty(critic: Critic, real: Tensor, fake: Tensor) -> Tensor:
     """WGAN-GP: ``mean (||grad_x U(x_hat)|| - 1)^2`` (scalar) on random interpolates of real and fake [n, ...]."""
-    norms = input_gradients(critic, interpolates(real, fake)).flatten(1).norm(dim=1)
-    return (norms - 1).pow(2).mean()
+    return gradient_penalty(critic, interpolates(real, fake), target=1.0)
 
 
 def penalty(kind: str, critic: Critic, real: Tensor, fake: Tensor) -> Tensor:

@@ -138,16 +138,25 @@ def generator_logit_grad(d_fake: Tensor, kind: str = "non_saturating") -> Tensor
     raise ValueError(f"generator loss must be one of {GENERATOR_LOSSES}, got {kind!r}")
 
 
-def gradient_penalty(critic: Callable[[Tensor], Tensor], points: Tensor, target: float = 1.0) -> Tensor:
-    """``mean_i (||grad_x critic(x_i)|| - target)^2`` at ``points`` [n, ...]; differentiable (create_graph).
+def input_gradients(critic: Callable[[Tensor], Tensor], points: Tensor) -> Tensor:
+    """``grad_x critic(x)`` [n, ...] at ``points`` [n, ...], kept in the graph (create_graph) so a penalty can be trained.
 
-    ``target=1`` is the WGAN-GP / DRAGAN penalty; ``target=0`` gives ``mean ||grad||^2`` (R1 on reals).
-    Each output must depend on its own input only (no BatchNorm in the critic).
+    Summing the outputs over the batch gives each sample's own gradient only if each output
+    depends on its own input alone: no BatchNorm in the critic.
     """
     points = points.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(points).sum(), points, create_graph=True)
-    norms = grad.flatten(1).norm(dim=1)
-    return (norms - target).pow(2).mean() if target else norms.pow(2).mean()
+    return grad
+
+
+def gradient_penalty(critic: Callable[[Tensor], Tensor], points: Tensor, target: float = 1.0) -> Tensor:
+    """``mean_i (||grad_x critic(x_i)|| - target)^2`` at ``points`` [n, ...]; differentiable.
+
+    ``target=1`` is the WGAN-GP / DRAGAN penalty; ``target=0`` gives ``mean ||grad||^2`` (R1 on reals).
+    """
+    squares = input_gradients(critic, points).flatten(1).pow(2).sum(1)
+    # With target 0 the squares are used directly: no sqrt, so the gradient exists where grad U = 0.
+    return (squares.sqrt() - target).pow(2).mean() if target else squares.mean()
 
 
 def dragan_points(real: Tensor, scale: float = 0.5) -> Tensor:

@@ -169,8 +169,7 @@ def frame_slider(draw: Callable[[int, plt.Axes], None], frames: int, description
     widgets.jslink((slider, "value"), (stack, "selected_index"))
     children = [slider, stack]
     if labels is not None:
-        caption = widgets.Dropdown(options=[(label, i) for i, label in enumerate(labels)], value=0,
-                                   description="value")
-        widgets.jslink((slider, "value"), (caption, "value"))
+        caption = widgets.Dropdown(options=list(labels), index=0, description="value")
+        widgets.jslink((slider, "value"), (caption, "index"))
         children.insert(1, caption)
     return widgets.VBox(children)

@@ -38,3 +38,12 @@ def test_frame_slider_links_slider_to_pictures_in_the_browser():
 def test_grid_points_cover_the_square():
     xs, ys, points = viz.grid_points(2.0, 5)
     assert points.shape == (25, 2) and np.isclose(points.min().item(), -2) and np.isclose(points.max().item(), 2)
+
+
+def test_frame_slider_labels_follow_the_slider():
+    import ipywidgets as widgets
+
+    box = viz.frame_slider(lambda i, ax: ax.plot([0, i]), frames=2, labels=["sigma=1", "sigma=0.1"])
+    slider, caption, stack = box.children
+    assert isinstance(caption, widgets.Dropdown) and caption.options == ("sigma=1", "sigma=0.1")
+    assert caption.index == 0 and len(stack.children) == 2

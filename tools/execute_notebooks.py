@@ -66,17 +66,39 @@ def set_setup_cell(nb: nbformat.NotebookNode) -> None:
         nb.cells.insert(first if first is not None else 0, cell)
 
 
+def widget_order(nb: nbformat.NotebookNode, state: dict) -> list[str]:
+    """Widget model ids in an order that does not depend on the id values themselves:
+    displayed widgets in cell order, then the models they reference (breadth first, keys
+    sorted), then unreferenced models (e.g. browser links) sorted by their state."""
+    order: list[str] = []
+    queue = [o["data"][WIDGET_MIME]["model_id"] for c in nb.cells if c.cell_type == "code"
+             for o in c.get("outputs", []) if WIDGET_MIME in o.get("data", {})]
+    while queue:
+        model = queue.pop(0)
+        if model in state and model not in order:
+            order.append(model)
+            queue += re.findall(r"IPY_MODEL_([0-9a-f]{32})", json.dumps(state[model], sort_keys=True))
+    known = {old: f"#{k}" for k, old in enumerate(order)}
+
+    def masked(model: str) -> str:
+        text = json.dumps(state[model], sort_keys=True)
+        return re.sub(r"[0-9a-f]{32}", lambda m: known.get(m.group(0), "?"), text)
+
+    return order + sorted((m for m in state if m not in known), key=masked)
+
+
 def stable_widget_ids(nb: nbformat.NotebookNode, name: str) -> None:
-    """Rename every widget model id to one derived from the notebook name and its order of appearance."""
+    """Rename every widget model id, in one pass, to one derived from the notebook name and its place in :func:`widget_order`."""
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
-    text = json.dumps(nb)
-    ids = list(dict.fromkeys(re.findall(r"[0-9a-f]{32}", text)))
-    known = [i for i in ids if i in state]
-    mapping = {old: uuid.UUID(hashlib.md5(f"{name}:{k}".encode()).hexdigest()).hex for k, old in enumerate(known)}
-    for old, new in mapping.items():
-        text = text.replace(old, new)
+    mapping = {old: uuid.UUID(hashlib.md5(f"{name}:{k}".encode()).hexdigest()).hex
+               for k, old in enumerate(widget_order(nb, state))}
+    text = re.sub(r"[0-9a-f]{32}", lambda m: mapping.get(m.group(0), m.group(0)), json.dumps(nb))
+    renamed = nbformat.from_dict(json.loads(text))
+    widgets = renamed.metadata.get("widgets", {}).get(WIDGET_STATE, {})
+    if "state" in widgets:
+        widgets["state"] = dict(sorted(widgets["state"].items()))
     nb.clear()
-    nb.update(nbformat.from_dict(json.loads(text)))
+    nb.update(renamed)
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> None:
@@ -95,14 +117,16 @@ def clean_metadata(nb: nbformat.NotebookNode) -> None:
                     output["execution_count"] = count
 
 
-def execute(path: Path, timeout: int) -> float:
-    """Execute one notebook in place; return the wall time in seconds."""
+def execute(path: Path, timeout: int, run: bool = True) -> float:
+    """Execute one notebook in place (or, with ``run=False``, only redo the clean-up); return the wall time."""
     nb = nbformat.read(path, as_version=4)
-    set_setup_cell(nb)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                            store_widget_state=True, record_timing=False)
     began = time.perf_counter()
-    client.execute()
+    if run:
+        set_setup_cell(nb)
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}},
+                                store_widget_state=True, record_timing=False)
+        client.execute()
     elapsed = time.perf_counter() - began
     clean_metadata(nb)
     stable_widget_ids(nb, path.stem)
@@ -115,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: chapters/*.ipynb)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--cleanup-only", action="store_true",
+                        help="do not execute: only redo the metadata clean-up and widget ids of committed outputs")
     args = parser.parse_args(argv)
     os.environ["GENLIB_SCALE"] = "small"
     os.environ.pop("MPLBACKEND", None)
@@ -123,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     notebooks = args.notebooks or sorted((ROOT / "chapters").glob("*.ipynb"))
     for path in notebooks:
         print(f"executing {path} ...", flush=True)
-        print(f"  done in {execute(path.resolve(), args.timeout):.0f} s", flush=True)
+        print(f"  done in {execute(path.resolve(), args.timeout, run=not args.cleanup_only):.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from genlib.data import to_float
 from genlib.results import provenance, write_json
 
 
@@ -101,7 +102,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
     from genlib.train import autocast_context
 
     data = torch.randint(0, 256, (max(4 * batch_size, 256), 3, resolution, resolution), dtype=torch.uint8)
-    real = data[:batch_size].to(device).float().div(127.5).sub(1)
+    real = to_float(data[:batch_size].to(device))
     index = torch.arange(batch_size, device=device)
     rows = []
     if resolution == 64:

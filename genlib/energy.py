@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from genlib import data as gdata
 from genlib import metrics, nets, runtime
 from genlib.gan import gradient_penalty, input_gradients
+from genlib.results import summarize_coverage
 from genlib.train import GenerativeModel, NonFiniteLossError, fit
 
 Critic = Callable[[Tensor], Tensor]
@@ -612,17 +613,7 @@ def compare_entropy(**kw: Any) -> list[dict[str, Any]]:
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per setting: runs, mean / min / max modes, total modes, mean hq, mean wall / CPU seconds and diverged runs."""
-    out = []
-    for name in dict.fromkeys(row["setting"] for row in rows):
-        runs = [row for row in rows if row["setting"] == name]
-        modes = [row["modes"] for row in runs]
-        out.append({"setting": name, "runs": len(runs), "modes_mean": sum(modes) / len(runs),
-                    "modes_min": min(modes), "modes_max": max(modes), "total_modes": runs[0]["total_modes"],
-                    "hq_mean": sum(row["hq"] for row in runs) / len(runs),
-                    "seconds_mean": sum(row["seconds"] for row in runs) / len(runs),
-                    "cpu_seconds_mean": sum(row["cpu_seconds"] for row in runs) / len(runs),
-                    "diverged": sum(row["diverged"] for row in runs)})
-    return out
+    return summarize_coverage(list(rows), "setting", means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
 
 
 # ==============================================================================================

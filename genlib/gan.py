@@ -39,6 +39,7 @@ from torch.func import functional_call
 
 from genlib import data as gdata
 from genlib import metrics, nets, runtime
+from genlib.results import summarize_coverage
 from genlib.train import GenerativeModel, fit
 
 __all__ = [
@@ -770,15 +771,7 @@ def _toy_run(name: str, cls: type[GAN], kwargs: dict[str, Any], toy: gdata.Toy, 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per method: mean / min / max modes covered, mean hq fraction and mean seconds over the seeds."""
-    out = []
-    for name in dict.fromkeys(row["method"] for row in rows):
-        runs = [row for row in rows if row["method"] == name]
-        modes = [row["modes"] for row in runs]
-        out.append({"method": name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
-                    "modes_max": max(modes), "total_modes": runs[0]["total_modes"],
-                    "hq_mean": sum(row["hq"] for row in runs) / len(runs),
-                    "seconds_mean": sum(row["seconds"] for row in runs) / len(runs)})
-    return out
+    return summarize_coverage(list(rows), "method")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,6 +132,22 @@ def load_run(path: str | Path) -> RecordedRun:
     return RecordedRun(path, json.loads(run_file.read_text()), metrics)
 
 
+def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq", "seconds"),
+                       sums: tuple[str, ...] = ()) -> list[dict]:
+    """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max ``modes``,
+    ``total_modes``, the mean of each field in ``means`` (as ``<field>_mean``) and the sum of each in ``sums``."""
+    out = []
+    for name in dict.fromkeys(row[key] for row in rows):
+        runs = [row for row in rows if row[key] == name]
+        modes = [row["modes"] for row in runs]
+        summary = {key: name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
+                   "modes_max": max(modes), "total_modes": runs[0]["total_modes"]}
+        summary.update({f"{field}_mean": sum(row[field] for row in runs) / len(runs) for field in means})
+        summary.update({field: sum(row[field] for row in runs) for field in sums})
+        out.append(summary)
+    return out
+
+
 def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:
     """The reproducibility footer of a chapter: scale, device, seed, versions, commit and wall time.
 

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from genlib.data import to_uint8
+
 Grid = tuple[np.ndarray, np.ndarray, torch.Tensor]
 
 
@@ -98,7 +100,7 @@ def energy_surface(energy: Callable[[torch.Tensor], torch.Tensor], lim: float, a
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     """Tile images [n, C, H, W] (uint8, or float in [-1, 1]) into one [rows*H, nrow*W, C] uint8 array."""
     if images.dtype != torch.uint8:
-        images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = to_uint8(images.float())
     images = images.cpu()
     n, c, h, w = images.shape
     rows = -(-n // nrow)

@@ -38,3 +38,13 @@ def test_footer_states_what_was_run(monkeypatch):
     line = results.footer(4, time.perf_counter() - 12.4)
     assert line.startswith("scale=small | device=cpu") and "seed=4" in line and line.endswith("wall time 12 s")
     assert torch.__version__ in line
+
+
+def test_summarize_coverage_groups_seeds_by_key():
+    rows = [{"method": "a", "modes": 8, "total_modes": 8, "hq": 0.5, "seconds": 1.0, "diverged": 0},
+            {"method": "b", "modes": 2, "total_modes": 8, "hq": 0.1, "seconds": 3.0, "diverged": 1},
+            {"method": "a", "modes": 6, "total_modes": 8, "hq": 0.3, "seconds": 2.0, "diverged": 1}]
+    first, second = results.summarize_coverage(rows, "method", sums=("diverged",))
+    assert first == {"method": "a", "runs": 2, "modes_mean": 7.0, "modes_min": 6, "modes_max": 8, "total_modes": 8,
+                     "hq_mean": 0.4, "seconds_mean": 1.5, "diverged": 1}
+    assert second["method"] == "b" and second["runs"] == 1 and second["diverged"] == 1

@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
 }
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")
+SPLIT_SETS = ("fashion-mnist", "mnist", "cifar10")  # the image sets with a test split
 
 
 @dataclass
@@ -78,6 +79,17 @@ def load_training_data(name: str, root: str | None, resolution: int, n_toy: int,
     return data.load_images(name, root=root).images
 
 
+def load_held_out(name: str, root: str | None, n_toy: int, seed: int) -> torch.Tensor | None:
+    """Data the model never trained on: the test split, fresh toy points, or None (no split exists)."""
+    from genlib import data
+
+    if name in TOYS:
+        return data.toy_dataset(name, n_toy, seed + 1)
+    if name in SPLIT_SETS:
+        return data.load_images(name, split="test", root=root).images
+    return None
+
+
 def build_family(name: str, spec: TrainSpec):
     """Import and call the builder registered for family ``name``."""
     module_name, function = FAMILIES[name].split(":")
@@ -88,10 +100,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train a family, checkpointing into ``--out`` and recording the run there."""
     from genlib import data as gdata
     from genlib import runtime, train, viz
+    from genlib.evaluate import evaluate_model
     from genlib.results import record_run
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("error: --steps and --batch-size must be positive")
+    if args.steps < 1 or args.batch_size < 1 or args.eval_samples < 0:
+        raise SystemExit("error: --steps and --batch-size must be positive, --eval-samples not negative")
     dev = runtime.device(args.device)
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
@@ -110,9 +123,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     metrics = {"final_" + k: v[-1] for k, v in history.items() if k != "step" and v}
     if samples.dim() == 4:
         viz.save_image_grid(samples, out / "samples.png")
+    if args.eval_samples:
+        print(f"evaluating on {args.eval_samples} samples ...", flush=True)
+        held_out = load_held_out(args.data, args.root, args.toy_points, args.seed)
+        metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out, args.seed))
+    print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall)
     print(f"recorded run in {out} ({wall:.0f} s)")
+
+
+def _short(value) -> str:
+    """A metric value for the console: 4 significant digits for floats."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -159,6 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder: checkpoints, run.json, metrics.json, samples.png")
     train.add_argument("--checkpoint-every", type=int, default=1000)
     train.add_argument("--log-every", type=int, default=50)
+    train.add_argument("--eval-samples", type=int, default=10_000,
+                       help="samples for the run's metrics (FD/KID, MMD, mode coverage); 0 skips them")
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="family-specific option (repeatable)")
     train.set_defaults(func=cmd_train)

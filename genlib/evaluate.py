@@ -1,0 +1,101 @@
+"""The numbers a recorded run reports, the same ones the chapters print live.
+
+``python -m genlib train`` calls :func:`evaluate_model` after training, so that a full-scale run made
+on a GPU fills the same table a chapter computes at small scale:
+
+* every family: sampling speed (samples/s, timed after a warm-up batch);
+* 2-D toys: MMD^2 to fresh real points and, for the Gaussian mixtures, modes covered and the
+  high-quality fraction (:func:`genlib.metrics.mode_coverage`, 3 std);
+* images: the Fréchet distance and KID between real and generated features, with the committed
+  Fashion-MNIST classifier for 28x28 grey sets and EfficientNet-Lite0 otherwise (both offline);
+* families with an exact likelihood (``model.evaluate``, e.g. flows): held-out ``nll`` and ``bits_per_dim``.
+
+This room only glues :mod:`genlib.metrics` (pure functions) to models and feature networks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from genlib import data as gdata
+from genlib import features, metrics
+
+GREY_28 = (1, 28, 28)
+MMD_POINTS = 2000  # MMD^2 builds an (2n)^2 kernel matrix: 2,000 points keep it at 64 MB
+
+
+def feature_network_for(shape: tuple[int, ...]) -> str:
+    """The feature extractor used for images of ``shape`` (C, H, W): Fashion classifier for 1x28x28."""
+    return "fashion-classifier" if tuple(shape) == GREY_28 else "efficientnet-lite0"
+
+
+@torch.no_grad()
+def draw_samples(model, n: int, batch_size: int = 500) -> tuple[Tensor, float]:
+    """``n`` samples ``[n, ...]`` from ``model`` (float32, CPU) and the sampling rate in samples/s.
+
+    One extra batch is drawn first and thrown away, so that lazy initialisation and cuDNN
+    autotuning do not count in the rate."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    model.sample(min(batch_size, n))
+    chunks, drawn = [], 0
+    began = time.perf_counter()
+    while drawn < n:
+        chunk = model.sample(min(batch_size, n - drawn))
+        chunks.append(chunk.float().cpu())  # the copy to the CPU also waits for the GPU to finish
+        drawn += len(chunk)
+    return torch.cat(chunks), n / (time.perf_counter() - began)
+
+
+def toy_metrics(fake: Tensor, toy_name: str, seed: int = 0) -> dict[str, float]:
+    """MMD^2 between (at most ``MMD_POINTS`` of) ``fake [n, 2]`` and as many fresh points of toy
+    ``toy_name``; for the Gaussian mixtures also mode coverage, over all of ``fake``."""
+    toy = gdata.toy(toy_name)
+    subset = fake[:MMD_POINTS]
+    real = toy.sample(len(subset), torch.Generator().manual_seed(seed + 1))
+    out = {"mmd2": metrics.mmd2(real, subset)}
+    if toy.modes is not None:
+        covered, high_quality = metrics.mode_coverage(fake, toy.modes, toy.std)
+        out.update(modes_covered=covered, modes_total=len(toy.modes), high_quality_fraction=high_quality)
+    return out
+
+
+def image_metrics(fake: Tensor, real: Tensor, device: torch.device | str | None = None,
+                  seed: int = 0) -> dict[str, float | str]:
+    """Fréchet distance and KID between generated ``fake [n, C, H, W]`` ([-1, 1] floats) and ``real``
+    (uint8 or [-1, 1], same image shape), in the features of :func:`feature_network_for`."""
+    if fake.shape[1:] != real.shape[1:]:
+        raise ValueError(f"fake images {tuple(fake.shape[1:])} and real images {tuple(real.shape[1:])} differ in shape")
+    name = feature_network_for(tuple(real.shape[1:]))
+    extract = features.feature_extractor(name)
+    real_feats, fake_feats = extract(real, device=device), extract(fake.clamp(-1, 1), device=device)
+    kid_mean, kid_std = metrics.kid(real_feats, fake_feats, generator=torch.Generator().manual_seed(seed))
+    return {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats),
+            "kid": kid_mean, "kid_std": kid_std}
+
+
+def held_out_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
+    """A fixed random subset of ``n`` rows of ``images`` (all of them when ``n >= len(images)``)."""
+    if n >= len(images):
+        return images
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out: Tensor | None = None,
+                   seed: int = 0) -> dict[str, float | str]:
+    """All the numbers of a run of ``model`` trained on dataset ``data_name``.
+
+    ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]`` or toy points);
+    ``held_out`` (test-split images or points) feeds ``model.evaluate`` when the family has a likelihood."""
+    fake, rate = draw_samples(model, n_samples)
+    out: dict[str, float | str] = {"eval_samples": len(fake), "samples_per_s": rate}
+    if real.dim() == 2:
+        out.update(toy_metrics(fake, data_name, seed))
+    else:
+        out.update(image_metrics(fake, held_out_subset(real, n_samples, seed), model.device, seed))
+    if hasattr(model, "evaluate") and held_out is not None:
+        out.update({f"held_out_{k}": v for k, v in model.evaluate(held_out).items()})
+    return out

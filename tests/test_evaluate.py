@@ -1,0 +1,92 @@
+"""The run metrics of genlib.evaluate, checked on models whose answer is known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genlib import data, evaluate, features, metrics
+from genlib.flows import FlowModel, RealNVP
+from genlib.train import GenerativeModel
+
+
+class Replay(GenerativeModel):
+    """A 'model' whose samples are rows of a fixed tensor, in order (a perfect or a broken generator)."""
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.rows = rows
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.cursor = 0
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        out = self.rows[self.cursor:self.cursor + n]
+        self.cursor = (self.cursor + n) % len(self.rows)
+        return data.to_float(out) if out.dtype == torch.uint8 else out
+
+
+def test_perfect_toy_model_covers_every_mode_with_the_closed_form_quality():
+    toy = data.toy("grid25")
+    real = toy.sample(20_000, torch.Generator().manual_seed(5))
+    out = evaluate.evaluate_model(Replay(real), "grid25", real, n_samples=20_000)
+    assert out["modes_covered"] == out["modes_total"] == 25
+    # an isotropic 2-D Gaussian puts 1 - exp(-3^2 / 2) of its mass within 3 std of its mean
+    assert out["high_quality_fraction"] == pytest.approx(1 - math.exp(-4.5), abs=0.003)
+    assert abs(out["mmd2"]) < 2e-3 and out["eval_samples"] == 20_000
+
+
+def test_collapsed_toy_model_covers_one_mode():
+    toy = data.toy("ring8")
+    one_mode = toy.modes[3] + toy.std * torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    out = evaluate.evaluate_model(Replay(one_mode), "ring8", one_mode, n_samples=1000)
+    assert out["modes_covered"] == 1 and out["mmd2"] > 0.1
+
+
+def test_draw_samples_concatenates_batches_in_order():
+    rows = torch.arange(23.0)[:, None].expand(23, 2)
+    model = Replay(torch.cat([rows[:5], rows]))  # the first batch is the discarded warm-up
+    samples, rate = evaluate.draw_samples(model, 23, batch_size=5)
+    assert torch.equal(samples, rows) and rate > 0
+    with pytest.raises(ValueError, match="positive"):
+        evaluate.draw_samples(Replay(rows), 0)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return data.load_images("fashion-mnist", split="test").images
+
+
+def test_image_metrics_use_the_fashion_classifier_and_agree_with_metrics(fashion):
+    real, fake = fashion[:400], fashion[400:800]
+    out = evaluate.image_metrics(data.to_float(fake), real)
+    assert out["features"] == "fashion-classifier"
+    expected = metrics.frechet_distance(features.fashion_features(real), features.fashion_features(fake))
+    assert out["fd"] == pytest.approx(expected, rel=1e-5)
+    noise = torch.rand(400, 1, 28, 28) * 2 - 1
+    assert evaluate.image_metrics(noise, real)["fd"] > 10 * out["fd"]
+
+
+def test_feature_network_follows_the_image_shape():
+    assert evaluate.feature_network_for((1, 28, 28)) == "fashion-classifier"
+    assert evaluate.feature_network_for((3, 64, 64)) == "efficientnet-lite0"
+    with pytest.raises(ValueError, match="differ in shape"):
+        evaluate.image_metrics(torch.zeros(4, 1, 28, 28), torch.zeros(4, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_held_out_likelihood_is_the_flows_own_evaluation():
+    torch.manual_seed(0)
+    model = FlowModel(RealNVP(dim=2, n_layers=2, hidden=16))
+    held_out = data.toy_dataset("moons", 300, seed=1)
+    out = evaluate.evaluate_model(model, "moons", held_out, n_samples=200, held_out=held_out)
+    assert out["held_out_nll"] == pytest.approx(model.evaluate(held_out)["nll"], rel=1e-6)
+
+
+def test_held_out_subset_is_fixed_and_bounded():
+    rows = torch.arange(100)
+    first, again = evaluate.held_out_subset(rows, 10, seed=3), evaluate.held_out_subset(rows, 10, seed=3)
+    assert torch.equal(first, again) and len(first.unique()) == 10
+    assert torch.equal(evaluate.held_out_subset(rows, 500), rows)

@@ -1,7 +1,17 @@
 """Shared test set-up."""
 
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -12,3 +22,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass
+class BookBuild:
+    """One `jupyter-book build . -W --keep-going` of the repository into a temporary folder."""
+    returncode: int
+    log: str
+    html: Path  # <path-output>/_build/html
+
+    def __fspath__(self) -> str:
+        return str(self.html)
+
+
+@pytest.fixture(scope="session")
+def book_build(tmp_path_factory) -> BookBuild:
+    """Build the book once per test session, shared by all tests of the built HTML
+    (test_book.py, test_browser.py, test_api_docs.py)."""
+    out = tmp_path_factory.mktemp("book")
+    jupyter_book = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
+    result = subprocess.run([jupyter_book, "build", str(ROOT), "-W", "--keep-going", "--path-output", str(out)],
+                            capture_output=True, text=True, timeout=1200)
+    return BookBuild(result.returncode, result.stdout + result.stderr, out / "_build" / "html")
+
+
+@pytest.fixture(scope="session")
+def built_book(book_build) -> Path:
+    """The HTML folder of the session's book build; fails the dependent test if the build failed."""
+    if book_build.returncode != 0:
+        pytest.fail(f"the -W book build failed:\n{book_build.log[-5000:]}", pytrace=False)
+    return book_build.html

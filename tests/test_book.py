@@ -1,11 +1,9 @@
-"""The book builds with Sphinx warnings as errors, and every page in the TOC is produced."""
+"""The book builds with Sphinx warnings as errors, and every page in the TOC is produced.
+The build itself is the session fixture `book_build` (tests/conftest.py), shared with the browser test."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_book_builds_with_warnings_as_errors(tmp_path):
-    jupyter_book = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
-    result = subprocess.run([jupyter_book, "build", str(ROOT), "-W", "--keep-going", "--path-output", str(tmp_path)],
-                            capture_output=True, text=True, timeout=1200)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    html = tmp_path / "_build" / "html"
+def test_book_builds_with_warnings_as_errors(book_build):
+    assert book_build.returncode == 0, book_build.log[-5000:]
+    html = book_build.html
     toc = (ROOT / "_toc.yml").read_text()
     pages = re.findall(r"^\s*(?:root|-\s*file):\s*(\S+)", toc, re.MULTILINE)
     for page in pages:

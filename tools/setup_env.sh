@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the project's environment in .venv on a fresh Debian/Ubuntu machine:
-# Debian packages the tests use, torch, the pip requirements and genlib itself (editable).
+# Debian packages the tests use, the book's vendored JavaScript (tools/vendor_js.sh), torch, the pip
+# requirements and genlib itself (editable).
 # Sourced by tools/build_book.sh and tools/run_tests.sh; safe to run again.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,20 +10,34 @@ VENV="${GENLIB_VENV:-$ROOT/.venv}"
 # set TORCH_SPEC (e.g. TORCH_SPEC=torch) to take whatever build suits your GPU.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 
+APT_UPDATED=""
 apt_install() {
-  # Debian's Fashion-MNIST (real data, offline) for the image chapters and tests.
-  [ -d /usr/share/datasets/fashion-mnist ] && return 0
+  # apt_install "NOTE" PACKAGE...: install Debian packages as root, else with sudo, else print NOTE.
+  local note="$1"; shift
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] apt-get install dataset-fashion-mnist"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    echo "[setup] apt-get install $*"
+    [ -n "$APT_UPDATED" ] || { apt-get update -qq && APT_UPDATED=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    echo "[setup] sudo apt-get install $*"
+    [ -n "$APT_UPDATED" ] || { sudo apt-get update -qq && APT_UPDATED=1; }
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   else
-    echo "[setup] note: Fashion-MNIST not found; install Debian's dataset-fashion-mnist or set GENLIB_DATA" >&2
+    echo "[setup] note: $note" >&2
   fi
 }
 
-apt_install
+# Debian's Fashion-MNIST (real data, offline) for the image chapters and tests.
+[ -d /usr/share/datasets/fashion-mnist ] || apt_install \
+  "Fashion-MNIST not found; install Debian's dataset-fashion-mnist or set GENLIB_DATA" dataset-fashion-mnist
+# Headless Chromium and its driver for the browser test of the built book (tests/test_browser.py).
+{ [ -e /usr/bin/chromium ] && [ -e /usr/bin/chromedriver ]; } || apt_install \
+  "chromium not found; install Debian's chromium and chromium-driver (tests/test_browser.py needs them)" \
+  chromium chromium-driver
+# npm vendors the book's JavaScript (MathJax, ipywidgets embed manager) for the offline HTML.
+command -v npm >/dev/null || apt_install "npm not found; install Node.js and npm" npm
+bash "$ROOT/tools/vendor_js.sh" || echo "[setup] note: the book's JavaScript is not vendored; the book build will fail" >&2
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   python3 -m venv "$VENV"

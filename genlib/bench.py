@@ -38,7 +38,7 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, wa
 
 
 def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
-    """Time genlib's exact search, ``torch.cdist``+argmin and a bare GEMM for each (M, N, d)."""
+    """Time genlib's exact search, ``torch.cdist`` + argmin and a bare GEMM for each (M, N, d)."""
     from genlib.imle import nearest_neighbors
 
     rows = []

@@ -194,7 +194,7 @@ def dde_loss(energy: Callable[[Tensor], Tensor], x: Tensor, x_noisy: Tensor, sig
 
 
 def make_energy(shape: Sequence[int], width: int = 128, depth: int = 3, act: str = "softplus") -> nn.Module:
-    """Scalar energy [n, *shape] -> [n]: a smooth MLP for vectors (its input gradient must vary smoothly,
+    """Scalar energy ``[n, *shape]`` -> [n]: a smooth MLP for vectors (its input gradient must vary smoothly,
     so no ReLU), the DCGAN critic without normalisation for images (as in the DDE paper's code)."""
     if len(shape) == 3:
         return nets.ConvCritic(shape[-1], shape[0], width, norm="none")
@@ -207,7 +207,7 @@ def _is_image(shape: Sequence[int]) -> bool:
 
 
 def _make_generator(z_dim: int, shape: Sequence[int], width: int, depth: int, act: str) -> nn.Module:
-    """Generator z [n, z_dim] -> [n, *shape]: DCGAN ConvGenerator for images, MLP for vectors."""
+    """Generator z [n, z_dim] -> ``[n, *shape]``: DCGAN ConvGenerator for images, MLP for vectors."""
     if _is_image(shape):
         return nets.ConvGenerator(z_dim, shape[-1], shape[0], width)
     return nets.MLP(z_dim, math.prod(shape), width, depth, act)
@@ -292,7 +292,7 @@ class DDEGenerator(_Trainer):
         return torch.randn(n, self.z_dim, device=self.device)
 
     def generate(self, n: int) -> Tensor:
-        """n fakes [n, *shape] from the live generator (differentiable unless under no_grad)."""
+        """n fakes ``[n, *shape]`` from the live generator (differentiable unless under no_grad)."""
         return self.generator(self.noise(n)).reshape(n, *self.shape)
 
     def blur(self, x: Tensor) -> Tensor:
@@ -332,7 +332,7 @@ class DDEGenerator(_Trainer):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """n samples [n, *shape] from the (EMA) generator."""
+        """n samples ``[n, *shape]`` from the (EMA) generator."""
         return self.sampling_net()(self.noise(n)).reshape(n, *self.shape)
 
     def ema_source(self) -> nn.Module:
@@ -409,7 +409,7 @@ class ConvScoreBody(nn.Module):
 
 
 class NoiseConditionalScore(nn.Module):
-    """Score network ``s(x, sigma) ~ grad log p_sigma(x)``: x [n, *shape], sigma [n] or a float -> [n, *shape].
+    """Score network ``s(x, sigma) ~ grad log p_sigma(x)``: x ``[n, *shape]``, sigma [n] or a float -> ``[n, *shape]``.
 
     The body sees (x, log sigma) and its output is divided by sigma (NCSNv2's parametrisation): the
     true score of noisy data scales like 1/sigma, so the body only has to produce O(1) numbers.
@@ -473,7 +473,7 @@ class ScoreModel(_Trainer):
         self.optimizers = {"score": torch.optim.Adam(self.score.parameters(), lr=lr)}
 
     def loss(self, x: Tensor) -> Tensor:
-        """DSM loss on a batch x [B, *shape] with a uniformly drawn noise level per sample."""
+        """DSM loss on a batch x ``[B, *shape]`` with a uniformly drawn noise level per sample."""
         levels = torch.randint(len(self.sigmas), (x.shape[0],), device=x.device)
         return dsm_loss(self.score, x, self.sigmas[levels])
 
@@ -484,14 +484,14 @@ class ScoreModel(_Trainer):
         return {"loss": loss.detach()}
 
     def initial_points(self, n: int) -> Tensor:
-        """Where the chains start: [n, *shape]."""
+        """Where the chains start: ``[n, *shape]``."""
         if _is_image(self.shape):
             return torch.rand(n, *self.shape, device=self.device) * 2 - 1
         return self.init_std * torch.randn(n, *self.shape, device=self.device)
 
     @torch.no_grad()
     def sample(self, n: int, eps: float | None = None, steps_per_level: int | None = None) -> Tensor:
-        """n samples [n, *shape] by annealed Langevin with the (EMA) score network."""
+        """n samples ``[n, *shape]`` by annealed Langevin with the (EMA) score network."""
         net = self.sampling_net()
         return annealed_langevin(net, self.initial_points(n), self.sigmas, self.eps if eps is None else eps,
                                  steps_per_level or self.steps_per_level, self.final_denoise)
@@ -516,7 +516,7 @@ class DAE(ScoreModel):
         self.sigma = float(sigma)  # a Python float: no device sync when denoising on a GPU
 
     def denoise(self, x: Tensor) -> Tensor:
-        """r(x) [n, *shape] for noisy x [n, *shape]."""
+        """r(x) ``[n, *shape]`` for noisy x ``[n, *shape]``."""
         return x + self.sigma**2 * self.score(x, self.sigma)
 
     def loss(self, x: Tensor) -> Tensor:

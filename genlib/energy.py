@@ -405,11 +405,11 @@ class EnergyGAN(GenerativeModel):
         return torch.randn(n, self.z_dim, device=self.device)
 
     def energy(self, x: Tensor) -> Tensor:
-        """``U(x)`` [n] for samples x [n, *shape]; low = real."""
+        """``U(x)`` [n] for samples x ``[n, *shape]``; low = real."""
         return self.critic(x)
 
     def critic_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
-        """Dig pits: the critic's losses on reals and (detached) fakes [B, *shape]; ``loss_u`` is minimised."""
+        """Dig pits: the critic's losses on reals and (detached) fakes ``[B, *shape]``; ``loss_u`` is minimised."""
         return critic_objective(self.critic, real, fake, self.loss, self.penalty, self.lam)
 
     def generator_losses(self, n: int) -> dict[str, Tensor]:
@@ -430,7 +430,7 @@ class EnergyGAN(GenerativeModel):
         return jsd_mutual_information(joint, marginal)
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """``critic_steps`` critic updates on reals x [B, *shape] (fresh fakes each), then one generator update."""
+        """``critic_steps`` critic updates on reals x ``[B, *shape]`` (fresh fakes each), then one generator update."""
         for _ in range(self.critic_steps):
             with torch.no_grad():
                 fake = self.generator(self.noise(len(x)))
@@ -448,7 +448,7 @@ class EnergyGAN(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """n samples [n, *shape] from the EMA generator when kept, else the live one."""
+        """n samples ``[n, *shape]`` from the EMA generator when kept, else the live one."""
         return self.sampling_net()(self.noise(n))
 
     def ema_source(self) -> nn.Module:

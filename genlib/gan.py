@@ -195,7 +195,7 @@ def reconstruction_energy(recon: Tensor, x: Tensor) -> Tensor:
 
 
 class Reshape(nn.Module):
-    """Reshape [n, prod(shape)] to [n, *shape]."""
+    """Reshape [n, prod(shape)] to ``[n, *shape]``."""
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
@@ -221,7 +221,7 @@ def _use_conv(arch: str, shape: Sequence[int]) -> bool:
 
 def make_generator(z_dim: int, shape: Sequence[int], width: int, depth: int, conv: bool, act: str = "relu",
                    batchnorm: bool = False) -> nn.Module:
-    """Generator z [n, z_dim] -> x [n, *shape]: a DCGAN ConvGenerator for images (always BatchNorm), else an
+    """Generator z [n, z_dim] -> x ``[n, *shape]``: a DCGAN ConvGenerator for images (always BatchNorm), else an
     MLP with a linear output (BatchNorm after each hidden layer if ``batchnorm``)."""
     if conv:
         channels, resolution = shape[0], shape[-1]
@@ -232,7 +232,7 @@ def make_generator(z_dim: int, shape: Sequence[int], width: int, depth: int, con
 
 def make_discriminator(shape: Sequence[int], out_dim: int, width: int, depth: int, conv: bool,
                        norm: str = "batch", act: str = "leaky_relu", pack: int = 1) -> nn.Module:
-    """Discriminator x [n, pack * C, H, W] (or [n, pack * d]) -> [n, out_dim] raw scores (logits)."""
+    """Discriminator x ``[n, pack * C, H, W]`` (or ``[n, pack * d]``) -> [n, out_dim] raw scores (logits)."""
     if conv:
         channels, resolution = shape[0], shape[-1]
         return nets.ConvEncoder(out_dim, resolution, channels * pack, width, norm)
@@ -259,7 +259,7 @@ class MinibatchDiscrimination(nn.Module):
 
 
 class MultiHeadGenerator(nn.Module):
-    """MAD-GAN's k generators sharing a trunk: z [n, z_dim], heads [n] in 0..k-1 -> x [n, *shape]."""
+    """MAD-GAN's k generators sharing a trunk: z [n, z_dim], heads [n] in 0..k-1 -> x ``[n, *shape]``."""
 
     def __init__(self, trunk: nn.Module, heads: Sequence[nn.Module]):
         super().__init__()
@@ -360,11 +360,11 @@ class GAN(GenerativeModel):
 
     # -- networks -------------------------------------------------------------------------------
     def build_generator(self) -> nn.Module:
-        """The generator network z [n, z_dim] -> [n, *shape]."""
+        """The generator network z [n, z_dim] -> ``[n, *shape]``."""
         return make_generator(self.z_dim, self.shape, self.width, self.depth, self.conv, self.g_act, self.g_batchnorm)
 
     def build_discriminator(self) -> nn.Module:
-        """The discriminator network [n, *shape] -> [n, 1] logits."""
+        """The discriminator network ``[n, *shape]`` -> [n, 1] logits."""
         return make_discriminator(self.shape, 1, self.width, self.depth, self.conv, self.conv_norm, self.d_act)
 
     def g_modules(self) -> list[nn.Module]:
@@ -377,11 +377,11 @@ class GAN(GenerativeModel):
         return torch.randn(n, self.z_dim, device=self.device)
 
     def generate(self, n: int) -> Tensor:
-        """n fakes [n, *shape] from the live generator (with gradients unless under no_grad)."""
+        """n fakes ``[n, *shape]`` from the live generator (with gradients unless under no_grad)."""
         return self.generator(self.noise(n))
 
     def logits(self, x: Tensor) -> Tensor:
-        """Discriminator logits [n] for samples x [n, *shape]."""
+        """Discriminator logits [n] for samples x ``[n, *shape]``."""
         return self.discriminator(x).squeeze(-1)
 
     def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
@@ -413,7 +413,7 @@ class GAN(GenerativeModel):
                 group["lr"] = self.base_lr[player] * fraction
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """``d_steps`` discriminator updates on reals ``x`` [B, *shape], then one generator update."""
+        """``d_steps`` discriminator updates on reals ``x`` ``[B, *shape]``, then one generator update."""
         self.schedule_lr()
         self.updates += 1
         for _ in range(self.d_steps):
@@ -427,7 +427,7 @@ class GAN(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """n samples [n, *shape] from the EMA generator when kept, else the live one."""
+        """n samples ``[n, *shape]`` from the EMA generator when kept, else the live one."""
         return self.sampling_net()(self.noise(n))
 
     def ema_source(self) -> nn.Module:
@@ -511,7 +511,7 @@ class DRAGAN(GAN):
 
 
 class AutoEncoder(nn.Module):
-    """EBGAN's discriminator: x [n, *shape] -> (reconstruction [n, *shape], code [n, code_dim])."""
+    """EBGAN's discriminator: x ``[n, *shape]`` -> (reconstruction ``[n, *shape]``, code [n, code_dim])."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
@@ -537,7 +537,7 @@ class EBGAN(GAN):
         super().__init__(**kw)
 
     def build_discriminator(self) -> nn.Module:
-        """Autoencoder: encoder [n, *shape] -> [n, code_dim], decoder back to [n, *shape]."""
+        """Autoencoder: encoder ``[n, *shape]`` -> [n, code_dim], decoder back to ``[n, *shape]``."""
         if self.conv:
             channels, resolution = self.shape[0], self.shape[-1]
             encoder = nets.ConvEncoder(self.code_dim, resolution, channels, self.width, self.conv_norm)
@@ -693,7 +693,7 @@ class PacGAN(GAN):
                                   self.pack)
 
     def logits(self, x: Tensor) -> Tensor:
-        """Logits [n // pack] of consecutive packs of x [n, *shape]."""
+        """Logits [n // pack] of consecutive packs of x ``[n, *shape]``."""
         groups = x.shape[0] // self.pack
         if groups == 0:
             raise ValueError(f"a batch of {x.shape[0]} cannot make one pack of {self.pack}")

@@ -33,7 +33,7 @@ def as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def grid_points(lim: float | tuple[float, float, float, float], n: int = 200) -> Grid:
-    """A square grid: (X [n,n], Y [n,n], points [n*n, 2]) over ``lim`` (half-width or x0, x1, y0, y1)."""
+    """A square grid: (X [n,n], Y [n,n], points ``[n*n, 2]``) over ``lim`` (half-width or x0, x1, y0, y1)."""
     x0, x1, y0, y1 = (-lim, lim, -lim, lim) if np.isscalar(lim) else lim
     xs, ys = np.meshgrid(np.linspace(x0, x1, n), np.linspace(y0, y1, n))
     points = torch.from_numpy(np.stack([xs.ravel(), ys.ravel()], 1)).float()
@@ -98,7 +98,7 @@ def energy_surface(energy: Callable[[torch.Tensor], torch.Tensor], lim: float, a
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
-    """Tile images [n, C, H, W] (uint8, or float in [-1, 1]) into one [rows*H, nrow*W, C] uint8 array."""
+    """Tile images [n, C, H, W] (uint8, or float in [-1, 1]) into one ``[rows*H, nrow*W, C]`` uint8 array."""
     if images.dtype != torch.uint8:
         images = to_uint8(images.float())
     images = images.cpu()

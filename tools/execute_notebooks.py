@@ -47,13 +47,13 @@ def repository_url() -> str:
 def setup_source() -> str:
     """The first cell of every chapter: on Colab, install genlib at the book's version."""
     url = repository_url()
-    return f'''# On Colab: install genlib {__version__} from the book's repository (Colab's own torch is kept).
-# For the GPU-sized runs: Runtime > Change runtime type > GPU, then set GENLIB_SCALE="full" below.
+    return f'''# On Colab: install genlib {__version__}, pinned to this book's version, from its repository
+# (Colab's own torch is kept). GPU-sized runs: Runtime > Change runtime type > GPU, then "full" below.
 import os, subprocess, sys
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "genlib @ git+{url}@v{__version__}"], check=True)
-os.environ.setdefault("GENLIB_SCALE", "small")'''
+    source = os.environ.get("GENLIB_INSTALL", "genlib @ git+{url}@v{__version__}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+os.environ.setdefault("GENLIB_SCALE", "small");'''
 
 
 def set_setup_cell(nb: nbformat.NotebookNode) -> None:

@@ -35,9 +35,8 @@ What is here:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -46,10 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genlib import data as gdata
-from genlib import metrics, nets, runtime
+from genlib import nets, runtime
 from genlib.gan import gradient_penalty, input_gradients
+from genlib.evaluate import coverage_run
 from genlib.results import summarize_coverage
-from genlib.train import GenerativeModel, NonFiniteLossError, fit
+from genlib.train import GenerativeModel, SnapshotRecorder, fit
+from genlib.train import snapshot_recorder as train_snapshots
 
 Critic = Callable[[Tensor], Tensor]
 """An energy ``U``: samples [n, ...] -> energies [n]."""
@@ -477,44 +478,12 @@ def _make_nets(shape: tuple[int, ...], z_dim: int, width: int, depth: int) -> tu
 # ==============================================================================================
 
 
-@dataclass
-class SnapshotRecorder:
-    """A ``fit`` callback storing, every call, the fakes of fixed codes and U on a fixed grid (2-D models).
-
-    Pass ``callback=recorder, callback_every=recorder.every`` to :func:`genlib.train.fit`. Lists
-    ``steps`` [T], ``fakes`` (each [n_fakes, 2]) and ``energies`` (each [resolution, resolution], rows
-    along y as in ``genlib.viz.grid_points``) grow together; U is stored raw (it is defined up to a
-    constant, so subtract e.g. its minimum before comparing frames).
-    """
-
-    every: int
-    z: Tensor
-    points: Tensor
-    lim: float
-    resolution: int
-    steps: list[int] = field(default_factory=list)
-    fakes: list[Tensor] = field(default_factory=list)
-    energies: list[Tensor] = field(default_factory=list)
-
-    @torch.no_grad()
-    def __call__(self, step: int, model: EnergyGAN) -> None:
-        dev = model.device
-        self.steps.append(step)
-        self.fakes.append(model.sampling_net()(self.z.to(dev)).cpu())
-        u = model.energy(self.points.to(dev)).cpu()
-        self.energies.append(u.reshape(self.resolution, self.resolution))
-
-
 def snapshot_recorder(model: EnergyGAN, every: int = 50, lim: float = 3.0, resolution: int = 64,
                       n_fakes: int = 512, seed: int = 0) -> SnapshotRecorder:
-    """A :class:`SnapshotRecorder` for ``model`` with fixed codes (so each fake can be followed) and
-    a ``resolution`` x ``resolution`` grid over [-lim, lim]^2; step 0 is recorded at once."""
-    z = torch.randn(n_fakes, model.z_dim, generator=torch.Generator().manual_seed(seed))
-    axis = torch.linspace(-lim, lim, resolution)
-    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-    recorder = SnapshotRecorder(every, z, torch.stack([xs.ravel(), ys.ravel()], 1), lim, resolution)
-    recorder(0, model)
-    return recorder
+    """A :class:`genlib.train.SnapshotRecorder` of the fakes of fixed codes (so each can be followed) and
+    of the energy U on a ``resolution`` x ``resolution`` grid over [-lim, lim]^2 (its ``fields``, raw:
+    U is defined up to a constant); step 0 is recorded at once."""
+    return train_snapshots(model, lambda m, points: m.energy(points), every, lim, resolution, n_fakes, seed)
 
 
 # ==============================================================================================
@@ -571,27 +540,12 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped it; then
     modes = hq = 0).
     """
-    toy_kw = {} if toy_std is None else {"std": toy_std}
-    toy = gdata.toy(toy_name, **toy_kw)
-    if toy.modes is None or toy.std is None:
-        raise ValueError(f"toy {toy_name!r} is not a Gaussian mixture; mode coverage needs modes and std")
-    rows = []
-    for name, kwargs in settings.items():
-        for seed in seeds:
-            runtime.seed_everything(seed)
-            sampler = gdata.BatchSampler(gdata.toy_dataset(toy_name, n_data, seed, **toy_kw), batch_size, device,
-                                         seed=seed)
-            model = EnergyGAN((2,), **{**(TOY_DEFAULTS if base is None else base), **kwargs}).to(device)
-            began, cpu_began, diverged = time.perf_counter(), time.process_time(), False
-            try:
-                fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=f"{name} {seed}")
-                modes, hq = metrics.mode_coverage(model.sample(n_samples).cpu(), toy.modes, toy.std)
-            except NonFiniteLossError:
-                diverged, modes, hq = True, 0, 0.0
-            rows.append({"setting": name, "seed": seed, "modes": modes, "total_modes": len(toy.modes), "hq": hq,
-                         "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
-                         "diverged": diverged})
-    return rows
+    toy = gdata.toy(toy_name, **({} if toy_std is None else {"std": toy_std}))
+    defaults = TOY_DEFAULTS if base is None else base
+    return [{"setting": name, "seed": seed,
+             **coverage_run(partial(EnergyGAN, (2,), **{**defaults, **kwargs}), toy, seed, steps, batch_size, n_data,
+                            n_samples, device, progress, f"{name} {seed}")}
+            for name, kwargs in settings.items() for seed in seeds]
 
 
 def compare_optimizers_on_grid(**kw: Any) -> list[dict[str, Any]]:

@@ -16,12 +16,14 @@ This room only glues :mod:`genlib.metrics` (pure functions) to models and featur
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from genlib import data as gdata
-from genlib import features, metrics
+from genlib import features, metrics, runtime
+from genlib.train import GenerativeModel, NonFiniteLossError, fit
 
 GREY_28 = (1, 28, 28)
 MMD_POINTS = 2000  # MMD^2 builds an (2n)^2 kernel matrix: 2,000 points keep it at 64 MB
@@ -99,3 +101,30 @@ def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out
     if hasattr(model, "evaluate") and held_out is not None:
         out.update({f"held_out_{k}": v for k, v in model.evaluate(held_out).items()})
     return out
+
+
+def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed: int, steps: int, batch_size: int,
+                 n_data: int = 20_000, n_samples: int = 2500, device: str = "cpu", progress: bool = False,
+                 desc: str = "") -> dict[str, Any]:
+    """One seeded run on a Gaussian-mixture ``toy``, scored by mode coverage (the chapters' toy tables).
+
+    Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
+    trains ``steps`` steps through :func:`genlib.train.fit` and scores ``n_samples`` samples. Returns
+    modes (covered), total_modes, hq (fraction within 3 std of a mode), seconds (wall), cpu_seconds
+    (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
+    then modes = hq = 0)."""
+    if toy.modes is None or toy.std is None:
+        raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")
+    runtime.seed_everything(seed)
+    dataset = toy.sample(n_data, torch.Generator().manual_seed(seed))
+    sampler = gdata.BatchSampler(dataset, batch_size, device, seed=seed)
+    model = make_model().to(device)
+    began, cpu_began, diverged = time.perf_counter(), time.process_time(), False
+    try:
+        fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
+        modes, high_quality = metrics.mode_coverage(model.sample(n_samples).cpu(), toy.modes, toy.std)
+    except NonFiniteLossError:
+        diverged, modes, high_quality = True, 0, 0.0
+    return {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality,
+            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
+            "diverged": diverged}

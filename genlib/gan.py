@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,9 +38,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from genlib import data as gdata
-from genlib import metrics, nets, runtime
+from genlib import nets
+from genlib.evaluate import coverage_run
 from genlib.results import summarize_coverage
-from genlib.train import GenerativeModel, fit
+from genlib.train import GenerativeModel, SnapshotRecorder
+from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
     "DRAGAN", "EBGAN", "GAN", "MADGAN", "MRGAN", "MinibatchDiscrimination", "MinibatchDiscriminationGAN",
@@ -741,32 +743,29 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     MLPs are faster on one thread than on two, and far faster when the cores are shared.
     """
     toy = gdata.toy(toy_name)
-    if toy.modes is None or toy.std is None:
-        raise ValueError(f"toy {toy_name!r} is not a Gaussian mixture; mode coverage needs modes and std")
     table = methods if isinstance(methods, Mapping) else {name: TOY_METHODS[name] for name in methods}
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return [_toy_run(name, cls, {"lr_decay_steps": steps, **kwargs, **overrides}, toy, seed, steps, batch_size,
-                         n_data, n_samples, device, progress)
+        return [{"method": name, "seed": seed,
+                 **coverage_run(partial(cls, shape=(2,), **{"lr_decay_steps": steps, **kwargs, **overrides}), toy,
+                                seed, steps, batch_size, n_data, n_samples, device, progress, f"{name} seed {seed}")}
                 for name, (cls, kwargs) in table.items() for seed in seeds]
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _toy_run(name: str, cls: type[GAN], kwargs: dict[str, Any], toy: gdata.Toy, seed: int, steps: int,
-             batch_size: int, n_data: int, n_samples: int, device: str, progress: bool) -> dict[str, Any]:
-    """One seeded training run of ``cls`` on ``toy``, scored by mode coverage."""
-    runtime.seed_everything(seed)
-    dataset = gdata.toy_dataset(toy.name, n_data, seed)
-    sampler = gdata.BatchSampler(dataset, batch_size, device, seed=seed)
-    model = cls(shape=(2,), **kwargs).to(device)
-    began = time.perf_counter()
-    fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=f"{name} seed {seed}")
-    seconds = time.perf_counter() - began
-    modes, hq = metrics.mode_coverage(model.sample(n_samples).cpu(), toy.modes, toy.std)
-    return {"method": name, "seed": seed, "modes": modes, "total_modes": len(toy.modes), "hq": hq, "seconds": seconds}
+def discriminator_probability(model: GAN, points: Tensor) -> Tensor:
+    """``D(x)`` in (0, 1) at ``points [m, ...]`` -> ``[m]`` (the sigmoid of the discriminator's logit)."""
+    return torch.sigmoid(model.discriminator(points).reshape(len(points)))
+
+
+def snapshot_recorder(model: GAN, every: int = 50, lim: float = 2.6, resolution: int = 64, n_fakes: int = 512,
+                      seed: int = 0) -> SnapshotRecorder:
+    """A :class:`genlib.train.SnapshotRecorder` of a 2-D GAN: fakes of fixed codes and ``D(x)``
+    (:func:`discriminator_probability`) on a grid over [-lim, lim]^2; step 0 is recorded at once."""
+    return train_snapshots(model, discriminator_probability, every, lim, resolution, n_fakes, seed)
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

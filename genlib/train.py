@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,52 @@ def _progress_bar(start: int, steps: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=steps, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+
+
+@dataclass
+class SnapshotRecorder:
+    """A :func:`fit` callback for 2-D models: every call stores the samples of fixed codes ``z`` and a
+    scalar field (a critic's energy, a discriminator's output) on a fixed grid, for replay widgets.
+
+    Pass ``callback=recorder, callback_every=recorder.every`` to :func:`fit`. Lists ``steps`` [T],
+    ``fakes`` (each [n, 2], the model's ``sampling_net()`` applied to ``z``) and ``fields`` (each
+    [resolution, resolution], rows along y as in ``genlib.viz.grid_points``) grow together. Fixed codes
+    let the reader follow each fake. Recording runs in eval mode and draws no random numbers, so it does
+    not change the run.
+    """
+
+    every: int
+    z: torch.Tensor
+    points: torch.Tensor
+    lim: float
+    resolution: int
+    field_fn: Callable[[GenerativeModel, torch.Tensor], torch.Tensor] = field(repr=False)
+    steps: list[int] = field(default_factory=list)
+    fakes: list[torch.Tensor] = field(default_factory=list)
+    fields: list[torch.Tensor] = field(default_factory=list)
+
+    @torch.no_grad()
+    def __call__(self, step: int, model: GenerativeModel) -> None:
+        dev, was_training = model.device, model.training
+        model.eval()  # as sample() after fit sees it; and batch-norm statistics stay untouched
+        try:
+            self.steps.append(step)
+            self.fakes.append(model.sampling_net()(self.z.to(dev)).float().cpu())
+            values = self.field_fn(model, self.points.to(dev)).float().cpu()
+            self.fields.append(values.reshape(self.resolution, self.resolution))
+        finally:
+            model.train(was_training)
+
+
+def snapshot_recorder(model: GenerativeModel, field_fn: Callable[[GenerativeModel, torch.Tensor], torch.Tensor],
+                      every: int = 50, lim: float = 3.0, resolution: int = 64, n_fakes: int = 512,
+                      seed: int = 0) -> SnapshotRecorder:
+    """A :class:`SnapshotRecorder` for ``model`` (codes of size ``model.z_dim``, drawn with ``seed``) and
+    ``field_fn(model, points [m, 2]) -> [m]`` on a ``resolution`` x ``resolution`` grid over [-lim, lim]^2;
+    step 0 is recorded at once."""
+    z = torch.randn(n_fakes, model.z_dim, generator=torch.Generator().manual_seed(seed))
+    axis = torch.linspace(-lim, lim, resolution)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    recorder = SnapshotRecorder(every, z, torch.stack([xs.ravel(), ys.ravel()], 1), lim, resolution, field_fn)
+    recorder(0, model)
+    return recorder

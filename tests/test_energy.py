@@ -239,10 +239,10 @@ def test_snapshot_recorder_records_fakes_and_energy_grids():
         progress=False)
     assert recorder.steps == [0, 2, 4]
     assert [f.shape for f in recorder.fakes] == [(20, 2)] * 3
-    assert [u.shape for u in recorder.energies] == [(9, 9)] * 3
+    assert [u.shape for u in recorder.fields] == [(9, 9)] * 3
     assert not torch.equal(recorder.fakes[0], recorder.fakes[-1])
     # row i, column j of the grid is the point (x_j, y_i)
-    torch.testing.assert_close(recorder.energies[-1][2, 7], model.energy(torch.tensor([[1.5, -1.0]]))[0].detach())
+    torch.testing.assert_close(recorder.fields[-1][2, 7], model.energy(torch.tensor([[1.5, -1.0]]))[0].detach())
 
 
 def test_compare_on_toy_and_summarize():

@@ -90,3 +90,55 @@ def test_held_out_subset_is_fixed_and_bounded():
     first, again = evaluate.held_out_subset(rows, 10, seed=3), evaluate.held_out_subset(rows, 10, seed=3)
     assert torch.equal(first, again) and len(first.unique()) == 10
     assert torch.equal(evaluate.held_out_subset(rows, 500), rows)
+
+
+class Exploding(GenerativeModel):
+    """A model whose loss becomes infinite at its third step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def step(self, x, index):
+        self.calls += 1
+        return {"loss": torch.tensor(float("inf") if self.calls >= 3 else 1.0)}
+
+    @torch.no_grad()
+    def sample(self, n):
+        return torch.zeros(n, 2)
+
+
+class MeanShift(GenerativeModel):
+    """Samples N(mu, 1) with mu moved towards each batch mean (a tiny, seed-dependent learner)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(2))
+        self.optimizers = {"mu": torch.optim.SGD([self.mu], lr=0.5)}
+
+    def step(self, x, index):
+        loss = ((self.mu - x) ** 2).sum(1).mean()
+        self.optimizers["mu"].zero_grad()
+        loss.backward()
+        self.optimizers["mu"].step()
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def sample(self, n):
+        return self.mu + torch.randn(n, 2)
+
+
+def test_coverage_run_reports_divergence_instead_of_raising():
+    row = evaluate.coverage_run(Exploding, data.toy("ring8"), seed=0, steps=10, batch_size=8, n_data=64)
+    assert row["diverged"] and row["modes"] == 0 and row["hq"] == 0.0 and row["total_modes"] == 8
+
+
+def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
+    toy = data.toy("ring8", std=1.0)  # modes at radius 2: unit-variance samples near 0 are all within 3 std
+    first, again = (evaluate.coverage_run(MeanShift, toy, seed=3, steps=20, batch_size=16, n_data=256,
+                                          n_samples=500) for _ in range(2))
+    assert {k: first[k] for k in ("modes", "hq")} == {k: again[k] for k in ("modes", "hq")}
+    assert not first["diverged"] and first["modes"] == 8 and first["hq"] > 0.95
+    with pytest.raises(ValueError, match="not a Gaussian mixture"):
+        evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)

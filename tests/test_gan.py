@@ -14,6 +14,7 @@ from torch import nn
 
 from genlib import data, gan, metrics, runtime
 from genlib.cli import TrainSpec
+from genlib.data import BatchSampler
 from genlib.train import fit
 
 
@@ -292,3 +293,23 @@ def test_a_quick_vanilla_gan_finds_most_ring_modes():
     fit(model, sampler, 500, progress=False, log_every=100)
     modes, hq = metrics.mode_coverage(model.sample(2500), toy.modes, toy.std)
     assert modes >= 4 and hq > 0.01
+
+
+def test_snapshot_recorder_replays_fakes_and_discriminator_without_touching_the_run():
+    def run(record: bool):
+        torch.manual_seed(0)
+        model = gan.GAN(width=16, depth=2)
+        recorder = gan.snapshot_recorder(model, every=2, lim=2.0, resolution=9, n_fakes=20) if record else None
+        fit(model, BatchSampler(torch.randn(64, 2), 16, seed=0), 4, callback=recorder,
+            callback_every=2 if record else 0, progress=False)
+        return model, recorder
+
+    model, recorder = run(True)
+    assert recorder.steps == [0, 2, 4] and [f.shape for f in recorder.fakes] == [(20, 2)] * 3
+    # row i, column j of the grid is the point (x_j, y_i); the field is D = sigmoid(logit)
+    logit = model.discriminator(torch.tensor([[1.5, -1.0]])).detach().reshape(())
+    torch.testing.assert_close(recorder.fields[-1][2, 7], torch.sigmoid(logit))
+    torch.testing.assert_close(recorder.fakes[-1], model.generator(recorder.z).detach())
+    plain, _ = run(False)  # recording draws no random numbers: the trained weights are identical
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)

@@ -117,7 +117,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     began = time.perf_counter()
     history = train.fit(model, sampler, args.steps, run_dir=out, checkpoint_every=args.checkpoint_every,
-                        log_every=args.log_every, desc=f"{args.family}/{args.data}")
+                        log_every=args.log_every, desc=f"{args.family}/{args.data}",
+                        callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
+                        callback_every=args.sample_every)
     wall = time.perf_counter() - began
     samples = model.sample(64).float().cpu()
     metrics = {"final_" + k: v[-1] for k, v in history.items() if k != "step" and v}
@@ -131,6 +133,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = {k: v for k, v in vars(args).items() if k != "func"}
     record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall)
     print(f"recorded run in {out} ({wall:.0f} s)")
+
+
+def sample_grid_writer(out: Path):
+    """A ``fit`` callback saving an 8x8 grid of samples as ``out/progress/step_NNNNNNN.png``.
+
+    It samples in eval mode under a forked RNG, so watching a run does not change it."""
+    from genlib import viz
+
+    def write(step: int, model) -> None:
+        (out / "progress").mkdir(parents=True, exist_ok=True)
+        was_training = model.training
+        cuda = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            model.eval()
+            try:
+                samples = model.sample(64).float().cpu()
+            finally:
+                model.train(was_training)
+        viz.save_image_grid(samples, out / "progress" / f"step_{step:07d}.png")
+
+    return write
 
 
 def _short(value) -> str:
@@ -182,6 +205,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder: checkpoints, run.json, metrics.json, samples.png")
     train.add_argument("--checkpoint-every", type=int, default=1000)
     train.add_argument("--log-every", type=int, default=50)
+    train.add_argument("--sample-every", type=int, default=1000,
+                       help="save a grid of samples every N steps into OUT/progress/ (images; 0: never)")
     train.add_argument("--eval-samples", type=int, default=10_000,
                        help="samples for the run's metrics (FD/KID, MMD, mode coverage); 0 skips them")
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",

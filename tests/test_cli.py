@@ -130,10 +130,11 @@ def test_every_family_trains_at_64px_on_a_celeba_folder(family, fake_celeba, tmp
     out = tmp_path / "run"
     cli.main(["train", family, "--data", "celeba64", "--root", str(fake_celeba), "--steps", "2", "--batch-size", "4",
               "--width", "8", "--z-dim", "8", "--eval-samples", "8", "--device", "cpu", "--out", str(out),
-              *TINY_OPTIONS.get(family, [])])
+              "--sample-every", "2", *TINY_OPTIONS.get(family, [])])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["features"] == "efficientnet-lite0" and saved["fd"] >= 0 and saved["eval_samples"] == 8
     assert (out / "samples.png").exists() and (out / "checkpoint.pt").exists()
+    assert sorted(p.name for p in (out / "progress").iterdir()) == ["step_0000002.png"]
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["data"] == "celeba64" and run["config"]["family"] == family
 
@@ -146,3 +147,17 @@ def test_bench_quick_writes_json_and_table(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["nearest_neighbors"][0]["agrees_with_float64"] == 1.0
     assert {row["model"] for row in report["training"]} >= {f"genlib {name}" for name in cli.FAMILIES}
+
+
+def test_progress_grids_do_not_change_the_run(fake_celeba, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
+    args = ["train", "gan", "--data", "celeba64", "--root", str(fake_celeba), "--steps", "4", "--batch-size", "4",
+            "--width", "8", "--z-dim", "8", "--eval-samples", "0", "--device", "cpu"]
+    cli.main(args + ["--sample-every", "1", "--out", str(tmp_path / "watched")])
+    cli.main(args + ["--sample-every", "0", "--out", str(tmp_path / "plain")])
+    assert len(list((tmp_path / "watched" / "progress").glob("step_*.png"))) == 4
+    assert not (tmp_path / "plain" / "progress").exists()
+    watched = torch.load(tmp_path / "watched" / "checkpoint.pt", weights_only=False)["model"]
+    plain = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["model"]
+    for key, value in plain.items():
+        assert torch.equal(value, watched[key]), key

@@ -120,3 +120,27 @@ def test_clean_metadata_numbers_cells_and_drops_timings():
     tool.clean_metadata(nb)
     assert [c.get("execution_count") for c in nb.cells] == [1, None, 2]
     assert "execution" not in nb.cells[0].metadata and nb.metadata.kernelspec["name"] == "python3"
+
+
+SOLUTION = re.compile(r":::\{admonition\} Solution\s*\n:class: dropdown\n(.*?)\n:::", re.S)
+GENLIB_MODULES = r"(?:imle|gan|energy|dae|flows|metrics|g?data|features|evaluate|results)"
+GENLIB_CALL = re.compile(rf"\bgenlib\.{GENLIB_MODULES}\.[a-z_]\w*|\b{GENLIB_MODULES}\.[a-z_]\w*\(")
+
+
+def test_follows_the_chapter_template(notebook):
+    """Title first, then the set-up cell; a widget; at least 3 exercises with hidden solutions, one of them
+    checked by a genlib function; the reproducibility footer last (CONTRIBUTING.md, 'The template')."""
+    path, nb = notebook
+    assert nb.cells[0].cell_type == "markdown" and re.match(r"# \d+\. ", nb.cells[0].source), \
+        f"{path.name}: the first cell must be the chapter title"
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    solutions = SOLUTION.findall(markdown)
+    assert len(solutions) >= 3, f"{path.name}: {len(solutions)} exercises with a dropdown solution, want >= 3"
+    exercises = markdown[markdown.rfind("xercise", 0, markdown.find(":::{admonition} Solution")):]
+    assert GENLIB_CALL.search(exercises), f"{path.name}: no exercise is checked by a genlib function"
+    widgets = [c for c in code_cells(nb) if "frame_slider(" in c.source
+               and any(tool.WIDGET_MIME in o.get("data", {}) for o in c.outputs)]
+    assert widgets, f"{path.name}: no interactive widget (genlib.viz.frame_slider) with saved output"
+    last = code_cells(nb)[-1]
+    assert "results.footer(" in last.source and "nbval-ignore-output" in tags(last), \
+        f"{path.name}: the last code cell must print the reproducibility footer"

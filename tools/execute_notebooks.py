@@ -53,7 +53,7 @@ import os, subprocess, sys
 if "google.colab" in sys.modules:
     source = os.environ.get("GENLIB_INSTALL", "genlib @ git+{url}@v{__version__}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
-os.environ.setdefault("GENLIB_SCALE", "small");'''
+os.environ["GENLIB_SCALE"] = os.environ.get("GENLIB_SCALE", "small")'''
 
 
 def set_setup_cell(nb: nbformat.NotebookNode) -> None:

@@ -44,8 +44,11 @@ Features = Callable[[Tensor], Tensor]
 BLOCK_BYTES = 256 * 2**20
 """Memory budget of one block: of the fp32 distance matrix, and of each float64 working copy."""
 MAX_KEY_BLOCK = 2**16
-CANDIDATES = {"fp32": 4, "tf32": 8, "bf16": 16}
-"""Candidates kept per query by each GEMM precision (more where the GEMM is coarser)."""
+CANDIDATES = {"fp32": 4, "tf32": 8, "bf16": 16, "fp32-wide": 64}
+"""Candidates kept per query by each pass (more where the GEMM is coarser). ``fp32-wide`` is the fp32
+GEMM again with 16x the candidates, for the few queries whose nearest keys crowd within the error bound
+(high-dimensional noise, where all distances concentrate): re-ranking 64 candidates costs far less than
+the float64 brute force it spares."""
 RERANK_BYTES_CPU = 16 * 2**20
 """Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
@@ -80,8 +83,8 @@ def nearest_neighbors(
        error ``2 (d + 4) u (||q|| + max ||k||)^2``) means no key left out can have exact
        distance below ``(k-th approximate distance) - T``. If the re-ranked best is strictly
        below that, the answer is proven; otherwise the query goes to the next pass (fp32
-       after tf32/bf16) and, if still unproven (e.g. more exact duplicates than candidates),
-       to a float64 brute force over all keys.
+       after tf32/bf16, then fp32 with 64 candidates) and, if still unproven (e.g. more exact
+       duplicates than candidates), to a float64 brute force over all keys.
 
     Memory stays bounded: queries and keys are processed in blocks so that one distance
     block holds at most ``BLOCK_BYTES`` (256 MB) of fp32 and each float64 working copy at most
@@ -89,7 +92,7 @@ def nearest_neighbors(
     matmul precision pinned for each pass (a global ``set_float32_matmul_precision`` or bf16
     autocast cannot silently void the bound; the pinning sets global torch flags for the duration
     of the call, so do not race it from other threads). ``stats``, if given, counts queries
-    settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``) and by ``'brute_force'``.
+    settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``.
     """
     _check_search_inputs(queries, keys, chunk_size)
     if queries.device.type not in ("cpu", "cuda"):  # the exact re-rank needs float64
@@ -124,9 +127,9 @@ def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) 
 def _passes(precision: str | None, device: torch.device) -> list[str]:
     """The GEMM precisions to try in order: the fast one, then fp32 for what it could not prove."""
     first = precision or ("tf32" if device.type == "cuda" else "fp32")
-    if first not in CANDIDATES:
-        raise ValueError(f"precision must be one of {sorted(CANDIDATES)} or None, got {precision!r}")
-    return [first] if first == "fp32" else [first, "fp32"]
+    if first not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"precision must be one of ['bf16', 'fp32', 'tf32'] or None, got {precision!r}")
+    return [first, "fp32-wide"] if first == "fp32" else [first, "fp32", "fp32-wide"]
 
 
 def _search(queries: Tensor, keys: Tensor, chunk_size: int | None, passes: list[str],
@@ -174,7 +177,8 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
     split-K reductions and no autocast."""
     old_precision = torch.get_float32_matmul_precision()
     old_reduction = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    torch.set_float32_matmul_precision("high" if device.type == "cuda" and precision != "fp32" else "highest")
+    tensor_cores = device.type == "cuda" and precision in ("tf32", "bf16")
+    torch.set_float32_matmul_precision("high" if tensor_cores else "highest")
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:
         with torch.autocast(device.type, enabled=False):
@@ -250,7 +254,7 @@ def _round_centred(x: Tensor, mean: Tensor, precision: str) -> tuple[Tensor, Ten
 def _round(x: Tensor, precision: str) -> Tensor:
     """float64 -> values exactly representable in ``precision`` (fp32 tensor, or bf16 for 'bf16')."""
     x32 = x.float()
-    if precision == "fp32":
+    if precision.startswith("fp32"):
         return x32
     if precision == "bf16":
         return x32.bfloat16()

@@ -181,7 +181,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Run the benchmarks on the chosen device and write a JSON plus a table."""
     from genlib import bench
 
-    bench.main(device=args.device, out=args.out, quick=args.quick)
+    bench.main(device=args.device, out=args.out, quick=args.quick, nn_sizes=args.nn_size or None,
+               batch_size=args.batch_size, repeats=args.repeats)
+
+
+def _search_size(text: str) -> tuple[int, int, int]:
+    """argparse type of ``bench --nn-size``: ``MxNxD`` -> (M, N, D)."""
+    from genlib.bench import parse_nn_size
+
+    try:
+        return parse_nn_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -230,6 +252,12 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device")
     bench.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
     bench.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
+    bench.add_argument("--nn-size", action="append", default=[], type=_search_size, metavar="MxNxD",
+                       help="nearest-neighbour search size: M queries, N keys, dimension D (repeatable; "
+                            "replaces the default sizes)")
+    bench.add_argument("--batch-size", type=_positive_int, help="training batch (default 512 on CUDA, 16 on the CPU)")
+    bench.add_argument("--repeats", type=_positive_int,
+                       help="timed calls per measurement, the median is kept (default 10 on CUDA, 3 on the CPU)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

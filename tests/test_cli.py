@@ -30,6 +30,10 @@ def test_help_lists_the_commands():
     (["train", "imle", "--data", "ring8"], "the following arguments are required: --out"),
     (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "ten"], "invalid int value"),
     (["frobnicate"], "invalid choice"),
+    (["bench", "--nn-size", "1024x4096"], "a search size is MxNxD"),
+    (["bench", "--nn-size", "0x8x8"], "a search size is MxNxD"),
+    (["bench", "--repeats", "0"], "must be a positive integer"),
+    (["bench", "--batch-size", "many"], "must be a positive integer"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = run_cli(*args)
@@ -161,3 +165,21 @@ def test_progress_grids_do_not_change_the_run(fake_celeba, tmp_path, monkeypatch
     plain = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["model"]
     for key, value in plain.items():
         assert torch.equal(value, watched[key]), key
+
+
+def test_bench_sizes_from_the_command_line(tmp_path):
+    """--nn-size, --batch-size and --repeats replace the preset's sizes, and bench.md is a function of bench.json."""
+    from genlib import bench
+
+    args = cli.make_parser().parse_args(["bench", "--device", "cpu", "--quick", "--nn-size", "8x16x4", "--nn-size", "3X5X7",
+                                         "--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert args.nn_size == [(8, 16, 4), (3, 5, 7)] and args.batch_size == 2 and args.repeats == 1
+    args.func(args)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [(row["M"], row["N"], row["d"]) for row in saved["nearest_neighbors"]] == [(8, 16, 4), (3, 5, 7)]
+    assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] >= 0 for row in saved["nearest_neighbors"])
+    assert {row["batch"] for row in saved["training"]} == {2} and saved["repeats"] == 1
+    assert saved["provenance"]["torch_threads"] >= 1 and saved["provenance"]["wall_s"] > 0
+    share = saved["provenance"]["cpu_share"]  # Linux: how the machine's CPU time was spent during the run
+    assert share is None or abs(sum(share.values()) - 1) < 0.01
+    assert (tmp_path / "bench.md").read_text() == bench.render_markdown(saved)

@@ -129,7 +129,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"evaluating on {args.eval_samples} samples ...", flush=True)
         held_out = load_held_out(args.data, args.root, args.toy_points, args.seed)
         metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out, args.seed))
-    print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
+    summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items())
+    print(summary)
+    write_log(out / "train.log", runtime.describe(args.seed, dev), history, summary)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall)
     print(f"recorded run in {out} ({wall:.0f} s)")
@@ -154,6 +156,16 @@ def sample_grid_writer(out: Path):
         viz.save_image_grid(samples, out / "progress" / f"step_{step:07d}.png")
 
     return write
+
+
+def write_log(path: Path, header: str, history: dict, summary: str) -> None:
+    """A plain-text record of a run: the set-up line, the logged losses per step, the final metrics."""
+    keys = [k for k in history if k != "step"]
+    lines = [header, "step " + " ".join(f"{k:>12s}" for k in keys)]
+    for i, step in enumerate(history.get("step", [])):
+        lines.append(f"{step:>4d} " + " ".join(f"{history[k][i]:12.4g}" for k in keys))
+    lines.append(summary)
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _short(value) -> str:

@@ -126,7 +126,7 @@ def load_run(path: str | Path) -> RecordedRun:
     run_file = path / "run.json"
     if not run_file.exists():
         raise FileNotFoundError(f"{run_file} does not exist: no recorded run at {path} "
-                                "(recorded runs are made with `python -m genlib train ... --record DIR`)")
+                                "(recorded runs are made with `python -m genlib train ... --out DIR`)")
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     return RecordedRun(path, json.loads(run_file.read_text()), metrics)

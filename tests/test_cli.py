@@ -86,6 +86,9 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys):
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
     assert run["config"]["family"] == "imle" and run["device"] == "cpu" and run["scale"] == "small"
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    log = (tmp_path / "straight" / "train.log").read_text().splitlines()
+    assert log[0].startswith("scale=small | device=cpu") and log[1].split()[0] == "step"
+    assert [int(line.split()[0]) for line in log[2:-1]] == [10, 20, 30, 40] and "final_loss=" in log[-1]
     assert "scale=small | device=cpu" in capsys.readouterr().out
 
 

@@ -127,7 +127,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         viz.save_image_grid(samples, out / "samples.png")
     if args.eval_samples:
         print(f"evaluating on {args.eval_samples} samples ...", flush=True)
-        held_out = load_held_out(args.data, args.root, args.toy_points, args.seed)
+        # Only likelihood families use held-out data: others skip reading the test split.
+        held_out = load_held_out(args.data, args.root, args.toy_points, args.seed) if hasattr(model, "evaluate") else None
         metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out, args.seed))
     summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items())
     print(summary)

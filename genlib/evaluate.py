@@ -90,7 +90,8 @@ def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out
                    seed: int = 0) -> dict[str, float | str]:
     """All the numbers of a run of ``model`` trained on dataset ``data_name``.
 
-    ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]`` or toy points);
+    ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]``, the CLI passes the
+    training set, as FID usually does; or toy points);
     ``held_out`` (test-split images or points) feeds ``model.evaluate`` when the family has a likelihood."""
     fake, rate = draw_samples(model, n_samples)
     out: dict[str, float | str] = {"eval_samples": len(fake), "samples_per_s": rate}

@@ -142,18 +142,13 @@ def sample_grid_writer(out: Path):
     """A ``fit`` callback saving an 8x8 grid of samples as ``out/progress/step_NNNNNNN.png``.
 
     It samples in eval mode under a forked RNG, so watching a run does not change it."""
-    from genlib import viz
+    from genlib import train, viz
 
     def write(step: int, model) -> None:
         (out / "progress").mkdir(parents=True, exist_ok=True)
-        was_training = model.training
         cuda = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            model.eval()
-            try:
-                samples = model.sample(64).float().cpu()
-            finally:
-                model.train(was_training)
+        with torch.random.fork_rng(devices=cuda), train.evaluating(model):
+            samples = model.sample(64).float().cpu()
         viz.save_image_grid(samples, out / "progress" / f"step_{step:07d}.png")
 
     return write

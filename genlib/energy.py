@@ -483,7 +483,7 @@ def snapshot_recorder(model: EnergyGAN, every: int = 50, lim: float = 3.0, resol
     """A :class:`genlib.train.SnapshotRecorder` of the fakes of fixed codes (so each can be followed) and
     of the energy U on a ``resolution`` x ``resolution`` grid over [-lim, lim]^2 (its ``fields``, raw:
     U is defined up to a constant); step 0 is recorded at once."""
-    return train_snapshots(model, lambda m, points: m.energy(points), every, lim, resolution, n_fakes, seed)
+    return train_snapshots(model, EnergyGAN.energy, every, lim, resolution, n_fakes, seed)
 
 
 # ==============================================================================================

@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,6 +250,18 @@ def _progress_bar(start: int, steps: int, desc: str, enabled: bool):
     return tqdm(total=steps, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (batch-norm statistics untouched), then the mode the model had:
+    for callbacks that look at a model in the middle of :func:`fit`."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class SnapshotRecorder:
     """A :func:`fit` callback for 2-D models: every call stores the samples of fixed codes ``z`` and a
@@ -274,15 +286,12 @@ class SnapshotRecorder:
 
     @torch.no_grad()
     def __call__(self, step: int, model: GenerativeModel) -> None:
-        dev, was_training = model.device, model.training
-        model.eval()  # as sample() after fit sees it; and batch-norm statistics stay untouched
-        try:
+        dev = model.device
+        with evaluating(model):  # as sample() after fit sees it
             self.steps.append(step)
             self.fakes.append(model.sampling_net()(self.z.to(dev)).float().cpu())
             values = self.field_fn(model, self.points.to(dev)).float().cpu()
             self.fields.append(values.reshape(self.resolution, self.resolution))
-        finally:
-            model.train(was_training)
 
 
 def snapshot_recorder(model: GenerativeModel, field_fn: Callable[[GenerativeModel, torch.Tensor], torch.Tensor],

@@ -148,3 +148,26 @@ def test_ema_requires_a_source():
 
     with pytest.raises(ValueError, match="ema_source"):
         NoSource().attach_ema(0.9)
+
+
+def test_evaluating_switches_to_eval_and_restores_the_mode_even_on_error():
+    from genlib.train import evaluating
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with evaluating(net):
+        assert not net.training and not net[1].training
+    assert net.training
+    net.eval()
+    try:
+        with evaluating(net):
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert not net.training  # it was in eval mode before, and stays so
+    net.train()
+    try:
+        with evaluating(net):
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert net.training

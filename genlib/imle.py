@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +45,20 @@ Features = Callable[[Tensor], Tensor]
 BLOCK_BYTES = 256 * 2**20
 """Memory budget of one block: of the fp32 distance matrix, and of each float64 working copy."""
 MAX_KEY_BLOCK = 2**16
-CANDIDATES = {"fp32": 4, "tf32": 8, "bf16": 16, "fp32-wide": 64}
-"""Candidates kept per query by each pass (more where the GEMM is coarser). ``fp32-wide`` is the fp32
-GEMM again with 16x the candidates, for the few queries whose nearest keys crowd within the error bound
-(high-dimensional noise, where all distances concentrate): re-ranking 64 candidates costs far less than
-the float64 brute force it spares."""
+CANDIDATES = {"fp32": 4, "tf32": 8, "bf16": 16}
+"""Candidates kept per query by each GEMM precision (more where the GEMM is coarser)."""
+WIDE_CANDIDATES = 64
+"""Candidates of the last pass (``'fp32-wide'``, the fp32 GEMM again), for the few queries whose nearest keys
+crowd within the error bound (high-dimensional noise, where all distances concentrate): re-ranking 64
+candidates costs far less than the float64 brute force it spares."""
+
+
+class Pass(NamedTuple):
+    """One certified pass of the search: its name in ``stats``, its GEMM precision, candidates kept per query."""
+
+    name: str
+    precision: str
+    keep: int
 RERANK_BYTES_CPU = 16 * 2**20
 """Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
@@ -124,12 +134,14 @@ def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) 
         raise ValueError("queries and keys must be finite (found NaN or inf)")
 
 
-def _passes(precision: str | None, device: torch.device) -> list[str]:
-    """The GEMM precisions to try in order: the fast one, then fp32 for what it could not prove."""
+def _passes(precision: str | None, device: torch.device) -> list[Pass]:
+    """The passes in order: the fast precision, fp32 for what it could not prove, then fp32 with
+    ``WIDE_CANDIDATES`` for what is still open."""
     first = precision or ("tf32" if device.type == "cuda" else "fp32")
-    if first not in ("fp32", "tf32", "bf16"):
-        raise ValueError(f"precision must be one of ['bf16', 'fp32', 'tf32'] or None, got {precision!r}")
-    return [first, "fp32-wide"] if first == "fp32" else [first, "fp32", "fp32-wide"]
+    if first not in CANDIDATES:
+        raise ValueError(f"precision must be one of {sorted(CANDIDATES)} or None, got {precision!r}")
+    precisions = [first] if first == "fp32" else [first, "fp32"]
+    return [Pass(p, p, CANDIDATES[p]) for p in precisions] + [Pass("fp32-wide", "fp32", WIDE_CANDIDATES)]
 
 
 def _search(queries: Tensor, keys: Tensor, chunk_size: int | None, passes: list[str],
@@ -141,14 +153,14 @@ def _search(queries: Tensor, keys: Tensor, chunk_size: int | None, passes: list[
     todo = torch.arange(m, device=queries.device)
     q_block, k_block = _block_sizes(m, n, d, chunk_size)
     mean = keys.sum(0, dtype=torch.float64) / n
-    for precision in passes:
+    for search_pass in passes:
         if todo.numel() == 0:
             break
         rows = queries if todo.numel() == m else queries[todo]
-        with _pinned_matmul(precision, queries.device):
-            found, at, proven = _certified_pass(rows, keys, mean, precision, q_block, k_block)
+        with _pinned_matmul(search_pass.precision, queries.device):
+            found, at, proven = _certified_pass(rows, keys, mean, search_pass, q_block, k_block)
         dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
-        _count(stats, precision, int(proven.sum()))
+        _count(stats, search_pass.name, int(proven.sum()))
         todo = todo[~proven]
     if todo.numel():
         dist[todo], index[todo] = _brute_force(queries[todo], keys)
@@ -177,8 +189,7 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
     split-K reductions and no autocast."""
     old_precision = torch.get_float32_matmul_precision()
     old_reduction = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    tensor_cores = device.type == "cuda" and precision in ("tf32", "bf16")
-    torch.set_float32_matmul_precision("high" if tensor_cores else "highest")
+    torch.set_float32_matmul_precision("high" if device.type == "cuda" and precision != "fp32" else "highest")
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:
         with torch.autocast(device.type, enabled=False):
@@ -188,7 +199,7 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_reduction
 
 
-def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, precision: str, q_block: int,
+def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pass, q_block: int,
                     k_block: int) -> tuple[Tensor, Tensor, Tensor]:
     """One candidate-and-certificate pass: (exact sq_dist [M], index [M], proven [M] bool)."""
     m = queries.shape[0]
@@ -197,7 +208,7 @@ def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, precision: str,
     proven = torch.empty(m, dtype=torch.bool, device=queries.device)
     for start in range(0, m, q_block):
         rows = slice(start, start + q_block)
-        candidates, threshold = _candidates(queries[rows], keys, mean, precision, k_block)
+        candidates, threshold = _candidates(queries[rows], keys, mean, search_pass, k_block)
         dist[rows], index[rows] = _rerank(queries[rows], keys, candidates)
         # Every key left out has exact distance >= threshold; strict < also settles ties (a
         # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
@@ -205,14 +216,15 @@ def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, precision: str,
     return dist, index, proven
 
 
-def _candidates(queries: Tensor, keys: Tensor, mean: Tensor, precision: str, k_block: int) -> tuple[Tensor, Tensor]:
+def _candidates(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pass, k_block: int) -> tuple[Tensor, Tensor]:
     """Scan all keys for one query block: (candidate indices [m, k], threshold [m]).
 
     Candidates are ranked by a lower bound on their exact distance (approximate distance minus
     the error bound); ``threshold`` is a lower bound on the exact distance of every key not kept.
     """
+    precision = search_pass.precision
     q_hat, q_norm2, q_resid = _round_centred(queries, mean, precision)
-    keep = min(CANDIDATES[precision], keys.shape[0])
+    keep = min(search_pass.keep, keys.shape[0])
     lower = index = None
     threshold = torch.full((queries.shape[0],), math.inf, dtype=torch.float64, device=queries.device)
     for start in range(0, keys.shape[0], k_block):
@@ -254,7 +266,7 @@ def _round_centred(x: Tensor, mean: Tensor, precision: str) -> tuple[Tensor, Ten
 def _round(x: Tensor, precision: str) -> Tensor:
     """float64 -> values exactly representable in ``precision`` (fp32 tensor, or bf16 for 'bf16')."""
     x32 = x.float()
-    if precision.startswith("fp32"):
+    if precision == "fp32":
         return x32
     if precision == "bf16":
         return x32.bfloat16()

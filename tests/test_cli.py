@@ -186,3 +186,15 @@ def test_bench_sizes_from_the_command_line(tmp_path):
     share = saved["provenance"]["cpu_share"]  # Linux: how the machine's CPU time was spent during the run
     assert share is None or abs(sum(share.values()) - 1) < 0.01
     assert (tmp_path / "bench.md").read_text() == bench.render_markdown(saved)
+
+
+def test_bench_number_format_and_cpu_share_by_hand():
+    from genlib import bench
+
+    assert [bench.format_number(v) for v in (None, 7, "bf16", 1500.4, 0.1534, 2.0, 0.99996, 12.345)] == \
+        ["", "7", "bf16", "1500", "0.153", "2.00", "0.99996", "12.3"]
+    # 1000 ticks of machine time: 600 busy (400 of them ours), 300 idle + iowait, 100 stolen
+    before = {"counters": [0] * 8, "own_ticks": 0}
+    after = {"counters": [500, 0, 100, 250, 50, 0, 0, 100], "own_ticks": 400}
+    assert bench.cpu_share(before, after) == {"this_process": 0.4, "other_processes": 0.2, "idle": 0.3, "steal": 0.1}
+    assert bench.cpu_share(None, after) is None

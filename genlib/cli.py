@@ -101,11 +101,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from genlib import data as gdata
     from genlib import runtime, train, viz
     from genlib.evaluate import evaluate_model
-    from genlib.results import record_run
+    from genlib.results import provenance, record_run
 
     if args.steps < 1 or args.batch_size < 1 or args.eval_samples < 0:
         raise SystemExit("error: --steps and --batch-size must be positive, --eval-samples not negative")
     dev = runtime.device(args.device)
+    origin = provenance(dev)  # the commit and date the run started from, not those at its end
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
     print(runtime.describe(args.seed, dev), flush=True)
@@ -134,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(summary)
     write_log(out / "train.log", runtime.describe(args.seed, dev), history, summary)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall)
+    record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall, origin=origin)
     print(f"recorded run in {out} ({wall:.0f} s)")
 
 

@@ -111,10 +111,14 @@ def _fmt(value: object) -> str:
 
 
 def record_run(out_dir: str | Path, *, device: torch.device | str, config: dict, metrics: dict,
-               wall_time_s: float, command: list[str] | str | None = None) -> RecordedRun:
-    """Write ``run.json`` (provenance + config + wall time) and ``metrics.json`` into ``out_dir``."""
+               wall_time_s: float, command: list[str] | str | None = None,
+               origin: dict | None = None) -> RecordedRun:
+    """Write ``run.json`` (provenance + config + wall time) and ``metrics.json`` into ``out_dir``.
+
+    ``origin`` is the :func:`provenance` taken when the run started; without it, provenance is taken now.
+    """
     out = Path(out_dir)
-    run = provenance(device, command) | {"config": config, "wall_time_s": round(wall_time_s, 2)}
+    run = (origin or provenance(device, command)) | {"config": config, "wall_time_s": round(wall_time_s, 2)}
     write_json(out / "run.json", run)
     write_json(out / "metrics.json", metrics)
     return RecordedRun(out, run, metrics)

@@ -92,6 +92,17 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys):
     assert "scale=small | device=cpu" in capsys.readouterr().out
 
 
+def test_run_json_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    from genlib import results, train
+
+    trained = []
+    fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: trained.append(True) or fit(*args, **kwargs))
+    monkeypatch.setattr(results, "git_commit", lambda root=results.REPO_ROOT: "after" if trained else "before")
+    cli.main(train_args(tmp_path / "run", 10))
+    assert trained and json.loads((tmp_path / "run" / "run.json").read_text())["git_commit"] == "before"
+
+
 def test_train_reports_the_chapters_metrics_on_a_toy(tmp_path):
     cli.main(train_args(tmp_path / "run", 20) + ["--eval-samples", "400"])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

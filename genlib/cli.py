@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,13 +50,53 @@ class TrainSpec:
     lr: float = 2e-4
     batch_size: int = 64
     options: dict[str, str] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)  # options a builder has read; the rest are typos
 
-    def option(self, name: str, default, kind=None):
-        """The ``--opt name=value`` option converted to the type of ``default``."""
+    def option(self, name: str, default: Any) -> Any:
+        """The ``--opt name=value`` option converted to the type of ``default``, else ``default``."""
         if name not in self.options:
             return default
-        kind = kind or type(default)
-        return kind(self.options[name])
+        self.used.add(name)
+        return option_value(self.options[name], default)
+
+    def construct(self, cls: type, skip: tuple[str, ...] = (), **fixed: Any) -> Any:
+        """``cls(**fixed, **options)``: every ``--opt`` not in ``skip`` must be a keyword argument of ``cls``
+        (or of the classes it passes ``**kw`` on to) and is converted to the type of its default."""
+        defaults = constructor_defaults(cls)
+        kwargs = dict(fixed)
+        for name, value in self.options.items():
+            if name in skip:
+                continue
+            if name not in defaults or name == "shape":
+                raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: "
+                                 f"{', '.join(sorted(set(defaults) - {'shape'}))}")
+            kwargs[name] = option_value(value, defaults[name])
+            self.used.add(name)
+        return cls(**kwargs)
+
+
+def option_value(text: str, default: Any) -> Any:
+    """An ``--opt`` string converted to the type of ``default``: bools from 1/0, true/false, yes/no; tuples
+    from comma-separated floats (``betas=0.5,0.9``); a ``None`` default takes a float."""
+    if isinstance(default, tuple):
+        return tuple(float(v) for v in text.split(","))
+    if isinstance(default, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"expected a boolean, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    return float(text) if default is None else type(default)(text)
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """Keyword arguments (name -> default) of ``cls.__init__`` and of the genlib base classes' ``__init__``s
+    (subclasses pass ``**kw`` on to them); a subclass's default wins."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__.startswith("genlib") and "__init__" in vars(klass):
+            for name, param in inspect.signature(klass.__init__).parameters.items():
+                if param.default is not inspect.Parameter.empty:
+                    defaults[name] = param.default
+    return defaults
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -91,9 +133,14 @@ def load_held_out(name: str, root: str | None, n_toy: int, seed: int) -> torch.T
 
 
 def build_family(name: str, spec: TrainSpec):
-    """Import and call the builder registered for family ``name``."""
+    """Import and call the builder registered for family ``name``; an ``--opt`` it did not read is an error."""
     module_name, function = FAMILIES[name].split(":")
-    return getattr(importlib.import_module(module_name), function)(spec)
+    model = getattr(importlib.import_module(module_name), function)(spec)
+    unread = sorted(set(spec.options) - spec.used)
+    if unread:
+        raise ValueError(f"unknown option(s) {', '.join(unread)} for family {name!r} "
+                         f"(the options are listed in the docstring of {module_name}.{function})")
+    return model
 
 
 def cmd_train(args: argparse.Namespace) -> None:

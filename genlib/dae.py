@@ -31,7 +31,6 @@ builders. Following the design, this chapter module imports infrastructure only.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -529,35 +528,10 @@ class DAE(ScoreModel):
 # ----------------------------------------------------------------------------------------------
 
 
-def _convert(value: str, default: Any) -> Any:
-    """A ``--opt`` string converted to the type of ``default`` (bools: 1/0, true/false, yes/no; None: float;
-    tuples: comma-separated floats such as ``betas=0.5,0.9``)."""
-    if isinstance(default, tuple):
-        return tuple(float(v) for v in value.split(","))
-    if isinstance(default, bool):
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return value.lower() in ("1", "true", "yes")
-    return float(value) if default is None else type(default)(value)
-
-
-def _build(cls: type, spec: Any, **fixed: Any) -> GenerativeModel:
-    """``cls(**fixed, **options)`` with each ``--opt name=value`` checked against cls's keyword arguments."""
-    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    kwargs = dict(fixed)
-    for name, value in spec.options.items():
-        if name not in defaults or name == "shape":
-            raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: "
-                             f"{', '.join(sorted(set(defaults) - {'shape'}))}")
-        kwargs[name] = _convert(value, defaults[name])
-    return cls(**kwargs)
-
-
 def build_dde(spec: Any) -> DDEGenerator:
     """``python -m genlib train dde``: DDE generator with the spec's shape, z_dim, width and lr
     (the paper used Adam 1e-3); options such as ``sigma``, ``gen_every``, ``warmup``."""
-    return _build(DDEGenerator, spec, shape=tuple(spec.shape), z_dim=spec.z_dim, width=spec.width, lr=spec.lr)
+    return spec.construct(DDEGenerator, shape=tuple(spec.shape), z_dim=spec.z_dim, width=spec.width, lr=spec.lr)
 
 
 def build_score(spec: Any) -> ScoreModel:
@@ -567,9 +541,9 @@ def build_score(spec: Any) -> ScoreModel:
     fixed = {"shape": tuple(spec.shape), "width": spec.width, "lr": spec.lr}
     if image:
         fixed.update(sigma_max=2.0, sigma_min=0.02, steps_per_level=100)
-    return _build(ScoreModel, spec, **fixed)
+    return spec.construct(ScoreModel, **fixed)
 
 
 def build_dae(spec: Any) -> DAE:
     """``python -m genlib train dae``: a single-level denoising autoencoder (option ``sigma``)."""
-    return _build(DAE, spec, shape=tuple(spec.shape), width=spec.width, lr=spec.lr)
+    return spec.construct(DAE, shape=tuple(spec.shape), width=spec.width, lr=spec.lr)

@@ -584,11 +584,6 @@ def build_energy(spec: Any) -> EnergyGAN:
     knn_k, depth.
     """
     image = len(spec.shape) == 3
-    known = {"penalty", "lam", "loss", "critic_steps", "optimizer", "beta1", "beta2", "momentum", "entropy",
-             "entropy_estimator", "knn_k", "depth"}
-    unknown = set(spec.options) - known
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for energy; known: {', '.join(sorted(known))}")
     return EnergyGAN(
         tuple(spec.shape), spec.z_dim, spec.width, spec.option("depth", 3),
         penalty=spec.option("penalty", "r1"), lam=spec.option("lam", 10.0 if image else 0.1),

@@ -26,7 +26,6 @@ builder (one builder, the family chosen with ``--opt variant=...``). The energy 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -778,26 +777,6 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _constructor_defaults(cls: type) -> dict[str, Any]:
-    """Keyword arguments (name -> default) accepted by ``cls`` and its GAN base classes."""
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if isinstance(klass, type) and issubclass(klass, GAN):
-            for name, param in inspect.signature(klass.__init__).parameters.items():
-                if param.default is not inspect.Parameter.empty:
-                    defaults[name] = param.default
-    return defaults
-
-
-def _convert(value: str, default: Any) -> Any:
-    """A ``--opt`` string converted to the type of ``default`` (bools accept 1/0, true/false, yes/no)."""
-    if isinstance(default, bool):
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return value.lower() in ("1", "true", "yes")
-    return type(default)(value)
-
-
 def build_gan(spec: Any) -> GAN:
     """Builder for ``python -m genlib train gan``: the family from ``--opt variant=`` (see VARIANTS).
 
@@ -808,15 +787,5 @@ def build_gan(spec: Any) -> GAN:
     variant = spec.option("variant", "gan")
     if variant not in VARIANTS:
         raise ValueError(f"unknown GAN variant {variant!r}; known: {', '.join(VARIANTS)}")
-    cls = VARIANTS[variant]
-    kwargs: dict[str, Any] = {"shape": tuple(spec.shape), "z_dim": spec.z_dim, "width": spec.width,
-                              "lr_d": spec.lr, "lr_g": spec.lr}
-    defaults = _constructor_defaults(cls)
-    for name, value in spec.options.items():
-        if name == "variant":
-            continue
-        if name not in defaults or name == "shape":
-            raise ValueError(f"unknown option {name!r} for GAN variant {variant!r}; known: "
-                             f"{', '.join(sorted(set(defaults) - {'shape'}))}")
-        kwargs[name] = _convert(value, defaults[name])
-    return cls(**kwargs)
+    return spec.construct(VARIANTS[variant], skip=("variant",), shape=tuple(spec.shape), z_dim=spec.z_dim,
+                          width=spec.width, lr_d=spec.lr, lr_g=spec.lr)

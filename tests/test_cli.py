@@ -50,6 +50,23 @@ def test_malformed_option_is_rejected():
         cli.parse_options(["novalue"])
 
 
+@pytest.mark.parametrize("family", ["imle", "realnvp", "gan", "dde"])
+def test_an_option_no_builder_reads_is_an_error(family):
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"fakes_per_reel": "5"})
+    with pytest.raises(ValueError, match="fakes_per_reel"):
+        cli.build_family(family, spec)
+
+
+def test_option_values_take_the_type_of_their_default():
+    spec = cli.TrainSpec(torch.zeros(1, 2), (2,), torch.device("cpu"),
+                         options={"flag": "no", "steps": "7", "betas": "0.5,0.9", "sigma": "0.3"})
+    assert spec.option("flag", True) is False and spec.option("steps", 1) == 7 and spec.option("absent", 3) == 3
+    assert spec.option("betas", (0.0, 0.0)) == (0.5, 0.9) and cli.option_value("0.3", None) == 0.3
+    assert spec.used == {"flag", "steps", "betas"}
+    with pytest.raises(ValueError, match="boolean"):
+        cli.option_value("maybe", False)
+
+
 def test_missing_dataset_folder_says_how_to_get_it(tmp_path):
     result = run_cli("prepare", "celeba64", "--root", str(tmp_path / "missing"))
     assert result.returncode == 1 and "error:" in result.stderr and "img_align_celeba" in result.stderr

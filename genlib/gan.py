@@ -293,7 +293,7 @@ def make_multihead_generator(k: int, z_dim: int, shape: Sequence[int], width: in
     """k generators that share early layers: MLP trunk + k two-layer heads, or a DCGAN body + k output convs."""
     if conv:
         body = list(make_generator(z_dim, shape, width, depth, True).net)
-        last_conv = max(i for i, layer in enumerate(body) if isinstance(layer, nn.Conv2d))
+        last_conv = max(i for i, layer in enumerate(body) if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)))
         trunk = nn.Sequential(Reshape((z_dim, 1, 1)), *body[:last_conv])
         heads = [make_generator(z_dim, shape, width, depth, True).net[last_conv:] for _ in range(k)]
         return MultiHeadGenerator(trunk, heads)

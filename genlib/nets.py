@@ -57,22 +57,28 @@ def stage_widths(stages: int, width: int, max_mult: int = 8) -> list[int]:
 
 
 class ConvGenerator(nn.Module):
-    """DCGAN-style generator: z [n, z_dim] -> image [n, channels, resolution, resolution] in [-1, 1]."""
+    """DCGAN generator: z [n, z_dim] -> image [n, channels, resolution, resolution] in [-1, 1].
+
+    At 64x64 with width 64 it is layer for layer the PyTorch-examples DCGAN generator: a transposed
+    convolution to 8 width x 4 x 4, then stride-2 transposed convolutions halving the channels, the
+    last one straight to the image channels.
+    """
 
     def __init__(self, z_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, out_act: str = "tanh"):
         super().__init__()
+        if out_act not in ("tanh", "none"):
+            raise ValueError(f"out_act must be 'tanh' or 'none', got {out_act!r}")
         base, stages = conv_stages(resolution)
-        widths = stage_widths(stages, width)[::-1]
+        widths = stage_widths(stages - 1, width)[::-1]  # coarsest first, e.g. 64: [8w, 4w, 2w, w]
         self.z_dim, self.resolution, self.channels = z_dim, resolution, channels
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(z_dim, widths[0], base, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        layers += [nn.Conv2d(widths[-1], channels, 3, 1, 1)]
+        # Without tanh the output is a mean or a logit (VAE decoders), and a bias sets its background level.
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=out_act == "none")]
         if out_act == "tanh":
             layers += [nn.Tanh()]
-        elif out_act != "none":
-            raise ValueError(f"out_act must be 'tanh' or 'none', got {out_act!r}")
         self.net = nn.Sequential(*layers)
         init_dcgan(self)
 
@@ -81,16 +87,18 @@ class ConvGenerator(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """DCGAN-style encoder / critic: image [n, channels, r, r] -> [n, out_dim].
+    """DCGAN encoder / critic: image [n, channels, r, r] -> [n, out_dim].
 
+    At 64x64 with width 64 it is layer for layer the PyTorch-examples DCGAN discriminator (stride-2
+    convolutions doubling the channels from width to 8 width, then one convolution over the 4 x 4 map).
     ``norm`` is ``'batch'``, ``'layer'`` (GroupNorm with one group, safe with gradient
     penalties, which assume each sample's output depends on that sample only) or ``'none'``."""
 
     def __init__(self, out_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none"):
         super().__init__()
         base, stages = conv_stages(resolution)
-        widths = stage_widths(stages, width)
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1), nn.LeakyReLU(0.2, True)]
+        widths = stage_widths(stages - 1, width)  # finest first, e.g. 64: [w, 2w, 4w, 8w]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), make_norm(norm, c_out),
                        nn.LeakyReLU(0.2, True)]

@@ -43,3 +43,16 @@ def test_dcgan_init_statistics():
     gen = nets.ConvGenerator(64, 64, 3, width=64)
     weights = torch.cat([m.weight.flatten() for m in gen.modules() if isinstance(m, torch.nn.ConvTranspose2d)])
     assert abs(weights.std().item() - 0.02) < 0.002 and abs(weights.mean().item()) < 0.001
+
+
+def _conv_weight_shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(m.weight.shape) for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+
+
+def test_64px_nets_are_the_pytorch_examples_dcgan_layer_for_layer():
+    from genlib.bench import ReferenceDCGAN
+
+    reference = ReferenceDCGAN(nz=100, ngf=64, ndf=64)
+    assert _conv_weight_shapes(nets.ConvGenerator(100, 64, 3, width=64)) == _conv_weight_shapes(reference.generator)
+    assert _conv_weight_shapes(nets.ConvCritic(64, 3, width=64, norm="batch")) == \
+        _conv_weight_shapes(reference.discriminator)

@@ -59,6 +59,8 @@ class Pass(NamedTuple):
     name: str
     precision: str
     keep: int
+KEY_CACHE_BYTES = 2**30
+"""Rounded copies of the keys kept during one search (see ``_RoundedKeys``)."""
 RERANK_BYTES_CPU = 16 * 2**20
 """Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
@@ -81,15 +83,16 @@ def nearest_neighbors(
     ``sum((q - k)**2)`` in float64 (float32 off CPU/CUDA). The answer is the one float64 brute
     force gives, at the speed of one GEMM:
 
-    1. **Candidates from a fast GEMM.** Both sets are centred on the keys' mean (distances do
-       not change; the norms, and so the rounding errors, shrink), rounded to the pass's
-       precision, and ``||q||^2 - 2 q.k + ||k||^2`` gives approximate distances; the
+    1. **Candidates from a fast GEMM.** Both sets are centred on the keys' mean in fp32 (distances
+       do not change; the norms, and so the rounding errors, shrink), rounded to the pass's
+       precision (the rounded keys are kept for later query blocks and passes), and
+       ``||q||^2 - 2 q.k + ||k||^2`` gives approximate distances; the
        ``CANDIDATES[precision]`` smallest per query are kept. Precision is ``'tf32'`` on CUDA
        (``'bf16'`` on request) and ``'fp32'`` on the CPU.
     2. **Exact re-rank** of those few candidates in float64, computed as ``||q - k||^2`` (not
        by the expansion, whose cancellation is what loses near-ties).
     3. **Certificate.** A rigorous bound ``T`` on the approximation error (input rounding
-       measured exactly from the rounding residuals, plus the worst-case fp32 accumulation
+       bounded from the measured rounding residuals, plus the worst-case fp32 accumulation
        error ``2 (d + 4) u (||q|| + max ||k||)^2``) means no key left out can have exact
        distance below ``(k-th approximate distance) - T``. If the re-ranked best is strictly
        below that, the answer is proven; otherwise the query goes to the next pass (fp32
@@ -104,16 +107,19 @@ def nearest_neighbors(
     of the call, so do not race it from other threads). ``stats``, if given, counts queries
     settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``.
     """
-    _check_search_inputs(queries, keys, chunk_size)
+    column_sum = _check_search_inputs(queries, keys, chunk_size)
     if queries.device.type not in ("cpu", "cuda"):  # the exact re-rank needs float64
         dist, index = nearest_neighbors(queries.cpu(), keys.cpu(), chunk_size, precision=precision, stats=stats)
         return dist.float().to(queries.device), index.to(queries.device)
     with torch.no_grad():
-        return _search(queries, keys, chunk_size, _passes(precision, queries.device), stats)
+        # Any centre gives the same distances; the keys' mean keeps the norms, and so the bound, small.
+        centre = (column_sum / keys.shape[0]).float()
+        return _search(queries, keys, centre, chunk_size, _passes(precision, queries.device), stats)
 
 
-def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) -> None:
-    """Raise a clear error for anything :func:`nearest_neighbors` cannot search."""
+def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) -> Tensor:
+    """Raise a clear error for anything :func:`nearest_neighbors` cannot search; else the keys' float64
+    column sum [d]."""
     for name, t in (("queries", queries), ("keys", keys)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,9 +135,12 @@ def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) 
         raise ValueError(f"queries are on {queries.device} but keys are on {keys.device}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    # One float64 sum per tensor (it cannot overflow) is finite exactly when every entry is.
-    if not (torch.isfinite(queries.sum(dtype=torch.float64)) and torch.isfinite(keys.sum(dtype=torch.float64))):
+    # A float64 sum (it cannot overflow) is finite exactly when every entry is; the keys' check is
+    # their column sum, which the search reuses for their mean.
+    column_sum = keys.sum(0, dtype=torch.float64)
+    if not (torch.isfinite(queries.sum(dtype=torch.float64)) and torch.isfinite(column_sum).all()):
         raise ValueError("queries and keys must be finite (found NaN or inf)")
+    return column_sum
 
 
 def _passes(precision: str | None, device: torch.device) -> list[Pass]:
@@ -144,7 +153,7 @@ def _passes(precision: str | None, device: torch.device) -> list[Pass]:
     return [Pass(p, p, CANDIDATES[p]) for p in precisions] + [Pass("fp32-wide", "fp32", WIDE_CANDIDATES)]
 
 
-def _search(queries: Tensor, keys: Tensor, chunk_size: int | None, passes: list[str],
+def _search(queries: Tensor, keys: Tensor, centre: Tensor, chunk_size: int | None, passes: list[Pass],
             stats: dict[str, int] | None) -> tuple[Tensor, Tensor]:
     """Run the certified passes, then brute force on the queries none of them proved."""
     m, n, d = queries.shape[0], keys.shape[0], keys.shape[1]
@@ -152,13 +161,13 @@ def _search(queries: Tensor, keys: Tensor, chunk_size: int | None, passes: list[
     index = torch.empty(m, dtype=torch.int64, device=queries.device)
     todo = torch.arange(m, device=queries.device)
     q_block, k_block = _block_sizes(m, n, d, chunk_size)
-    mean = keys.sum(0, dtype=torch.float64) / n
+    rounded_keys = _RoundedKeys(keys, centre, k_block)
     for search_pass in passes:
         if todo.numel() == 0:
             break
         rows = queries if todo.numel() == m else queries[todo]
         with _pinned_matmul(search_pass.precision, queries.device):
-            found, at, proven = _certified_pass(rows, keys, mean, search_pass, q_block, k_block)
+            found, at, proven = _certified_pass(rows, keys, rounded_keys, search_pass, q_block)
         dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
         _count(stats, search_pass.name, int(proven.sum()))
         todo = todo[~proven]
@@ -199,8 +208,8 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_reduction
 
 
-def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pass, q_block: int,
-                    k_block: int) -> tuple[Tensor, Tensor, Tensor]:
+def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass,
+                    q_block: int) -> tuple[Tensor, Tensor, Tensor]:
     """One candidate-and-certificate pass: (exact sq_dist [M], index [M], proven [M] bool)."""
     m = queries.shape[0]
     dist = torch.empty(m, dtype=torch.float64, device=queries.device)
@@ -208,7 +217,7 @@ def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pa
     proven = torch.empty(m, dtype=torch.bool, device=queries.device)
     for start in range(0, m, q_block):
         rows = slice(start, start + q_block)
-        candidates, threshold = _candidates(queries[rows], keys, mean, search_pass, k_block)
+        candidates, threshold = _candidates(queries[rows], rounded_keys, search_pass)
         dist[rows], index[rows] = _rerank(queries[rows], keys, candidates)
         # Every key left out has exact distance >= threshold; strict < also settles ties (a
         # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
@@ -216,21 +225,21 @@ def _certified_pass(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pa
     return dist, index, proven
 
 
-def _candidates(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pass, k_block: int) -> tuple[Tensor, Tensor]:
+def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) -> tuple[Tensor, Tensor]:
     """Scan all keys for one query block: (candidate indices [m, k], threshold [m]).
 
     Candidates are ranked by a lower bound on their exact distance (approximate distance minus
     the error bound); ``threshold`` is a lower bound on the exact distance of every key not kept.
     """
-    precision = search_pass.precision
-    q_hat, q_norm2, q_resid = _round_centred(queries, mean, precision)
-    keep = min(search_pass.keep, keys.shape[0])
+    precision, n, d = search_pass.precision, rounded_keys.n, rounded_keys.d
+    q_hat, q_norm2, q_resid = _round_centred(queries, rounded_keys.centre, precision)
+    keep = min(search_pass.keep, n)
     lower = index = None
     threshold = torch.full((queries.shape[0],), math.inf, dtype=torch.float64, device=queries.device)
-    for start in range(0, keys.shape[0], k_block):
-        k_hat, k_norm2, k_resid = _round_centred(keys[start:start + k_block], mean, precision)
+    for start in range(0, n, rounded_keys.k_block):
+        k_hat, k_norm2, k_resid = rounded_keys.block(start, precision)
         approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
-        bound = _error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), keys.shape[1])
+        bound = _error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), d)
         take = min(keep, approx.shape[1])
         values, at = approx.topk(take, dim=1, largest=False, sorted=True)
         block_lower = values.double() - bound[:, None]
@@ -241,6 +250,29 @@ def _candidates(queries: Tensor, keys: Tensor, mean: Tensor, search_pass: Pass, 
         else:
             lower, index, threshold = _merge(lower, index, block_lower, at + start, keep, threshold)
     return index, threshold
+
+
+class _RoundedKeys:
+    """The keys centred and rounded for the GEMM, block by block, per precision. Blocks are kept
+    between query blocks and passes (the fp32 and fp32-wide passes share them) while the copies fit
+    in ``KEY_CACHE_BYTES``; past that they are rounded again when needed."""
+
+    def __init__(self, keys: Tensor, centre: Tensor, k_block: int):
+        self.keys, self.centre, self.k_block = keys, centre, k_block
+        self.n, self.d = keys.shape
+        self.cache: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self.cached_bytes = 0
+
+    def block(self, start: int, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(rounded [b, d], ||rounded||^2 [b], residual bound [b]) of keys[start:start + k_block]."""
+        if (precision, start) in self.cache:
+            return self.cache[precision, start]
+        rounded = _round_centred(self.keys[start:start + self.k_block], self.centre, precision)
+        size = rounded[0].numel() * rounded[0].element_size()
+        if self.cached_bytes + size <= KEY_CACHE_BYTES:
+            self.cache[precision, start] = rounded
+            self.cached_bytes += size
+        return rounded
 
 
 def _merge(lower: Tensor, index: Tensor, new_lower: Tensor, new_index: Tensor, keep: int,
@@ -254,13 +286,37 @@ def _merge(lower: Tensor, index: Tensor, new_lower: Tensor, new_index: Tensor, k
     return values[:, :keep], index.gather(1, at[:, :keep]), threshold
 
 
-def _round_centred(x: Tensor, mean: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Centre rows in float64 and round them for the GEMM: (rounded [b, d], ||rounded||^2 [b], ||residual|| [b])."""
-    centred = x.double() - mean
-    rounded = _round(centred, precision)
-    wide = rounded.double()
-    # The residual is known exactly, so the input-rounding part of the bound is measured, not assumed.
-    return rounded, wide.pow(2).sum(1), (centred - wide).norm(dim=1)
+def _round_centred(x: Tensor, centre: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre rows on ``centre`` (fp32 [d]) in fp32 and round them for the GEMM: (rounded [b, d],
+    ||rounded||^2 [b] in fp32, an upper bound [b] on ||(x - centre) - rounded||).
+
+    The bound is measured, not assumed, and costs no float64 pass over fp32 inputs: fp32 centring
+    errs by at most ``u |x - centre|`` per entry; rounding the centred rows to the GEMM's precision
+    leaves a residual that fp32 subtracts exactly (it keeps only the dropped low bits); a float64
+    input's own rounding to fp32 is measured in float64; and every fp32 norm is inflated by its
+    worst-case summation error.
+    """
+    x32 = x.float()
+    centred = x32 - centre
+    grow = _norm_growth(x.shape[1])
+    centred_norm = torch.linalg.vector_norm(centred, dim=1)
+    resid = FP32_UNIT / (1 - FP32_UNIT) * centred_norm * grow
+    if precision == "fp32":  # nothing more to round: one pass for the centring, one for the norm
+        rounded, rounded_norm = centred, centred_norm
+    else:
+        rounded = _round(centred, precision)
+        rounded_norm = torch.linalg.vector_norm(rounded.float(), dim=1)
+        resid = resid + torch.linalg.vector_norm(centred - rounded.float(), dim=1) * grow
+    if x.dtype == torch.float64:
+        resid = resid.double() + (x - x32.double()).norm(dim=1) * (1 + 4 * x.shape[1] * FP64_UNIT)
+    return rounded, rounded_norm.square(), resid.double()
+
+
+def _norm_growth(d: int) -> float:
+    """``1 + gamma_(d+6)``: a computed fp32 norm of a d-vector, or its square, times this bounds the exact one
+    (d roundings in the sum of squares, the square root, the squaring, with room to spare)."""
+    gamma = (d + 6) * FP32_UNIT
+    return 1 + gamma / (1 - gamma)
 
 
 def _round(x: Tensor, precision: str) -> Tensor:
@@ -290,16 +346,19 @@ def _approx_sq_dist(q_hat: Tensor, q_norm2: Tensor, k_hat: Tensor, k_norm2: Tens
 def _error_bound(q_norm2: Tensor, q_resid: Tensor, k_norm2_max: Tensor, k_resid_max: Tensor, d: int) -> Tensor:
     """Rigorous bound [m] on |approximate - exact| squared distance, for every key of a block.
 
-    With ``s = ||q_hat|| + max ||k_hat||`` and ``r = ||q residual|| + max ||k residual||``:
-    GEMM and fp32 arithmetic on the rounded rows <= (gamma + 4u) s^2 with gamma the worst-case
-    accumulation error ``2 (d + 4) u`` (2u per addition in case tensor cores truncate);
-    rounding the rows <= 2 s r + r^2 (Cauchy-Schwarz); float64 centring adds a negligible term.
+    With ``s >= ||q_hat|| + max ||k_hat||`` (the fp32 norms inflated by their summation error) and
+    ``r = ||q residual|| + max ||k residual||``: the GEMM and the fp32 additions on the rounded rows
+    err by <= (gamma + 4u) s^2, with gamma the worst-case accumulation error ``2 (d + 4) u`` (2u per
+    addition in case tensor cores truncate); the fp32 squared norms by <= gamma_(d+6) s^2; rounding
+    the rows by <= 2 s r + r^2 (Cauchy-Schwarz); the float64 re-rank adds a negligible last term.
     """
     gamma = 2 * (d + 4) * FP32_UNIT
     gamma = gamma / (1 - gamma)
-    s = q_norm2.sqrt() + k_norm2_max.sqrt()
+    growth = _norm_growth(d)
+    s = (q_norm2.double().sqrt() + k_norm2_max.double().sqrt()) * growth
     r = q_resid + k_resid_max
-    return (gamma + 4 * FP32_UNIT) * s**2 + 2 * s * r + r**2 + 4 * (d + 4) * FP64_UNIT * (s + r) ** 2
+    return ((gamma + 4 * FP32_UNIT + growth - 1) * s**2 + 2 * s * r + r**2
+            + 4 * (d + 4) * FP64_UNIT * (s + r) ** 2)
 
 
 def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:

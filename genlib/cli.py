@@ -169,10 +169,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
                         callback_every=args.sample_every)
     wall = time.perf_counter() - began
-    samples = model.sample(64).float().cpu()
     metrics = {"final_" + k: v[-1] for k, v in history.items() if k != "step" and v}
-    if samples.dim() == 4:
-        viz.save_image_grid(samples, out / "samples.png")
+    if len(dataset.shape) == 4:
+        viz.save_image_grid(model.sample(64).float().cpu(), out / "samples.png")
+    elif dataset.shape[1] == 2:
+        viz.save_scatter(model.sample(2000).float().cpu(), dataset[:2000].cpu(), out / "samples.png")
     if args.eval_samples:
         print(f"evaluating on {args.eval_samples} samples ...", flush=True)
         # Only likelihood families use held-out data: others skip reading the test split.

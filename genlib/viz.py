@@ -8,6 +8,7 @@ figures compose; nothing here calls ``plt.show()``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -128,6 +129,15 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     """Write a tiled grid of images to a PNG file."""
     grid = image_grid(images, nrow)
     plt.imsave(path, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+
+
+def save_scatter(samples: torch.Tensor, data: torch.Tensor, path, lim: float | None = None) -> None:
+    """Write a PNG of 2-D ``samples`` [n, 2] (blue) over ``data`` [m, 2] (grey), as a toy run's sample picture."""
+    def draw(ax: plt.Axes) -> None:
+        scatter2d(data, ax, lim, c="grey", alpha=0.3)
+        scatter2d(samples, ax, lim, c="tab:blue", title=f"{len(samples)} samples over {len(data)} data points")
+
+    Path(path).write_bytes(figure_png(draw, dpi=100))
 
 
 def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None, keys: Sequence[str] | None = None,

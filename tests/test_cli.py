@@ -126,6 +126,7 @@ def test_train_reports_the_chapters_metrics_on_a_toy(tmp_path):
     assert saved["modes_total"] == 8 and 0 <= saved["modes_covered"] <= 8
     assert 0 <= saved["high_quality_fraction"] <= 1 and saved["eval_samples"] == 400 and saved["samples_per_s"] > 0
     assert isinstance(saved["mmd2"], float)
+    assert (tmp_path / "run" / "samples.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.fixture(scope="module")

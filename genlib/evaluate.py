@@ -106,26 +106,28 @@ def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out
 
 def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed: int, steps: int, batch_size: int,
                  n_data: int = 20_000, n_samples: int = 2500, device: str = "cpu", progress: bool = False,
-                 desc: str = "") -> dict[str, Any]:
+                 desc: str = "", keep_samples: bool = False) -> dict[str, Any]:
     """One seeded run on a Gaussian-mixture ``toy``, scored by mode coverage (the chapters' toy tables).
 
     Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
     trains ``steps`` steps through :func:`genlib.train.fit` and scores ``n_samples`` samples. Returns
     modes (covered), total_modes, hq (fraction within 3 std of a mode), seconds (wall), cpu_seconds
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
-    then modes = hq = 0)."""
+    then modes = hq = 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2] on the CPU."""
     if toy.modes is None or toy.std is None:
         raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")
     runtime.seed_everything(seed)
     dataset = toy.sample(n_data, torch.Generator().manual_seed(seed))
     sampler = gdata.BatchSampler(dataset, batch_size, device, seed=seed)
     model = make_model().to(device)
-    began, cpu_began, diverged = time.perf_counter(), time.process_time(), False
+    began, cpu_began, diverged, samples = time.perf_counter(), time.process_time(), False, None
     try:
         fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
-        modes, high_quality = metrics.mode_coverage(model.sample(n_samples).cpu(), toy.modes, toy.std)
+        samples = model.sample(n_samples).cpu()
+        modes, high_quality = metrics.mode_coverage(samples, toy.modes, toy.std)
     except NonFiniteLossError:
         diverged, modes, high_quality = True, 0, 0.0
-    return {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality,
-            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
-            "diverged": diverged}
+    row = {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality,
+           "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
+           "diverged": diverged}
+    return row | {"samples": samples} if keep_samples else row

@@ -45,7 +45,8 @@ from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
     "DRAGAN", "EBGAN", "GAN", "MADGAN", "MRGAN", "MinibatchDiscrimination", "MinibatchDiscriminationGAN",
-    "MultiHeadGenerator", "PacGAN", "TOY_BATCH_SIZE", "TOY_METHODS", "UnrolledGAN", "VARIANTS", "build_gan",
+    "MultiHeadGenerator", "PacGAN", "REFERENCE_TOY_BATCH_SIZE", "REFERENCE_TOY_SETTING", "TOY_BATCH_SIZE",
+    "TOY_METHODS", "UnrolledGAN", "VARIANTS", "build_gan",
     "compare_on_toy", "discriminator_bce", "dragan_points", "gan_value", "gan_value_on_grid",
     "generator_logit_grad", "generator_loss", "gradient_penalty", "js_divergence", "make_adam",
     "optimal_discriminator", "pulling_away_term", "summarize",
@@ -713,6 +714,14 @@ VARIANTS: dict[str, type[GAN]] = {
 
 # The toy comparison's batch size; the per-method settings below sit on top of GAN's toy defaults.
 TOY_BATCH_SIZE = 128
+REFERENCE_TOY_SETTING: dict[str, Any] = {
+    "z_dim": 256, "width": 128, "depth": 2, "lr_d": 1e-4, "lr_g": 1e-4, "beta1": 0.5, "g_act": "relu",
+    "d_act": "relu", "g_batchnorm": False, "lr_decay_steps": 0}
+"""The unrolled-GAN paper's reference toy notebook (Metz et al., 2017): two hidden layers of 128 ReLU units in
+both nets, z 256, Adam 1e-4 with beta1 0.5 for both players, no BatchNorm, no decay; batch
+:data:`REFERENCE_TOY_BATCH_SIZE`. A vanilla GAN collapses here within a few thousand steps."""
+REFERENCE_TOY_BATCH_SIZE = 512
+"""Batch size of the reference toy setting (:data:`REFERENCE_TOY_SETTING`)."""
 TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
     "GAN": (GAN, {}),
     "GAN (minimax)": (GAN, {"loss": "minimax"}),
@@ -730,7 +739,7 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
                    toy_name: str = "ring8", seeds: Sequence[int] = (0, 1, 2), steps: int = 1000,
                    batch_size: int = TOY_BATCH_SIZE, n_data: int = 20_000, n_samples: int = 2500,
                    device: str = "cpu", threads: int | None = 1, progress: bool = False,
-                   **overrides: Any) -> list[dict[str, Any]]:
+                   keep_samples: bool = False, **overrides: Any) -> list[dict[str, Any]]:
     """Train each method with each seed on toy ``toy_name`` through :func:`genlib.train.fit`.
 
     ``methods`` are names in :data:`TOY_METHODS` or a mapping name -> (class, kwargs); ``overrides``
@@ -738,8 +747,9 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     ``lr_decay_steps=0``). Each run is seeded with its seed (weights, noise and a fresh dataset
     of ``n_data`` points). Returns one row per run: method, seed, modes (covered, out of
     ``total_modes``), hq (fraction of ``n_samples`` within 3 std of a mode) and seconds (training
-    time). ``threads`` sets torch's CPU threads for the duration (None leaves them): these tiny
-    MLPs are faster on one thread than on two, and far faster when the cores are shared.
+    time), and with ``keep_samples`` the scored samples. ``threads`` sets torch's CPU threads for the
+    duration (None leaves them): these tiny MLPs are faster on one thread than on two, and far
+    faster when the cores are shared.
     """
     toy = gdata.toy(toy_name)
     table = methods if isinstance(methods, Mapping) else {name: TOY_METHODS[name] for name in methods}
@@ -749,7 +759,8 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     try:
         return [{"method": name, "seed": seed,
                  **coverage_run(partial(cls, shape=(2,), **{"lr_decay_steps": steps, **kwargs, **overrides}), toy,
-                                seed, steps, batch_size, n_data, n_samples, device, progress, f"{name} seed {seed}")}
+                                seed, steps, batch_size, n_data, n_samples, device, progress, f"{name} seed {seed}",
+                                keep_samples)}
                 for name, (cls, kwargs) in table.items() for seed in seeds]
     finally:
         torch.set_num_threads(previous_threads)

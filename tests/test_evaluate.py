@@ -139,6 +139,10 @@ def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
     first, again = (evaluate.coverage_run(MeanShift, toy, seed=3, steps=20, batch_size=16, n_data=256,
                                           n_samples=500) for _ in range(2))
     assert {k: first[k] for k in ("modes", "hq")} == {k: again[k] for k in ("modes", "hq")}
-    assert not first["diverged"] and first["modes"] == 8 and first["hq"] > 0.95
+    assert not first["diverged"] and first["modes"] == 8 and first["hq"] > 0.95 and "samples" not in first
+    kept = evaluate.coverage_run(MeanShift, toy, seed=3, steps=20, batch_size=16, n_data=256, n_samples=500,
+                                 keep_samples=True)
+    assert kept["samples"].shape == (500, 2)
+    assert metrics.mode_coverage(kept["samples"], toy.modes, toy.std) == (first["modes"], first["hq"])
     with pytest.raises(ValueError, match="not a Gaussian mixture"):
         evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)

@@ -241,13 +241,13 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
 
     dev = pick_device(device)
     use_fast_matmul(dev)
-    custom_sizes, custom_repeats = nn_sizes, repeats
     if quick:
-        nn_sizes, resolution, batch, repeats = [(256, 512, 64), (512, 1024, 784)], 8, 4, 1
+        preset_sizes, resolution, preset_batch, preset_repeats = [(256, 512, 64), (512, 1024, 784)], 8, 4, 1
     else:
-        nn_sizes = [(1024, 1024, 3072), (4096, 4096, 3072), (4096, 4096, 12288)]
-        resolution, batch, repeats = 64, 512 if dev.type == "cuda" else 16, 10 if dev.type == "cuda" else 3
-    nn_sizes, batch, repeats = custom_sizes or nn_sizes, batch_size or batch, custom_repeats or repeats
+        preset_sizes = [(1024, 1024, 3072), (4096, 4096, 3072), (4096, 4096, 12288)]
+        cuda = dev.type == "cuda"
+        resolution, preset_batch, preset_repeats = 64, 512 if cuda else 16, 10 if cuda else 3
+    nn_sizes, batch, repeats = nn_sizes or preset_sizes, batch_size or preset_batch, repeats or preset_repeats
     if min(batch, repeats) < 1:
         raise ValueError(f"batch_size and repeats must be >= 1, got {batch} and {repeats}")
     cpu_before, began = _cpu_times(), time.perf_counter()

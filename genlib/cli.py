@@ -64,14 +64,13 @@ class TrainSpec:
         (or of the classes it passes ``**kw`` on to) and is converted to the type of its default."""
         defaults = constructor_defaults(cls)
         kwargs = dict(fixed)
-        for name, value in self.options.items():
+        for name in self.options:
             if name in skip:
                 continue
             if name not in defaults or name == "shape":
                 raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: "
                                  f"{', '.join(sorted(set(defaults) - {'shape'}))}")
-            kwargs[name] = option_value(value, defaults[name])
-            self.used.add(name)
+            kwargs[name] = self.option(name, defaults[name])
         return cls(**kwargs)
 
 
@@ -177,7 +176,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.eval_samples:
         print(f"evaluating on {args.eval_samples} samples ...", flush=True)
         # Only likelihood families use held-out data: others skip reading the test split.
-        held_out = load_held_out(args.data, args.root, args.toy_points, args.seed) if hasattr(model, "evaluate") else None
+        likelihood = hasattr(model, "evaluate")
+        held_out = load_held_out(args.data, args.root, args.toy_points, args.seed) if likelihood else None
         metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out, args.seed))
     summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items())
     print(summary)

@@ -59,6 +59,8 @@ class Pass(NamedTuple):
     name: str
     precision: str
     keep: int
+
+
 KEY_CACHE_BYTES = 2**30
 """Rounded copies of the keys kept during one search (see ``_RoundedKeys``)."""
 RERANK_BYTES_CPU = 16 * 2**20
@@ -305,8 +307,9 @@ def _round_centred(x: Tensor, centre: Tensor, precision: str) -> tuple[Tensor, T
         rounded, rounded_norm = centred, centred_norm
     else:
         rounded = _round(centred, precision)
-        rounded_norm = torch.linalg.vector_norm(rounded.float(), dim=1)
-        resid = resid + torch.linalg.vector_norm(centred - rounded.float(), dim=1) * grow
+        wide = rounded.float()  # bf16 -> fp32 once, for both norms
+        rounded_norm = torch.linalg.vector_norm(wide, dim=1)
+        resid = resid + torch.linalg.vector_norm(centred - wide, dim=1) * grow
     if x.dtype == torch.float64:
         resid = resid.double() + (x - x32.double()).norm(dim=1) * (1 + 4 * x.shape[1] * FP64_UNIT)
     return rounded, rounded_norm.square(), resid.double()

@@ -87,6 +87,23 @@ def test_error_bound_covers_the_actual_error_of_every_pair(precision, dtype):
     assert (bound < {"fp32": 1e-3, "tf32": 0.05, "bf16": 0.3}[precision] * exact.min(1).values).all()
 
 
+@pytest.mark.parametrize("cache_bytes", [0, imle.KEY_CACHE_BYTES])
+def test_rounded_keys_are_reused_when_they_fit_and_rounded_again_when_not(cache_bytes, monkeypatch):
+    """Several query blocks and key blocks, and a second (wide) pass: with room in the cache each key block
+    is rounded once per precision; without, once per use. The answer is the same either way."""
+    g = torch.Generator().manual_seed(5)
+    queries, keys = torch.randn(40, 2048, generator=g), torch.randn(30, 2048, generator=g)
+    calls = []
+    round_centred = imle._round_centred
+    monkeypatch.setattr(imle, "KEY_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(imle, "_round_centred", lambda x, *a: calls.append(len(x)) or round_centred(x, *a))
+    stats: dict[str, int] = {}
+    assert_same_as_brute_force(queries, keys, chunk_size=10, stats=stats)
+    key_blocks, query_blocks = 3, sum(math.ceil(n / 10) for n in (40, stats.get("fp32-wide", 0)) if n)
+    key_roundings = len(calls) - query_blocks
+    assert key_roundings == (key_blocks * query_blocks if cache_bytes == 0 else key_blocks)
+
+
 def test_near_ties_resolved_as_float64_brute_force():
     queries, keys = near_tie_cloud(200)
     _, ref_index = brute_force(queries, keys)

@@ -35,6 +35,11 @@ def git_commit(root: Path = REPO_ROOT) -> str:
         return "unknown"
 
 
+def short_commit(commit: str) -> str:
+    """A commit as 12 hex digits, keeping its ``-dirty`` mark (a run from uncommitted changes must say so)."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def provenance(device: torch.device | str, command: list[str] | str | None = None) -> dict:
     """Who, what and where of a run: command line, git commit, device, versions, host, date."""
     from genlib import __version__
@@ -99,7 +104,7 @@ class RecordedRun:
         """A few lines for a notebook: the command, where and when it ran, and its metrics."""
         run = self.run
         lines = [f"command : {run['command']}",
-                 f"device  : {run['device_name']} | torch {run['torch_version']} | commit {run['git_commit'][:12]}",
+                 f"device  : {run['device_name']} | torch {run['torch_version']} | commit {short_commit(run['git_commit'])}",
                  f"scale   : {run['scale']} | wall time {run.get('wall_time_s', float('nan')):.0f} s | {run['date']}"]
         lines += [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())]
         return "\n".join(lines)
@@ -158,5 +163,5 @@ def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:
     ``began`` is a ``time.perf_counter()`` reading taken at the top of the notebook."""
     info = provenance(device, command="")
     return (f"scale={info['scale']} | device={info['device']} [{info['device_name']}] | seed={seed} | "
-            f"genlib {info['genlib_version']} (commit {info['git_commit'][:12]}) | torch {info['torch_version']} | "
+            f"genlib {info['genlib_version']} (commit {short_commit(info['git_commit'])}) | torch {info['torch_version']} | "
             f"wall time {time.perf_counter() - began:.0f} s")

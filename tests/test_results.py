@@ -48,3 +48,10 @@ def test_summarize_coverage_groups_seeds_by_key():
     assert first == {"method": "a", "runs": 2, "modes_mean": 7.0, "modes_min": 6, "modes_max": 8, "total_modes": 8,
                      "hq_mean": 0.4, "seconds_mean": 1.5, "diverged": 1}
     assert second["method"] == "b" and second["runs"] == 1 and second["diverged"] == 1
+
+
+@pytest.mark.parametrize("commit, shown", [("0123456789abcdef0123", "0123456789ab"),
+                                           ("0123456789abcdef0123-dirty", "0123456789ab-dirty"),
+                                           ("unknown", "unknown")])
+def test_short_commit_keeps_the_dirty_mark(commit, shown):
+    assert results.short_commit(commit) == shown

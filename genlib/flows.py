@@ -535,7 +535,9 @@ class MADE(nn.Sequential):
 
     def __init__(self, dim: int, k: int, hidden: int = 256, depth: int = 2):
         in_deg = torch.arange(1, dim + 1)
-        hid_deg = torch.arange(hidden) % max(dim - 1, 1) + 1  # hidden unit of degree d sees x_1..x_d
+        # hidden degrees spread evenly over 1..D-1: with fewer hidden units than D - 1, degrees
+        # 1..hidden alone would cut every later coordinate off from all but the first `hidden` inputs
+        hid_deg = torch.linspace(1, max(dim - 1, 1), hidden).round().long()  # degree d sees x_1..x_d
         out_deg = in_deg.repeat(k)  # output j * D + i belongs to coordinate i
         layers: list[nn.Module] = []
         prev = in_deg

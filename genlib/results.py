@@ -103,8 +103,9 @@ class RecordedRun:
     def summary(self) -> str:
         """A few lines for a notebook: the command, where and when it ran, and its metrics."""
         run = self.run
+        commit = short_commit(run["git_commit"])
         lines = [f"command : {run['command']}",
-                 f"device  : {run['device_name']} | torch {run['torch_version']} | commit {short_commit(run['git_commit'])}",
+                 f"device  : {run['device_name']} | torch {run['torch_version']} | commit {commit}",
                  f"scale   : {run['scale']} | wall time {run.get('wall_time_s', float('nan')):.0f} s | {run['date']}"]
         lines += [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())]
         return "\n".join(lines)
@@ -163,5 +164,6 @@ def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:
     ``began`` is a ``time.perf_counter()`` reading taken at the top of the notebook."""
     info = provenance(device, command="")
     return (f"scale={info['scale']} | device={info['device']} [{info['device_name']}] | seed={seed} | "
-            f"genlib {info['genlib_version']} (commit {short_commit(info['git_commit'])}) | torch {info['torch_version']} | "
+            f"genlib {info['genlib_version']} (commit {short_commit(info['git_commit'])}) | "
+            f"torch {info['torch_version']} | "
             f"wall time {time.perf_counter() - began:.0f} s")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m genlib {prepare,train,classifier,bench} ...``.
+"""Command line: ``python -m genlib {prepare,train,compare,classifier,bench} ...``.
 
 ``train`` runs any registered family on any dataset at any scale through the one loop
 (:func:`genlib.train.fit`) and records the run (provenance, metrics, a sample grid) so the
@@ -187,6 +187,59 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"recorded run in {out} ({wall:.0f} s)")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Train GAN variants x seeds on Gaussian-mixture toys and record the mode-coverage table.
+
+    Each finished run is saved at once in ``OUT/partial.pt``; a rerun with the same ``--out`` skips the
+    runs already there, so a crash loses at most the run in progress."""
+    from genlib import data as gdata
+    from genlib import gan, results, train, viz
+
+    methods = list(gan.TOY_METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [name for name in methods if name not in gan.TOY_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(gan.TOY_METHODS)}")
+    toys = {name: gdata.toy(name) for name in args.toys.split(",")}
+    not_mixtures = [name for name, toy in toys.items() if toy.modes is None]
+    if not_mixtures:
+        raise ValueError(f"toy(s) {', '.join(not_mixtures)} have no modes to cover; use ring8 or grid25")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    batch_size, setting = gan.TOY_SETTINGS[args.setting]
+    out = Path(args.out)
+    partial = out / "partial.pt"
+    state = torch.load(partial, weights_only=False) if partial.exists() else {
+        "origin": results.provenance("cpu"), "rows": [], "samples": {}}
+    for toy_name in toys:
+        for method in methods:
+            for seed in seeds:
+                if any((row["toy"], row["method"], row["seed"]) == (toy_name, method, seed) for row in state["rows"]):
+                    continue
+                [row] = gan.compare_on_toy([method], toy_name, seeds=(seed,), steps=args.steps, batch_size=batch_size,
+                                           progress=True, keep_samples=True, **setting)
+                samples = row.pop("samples")
+                if seed == seeds[0]:
+                    state["samples"][toy_name, method] = samples
+                state["rows"].append({"toy": toy_name, **row})
+                train.save_atomic(state, partial)
+                print(f"{toy_name} {method} seed {seed}: {row['modes']} of {row['total_modes']} modes, "
+                      f"hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    rows = [row for row in state["rows"] if row["toy"] in toys and row["method"] in methods and row["seed"] in seeds]
+    summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
+                                                    sums=("diverged",)) for toy_name in toys}
+    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table)}" for toy_name, table in summary.items())
+    print(report)
+    lim = {name: float(toy.modes.abs().max()) + 0.6 for name, toy in toys.items()}
+    viz.save_scatter_panels([(f"{toy_name} {method}, seed {seeds[0]}", samples, toys[toy_name].modes, lim[toy_name])
+                             for (toy_name, method), samples in state["samples"].items()
+                             if toy_name in toys and method in methods], out / "samples.png")
+    (out / "train.log").write_text(f"setting {args.setting}: batch {batch_size}, {setting}\n\n{report}\n")
+    config = {k: v for k, v in vars(args).items() if k != "func"} | {"batch_size": batch_size, "overrides": setting}
+    results.record_run(out, device="cpu", config=config, metrics={"rows": rows, "summary": summary},
+                       wall_time_s=sum(row["seconds"] for row in rows), origin=state["origin"])
+    partial.unlink()
+    print(f"recorded comparison in {out}")
+
+
 def sample_grid_writer(out: Path):
     """A ``fit`` callback saving an 8x8 grid of samples as ``out/progress/step_NNNNNNN.png``.
 
@@ -291,6 +344,17 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="family-specific option (repeatable)")
     train.set_defaults(func=cmd_train)
+
+    compare = commands.add_parser("compare", help="train GAN variants x seeds on 2-D toys and record the "
+                                                  "mode-coverage table (chapter 2)")
+    compare.add_argument("--methods", default="all", help="comma-separated names of genlib.gan.TOY_METHODS, or all")
+    compare.add_argument("--toys", default="ring8,grid25", help="comma-separated Gaussian-mixture toys")
+    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--steps", type=_positive_int, default=2000)
+    compare.add_argument("--setting", choices=("tuned", "collapse", "unrolled-notebook"), default="collapse",
+                         help="genlib.gan.TOY_SETTINGS: batch size and network/optimiser settings")
+    compare.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png, train.log")
+    compare.set_defaults(func=cmd_compare)
 
     prepare = commands.add_parser("prepare", help="decode an image dataset once into its uint8 cache")
     prepare.add_argument("data", choices=IMAGE_SETS)

@@ -45,7 +45,7 @@ from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
     "DRAGAN", "EBGAN", "GAN", "MADGAN", "MRGAN", "MinibatchDiscrimination", "MinibatchDiscriminationGAN",
-    "MultiHeadGenerator", "PacGAN", "REFERENCE_TOY_BATCH_SIZE", "REFERENCE_TOY_SETTING", "TOY_BATCH_SIZE",
+    "MultiHeadGenerator", "PacGAN", "TOY_BATCH_SIZE", "TOY_SETTINGS",
     "TOY_METHODS", "UnrolledGAN", "VARIANTS", "build_gan",
     "compare_on_toy", "discriminator_bce", "dragan_points", "gan_value", "gan_value_on_grid",
     "generator_logit_grad", "generator_loss", "gradient_penalty", "js_divergence", "make_adam",
@@ -714,14 +714,20 @@ VARIANTS: dict[str, type[GAN]] = {
 
 # The toy comparison's batch size; the per-method settings below sit on top of GAN's toy defaults.
 TOY_BATCH_SIZE = 128
-REFERENCE_TOY_SETTING: dict[str, Any] = {
-    "z_dim": 256, "width": 128, "depth": 2, "lr_d": 1e-4, "lr_g": 1e-4, "beta1": 0.5, "g_act": "relu",
-    "d_act": "relu", "g_batchnorm": False, "lr_decay_steps": 0}
-"""The unrolled-GAN paper's reference toy notebook (Metz et al., 2017): two hidden layers of 128 ReLU units in
-both nets, z 256, Adam 1e-4 with beta1 0.5 for both players, no BatchNorm, no decay; batch
-:data:`REFERENCE_TOY_BATCH_SIZE`. A vanilla GAN collapses here within a few thousand steps."""
-REFERENCE_TOY_BATCH_SIZE = 512
-"""Batch size of the reference toy setting (:data:`REFERENCE_TOY_SETTING`)."""
+_UNROLLED_NOTEBOOK_NETS: dict[str, Any] = {"z_dim": 256, "width": 128, "depth": 2, "beta1": 0.5,
+                                           "g_batchnorm": False, "lr_decay_steps": 0}
+TOY_SETTINGS: dict[str, tuple[int, dict[str, Any]]] = {
+    "tuned": (TOY_BATCH_SIZE, {}),
+    "collapse": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-4, "g_act": "relu", "d_act": "relu"}),
+    "unrolled-notebook": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-3, "g_act": "tanh",
+                                                         "d_act": "tanh"}),
+}
+"""Chapter 2's toy settings by name: (batch size, constructor overrides on top of GAN's defaults).
+
+``tuned``: genlib's toy defaults (3 x 64 MLPs, BatchNorm in G, Adam 2e-3, linear decay), kind to the vanilla GAN.
+``unrolled-notebook``: the unrolled-GAN authors' toy notebook (Metz et al., 2017): 2 x 128 tanh MLPs, z 256,
+batch 512, Adam with beta1 0.5, D 1e-4 and G 1e-3, no BatchNorm, no decay. ``collapse``: the same nets and batch
+with ReLU units and 1e-4 for both players, a variation in which our vanilla GAN collapses onto 0-1 ring modes."""
 TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
     "GAN": (GAN, {}),
     "GAN (minimax)": (GAN, {"loss": "minimax"}),

@@ -158,6 +158,19 @@ def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq
     return out
 
 
+def coverage_table(summaries: list[dict], key: str = "method") -> str:
+    """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max), mean hq
+    fraction and mean seconds per run."""
+    total = summaries[0]["total_modes"] if summaries else 0
+    width = max([len(key)] + [len(str(row[key])) for row in summaries])
+    lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s} "
+             f"{'s/run':>6s}"]
+    lines += [f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
+              f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f} {row['seconds_mean']:6.0f}"
+              for row in summaries]
+    return "\n".join(lines)
+
+
 def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:
     """The reproducibility footer of a chapter: scale, device, seed, versions, commit and wall time.
 

@@ -140,6 +140,22 @@ def save_scatter(samples: torch.Tensor, data: torch.Tensor, path, lim: float | N
     Path(path).write_bytes(figure_png(draw, dpi=100))
 
 
+def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, float]], path,
+                        columns: int = 4) -> None:
+    """Write a PNG of 2-D sample panels: each ``(title, samples [n, 2], modes [k, 2], lim)`` is one
+    square axis with the samples (blue) over the mixture's modes (red)."""
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, samples, modes, lim) in zip(axes.flat, panels):
+        scatter2d(samples, ax, lim, c="tab:blue", s=1, alpha=0.3)
+        scatter2d(modes, ax, lim, title=title, c="red", s=8, alpha=1)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+
+
 def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None, keys: Sequence[str] | None = None,
                 title: str | None = None) -> plt.Axes:
     """Plot each logged loss of a training history against its step."""

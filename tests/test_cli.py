@@ -20,7 +20,7 @@ def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("train", "prepare", "classifier", "bench"):
+    for command in ("train", "prepare", "compare", "classifier", "bench"):
         assert command in result.stdout
 
 
@@ -34,6 +34,8 @@ def test_help_lists_the_commands():
     (["bench", "--nn-size", "0x8x8"], "a search size is MxNxD"),
     (["bench", "--repeats", "0"], "must be a positive integer"),
     (["bench", "--batch-size", "many"], "must be a positive integer"),
+    (["compare", "--out", "x", "--setting", "kind"], "invalid choice: 'kind'"),
+    (["compare", "--out", "x", "--steps", "0"], "must be a positive integer"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = run_cli(*args)
@@ -227,3 +229,54 @@ def test_bench_number_format_and_cpu_share_by_hand():
     after = {"counters": [500, 0, 100, 250, 50, 0, 0, 100], "own_ticks": 400}
     assert bench.cpu_share(before, after) == {"this_process": 0.4, "other_processes": 0.2, "idle": 0.3, "steal": 0.1}
     assert bench.cpu_share(None, after) is None
+
+
+def compare_args(out, *extra: str) -> list[str]:
+    return ["compare", "--methods", "GAN,PacGAN", "--toys", "ring8", "--seeds", "0,1", "--steps", "5",
+            "--setting", "tuned", "--out", str(out), *extra]
+
+
+def test_compare_records_every_run_and_its_summary(tmp_path):
+    from genlib import gan, results
+
+    cli.main(compare_args(tmp_path))
+    recorded = results.load_run(tmp_path)
+    rows = recorded.metrics["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("GAN", 0), ("GAN", 1), ("PacGAN", 0), ("PacGAN", 1)]
+    # the same run as the library call the chapter makes, seed for seed
+    [again] = gan.compare_on_toy(["PacGAN"], "ring8", seeds=(1,), steps=5, batch_size=gan.TOY_BATCH_SIZE)
+    assert (rows[3]["modes"], rows[3]["hq"]) == (again["modes"], again["hq"])
+    assert recorded.metrics["summary"]["ring8"] == results.summarize_coverage(rows, "method", sums=("diverged",))
+    assert recorded.run["config"]["batch_size"] == gan.TOY_BATCH_SIZE
+    assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG")
+    assert "PacGAN" in (tmp_path / "train.log").read_text() and not (tmp_path / "partial.pt").exists()
+
+
+def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+    from genlib import gan
+
+    calls = []
+    real = gan.compare_on_toy
+
+    def crash_on_third(methods, *args, **kwargs):
+        calls.append((methods[0], kwargs["seeds"][0]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(methods, *args, **kwargs)
+
+    monkeypatch.setattr(gan, "compare_on_toy", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(compare_args(tmp_path))
+    assert (tmp_path / "partial.pt").exists() and not (tmp_path / "run.json").exists()
+    monkeypatch.setattr(gan, "compare_on_toy", real)
+    cli.main(compare_args(tmp_path))
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]
+    assert len(rows) == 4 and calls == [("GAN", 0), ("GAN", 1), ("PacGAN", 0)]
+
+
+@pytest.mark.parametrize("extra, message", [(["--methods", "GAN,WGAN"], "unknown method"),
+                                            (["--toys", "moons"], "no modes to cover")])
+def test_compare_rejects_what_it_cannot_score(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        cli.main(compare_args(tmp_path) + extra)
+    assert message in capsys.readouterr().err and not (tmp_path / "partial.pt").exists()

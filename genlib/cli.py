@@ -207,8 +207,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     batch_size, setting = gan.TOY_SETTINGS[args.setting]
     out = Path(args.out)
     partial = out / "partial.pt"
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}
     state = torch.load(partial, weights_only=False) if partial.exists() else {
-        "origin": results.provenance("cpu"), "rows": [], "samples": {}}
+        "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
+    if state["arguments"] != arguments:  # the recorded command must be the one that made every run
+        raise ValueError(f"{partial} holds runs of another comparison ({state['origin']['command']}); "
+                         "rerun that command to finish it, or use another --out")
     for toy_name in toys:
         for method in methods:
             for seed in seeds:
@@ -226,14 +230,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     rows = [row for row in state["rows"] if row["toy"] in toys and row["method"] in methods and row["seed"] in seeds]
     summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
                                                     sums=("diverged",)) for toy_name in toys}
-    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table)}" for toy_name, table in summary.items())
+    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, seconds=True)}" for toy_name, table in summary.items())
     print(report)
     lim = {name: float(toy.modes.abs().max()) + 0.6 for name, toy in toys.items()}
     viz.save_scatter_panels([(f"{toy_name} {method}, seed {seeds[0]}", samples, toys[toy_name].modes, lim[toy_name])
                              for (toy_name, method), samples in state["samples"].items()
                              if toy_name in toys and method in methods], out / "samples.png")
     (out / "train.log").write_text(f"setting {args.setting}: batch {batch_size}, {setting}\n\n{report}\n")
-    config = {k: v for k, v in vars(args).items() if k != "func"} | {"batch_size": batch_size, "overrides": setting}
+    config = arguments | {"batch_size": batch_size, "overrides": setting}
     results.record_run(out, device="cpu", config=config, metrics={"rows": rows, "summary": summary},
                        wall_time_s=sum(row["seconds"] for row in rows), origin=state["origin"])
     partial.unlink()

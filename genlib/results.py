@@ -158,16 +158,16 @@ def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq
     return out
 
 
-def coverage_table(summaries: list[dict], key: str = "method") -> str:
-    """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max), mean hq
-    fraction and mean seconds per run."""
+def coverage_table(summaries: list[dict], key: str = "method", seconds: bool = False) -> str:
+    """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max) and mean hq
+    fraction, with ``seconds`` also the mean seconds per run (timings: keep them out of checked outputs)."""
     total = summaries[0]["total_modes"] if summaries else 0
     width = max([len(key)] + [len(str(row[key])) for row in summaries])
-    lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s} "
-             f"{'s/run':>6s}"]
+    lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s}"
+             + (f" {'s/run':>6s}" if seconds else "")]
     lines += [f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
-              f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f} {row['seconds_mean']:6.0f}"
-              for row in summaries]
+              f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}"
+              + (f" {row['seconds_mean']:6.0f}" if seconds else "") for row in summaries]
     return "\n".join(lines)
 
 

@@ -274,6 +274,22 @@ def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
     assert len(rows) == 4 and calls == [("GAN", 0), ("GAN", 1), ("PacGAN", 0)]
 
 
+def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch, capsys):
+    from genlib import gan
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = gan.compare_on_toy
+    monkeypatch.setattr(gan, "compare_on_toy", lambda methods, *a, **kw: (
+        real(methods, *a, **kw) if kw["seeds"][0] == 0 else crash()))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(compare_args(tmp_path))
+    with pytest.raises(SystemExit):
+        cli.main(compare_args(tmp_path, "--steps", "6"))
+    assert "holds runs of another comparison" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [(["--methods", "GAN,WGAN"], "unknown method"),
                                             (["--toys", "moons"], "no modes to cover")])
 def test_compare_rejects_what_it_cannot_score(tmp_path, capsys, extra, message):

@@ -54,10 +54,12 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
     rows = [{"method": "GAN", "modes": 8, "total_modes": 8, "hq": 0.5, "seconds": 1.0},
             {"method": "Unrolled", "modes": 3, "total_modes": 8, "hq": 0.25, "seconds": 9.0},
             {"method": "GAN", "modes": 6, "total_modes": 8, "hq": 0.3, "seconds": 2.0}]
-    header, gan_line, unrolled_line = results.coverage_table(results.summarize_coverage(rows, "method")).splitlines()
+    summaries = results.summarize_coverage(rows, "method")
+    header, gan_line, unrolled_line = results.coverage_table(summaries, seconds=True).splitlines()
     assert "modes (of 8)" in header and len(header) == len(gan_line) == len(unrolled_line)
     assert gan_line.split() == ["GAN", "2", "7.0", "6-8", "0.400", "2"]
     assert unrolled_line.split() == ["Unrolled", "1", "3.0", "3-3", "0.250", "9"]
+    assert results.coverage_table(summaries).splitlines()[1].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
 
 
 @pytest.mark.parametrize("commit, shown", [("0123456789abcdef0123", "0123456789ab"),

@@ -229,8 +229,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
                       f"hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
     rows = [row for row in state["rows"] if row["toy"] in toys and row["method"] in methods and row["seed"] in seeds]
     summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
-                                                    sums=("diverged",)) for toy_name in toys}
-    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, seconds=True)}" for toy_name, table in summary.items())
+                                                    means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
+               for toy_name in toys}
+    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds')}" for toy_name, table in summary.items())
     print(report)
     lim = {name: float(toy.modes.abs().max()) + 0.6 for name, toy in toys.items()}
     viz.save_scatter_panels([(f"{toy_name} {method}, seed {seeds[0]}", samples, toys[toy_name].modes, lim[toy_name])

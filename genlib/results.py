@@ -112,8 +112,12 @@ class RecordedRun:
 
 
 def _fmt(value: object) -> str:
-    """Three significant digits for floats, as is for the rest."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    """Three significant digits for floats, a count for lists and tables, as is for the rest."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, dict)):
+        return f"{len(value)} {'rows' if isinstance(value, list) else 'entries'} (see metrics.json)"
+    return str(value)
 
 
 def record_run(out_dir: str | Path, *, device: torch.device | str, config: dict, metrics: dict,
@@ -158,16 +162,19 @@ def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq
     return out
 
 
-def coverage_table(summaries: list[dict], key: str = "method", seconds: bool = False) -> str:
+def coverage_table(summaries: list[dict], key: str = "method", timing: str | None = None) -> str:
     """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max) and mean hq
-    fraction, with ``seconds`` also the mean seconds per run (timings: keep them out of checked outputs)."""
+    fraction; with ``timing`` (a field averaged by the summary, e.g. ``"cpu_seconds"``) also its mean per run
+    (timings: keep them out of checked outputs unless they are read from a record)."""
     total = summaries[0]["total_modes"] if summaries else 0
     width = max([len(key)] + [len(str(row[key])) for row in summaries])
+    timing_header = f"{timing} per run" if timing else ""
     lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s}"
-             + (f" {'s/run':>6s}" if seconds else "")]
-    lines += [f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
-              f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}"
-              + (f" {row['seconds_mean']:6.0f}" if seconds else "") for row in summaries]
+             + (f" {timing_header}" if timing else "")]
+    for row in summaries:
+        line = (f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
+                f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}")
+        lines.append(line + (f" {row[f'{timing}_mean']:{len(timing_header)}.0f}" if timing else ""))
     return "\n".join(lines)
 
 

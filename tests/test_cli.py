@@ -246,7 +246,8 @@ def test_compare_records_every_run_and_its_summary(tmp_path):
     # the same run as the library call the chapter makes, seed for seed
     [again] = gan.compare_on_toy(["PacGAN"], "ring8", seeds=(1,), steps=5, batch_size=gan.TOY_BATCH_SIZE)
     assert (rows[3]["modes"], rows[3]["hq"]) == (again["modes"], again["hq"])
-    assert recorded.metrics["summary"]["ring8"] == results.summarize_coverage(rows, "method", sums=("diverged",))
+    assert recorded.metrics["summary"]["ring8"] == results.summarize_coverage(
+        rows, "method", means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
     assert recorded.run["config"]["batch_size"] == gan.TOY_BATCH_SIZE
     assert (tmp_path / "samples.png").read_bytes().startswith(b"\x89PNG")
     assert "PacGAN" in (tmp_path / "train.log").read_text() and not (tmp_path / "partial.pt").exists()

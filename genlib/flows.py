@@ -411,6 +411,8 @@ def dequantize(x: Tensor, noise: Tensor | None = None) -> Tensor:
     ``k`` owns the cell of width 2 / 256 that starts at ``k / 128 - 1``."""
     k = torch.round((x + 1) * 127.5).clamp(0, 255)
     u = torch.rand_like(x) if noise is None else noise
+    # u within an ulp of 1 would make k + u round up to k + 1 (float32: for u > 1 - 2^-16): keep it in k's cell
+    u = u.clamp(max=1 - 128 * torch.finfo(x.dtype).eps)
     return (k + u) / 128 - 1
 
 

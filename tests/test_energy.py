@@ -269,3 +269,56 @@ def test_build_energy_defaults_and_options():
         build_family("energy", TrainSpec(torch.randn(8, 2), (2,), torch.device("cpu"), options={"lamda": "1"}))
     with pytest.raises(ValueError, match="penalty"):
         E.EnergyGAN((2,), penalty="r2")
+
+
+# ---- margin loss with a non-negative autoencoder energy ------------------------------------------
+
+
+def test_autoencoder_energy_is_the_reconstruction_error_and_non_negative():
+    torch.manual_seed(0)
+    ae = E.AutoencoderEnergy(3, code_dim=2, hidden=8, depth=2)
+    x = torch.randn(10, 3)
+    with torch.no_grad():
+        expected = ((ae.decoder(ae.encoder(x)) - x) ** 2).sum(1) / 3  # mean over the 3 coordinates
+        torch.testing.assert_close(ae(x), expected)
+        assert (ae(100 * torch.randn(50, 3)) >= 0).all()
+
+
+def test_margin_critic_objective_matches_hand_values_and_autograd():
+    u_real, u_fake = torch.tensor([0.0, 0.4]), torch.tensor([0.5, 3.0, 1.0])
+    out = E.critic_objective(lambda x: x[:, 0], u_real[:, None], u_fake[:, None], loss="margin",
+                             penalty_kind="none", lam=0.0, margin=2.0)
+    # mean [0, 0.4] + mean relu(2 - [0.5, 3, 1]) = 0.2 + (1.5 + 0 + 1) / 3
+    assert out["loss_u"].item() == pytest.approx(0.2 + 2.5 / 3)
+    assert out["u_fake"].item() == pytest.approx(1.5) and out["gap"].item() == pytest.approx(1.3)
+    real = u_real.clone().requires_grad_(True)
+    fake = u_fake.clone().requires_grad_(True)
+    E.CRITIC_LOSSES["margin"](real, fake, 2.0).backward()
+    torch.testing.assert_close(real.grad, torch.full((2,), 0.5))             # d/du_real mean = 1/n
+    torch.testing.assert_close(fake.grad, torch.tensor([-1 / 3, 0.0, -1 / 3]))  # pushed up only below m
+    with pytest.raises(ValueError, match="margin"):
+        E.critic_objective(lambda x: x[:, 0], u_real[:, None], u_fake[:, None], loss="hinge2")
+
+
+def test_margin_bounds_a_non_negative_energy_that_the_linear_loss_blows_up():
+    torch.manual_seed(0)
+    real, fake = torch.randn(1024, 2), 0.3 * torch.randn(1024, 2) + 2.0
+    final = {}
+    for loss in ("wasserstein", "margin"):
+        torch.manual_seed(0)
+        model = E.CriticFit(E.AutoencoderEnergy(2, hidden=16), fake, lam=0.0, penalty_kind="none", loss=loss,
+                            lr=4e-3, margin=1.0)
+        final[loss] = fit(model, BatchSampler(real, 128, seed=0), 150, log_every=150, progress=False)["u_fake"][-1]
+    assert final["wasserstein"] > 100  # E_p[U] - E_q[U] has no bottom when U >= 0 can grow on the fakes
+    assert 0.5 < final["margin"] < 10  # the hinge stops pushing once U(fake) >= m = 1
+
+
+def test_compare_optimizers_on_grid_uses_grid25_and_the_optimizer_settings():
+    assert {"G: Adam beta1=0", "G: Adam beta1=0.5", "G: Adam beta1=0.9", "G: SGD lr 1e-3",
+            "G: SGD lr 1e-3, momentum 0.9"} == set(E.OPTIMIZER_SETTINGS)
+    settings = {"sgd m": E.OPTIMIZER_SETTINGS["G: SGD lr 1e-3, momentum 0.9"]}
+    rows = E.compare_optimizers_on_grid(settings, seeds=(0,), steps=2, n_data=512, n_samples=100,
+                                        base=dict(E.TOY_DEFAULTS, width=8, depth=1))
+    assert [r["setting"] for r in rows] == ["sgd m"] and rows[0]["total_modes"] == 25
+    summary = E.summarize([dict(rows[0], hq=0.25), dict(rows[0], seed=1, hq=0.5)])[0]
+    assert summary["runs"] == 2 and (summary["hq_min"], summary["hq_mean"], summary["hq_max"]) == (0.25, 0.375, 0.5)

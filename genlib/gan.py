@@ -449,7 +449,8 @@ class UnrolledGAN(GAN):
     Reference toy setting: 5 unroll steps, D lr 1e-4, G lr 1e-3, beta1 0.5, 2x128 tanh MLPs (pass
     ``g_act='tanh', d_act='tanh'``); the defaults here are the shared toy nets, so that the comparison
     differs only in the unrolling (with tanh nets, 1000 steps at lr 2e-3, it covered 4 of 8 ring modes
-    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: about 7x a GAN step for unroll 5.
+    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: about 5x the CPU time of a GAN step
+    for unroll 5 (chapter 2's recorded comparison).
     """
 
     conv_norm = "layer"  # functional_call would otherwise update BatchNorm statistics while unrolling

@@ -25,6 +25,7 @@ __all__ = [
     "mmd2",
     "mode_coverage",
     "mode_score",
+    "one_nn_accuracies",
     "one_nn_accuracy",
     "pairwise_sq_dists",
     "wasserstein",
@@ -235,6 +236,18 @@ def kid(
     return float(values.mean()), float(values.std(correction=0))
 
 
+def _one_nn_correct(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Leave-one-out 1-NN on x [n, d] (label 0) ∪ y [m, d] (label 1): per point, whether its nearest other
+    point has its label -> (correct [n] for x, correct [m] for y), as doubles. Exact ties go to the lower index."""
+    a, b = _pair(x, y)
+    pooled = torch.cat([a, b])
+    labels = torch.cat([torch.zeros(len(a), device=a.device), torch.ones(len(b), device=a.device)])
+    d2 = _sq_dists(pooled, pooled)
+    d2.fill_diagonal_(float("inf"))  # leave-one-out: a point may not be its own neighbour
+    correct = (labels[d2.argmin(dim=1)] == labels).double()
+    return correct[: len(a)], correct[len(a):]
+
+
 def one_nn_accuracy(x: Tensor, y: Tensor) -> float:
     """Leave-one-out 1-NN two-sample accuracy on x [n, d] (label 0) ∪ y [m, d] (label 1).
 
@@ -242,12 +255,16 @@ def one_nn_accuracy(x: Tensor, y: Tensor) -> float:
     but then the chance level is no longer 0.5 (it is the overall accuracy over all n + m
     points, so the larger set weighs more). Exact distance ties go to the lower index.
     """
-    a, b = _pair(x, y)
-    pooled = torch.cat([a, b])
-    labels = torch.cat([torch.zeros(len(a), device=a.device), torch.ones(len(b), device=a.device)])
-    d2 = _sq_dists(pooled, pooled)
-    d2.fill_diagonal_(float("inf"))  # leave-one-out: a point may not be its own neighbour
-    return float((labels[d2.argmin(dim=1)] == labels).double().mean())
+    return float(torch.cat(_one_nn_correct(x, y)).mean())
+
+
+def one_nn_accuracies(real: Tensor, fake: Tensor) -> tuple[float, float]:
+    """The 1-NN two-sample accuracy split by set: (accuracy on real [n, d], accuracy on fake [m, d]).
+
+    Low accuracy on the reals means generated points surround them (the fakes look real); high accuracy on
+    the fakes means they sit apart from the reals, e.g. crowded on a few modes (too little diversity)."""
+    on_real, on_fake = _one_nn_correct(real, fake)
+    return float(on_real.mean()), float(on_fake.mean())
 
 
 def wasserstein(x: Tensor, y: Tensor) -> float:

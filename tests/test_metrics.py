@@ -225,6 +225,33 @@ def test_one_nn_accuracy_matches_loop(sizes, shift):
     assert M.one_nn_accuracy(_t(x), _t(y)) == pytest.approx(_ref_one_nn(x, y))
 
 
+def _ref_one_nn_by_set(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    z, n = np.concatenate([x, y]), len(x)
+    dist = np.linalg.norm(z[:, None] - z[None], axis=-1) + np.diag(np.full(len(z), np.inf))
+    correct = (dist.argmin(1) < n) == (np.arange(len(z)) < n)
+    return correct[:n].mean(), correct[n:].mean()
+
+
+@pytest.mark.parametrize("sizes, shift", [((20, 20), 0.0), ((15, 23), 0.5)])
+def test_one_nn_accuracies_split_the_overall_accuracy_by_set(sizes, shift):
+    rng = _rng(15)
+    x, y = rng.normal(size=(sizes[0], 3)), rng.normal(size=(sizes[1], 3)) + shift
+    on_real, on_fake = M.one_nn_accuracies(_t(x), _t(y))
+    assert (on_real, on_fake) == pytest.approx(_ref_one_nn_by_set(x, y))
+    assert (sizes[0] * on_real + sizes[1] * on_fake) / sum(sizes) == pytest.approx(M.one_nn_accuracy(_t(x), _t(y)))
+
+
+def test_one_nn_accuracies_tell_collapse_from_realism():
+    rng = _rng(16)
+    real = rng.normal(size=(200, 2))
+    collapsed = real[:1] + 0.01 * rng.normal(size=(200, 2))  # every fake next to one real point
+    realistic = real + 0.01 * rng.normal(size=(200, 2))  # a fake next to every real point
+    collapsed_real, collapsed_fake = M.one_nn_accuracies(_t(real), _t(collapsed))
+    assert collapsed_fake >= 0.95 and collapsed_real >= 0.95  # both sets find their own kind: easy to tell apart
+    realistic_real, realistic_fake = M.one_nn_accuracies(_t(real), _t(realistic))
+    assert realistic_real <= 0.05 and realistic_fake <= 0.05  # each point's neighbour is its twin in the other set
+
+
 def test_one_nn_accuracy_disjoint_sets_is_one():
     rng = _rng(13)
     x, y = rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 100.0

@@ -213,10 +213,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if state["arguments"] != arguments:  # the recorded command must be the one that made every run
         raise ValueError(f"{partial} holds runs of another comparison ({state['origin']['command']}); "
                          "rerun that command to finish it, or use another --out")
+    done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
     for toy_name in toys:
         for method in methods:
             for seed in seeds:
-                if any((row["toy"], row["method"], row["seed"]) == (toy_name, method, seed) for row in state["rows"]):
+                if (toy_name, method, seed) in done:
                     continue
                 [row] = gan.compare_on_toy([method], toy_name, seeds=(seed,), steps=args.steps, batch_size=batch_size,
                                            progress=True, keep_samples=True, **setting)
@@ -231,7 +232,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
                                                     means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
                for toy_name in toys}
-    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds')}" for toy_name, table in summary.items())
+    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds')}"
+                         for toy_name, table in summary.items())
     print(report)
     lim = {name: float(toy.modes.abs().max()) + 0.6 for name, toy in toys.items()}
     viz.save_scatter_panels([(f"{toy_name} {method}, seed {seeds[0]}", samples, toys[toy_name].modes, lim[toy_name])

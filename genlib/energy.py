@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from genlib import data as gdata
 from genlib import nets, runtime
-from genlib.gan import gradient_penalty, input_gradients, reconstruction_energy
+from genlib.gan import AutoEncoder, gradient_penalty, input_gradients, reconstruction_energy
 from genlib.evaluate import coverage_run
 from genlib.results import summarize_coverage
 from genlib.train import GenerativeModel, SnapshotRecorder, fit
@@ -192,17 +192,17 @@ class EnergyMLP(nn.Module):
 class AutoencoderEnergy(nn.Module):
     """EBGAN's non-negative energy for vectors: ``x`` [n, d] -> ``U(x)`` [n] = mean squared error of an MLP autoencoder.
 
-    Encoder d -> ``code_dim`` and decoder back, MLPs of ``hidden`` x ``depth``; the error is
-    :func:`genlib.gan.reconstruction_energy`, so ``U >= 0`` by construction.
+    Encoder d -> ``code_dim`` and decoder back, MLPs of ``hidden`` x ``depth`` in EBGAN's
+    :class:`genlib.gan.AutoEncoder`; the error is :func:`genlib.gan.reconstruction_energy`, so ``U >= 0``.
     """
 
     def __init__(self, in_dim: int, code_dim: int = 2, hidden: int = 64, depth: int = 2, act: str = "relu"):
         super().__init__()
-        self.encoder = nets.MLP(in_dim, code_dim, hidden, depth, act)
-        self.decoder = nets.MLP(code_dim, in_dim, hidden, depth, act)
+        self.autoencoder = AutoEncoder(nets.MLP(in_dim, code_dim, hidden, depth, act),
+                                       nets.MLP(code_dim, in_dim, hidden, depth, act))
 
     def forward(self, x: Tensor) -> Tensor:
-        return reconstruction_energy(self.decoder(self.encoder(x)), x)
+        return reconstruction_energy(self.autoencoder(x)[0], x)
 
 
 class CriticFit(GenerativeModel):

@@ -279,7 +279,8 @@ def test_autoencoder_energy_is_the_reconstruction_error_and_non_negative():
     ae = E.AutoencoderEnergy(3, code_dim=2, hidden=8, depth=2)
     x = torch.randn(10, 3)
     with torch.no_grad():
-        expected = ((ae.decoder(ae.encoder(x)) - x) ** 2).sum(1) / 3  # mean over the 3 coordinates
+        recon = ae.autoencoder.decoder(ae.autoencoder.encoder(x))
+        expected = ((recon - x) ** 2).sum(1) / 3  # mean over the 3 coordinates
         torch.testing.assert_close(ae(x), expected)
         assert (ae(100 * torch.randn(50, 3)) >= 0).all()
 

@@ -488,10 +488,15 @@ def _torchvision_available() -> bool:
     return True
 
 
+def _weights_file(env: str) -> Path | None:
+    """The existing file named by the environment variable ``env``, else None."""
+    path = os.environ.get(env, "")
+    return Path(path).expanduser() if path and Path(path).expanduser().is_file() else None
+
+
 def inception_features_available() -> bool:
     """True when torchvision imports and ``$GENLIB_INCEPTION_WEIGHTS`` names an existing file."""
-    path = os.environ.get(INCEPTION_ENV, "")
-    return bool(path) and Path(path).expanduser().is_file() and _torchvision_available()
+    return _weights_file(INCEPTION_ENV) is not None and _torchvision_available()
 
 
 @lru_cache(maxsize=2)
@@ -519,7 +524,7 @@ def inception_features(images: Tensor, batch_size: int = 64, device: str | torch
             "'efficientnet-lite0' features and call the result 'FD with <named features>' "
             "(e.g. 'FD with EfficientNet-Lite0 features'), not FID.")
     dev = _model_device(device)
-    model = _cached_inception(str(Path(os.environ[INCEPTION_ENV]).expanduser()), dev)
+    model = _cached_inception(str(_weights_file(INCEPTION_ENV)), dev)
     return _batched(lambda x: model(to_rgb(x, 299)), images, batch_size, torch.device(dev))
 
 
@@ -578,8 +583,7 @@ def vgg16_feature_dim(height: int, width: int) -> int:
 
 def vgg16_weights_available() -> bool:
     """True when ``$GENLIB_VGG16_WEIGHTS`` names an existing file."""
-    path = os.environ.get(VGG16_ENV, "")
-    return bool(path) and Path(path).expanduser().is_file()
+    return _weights_file(VGG16_ENV) is not None
 
 
 def vgg16_weights_path() -> Path:
@@ -590,7 +594,7 @@ def vgg16_weights_path() -> Path:
             f"state dict (vgg16-397923af.pth; {VGG16_ENV}={os.environ.get(VGG16_ENV)!r}). They cannot be downloaded "
             "on the machines that build this book; use the 'fashion-classifier' or 'efficientnet-lite0' features "
             "(genlib.features) instead.")
-    return Path(os.environ[VGG16_ENV]).expanduser()
+    return _weights_file(VGG16_ENV)
 
 
 def load_vgg16(path: str | os.PathLike[str] | None = None,

@@ -146,6 +146,24 @@ def load_run(path: str | Path) -> RecordedRun:
     return RecordedRun(path, json.loads(run_file.read_text()), metrics)
 
 
+def gpu_runs(name: str, root: str | Path = REPO_ROOT / "results") -> list[RecordedRun]:
+    """The GPU recordings of run ``name`` (folders ``root/NAME_TAG``, as ``tools/record_full.sh`` makes), oldest first."""
+    folders = [path for path in sorted(Path(root).glob(f"{name}_*"))
+               if "_" not in path.name[len(name) + 1:] and (path / "run.json").is_file()]  # a tag has no "_"
+    runs = [load_run(path) for path in folders]
+    return sorted((run for run in runs if run.run["device"] == "cuda"), key=lambda run: run.run["date"])
+
+
+def full_scale_report(names: list[str], root: str | Path = REPO_ROOT / "results") -> str:
+    """For each run name: the summaries of its GPU recordings, or a line saying none exists yet."""
+    blocks = []
+    for name in names:
+        runs = gpu_runs(name, root)
+        blocks += [run.summary() for run in runs] or [f"{name}: no full-scale run recorded on a GPU yet "
+                                                      f"(it would be results/{name}_<gpu>)"]
+    return "\n\n".join(blocks)
+
+
 def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq", "seconds"),
                        sums: tuple[str, ...] = ()) -> list[dict]:
     """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max ``modes``,

@@ -75,3 +75,23 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
                                            ("unknown", "unknown")])
 def test_short_commit_keeps_the_dirty_mark(commit, shown):
     assert results.short_commit(commit) == shown
+
+
+def _record(folder, device: str, date: str, fd: float) -> None:
+    results.record_run(folder, device="cpu", config={}, metrics={"fd": fd}, wall_time_s=1.0,
+                 origin={"command": f"train --out {folder.name}", "git_commit": "0" * 40, "device": device,
+                         "device_name": device.upper(), "torch_version": "x", "scale": "full", "date": date})
+
+
+def test_gpu_runs_finds_gpu_recordings_of_a_name_oldest_first(tmp_path):
+    _record(tmp_path / "ch02_dcgan_fashion_cpu", "cpu", "2026-01-01", 30.0)       # a CPU run is not full scale
+    _record(tmp_path / "ch02_dcgan_fashion_h200", "cuda", "2026-03-01", 9.0)
+    _record(tmp_path / "ch02_dcgan_fashion_a100", "cuda", "2026-02-01", 10.0)
+    _record(tmp_path / "ch02_dcgan_fashion_more_h100", "cuda", "2026-04-01", 1.0)  # another name's run, same prefix
+    (tmp_path / "ch02_dcgan_fashion_empty").mkdir()                                 # an interrupted run: no run.json
+    runs = results.gpu_runs("ch02_dcgan_fashion", tmp_path)
+    names = [run.path.name for run in runs]
+    assert names == ["ch02_dcgan_fashion_a100", "ch02_dcgan_fashion_h200"]
+    report = results.full_scale_report(["ch02_dcgan_fashion", "ch04_dde_fashion"], tmp_path)
+    assert "fd      : 9" in report and "fd      : 10" in report and "fd      : 30" not in report
+    assert "ch04_dde_fashion: no full-scale run recorded on a GPU yet" in report

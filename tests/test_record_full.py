@@ -1,0 +1,92 @@
+"""tools/record_full.sh: its commands parse, and they are the ones the chapters quote."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from genlib import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tools" / "record_full.sh"
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "GENLIB_PYTHON": "python"})
+
+
+def genlib_arguments(command: str) -> list[str]:
+    """The arguments after ``python -m genlib`` in a shell command line."""
+    words = shlex.split(command)
+    return words[words.index("genlib") + 1:]
+
+
+def without_out(namespace) -> dict:
+    return {k: v for k, v in vars(namespace).items() if k not in ("out", "func")}
+
+
+def dry_run_commands() -> list[str]:
+    result = script("--dry-run")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_every_command_parses_and_records_under_results():
+    commands = dry_run_commands()
+    names = [line.split(":")[0] for line in script("--list").stdout.splitlines()]
+    assert len(commands) == len(names) == 10 and "bench" in names
+    for command in commands:
+        args = cli.make_parser().parse_args(genlib_arguments(command))
+        assert args.out.startswith("results/") and args.out.endswith("TAG"), command
+        if args.command == "train":
+            assert args.data == "fashion-mnist" and args.steps >= 20_000, command
+
+
+def test_unknown_run_is_an_error_that_lists_the_known_ones():
+    result = script("--dry-run", "ch09_nothing")
+    assert result.returncode == 2 and "unknown run 'ch09_nothing'" in result.stderr and "ch02_dcgan_fashion" in result.stderr
+
+
+def test_chosen_runs_only():
+    result = script("--dry-run", "ch02_dcgan_fashion")
+    assert result.stdout.strip().endswith("--out results/ch02_dcgan_fashion_TAG") and len(result.stdout.splitlines()) == 1
+
+
+def quoted_fashion_commands() -> list[str]:
+    """Every ``python -m genlib train ... --data fashion-mnist`` command in the chapters' text."""
+    found = []
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        for cell in nbformat.read(path, 4).cells:
+            if cell.cell_type != "markdown":
+                continue
+            text = cell.source.replace("\\\n", " ")
+            found += [m.group(0) for m in re.finditer(r"python -m genlib train [^\n`]*", text)
+                      if "--data fashion-mnist" in m.group(0)]
+    return found
+
+
+def test_chapters_quote_the_scripts_commands():
+    recorded = [without_out(cli.make_parser().parse_args(genlib_arguments(c))) for c in dry_run_commands()]
+    quoted = quoted_fashion_commands()
+    assert len(quoted) >= 8
+    for command in quoted:
+        assert without_out(cli.make_parser().parse_args(genlib_arguments(command))) in recorded, command
+
+
+@pytest.mark.parametrize("name", ["ch01_imle_fashion", "ch05_realnvp_fashion"])
+def test_a_recorded_run_is_not_redone(tmp_path, name):
+    """A run whose folder holds run.json is skipped (the script is rerun after an interruption)."""
+    root = tmp_path / "repo"
+    (root / "tools").mkdir(parents=True)
+    (root / "tools" / "record_full.sh").write_text(SCRIPT.read_text())
+    (root / "results" / f"{name}_x").mkdir(parents=True)
+    (root / "results" / f"{name}_x" / "run.json").write_text("{}")
+    result = subprocess.run(["bash", str(root / "tools" / "record_full.sh"), name], capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin", "GENLIB_RUN_TAG": "x", "GENLIB_PYTHON": "false"})
+    assert result.returncode == 0 and "already recorded" in result.stdout

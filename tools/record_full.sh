@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Record the book's full-scale Fashion-MNIST runs and the speed benchmark on a GPU, in one command.
+#
+#   bash tools/record_full.sh --list              the run names and their arguments
+#   bash tools/record_full.sh --dry-run [NAME...] print the commands, run nothing
+#   bash tools/record_full.sh [NAME...]           run them (all when no NAME), each into results/NAME_TAG
+#
+# TAG is $GENLIB_RUN_TAG, else the GPU's model (e.g. h100, h200, a100), else "cpu". Each run resumes from
+# its checkpoint when rerun, so an interrupted session loses at most the run in progress. The commands are
+# the ones the chapters quote (tests/test_record_full.py keeps the two in agreement).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${GENLIB_PYTHON:-python}"
+[[ -x "$ROOT/.venv/bin/python" && -z "${GENLIB_PYTHON:-}" ]] && PYTHON="$ROOT/.venv/bin/python"
+
+declare -A RUNS=(
+  [ch01_imle_fashion]="train imle --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt fakes_per_real=10 --opt refresh_every=4690"
+  [ch01_glo_fashion]="train glo --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt loss=lap1 --opt code_lr=1e-2"
+  [ch01_glann_fashion]="train glann --data fashion-mnist --steps 25000 --lr 1e-3 --z-dim 64 --opt glo_steps=20000 --opt loss=lap1 --opt code_lr=1e-2"
+  [ch02_dcgan_fashion]="train gan --data fashion-mnist --steps 20000 --batch-size 128"
+  [ch02_pacgan_fashion]="train gan --data fashion-mnist --steps 20000 --opt variant=pacgan --opt pack=2"
+  [ch03_energy_fashion]="train energy --data fashion-mnist --steps 20000 --batch-size 64 --z-dim 128 --lr 1e-4"
+  [ch04_score_fashion]="train score --data fashion-mnist --steps 50000 --batch-size 128 --width 32 --lr 1e-3 --opt n_sigmas=10"
+  [ch04_dde_fashion]="train dde --data fashion-mnist --steps 20000 --batch-size 64 --width 64 --lr 1e-3 --opt sigma=0.6"
+  [ch05_realnvp_fashion]="train realnvp --data fashion-mnist --steps 30000 --batch-size 64 --width 64 --lr 1e-3 --opt scales=3 --opt blocks=4 --opt decay_steps=30000"
+  [bench]="bench"
+)
+# The default order: the benchmark, then the cheaper runs first, so a short GPU lease records the most.
+ORDER=(bench ch02_dcgan_fashion ch03_energy_fashion ch04_dde_fashion ch01_imle_fashion ch01_glo_fashion
+       ch01_glann_fashion ch05_realnvp_fashion ch02_pacgan_fashion ch04_score_fashion)
+
+mode=run
+if [[ "${1:-}" == "--list" || "${1:-}" == "--dry-run" ]]; then mode="${1#--}"; shift; fi
+names=("$@")
+[[ ${#names[@]} -eq 0 ]] && names=("${ORDER[@]}")
+for name in "${names[@]}"; do
+  [[ -n "${RUNS[$name]+x}" ]] || { echo "error: unknown run '$name'; known: ${ORDER[*]}" >&2; exit 2; }
+done
+
+if [[ "$mode" == list ]]; then
+  for name in "${names[@]}"; do echo "$name: python -m genlib ${RUNS[$name]}"; done
+  exit 0
+fi
+
+if [[ -n "${GENLIB_RUN_TAG:-}" ]]; then
+  TAG="$GENLIB_RUN_TAG"
+elif [[ "$mode" == dry-run ]]; then
+  TAG="TAG"
+else
+  TAG="$("$PYTHON" -c 'import re, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(next(iter(re.findall(r"\b([A-Z]\d{2,4}|L\d{1,2}|T4)\b", name)), name.split()[-1]).lower())')"
+fi
+
+for name in "${names[@]}"; do
+  out="results/${name}_${TAG}"
+  [[ "$name" == bench ]] && out="results/bench-${TAG}"
+  command=("$PYTHON" -m genlib ${RUNS[$name]} --out "$out")
+  if [[ "$mode" == dry-run ]]; then
+    echo "${command[*]}"
+    continue
+  fi
+  if [[ -f "$out/run.json" ]]; then
+    echo "== $name: already recorded in $out (delete it to record again)"
+    continue
+  fi
+  echo "== $name -> $out"
+  "${command[@]}"
+done

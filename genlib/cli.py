@@ -357,7 +357,7 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default="all", help="comma-separated names of genlib.gan.TOY_METHODS, or all")
     compare.add_argument("--toys", default="ring8,grid25", help="comma-separated Gaussian-mixture toys")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    compare.add_argument("--steps", type=_positive_int, default=2000)
+    compare.add_argument("--steps", type=_positive_int, default=3000)
     compare.add_argument("--setting", choices=("tuned", "collapse", "unrolled-notebook"), default="collapse",
                          help="genlib.gan.TOY_SETTINGS: batch size and network/optimiser settings")
     compare.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png, train.log")

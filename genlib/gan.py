@@ -719,7 +719,7 @@ _UNROLLED_NOTEBOOK_NETS: dict[str, Any] = {"z_dim": 256, "width": 128, "depth": 
                                            "g_batchnorm": False, "lr_decay_steps": 0}
 TOY_SETTINGS: dict[str, tuple[int, dict[str, Any]]] = {
     "tuned": (TOY_BATCH_SIZE, {}),
-    "collapse": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-4, "g_act": "relu", "d_act": "relu"}),
+    "collapse": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-3, "g_act": "relu", "d_act": "relu"}),
     "unrolled-notebook": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-3, "g_act": "tanh",
                                                          "d_act": "tanh"}),
 }
@@ -727,8 +727,8 @@ TOY_SETTINGS: dict[str, tuple[int, dict[str, Any]]] = {
 
 ``tuned``: genlib's toy defaults (3 x 64 MLPs, BatchNorm in G, Adam 2e-3, linear decay), kind to the vanilla GAN.
 ``unrolled-notebook``: the unrolled-GAN authors' toy notebook (Metz et al., 2017): 2 x 128 tanh MLPs, z 256,
-batch 512, Adam with beta1 0.5, D 1e-4 and G 1e-3, no BatchNorm, no decay. ``collapse``: the same nets and batch
-with ReLU units and 1e-4 for both players, a variation in which our vanilla GAN collapses onto 0-1 ring modes."""
+batch 512, Adam with beta1 0.5, D 1e-4 and G 1e-3, no BatchNorm, no decay. ``collapse``: the same setting with
+ReLU units instead of tanh, a variation in which our vanilla GAN collapses onto 0-1 ring modes."""
 TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
     "GAN": (GAN, {}),
     "GAN (minimax)": (GAN, {"loss": "minimax"}),

@@ -79,14 +79,16 @@ def test_chapters_quote_the_scripts_commands():
         assert without_out(cli.make_parser().parse_args(genlib_arguments(command))) in recorded, command
 
 
-@pytest.mark.parametrize("name", ["ch01_imle_fashion", "ch05_realnvp_fashion"])
-def test_a_recorded_run_is_not_redone(tmp_path, name):
-    """A run whose folder holds run.json is skipped (the script is rerun after an interruption)."""
+@pytest.mark.parametrize("name, folder, record", [("ch01_imle_fashion", "ch01_imle_fashion_x", "run.json"),
+                                                  ("ch05_realnvp_fashion", "ch05_realnvp_fashion_x", "run.json"),
+                                                  ("bench", "bench-x", "bench.json")])
+def test_a_recorded_run_is_not_redone(tmp_path, name, folder, record):
+    """A run whose folder holds its record is skipped (the script is rerun after an interruption)."""
     root = tmp_path / "repo"
     (root / "tools").mkdir(parents=True)
     (root / "tools" / "record_full.sh").write_text(SCRIPT.read_text())
-    (root / "results" / f"{name}_x").mkdir(parents=True)
-    (root / "results" / f"{name}_x" / "run.json").write_text("{}")
+    (root / "results" / folder).mkdir(parents=True)
+    (root / "results" / folder / record).write_text("{}")
     result = subprocess.run(["bash", str(root / "tools" / "record_full.sh"), name], capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin", "GENLIB_RUN_TAG": "x", "GENLIB_PYTHON": "false"})
     assert result.returncode == 0 and "already recorded" in result.stdout

@@ -14,32 +14,33 @@ cd "$ROOT"
 PYTHON="${GENLIB_PYTHON:-python}"
 [[ -x "$ROOT/.venv/bin/python" && -z "${GENLIB_PYTHON:-}" ]] && PYTHON="$ROOT/.venv/bin/python"
 
-declare -A RUNS=(
-  [ch01_imle_fashion]="train imle --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt fakes_per_real=10 --opt refresh_every=4690"
-  [ch01_glo_fashion]="train glo --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt loss=lap1 --opt code_lr=1e-2"
-  [ch01_glann_fashion]="train glann --data fashion-mnist --steps 25000 --lr 1e-3 --z-dim 64 --opt glo_steps=20000 --opt loss=lap1 --opt code_lr=1e-2"
-  [ch02_dcgan_fashion]="train gan --data fashion-mnist --steps 20000 --batch-size 128"
-  [ch02_pacgan_fashion]="train gan --data fashion-mnist --steps 20000 --opt variant=pacgan --opt pack=2"
-  [ch03_energy_fashion]="train energy --data fashion-mnist --steps 20000 --batch-size 64 --z-dim 128 --lr 1e-4"
-  [ch04_score_fashion]="train score --data fashion-mnist --steps 50000 --batch-size 128 --width 32 --lr 1e-3 --opt n_sigmas=10"
-  [ch04_dde_fashion]="train dde --data fashion-mnist --steps 20000 --batch-size 64 --width 64 --lr 1e-3 --opt sigma=0.6"
-  [ch05_realnvp_fashion]="train realnvp --data fashion-mnist --steps 30000 --batch-size 64 --width 64 --lr 1e-3 --opt scales=3 --opt blocks=4 --opt decay_steps=30000"
-  [bench]="bench"
-)
-# The default order: the benchmark, then the cheaper runs first, so a short GPU lease records the most.
-ORDER=(bench ch02_dcgan_fashion ch03_energy_fashion ch04_dde_fashion ch01_imle_fashion ch01_glo_fashion
-       ch01_glann_fashion ch05_realnvp_fashion ch02_pacgan_fashion ch04_score_fashion)
+# One run per line, "NAME ARGUMENTS", in the default order: the benchmark, then the cheaper runs first, so that
+# a short GPU lease records the most.
+RUNS="\
+bench bench
+ch02_dcgan_fashion train gan --data fashion-mnist --steps 20000 --batch-size 128
+ch03_energy_fashion train energy --data fashion-mnist --steps 20000 --batch-size 64 --z-dim 128 --lr 1e-4
+ch04_dde_fashion train dde --data fashion-mnist --steps 20000 --batch-size 64 --width 64 --lr 1e-3 --opt sigma=0.6
+ch01_imle_fashion train imle --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt fakes_per_real=10 --opt refresh_every=4690
+ch01_glo_fashion train glo --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt loss=lap1 --opt code_lr=1e-2
+ch01_glann_fashion train glann --data fashion-mnist --steps 25000 --lr 1e-3 --z-dim 64 --opt glo_steps=20000 --opt loss=lap1 --opt code_lr=1e-2
+ch05_realnvp_fashion train realnvp --data fashion-mnist --steps 30000 --batch-size 64 --width 64 --lr 1e-3 --opt scales=3 --opt blocks=4 --opt decay_steps=30000
+ch02_pacgan_fashion train gan --data fashion-mnist --steps 20000 --opt variant=pacgan --opt pack=2
+ch04_score_fashion train score --data fashion-mnist --steps 50000 --batch-size 128 --width 32 --lr 1e-3 --opt n_sigmas=10"
+declare -A ARGS=()
+ORDER=()
+while read -r name arguments; do ARGS[$name]="$arguments"; ORDER+=("$name"); done <<< "$RUNS"
 
 mode=run
 if [[ "${1:-}" == "--list" || "${1:-}" == "--dry-run" ]]; then mode="${1#--}"; shift; fi
 names=("$@")
 [[ ${#names[@]} -eq 0 ]] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
-  [[ -n "${RUNS[$name]+x}" ]] || { echo "error: unknown run '$name'; known: ${ORDER[*]}" >&2; exit 2; }
+  [[ -n "${ARGS[$name]+x}" ]] || { echo "error: unknown run '$name'; known: ${ORDER[*]}" >&2; exit 2; }
 done
 
 if [[ "$mode" == list ]]; then
-  for name in "${names[@]}"; do echo "$name: python -m genlib ${RUNS[$name]}"; done
+  for name in "${names[@]}"; do echo "$name: python -m genlib ${ARGS[$name]}"; done
   exit 0
 fi
 
@@ -54,14 +55,14 @@ print(next(iter(re.findall(r"\b([A-Z]\d{2,4}|L\d{1,2}|T4)\b", name)), name.split
 fi
 
 for name in "${names[@]}"; do
-  out="results/${name}_${TAG}"
-  [[ "$name" == bench ]] && out="results/bench-${TAG}"
-  command=("$PYTHON" -m genlib ${RUNS[$name]} --out "$out")
+  out="results/${name}_${TAG}" record="run.json"
+  [[ "$name" == bench ]] && out="results/bench-${TAG}" record="bench.json"  # the benchmark's own file and folder name
+  command=("$PYTHON" -m genlib ${ARGS[$name]} --out "$out")
   if [[ "$mode" == dry-run ]]; then
     echo "${command[*]}"
     continue
   fi
-  if [[ -f "$out/run.json" ]]; then
+  if [[ -f "$out/$record" ]]; then
     echo "== $name: already recorded in $out (delete it to record again)"
     continue
   fi

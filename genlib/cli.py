@@ -12,6 +12,7 @@ import importlib
 import inspect
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """Train GAN variants x seeds on Gaussian-mixture toys and record the mode-coverage table.
 
     Each finished run is saved at once in ``OUT/partial.pt``; a rerun with the same ``--out`` skips the
-    runs already there, so a crash loses at most the run in progress."""
+    runs already there, so a crash loses at most the runs in progress. ``--jobs N`` trains N runs at once
+    in separate processes (one thread each); every run is seeded by itself, so the rows do not depend on N."""
     from genlib import data as gdata
     from genlib import gan, results, train, viz
 
@@ -207,28 +209,26 @@ def cmd_compare(args: argparse.Namespace) -> None:
     batch_size, setting = gan.TOY_SETTINGS[args.setting]
     out = Path(args.out)
     partial = out / "partial.pt"
-    arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    arguments = {k: v for k, v in vars(args).items() if k not in ("func", "jobs")}  # jobs cannot change a row
     state = torch.load(partial, weights_only=False) if partial.exists() else {
         "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
     if state["arguments"] != arguments:  # the recorded command must be the one that made every run
         raise ValueError(f"{partial} holds runs of another comparison ({state['origin']['command']}); "
                          "rerun that command to finish it, or use another --out")
+    order = [(toy_name, method, seed) for toy_name in toys for method in methods for seed in seeds]
     done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
-    for toy_name in toys:
-        for method in methods:
-            for seed in seeds:
-                if (toy_name, method, seed) in done:
-                    continue
-                [row] = gan.compare_on_toy([method], toy_name, seeds=(seed,), steps=args.steps, batch_size=batch_size,
-                                           progress=True, keep_samples=True, **setting)
-                samples = row.pop("samples")
-                if seed == seeds[0]:
-                    state["samples"][toy_name, method] = samples
-                state["rows"].append({"toy": toy_name, **row})
-                train.save_atomic(state, partial)
-                print(f"{toy_name} {method} seed {seed}: {row['modes']} of {row['total_modes']} modes, "
-                      f"hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
-    rows = [row for row in state["rows"] if row["toy"] in toys and row["method"] in methods and row["seed"] in seeds]
+    todo = [run for run in order if run not in done]
+    for count, ((toy_name, method, seed), row) in enumerate(
+            _compare_runs(todo, args.steps, batch_size, setting, args.jobs), len(done) + 1):
+        samples = row.pop("samples")
+        if seed == seeds[0]:
+            state["samples"][toy_name, method] = samples
+        state["rows"].append({"toy": toy_name, **row})
+        train.save_atomic(state, partial)
+        print(f"[{count}/{len(order)}] {toy_name} {method} seed {seed}: {row['modes']} of {row['total_modes']} "
+              f"modes, hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    by_run = {(row["toy"], row["method"], row["seed"]): row for row in state["rows"]}
+    rows = [by_run[run] for run in order]
     summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
                                                     means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
                for toy_name in toys}
@@ -236,15 +236,53 @@ def cmd_compare(args: argparse.Namespace) -> None:
                          for toy_name, table in summary.items())
     print(report)
     lim = {name: float(toy.modes.abs().max()) + 0.6 for name, toy in toys.items()}
-    viz.save_scatter_panels([(f"{toy_name} {method}, seed {seeds[0]}", samples, toys[toy_name].modes, lim[toy_name])
-                             for (toy_name, method), samples in state["samples"].items()
-                             if toy_name in toys and method in methods], out / "samples.png")
+    viz.save_scatter_panels([(f"{toy_name} {method}, seed {seeds[0]}", state["samples"][toy_name, method],
+                              toys[toy_name].modes, lim[toy_name]) for toy_name in toys for method in methods],
+                            out / "samples.png")
     (out / "train.log").write_text(f"setting {args.setting}: batch {batch_size}, {setting}\n\n{report}\n")
-    config = arguments | {"batch_size": batch_size, "overrides": setting}
+    config = arguments | {"batch_size": batch_size, "overrides": setting, "jobs": args.jobs}
     results.record_run(out, device="cpu", config=config, metrics={"rows": rows, "summary": summary},
                        wall_time_s=sum(row["seconds"] for row in rows), origin=state["origin"])
     partial.unlink()
     print(f"recorded comparison in {out}")
+
+
+COMPARE_RUN_COST = {"Unrolled": 6.0, "Minibatch": 15.0}
+"""CPU cost of a run relative to a GAN run (chapter 2's recorded tables); with ``--jobs`` the costly
+runs are handed out first, so that no core idles while one long run finishes."""
+
+
+def _compare_runs(runs: list[tuple[str, str, int]], steps: int, batch_size: int, setting: dict[str, Any],
+                  jobs: int) -> Iterator[tuple[tuple[str, str, int], dict[str, Any]]]:
+    """Yield ``((toy, method, seed), row with samples)`` for each run: in order on one job, else as
+    they finish in a pool of ``jobs`` processes."""
+    if jobs == 1:
+        for toy_name, method, seed in runs:
+            yield (toy_name, method, seed), _compare_run(toy_name, method, seed, steps, batch_size, setting, True)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    ordered = sorted(runs, key=lambda run: -COMPARE_RUN_COST.get(run[1], 1.0))
+    # spawn, not fork: a forked child inherits the parent's OpenMP state, which can hang torch.
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compare_run, *run, steps, batch_size, setting, False): run for run in ordered}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _compare_run(toy_name: str, method: str, seed: int, steps: int, batch_size: int, setting: dict[str, Any],
+                 progress: bool) -> dict[str, Any]:
+    """One row of :func:`cmd_compare`: ``method`` trained with ``seed`` on ``toy_name``, samples kept."""
+    from genlib import gan
+
+    [row] = gan.compare_on_toy([method], toy_name, seeds=(seed,), steps=steps, batch_size=batch_size,
+                               progress=progress, keep_samples=True, **setting)
+    return row
 
 
 def sample_grid_writer(out: Path):
@@ -360,6 +398,8 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--steps", type=_positive_int, default=3000)
     compare.add_argument("--setting", choices=("tuned", "collapse", "unrolled-notebook"), default="collapse",
                          help="genlib.gan.TOY_SETTINGS: batch size and network/optimiser settings")
+    compare.add_argument("--jobs", type=_positive_int, default=1,
+                         help="runs trained at once, each in its own process on one thread (at most the cores)")
     compare.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png, train.log")
     compare.set_defaults(func=cmd_compare)
 

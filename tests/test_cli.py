@@ -253,6 +253,16 @@ def test_compare_records_every_run_and_its_summary(tmp_path):
     assert "PacGAN" in (tmp_path / "train.log").read_text() and not (tmp_path / "partial.pt").exists()
 
 
+def test_compare_in_parallel_records_the_same_rows_in_the_same_order(tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    cli.main(compare_args(serial))
+    cli.main(compare_args(parallel, "--jobs", "2"))
+    rows = {out: json.loads((out / "metrics.json").read_text())["rows"] for out in (serial, parallel)}
+    keys = ("toy", "method", "seed", "modes", "hq")
+    assert [[row[k] for k in keys] for row in rows[parallel]] == [[row[k] for k in keys] for row in rows[serial]]
+    assert json.loads((parallel / "run.json").read_text())["config"]["jobs"] == 2
+
+
 def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
     from genlib import gan
 

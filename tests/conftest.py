@@ -24,6 +24,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])
+def device(request) -> torch.device:
+    """Every device a test must pass on: the CPU always, a CUDA GPU where there is one (so the GPU paths are
+    checked by the same tests on a machine that has one; CI reports them as skipped)."""
+    return torch.device(request.param)
+
+
 @dataclass
 class BookBuild:
     """One `jupyter-book build . -W --keep-going` of the repository into a temporary folder."""

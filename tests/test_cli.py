@@ -87,28 +87,28 @@ def test_absent_gpu_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "no CUDA GPU" in result.stderr
 
 
-def train_args(out, steps: int) -> list[str]:
+def train_args(out, steps: int, device: str = "cpu") -> list[str]:
     return ["train", "imle", "--data", "ring8", "--toy-points", "2000", "--steps", str(steps), "--batch-size", "64",
             "--width", "32", "--lr", "1e-3", "--checkpoint-every", "10", "--log-every", "10", "--out", str(out),
-            "--device", "cpu"]
+            "--device", str(device)]
 
 
-def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys):
-    cli.main(train_args(tmp_path / "straight", 40))
-    cli.main(train_args(tmp_path / "split", 20))
-    cli.main(train_args(tmp_path / "split", 40))  # the same command again continues from step 20
+def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
+    cli.main(train_args(tmp_path / "straight", 40, device))
+    cli.main(train_args(tmp_path / "split", 20, device))
+    cli.main(train_args(tmp_path / "split", 40, device))  # the same command again continues from step 20
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert straight["step"] == split["step"] == 40
     for key, value in straight["model"].items():
         assert torch.equal(value, split["model"][key]), key
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
-    assert run["config"]["family"] == "imle" and run["device"] == "cpu" and run["scale"] == "small"
+    assert run["config"]["family"] == "imle" and run["device"] == device.type and run["scale"] == "small"
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())
     log = (tmp_path / "straight" / "train.log").read_text().splitlines()
-    assert log[0].startswith("scale=small | device=cpu") and log[1].split()[0] == "step"
+    assert log[0].startswith(f"scale=small | device={device.type}") and log[1].split()[0] == "step"
     assert [int(line.split()[0]) for line in log[2:-1]] == [10, 20, 30, 40] and "final_loss=" in log[-1]
-    assert "scale=small | device=cpu" in capsys.readouterr().out
+    assert f"scale=small | device={device.type}" in capsys.readouterr().out
 
 
 def test_run_json_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
@@ -163,24 +163,24 @@ def test_autoregressive_family_trains_on_small_images(tmp_path):
 
 
 @pytest.mark.parametrize("family", IMAGE_FAMILIES)
-def test_every_family_trains_at_64px_on_a_celeba_folder(family, fake_celeba, tmp_path, monkeypatch):
+def test_every_family_trains_at_64px_on_a_celeba_folder(family, fake_celeba, tmp_path, monkeypatch, device):
     monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
     out = tmp_path / "run"
     cli.main(["train", family, "--data", "celeba64", "--root", str(fake_celeba), "--steps", "2", "--batch-size", "4",
-              "--width", "8", "--z-dim", "8", "--eval-samples", "8", "--device", "cpu", "--out", str(out),
+              "--width", "8", "--z-dim", "8", "--eval-samples", "8", "--device", str(device), "--out", str(out),
               "--sample-every", "2", *TINY_OPTIONS.get(family, [])])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["features"] == "efficientnet-lite0" and saved["fd"] >= 0 and saved["eval_samples"] == 8
     assert (out / "samples.png").exists() and (out / "checkpoint.pt").exists()
     assert sorted(p.name for p in (out / "progress").iterdir()) == ["step_0000002.png"]
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["data"] == "celeba64" and run["config"]["family"] == family
+    assert run["config"]["data"] == "celeba64" and run["config"]["family"] == family and run["device"] == device.type
 
 
-def test_bench_quick_writes_json_and_table(tmp_path):
+def test_bench_quick_writes_json_and_table(tmp_path, device):
     from genlib import bench
 
-    report = bench.main(device="cpu", out=tmp_path, quick=True)
+    report = bench.main(device=str(device), out=tmp_path, quick=True)
     assert (tmp_path / "bench.md").read_text().startswith("# genlib bench")
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["nearest_neighbors"][0]["agrees_with_float64"] == 1.0

@@ -392,17 +392,19 @@ def test_sampler_resumes_exactly(steps_before):
 
 
 @pytest.mark.parametrize("on_device", [None, False])
-def test_sampler_uint8_images_become_floats_in_range(on_device):
+def test_sampler_uint8_images_become_floats_in_range(on_device, device):
     images = torch.randint(0, 256, (20, 1, 4, 4), dtype=torch.uint8, generator=gen(0))
     images[0, 0, 0, 0], images[1, 0, 0, 0] = 0, 255
     labels = torch.arange(20) % 10
-    sampler = data.BatchSampler(images, batch_size=20, seed=0, labels=labels, on_device=on_device)
+    sampler = data.BatchSampler(images, batch_size=20, device=device, seed=0, labels=labels, on_device=on_device)
     x, index = next(sampler)
     assert sampler.data.dtype == torch.uint8  # stored compactly
-    assert x.dtype == torch.float32 and x.shape == (20, 1, 4, 4)
+    assert x.dtype == torch.float32 and x.shape == (20, 1, 4, 4) and x.device.type == device.type
     assert x.min() == -1 and x.max() == 1
-    assert torch.equal(data.to_uint8(x), images[index])
-    assert torch.equal(sampler.labels[index], labels[index])
+    assert torch.equal(data.to_uint8(x).cpu(), images[index.cpu()])
+    assert torch.equal(sampler.labels[index].cpu(), labels[index.cpu()])
+    # the batches are the CPU sampler's, whichever device holds the data
+    assert torch.equal(index.cpu(), next(data.BatchSampler(images, batch_size=20, seed=0))[1])
 
 
 def test_sampler_validates():

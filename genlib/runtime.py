@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import random
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -93,3 +94,33 @@ def describe(seed: int, dev: torch.device | None = None) -> str:
         f"scale={scale()} | device={dev.type} [{device_name(dev)}] | seed={seed} | "
         f"genlib {__version__} | torch {torch.__version__}"
     )
+
+
+def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], workers: int = 1,
+                 cost: Sequence[float] | None = None) -> Iterator[tuple[int, T]]:
+    """Yield ``(i, function(*calls[i]))`` for every call: in order when ``workers`` is 1, else as they finish
+    in ``workers`` fresh processes with one torch thread each (``function`` and the arguments must pickle).
+
+    ``cost`` (one number per call) hands the costly calls out first, so no worker idles at the end while one
+    long call finishes. Processes are spawned, not forked: a fork inherits the parent's OpenMP state, which
+    can hang torch. Stopping early (an error, Ctrl-C) cancels the calls not yet started."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        for i, args in enumerate(calls):
+            yield i, function(*args)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    order = sorted(range(len(calls)), key=lambda i: -cost[i]) if cost is not None else range(len(calls))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        futures = {pool.submit(function, *calls[i]): i for i in order}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

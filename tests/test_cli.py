@@ -264,36 +264,38 @@ def test_compare_in_parallel_records_the_same_rows_in_the_same_order(tmp_path):
 
 
 def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
-    from genlib import gan
+    from genlib import evaluate
 
     calls = []
-    real = gan.compare_on_toy
+    real = evaluate.coverage_run
 
-    def crash_on_third(methods, *args, **kwargs):
-        calls.append((methods[0], kwargs["seeds"][0]))
+    def crash_on_third(*args, desc, **kwargs):
+        calls.append(desc)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(methods, *args, **kwargs)
+        return real(*args, desc=desc, **kwargs)
 
-    monkeypatch.setattr(gan, "compare_on_toy", crash_on_third)
+    monkeypatch.setattr(evaluate, "coverage_run", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         cli.main(compare_args(tmp_path))
     assert (tmp_path / "partial.pt").exists() and not (tmp_path / "run.json").exists()
-    monkeypatch.setattr(gan, "compare_on_toy", real)
+    monkeypatch.setattr(evaluate, "coverage_run", real)
     cli.main(compare_args(tmp_path))
     rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]
-    assert len(rows) == 4 and calls == [("GAN", 0), ("GAN", 1), ("PacGAN", 0)]
+    assert len(rows) == 4 and calls == ["GAN seed 0", "GAN seed 1", "PacGAN seed 0"]
 
 
 def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch, capsys):
-    from genlib import gan
+    from genlib import evaluate
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+    real = evaluate.coverage_run
 
-    real = gan.compare_on_toy
-    monkeypatch.setattr(gan, "compare_on_toy", lambda methods, *a, **kw: (
-        real(methods, *a, **kw) if kw["seeds"][0] == 0 else crash()))
+    def crash_after_seed_0(make_model, toy, seed, *args, **kwargs):
+        if seed != 0:
+            raise KeyboardInterrupt
+        return real(make_model, toy, seed, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "coverage_run", crash_after_seed_0)
     with pytest.raises(KeyboardInterrupt):
         cli.main(compare_args(tmp_path))
     with pytest.raises(SystemExit):

@@ -246,12 +246,17 @@ def test_snapshot_recorder_records_fakes_and_energy_grids():
 
 
 def test_compare_on_toy_and_summarize():
-    rows = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, toy_name="ring8", seeds=(0,), steps=2,
-                            n_data=512, n_samples=100, base=dict(width=8, depth=1, critic_steps=1))
-    assert [r["setting"] for r in rows] == ["a", "b"]
+    kw = dict(toy_name="ring8", seeds=(0, 1), steps=20, n_data=512, n_samples=100,
+              base=dict(width=8, depth=1, critic_steps=1))
+    rows = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, **kw)
+    assert [(r["setting"], r["seed"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     assert all(r["total_modes"] == 8 and 0 <= r["hq"] <= 1 and not r["diverged"] for r in rows)
     table = E.summarize(rows)
-    assert [t["setting"] for t in table] == ["a", "b"] and table[0]["runs"] == 1
+    assert [t["setting"] for t in table] == ["a", "b"] and table[0]["runs"] == 2
+    # two worker processes train the same runs: every row is seeded by itself
+    parallel = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, workers=2, **kw)
+    keys = ("setting", "seed", "modes", "hq")
+    assert [[r[k] for k in keys] for r in parallel] == [[r[k] for k in keys] for r in rows]
 
 
 def test_build_energy_defaults_and_options():

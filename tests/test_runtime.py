@@ -1,5 +1,7 @@
 """Run scale, device choice, seeding and the run description."""
 
+import operator
+
 import numpy as np
 import pytest
 import torch
@@ -53,3 +55,19 @@ def test_describe_states_scale_device_and_seed(monkeypatch):
     monkeypatch.delenv("GENLIB_SCALE", raising=False)
     line = runtime.describe(3, torch.device("cpu"))
     assert line.startswith("scale=small | device=cpu") and "seed=3" in line and torch.__version__ in line
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parallel_map_returns_every_call_once_under_its_index(workers):
+    calls = [(i, 10 * i) for i in range(5)]
+    results = dict(runtime.parallel_map(operator.add, calls, workers, cost=[0, 4, 1, 3, 2]))
+    assert results == {i: 11 * i for i in range(5)}
+    if workers == 1:  # in order when there is no pool
+        assert [i for i, _ in runtime.parallel_map(operator.add, calls)] == list(range(5))
+
+
+def test_parallel_map_passes_errors_on_and_rejects_no_workers():
+    with pytest.raises(ZeroDivisionError):
+        list(runtime.parallel_map(operator.truediv, [(1, 1), (1, 0)], workers=2))
+    with pytest.raises(ValueError, match="workers"):
+        list(runtime.parallel_map(operator.add, [(1, 2)], workers=0))

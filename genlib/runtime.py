@@ -106,7 +106,7 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
     can hang torch. Stopping early (an error, Ctrl-C) cancels the calls not yet started."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers == 1:
+    if workers == 1 or len(calls) <= 1:  # a pool would only add the processes' start-up
         for i, args in enumerate(calls):
             yield i, function(*args)
         return

@@ -100,8 +100,15 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert straight["step"] == split["step"] == 40
-    for key, value in straight["model"].items():
-        assert torch.equal(value, split["model"][key]), key
+    if device.type == "cpu":
+        for key, value in straight["model"].items():
+            assert torch.equal(value, split["model"][key]), key
+    else:  # GPU kernels with atomics may differ run to run: the resumed run must be as close as a second run
+        cli.main(train_args(tmp_path / "again", 40, device))
+        again = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=False)
+        gap = lambda other: max((v.double() - other["model"][k].double()).abs().max().item()
+                                for k, v in straight["model"].items())
+        assert gap(split) <= 10 * gap(again), (gap(split), gap(again))
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
     assert run["config"]["family"] == "imle" and run["device"] == device.type and run["scale"] == "small"
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())

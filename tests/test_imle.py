@@ -138,8 +138,9 @@ def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass(device):
     reference = torch.cdist(queries.double(), keys.double(), compute_mode="donot_use_mm_for_euclid_dist")
     assert torch.equal(index, reference.argmin(1))
     torch.testing.assert_close(dist, (queries.double() - keys.double()[index]).pow(2).sum(1), rtol=1e-12, atol=0.0)
-    assert stats.get("fp32-wide", 0) > 0 and "brute_force" not in stats
-    assert sum(stats.values()) == len(queries)
+    assert "brute_force" not in stats and sum(stats.values()) == len(queries)
+    if device.type == "cpu":  # (on CUDA a tf32 pass comes first; which pass settles what depends on the GPU)
+        assert stats.get("fp32-wide", 0) > 0
 
 
 def test_duplicates_and_exact_ties_go_to_the_lowest_index(device):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -168,7 +169,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
                         callback_every=args.sample_every)
     wall = time.perf_counter() - began
-    metrics = {"final_" + k: v[-1] for k, v in history.items() if k != "step" and v}
+    # the last logged value of each loss (a staged model's earlier losses are NaN at the end)
+    metrics = {"final_" + k: next(x for x in reversed(v) if not math.isnan(x)) for k, v in history.items()
+               if k != "step" and any(not math.isnan(x) for x in v)}
     if len(dataset.shape) == 4:
         viz.save_image_grid(model.sample(64).float().cpu(), out / "samples.png")
     elif dataset.shape[1] == 2:
@@ -269,7 +272,8 @@ def write_log(path: Path, header: str, history: dict, summary: str) -> None:
     keys = [k for k in history if k != "step"]
     lines = [header, "step " + " ".join(f"{k:>12s}" for k in keys)]
     for i, step in enumerate(history.get("step", [])):
-        lines.append(f"{step:>4d} " + " ".join(f"{history[k][i]:12.4g}" for k in keys))
+        lines.append(f"{step:>4d} " + " ".join(" " * 12 if math.isnan(history[k][i]) else f"{history[k][i]:12.4g}"
+                                               for k in keys))
     lines.append(summary)
     path.write_text("\n".join(lines) + "\n")
 

@@ -12,6 +12,7 @@ resume, a guard against non-finite losses, bf16 autocast and an EMA of the gener
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import time
@@ -140,14 +141,26 @@ def load_checkpoint(path: Path, model: GenerativeModel, sampler) -> tuple[int, H
 
 
 def first_non_finite(pending: list[dict[str, torch.Tensor]], first_step: int) -> tuple[int, dict[str, float]] | None:
-    """(step, losses) of the first step in ``pending`` with a NaN/inf loss, else None; one device sync."""
-    names = list(pending[0])
-    table = torch.stack([torch.stack([losses[k] for k in names]) for losses in pending]).cpu()
-    bad_rows = (~torch.isfinite(table)).any(1).nonzero()
+    """(step, losses) of the first step in ``pending`` with a NaN/inf loss, else None; one device sync.
+    Steps may report different losses (a model with stages)."""
+    finite = torch.stack([torch.isfinite(torch.stack(list(losses.values()))).all() for losses in pending]).cpu()
+    bad_rows = (~finite).nonzero()
     if len(bad_rows) == 0:
         return None
     row = int(bad_rows[0])
-    return first_step + row, dict(zip(names, table[row].tolist()))
+    return first_step + row, {k: float(v) for k, v in pending[row].items()}
+
+
+def log_means(history: History, step: int, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Append the mean of each loss over ``pending`` at ``step``; return the means. A loss no step of the
+    window reported (another stage's) is NaN there, so every list stays aligned with ``history['step']``."""
+    names = dict.fromkeys(name for losses in pending for name in losses)
+    means = {k: torch.stack([losses[k] for losses in pending if k in losses]).mean().item() for k in names}
+    logged = len(history["step"])
+    history["step"].append(step)
+    for name in [name for name in dict.fromkeys([*history, *means]) if name != "step"]:
+        history.setdefault(name, [math.nan] * logged).append(means.get(name, math.nan))
+    return means
 
 
 def non_finite_error(step: int, losses: dict[str, float], path: Path | None, last_saved: int | None):
@@ -185,7 +198,7 @@ def fit(
     """Train ``model`` for ``steps`` steps on batches from ``sampler``; return the loss history.
 
     ``history['step']`` lists the logged steps and ``history[name]`` the mean of each loss over
-    the preceding ``log_every`` steps. With ``run_dir`` a checkpoint is written atomically every
+    the preceding ``log_every`` steps (NaN where no step of that window reported it, as in a model's other stage). With ``run_dir`` a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a later call with the same
     ``run_dir`` resumes exactly where the last checkpoint left it (an interrupted or crashed
     run loses at most ``checkpoint_every`` steps). ``amp`` (bf16 autocast) and ``ema_decay``
@@ -225,10 +238,7 @@ def fit(
                 bad = first_non_finite(pending, step - len(pending) + 1)
                 if bad is not None:
                     raise non_finite_error(*bad, path, last_saved)
-                means = {k: torch.stack([p[k] for p in pending]).mean().item() for k in pending[0]}
-                history["step"].append(step)
-                for name, value in means.items():
-                    history.setdefault(name, []).append(value)
+                means = log_means(history, step, pending)
                 pending = []
                 rate = x.shape[0] * (step - start) / max(time.perf_counter() - began, 1e-9)
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in means.items()}, "samples/s": f"{rate:.3g}"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -316,3 +317,15 @@ def test_compare_rejects_what_it_cannot_score(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
         cli.main(compare_args(tmp_path) + extra)
     assert message in capsys.readouterr().err and not (tmp_path / "partial.pt").exists()
+
+
+def test_a_two_stage_run_logs_and_reports_both_stages(tmp_path):
+    """GLANN's GLO stage and mapper stage log different losses: train.log and metrics.json keep both."""
+    out = tmp_path / "run"
+    cli.main(["train", "glann", "--data", "digits", "--steps", "6", "--batch-size", "8", "--width", "8", "--z-dim", "4",
+              "--log-every", "2", "--eval-samples", "8", "--device", "cpu", "--opt", "glo_steps=3", "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(saved[k]) for k in ("final_glo_loss", "final_loss", "final_match_dist"))
+    rows = [line.split() for line in (out / "train.log").read_text().splitlines()[2:-1]]
+    assert [row[0] for row in rows] == ["2", "4", "6"]
+    assert [len(row) for row in rows] == [2, 4, 3]  # step 4's window holds both stages; blanks elsewhere

@@ -394,7 +394,10 @@ def test_glann_runs_both_stages_in_one_fit_and_resumes_exactly(tmp_path):
         return model, history
 
     straight, history = run(12)
-    assert len(history["glo_loss"]) == 2 and len(history["match_dist"]) == 2  # steps 3, 6 then 9, 12
+    # each stage's losses at its own log steps (3, 6 then 9, 12), NaN at the other stage's
+    assert history["step"] == [3, 6, 9, 12]
+    assert [math.isnan(v) for v in history["glo_loss"]] == [False, False, True, True]
+    assert [math.isnan(v) for v in history["match_dist"]] == [True, True, False, False]
     run(8, tmp_path)  # stops in stage 2, after the switch
     resumed, _ = run(12, tmp_path)
     for key, value in straight.state_dict().items():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from genlib.data import BatchSampler
-from genlib.train import CHECKPOINT, GenerativeModel, NonFiniteLossError, fit
+from genlib.train import CHECKPOINT, GenerativeModel, NonFiniteLossError, first_non_finite, fit
 
 
 class MomentMatcher(GenerativeModel):
@@ -171,3 +173,31 @@ def test_evaluating_switches_to_eval_and_restores_the_mode_even_on_error():
     except RuntimeError:
         pass
     assert net.training
+
+
+class TwoStage(MomentMatcher):
+    """MomentMatcher that reports a different loss name after ``switch`` steps (like GLANN's two stages)."""
+
+    def __init__(self, switch: int, **kw):
+        super().__init__(**kw)
+        self.switch = switch
+
+    def step(self, x, index):
+        losses = super().step(x, index)
+        return {"stage1": losses["loss"]} if self.calls <= self.switch else {"stage2": losses["loss"]}
+
+
+def test_losses_of_a_staged_model_stay_aligned_with_the_logged_steps():
+    torch.manual_seed(0)
+    model = TwoStage(switch=7)
+    sampler = BatchSampler(torch.randn(64, 2), 8, "cpu", seed=0)
+    history = fit(model, sampler, 15, log_every=5, progress=False)  # the window of steps 6-10 holds both stages
+    assert history["step"] == [5, 10, 15]
+    assert [math.isnan(v) for v in history["stage1"]] == [False, False, True]
+    assert [math.isnan(v) for v in history["stage2"]] == [True, False, False]
+
+
+def test_first_non_finite_reads_steps_that_report_different_losses():
+    pending = [{"a": torch.tensor(1.0)}, {"b": torch.tensor(2.0)}, {"b": torch.tensor(float("inf"))}]
+    assert first_non_finite(pending, first_step=11) == (13, {"b": float("inf")})
+    assert first_non_finite(pending[:2], first_step=11) is None

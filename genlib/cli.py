@@ -222,8 +222,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
     for toy_name in toys:
         todo = [(method, seed) for method in methods for seed in seeds if (toy_name, method, seed) not in done]
-        for _, row in gan.toy_runs(todo, toy_name, args.steps, batch_size, progress=args.jobs == 1, keep_samples=True,
-                                   workers=args.jobs, **setting):
+        for _, row in gan.toy_runs(todo, toy_name, args.steps, batch_size, progress=True, keep_samples=True,
+                                   workers=args.jobs, **setting):  # (bars only on one worker)
             samples = row.pop("samples")
             if row["seed"] == seeds[0]:
                 state["samples"][toy_name, row["method"]] = samples

@@ -574,11 +574,10 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     defaults = TOY_DEFAULTS if base is None else base
     runs = [(name, seed) for name in settings for seed in seeds]
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
-    rows: list[dict[str, Any]] = [{}] * len(runs)
-    for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
-                                workers=workers, progress=progress, n_data=n_data, n_samples=n_samples, device=device):
-        rows[i] = {"setting": runs[i][0], "seed": runs[i][1], **row}
-    return rows
+    rows = runtime.in_call_order(coverage_runs(jobs, toy_name, steps, batch_size,
+                                               {} if toy_std is None else {"std": toy_std}, workers=workers,
+                                               progress=progress, n_data=n_data, n_samples=n_samples, device=device))
+    return [{"setting": name, "seed": seed, **row} for (name, seed), row in zip(runs, rows)]
 
 
 def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None = None,

@@ -39,6 +39,7 @@ from torch.func import functional_call
 from genlib import nets
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
+from genlib.runtime import in_call_order
 from genlib.train import GenerativeModel, SnapshotRecorder
 from genlib.train import snapshot_recorder as train_snapshots
 
@@ -765,12 +766,9 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     """
     table = methods if isinstance(methods, Mapping) else {name: TOY_METHODS[name] for name in methods}
     runs = [(name, seed) for name in table for seed in seeds]
-    rows: list[dict[str, Any]] = [{}] * len(runs)
-    for i, row in toy_runs(runs, toy_name, steps, batch_size, table, n_data=n_data, n_samples=n_samples,
-                           device=device, threads=threads, progress=progress, keep_samples=keep_samples,
-                           workers=workers, **overrides):
-        rows[i] = row
-    return rows
+    return in_call_order(toy_runs(runs, toy_name, steps, batch_size, table, n_data=n_data, n_samples=n_samples,
+                                  device=device, threads=threads, progress=progress, keep_samples=keep_samples,
+                                  workers=workers, **overrides))
 
 
 def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_size: int = TOY_BATCH_SIZE,

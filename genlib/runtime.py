@@ -124,3 +124,9 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def in_call_order(finished: Iterator[tuple[int, T]]) -> list[T]:
+    """The results of :func:`parallel_map` (``(i, result)`` in any order) as a list in call order."""
+    by_call = dict(finished)
+    return [by_call[i] for i in range(len(by_call))]

@@ -198,7 +198,8 @@ def fit(
     """Train ``model`` for ``steps`` steps on batches from ``sampler``; return the loss history.
 
     ``history['step']`` lists the logged steps and ``history[name]`` the mean of each loss over
-    the preceding ``log_every`` steps (NaN where no step of that window reported it, as in a model's other stage). With ``run_dir`` a checkpoint is written atomically every
+    the preceding ``log_every`` steps (NaN where no step of that window reported it, as in a model's other
+    stage). With ``run_dir`` a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a later call with the same
     ``run_dir`` resumes exactly where the last checkpoint left it (an interrupted or crashed
     run loses at most ``checkpoint_every`` steps). ``amp`` (bf16 autocast) and ``ema_decay``

@@ -60,8 +60,8 @@ def test_describe_states_scale_device_and_seed(monkeypatch):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_parallel_map_returns_every_call_once_under_its_index(workers):
     calls = [(i, 10 * i) for i in range(5)]
-    results = dict(runtime.parallel_map(operator.add, calls, workers, cost=[0, 4, 1, 3, 2]))
-    assert results == {i: 11 * i for i in range(5)}
+    results = runtime.in_call_order(runtime.parallel_map(operator.add, calls, workers, cost=[0, 4, 1, 3, 2]))
+    assert results == [11 * i for i in range(5)]
     if workers == 1:  # in order when there is no pool
         assert [i for i, _ in runtime.parallel_map(operator.add, calls)] == list(range(5))
 
@@ -71,3 +71,7 @@ def test_parallel_map_passes_errors_on_and_rejects_no_workers():
         list(runtime.parallel_map(operator.truediv, [(1, 1), (1, 0)], workers=2))
     with pytest.raises(ValueError, match="workers"):
         list(runtime.parallel_map(operator.add, [(1, 2)], workers=0))
+
+
+def test_in_call_order_sorts_results_by_call():
+    assert runtime.in_call_order(iter([(2, "c"), (0, "a"), (1, "b")])) == ["a", "b", "c"]

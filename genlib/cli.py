@@ -330,6 +330,8 @@ def _positive_int(text: str) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m genlib``."""
+    from genlib.gan import TOY_SETTINGS
+
     parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -363,7 +365,7 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--toys", default="ring8,grid25", help="comma-separated Gaussian-mixture toys")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     compare.add_argument("--steps", type=_positive_int, default=3000)
-    compare.add_argument("--setting", choices=("tuned", "collapse", "unrolled-notebook"), default="collapse",
+    compare.add_argument("--setting", choices=list(TOY_SETTINGS), default="collapse",
                          help="genlib.gan.TOY_SETTINGS: batch size and network/optimiser settings")
     compare.add_argument("--jobs", type=_positive_int, default=1,
                          help="runs trained at once, each in its own process on one thread (at most the cores)")

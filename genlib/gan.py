@@ -719,13 +719,16 @@ _UNROLLED_NOTEBOOK_NETS: dict[str, Any] = {"z_dim": 256, "width": 128, "depth": 
                                            "g_batchnorm": False, "lr_decay_steps": 0}
 TOY_SETTINGS: dict[str, tuple[int, dict[str, Any]]] = {
     "tuned": (TOY_BATCH_SIZE, {}),
+    "tuned-no-decay": (TOY_BATCH_SIZE, {"lr_decay_steps": 0}),
+    "tuned-narrow": (TOY_BATCH_SIZE, {"width": 32, "depth": 2}),
     "collapse": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-3, "g_act": "relu", "d_act": "relu"}),
     "unrolled-notebook": (512, _UNROLLED_NOTEBOOK_NETS | {"lr_d": 1e-4, "lr_g": 1e-3, "g_act": "tanh",
                                                          "d_act": "tanh"}),
 }
 """Chapter 2's toy settings by name: (batch size, constructor overrides on top of GAN's defaults).
 
-``tuned``: genlib's toy defaults (3 x 64 MLPs, BatchNorm in G, Adam 2e-3, linear decay), kind to the vanilla GAN.
+``tuned``: genlib's toy defaults (3 x 64 MLPs, BatchNorm in G, Adam 2e-3, linear decay), kind to the vanilla GAN;
+``tuned-no-decay`` and ``tuned-narrow`` (2 x 32 MLPs) change one thing each.
 ``unrolled-notebook``: the unrolled-GAN authors' toy notebook (Metz et al., 2017): 2 x 128 tanh MLPs, z 256,
 batch 512, Adam with beta1 0.5, D 1e-4 and G 1e-3, no BatchNorm, no decay. ``collapse``: the same setting with
 ReLU units instead of tanh, a variation in which our vanilla GAN collapses onto 0-1 ring modes."""

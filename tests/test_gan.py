@@ -284,6 +284,24 @@ def test_compare_on_toy_rows_and_summary():
     assert [s["method"] for s in summary] == ["GAN", "PacGAN"] and summary[0]["runs"] == 1
 
 
+def test_toy_runs_apply_a_setting_over_the_decay_they_default_to():
+    built = []
+
+    class Recorded(gan.GAN):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            built.append(self)
+
+    for name in ("tuned", "tuned-no-decay", "tuned-narrow"):
+        batch_size, setting = gan.TOY_SETTINGS[name]
+        list(gan.toy_runs([("recorded", 0)], "ring8", 3, batch_size, {"recorded": (Recorded, {})}, n_data=256,
+                          n_samples=50, **setting))
+    assert [model.lr_decay_steps for model in built] == [3, 0, 3]  # decay over the run unless switched off
+    assert [(model.width, model.depth) for model in built] == [(64, 3), (64, 3), (32, 2)]
+    hidden = [layer.out_features for layer in built[2].generator.modules() if isinstance(layer, torch.nn.Linear)]
+    assert hidden[:-1] == [32, 32]
+
+
 def test_a_quick_vanilla_gan_finds_most_ring_modes():
     """A few CPU-seconds: the vanilla GAN covers at least half the ring's modes (fixed seed)."""
     runtime.seed_everything(0)

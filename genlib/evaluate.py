@@ -112,9 +112,10 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
 
     Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
     trains ``steps`` steps through :func:`genlib.train.fit` and scores ``n_samples`` samples. Returns
-    modes (covered), total_modes, hq (fraction within 3 std of a mode), seconds (wall), cpu_seconds
+    modes (covered), total_modes, hq (fraction within 3 std of a mode), mode_counts (the high-quality samples
+    at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
-    then modes = hq = 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2] on the CPU."""
+    then modes = hq = 0 and every count 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2] on the CPU."""
     if toy.modes is None or toy.std is None:
         raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")
     runtime.seed_everything(seed)
@@ -126,9 +127,10 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
         fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
         samples = model.sample(n_samples).cpu()
         modes, high_quality = metrics.mode_coverage(samples, toy.modes, toy.std)
+        counts = metrics.mode_counts(samples, toy.modes, toy.std)
     except NonFiniteLossError:
-        diverged, modes, high_quality = True, 0, 0.0
-    row = {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality,
+        diverged, modes, high_quality, counts = True, 0, 0.0, torch.zeros(len(toy.modes), dtype=torch.int64)
+    row = {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality, "mode_counts": counts.tolist(),
            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
            "diverged": diverged}
     return row | {"samples": samples} if keep_samples else row

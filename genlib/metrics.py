@@ -23,6 +23,7 @@ __all__ = [
     "inception_score",
     "kid",
     "mmd2",
+    "mode_counts",
     "mode_coverage",
     "mode_score",
     "one_nn_accuracies",
@@ -133,18 +134,25 @@ def _median(v: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- metrics
 
 
-def mode_coverage(samples: Tensor, modes: Tensor, std: float, threshold: float = 3.0) -> tuple[int, float]:
-    """Samples [n, d] against mixture modes [k, d]: (modes covered, fraction of high-quality samples).
+def mode_counts(samples: Tensor, modes: Tensor, std: float, threshold: float = 3.0) -> Tensor:
+    """Samples [n, d] against mixture modes [k, d]: the number of high-quality samples at each mode [k] (int64).
 
-    A sample is high quality when it lies within ``threshold * std`` (inclusive) of its
-    nearest mode; a mode is covered when it is the nearest mode of at least one
-    high-quality sample.
+    A sample is high quality when it lies within ``threshold * std`` (inclusive) of its nearest
+    mode, and it counts for that mode.
     """
     s, m = _pair(samples, modes, ("samples", "modes"))
     radius = _positive("threshold", threshold) * _positive("std", std)
     nearest_sq, nearest = _sq_dists(s, m).min(dim=1)
-    good = nearest_sq <= radius**2
-    return int(nearest[good].unique().numel()), float(good.double().mean())
+    return torch.bincount(nearest[nearest_sq <= radius**2], minlength=len(m))
+
+
+def mode_coverage(samples: Tensor, modes: Tensor, std: float, threshold: float = 3.0) -> tuple[int, float]:
+    """Samples [n, d] against mixture modes [k, d]: (modes covered, fraction of high-quality samples).
+
+    From :func:`mode_counts`: a mode is covered when at least one high-quality sample is nearest to it.
+    """
+    counts = mode_counts(samples, modes, std, threshold)
+    return int((counts > 0).sum()), float(counts.sum()) / len(samples)
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:

@@ -100,15 +100,18 @@ class RecordedRun:
         png = self.path / "samples.png"
         return png if png.exists() else None
 
-    def summary(self) -> str:
-        """A few lines for a notebook: the command, where and when it ran, and its metrics."""
+    def header(self) -> str:
+        """Three lines: the command, where it ran (device, torch, commit), and its scale, wall time and date."""
         run = self.run
-        commit = short_commit(run["git_commit"])
-        lines = [f"command : {run['command']}",
-                 f"device  : {run['device_name']} | torch {run['torch_version']} | commit {commit}",
-                 f"scale   : {run['scale']} | wall time {run.get('wall_time_s', float('nan')):.0f} s | {run['date']}"]
-        lines += [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())]
-        return "\n".join(lines)
+        return "\n".join([f"command : {run['command']}",
+                          f"device  : {run['device_name']} | torch {run['torch_version']} | "
+                          f"commit {short_commit(run['git_commit'])}",
+                          f"scale   : {run['scale']} | wall time {run.get('wall_time_s', float('nan')):.0f} s | "
+                          f"{run['date']}"])
+
+    def summary(self) -> str:
+        """A few lines for a notebook: :meth:`header`, then the metrics."""
+        return "\n".join([self.header()] + [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())])
 
 
 def _fmt(value: object) -> str:
@@ -194,6 +197,19 @@ def coverage_table(summaries: list[dict], key: str = "method", timing: str | Non
                 f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}")
         lines.append(line + (f" {row[f'{timing}_mean']:{len(timing_header)}.0f}" if timing else ""))
     return "\n".join(lines)
+
+
+def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds") -> str:
+    """A recorded ``python -m genlib compare`` run for a notebook: its :meth:`~RecordedRun.header`, then per toy
+    the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run)."""
+    config, rows = run.run["config"], run.metrics["rows"]
+    blocks = [run.header()]
+    for toy_name in dict.fromkeys(row["toy"] for row in rows):
+        summaries = summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
+                                       means=("hq", timing) if timing else ("hq",))
+        blocks.append(f"-- {toy_name}, {config['setting']} setting, {config['steps']} steps, seeds {config['seeds']}\n"
+                      + coverage_table(summaries, timing=timing))
+    return "\n".join(blocks)
 
 
 def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:

@@ -132,6 +132,7 @@ class MeanShift(GenerativeModel):
 def test_coverage_run_reports_divergence_instead_of_raising():
     row = evaluate.coverage_run(Exploding, data.toy("ring8"), seed=0, steps=10, batch_size=8, n_data=64)
     assert row["diverged"] and row["modes"] == 0 and row["hq"] == 0.0 and row["total_modes"] == 8
+    assert row["mode_counts"] == [0] * 8
 
 
 def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
@@ -144,5 +145,10 @@ def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
                                  keep_samples=True)
     assert kept["samples"].shape == (500, 2)
     assert metrics.mode_coverage(kept["samples"], toy.modes, toy.std) == (first["modes"], first["hq"])
+    # per mode: the high-quality samples whose nearest mode it is, counted by brute force
+    distances = torch.cdist(kept["samples"].double(), toy.modes.double())
+    nearest = distances.argmin(1)[distances.min(1).values <= 3 * toy.std]
+    assert first["mode_counts"] == [int((nearest == k).sum()) for k in range(8)]
+    assert sum(first["mode_counts"]) == round(first["hq"] * 500)
     with pytest.raises(ValueError, match="not a Gaussian mixture"):
         evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)

@@ -121,6 +121,8 @@ def test_mode_coverage_hand_made():
     assert M.mode_coverage(samples, modes, std=1.0) == (2, pytest.approx(3 / 5))
     assert M.mode_coverage(samples, modes, std=1.0, threshold=5.0) == (3, pytest.approx(1.0))
     assert M.mode_coverage(samples, modes, std=0.1, threshold=1.0) == (1, pytest.approx(1 / 5))
+    assert M.mode_counts(samples, modes, std=1.0).tolist() == [2, 0, 1]
+    assert M.mode_counts(samples, modes, std=1.0, threshold=5.0).tolist() == [2, 2, 1]
 
 
 # ----------------------------------------------------------------------------- Fréchet distance

@@ -70,6 +70,23 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
     assert results.coverage_table(summaries).splitlines()[1].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
 
 
+def test_comparison_report_prints_one_table_per_toy(tmp_path):
+    rows = [{"toy": "ring8", "method": "GAN", "seed": 0, "modes": 8, "total_modes": 8, "hq": 0.5, "cpu_seconds": 2.0},
+            {"toy": "ring8", "method": "GAN", "seed": 1, "modes": 6, "total_modes": 8, "hq": 0.3, "cpu_seconds": 4.0},
+            {"toy": "grid25", "method": "GAN", "seed": 0, "modes": 20, "total_modes": 25, "hq": 0.1,
+             "cpu_seconds": 9.0}]
+    results.record_run(tmp_path, device="cpu", config={"setting": "tuned", "steps": 5, "seeds": "0,1"},
+                       metrics={"rows": rows, "summary": {}}, wall_time_s=3.0, command="genlib compare")
+    lines = results.comparison_report(results.load_run(tmp_path)).splitlines()
+    assert len(lines) == 9 and lines[0] == "command : genlib compare" and lines[2].startswith("scale   :")
+    assert lines[3] == "-- ring8, tuned setting, 5 steps, seeds 0,1" and lines[4].endswith("cpu_seconds per run")
+    assert lines[5].split() == ["GAN", "2", "7.0", "6-8", "0.400", "3"]
+    assert lines[6] == "-- grid25, tuned setting, 5 steps, seeds 0,1"
+    assert lines[8].split() == ["GAN", "1", "20.0", "20-20", "0.100", "9"]
+    untimed = results.comparison_report(results.load_run(tmp_path), timing=None).splitlines()
+    assert untimed[5].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
+
+
 @pytest.mark.parametrize("commit, shown", [("0123456789abcdef0123", "0123456789ab"),
                                            ("0123456789abcdef0123-dirty", "0123456789ab-dirty"),
                                            ("unknown", "unknown")])

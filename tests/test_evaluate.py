@@ -46,11 +46,20 @@ def test_collapsed_toy_model_covers_one_mode():
     assert out["modes_covered"] == 1 and out["mmd2"] > 0.1
 
 
+class ReplayOnCuda(Replay):
+    """A Replay that says it is on CUDA (its rows stay on the CPU): draw_samples warms it up first."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda")
+
+
 def test_draw_samples_concatenates_batches_in_order():
     rows = torch.arange(23.0)[:, None].expand(23, 2)
-    model = Replay(torch.cat([rows[:5], rows]))  # the first batch is the discarded warm-up
-    samples, rate = evaluate.draw_samples(model, 23, batch_size=5)
+    samples, rate = evaluate.draw_samples(Replay(rows), 23, batch_size=5)  # on the CPU: no warm-up batch
     assert torch.equal(samples, rows) and rate > 0
+    model = ReplayOnCuda(torch.cat([rows[:5], rows]))  # on CUDA the first batch is the discarded warm-up
+    assert torch.equal(evaluate.draw_samples(model, 23, batch_size=5)[0], rows)
     with pytest.raises(ValueError, match="positive"):
         evaluate.draw_samples(Replay(rows), 0)
 

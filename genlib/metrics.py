@@ -226,7 +226,8 @@ def kid(
 
     Each subset draws ``min(subset_size, n, m)`` rows of each set without replacement and
     computes the unbiased MMD^2 with the kernel ``(x.y / f + 1)^3``. The std is the
-    population std (ddof=0) over subsets, so it is 0 for ``subsets=1``.
+    population std (ddof=0) over subsets, so it is 0 for ``subsets=1``, and when a subset is the
+    whole of both sets (every subset would give the same value, so one is computed).
     """
     a, b = _pair(feats_a, feats_b, ("feats_a", "feats_b"), min_rows=2)
     if not isinstance(subsets, int) or subsets < 1:
@@ -234,6 +235,8 @@ def kid(
     if not isinstance(subset_size, int) or subset_size < 2:
         raise ValueError(f"subset_size must be an int >= 2, got {subset_size!r}")
     size = min(subset_size, len(a), len(b))
+    if size == len(a) == len(b):
+        subsets = 1
     gen_device = generator.device if generator is not None else "cpu"
     scores = []
     for _ in range(subsets):  # loops over subsets only; each subset is one batch of GEMMs

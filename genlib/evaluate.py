@@ -128,10 +128,10 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     try:
         fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
         samples = model.sample(n_samples).cpu()
-        modes, high_quality = metrics.mode_coverage(samples, toy.modes, toy.std)
         counts = metrics.mode_counts(samples, toy.modes, toy.std)
     except NonFiniteLossError:
-        diverged, modes, high_quality, counts = True, 0, 0.0, torch.zeros(len(toy.modes), dtype=torch.int64)
+        diverged, counts = True, torch.zeros(len(toy.modes), dtype=torch.int64)
+    modes, high_quality = metrics.coverage_from_counts(counts, n_samples)
     row = {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality, "mode_counts": counts.tolist(),
            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
            "diverged": diverged}

@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "WASSERSTEIN_MAX_SAMPLES",
+    "coverage_from_counts",
     "frechet_distance",
     "frechet_distance_gaussians",
     "inception_score",
@@ -151,8 +152,12 @@ def mode_coverage(samples: Tensor, modes: Tensor, std: float, threshold: float =
 
     From :func:`mode_counts`: a mode is covered when at least one high-quality sample is nearest to it.
     """
-    counts = mode_counts(samples, modes, std, threshold)
-    return int((counts > 0).sum()), float(counts.sum()) / len(samples)
+    return coverage_from_counts(mode_counts(samples, modes, std, threshold), len(samples))
+
+
+def coverage_from_counts(counts: Tensor, n_samples: int) -> tuple[int, float]:
+    """(modes covered, fraction of high-quality samples) from the :func:`mode_counts` ``[k]`` of ``n_samples``."""
+    return int((counts > 0).sum()), float(counts.sum()) / n_samples
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:

@@ -123,6 +123,8 @@ def test_mode_coverage_hand_made():
     assert M.mode_coverage(samples, modes, std=0.1, threshold=1.0) == (1, pytest.approx(1 / 5))
     assert M.mode_counts(samples, modes, std=1.0).tolist() == [2, 0, 1]
     assert M.mode_counts(samples, modes, std=1.0, threshold=5.0).tolist() == [2, 2, 1]
+    assert M.coverage_from_counts(torch.tensor([2, 0, 1]), 5) == (2, pytest.approx(3 / 5))
+    assert M.coverage_from_counts(torch.zeros(3, dtype=torch.int64), 5) == (0, 0.0)
 
 
 # ----------------------------------------------------------------------------- Fréchet distance

@@ -1,8 +1,8 @@
-"""Command line: ``python -m genlib {prepare,train,compare,classifier,bench} ...``.
+"""Command line: ``python -m genlib {prepare,train,evaluate,compare,classifier,bench} ...``.
 
 ``train`` runs any registered family on any dataset at any scale through the one loop
 (:func:`genlib.train.fit`) and records the run (provenance, metrics, a sample grid) so the
-book can show it. Families register a builder in :data:`FAMILIES` as their chapters land.
+book can show it; ``evaluate`` scores such a run's checkpoint again with some options replaced. Families register a builder in :data:`FAMILIES` as their chapters land.
 """
 
 from __future__ import annotations
@@ -143,9 +143,20 @@ def build_family(name: str, spec: TrainSpec):
     return model
 
 
+def build_run(config: dict, options: dict[str, str], dev: torch.device):
+    """(dataset, sampler, model) of a ``train`` run from its config (``vars(args)`` or a run.json's config)."""
+    from genlib import data as gdata
+
+    dataset = load_training_data(config["data"], config["root"], config["resolution"], config["toy_points"],
+                                 config["seed"])
+    sampler = gdata.BatchSampler(dataset, config["batch_size"], dev, seed=config["seed"])
+    spec = TrainSpec(sampler.data, tuple(dataset.shape[1:]), dev, config["z_dim"], config["width"], config["lr"],
+                     config["batch_size"], options)
+    return dataset, sampler, build_family(config["family"], spec).to(dev)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a family, checkpointing into ``--out`` and recording the run there."""
-    from genlib import data as gdata
     from genlib import runtime, train, viz
     from genlib.evaluate import evaluate_model
     from genlib.results import provenance, record_run
@@ -157,11 +168,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
     print(runtime.describe(args.seed, dev), flush=True)
-    dataset = load_training_data(args.data, args.root, args.resolution, args.toy_points, args.seed)
-    sampler = gdata.BatchSampler(dataset, args.batch_size, dev, seed=args.seed)
-    spec = TrainSpec(sampler.data, tuple(dataset.shape[1:]), dev, args.z_dim, args.width, args.lr, args.batch_size,
-                     parse_options(args.opt))
-    model = build_family(args.family, spec).to(dev)
+    dataset, sampler, model = build_run(vars(args), parse_options(args.opt), dev)
     out = Path(args.out)
     began = time.perf_counter()
     history = train.fit(model, sampler, args.steps, run_dir=out, checkpoint_every=args.checkpoint_every,
@@ -188,6 +195,51 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = {k: v for k, v in vars(args).items() if k != "func"}
     record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall, origin=origin)
     print(f"recorded run in {out} ({wall:.0f} s)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Score the checkpoint of a recorded ``train`` run again, with some options replaced (e.g. the sampler's)."""
+    from genlib import runtime, train
+    from genlib.evaluate import evaluate_model
+    from genlib.results import load_run, provenance, record_run
+
+    if args.eval_samples < 1:
+        raise SystemExit("error: --eval-samples must be positive")
+    source = load_run(args.run)
+    checkpoint = Path(args.run) / train.CHECKPOINT
+    if source.run["config"].get("command") != "train" or not checkpoint.is_file():
+        raise FileNotFoundError(f"{args.run} is not a `genlib train` run with its {train.CHECKPOINT} "
+                                "(checkpoints are not committed: rerun the run's command to make one)")
+    config = source.run["config"]
+    options = parse_options(config["opt"]) | parse_options(args.opt)
+    dev = runtime.device(args.device)
+    origin = provenance(dev)
+    runtime.use_fast_matmul(dev)
+    dataset, _, model = build_run(config, options, dev)
+    state = torch.load(checkpoint, map_location=dev, weights_only=False)
+    if model.ema is None and any(key.startswith("ema.") for key in state["model"]):
+        model.attach_ema(0.999)  # the run kept an EMA (fit does on CUDA): sample with it, as train did
+    try:
+        model.load_checkpoint_state(state)
+    except (RuntimeError, ValueError) as error:  # an option changed the architecture
+        raise ValueError(f"the checkpoint does not fit the model built with {options}: {error}") from error
+    model.eval()
+    runtime.seed_everything(args.seed)
+    print(f"{args.run}: step {state['step']} | {runtime.describe(args.seed, dev)}", flush=True)
+    began = time.perf_counter()
+    likelihood = hasattr(model, "evaluate")
+    held_out = load_held_out(config["data"], config["root"], config["toy_points"], config["seed"]) if likelihood else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_model(model, config["data"], dataset, args.eval_samples, held_out, args.seed,
+                             grid_to=out / "samples.png")
+    wall = time.perf_counter() - began
+    print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
+    record = {"command": "evaluate", "source_run": str(args.run), "source_command": source.command,
+              "source_commit": source.run["git_commit"], "checkpoint_step": state["step"], "opt": args.opt,
+              "seed": args.seed, "eval_samples": args.eval_samples}
+    record_run(out, device=dev, config=record, metrics=metrics, wall_time_s=wall, origin=origin)
+    print(f"recorded evaluation in {out} ({wall:.0f} s)")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -358,6 +410,17 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="family-specific option (repeatable)")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a recorded train run's checkpoint again, e.g. "
+                                                    "with other sampler options")
+    evaluate.add_argument("run", help="the folder of a `train` run: its run.json and checkpoint.pt")
+    evaluate.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                          help="option replacing the run's (repeatable), e.g. steps_per_level=100")
+    evaluate.add_argument("--eval-samples", type=int, default=1000, help="samples for the metrics")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    evaluate.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    evaluate.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     compare = commands.add_parser("compare", help="train GAN variants x seeds on 2-D toys and record the "
                                                   "mode-coverage table (chapter 2)")

@@ -16,6 +16,7 @@ This room only glues :mod:`genlib.metrics` (pure functions) to models and featur
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -90,13 +91,18 @@ def held_out_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
 
 
 def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out: Tensor | None = None,
-                   seed: int = 0) -> dict[str, float | str]:
+                   seed: int = 0, grid_to: str | Path | None = None) -> dict[str, float | str]:
     """All the numbers of a run of ``model`` trained on dataset ``data_name``.
 
     ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]``, the CLI passes the
     training set, as FID usually does; or toy points);
-    ``held_out`` (test-split images or points) feeds ``model.evaluate`` when the family has a likelihood."""
+    ``held_out`` (test-split images or points) feeds ``model.evaluate`` when the family has a likelihood;
+    ``grid_to``: a png path for an 8x8 grid of the first scored images (no extra sampling)."""
     fake, rate = draw_samples(model, n_samples)
+    if grid_to is not None and fake.dim() == 4:
+        from genlib import viz
+
+        viz.save_image_grid(fake[:64].float().cpu(), grid_to)
     out: dict[str, float | str] = {"eval_samples": len(fake), "samples_per_s": rate}
     if real.dim() == 2:
         out.update(toy_metrics(fake, data_name, seed))

@@ -329,3 +329,47 @@ def test_a_two_stage_run_logs_and_reports_both_stages(tmp_path):
     rows = [line.split() for line in (out / "train.log").read_text().splitlines()[2:-1]]
     assert [row[0] for row in rows] == ["2", "4", "6"]
     assert [len(row) for row in rows] == [2, 4, 3]  # step 4's window holds both stages; blanks elsewhere
+
+
+def score_run(out) -> list[str]:
+    return ["train", "score", "--data", "ring8", "--toy-points", "2000", "--steps", "30", "--batch-size", "64",
+            "--width", "32", "--lr", "1e-3", "--opt", "steps_per_level=5", "--eval-samples", "0",
+            "--checkpoint-every", "10", "--out", str(out), "--device", "cpu"]
+
+
+def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path):
+    from genlib import dae, runtime
+    from genlib import evaluate as evaluate_module
+
+    cli.main(score_run(tmp_path / "run"))
+    evaluate = ["evaluate", str(tmp_path / "run"), "--opt", "steps_per_level=3", "--eval-samples", "300",
+                "--seed", "4", "--device", "cpu"]
+    cli.main(evaluate + ["--out", str(tmp_path / "again")])
+    saved = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    run = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert run["config"]["source_run"] == str(tmp_path / "run") and run["config"]["checkpoint_step"] == 30
+    assert run["config"]["source_command"] == json.loads((tmp_path / "run" / "run.json").read_text())["command"]
+    # the same numbers from the checkpoint loaded by hand and sampled with 3 steps per level
+    model = dae.ScoreModel((2,), width=32, lr=1e-3, steps_per_level=5)
+    model.load_checkpoint_state(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False))
+    runtime.seed_everything(4)
+    by_hand = evaluate_module.toy_metrics(model.eval().sample(300, steps_per_level=3), "ring8", seed=4)
+    assert by_hand == {k: saved[k] for k in by_hand}
+    runtime.seed_everything(4)
+    assert evaluate_module.toy_metrics(model.sample(300), "ring8", seed=4)["mmd2"] != saved["mmd2"]  # 5 steps
+    cli.main(evaluate + ["--out", str(tmp_path / "third")])
+    assert json.loads((tmp_path / "third" / "metrics.json").read_text())["mmd2"] == saved["mmd2"]
+
+
+def test_evaluate_names_what_it_cannot_use(tmp_path, capsys):
+    cli.main(score_run(tmp_path / "run"))
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(tmp_path / "run"), "--opt", "depth=5", "--out", str(tmp_path / "x")])
+    assert "does not fit the model" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert "rerun the run's command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert "no recorded run" in capsys.readouterr().err

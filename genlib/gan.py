@@ -178,8 +178,12 @@ def dragan_points(real: Tensor, scale: float = 0.5) -> Tensor:
 def pulling_away_term(codes: Tensor) -> Tensor:
     """EBGAN's pulling-away term on codes [n, c]: mean over i != j of cos^2(code_i, code_j) (needs n >= 2).
 
-    Small when a batch's codes are mutually orthogonal, i.e. the generator's samples differ.
+    Small when a batch's codes are mutually orthogonal, i.e. the generator's samples differ. A batch of
+    one has no pair, so it raises ValueError (rather than returning 0 / 0 = nan).
     """
+    if codes.dim() < 2 or codes.shape[0] < 2:
+        raise ValueError(f"the pulling-away term needs codes [n, c] with n >= 2 (pairs i != j), "
+                         f"got shape {tuple(codes.shape)}")
     s = F.normalize(codes.flatten(1), dim=1)
     n = s.shape[0]
     cos2 = (s @ s.T).pow(2)
@@ -797,15 +801,56 @@ def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_s
         torch.set_num_threads(previous_threads)
 
 
+_PER_POINT_FAMILIES: tuple[type[GAN], ...] = (GAN, UnrolledGAN, DRAGAN, MRGAN, MADGAN)
+"""The families whose discriminator gives each point its own ``D(x)``, the probability of 'real': a
+sigmoid of one logit, or for MAD-GAN the softmax probability of its 'real' class. EBGAN (an
+autoencoder's energy), PacGAN (one logit per pack) and MinibatchDiscriminationGAN (a logit that depends
+on the rest of the batch) have none."""
+
+
+def _require_family(model: GAN, families: tuple[type[GAN], ...], what: str, why: str) -> None:
+    """TypeError naming ``families`` unless ``model`` is one of them and not another genlib family.
+
+    (The other families subclass GAN too, so an isinstance check alone would let them through.)
+    """
+    outside = tuple(cls for cls in VARIANTS.values() if cls not in families and cls is not GAN)
+    if not isinstance(model, families) or isinstance(model, outside):
+        supported = ", ".join(cls.__name__ for cls in families)
+        raise TypeError(f"{what} supports {supported}, not {type(model).__name__}: {why}")
+
+
 def discriminator_probability(model: GAN, points: Tensor) -> Tensor:
-    """``D(x)`` in (0, 1) at ``points [m, ...]`` -> ``[m]`` (the sigmoid of the discriminator's logit)."""
-    return torch.sigmoid(model.discriminator(points).reshape(len(points)))
+    """``D(x)`` in (0, 1), the probability of 'real', at ``points [m, ...]`` -> ``[m]``.
+
+    The sigmoid of the discriminator's logit; for :class:`MADGAN` the softmax probability of its 'real'
+    class (the last of k + 1). TypeError for EBGAN, PacGAN and MinibatchDiscriminationGAN, whose
+    discriminators give no per-point probability (an energy; one logit per pack; a logit that depends
+    on the rest of the batch).
+    """
+    _require_family(model, _PER_POINT_FAMILIES, "discriminator_probability",
+                    "it needs a D(x) per point (EBGAN's D is an energy, PacGAN's scores packs of samples, "
+                    "minibatch discrimination's depends on the rest of the batch)")
+    if isinstance(model, MADGAN):
+        return torch.softmax(model.logits(points), dim=-1)[:, -1]
+    return torch.sigmoid(model.logits(points).reshape(len(points)))
 
 
 def snapshot_recorder(model: GAN, every: int = 50, lim: float = 2.6, resolution: int = 64, n_fakes: int = 512,
                       seed: int = 0) -> SnapshotRecorder:
     """A :class:`genlib.train.SnapshotRecorder` of a 2-D GAN: fakes of fixed codes and ``D(x)``
-    (:func:`discriminator_probability`) on a grid over [-lim, lim]^2; step 0 is recorded at once."""
+    (:func:`discriminator_probability`) on a grid over [-lim, lim]^2; step 0 is recorded at once.
+
+    For GAN, UnrolledGAN, DRAGAN and MRGAN with 2-D samples. Other families raise TypeError: EBGAN,
+    PacGAN and MinibatchDiscriminationGAN have no per-point ``D(x)``, and MADGAN's generator draws a
+    random generator for each code, so its fakes would not be fixed and recording would change the run.
+    Other sample shapes raise ValueError.
+    """
+    _require_family(model, (GAN, UnrolledGAN, DRAGAN, MRGAN), "snapshot_recorder",
+                    "it needs fixed fakes and a D(x) per point (MADGAN draws a random generator for each code; "
+                    "EBGAN, PacGAN and minibatch discrimination have no per-point D(x))")
+    if tuple(model.shape) != (2,):
+        raise ValueError(f"snapshot_recorder draws D(x) on a 2-D grid: it needs a model of 2-D points, "
+                         f"got sample shape {tuple(model.shape)}")
     return train_snapshots(model, discriminator_probability, every, lim, resolution, n_fakes, seed)
 
 

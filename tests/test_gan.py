@@ -146,6 +146,17 @@ def test_pulling_away_term():
     assert gan.pulling_away_term(torch.ones(5, 3)).item() == pytest.approx(1.0)
 
 
+def test_pulling_away_term_matches_a_loop_over_pairs_and_needs_two_codes():
+    codes = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pairs = [(i, j) for i in range(6) for j in range(6) if i != j]
+    expected = sum(float(F.cosine_similarity(codes[i], codes[j], dim=0)) ** 2 for i, j in pairs) / len(pairs)
+    assert gan.pulling_away_term(codes).item() == pytest.approx(expected, rel=1e-12)
+    assert gan.pulling_away_term(codes[:2]).item() == pytest.approx(
+        float(F.cosine_similarity(codes[0], codes[1], dim=0)) ** 2, rel=1e-12)
+    with pytest.raises(ValueError, match="n >= 2"):
+        gan.pulling_away_term(codes[:1])  # one code has no pair: was nan
+
+
 # ----------------------------------------------------------------------------- network pieces
 
 
@@ -331,3 +342,32 @@ def test_snapshot_recorder_replays_fakes_and_discriminator_without_touching_the_
     plain, _ = run(False)  # recording draws no random numbers: the trained weights are identical
     for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_discriminator_probability_per_point_and_clear_errors_for_the_other_families():
+    torch.manual_seed(0)
+    points = torch.randn(9, 2)
+    model = gan.GAN(width=16, depth=2).eval()
+    logits = model.discriminator(points).detach().squeeze(-1)
+    torch.testing.assert_close(gan.discriminator_probability(model, points).detach(), 1 / (1 + torch.exp(-logits)))
+    alone = gan.discriminator_probability(model, points[3:4]).detach()  # a point's D(x) does not see the batch
+    torch.testing.assert_close(alone, gan.discriminator_probability(model, points).detach()[3:4])
+    # MAD-GAN: the probability of the 'real' class k among its k + 1 classes
+    madgan = gan.MADGAN(k=3, width=16).eval()
+    scores = madgan.discriminator(points).detach().double()
+    expected = scores[:, 3].exp() / scores.exp().sum(1)
+    torch.testing.assert_close(gan.discriminator_probability(madgan, points).detach().double(), expected)
+    for cls in (gan.EBGAN, gan.PacGAN, gan.MinibatchDiscriminationGAN):
+        other = cls(width=8)
+        with pytest.raises(TypeError, match=f"supports GAN, .*not {cls.__name__}"):
+            gan.discriminator_probability(other, points)
+        with pytest.raises(TypeError, match=f"not {cls.__name__}"):
+            gan.snapshot_recorder(other, resolution=3, n_fakes=4)
+    # MAD-GAN's D(x) exists, but its sampling draws a generator per code: no fixed fakes to replay
+    with pytest.raises(TypeError, match="not MADGAN"):
+        gan.snapshot_recorder(madgan, resolution=3, n_fakes=4)
+    with pytest.raises(ValueError, match="2-D"):
+        gan.snapshot_recorder(gan.GAN(shape=(1, 8, 8), width=4), resolution=3, n_fakes=4)
+    for cls in (gan.UnrolledGAN, gan.DRAGAN, gan.MRGAN):
+        recorder = gan.snapshot_recorder(cls(width=8), resolution=3, n_fakes=4)
+        assert recorder.fields[0].shape == (3, 3) and ((recorder.fields[0] > 0) & (recorder.fields[0] < 1)).all()

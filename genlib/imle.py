@@ -429,9 +429,10 @@ class LaplacianPyramidL1(nn.Module):
     ``[1, 4, 6, 4, 1] / 16`` (outer product, replicate padding) and subsampled 2x; ``up`` is
     bilinear. ``j = 0`` is the finest level and ``||.||_1`` sums over channels and pixels.
 
-    The exponent. We use the weights ``2^(-2j)`` as written in the brief and in a later paper's
-    quotation of GLO's formula; we could not check the GLO PDF (Bojanowski et al., 2018) offline,
-    and reimplementations disagree: one averages each level and adds them unweighted, which equals
+    The exponent. GLO (Bojanowski et al., 2018) weights the levels by a power of 2; we use
+    ``2^(-2j)``, as one public PyTorch reimplementation does (a ``Lap1Loss`` with weights
+    ``2 ** (-2 * i)`` on sums). We could not check the exponent in the GLO PDF offline, and
+    reimplementations disagree: one averages each level and adds them unweighted, which equals
     ``2^(+2j)`` on sums (each level counted like its mean), another averages and weights by
     ``2^(-2j)`` (plain sums). With ``2^(-2j)`` on sums, coarse levels count little: a constant
     shift ``c`` costs only ``2^(-2(J-1)) |c| C h w`` (``h x w`` the coarsest size), against
@@ -550,8 +551,9 @@ def pairwise_cost_count(n_real: int, n_fake: int, feature_flops: float, feature_
       against 64 fakes is 64^2 = 4096 perceptual losses): ``n_real * n_fake`` evaluations, each
       running the feature network on both images (``2 n_real n_fake`` network runs).
     * ``cached``: a distance between per-image features (VGG/EfficientNet activations, even Gram
-      matrices) lets each image be embedded once (``n_real + n_fake`` runs); matching is then one
-      GEMM of ``2 n_real n_fake feature_dim`` flops (``IMLE(match_features=...)``).
+      matrices) lets each image be embedded once (``n_real + n_fake`` runs); matching then takes
+      ``2 n_real n_fake feature_dim`` flops: one GEMM for squared L2 between features
+      (``IMLE(match_features=...)``), about as many operations, but not a GEMM, for L1 between features.
 
     Honest caveat: caching removes the quadratic network cost, but IMLE still needs many more
     fakes than reals (10x in the reference code), each embedded at every re-match; that, and
@@ -570,8 +572,15 @@ def pairwise_sq_dist(a: Tensor, b: Tensor) -> Tensor:
     return (a64[:, None, :] - b64[None, :, :]).pow(2).sum(-1)
 
 
+def _check_sigma(sigma: float) -> None:
+    """Raise a ValueError unless the kernel width ``sigma`` is a finite number > 0."""
+    if not (math.isfinite(float(sigma)) and float(sigma) > 0):
+        raise ValueError(f"sigma must be a finite number > 0 (the width of the Gaussian kernel), got {sigma!r}")
+
+
 def soft_assignment(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
     """Posterior responsibility [M, N] of fake j for real i: softmax_j(-||x_i - G(z_j)||^2 / 2 sigma^2)."""
+    _check_sigma(sigma)
     return torch.softmax(-pairwise_sq_dist(reals, fakes) / (2 * sigma**2), dim=1)
 
 
@@ -583,8 +592,11 @@ def smoothed_nll(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
     normaliser ``(d/2) log(2 pi sigma^2)`` and the ``+log N`` of the mean over fakes.
     Because ``max <= logsumexp <= max + log N``, each real's term obeys
     ``m_i - sigma^2 log N <= sigma^2 nll_i <= m_i`` with ``m_i = min_j ||x_i - G(z_j)||^2 / 2``,
-    so ``sigma^2 * smoothed_nll -> mean_i m_i`` as sigma -> 0: the IMLE loss (halved).
+    so ``sigma^2 * smoothed_nll -> mean_i m_i`` as sigma -> 0: the IMLE loss (halved). The full
+    negative log-likelihood, this plus the two constants, goes to +inf as sigma -> 0 unless every
+    ``m_i`` is 0: ``1/sigma^2`` growth beats the normaliser's ``log sigma``. ``sigma`` must be > 0.
     """
+    _check_sigma(sigma)
     return -torch.logsumexp(-pairwise_sq_dist(reals, fakes) / (2 * sigma**2), dim=1).mean()
 
 
@@ -823,7 +835,8 @@ class GLO(GenerativeModel):
     ``min_{G, z_1..z_n} mean_i loss(G(z_i), x_i)`` s.t. ``||z_i|| = 1`` (source eq. (13)). Codes
     are an ``nn.Embedding`` [n_data, z_dim] picked by the batch's ``index``, updated by a lazy
     (sparse) Adam with their own learning rate (GLANN: code lr 1e-2, generator 1e-3, Adam
-    (0.5, 0.999); GLO itself used SGD with a 10:1 ratio) and put back on the unit sphere after
+    (0.5, 0.999); GLO itself used SGD with a code learning rate much larger than the generator's,
+    10:1 in a minimal reimplementation) and put back on the unit sphere after
     every step (GLANN's choice; GLO projects onto the unit ball). Lazy Adam moves only the codes
     of the batch: a dense Adam would keep drifting every other code on stale momentum.
     ``loss``: ``'l2'``, ``'l1'``, ``'lap1'`` or a per-pair callable (e.g. :class:`PixelFeatureL1`).

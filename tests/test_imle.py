@@ -226,6 +226,32 @@ def test_sigma_squared_times_nll_tends_to_half_the_imle_loss():
     assert abs(0.01**2 * imle.smoothed_nll(reals, fakes, 0.01) - half_min) < 1e-3
 
 
+def test_smoothed_nll_plus_constants_is_the_mixture_nll_and_goes_to_plus_infinity():
+    g = torch.Generator().manual_seed(7)
+    reals, fakes = torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
+    d, n = reals.shape[1], len(fakes)
+    full = []
+    for sigma in (1.0, 0.1, 1e-2, 1e-3):
+        # Independent: -mean_i log mean_j N(x_i; fake_j, sigma^2 I), from torch.distributions.
+        log_density = torch.distributions.Normal(fakes[None], sigma).log_prob(reals[:, None]).sum(-1)
+        reference = -(torch.logsumexp(log_density, dim=1) - math.log(n)).mean()
+        restored = imle.smoothed_nll(reals, fakes, sigma) + d / 2 * math.log(2 * math.pi * sigma**2) + math.log(n)
+        torch.testing.assert_close(restored, reference, rtol=1e-10, atol=1e-10)
+        full.append(restored.item())
+    # The normaliser goes to -inf like log sigma, yet the full NLL goes to +inf like mean_i m_i / sigma^2.
+    half_min = torch.cdist(reals, fakes).pow(2).min(1).values.mean().item() / 2
+    assert full[0] < full[1] < full[2] < full[3]
+    assert abs(full[3] * 1e-3**2 - half_min) < 1e-4 * half_min + 1e-4
+
+
+@pytest.mark.parametrize("fn", [imle.smoothed_nll, imle.soft_assignment])
+@pytest.mark.parametrize("sigma", [0.0, -0.5, math.nan, math.inf])
+def test_smoothed_likelihood_rejects_a_sigma_that_is_not_positive_and_finite(fn, sigma):
+    reals, fakes = torch.randn(4, 2), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        fn(reals, fakes, sigma)
+
+
 # ----------------------------------------------------------------------------- Lap1
 
 

@@ -10,8 +10,10 @@ for Energy-Based Models" (MEG, 2019).
   ``E_p[U] - E_q[U] + lam * E_p[||grad_x U||^2]`` (:func:`critic_loss` plus
   :func:`zero_centred_penalty`): the penalty asks for small slopes where the reals are. That
   does not make every real a minimum: in 1-D the optimum has ``U' ∝ (F_p - F_q) / p``
-  (:func:`optimal_critic_slope_1d`), monotone for N(0,1) vs N(1,1); true pits appear where the
-  data have separated modes, as on the 2-D toys.
+  (:func:`optimal_critic_slope_1d`), so U has a pit where ``F_p - F_q`` turns from negative to
+  positive. N(1,1) fakes against N(0,1) data give none (``F_p > F_q`` everywhere: U only rises);
+  wider N(0, 1.2^2) fakes give one under the data's single mode. On the 2-D ring the trained
+  critic shows a pit near each mode.
 * The generator lets the fakes roll downhill; it minimises ``E_z[U(G(z))]``
   (:func:`generator_energy_loss`), optionally minus ``weight * H(G(Z))`` so the fakes spread
   out instead of all rolling into one pit (:func:`knn_entropy`, or MEG's mutual-information
@@ -172,9 +174,23 @@ def optimal_critic_slope_1d(x_grid: Tensor | np.ndarray, p: Tabulated, F_p: Tabu
     ``x -> -inf`` both ``p U'`` (natural boundary condition) and ``F_p - F_q`` vanish, so ``C = 0``.
     Sign check: where the data lie left of the fakes, ``F_p > F_q``, so ``U' > 0``: U rises from the
     reals towards the fakes, low on real data as the energy convention demands, and fakes rolling
-    downhill (``-U'``) move towards the reals. ``U`` itself is fixed only up to a constant.
+    downhill (``-U'``) move towards the reals. ``U`` itself is fixed only up to a constant. U has a
+    minimum (a pit) where ``F_p - F_q`` turns from negative to positive, a maximum where it turns back.
+
+    When it is the minimiser: integrating the first term by parts and completing the square gives
+    ``J[U] = lam int p (U' - U'_*)^2 dx - int (F_p - F_q)^2 / (4 lam p) dx`` with ``U'_*`` this slope, so
+    it minimises J (uniquely up to a constant) exactly when the last integral is finite. That needs
+    ``p > 0`` wherever ``F_p != F_q`` (checked on ``x_grid``: ValueError otherwise), and q's tails no
+    heavier than p's allow: for p = N(0, 1) and q = N(0, s^2) only ``s^2 <= 2``. Otherwise J is unbounded
+    below: where p vanishes or is too thin while ``F_p != F_q`` (e.g. where fakes have mass and the data
+    none), the penalty cannot hold the slope back, and U there (on such fakes) rises without limit.
     """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
     p, F_p, F_q = (f(x_grid) if callable(f) else f for f in (p, F_p, F_q))
+    if bool(((p <= 0) & (F_p != F_q)).any()):
+        raise ValueError("p must be > 0 wherever F_p != F_q: there the optimal slope is infinite "
+                         "and the critic's objective J is unbounded below")
     return (F_p - F_q) / (2 * lam * p)
 
 
@@ -218,6 +234,12 @@ class CriticFit(GenerativeModel):
                  loss: str = "wasserstein", lr: float = 2e-3, betas: tuple[float, float] = (0.5, 0.9),
                  margin: float = 1.0):
         super().__init__()
+        _check_choice("loss", loss, tuple(CRITIC_LOSSES))
+        _check_choice("penalty_kind", penalty_kind, PENALTIES)
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if loss == "margin" and not margin > 0:
+            raise ValueError(f"the margin loss needs margin m > 0, got {margin}")
         self.critic, self.lam, self.penalty_kind, self.loss, self.margin = critic, lam, penalty_kind, loss, margin
         self.register_buffer("fake", fake)
         self.optimizers = {"u": make_optimizer(critic.parameters(), "adam", lr, betas)}

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sparse
 import torch
 from scipy.sparse.linalg import spsolve
+from scipy.integrate import quad
 from scipy.stats import norm
 from torch import nn
 
@@ -114,6 +115,61 @@ def test_optimal_critic_slope_matches_a_direct_minimisation():
     inside = (mid > -3) & (mid < 4)
     np.testing.assert_allclose(numeric[inside], closed[inside], rtol=2e-3)
     assert (closed > 0).all()  # data left of the fakes: U rises from reals to fakes (low = real)
+
+
+def test_optimal_critic_digs_a_pit_under_unimodal_data_when_the_fakes_are_wider():
+    lam, sd = 0.5, 1.2
+    # Independent values from scipy: U'(x) = (Phi(x) - Phi(x / 1.2)) / (2 lam phi(x)).
+    at = np.array([-1.0, 0.0, 1.0])
+    expected = (norm.cdf(at) - norm.cdf(at, scale=sd)) / (2 * lam * norm.pdf(at))
+    closed = E.optimal_critic_slope_1d(at, norm.pdf, norm.cdf, lambda t: norm.cdf(t, scale=sd), lam)
+    np.testing.assert_allclose(closed, expected, rtol=1e-12)
+    assert closed[0] < -0.1 and closed[1] == 0 and closed[2] > 0.1  # falls, flat, rises: a pit at 0
+    # Brute force: the minimiser of the discretised functional J has the same slope and sign change.
+    x = np.linspace(-6.0, 6.0, 2401)
+    p, q = norm.pdf(x), norm.pdf(x, scale=sd)
+    p, q = p / (p.sum() * (x[1] - x[0])), q / (q.sum() * (x[1] - x[0]))
+    numeric = discretised_optimum_slope(x, p, q, lam)
+    mid = (x[1:] + x[:-1]) / 2
+    inside = np.abs(mid) < 3
+    closed_mid = E.optimal_critic_slope_1d(mid, norm.pdf, norm.cdf, lambda t: norm.cdf(t, scale=sd), lam)
+    np.testing.assert_allclose(numeric[inside], closed_mid[inside], rtol=2e-3, atol=1e-4)
+    assert (numeric[inside & (mid < -0.01)] < 0).all() and (numeric[inside & (mid > 0.01)] > 0).all()
+
+
+def discretised_minimum(x: np.ndarray, p: np.ndarray, q: np.ndarray, lam: float) -> float:
+    """min over U of the discretised J = sum U (p - q) dx + lam sum p_mid (dU/dx)^2 dx (U_0 = 0)."""
+    dx = x[1] - x[0]
+    u = np.concatenate([[0.0], np.cumsum(discretised_optimum_slope(x, p, q, lam) * dx)])
+    p_mid = (p[1:] + p[:-1]) / 2
+    return float(np.sum(u * (p - q)) * dx + lam * np.sum(p_mid * (np.diff(u) / dx) ** 2) * dx)
+
+
+def test_critic_functional_is_unbounded_below_when_the_fakes_tails_are_too_heavy():
+    # J_min = -int (F_p - F_q)^2 / (4 lam p): finite for q = N(0, 1.2^2), divergent for q = N(0, 2^2) (s^2 > 2).
+    lam, minima = 0.5, {}
+    for sd in (1.2, 2.0):
+        for half_width in (6.0, 8.0):
+            x = np.linspace(-half_width, half_width, 1601)
+            p, q = norm.pdf(x), norm.pdf(x, scale=sd)
+            p, q = p / (p.sum() * (x[1] - x[0])), q / (q.sum() * (x[1] - x[0]))
+            minima[sd, half_width] = discretised_minimum(x, p, q, lam)
+
+    def integrand(t: float) -> float:
+        return (norm.cdf(t) - norm.cdf(t, scale=1.2)) ** 2 / (4 * lam * norm.pdf(t))
+
+    limit = -quad(integrand, -10, 10, limit=200)[0]
+    assert minima[1.2, 6.0] == pytest.approx(minima[1.2, 8.0], rel=5e-3)  # a wider box changes little
+    assert minima[1.2, 8.0] == pytest.approx(limit, rel=5e-3)  # and J reaches the completed square's bound
+    assert minima[2.0, 8.0] < 100 * minima[2.0, 6.0] < 0  # the tails keep lowering J
+
+
+def test_optimal_critic_slope_rejects_bad_input():
+    x = np.array([-1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        E.optimal_critic_slope_1d(x, norm.pdf, norm.cdf, norm.cdf, 0.0)
+    with pytest.raises(ValueError, match="p must be > 0 wherever F_p != F_q"):
+        E.optimal_critic_slope_1d(x, np.array([0.2, 0.4, 0.0]), norm.cdf, lambda t: norm.cdf(t - 1), 0.5)
 
 
 def test_trained_critic_follows_the_closed_form_slope_and_the_sign_convention():
@@ -304,6 +360,20 @@ def test_margin_critic_objective_matches_hand_values_and_autograd():
     torch.testing.assert_close(fake.grad, torch.tensor([-1 / 3, 0.0, -1 / 3]))  # pushed up only below m
     with pytest.raises(ValueError, match="margin"):
         E.critic_objective(lambda x: x[:, 0], u_real[:, None], u_fake[:, None], loss="hinge2")
+
+
+def test_critic_fit_rejects_unknown_options_and_a_non_positive_margin():
+    critic, fake = E.EnergyMLP(2, 8, 1), torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"loss must be one of \('wasserstein', 'hinge', 'margin'\), got 'hinge2'"):
+        E.CriticFit(critic, fake, lam=0.1, loss="hinge2")
+    with pytest.raises(ValueError, match=r"penalty_kind must be one of \('r1', 'wgan-gp', 'none'\), got 'r2'"):
+        E.CriticFit(critic, fake, lam=0.1, penalty_kind="r2")
+    with pytest.raises(ValueError, match="lam must be >= 0, got -0.1"):
+        E.CriticFit(critic, fake, lam=-0.1)
+    for margin in (0.0, -1.0):
+        with pytest.raises(ValueError, match="margin loss needs margin m > 0"):
+            E.CriticFit(critic, fake, lam=0.0, penalty_kind="none", loss="margin", margin=margin)
+    E.CriticFit(critic, fake, lam=0.0, loss="wasserstein", margin=0.0)  # the margin is unused by other losses
 
 
 def test_margin_bounds_a_non_negative_energy_that_the_linear_loss_blows_up():

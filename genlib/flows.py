@@ -220,9 +220,12 @@ class Permutation(Flow):
 
 
 class LogitTransform(Flow):
-    """``x in (-1, 1) -> logit(alpha + (1 - 2 alpha) (x + 1) / 2)``: unbounded coordinates for the couplings.
+    """``x -> logit(alpha + (1 - 2 alpha) (x + 1) / 2)``: unbounded coordinates for the couplings.
 
-    ``alpha`` keeps dequantised pixels at 0 or 255 away from the logit's infinities (RealNVP uses 0.05)."""
+    ``alpha`` keeps dequantised pixels at 0 or 255 away from the logit's infinities (RealNVP uses 0.05).
+    The price: the pixel range [-1, 1] maps onto [logit(alpha), logit(1 - alpha)] ([-2.944, 2.944] for
+    0.05), and the whole real line comes from ``(-1 - e, 1 + e)``, ``e = 2 alpha / (1 - 2 alpha)``
+    (0.111), so a flow on top puts some of its mass outside [-1, 1]."""
 
     def __init__(self, alpha: float = 0.05):
         super().__init__()
@@ -335,7 +338,11 @@ class RealNVP(NormalizingFlow):
 
     ``coupling``: ``affine`` (RealNVP) or ``additive`` (NICE); ``mask``: ``alternating`` or ``half``
     (identical for dim 2); ``permutation``: ``None``, ``reverse`` or ``random``, inserted between
-    couplings (with it the mask parity stays fixed and the permutation mixes the coordinates)."""
+    couplings. With a permutation, the permutation does the mixing and the mask parity stays 0, unless
+    parity 0 would transform none of the coordinates that no coupling has transformed yet (once all
+    have been, none of those the previous coupling left unchanged); then it is 1. That happens where
+    the permutation maps the mask onto itself: reversing an odd number of coordinates keeps even
+    positions even, and with a fixed parity they would never be transformed."""
 
     def __init__(self, dim: int, n_layers: int = 8, hidden: int = 128, depth: int = 2, coupling: str = "affine",
                  mask: str = "alternating", permutation: str | None = None, act: str = "relu"):
@@ -345,11 +352,22 @@ class RealNVP(NormalizingFlow):
         layer_class = choose("coupling", coupling, {"affine": AffineCoupling, "additive": AdditiveCoupling})
         outputs = 2 if coupling == "affine" else 1
         layers: list[Flow] = []
+        order = torch.arange(dim)  # order[j]: the input coordinate at position j after the permutations so far
+        untouched = torch.ones(dim, dtype=torch.bool)  # input coordinates no coupling has transformed yet
+        passed = untouched  # input coordinates the previous coupling left unchanged
         for i in range(n_layers):
-            parity = 0 if permutation else i % 2
-            layers.append(layer_class(make_mask(dim, parity), coupling_mlp(dim, outputs, hidden, depth, act)))
+            parity = i % 2
+            if permutation:
+                target = untouched if untouched.any() else passed
+                parity = 0 if target[order][make_mask(dim, 0) == 0].any() else 1
+            layer_mask = make_mask(dim, parity)
+            layers.append(layer_class(layer_mask, coupling_mlp(dim, outputs, hidden, depth, act)))
+            passed = torch.zeros(dim, dtype=torch.bool)
+            passed[order[layer_mask == 1]] = True
+            untouched = untouched & passed
             if permutation and i < n_layers - 1:
                 layers.append(Permutation(dim, permutation, seed=i))
+                order = order[layers[-1].perm]
         super().__init__(layers, (dim,))
 
 
@@ -362,7 +380,10 @@ class RealNVPImage(NormalizingFlow):
     H and W must be divisible by ``2 ** (n_scales - 1)`` (28 = 4 * 7: at most 3 scales). Conditioners
     are residual conv nets with ``blocks`` blocks, width ``width`` at full resolution doubling per scale
     (at most 4x: coarse scales cost few pixels but would dominate the parameter count). ``forward``
-    includes the logit's logdet, so ``log_prob`` is the density of x on (-1, 1)^D."""
+    includes the logit's logdet, so ``log_prob`` is the density of x. That density lives on
+    ``(-1 - e, 1 + e)^D``, ``e = 2 alpha / (1 - 2 alpha)`` (see :class:`LogitTransform`), not on
+    [-1, 1)^D: the mass outside the pixel range is lost to the pixel cells, which only loosens the
+    bits/dim bound of :func:`bits_per_dim`."""
 
     def __init__(self, shape: Sequence[int], n_scales: int = 2, width: int = 64, blocks: int = 2,
                  alpha: float = 0.05):
@@ -502,7 +523,7 @@ class FlowModel(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """``n`` samples; images are clamped to [-1, 1] (the inverse logit of far-out z leaves the cube slightly)."""
+        """``n`` samples; images are clamped to [-1, 1] (the logit layer's inverse reaches slightly beyond it)."""
         x = self.sampling_net().sample(n, self.temperature)
         return x.clamp(-1, 1) if self.discrete else x
 

@@ -94,6 +94,42 @@ def test_logdet_matches_autograd_jacobian_both_ways(name):
     assert -logdet.item() == pytest.approx(jacobian_logdet(flow.inverse, y.detach()), abs=1e-8)
 
 
+@pytest.mark.parametrize("dim, mask, permutation, n_layers", [
+    (5, "alternating", "reverse", 6),  # reversing an odd length keeps even positions even
+    (3, "alternating", "reverse", 4),
+    (7, "alternating", "reverse", 8),
+    (6, "alternating", "reverse", 4),
+    (5, "half", "reverse", 4),
+    (6, "half", "reverse", 4),
+    (6, "alternating", "random", 4),  # the chapter's NICE and RealNVP checks
+    (7, "alternating", "random", 4),
+    (7, "alternating", "random", 6),
+    (5, "half", "random", 4),
+    (5, "alternating", None, 4),
+])
+def test_every_coordinate_of_a_vector_flow_is_transformed(dim, mask, permutation, n_layers):
+    """No output of a perturbed RealNVP is an input passed through unchanged (autograd Jacobian, float64)."""
+    flow = perturbed(fl.RealNVP(dim, n_layers, 16, mask=mask, permutation=permutation), 0.3).double()
+    x = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], x)  # [output, input]
+    # an output that no coupling transformed is one input, copied through masks and permutations:
+    # its Jacobian row is a unit vector, one entry +-1 and zeros elsewhere
+    copied = ((jac != 0).sum(1) == 1) & ((jac.abs().amax(1) - 1).abs() < 1e-12)
+    assert not copied.any(), f"outputs {copied.nonzero().flatten().tolist()} copy an input unchanged"
+
+
+def test_permuted_vector_flow_flips_the_mask_parity_only_where_the_permutation_mixes_nothing():
+    """With a permutation the mask parity stays 0 (the chapter's flows) unless the permutation maps the mask onto itself."""
+    def parities(flow: fl.RealNVP) -> list[int]:
+        masks = [layer.mask for layer in flow.layers if isinstance(layer, fl.Coupling)]
+        return [int(m[0] == 0) for m in masks]  # alternating masks: parity 0 passes position 0
+
+    assert parities(fl.RealNVP(6, 4, 8, permutation="random")) == [0, 0, 0, 0]  # the chapter's flows, as before
+    assert parities(fl.RealNVP(6, 4, 8, permutation="reverse")) == [0, 0, 0, 0]  # even length: reversing swaps parities
+    assert parities(fl.RealNVP(5, 4, 8, permutation="reverse")) == [0, 1, 0, 1]  # odd length: it keeps them
+    assert parities(fl.RealNVP(5, 4, 8)) == [0, 1, 0, 1]
+
+
 def test_coupling_jacobian_is_triangular_with_product_of_scales_symbolically():
     a, b, c, d = sp.symbols("x1:5")
     s = [sp.Function(f"s{i}")(a, b) for i in (1, 2)]

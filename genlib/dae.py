@@ -15,11 +15,13 @@ So a trained denoiser *is* an estimate of the score of the noisy data. The modul
 * **Langevin sampling**: :func:`langevin` (one noise level) and :func:`annealed_langevin`
   (Song & Ermon, 2019: a geometric ladder of noise levels, step ``eps * sigma_i^2 / sigma_L^2``,
   optional final denoising step); :func:`mixture_weights_recovered` shows that plain Langevin
-  with the *exact* score misses the weights of separated modes while annealing finds them.
-* **Denoising density estimators** (Bigdeli et al., 2020): a scalar energy ``s`` whose denoiser is
-  ``x + sigma^2 grad s(x)`` (:func:`energy_denoiser`, :func:`dde_loss`), so at the optimum
-  ``s = log p_sigma + const``; :class:`DDEGenerator` trains a generator against two such energies
-  by minimising ``KL(q_sigma || p_sigma)`` (the sign is derived in its docstring).
+  with the *exact* score misses the weights of separated modes while annealing, given enough
+  Langevin steps per level, finds them (a short ladder leaves a systematic bias of its own).
+* **Denoising density estimators** (Bigdeli et al., 2020): a scalar energy ``e`` whose denoiser is
+  ``x + sigma^2 grad e(x)`` (:func:`energy_denoiser`, :func:`dde_loss`), so at the optimum
+  ``e = log p_sigma + const`` (a scalar, unlike the vector score network ``s(x, sigma)``);
+  :class:`DDEGenerator` trains a generator against two such energies by minimising
+  ``KL(q_sigma || p_sigma)`` (the sign is derived in its docstring).
 * **Annealed denoising score matching**: :class:`NoiseConditionalScore` (an MLP for vectors, a
   small U-Net for images), :func:`dsm_loss`, :class:`ScoreModel` (trains on all levels, samples by
   annealed Langevin) and :class:`DAE`, the single-level special case trained with the plain
@@ -62,13 +64,22 @@ def _mixture(x: Tensor, weights, means, stds) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"need x [n, d] and means [k, d], got {tuple(x.shape)} and {tuple(mu.shape)}")
     if w.shape != (len(mu),) or s.shape != (len(mu),):
         raise ValueError(f"weights and stds must have shape [{len(mu)}], got {tuple(w.shape)}, {tuple(s.shape)}")
+    if bool((w < 0).any()) or not bool(w.sum() > 0):
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
+    if bool((s < 0).any()):
+        raise ValueError(f"stds must be >= 0, got {s.tolist()}")
     return w / w.sum(), mu, s
 
 
 def _component_log_probs(x: Tensor, weights, means, stds, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
     """``log w_j + log N(x; mu_j, (s_j^2 + sigma^2) I)`` [n, k], with the means [k, d] and variances [k]."""
     w, mu, s = _mixture(x, weights, means, stds)
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
     var = s**2 + sigma**2  # noise adds variance to every component
+    if not bool((var > 0).all()):
+        raise ValueError(f"a component with std 0 needs sigma > 0 (its variance s_j^2 + sigma^2 is 0), "
+                         f"got stds {s.tolist()} and sigma {sigma}")
     sq_dist = (x[:, None, :] - mu[None]).pow(2).sum(-1)
     d = x.shape[1]
     return w.log() - sq_dist / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var), mu, var
@@ -135,6 +146,8 @@ def langevin(score_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float,
 
     Every chain moves at once (one ``score_fn`` call per step); ``generator`` must live on x0's device.
     """
+    if n_steps < 0 or step_size < 0:
+        raise ValueError(f"need n_steps >= 0 and step_size >= 0, got {n_steps} and {step_size}")
     x = x0.clone()
     noise_scale = math.sqrt(step_size)
     for _ in range(n_steps):
@@ -152,6 +165,8 @@ def annealed_langevin(score_fn: ScoreFn, x0: Tensor, sigmas: Sequence[float] | T
     then, with ``denoise``, one Tweedie step ``x + sigma_L^2 score(x, sigma_L)`` removes the last noise.
     """
     levels = [float(s) for s in sigmas]
+    if not levels:
+        raise ValueError("annealed_langevin needs at least one noise level, got an empty sigmas")
     x = x0
     for sigma in levels:
         step = eps * sigma**2 / levels[-1] ** 2
@@ -172,9 +187,9 @@ def mixture_weights_recovered(samples: Tensor, modes: Tensor) -> Tensor:
 
 def energy_denoiser(energy: Callable[[Tensor], Tensor], x_noisy: Tensor, sigma: float,
                     create_graph: bool = True) -> Tensor:
-    """DDE denoiser ``x + sigma^2 grad_x s(x)`` [n, ...] of a scalar energy ``s`` ([n, ...] -> [n]).
+    """DDE denoiser ``x + sigma^2 grad_x e(x)`` [n, ...] of a scalar energy ``e`` ([n, ...] -> [n]).
 
-    ``create_graph`` keeps the input gradient differentiable, so a loss on the output trains ``s``.
+    ``create_graph`` keeps the input gradient differentiable, so a loss on the output trains ``e``.
     """
     x = x_noisy.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -188,7 +203,7 @@ def _squared_norm(v: Tensor) -> Tensor:
 
 
 def dde_loss(energy: Callable[[Tensor], Tensor], x: Tensor, x_noisy: Tensor, sigma: float) -> Tensor:
-    """``mean_i ||x~_i + sigma^2 grad s(x~_i) - x_i||^2 / 2``: the denoising loss of the energy's denoiser."""
+    """``mean_i ||x~_i + sigma^2 grad e(x~_i) - x_i||^2 / 2``: the denoising loss of the energy's denoiser."""
     return 0.5 * _squared_norm(energy_denoiser(energy, x_noisy, sigma) - x).mean()
 
 
@@ -227,21 +242,22 @@ class DDEGenerator(_Trainer):
     """A generator trained with denoising density estimators (Bigdeli et al., 2020).
 
     Two scalar energies learn the noisy densities by denoising (:func:`dde_loss`): ``energy_real``
-    on ``x + sigma eps`` for data x (so ``s_p = log p_sigma + C1``) and ``energy_fake`` on
-    ``G(z) + sigma eps`` (so ``s_q = log q_sigma + C2``). Each :meth:`step` (1) updates ``s_p``
-    (for ``warmup`` steps alone: pre-training), (2) updates ``s_q`` on fresh fakes, and (3) every
-    ``gen_every`` steps updates G to minimise ``mean[s_q(G(z) + eps) - s_p(G(z) + eps)]``.
-    With ``sigma_end`` the noise level decays geometrically from ``sigma`` to ``sigma_end`` over
-    ``anneal_steps`` steps after warm-up (the authors' code offers such a reduction): a wide blur lets
-    the generator see distant modes, a narrow one resolves them; the energies follow it online.
+    on ``x + sigma eps`` for data x (so ``e_p = log p_sigma + C1``) and ``energy_fake`` on
+    ``G(z) + sigma eps`` (so ``e_q = log q_sigma + C2``). Each :meth:`step` (1) updates ``e_p``
+    (for ``warmup`` steps alone: pre-training), (2) updates ``e_q`` on fresh fakes, and (3) every
+    ``gen_every`` steps updates G to minimise ``mean[e_q(G(z) + eps) - e_p(G(z) + eps)]``.
+    With ``sigma_end`` (which then needs ``anneal_steps >= 1``) the noise level decays geometrically
+    from ``sigma`` to ``sigma_end`` over ``anneal_steps`` steps after warm-up (the authors' code offers
+    such a reduction): a wide blur lets the generator see distant modes, a narrow one resolves them;
+    the energies follow it online.
 
     **The sign.** ``KL(q_sigma || p_sigma) = E_{x ~ q_sigma}[log q_sigma(x) - log p_sigma(x)]
-    = E_{z, eps}[s_q - s_p](G(z) + sigma eps) + C2 - C1``; the constants do not depend on G, so
-    G *minimises* ``s_q - s_p`` (the source writes ``E = sigma^2 log p_sigma`` because its
+    = E_{z, eps}[e_q - e_p](G(z) + sigma eps) + C1 - C2``; the constants do not depend on G, so
+    G *minimises* ``e_q - e_p`` (the source writes ``E = sigma^2 log p_sigma`` because its
     denoiser is ``x + grad E``: same sign, scaled by sigma^2). Minimising it pushes fakes uphill on
     the data's density and downhill on their own, which spreads them out.
 
-    **Why backpropagating through s_q is right.** The exact gradient is
+    **Why backpropagating through e_q is right.** The exact gradient is
     ``E[(grad log q_sigma - grad log p_sigma)(x) . dx/dtheta] + E_{q_sigma}[d/dtheta log q_sigma(x)]``
     at fixed x; the second term is ``int d/dtheta q_sigma dx = 0``. So G's gradient flows through
     the input of both energies with their weights frozen, which is what the authors' code does
@@ -259,6 +275,13 @@ class DDEGenerator(_Trainer):
         self.shape, self.z_dim = tuple(shape), z_dim
         self.sigma_start = float(sigma if sigma is not None else (0.6 if _is_image(shape) else 0.2))
         self.sigma_end = self.sigma_start if sigma_end is None else float(sigma_end)
+        if self.sigma_start <= 0 or self.sigma_end <= 0:
+            raise ValueError(f"sigma and sigma_end must be > 0, got {self.sigma_start} and {self.sigma_end}")
+        if anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
+        if self.sigma_end != self.sigma_start and anneal_steps < 1:
+            raise ValueError(f"sigma_end={self.sigma_end} differs from sigma={self.sigma_start}, so the noise level "
+                             f"must decay over anneal_steps >= 1 steps, got anneal_steps={anneal_steps}")
         self.anneal_steps = anneal_steps
         self.gen_every, self.warmup, self.train_real = gen_every, warmup, train_real
         self.energy_real = make_energy(self.shape, width, depth, energy_act)
@@ -281,8 +304,8 @@ class DDEGenerator(_Trainer):
     @property
     def sigma(self) -> float:
         """The noise level now: geometric from ``sigma`` to ``sigma_end`` over ``anneal_steps`` steps after warm-up."""
-        if self.anneal_steps <= 0 or self.sigma_end == self.sigma_start:
-            return self.sigma_end
+        if self.sigma_end == self.sigma_start:  # the constructor ensures anneal_steps >= 1 otherwise
+            return self.sigma_start
         progress = min(max(self._iteration - self.warmup, 0) / self.anneal_steps, 1.0)
         return self.sigma_start * (self.sigma_end / self.sigma_start) ** progress
 
@@ -309,7 +332,7 @@ class DDEGenerator(_Trainer):
         return loss.detach()
 
     def generator_loss(self, n: int) -> Tensor:
-        """``mean[s_q - s_p]`` at n noisy fakes: ``KL(q_sigma || p_sigma)`` up to a constant."""
+        """``mean[e_q - e_p]`` at n noisy fakes: ``KL(q_sigma || p_sigma)`` up to a constant."""
         noisy = self.blur(self.generate(n))
         return (self.energy_fake(noisy) - self.energy_real(noisy)).mean()
 
@@ -491,9 +514,10 @@ class ScoreModel(_Trainer):
     @torch.no_grad()
     def sample(self, n: int, eps: float | None = None, steps_per_level: int | None = None) -> Tensor:
         """n samples ``[n, *shape]`` by annealed Langevin with the (EMA) score network."""
-        net = self.sampling_net()
-        return annealed_langevin(net, self.initial_points(n), self.sigmas, self.eps if eps is None else eps,
-                                 steps_per_level or self.steps_per_level, self.final_denoise)
+        eps = self.eps if eps is None else eps
+        steps_per_level = self.steps_per_level if steps_per_level is None else steps_per_level
+        return annealed_langevin(self.sampling_net(), self.initial_points(n), self.sigmas, eps, steps_per_level,
+                                 self.final_denoise)
 
     def ema_source(self) -> nn.Module:
         """The score network."""

@@ -302,3 +302,54 @@ def test_dae_sample_ends_with_its_own_denoiser():
     expected = dae.optimal_denoiser(start, MIX_2D["weights"], MIX_2D["means"], MIX_2D["stds"], MIX_2D["sigma"])
     assert torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(model.denoise(start), expected, atol=1e-5)
+
+
+def test_dde_generator_rejects_a_sigma_end_without_a_schedule():
+    # sigma_end != sigma with no anneal steps used to return sigma_end from step 1, ignoring sigma silently
+    with pytest.raises(ValueError, match="anneal_steps >= 1"):
+        dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, sigma_end=0.1)
+    with pytest.raises(ValueError, match="anneal_steps must be >= 0"):
+        dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, sigma_end=0.1, anneal_steps=-3)
+    with pytest.raises(ValueError, match="anneal_steps must be >= 0"):
+        dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, anneal_steps=-1)
+    with pytest.raises(ValueError, match="must be > 0"):
+        dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, sigma_end=0.0, anneal_steps=5)
+    # still accepted: no annealing at all, or a sigma_end equal to sigma, which stays at sigma throughout
+    for kwargs in ({}, {"sigma_end": 0.5}, {"sigma_end": 0.5, "anneal_steps": 7}):
+        model = dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, warmup=2, **kwargs)
+        for iteration in (0, 3, 50):
+            model._iteration = iteration
+            assert model.sigma == 0.5
+
+
+def test_mixture_closed_forms_reject_bad_parameters():
+    x = torch.zeros(3, 1)
+    means = [[-1.0], [1.0]]
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        dae.smoothed_log_density(x, [1.2, -0.2], means, [0.5, 0.5], 0.1)
+    with pytest.raises(ValueError, match="positive sum"):
+        dae.smoothed_score(x, [0.0, 0.0], means, [0.5, 0.5], 0.1)
+    with pytest.raises(ValueError, match="stds must be >= 0"):
+        dae.optimal_denoiser(x, [0.5, 0.5], means, [-0.5, 0.5], 0.1)
+    with pytest.raises(ValueError, match="std 0 needs sigma > 0"):
+        dae.posterior_responsibilities(x, [0.5, 0.5], means, [0.0, 0.5], 0.0)
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        dae.smoothed_log_density(x, [0.5, 0.5], means, [0.5, 0.5], -0.1)
+    # a point mass (std 0) blurred by sigma > 0 is fine: N(mu, sigma^2), whose log density we know
+    log_p = dae.smoothed_log_density(torch.tensor([[0.3]]), [1.0], [[0.0]], [0.0], 0.5).item()
+    assert log_p == pytest.approx(-0.3**2 / (2 * 0.25) - 0.5 * math.log(2 * math.pi * 0.25), rel=1e-6)
+    # a zero weight is allowed (that component simply drops out)
+    assert torch.allclose(dae.smoothed_log_density(x, [0.0, 1.0], means, [0.5, 0.5], 0.1),
+                          dae.smoothed_log_density(x, [1.0], means[1:], [0.5], 0.1))
+
+
+def test_langevin_samplers_reject_empty_ladders_and_negative_step_counts():
+    score = lambda v, sg: -v / (1 + sg**2)  # noqa: E731
+    with pytest.raises(ValueError, match="at least one noise level"):
+        dae.annealed_langevin(score, torch.zeros(4, 2), [], 0.1, 5)
+    with pytest.raises(ValueError, match="at least one noise level"):
+        dae.annealed_langevin(score, torch.zeros(4, 2), torch.tensor([]), 0.1, 5)
+    with pytest.raises(ValueError, match="n_steps >= 0"):
+        dae.langevin(lambda v: -v, torch.zeros(4, 2), 0.1, -1)
+    with pytest.raises(ValueError, match="n_steps >= 0"):
+        dae.annealed_langevin(score, torch.zeros(4, 2), [1.0], 0.1, -2)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sparse
 import torch
-from scipy.sparse.linalg import spsolve
 from scipy.integrate import quad
+from scipy.sparse.linalg import spsolve
 from scipy.stats import norm
 from torch import nn
 

@@ -2,7 +2,8 @@
 
 ``train`` runs any registered family on any dataset at any scale through the one loop
 (:func:`genlib.train.fit`) and records the run (provenance, metrics, a sample grid) so the
-book can show it; ``evaluate`` scores such a run's checkpoint again with some options replaced. Families register a builder in :data:`FAMILIES` as their chapters land.
+book can show it; ``evaluate`` scores such a run's checkpoint again with some options replaced.
+Families register a builder in :data:`FAMILIES` as their chapters land.
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def load_held_out(name: str, root: str | None, n_toy: int, seed: int) -> torch.T
     return None
 
 
+def held_out_for(model, config: dict) -> torch.Tensor | None:
+    """The held-out data of a run's dataset when ``model`` has a likelihood (``evaluate``); else None, unread."""
+    if not hasattr(model, "evaluate"):
+        return None
+    return load_held_out(config["data"], config["root"], config["toy_points"], config["seed"])
+
+
 def build_family(name: str, spec: TrainSpec):
     """Import and call the builder registered for family ``name``; an ``--opt`` it did not read is an error."""
     module_name, function = FAMILIES[name].split(":")
@@ -185,10 +193,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         viz.save_scatter(model.sample(2000).float().cpu(), dataset[:2000].cpu(), out / "samples.png")
     if args.eval_samples:
         print(f"evaluating on {args.eval_samples} samples ...", flush=True)
-        # Only likelihood families use held-out data: others skip reading the test split.
-        likelihood = hasattr(model, "evaluate")
-        held_out = load_held_out(args.data, args.root, args.toy_points, args.seed) if likelihood else None
-        metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out, args.seed))
+        metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out_for(model, vars(args)),
+                                      args.seed))
     summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items())
     print(summary)
     write_log(out / "train.log", runtime.describe(args.seed, dev), history, summary)
@@ -218,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     dataset, _, model = build_run(config, options, dev)
     state = torch.load(checkpoint, map_location=dev, weights_only=False)
     if model.ema is None and any(key.startswith("ema.") for key in state["model"]):
-        model.attach_ema(0.999)  # the run kept an EMA (fit does on CUDA): sample with it, as train did
+        model.attach_ema(0.999)  # the run kept an EMA (fit does on CUDA); the decay is unused, the weights load below
     try:
         model.load_checkpoint_state(state)
     except (RuntimeError, ValueError) as error:  # an option changed the architecture
@@ -227,11 +233,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     runtime.seed_everything(args.seed)
     print(f"{args.run}: step {state['step']} | {runtime.describe(args.seed, dev)}", flush=True)
     began = time.perf_counter()
-    likelihood = hasattr(model, "evaluate")
-    held_out = load_held_out(config["data"], config["root"], config["toy_points"], config["seed"]) if likelihood else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_model(model, config["data"], dataset, args.eval_samples, held_out, args.seed,
+    metrics = evaluate_model(model, config["data"], dataset, args.eval_samples, held_out_for(model, config), args.seed,
                              grid_to=out / "samples.png")
     wall = time.perf_counter() - began
     print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))

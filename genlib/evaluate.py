@@ -16,8 +16,8 @@ This room only glues :mod:`genlib.metrics` (pure functions) to models and featur
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch

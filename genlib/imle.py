@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genlib.data import to_float
+from genlib.metrics import check_positive
 from genlib.nets import MLP, ConvGenerator
 from genlib.train import GenerativeModel
 
@@ -572,15 +573,9 @@ def pairwise_sq_dist(a: Tensor, b: Tensor) -> Tensor:
     return (a64[:, None, :] - b64[None, :, :]).pow(2).sum(-1)
 
 
-def _check_sigma(sigma: float) -> None:
-    """Raise a ValueError unless the kernel width ``sigma`` is a finite number > 0."""
-    if not (math.isfinite(float(sigma)) and float(sigma) > 0):
-        raise ValueError(f"sigma must be a finite number > 0 (the width of the Gaussian kernel), got {sigma!r}")
-
-
 def soft_assignment(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
     """Posterior responsibility [M, N] of fake j for real i: softmax_j(-||x_i - G(z_j)||^2 / 2 sigma^2)."""
-    _check_sigma(sigma)
+    check_positive("sigma", sigma)
     return torch.softmax(-pairwise_sq_dist(reals, fakes) / (2 * sigma**2), dim=1)
 
 
@@ -596,7 +591,7 @@ def smoothed_nll(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
     negative log-likelihood, this plus the two constants, goes to +inf as sigma -> 0 unless every
     ``m_i`` is 0: ``1/sigma^2`` growth beats the normaliser's ``log sigma``. ``sigma`` must be > 0.
     """
-    _check_sigma(sigma)
+    check_positive("sigma", sigma)
     return -torch.logsumexp(-pairwise_sq_dist(reals, fakes) / (2 * sigma**2), dim=1).mean()
 
 

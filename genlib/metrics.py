@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "WASSERSTEIN_MAX_SAMPLES",
+    "check_positive",
     "coverage_from_counts",
     "frechet_distance",
     "frechet_distance_gaussians",
@@ -90,8 +91,8 @@ def _vector(name: str, v: Tensor, length: int) -> Tensor:
     return _matrix(name, v[None, :])[0]
 
 
-def _positive(name: str, value: float) -> float:
-    """Check that a scalar parameter is a finite positive number."""
+def check_positive(name: str, value: float) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a finite positive number."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not (real and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
@@ -142,7 +143,7 @@ def mode_counts(samples: Tensor, modes: Tensor, std: float, threshold: float = 3
     mode, and it counts for that mode.
     """
     s, m = _pair(samples, modes, ("samples", "modes"))
-    radius = _positive("threshold", threshold) * _positive("std", std)
+    radius = check_positive("threshold", threshold) * check_positive("std", std)
     nearest_sq, nearest = _sq_dists(s, m).min(dim=1)
     return torch.bincount(nearest[nearest_sq <= radius**2], minlength=len(m))
 
@@ -210,7 +211,7 @@ def mmd2(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
         bandwidth = float(_median(d2[upper].sqrt()))
         if bandwidth <= 0:
             raise ValueError("median heuristic gave bandwidth 0 (most points coincide); pass one explicitly")
-    k = torch.exp(-d2 / (2.0 * _positive("bandwidth", bandwidth) ** 2))
+    k = torch.exp(-d2 / (2.0 * check_positive("bandwidth", bandwidth) ** 2))
     n = len(a)
     return _unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
 

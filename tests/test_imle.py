@@ -248,7 +248,7 @@ def test_smoothed_nll_plus_constants_is_the_mixture_nll_and_goes_to_plus_infinit
 @pytest.mark.parametrize("sigma", [0.0, -0.5, math.nan, math.inf])
 def test_smoothed_likelihood_rejects_a_sigma_that_is_not_positive_and_finite(fn, sigma):
     reals, fakes = torch.randn(4, 2), torch.randn(6, 2)
-    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+    with pytest.raises(ValueError, match="sigma must be a finite positive number"):
         fn(reals, fakes, sigma)
 
 

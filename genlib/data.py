@@ -702,8 +702,10 @@ class BatchSampler(Iterator[tuple[Tensor, Tensor]]):
                 f"state is for {state['size']} points in batches of {state['batch_size']}, "
                 f"this sampler has {self.size} in batches of {self.batch_size}"
             )
-        self.generator.set_state(state["epoch_rng"])
-        self._epoch_rng = state["epoch_rng"].clone()
+        # A checkpoint loaded with map_location="cuda" carries this CPU generator's state on the GPU.
+        epoch_rng = state["epoch_rng"].cpu()
+        self.generator.set_state(epoch_rng)
+        self._epoch_rng = epoch_rng.clone()
         self.epoch, self._position = int(state["epoch"]), int(state["position"])
         # Re-drawing this epoch's permutation also leaves the generator where the saved one was.
         self._order = torch.randperm(self.size, generator=self.generator) if self.epoch > 0 else None

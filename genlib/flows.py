@@ -666,7 +666,9 @@ class Autoencoder(GenerativeModel):
         self.optimizers["ae"].zero_grad(set_to_none=True)
         loss.backward()
         self.optimizers["ae"].step()
-        with torch.no_grad():
+        # The step runs under the trainer's bf16 autocast; the running moments must stay fp32 (lerp_ needs
+        # matching dtypes, and a bf16 covariance would round the sampler's Gaussian).
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             codes = z.detach().float()
             self.code_mean.lerp_(codes.mean(0), self.momentum)
             self.code_cov.lerp_(torch.cov(codes.T).reshape_as(self.code_cov), self.momentum)

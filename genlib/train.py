@@ -108,12 +108,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore the generators saved by :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
+    """Restore the generators saved by :func:`rng_state` (the byte tensors may come back on the GPU when
+    a checkpoint is loaded with ``map_location="cuda"``; the setters take CPU tensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
 
 def save_atomic(obj: object, path: Path) -> None:

@@ -185,6 +185,28 @@ def test_every_family_trains_at_64px_on_a_celeba_folder(family, fake_celeba, tmp
     assert run["config"]["data"] == "celeba64" and run["config"]["family"] == family and run["device"] == device.type
 
 
+@pytest.mark.parametrize("family", sorted(cli.FAMILIES))
+def test_every_family_trains_under_bf16_autocast_as_on_a_gpu(family, fake_celeba, tmp_path, monkeypatch):
+    """CUDA runs train under bf16 autocast. The CPU's bf16 autocast follows the same casting rules, so a step
+    that mixes dtypes (a bf16 statistic lerped into an fp32 buffer, say) fails here too, without a GPU."""
+    from contextlib import nullcontext
+    from functools import partial
+
+    from genlib import train
+
+    monkeypatch.setattr(train, "autocast_context",
+                        lambda device, enabled: torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext())
+    monkeypatch.setattr(train, "fit", partial(train.fit, amp=True))
+    monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
+    data = (["--data", "digits"] if family == "autoregressive"
+            else ["--data", "celeba64", "--root", str(fake_celeba), "--z-dim", "8"])
+    out = tmp_path / "run"
+    cli.main(["train", family, *data, "--steps", "2", "--batch-size", "4", "--width", "8", "--eval-samples", "0",
+              "--device", "cpu", "--out", str(out), *TINY_OPTIONS.get(family, [])])
+    record = (out / "train.log").read_text().splitlines()[-1]
+    assert "nan" not in record.lower() and (out / "checkpoint.pt").exists()
+
+
 def test_bench_quick_writes_json_and_table(tmp_path, device):
     from genlib import bench
 

@@ -101,13 +101,17 @@ class RecordedRun:
         return png if png.exists() else None
 
     def header(self) -> str:
-        """Three lines: the command, where it ran (device, torch, commit), and its scale, wall time and date."""
+        """Three lines: the command, where it ran (device, torch, commit), and its wall time and date (and the
+        ``GENLIB_SCALE`` it ran under, unless a ``python -m genlib`` command, whose flags set every size, made it)."""
         run = self.run
+        processes = run.get("train_processes", 1)
+        when = (f"wall time {run.get('wall_time_s', float('nan')):.0f} s"
+                + (f" (over {processes} resumed processes)" if processes > 1 else "") + f" | {run['date']}")
+        made_by_cli = "command" in run.get("config", {})  # the CLI keeps its subcommand in the config
         return "\n".join([f"command : {run['command']}",
                           f"device  : {run['device_name']} | torch {run['torch_version']} | "
                           f"commit {short_commit(run['git_commit'])}",
-                          f"scale   : {run['scale']} | wall time {run.get('wall_time_s', float('nan')):.0f} s | "
-                          f"{run['date']}"])
+                          f"run     : {when}" if made_by_cli else f"scale   : {run['scale']} | {when}"])
 
     def summary(self) -> str:
         """A few lines for a notebook: :meth:`header`, then the metrics."""

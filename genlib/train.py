@@ -125,20 +125,55 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, history: History) -> None:
-    """Write model, optimisers, sampler position, RNG states and history after ``step`` steps."""
+def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, history: History,
+                    clock: TrainClock | None = None) -> None:
+    """Write model, optimisers, sampler position, RNG states, history and training time after ``step`` steps."""
     state = model.checkpoint_state()
-    state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state())
+    state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state(),
+                 clock=(clock or TrainClock()).now())
     save_atomic(state, path)
 
 
-def load_checkpoint(path: Path, model: GenerativeModel, sampler) -> tuple[int, History]:
-    """Restore what :func:`save_checkpoint` wrote; return (step, history)."""
+def load_checkpoint(path: Path, model: GenerativeModel, sampler) -> tuple[int, History, TrainClock]:
+    """Restore what :func:`save_checkpoint` wrote; return (step, history, the clock running on from it)."""
     state = torch.load(path, map_location=model.device, weights_only=False)
     model.load_checkpoint_state(state)
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
-    return state["step"], state["history"]
+    return state["step"], state["history"], TrainClock.resumed(state.get("clock"))
+
+
+@dataclass
+class TrainClock:
+    """Training seconds summed over every process that trained a run (a run resumed on another machine, say)
+    and the number of those processes; ``now()`` is what a checkpoint stores."""
+
+    seconds_before: float = 0.0
+    processes: int = 1
+    began: float = field(default_factory=lambda: TrainClock.read())
+
+    @staticmethod
+    def read() -> float:
+        """Seconds on a monotonic clock (one place, so tests can replace it)."""
+        return time.perf_counter()
+
+    @classmethod
+    def resumed(cls, saved: dict | None) -> TrainClock:
+        """A clock for this process that continues ``saved`` (a checkpoint's ``clock``; None for old ones)."""
+        saved = saved or {"seconds": float("nan"), "processes": 1}
+        return cls(saved["seconds"], saved["processes"] + 1)
+
+    def now(self) -> dict:
+        """What a checkpoint stores: {'seconds': training seconds so far, 'processes': how many trained it}."""
+        return {"seconds": self.seconds_before + TrainClock.read() - self.began, "processes": self.processes}
+
+
+def checkpoint_clock(run_dir: str | Path) -> dict | None:
+    """The training clock of ``run_dir``'s checkpoint ({'seconds', 'processes'}), or None without one."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False).get("clock")
 
 
 def first_non_finite(pending: list[dict[str, torch.Tensor]], first_step: int) -> tuple[int, dict[str, float]] | None:
@@ -218,9 +253,9 @@ def fit(
         model.attach_ema(ema_decay)
 
     path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
-    start, history, last_saved = 0, {"step": []}, None
+    start, history, last_saved, clock = 0, {"step": []}, None, TrainClock()
     if path is not None and resume and path.exists():
-        start, history = load_checkpoint(path, model, sampler)
+        start, history, clock = load_checkpoint(path, model, sampler)
         last_saved = start
 
     pending: list[dict[str, torch.Tensor]] = []
@@ -246,7 +281,7 @@ def fit(
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in means.items()}, "samples/s": f"{rate:.3g}"},
                                 refresh=False)
                 if path is not None and (step % checkpoint_every == 0 or step == steps):
-                    save_checkpoint(path, model, sampler, step, history)
+                    save_checkpoint(path, model, sampler, step, history, clock)
                     last_saved = step
             bar.update(1)
     finally:

@@ -112,6 +112,10 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
         assert gap(split) <= 10 * gap(again), (gap(split), gap(again))
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
     assert run["config"]["family"] == "imle" and run["device"] == device.type and run["scale"] == "small"
+    # The resumed run's wall time is both processes' training time, as the two checkpoints' clocks measured it.
+    resumed = json.loads((tmp_path / "split" / "run.json").read_text())
+    assert run["train_processes"] == 1 and resumed["train_processes"] == 2
+    assert resumed["wall_time_s"] == round(split["clock"]["seconds"], 2)
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())
     log = (tmp_path / "straight" / "train.log").read_text().splitlines()
     assert log[0].startswith(f"scale=small | device={device.type}") and log[1].split()[0] == "step"

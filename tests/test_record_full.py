@@ -107,3 +107,37 @@ def test_device_check_keeps_to_its_budget_and_packs_nothing_it_did_not_record(tm
     assert "== tests: not started" in log
     assert all(f"== {name}: not started" in log for name in names)
     assert not (tmp_path / "results.tgz").exists()
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python on a GPU machine: a `-m genlib` run writes its checkpoint, then outlives the deadline.
+if [[ "$1" == "-m" && "$2" == "genlib" ]]; then
+  out="${@: -1}"; mkdir -p "$out"; printf 'weights of %s' "$out" > "$out/checkpoint.pt"; exec sleep 60
+fi
+"""
+
+
+def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadline(tmp_path):
+    """A run still going at the deadline is stopped, and its checkpoint comes back in parts to resume from."""
+    root, out = tmp_path / "repo", tmp_path / "out"
+    (root / "tools").mkdir(parents=True)
+    out.mkdir()
+    for name in ("device_check.sh", "record_full.sh"):
+        (root / "tools" / name).write_text((ROOT / "tools" / name).read_text())
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "GENLIB_PYTHON": str(python), "OUT": str(out), "GENLIB_RUN_TAG": "x",
+           "MIN_RUN_SECONDS": "1", "TEST_SECONDS": "1000"}
+    result = subprocess.run(["bash", str(root / "tools" / "device_check.sh"), "18", "ch02_dcgan_fashion"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    log = (out / "device.log").read_text()
+    assert "ch02_dcgan_fashion exit 124" in log and "== ch03_energy_fashion" not in log
+    parts = sorted(out.glob("resume.tgz.part-*"))
+    assert [part.name for part in parts] == ["resume.tgz.part-0"]
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(f"cat {' '.join(map(str, parts))} | tar xz -C {unpacked}", shell=True, check=True)
+    checkpoint = unpacked / "results" / "ch02_dcgan_fashion_x" / "checkpoint.pt"
+    assert checkpoint.read_text() == "weights of results/ch02_dcgan_fashion_x"

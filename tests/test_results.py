@@ -17,7 +17,7 @@ def test_record_and_load_a_run(tmp_path, monkeypatch):
     assert back.metrics == {"fd": 1.23456, "modes": 7}
     assert back.run["scale"] == "full" and back.run["config"] == {"steps": 3}
     assert back.run["wall_time_s"] == 12.35 and back.run["torch_version"] == torch.__version__
-    assert "fd      : 1.23" in back.summary()
+    assert "fd      : 1.23" in back.summary() and "scale   : full | wall time 12 s" in back.summary()
     assert json.loads((tmp_path / "r" / "run.json").read_text())["device"] == "cpu"
     assert not list((tmp_path / "r").glob("*.tmp"))
 
@@ -75,10 +75,12 @@ def test_comparison_report_prints_one_table_per_toy(tmp_path):
             {"toy": "ring8", "method": "GAN", "seed": 1, "modes": 6, "total_modes": 8, "hq": 0.3, "cpu_seconds": 4.0},
             {"toy": "grid25", "method": "GAN", "seed": 0, "modes": 20, "total_modes": 25, "hq": 0.1,
              "cpu_seconds": 9.0}]
-    results.record_run(tmp_path, device="cpu", config={"setting": "tuned", "steps": 5, "seeds": "0,1"},
-                       metrics={"rows": rows, "summary": {}}, wall_time_s=3.0, command="genlib compare")
+    results.record_run(tmp_path, device="cpu", config={"command": "compare", "setting": "tuned", "steps": 5,
+                       "seeds": "0,1"}, metrics={"rows": rows, "summary": {}}, wall_time_s=3.0,
+                       command="genlib compare")
     lines = results.comparison_report(results.load_run(tmp_path)).splitlines()
-    assert len(lines) == 9 and lines[0] == "command : genlib compare" and lines[2].startswith("scale   :")
+    # A CLI command's flags set every size, so its record does not print GENLIB_SCALE (which it ignores).
+    assert len(lines) == 9 and lines[0] == "command : genlib compare" and lines[2].startswith("run     : wall time 3 s")
     assert lines[3] == "-- ring8, tuned setting, 5 steps, seeds 0,1" and lines[4].endswith("cpu_seconds per run")
     assert lines[5].split() == ["GAN", "2", "7.0", "6-8", "0.400", "3"]
     assert lines[6] == "-- grid25, tuned setting, 5 steps, seeds 0,1"

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from genlib.data import BatchSampler
-from genlib.train import CHECKPOINT, GenerativeModel, NonFiniteLossError, first_non_finite, fit
+from genlib.train import (CHECKPOINT, GenerativeModel, NonFiniteLossError, TrainClock, checkpoint_clock,
+                          first_non_finite, fit)
 
 
 class MomentMatcher(GenerativeModel):
@@ -79,6 +80,20 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert resumed == full
     for a, b in zip(reference, parameters(second)):
         assert torch.equal(a, b)
+
+
+def test_a_resumed_run_sums_the_training_time_of_its_processes(tmp_path, monkeypatch):
+    ticks = iter(range(0, 100, 5))  # a fake clock: every reading is 5 s after the one before
+    monkeypatch.setattr(TrainClock, "read", staticmethod(lambda: float(next(ticks))))
+    model, sampler = make_run()
+    fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=20, log_every=20, progress=False)
+    first = torch.load(tmp_path / CHECKPOINT, weights_only=False)["clock"]
+    model, sampler = make_run()
+    fit(model, sampler, 40, run_dir=tmp_path, checkpoint_every=20, log_every=20, progress=False)
+    second = checkpoint_clock(tmp_path)
+    # Each process reads the clock when it starts and when it saves its one checkpoint: 5 s each.
+    assert first == {"seconds": 5.0, "processes": 1} and second == {"seconds": 10.0, "processes": 2}
+    assert checkpoint_clock(tmp_path / "absent") is None
 
 
 def test_resume_with_ema_restores_the_average(tmp_path):

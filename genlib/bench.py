@@ -4,7 +4,9 @@
 * training throughput (images/s) of every registered family at 64x64 next to a plain-PyTorch
   reference: the PyTorch-examples DCGAN step, fp32 eager, written out here on purpose.
 
-It writes ``bench.json`` (with provenance) and ``bench.md`` (a table) into ``--out``.
+It writes ``bench.json`` (with provenance) and ``bench.md`` (the tables) into ``--out``. After every timing,
+one more search call per size runs under ``torch.profiler``: where its time goes (genlib's phases, the top
+operators) is saved with each search row and summarised at the end of ``bench.md``.
 Speed is measured here, never in unit tests.
 
 Sizes: the defaults are the GPU sizes (search 1024 and 4096 queries against 1024 and 4096 keys of
@@ -43,21 +45,47 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, wa
     return sorted(times)[len(times) // 2]
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def search_inputs(m: int, n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bench's standard Gaussian queries [m, d] and keys [n, d] on ``device``, the same at every call."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    queries = torch.randn(m, d, generator=gen).to(device)
+    return queries, torch.randn(n, d, generator=gen).to(device)
+
+
+PASS_ORDER = ("bf16", "tf32", "fp32", "fp32-wide", "brute_force")
+"""The order in which the search settles queries (its passes in :mod:`genlib.imle`, then the brute force):
+the ``settled`` cells follow it, since ``bench.json`` stores keys sorted."""
+
+
+def settled_counts(stats: dict[str, int], device: torch.device) -> dict[str, int]:
+    """Queries settled by each pass of the default search on ``device`` and by 'brute_force', 0 for a pass
+    that did not run (``stats`` of :func:`genlib.imle.nearest_neighbors` names only the passes that ran)."""
+    from genlib.imle import _passes
+
+    return {**dict.fromkeys([p.name for p in _passes(None, device)] + ["brute_force"], 0), **stats}
+
+
 def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
     """Time genlib's exact search, ``torch.cdist`` + argmin and a bare GEMM for each (M, N, d).
 
     Queries and keys are standard Gaussian (the hard case for a certified search: all distances
-    concentrate near ``2d``). ``brute_force_queries`` counts the queries that the GEMM passes could not
-    prove and that went to the float64 brute force (``stats`` of :func:`genlib.imle.nearest_neighbors`)."""
+    concentrate near ``2d``). ``settled`` counts the queries proven by each pass (:func:`settled_counts`);
+    ``brute_force_queries`` (its last entry) those that no GEMM pass could prove and that went to the float64
+    brute force."""
     from genlib.imle import nearest_neighbors
 
     rows = []
     for m, n, d in sizes:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        queries = torch.randn(m, d, generator=gen).to(device)
-        keys = torch.randn(n, d, generator=gen).to(device)
-        settled: dict[str, int] = {}
-        ours = nearest_neighbors(queries, keys, stats=settled)[1]
+        queries, keys = search_inputs(m, n, d, device)
+        stats: dict[str, int] = {}
+        ours = nearest_neighbors(queries, keys, stats=stats)[1]
+        settled = settled_counts(stats, device)
         exact = torch.cdist(queries.double(), keys.double()).argmin(1)
         low = torch.bfloat16 if device.type == "cuda" else torch.float32
         q_low, k_low = queries.to(low), keys.to(low)
@@ -71,9 +99,96 @@ def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, in
             "gemm_tflops": 2 * m * n * d / (gemm_ms * 1e-3) / 1e12,
             "genlib_over_gemm": genlib_ms / gemm_ms,
             "agrees_with_float64": float((ours == exact).float().mean()),
-            "brute_force_queries": settled.get("brute_force", 0),
+            "settled": settled, "brute_force_queries": settled["brute_force"],
         })
     return rows
+
+
+PROFILE_TOP = 12
+"""Operators kept per profile (by self time); device kernels keep half as many."""
+
+
+def profile_nearest_neighbors(device: torch.device, rows: list[dict]) -> None:
+    """Add ``profile`` (:func:`profile_call` of one more search call at the row's size) to each search row.
+
+    Run it after every timing: a profiler session can leave hooks (CUPTI) that slow later kernel launches."""
+    from genlib.imle import nearest_neighbors
+
+    for row in rows:
+        queries, keys = search_inputs(row["M"], row["N"], row["d"], device)
+        if device.type == "cuda":  # the allocator and cuBLAS may have to grow again after the training bench
+            nearest_neighbors(queries, keys)
+        row["profile"] = profile_call(lambda: nearest_neighbors(queries, keys), device)
+
+
+def profile_call(fn: Callable[[], object], device: torch.device) -> dict:
+    """One call of ``fn`` under torch.profiler: ``wall_ms`` (of the call, profiler overhead included),
+    ``phases`` (:func:`phase_times`), ``ops`` (:func:`top_operators`) and, on CUDA, ``device_ms`` (kernel
+    time, all streams) and ``kernels``; or ``{'error': why}`` when profiling fails, so the bench goes on."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            _synchronize(device)
+            began = time.perf_counter()
+            fn()
+            _synchronize(device)
+            wall_ms = (time.perf_counter() - began) * 1e3
+        averages = prof.key_averages()
+        report = {"wall_ms": round(wall_ms, 4), "phases": phase_times(prof.events(), cuda),
+                  "ops": top_operators(averages, cuda)}
+        if cuda:
+            kernels = [e for e in averages if not _is_host(e) and not e.is_user_annotation]
+            report["device_ms"] = _ms(sum(e.self_device_time_total for e in kernels))
+            report["kernels"] = _top(kernels, lambda e: e.self_device_time_total, PROFILE_TOP // 2)
+        return report
+    except Exception as error:  # no CUPTI, another torch's event fields: the timings stand without a profile
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _is_host(event) -> bool:
+    """Whether a profiler event ran on the CPU (an operator or a range), not on the device."""
+    return event.device_type == torch.autograd.DeviceType.CPU
+
+
+def _ms(microseconds: float) -> float:
+    """Profiler microseconds as milliseconds, to 0.1 us."""
+    return round(microseconds / 1e3, 4)
+
+
+def phase_times(events, cuda: bool) -> list[dict]:
+    """The ``record_function`` ranges (genlib's ``nn.*`` in :mod:`genlib.imle`), in order of first entry:
+    ``calls``, ``cpu_ms`` and on CUDA ``device_ms`` (the kernels launched inside), both including the ranges
+    nested inside (``nn.pass.*`` hold the phases of their pass)."""
+    phases: dict[str, dict] = {}
+    for event in events:
+        if event.is_user_annotation and _is_host(event):
+            row = phases.setdefault(event.name, {"name": event.name, "calls": 0, "cpu_ms": 0.0}
+                                    | ({"device_ms": 0.0} if cuda else {}))
+            row["calls"] += 1
+            row["cpu_ms"] += event.cpu_time_total / 1e3
+            if cuda:
+                row["device_ms"] += event.device_time_total / 1e3
+    return [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
+            for row in phases.values()]
+
+
+def top_operators(averages, cuda: bool) -> list[dict]:
+    """The PROFILE_TOP operators by self time: ``self_ms`` is device time on CUDA (then ``self_cpu_ms`` too),
+    CPU time on the CPU."""
+    ops = [e for e in averages if _is_host(e) and not e.is_user_annotation]
+    if cuda:
+        return _top(ops, lambda e: e.self_device_time_total, PROFILE_TOP, with_cpu=True)
+    return _top(ops, lambda e: e.self_cpu_time_total, PROFILE_TOP)
+
+
+def _top(events, self_time: Callable[[object], float], count: int, with_cpu: bool = False) -> list[dict]:
+    """The ``count`` events with the largest positive ``self_time`` (us): {name, calls, self_ms}, and with
+    ``with_cpu`` their ``self_cpu_ms``."""
+    ranked = sorted((e for e in events if self_time(e) > 0), key=self_time, reverse=True)[:count]
+    return [{"name": e.key[:120], "calls": e.count, "self_ms": _ms(self_time(e))}
+            | ({"self_cpu_ms": _ms(e.self_cpu_time_total)} if with_cpu else {}) for e in ranked]
 
 
 class ReferenceDCGAN(nn.Module):
@@ -149,9 +264,14 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
 
 def format_number(value) -> str:
     """A table cell: floats with 3 significant digits (trailing zeros kept), from 1000 up as whole numbers
-    (never 1.5e+03); a fraction just below 1 keeps the digits that show it is not 1 (0.9996, not 1.00)."""
+    (never 1.5e+03); a fraction just below 1 keeps the digits that show it is not 1 (0.9996, not 1.00);
+    counts per pass (``settled``) as 'tf32 3400 / fp32-wide 684', nonzero ones only, in PASS_ORDER."""
     if value is None:
         return ""
+    if isinstance(value, dict):
+        rank = {name: i for i, name in enumerate(PASS_ORDER)}
+        ordered = sorted(value.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+        return " / ".join(f"{name} {count}" for name, count in ordered if count)
     if not isinstance(value, float):
         return str(value)
     if abs(value) >= 1000:
@@ -165,16 +285,18 @@ def format_number(value) -> str:
 
 
 NN_COLUMNS = ("M", "N", "d", "genlib_ms", "cdist_ms", "gemm_bound_ms", "gemm_dtype", "gemm_tflops",
-              "genlib_over_gemm", "agrees_with_float64", "brute_force_queries")
+              "genlib_over_gemm", "agrees_with_float64", "settled", "brute_force_queries")
 TRAINING_COLUMNS = ("model", "batch", "img_per_s", "vs_reference", "note")
+PHASE_COLUMNS = ("name", "calls", "cpu_ms", "device_ms")
+OPERATOR_COLUMNS = ("name", "calls", "self_ms", "self_cpu_ms")
 
 
-def markdown_table(rows: list[dict], columns: tuple[str, ...] = ()) -> str:
+def markdown_table(rows: list[dict], columns: tuple[str, ...] = (), hidden: tuple[str, ...] = ()) -> str:
     """Rows of dicts as a Markdown table (cells by :func:`format_number`): the ``columns`` that occur
-    first, in that order, then any other keys in order of appearance."""
+    first, in that order, then any other keys but ``hidden`` in order of appearance."""
     if not rows:
         return ""
-    present = dict.fromkeys(k for row in rows for k in row)
+    present = dict.fromkeys(k for row in rows for k in row if k not in hidden)
     keys = [k for k in columns if k in present] + [k for k in present if k not in columns]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(format_number(row.get(k)) for k in keys) + " |" for row in rows]
@@ -209,12 +331,41 @@ def cpu_share(before: dict | None, after: dict | None) -> dict | None:
 
 
 def render_markdown(report: dict) -> str:
-    """``bench.md``: the two tables of a bench report (a pure function of ``bench.json``)."""
+    """``bench.md``: the two tables of a bench report, then the search profiles if it has them (a pure
+    function of ``bench.json``)."""
     resolution = report["training_resolution"]
     return (f"# genlib bench on {report['provenance']['device_name']}\n\n## Exact nearest neighbours\n\n"
-            + markdown_table(report["nearest_neighbors"], NN_COLUMNS)
+            + markdown_table(report["nearest_neighbors"], NN_COLUMNS, hidden=("profile",))
             + f"\n\n## Training throughput at {resolution}x{resolution}\n\n"
-            + markdown_table(report["training"], TRAINING_COLUMNS) + "\n")
+            + markdown_table(report["training"], TRAINING_COLUMNS) + "\n"
+            + render_profiles(report["nearest_neighbors"]))
+
+
+PROFILE_HEADING = "## Where the search's time goes"
+PROFILE_NOTE = ("One more call per size under torch.profiler, after all timings. Phases are genlib's ranges: "
+                "`nn.pass.*` include the phases run inside them, the top-level ones (check_inputs, pass.*, settle, "
+                "brute_force) add up to about the wall time; `device_ms` sums the kernels launched inside a range. "
+                "Operators and kernels are ranked by self time on the device (on the CPU: CPU time).")
+
+
+def render_profiles(rows: list[dict]) -> str:
+    """The Markdown section of the search rows' profiles ("" when no row has one, as in older reports)."""
+    profiled = [row for row in rows if "profile" in row]
+    if not profiled:
+        return ""
+    return "\n".join([f"\n{PROFILE_HEADING}\n\n{PROFILE_NOTE}\n"] + [_render_profile(row) for row in profiled])
+
+
+def _render_profile(row: dict) -> str:
+    """One size's profile: a heading with its wall (and kernel) time, then its phase, operator and kernel tables."""
+    profile, size = row["profile"], f"### {row['M']} x {row['N']} x {row['d']}"
+    if "error" in profile:
+        return f"{size}: the profiler failed ({profile['error']})\n"
+    device = f", {format_number(profile['device_ms'])} ms of device kernels" if "device_ms" in profile else ""
+    tables = [("Phases", profile["phases"], PHASE_COLUMNS), ("Top operators", profile["ops"], OPERATOR_COLUMNS),
+              ("Top kernels", profile.get("kernels"), OPERATOR_COLUMNS)]
+    return (f"{size}: {format_number(profile['wall_ms'])} ms wall (profiled){device}\n"
+            + "".join(f"\n{title}:\n\n{markdown_table(table, columns)}\n" for title, table, columns in tables if table))
 
 
 def parse_nn_size(text: str) -> tuple[int, int, int]:
@@ -255,6 +406,7 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
               "nearest_neighbors": bench_nearest_neighbors(dev, nn_sizes, repeats),
               "training": bench_training(dev, resolution, batch, repeats),
               "training_resolution": resolution, "repeats": repeats}
+    profile_nearest_neighbors(dev, report["nearest_neighbors"])
     # Other processes on the same machine slow every number down: record who used the CPU during the run.
     report["provenance"]["cpu_share"] = cpu_share(cpu_before, _cpu_times())
     report["provenance"]["wall_s"] = round(time.perf_counter() - began, 1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -69,6 +69,13 @@ RERANK_BYTES_CPU = 16 * 2**20
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
 FP32_UNIT = 2.0**-24
 FP64_UNIT = 2.0**-53
+_NO_PHASE = nullcontext()
+
+
+def _phase(name: str) -> AbstractContextManager:
+    """A profiler range ``name`` (the phases of ``python -m genlib bench``'s breakdown) while torch.profiler
+    runs; otherwise a shared no-op, so the search pays one flag check for it."""
+    return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else _NO_PHASE
 
 
 def nearest_neighbors(
@@ -110,7 +117,8 @@ def nearest_neighbors(
     of the call, so do not race it from other threads). ``stats``, if given, counts queries
     settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``.
     """
-    column_sum = _check_search_inputs(queries, keys, chunk_size)
+    with _phase("nn.check_inputs"):
+        column_sum = _check_search_inputs(queries, keys, chunk_size)
     if queries.device.type not in ("cpu", "cuda"):  # the exact re-rank needs float64
         dist, index = nearest_neighbors(queries.cpu(), keys.cpu(), chunk_size, precision=precision, stats=stats)
         return dist.float().to(queries.device), index.to(queries.device)
@@ -169,13 +177,15 @@ def _search(queries: Tensor, keys: Tensor, centre: Tensor, chunk_size: int | Non
         if todo.numel() == 0:
             break
         rows = queries if todo.numel() == m else queries[todo]
-        with _pinned_matmul(search_pass.precision, queries.device):
+        with _phase(f"nn.pass.{search_pass.name}"), _pinned_matmul(search_pass.precision, queries.device):
             found, at, proven = _certified_pass(rows, keys, rounded_keys, search_pass, q_block)
-        dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
-        _count(stats, search_pass.name, int(proven.sum()))
-        todo = todo[~proven]
+        with _phase("nn.settle"):  # on CUDA it syncs: its CPU time includes waiting for the pass's kernels
+            dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
+            _count(stats, search_pass.name, int(proven.sum()))
+            todo = todo[~proven]
     if todo.numel():
-        dist[todo], index[todo] = _brute_force(queries[todo], keys)
+        with _phase("nn.brute_force"):
+            dist[todo], index[todo] = _brute_force(queries[todo], keys)
         _count(stats, "brute_force", todo.numel())
     return dist, index
 
@@ -221,10 +231,11 @@ def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, s
     for start in range(0, m, q_block):
         rows = slice(start, start + q_block)
         candidates, threshold = _candidates(queries[rows], rounded_keys, search_pass)
-        dist[rows], index[rows] = _rerank(queries[rows], keys, candidates)
-        # Every key left out has exact distance >= threshold; strict < also settles ties (a
-        # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
-        proven[rows] = dist[rows] < threshold
+        with _phase("nn.rerank"):
+            dist[rows], index[rows] = _rerank(queries[rows], keys, candidates)
+            # Every key left out has exact distance >= threshold; strict < also settles ties (a
+            # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
+            proven[rows] = dist[rows] < threshold
     return dist, index, proven
 
 
@@ -235,23 +246,26 @@ def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) 
     the error bound); ``threshold`` is a lower bound on the exact distance of every key not kept.
     """
     precision, n, d = search_pass.precision, rounded_keys.n, rounded_keys.d
-    q_hat, q_norm2, q_resid = _round_centred(queries, rounded_keys.centre, precision)
+    with _phase("nn.round_queries"):
+        q_hat, q_norm2, q_resid = _round_centred(queries, rounded_keys.centre, precision)
     keep = min(search_pass.keep, n)
     lower = index = None
     threshold = torch.full((queries.shape[0],), math.inf, dtype=torch.float64, device=queries.device)
     for start in range(0, n, rounded_keys.k_block):
         k_hat, k_norm2, k_resid = rounded_keys.block(start, precision)
-        approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
-        bound = _error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), d)
-        take = min(keep, approx.shape[1])
-        values, at = approx.topk(take, dim=1, largest=False, sorted=True)
-        block_lower = values.double() - bound[:, None]
-        if take < approx.shape[1]:
-            threshold = torch.minimum(threshold, block_lower[:, -1])
-        if lower is None:
-            lower, index = block_lower, at + start
-        else:
-            lower, index, threshold = _merge(lower, index, block_lower, at + start, keep, threshold)
+        with _phase("nn.gemm"):
+            approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
+        with _phase("nn.topk"):
+            bound = _error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), d)
+            take = min(keep, approx.shape[1])
+            values, at = approx.topk(take, dim=1, largest=False, sorted=True)
+            block_lower = values.double() - bound[:, None]
+            if take < approx.shape[1]:
+                threshold = torch.minimum(threshold, block_lower[:, -1])
+            if lower is None:
+                lower, index = block_lower, at + start
+            else:
+                lower, index, threshold = _merge(lower, index, block_lower, at + start, keep, threshold)
     return index, threshold
 
 
@@ -270,7 +284,8 @@ class _RoundedKeys:
         """(rounded [b, d], ||rounded||^2 [b], residual bound [b]) of keys[start:start + k_block]."""
         if (precision, start) in self.cache:
             return self.cache[precision, start]
-        rounded = _round_centred(self.keys[start:start + self.k_block], self.centre, precision)
+        with _phase("nn.round_keys"):
+            rounded = _round_centred(self.keys[start:start + self.k_block], self.centre, precision)
         size = rounded[0].numel() * rounded[0].element_size()
         if self.cached_bytes + size <= KEY_CACHE_BYTES:
             self.cache[precision, start] = rounded

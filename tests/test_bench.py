@@ -1,0 +1,111 @@
+"""python -m genlib bench's search report: queries settled per pass, and the profile of one more search call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from genlib import bench, imle
+
+PHASES = {"nn.check_inputs", "nn.round_queries", "nn.round_keys", "nn.gemm", "nn.topk", "nn.rerank", "nn.settle"}
+GAUSSIAN = bench.search_inputs
+
+
+def crowded_inputs(m: int, n: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian queries [m, d] and keys [n, d] where every pass has work: query 0's nearest keys are 12
+    near-copies (more than the fast passes keep, fewer than the wide pass's 64), query 1's are 80 exact copies
+    (more than any pass keeps: the brute force)."""
+    queries, keys = GAUSSIAN(m, n, d, torch.device("cpu"))
+    keys[:12] = queries[0] + 1e-6 * torch.randn(12, d, generator=torch.Generator().manual_seed(1))
+    keys[12:92] = queries[1]
+    return queries.to(device), keys.to(device)
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_rows_count_the_queries_each_pass_settled(device, monkeypatch, crowded):
+    if crowded:
+        monkeypatch.setattr(bench, "search_inputs", crowded_inputs)
+    m, n, d = 48, 256, 64
+    row, = bench.bench_nearest_neighbors(device, [(m, n, d)], repeats=1)
+    stats: dict[str, int] = {}
+    imle.nearest_neighbors(*bench.search_inputs(m, n, d, device), stats=stats)
+    settled = row["settled"]
+    assert settled == bench.settled_counts(stats, device) and sum(settled.values()) == m
+    assert list(settled) == [p.name for p in imle._passes(None, device)] + ["brute_force"]
+    assert row["brute_force_queries"] == settled["brute_force"] and row["agrees_with_float64"] == 1.0
+    if crowded:  # the wide pass and the brute force each settled the query made for them
+        assert settled["fp32-wide"] >= 1 and settled["brute_force"] >= 1
+
+
+def test_settled_cell_lists_the_nonzero_counts_in_pass_order():
+    cell = {"brute_force": 0, "fp32": 12, "fp32-wide": 684, "tf32": 3400}  # bench.json's sorted keys
+    assert bench.format_number(cell) == "tf32 3400 / fp32 12 / fp32-wide 684"
+    for precision in (None, *imle.CANDIDATES):  # PASS_ORDER is the order of every search's passes
+        names = [p.name for p in imle._passes(precision, torch.device("cpu"))] + ["brute_force"]
+        assert names == sorted(names, key=bench.PASS_ORDER.index)
+
+
+def test_profile_breaks_one_search_call_into_phases(device):
+    rows = bench.bench_nearest_neighbors(device, [(64, 256, 128)], repeats=1)
+    bench.profile_nearest_neighbors(device, rows)
+    profile = rows[0]["profile"]
+    assert "error" not in profile, profile
+    phases = {row["name"]: row for row in profile["phases"]}
+    first = imle._passes(None, device)[0].name
+    assert PHASES | {f"nn.pass.{first}"} <= set(phases)
+    assert phases[f"nn.pass.{first}"]["calls"] == 1 and all(row["cpu_ms"] > 0 for row in phases.values())
+    # The top-level ranges lie inside the one profiled call, and a pass holds the phases run in it.
+    top_level = [row["cpu_ms"] for name, row in phases.items()
+                 if name in ("nn.check_inputs", "nn.settle", "nn.brute_force") or name.startswith("nn.pass.")]
+    assert sum(top_level) <= profile["wall_ms"] and phases[f"nn.pass.{first}"]["cpu_ms"] >= phases["nn.gemm"]["cpu_ms"]
+    assert profile["ops"] and all(op["self_ms"] > 0 and op["calls"] >= 1 for op in profile["ops"])
+    assert len(profile["ops"]) <= bench.PROFILE_TOP and any("addmm" in op["name"] for op in profile["ops"])
+    if device.type == "cuda":
+        assert profile["device_ms"] > 0 and profile["kernels"] and phases["nn.gemm"]["device_ms"] > 0
+
+
+def test_phase_ranges_are_a_shared_no_op_outside_the_profiler():
+    assert imle._phase("nn.gemm") is imle._NO_PHASE
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert isinstance(imle._phase("nn.gemm"), torch.profiler.record_function)
+
+
+def test_a_failing_profiler_is_recorded_not_raised(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no CUPTI here")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    profile = bench.profile_call(lambda: None, torch.device("cpu"))
+    assert profile == {"error": "RuntimeError: no CUPTI here"}
+    section = bench.render_profiles([{"M": 1, "N": 2, "d": 3, "profile": profile}])
+    assert "### 1 x 2 x 3: the profiler failed (RuntimeError: no CUPTI here)" in section
+
+
+def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, device, monkeypatch):
+    """No timed call runs under the profiler; bench.md gains the settled column and the profile section."""
+    calls = []
+    timeit, profile_call = bench.timeit, bench.profile_call
+
+    def timed(fn, *args):
+        def checked():
+            assert not torch.autograd.profiler._is_profiler_enabled
+            return fn()
+        calls.append("time")
+        return timeit(checked, *args)
+
+    monkeypatch.setattr(bench, "timeit", timed)
+    monkeypatch.setattr(bench, "profile_call", lambda *args: calls.append("profile") or profile_call(*args))
+    monkeypatch.setattr(bench, "bench_training", lambda *args: [])
+    bench.main(device=str(device), out=tmp_path, nn_sizes=[(8, 16, 4), (40, 64, 32)], repeats=1)
+    assert calls == ["time"] * 6 + ["profile"] * 2
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    text = (tmp_path / "bench.md").read_text()
+    assert text == bench.render_markdown(saved)
+    settled = bench.format_number(saved["nearest_neighbors"][1]["settled"])
+    assert "| settled | brute_force_queries |" in text and f"| {settled} |" in text
+    assert settled.split()[0] in bench.PASS_ORDER
+    section = text.split(bench.PROFILE_HEADING, 1)[1]
+    assert "### 8 x 16 x 4:" in section and "### 40 x 64 x 32:" in section and "| nn.gemm |" in section
+    assert "Top operators:" in section and "| profile |" not in text

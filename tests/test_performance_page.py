@@ -1,66 +1,147 @@
-"""book/performance.md cannot drift from the recorded benchmark.
+"""book/performance.md cannot drift from the recorded benchmarks.
 
-The page includes its CPU tables from results/bench-cpu/bench.md; bench.md must be exactly what
-genlib.bench renders from the committed bench.json, and the provenance that the page states in words
-(command, device, threads, versions, load) must be the JSON's.
+The page includes the tables of each recorded run (results/bench-cpu, results/bench-h200) from its bench.md;
+bench.md must be exactly what genlib.bench renders from the committed bench.json, and the provenance that
+the page states in words (command, device, threads, versions, load, commit) must be the JSON's. The numbers
+that the prose quotes about the H200 run are parsed back and checked against its bench.json (and the
+full-scale DCGAN run's run.json and metrics.json); numbers there that are not genlib bench's must come from
+the page's own design-document and targets sections. Numbers follow bench.format_number: 3 significant
+digits, whole numbers from 1000 up (the prose adds thousands separators).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from genlib import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "book" / "performance.md"
-RUN = ROOT / "results" / "bench-cpu"
+RESULTS = ROOT / "results"
+RUNS = {"bench-cpu": "A CPU run", "bench-h200": "A GPU run (NVIDIA H200)"}
+"""Each recorded run's folder under results/ and the heading of its section on the page."""
+GPU_RUN = "bench-h200"
+DCGAN_RUN = RESULTS / "ch02_dcgan_fashion_h200"
+GPU_ANALYSIS = ("**On the H200 (measured).**", "## Reproducing")
+"""The part of "What limits each number" that discusses the H200 run: from the first string to the second."""
+NUMBER = r"\d[\d,]*(?:\.\d+)?"
 
 
-def load() -> tuple[str, dict]:
-    return PAGE.read_text(encoding="utf-8"), json.loads((RUN / "bench.json").read_text())
+def load(run: str) -> tuple[str, dict]:
+    return PAGE.read_text(encoding="utf-8"), json.loads((RESULTS / run / "bench.json").read_text())
 
 
-def test_committed_table_is_rendered_from_the_committed_json():
-    _, report = load()
-    assert (RUN / "bench.md").read_text(encoding="utf-8") == bench.render_markdown(report)
+def section(page: str, heading: str) -> str:
+    """The text of the level-2 section ``## heading``, up to the next level-2 heading."""
+    start = page.index(f"\n## {heading}\n")
+    end = page.find("\n## ", start + 1)
+    return page[start:end if end >= 0 else len(page)]
 
 
-def test_page_includes_both_cpu_tables_from_the_committed_run():
-    page, report = load()
-    includes = re.findall(r"```\{include\} (\S+)\n((?::[\w-]+: .*\n)*)```", page)
-    assert [(ROOT / "book" / path).resolve() for path, _ in includes] == [(RUN / "bench.md").resolve()] * 2
-    text = (RUN / "bench.md").read_text(encoding="utf-8")
-    for _, options in includes:  # every start/end marker exists in the included file
+def between(page: str, first: str, last: str) -> str:
+    start = page.index(first)
+    return page[start:page.index(last, start)]
+
+
+def flat(text: str) -> str:
+    """The text with every run of whitespace as one space (wherever the lines break)."""
+    return " ".join(text.split())
+
+
+def plain(number: str) -> str:
+    """A number as written in prose (1,024) as bench.format_number writes it (1024)."""
+    return number.replace(",", "")
+
+
+def includes(text: str) -> list[tuple[str, str]]:
+    """(path, options) of every ``{include}`` directive in ``text``."""
+    return re.findall(r"```\{include\} (\S+)\n((?::[\w-]+: .*\n)*)```", text)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_committed_table_is_rendered_from_the_committed_json(run):
+    _, report = load(run)
+    assert (RESULTS / run / "bench.md").read_text(encoding="utf-8") == bench.render_markdown(report)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_page_includes_both_tables_of_each_run_in_its_section(run):
+    page, report = load(run)
+    assert len(includes(page)) == 2 * len(RUNS)  # no table from anywhere else
+    found = includes(section(page, RUNS[run]))
+    assert [(ROOT / "book" / path).resolve() for path, _ in found] == [(RESULTS / run / "bench.md").resolve()] * 2
+    text = (RESULTS / run / "bench.md").read_text(encoding="utf-8")
+    for _, options in found:  # every start/end marker exists in the included file
         for marker in re.findall(r":(?:start-after|end-before): \"(.*)\"", options):
             assert marker.encode().decode("unicode_escape") in text, marker
-    assert report["training_resolution"] == 64 and {row["batch"] for row in report["training"]} == {16}
-    assert "(64×64, batch 16)" in page
+    batches = {row["batch"] for row in report["training"]}
+    assert report["training_resolution"] == 64 and len(batches) == 1
+    assert f"(64×64, batch {batches.pop()})" in section(page, RUNS[run])
 
 
-def test_page_states_the_runs_provenance():
-    page, report = load()
-    flat = " ".join(page.split())  # wherever the lines break
-    run = report["provenance"]
-    assert run["device"] == "cpu"
-    assert f"python -m genlib {run['command'].split(' ', 1)[1]}\n" in page  # the exact command, as run
-    assert f"`{run['device_name']}`" in flat
-    assert f"Torch used {run['torch_threads']} threads" in flat
-    assert f"torch `{run['torch_version']}`" in flat and f"Python `{run['python_version']}`" in flat
-    assert f"genlib `{run['genlib_version']}`" in flat
-    assert f"The whole run took {run['wall_s']:.0f} s ({run['wall_s'] / 60:.1f} minutes)" in flat
-    share = {key: f"{100 * value:.1f} %" for key, value in run["cpu_share"].items()}
+@pytest.mark.parametrize("run", RUNS)
+def test_page_states_the_runs_provenance(run):
+    page, report = load(run)
+    text = section(page, RUNS[run])
+    words = flat(text)
+    recorded = report["provenance"]
+    assert f"python -m genlib {recorded['command'].split(' ', 1)[1]}\n" in text  # the exact command, as run
+    assert f"`{recorded['device_name']}`" in words
+    assert f"Torch used {recorded['torch_threads']} threads" in words
+    assert f"torch `{recorded['torch_version']}`" in words and f"Python `{recorded['python_version']}`" in words
+    assert f"genlib `{recorded['genlib_version']}`" in words
+    assert f"The whole run took {recorded['wall_s']:.0f} s ({recorded['wall_s'] / 60:.1f} minutes)" in words
+    share = {key: f"{100 * value:.1f} %" for key, value in recorded["cpu_share"].items()}
     assert (f"this process {share['this_process']}, other processes {share['other_processes']}, "
-            f"idle {share['idle']}, taken by the hypervisor {share['steal']}") in flat
-    assert "No GPU figures have been recorded yet" in flat
-    assert "python -m genlib bench --device cuda --out results/bench-h100" in page
+            f"idle {share['idle']}, taken by the hypervisor {share['steal']}") in words
+    assert (recorded["device"] == "cpu") == run.endswith("cpu")
+    if recorded["device"] == "cuda":  # no --device in the command: the section says why it is a GPU run
+        assert "--device" not in recorded["command"] and "Without `--device` the bench picks CUDA" in words
+        assert f"batch {report['training'][0]['batch']} and {report['repeats']} repeats" in words
 
 
-def test_every_number_in_the_cpu_tables_is_the_jsons():
+def test_the_gpu_runs_commit_and_the_code_that_ran_are_stated():
+    """bench.json names a '-dirty' commit; the page quotes it and names the commit whose tree ran, whose
+    parent (checked with git where the checkout has its history) is the named one."""
+    page, report = load(GPU_RUN)
+    words = flat(section(page, RUNS[GPU_RUN]))
+    named = report["provenance"]["git_commit"]
+    assert f"`{named}`" in words
+    base = named.removesuffix("-dirty")
+    assert base != named, "the caveat is about a '-dirty' commit name; reword the page if that changed"
+    ran = re.search(r"The code that ran is the tree of commit (\w+), which is (\w+) plus those fixes", words)
+    assert ran and base.startswith(ran.group(2)) and len(ran.group(2)) >= 7
+    try:
+        parent = subprocess.run(["git", "rev-parse", f"{ran.group(1)}^"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no git history here to check the commits against")
+    assert parent == base
+
+
+def test_intro_targets_and_reproducing_name_the_recorded_runs():
+    page, report = load(GPU_RUN)
+    intro = flat(page[:page.index("\n## ")])
+    assert "a CPU run on two cores" in intro
+    assert f"a GPU run on an {report['provenance']['device_name']}" in intro
+    assert "No GPU figures" not in page and "not yet measured" not in page
+    assert "python -m genlib bench --device cuda --out results/bench-h100" in page  # the targets' command
+    reproducing = section(page, "Reproducing")
+    recorded = report["provenance"]["command"].split(" ", 1)[1]  # bench --out results/bench-h200
+    assert f"`python -m genlib {recorded.replace(GPU_RUN, 'bench-TAG')}`" in reproducing
+    assert f"`results/{GPU_RUN}`" in reproducing
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_number_in_the_tables_is_the_jsons(run):
     """The included tables, parsed back: each cell equals the JSON value formatted by bench.format_number."""
-    _, report = load()
-    rows = [line for line in (RUN / "bench.md").read_text().splitlines() if line.startswith("| ")]
+    _, report = load(run)
+    rows = [line for line in (RESULTS / run / "bench.md").read_text().splitlines() if line.startswith("| ")]
     tables = [report["nearest_neighbors"], report["training"]]
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
     headers = [i for i, row in enumerate(cells) if row[0] in ("M", "model")]
@@ -71,3 +152,117 @@ def test_every_number_in_the_cpu_tables_is_the_jsons():
             assert line == [bench.format_number(row.get(key)) for key in keys]
     for row in report["nearest_neighbors"]:
         assert row["agrees_with_float64"] == 1.0, "the exact search must agree with float64 everywhere"
+
+
+def gpu_prose(page: str) -> str:
+    """What the page says in words about the H200: its section and its part of 'What limits each number'."""
+    return flat(section(page, RUNS[GPU_RUN]) + between(page, *GPU_ANALYSIS))
+
+
+def dcgan_figures() -> dict[str, float]:
+    run = json.loads((DCGAN_RUN / "run.json").read_text())
+    steps, batch, seconds = run["config"]["steps"], run["config"]["batch_size"], run["wall_time_s"]
+    return {"steps": steps, "batch": batch, "seconds": seconds, "steps_per_s": steps / seconds,
+            "img_per_s": steps * batch / seconds}
+
+
+def test_every_time_rate_and_throughput_quoted_about_the_h200_has_a_source():
+    """Each 'X ms', 'X TFLOP/s' and 'X img/s' in the H200 prose is a figure of the H200 bench.json (or of the
+    full-scale DCGAN run), or a number that the page's design-document and targets sections state."""
+    page, report = load(GPU_RUN)
+    text = gpu_prose(page)
+    elsewhere = flat(section(page, "Targets") + section(page, "Earlier H100 measurements (from the design document)"))
+    quoted_elsewhere = {plain(n) for n in re.findall(NUMBER + "k?", elsewhere)}
+    search = report["nearest_neighbors"]
+    sources = {
+        "ms": [row[key] for row in search for key in ("genlib_ms", "cdist_ms", "gemm_bound_ms")]
+              + [3 * row["gemm_bound_ms"] for row in search],  # the target: 3 times the bound
+        "TFLOP/s": [row["gemm_tflops"] for row in search]
+                   + [2 * row["M"] * row["N"] * row["d"] / row["cdist_ms"] / 1e9 for row in search],
+        "img/s": [row["img_per_s"] for row in report["training"]] + [dcgan_figures()["img_per_s"]],
+    }
+    for unit, values in sources.items():
+        allowed = {bench.format_number(float(value)) for value in values}
+        quoted = re.findall(rf"({NUMBER}k?) {re.escape(unit)}(?![\w/])", text)
+        assert quoted, unit
+        for number in quoted:
+            assert plain(number) in allowed or plain(number) in quoted_elsewhere, f"{number} {unit}"
+
+
+def test_the_search_figures_and_verdict_quoted_are_the_jsons():
+    page, report = load(GPU_RUN)
+    text = gpu_prose(page)
+    rows = {(row["M"], row["N"], row["d"]): row for row in report["nearest_neighbors"]}
+    largest = rows[4096, 4096, 12288]
+    f = bench.format_number
+    assert (f"genlib's search took {f(largest['genlib_ms'])} ms, `torch.cdist` {f(largest['cdist_ms'])} ms and "
+            f"the bf16 GEMM {f(largest['gemm_bound_ms'])} ms ({f(largest['gemm_tflops'])} TFLOP/s)") in text
+    assert largest["gemm_dtype"] == "bfloat16"
+    assert f"The search took {f(largest['genlib_over_gemm'])} times the GEMM bound" in text
+    assert f"at most 3 times the bound: {f(3 * largest['gemm_bound_ms'])} ms in this run" in text
+    missed = largest["genlib_over_gemm"] / 3
+    assert missed > 1 and f"missed by a factor of about {missed:.0f}" in text
+    for (m, n, d), row in rows.items():
+        if (m, n, d) != (4096, 4096, 12288):
+            assert (f"{f(row['genlib_ms'])} ms against {f(row['cdist_ms'])} ms" in text
+                    and f"{m} \\times {n} \\times {d}" in text), (m, n, d)
+        assert row["cdist_ms"] < row["genlib_ms"]  # "cdist is faster in every row"
+    assert all(row["agrees_with_float64"] == 1.0 for row in rows.values())
+    assert "Every answer agreed with float64" in text
+    assert all(row["brute_force_queries"] == 0 for row in rows.values())
+    assert "no query went to the brute force" in text
+
+
+def test_the_training_figures_and_verdict_quoted_are_the_jsons():
+    page, report = load(GPU_RUN)
+    text = gpu_prose(page)
+    f = bench.format_number
+    rows = {row["model"].removeprefix("genlib "): row for row in report["training"]}
+    reference, gan = rows.pop("reference DCGAN (fp32 eager)"), rows["gan"]
+    assert f"the reference DCGAN step (fp32 eager) ran at {int(f(reference['img_per_s'])):,} img/s" in text
+    assert (f"`genlib gan`, under bf16 autocast, ran at {int(f(gan['img_per_s'])):,} img/s, "
+            f"{f(gan['vs_reference'])} times the reference") in text
+    assert (gan["img_per_s"] < 60000 or gan["vs_reference"] < 3) and "is not met" in text
+    listed = re.search(r"As `vs_reference`, the families ran at: (.*?)\. Where", text)
+    assert listed
+    pairs = dict(pair.rsplit(" ", 1) for pair in listed.group(1).split(", "))
+    assert pairs == {name: f(row["vs_reference"]) for name, row in rows.items()}
+    ratios = [float(value) for value in pairs.values()]
+    assert ratios == sorted(ratios, reverse=True)  # listed fastest first
+    energy = rows["energy"]
+    assert f"{f(energy['img_per_s'] / energy['batch'])} steps/s for `genlib energy`" in text
+
+
+def test_the_full_scale_dcgan_run_quoted_is_the_recorded_one():
+    page = PAGE.read_text(encoding="utf-8")
+    text = section(page, RUNS[GPU_RUN])
+    words = flat(text)
+    run = json.loads((DCGAN_RUN / "run.json").read_text())
+    metrics = json.loads((DCGAN_RUN / "metrics.json").read_text())
+    figures = dcgan_figures()
+    f = bench.format_number
+    assert f"python -m genlib {run['command'].split(' ', 1)[1]}\n" in text
+    assert run["device_name"] == "NVIDIA H200" and run["config"]["family"] == "gan"
+    assert f"names commit {run['git_commit'][:7]}" in words
+    assert (f"Its {figures['steps']:,} steps at batch {figures['batch']} took {figures['seconds']:.0f} s of "
+            f"training time") in words
+    assert f"{f(figures['steps_per_s'])} steps/s, or {int(f(figures['img_per_s'])):,} img/s" in words
+    assert metrics["features"] == "fashion-classifier" and f"FD on the Fashion classifier's features is " \
+        f"{f(metrics['fd'])}" in words
+    analysis = flat(between(page, *GPU_ANALYSIS))
+    assert f"{int(f(figures['img_per_s'])):,} img/s at batch {figures['batch']}" in analysis
+
+
+def test_the_cpu_emulation_counts_add_up():
+    """The CPU emulation of the GPU's first pass is not a committed record; its counts must at least be
+    consistent: they add up to the queries, and the derived share and counts are right."""
+    text = flat(between(PAGE.read_text(encoding="utf-8"), *GPU_ANALYSIS))
+    found = re.search(rf"\$(\d+) \\times (\d+) \\times ([\d{{}},]+)\$ it settled ({NUMBER}) of the ({NUMBER}) "
+                      rf"queries in the TF32 pass, ({NUMBER}) in the fp32 pass and ({NUMBER}) in the wide fp32 "
+                      rf"pass\. So ({NUMBER}) queries \(({NUMBER}) %\) needed a second pass over all keys, and "
+                      rf"({NUMBER}) of them a third", text)
+    assert found
+    m, n, d, tf32, queries, fp32, wide, second, share, third = (int(re.sub(r"[{},]", "", g)) for g in found.groups())
+    assert (m, n, d) == (1024, 4096, 12288)  # the size the CPU bench's search rows cannot reach (its M is 256)
+    assert m == queries and tf32 + fp32 + wide == queries
+    assert second == fp32 + wide and third == wide and share == round(100 * second / queries)

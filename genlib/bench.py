@@ -4,6 +4,8 @@
 * training throughput (images/s) of every registered family at 64x64 next to a plain-PyTorch
   reference: the PyTorch-examples DCGAN step, fp32 eager, written out here on purpose.
 
+For the largest search it also times each number of first-pass candidates around the default
+(``candidate_sweep``), since the best number depends on how many queries the first pass can prove.
 It writes ``bench.json`` (with provenance) and ``bench.md`` (the tables) into ``--out``. After every timing,
 one more search call per size runs under ``torch.profiler``: where its time goes (genlib's phases, the top
 operators) is saved with each search row and summarised at the end of ``bench.md``.
@@ -102,6 +104,24 @@ def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, in
             "settled": settled, "brute_force_queries": settled["brute_force"],
         })
     return rows
+
+
+def bench_candidates(device: torch.device, size: tuple[int, int, int], keeps: tuple[int, ...],
+                     repeats: int) -> dict:
+    """The search at one (M, N, d) with each number of first-pass candidates in ``keeps``: more candidates cost
+    a larger float64 re-rank, fewer leave more queries unproven for the later full passes. Rows hold
+    ``candidates``, ``genlib_ms`` and ``settled`` (:func:`settled_counts`)."""
+    from genlib.imle import nearest_neighbors
+
+    m, n, d = size
+    queries, keys = search_inputs(m, n, d, device)
+    rows = []
+    for keep in keeps:
+        stats: dict[str, int] = {}
+        nearest_neighbors(queries, keys, candidates=keep, stats=stats)
+        ms = timeit(lambda: nearest_neighbors(queries, keys, candidates=keep), device, repeats)
+        rows.append({"candidates": keep, "genlib_ms": ms, "settled": settled_counts(stats, device)})
+    return {"M": m, "N": n, "d": d, "rows": rows}
 
 
 PROFILE_TOP = 12
@@ -338,7 +358,19 @@ def render_markdown(report: dict) -> str:
             + markdown_table(report["nearest_neighbors"], NN_COLUMNS, hidden=("profile",))
             + f"\n\n## Training throughput at {resolution}x{resolution}\n\n"
             + markdown_table(report["training"], TRAINING_COLUMNS) + "\n"
-            + render_profiles(report["nearest_neighbors"]))
+            + render_sweep(report.get("candidate_sweep")) + render_profiles(report["nearest_neighbors"]))
+
+
+SWEEP_HEADING = "## First-pass candidates"
+
+
+def render_sweep(sweep: dict | None) -> str:
+    """The Markdown section of :func:`bench_candidates` ("" for older reports, which have none)."""
+    if not sweep:
+        return ""
+    return (f"\n{SWEEP_HEADING}\n\nThe search at {sweep['M']} x {sweep['N']} x {sweep['d']} keeping each number of "
+            "candidates in its first pass (times in ms):\n\n"
+            + markdown_table(sweep["rows"], ("candidates", "genlib_ms", "settled")) + "\n")
 
 
 PROFILE_HEADING = "## Where the search's time goes"
@@ -392,11 +424,13 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
 
     dev = pick_device(device)
     use_fast_matmul(dev)
+    cuda = dev.type == "cuda"
+    keeps = (8, 16, 32, 64) if cuda else (4, 8, 16, 32)  # around the first pass's default (tf32 8, fp32 4)
     if quick:
         preset_sizes, resolution, preset_batch, preset_repeats = [(256, 512, 64), (512, 1024, 784)], 8, 4, 1
+        keeps = keeps[:2]
     else:
         preset_sizes = [(1024, 1024, 3072), (4096, 4096, 3072), (4096, 4096, 12288)]
-        cuda = dev.type == "cuda"
         resolution, preset_batch, preset_repeats = 64, 512 if cuda else 16, 10 if cuda else 3
     nn_sizes, batch, repeats = nn_sizes or preset_sizes, batch_size or preset_batch, repeats or preset_repeats
     if min(batch, repeats) < 1:
@@ -404,6 +438,8 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
     cpu_before, began = _cpu_times(), time.perf_counter()
     report = {"provenance": {**provenance(dev), "torch_threads": torch.get_num_threads()},
               "nearest_neighbors": bench_nearest_neighbors(dev, nn_sizes, repeats),
+              "candidate_sweep": bench_candidates(dev, max(nn_sizes, key=lambda size: size[0] * size[1] * size[2]),
+                                                  keeps, repeats),
               "training": bench_training(dev, resolution, batch, repeats),
               "training_resolution": resolution, "repeats": repeats}
     profile_nearest_neighbors(dev, report["nearest_neighbors"])

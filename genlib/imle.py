@@ -84,6 +84,7 @@ def nearest_neighbors(
     chunk_size: int | None = None,
     *,
     precision: str | None = None,
+    candidates: int | None = None,
     stats: dict[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact squared-L2 nearest key for every query: queries [M, d], keys [N, d] -> (sq_dist [M], index [M]).
@@ -97,7 +98,7 @@ def nearest_neighbors(
        do not change; the norms, and so the rounding errors, shrink), rounded to the pass's
        precision (the rounded keys are kept for later query blocks and passes), and
        ``||q||^2 - 2 q.k + ||k||^2`` gives approximate distances; the
-       ``CANDIDATES[precision]`` smallest per query are kept. Precision is ``'tf32'`` on CUDA
+       ``CANDIDATES[precision]`` (or ``candidates``) smallest per query are kept. Precision is ``'tf32'`` on CUDA
        (``'bf16'`` on request) and ``'fp32'`` on the CPU.
     2. **Exact re-rank** of those few candidates in float64, computed as ``||q - k||^2`` (not
        by the expansion, whose cancellation is what loses near-ties).
@@ -120,12 +121,13 @@ def nearest_neighbors(
     with _phase("nn.check_inputs"):
         column_sum = _check_search_inputs(queries, keys, chunk_size)
     if queries.device.type not in ("cpu", "cuda"):  # the exact re-rank needs float64
-        dist, index = nearest_neighbors(queries.cpu(), keys.cpu(), chunk_size, precision=precision, stats=stats)
+        dist, index = nearest_neighbors(queries.cpu(), keys.cpu(), chunk_size, precision=precision,
+                                        candidates=candidates, stats=stats)
         return dist.float().to(queries.device), index.to(queries.device)
     with torch.no_grad():
         # Any centre gives the same distances; the keys' mean keeps the norms, and so the bound, small.
         centre = (column_sum / keys.shape[0]).float()
-        return _search(queries, keys, centre, chunk_size, _passes(precision, queries.device), stats)
+        return _search(queries, keys, centre, chunk_size, _passes(precision, queries.device, candidates), stats)
 
 
 def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) -> Tensor:
@@ -154,14 +156,19 @@ def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) 
     return column_sum
 
 
-def _passes(precision: str | None, device: torch.device) -> list[Pass]:
-    """The passes in order: the fast precision, fp32 for what it could not prove, then fp32 with
-    ``WIDE_CANDIDATES`` for what is still open."""
+def _passes(precision: str | None, device: torch.device, candidates: int | None = None) -> list[Pass]:
+    """The passes in order: the fast precision (keeping ``candidates`` per query, default
+    ``CANDIDATES[precision]``), fp32 for what it could not prove, then fp32 with ``WIDE_CANDIDATES`` for what
+    is still open."""
     first = precision or ("tf32" if device.type == "cuda" else "fp32")
     if first not in CANDIDATES:
         raise ValueError(f"precision must be one of {sorted(CANDIDATES)} or None, got {precision!r}")
-    precisions = [first] if first == "fp32" else [first, "fp32"]
-    return [Pass(p, p, CANDIDATES[p]) for p in precisions] + [Pass("fp32-wide", "fp32", WIDE_CANDIDATES)]
+    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
+        raise ValueError(f"candidates must be a positive int or None, got {candidates!r}")
+    passes = [Pass(first, first, candidates or CANDIDATES[first])]
+    if first != "fp32":
+        passes.append(Pass("fp32", "fp32", CANDIDATES["fp32"]))
+    return passes + [Pass("fp32-wide", "fp32", WIDE_CANDIDATES)]
 
 
 def _search(queries: Tensor, keys: Tensor, centre: Tensor, chunk_size: int | None, passes: list[Pass],

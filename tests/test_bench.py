@@ -99,7 +99,7 @@ def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, dev
     monkeypatch.setattr(bench, "profile_call", lambda *args: calls.append("profile") or profile_call(*args))
     monkeypatch.setattr(bench, "bench_training", lambda *args: [])
     bench.main(device=str(device), out=tmp_path, nn_sizes=[(8, 16, 4), (40, 64, 32)], repeats=1)
-    assert calls == ["time"] * 6 + ["profile"] * 2
+    assert calls == ["time"] * (6 + 4) + ["profile"] * 2  # 3 per size, then the 4 candidate counts
     saved = json.loads((tmp_path / "bench.json").read_text())
     text = (tmp_path / "bench.md").read_text()
     assert text == bench.render_markdown(saved)
@@ -109,3 +109,29 @@ def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, dev
     section = text.split(bench.PROFILE_HEADING, 1)[1]
     assert "### 8 x 16 x 4:" in section and "### 40 x 64 x 32:" in section and "| nn.gemm |" in section
     assert "Top operators:" in section and "| profile |" not in text
+
+
+def test_candidate_sweep_times_each_first_pass_and_counts_what_it_settled(device):
+    """Each row's counts are those of a direct call with that many candidates; with enough candidates the first
+    pass settles a query whose 12 near-copies crowd out a narrower first pass."""
+    queries, keys = crowded_inputs(48, 256, 64, device)
+    sweep = bench.bench_candidates(device, (48, 256, 64), (2, 16), repeats=1)
+    assert (sweep["M"], sweep["N"], sweep["d"]) == (48, 256, 64) and [r["candidates"] for r in sweep["rows"]] == [2, 16]
+    first = imle._passes(None, device)[0].name
+    for row in sweep["rows"]:
+        stats: dict[str, int] = {}
+        imle.nearest_neighbors(*bench.search_inputs(48, 256, 64, device), candidates=row["candidates"], stats=stats)
+        assert row["settled"] == bench.settled_counts(stats, device) and row["genlib_ms"] > 0
+    narrow, wide = ({}, {})
+    index_narrow = imle.nearest_neighbors(queries[:1], keys, candidates=2, stats=narrow)[1]
+    index_wide = imle.nearest_neighbors(queries[:1], keys, candidates=16, stats=wide)[1]
+    assert narrow.get(first, 0) == 0 and wide == {first: 1} and torch.equal(index_narrow, index_wide)
+    section = bench.render_sweep(sweep)
+    assert section.startswith(f"\n{bench.SWEEP_HEADING}") and "| candidates | genlib_ms | settled |" in section
+    assert bench.render_sweep(None) == ""
+
+
+@pytest.mark.parametrize("candidates", [0, -3, 2.5, True])
+def test_candidates_must_be_a_positive_int(candidates):
+    with pytest.raises(ValueError, match="candidates must be a positive int"):
+        imle.nearest_neighbors(torch.zeros(2, 3), torch.zeros(4, 3), candidates=candidates)

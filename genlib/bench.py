@@ -37,12 +37,10 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, wa
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         began = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         times.append((time.perf_counter() - began) * 1e3)
     return sorted(times)[len(times) // 2]
 

@@ -178,16 +178,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(runtime.describe(args.seed, dev), flush=True)
     dataset, sampler, model = build_run(vars(args), parse_options(args.opt), dev)
     out = Path(args.out)
-    began = time.perf_counter()
+    # A run resumed from a checkpoint (an earlier process killed at a lease's end, say) reports the training
+    # time of every process that trained it: the clock goes on from the checkpoint's.
+    clock = train.TrainClock()
     history = train.fit(model, sampler, args.steps, run_dir=out, checkpoint_every=args.checkpoint_every,
                         log_every=args.log_every, desc=f"{args.family}/{args.data}",
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
-                        callback_every=args.sample_every)
-    # A run resumed from a checkpoint (an earlier process killed at a lease's end, say) reports the training
-    # time of every process that trained it, which its checkpoint's clock sums.
-    clock = train.checkpoint_clock(out) or {"seconds": time.perf_counter() - began, "processes": 1}
-    wall = clock["seconds"]
-    origin["train_processes"] = clock["processes"]
+                        callback_every=args.sample_every, clock=clock)
+    wall = clock.now()["seconds"]
+    origin["train_processes"] = clock.processes
     # the last logged value of each loss (a staged model's earlier losses are NaN at the end)
     metrics = {"final_" + k: next(x for x in reversed(v) if not math.isnan(x)) for k, v in history.items()
                if k != "step" and any(not math.isnan(x) for x in v)}

@@ -134,19 +134,22 @@ def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, hist
     save_atomic(state, path)
 
 
-def load_checkpoint(path: Path, model: GenerativeModel, sampler) -> tuple[int, History, TrainClock]:
-    """Restore what :func:`save_checkpoint` wrote; return (step, history, the clock running on from it)."""
+def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClock | None = None) -> tuple[int, History]:
+    """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history)."""
     state = torch.load(path, map_location=model.device, weights_only=False)
     model.load_checkpoint_state(state)
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
-    return state["step"], state["history"], TrainClock.resumed(state.get("clock"))
+    if clock is not None:
+        clock.resume(state.get("clock"))
+    return state["step"], state["history"]
 
 
 @dataclass
 class TrainClock:
     """Training seconds summed over every process that trained a run (a run resumed on another machine, say)
-    and the number of those processes; ``now()`` is what a checkpoint stores."""
+    and the number of those processes; ``now()`` is what a checkpoint stores, and what :func:`fit`'s caller
+    reads after training."""
 
     seconds_before: float = 0.0
     processes: int = 1
@@ -157,23 +160,14 @@ class TrainClock:
         """Seconds on a monotonic clock (one place, so tests can replace it)."""
         return time.perf_counter()
 
-    @classmethod
-    def resumed(cls, saved: dict | None) -> TrainClock:
-        """A clock for this process that continues ``saved`` (a checkpoint's ``clock``; None for old ones)."""
+    def resume(self, saved: dict | None) -> None:
+        """Go on from ``saved``, a checkpoint's ``now()`` (None for a checkpoint older than clocks: unknown time)."""
         saved = saved or {"seconds": float("nan"), "processes": 1}
-        return cls(saved["seconds"], saved["processes"] + 1)
+        self.seconds_before, self.processes = saved["seconds"], saved["processes"] + 1
 
     def now(self) -> dict:
         """What a checkpoint stores: {'seconds': training seconds so far, 'processes': how many trained it}."""
         return {"seconds": self.seconds_before + TrainClock.read() - self.began, "processes": self.processes}
-
-
-def checkpoint_clock(run_dir: str | Path) -> dict | None:
-    """The training clock of ``run_dir``'s checkpoint ({'seconds', 'processes'}), or None without one."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False).get("clock")
 
 
 def first_non_finite(pending: list[dict[str, torch.Tensor]], first_step: int) -> tuple[int, dict[str, float]] | None:
@@ -230,6 +224,7 @@ def fit(
     desc: str | None = None,
     callback: Callable[[int, GenerativeModel], None] | None = None,
     callback_every: int = 0,
+    clock: TrainClock | None = None,
 ) -> History:
     """Train ``model`` for ``steps`` steps on batches from ``sampler``; return the loss history.
 
@@ -240,7 +235,8 @@ def fit(
     ``run_dir`` resumes exactly where the last checkpoint left it (an interrupted or crashed
     run loses at most ``checkpoint_every`` steps). ``amp`` (bf16 autocast) and ``ema_decay``
     default to on (0.999) on CUDA and off on the CPU. ``callback(step, model)`` runs every
-    ``callback_every`` steps (e.g. to record snapshots for a figure).
+    ``callback_every`` steps (e.g. to record snapshots for a figure). ``clock`` (a :class:`TrainClock`),
+    if given, times the training, going on from a resumed checkpoint's: read it after the call.
     """
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
@@ -253,9 +249,10 @@ def fit(
         model.attach_ema(ema_decay)
 
     path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
-    start, history, last_saved, clock = 0, {"step": []}, None, TrainClock()
+    start, history, last_saved = 0, {"step": []}, None
+    clock = TrainClock() if clock is None else clock
     if path is not None and resume and path.exists():
-        start, history, clock = load_checkpoint(path, model, sampler)
+        start, history = load_checkpoint(path, model, sampler, clock)
         last_saved = start
 
     pending: list[dict[str, torch.Tensor]] = []

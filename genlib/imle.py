@@ -46,7 +46,7 @@ Features = Callable[[Tensor], Tensor]
 BLOCK_BYTES = 256 * 2**20
 """Memory budget of one block: of the fp32 distance matrix, and of each float64 working copy."""
 MAX_KEY_BLOCK = 2**16
-CANDIDATES = {"fp32": 4, "tf32": 8, "bf16": 16}
+CANDIDATES = {"fp32": 8, "tf32": 16, "bf16": 32}
 """Candidates kept per query by each GEMM precision (more where the GEMM is coarser)."""
 WIDE_CANDIDATES = 64
 """Candidates of the last pass (``'fp32-wide'``, the fp32 GEMM again), for the few queries whose nearest keys
@@ -67,6 +67,8 @@ KEY_CACHE_BYTES = 2**30
 RERANK_BYTES_CPU = 16 * 2**20
 """Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
+NORM_CHUNK = 256
+"""Entries per fp32 partial sum of a squared norm (:func:`_sq_norms`)."""
 FP32_UNIT = 2.0**-24
 FP64_UNIT = 2.0**-53
 _NO_PHASE = nullcontext()
@@ -100,15 +102,16 @@ def nearest_neighbors(
        ``||q||^2 - 2 q.k + ||k||^2`` gives approximate distances; the
        ``CANDIDATES[precision]`` (or ``candidates``) smallest per query are kept. Precision is ``'tf32'`` on CUDA
        (``'bf16'`` on request) and ``'fp32'`` on the CPU.
-    2. **Exact re-rank** of those few candidates in float64, computed as ``||q - k||^2`` (not
-       by the expansion, whose cancellation is what loses near-ties).
-    3. **Certificate.** A rigorous bound ``T`` on the approximation error (input rounding
-       bounded from the measured rounding residuals, plus the worst-case fp32 accumulation
-       error ``2 (d + 4) u (||q|| + max ||k||)^2``) means no key left out can have exact
-       distance below ``(k-th approximate distance) - T``. If the re-ranked best is strictly
-       below that, the answer is proven; otherwise the query goes to the next pass (fp32
-       after tf32/bf16, then fp32 with 64 candidates) and, if still unproven (e.g. more exact
-       duplicates than candidates), to a float64 brute force over all keys.
+    2. **Exact re-rank** in float64, computed as ``||q - k||^2`` (not by the expansion, whose
+       cancellation is what loses near-ties), of the candidates that can still win: each
+       candidate's distance has a rigorous lower bound (:func:`_lower_bound`: the worst-case fp32
+       accumulation error ``2 (d + 4) u ||q|| max ||k||`` twice, then the measured rounding residual
+       ``r`` by the triangle inequality, ``exact >= (sqrt(approx - e) - r)^2``), and a candidate whose
+       bound exceeds the first candidate's exact distance is skipped.
+    3. **Certificate.** The same bound at the k-th approximate distance holds for every key left
+       out. If the re-ranked best is strictly below it, the answer is proven; otherwise the query
+       goes to the next pass (fp32 after tf32/bf16, then fp32 with 64 candidates) and, if still
+       unproven (e.g. more exact duplicates than candidates), to a float64 brute force over all keys.
 
     Memory stays bounded: queries and keys are processed in blocks so that one distance
     block holds at most ``BLOCK_BYTES`` (256 MB) of fp32 and each float64 working copy at most
@@ -237,20 +240,20 @@ def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, s
     proven = torch.empty(m, dtype=torch.bool, device=queries.device)
     for start in range(0, m, q_block):
         rows = slice(start, start + q_block)
-        candidates, threshold = _candidates(queries[rows], rounded_keys, search_pass)
+        candidates, lower, threshold = _candidates(queries[rows], rounded_keys, search_pass)
         with _phase("nn.rerank"):
-            dist[rows], index[rows] = _rerank(queries[rows], keys, candidates)
+            dist[rows], index[rows] = _rerank(queries[rows], keys, candidates, lower)
             # Every key left out has exact distance >= threshold; strict < also settles ties (a
             # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
             proven[rows] = dist[rows] < threshold
     return dist, index, proven
 
 
-def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) -> tuple[Tensor, Tensor]:
-    """Scan all keys for one query block: (candidate indices [m, k], threshold [m]).
+def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) -> tuple[Tensor, Tensor, Tensor]:
+    """Scan all keys for one query block: (candidate indices [m, k], their lower bounds [m, k], threshold [m]).
 
-    Candidates are ranked by a lower bound on their exact distance (approximate distance minus
-    the error bound); ``threshold`` is a lower bound on the exact distance of every key not kept.
+    Candidates are ranked by a lower bound on their exact distance (:func:`_lower_bound`, which grows with the
+    approximate distance); ``threshold`` is a lower bound on the exact distance of every key not kept.
     """
     precision, n, d = search_pass.precision, rounded_keys.n, rounded_keys.d
     with _phase("nn.round_queries"):
@@ -263,17 +266,17 @@ def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) 
         with _phase("nn.gemm"):
             approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
         with _phase("nn.topk"):
-            bound = _error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), d)
-            take = min(keep, approx.shape[1])
-            values, at = approx.topk(take, dim=1, largest=False, sorted=True)
-            block_lower = values.double() - bound[:, None]
-            if take < approx.shape[1]:
-                threshold = torch.minimum(threshold, block_lower[:, -1])
+            # one more than kept: every key left out has an approximate distance >= the first one left out
+            values, at = approx.topk(min(keep + 1, approx.shape[1]), dim=1, largest=False, sorted=True)
+            block_lower = _lower_bound(values, q_norm2, q_resid, k_norm2.max(), k_resid.max(), d)
+            if values.shape[1] > keep:
+                threshold = torch.minimum(threshold, block_lower[:, keep])
+                block_lower, at = block_lower[:, :keep], at[:, :keep]
             if lower is None:
                 lower, index = block_lower, at + start
             else:
                 lower, index, threshold = _merge(lower, index, block_lower, at + start, keep, threshold)
-    return index, threshold
+    return index, lower, threshold
 
 
 class _RoundedKeys:
@@ -313,29 +316,37 @@ def _merge(lower: Tensor, index: Tensor, new_lower: Tensor, new_index: Tensor, k
 
 def _round_centred(x: Tensor, centre: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     """Centre rows on ``centre`` (fp32 [d]) in fp32 and round them for the GEMM: (rounded [b, d],
-    ||rounded||^2 [b] in fp32, an upper bound [b] on ||(x - centre) - rounded||).
+    ||rounded||^2 [b] in float64, an upper bound [b] on ||(x - centre) - rounded|| in float64).
 
-    The bound is measured, not assumed, and costs no float64 pass over fp32 inputs: fp32 centring
-    errs by at most ``u |x - centre|`` per entry; rounding the centred rows to the GEMM's precision
-    leaves a residual that fp32 subtracts exactly (it keeps only the dropped low bits); a float64
-    input's own rounding to fp32 is measured in float64; and every fp32 norm is inflated by its
-    worst-case summation error.
+    The bound is measured, not assumed: fp32 centring errs by at most ``u |x - centre|`` per entry;
+    rounding the centred rows to the GEMM's precision leaves a residual that fp32 subtracts exactly (it
+    keeps only the dropped low bits); a float64 input's own rounding to fp32 is measured in float64;
+    and every fp32 norm of these small terms is inflated by its worst-case summation error. The squared
+    norms of the rounded rows come from :func:`_sq_norms`, whose error is that of ``NORM_CHUNK`` terms, not
+    of ``d``.
     """
     x32 = x.float()
     centred = x32 - centre
     grow = _norm_growth(x.shape[1])
-    centred_norm = torch.linalg.vector_norm(centred, dim=1)
-    resid = FP32_UNIT / (1 - FP32_UNIT) * centred_norm * grow
-    if precision == "fp32":  # nothing more to round: one pass for the centring, one for the norm
-        rounded, rounded_norm = centred, centred_norm
-    else:
-        rounded = _round(centred, precision)
-        wide = rounded.float()  # bf16 -> fp32 once, for both norms
-        rounded_norm = torch.linalg.vector_norm(wide, dim=1)
+    resid = FP32_UNIT / (1 - FP32_UNIT) * torch.linalg.vector_norm(centred, dim=1) * grow
+    rounded = centred if precision == "fp32" else _round(centred, precision)
+    wide = rounded if precision == "fp32" else rounded.float()  # bf16 -> fp32 once, for both norms
+    if precision != "fp32":
         resid = resid + torch.linalg.vector_norm(centred - wide, dim=1) * grow
     if x.dtype == torch.float64:
         resid = resid.double() + (x - x32.double()).norm(dim=1) * (1 + 4 * x.shape[1] * FP64_UNIT)
-    return rounded, rounded_norm.square(), resid.double()
+    return rounded, _sq_norms(wide), resid.double()
+
+
+def _sq_norms(x: Tensor) -> Tensor:
+    """Squared row norms [b] in float64 of fp32 rows x [b, d]: fp32 norms of chunks of ``NORM_CHUNK`` entries,
+    summed in float64. Relative error below ``gamma_(NORM_CHUNK + 6)``, at the cost of an fp32 norm (a float64
+    copy of the rows costs 10-20 times more on a CPU)."""
+    rows, d = x.shape
+    chunk = min(d, NORM_CHUNK)
+    if d % chunk:
+        x = F.pad(x, (0, chunk - d % chunk))
+    return torch.linalg.vector_norm(x.view(rows, -1, chunk), dim=-1).double().square().sum(1)
 
 
 def _norm_growth(d: int) -> float:
@@ -369,40 +380,68 @@ def _approx_sq_dist(q_hat: Tensor, q_norm2: Tensor, k_hat: Tensor, k_norm2: Tens
     return approx.add_(q_norm2.float()[:, None])
 
 
-def _error_bound(q_norm2: Tensor, q_resid: Tensor, k_norm2_max: Tensor, k_resid_max: Tensor, d: int) -> Tensor:
-    """Rigorous bound [m] on |approximate - exact| squared distance, for every key of a block.
+def _lower_bound(approx: Tensor, q_norm2: Tensor, q_resid: Tensor, k_norm2_max: Tensor, k_resid_max: Tensor,
+                 d: int) -> Tensor:
+    """Rigorous lower bound [m, t] on the float64 re-rank distance of every key of a block whose approximate
+    distance (:func:`_approx_sq_dist`) is ``approx`` [m, t]; it never decreases as ``approx`` grows.
 
-    With ``s >= ||q_hat|| + max ||k_hat||`` (the fp32 norms inflated by their summation error) and
-    ``r = ||q residual|| + max ||k residual||``: the GEMM and the fp32 additions on the rounded rows
-    err by <= (gamma + 4u) s^2, with gamma the worst-case accumulation error ``2 (d + 4) u`` (2u per
-    addition in case tensor cores truncate); the fp32 squared norms by <= gamma_(d+6) s^2; rounding
-    the rows by <= 2 s r + r^2 (Cauchy-Schwarz); the float64 re-rank adds a negligible last term.
+    Two steps, with ``a >= ||q_hat||``, ``b >= max ||k_hat||`` over the block (from :func:`_sq_norms`, inflated
+    by their relative error ``g = gamma_(NORM_CHUNK + 6)``):
+
+    * **GEMM error.** The dot product accumulates ``d`` products in fp32, so it errs by at most
+      ``gamma a b`` (Cauchy-Schwarz), with ``gamma = 2 (d + 4) u`` (2u per addition in case tensor cores
+      truncate); it enters twice. The squared norms err by ``g (a^2 + b^2)``, their fp32 copies and the two
+      fp32 additions by less than ``4 u (a + b)^2``; taking ``8 u`` leaves room for the float64 arithmetic
+      of this bound. So ``||q_hat - k_hat||^2 >= approx - e`` with ``e = 2 gamma a b + (g + 8 u) (a + b)^2``.
+    * **Rounding of the rows.** With ``r = ||q residual|| + max ||k residual||`` (:func:`_round_centred`), the
+      triangle inequality gives ``||q - k|| >= ||q_hat - k_hat|| - r``.
+
+    Hence ``exact >= max(0, sqrt(approx - e) - r)^2``, shrunk by ``8 (d + 4)`` float64 units for the
+    re-rank's own summation. The rounding term is ``2 r ||q - k||`` rather than ``2 r (a + b)``: on close
+    pairs it is much smaller than a bound in terms of the norms alone.
     """
+    norm_growth = _norm_growth(min(d, NORM_CHUNK))
     gamma = 2 * (d + 4) * FP32_UNIT
     gamma = gamma / (1 - gamma)
-    growth = _norm_growth(d)
-    s = (q_norm2.double().sqrt() + k_norm2_max.double().sqrt()) * growth
-    r = q_resid + k_resid_max
-    return ((gamma + 4 * FP32_UNIT + growth - 1) * s**2 + 2 * s * r + r**2
-            + 4 * (d + 4) * FP64_UNIT * (s + r) ** 2)
+    a = (q_norm2.double() * norm_growth).sqrt()[:, None]
+    b = (k_norm2_max.double() * norm_growth).sqrt()
+    gemm_error = 2 * gamma * a * b + (norm_growth - 1 + 8 * FP32_UNIT) * (a + b) ** 2
+    r = (q_resid.double() * (1 + 4 * FP64_UNIT))[:, None] + k_resid_max.double() * (1 + 4 * FP64_UNIT)
+    # (1 - 4u) and (1 + 4u) keep each float64 rounding below on the safe side.
+    near = (approx.double() - gemm_error).clamp_(min=0).sqrt_().mul_(1 - 4 * FP64_UNIT).sub_(r).clamp_(min=0)
+    return near.square_().mul_(1 - 8 * (d + 4) * FP64_UNIT)
 
 
-def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact float64 ``||q - k||^2`` over candidates [m, k]: (best sq_dist [m], lowest best index [m])."""
-    m, k = candidates.shape
+def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor, lower: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact float64 ``||q - k||^2`` over candidates [m, k] with lower bounds [m, k]: (best sq_dist [m], lowest
+    best index [m]).
+
+    The first candidate of every query is re-ranked; of the rest, only those whose lower bound does not exceed
+    that distance can still win or tie, and only they are re-ranked. With a tight bound that is about one more
+    row per query instead of ``k - 1``: the float64 rows, not the GEMM's candidates, are what this step costs.
+    """
+    exact = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=queries.device)
+    exact[:, 0] = _pair_sq_dist(queries, keys, None, candidates[:, 0])
+    rows, cols = (lower[:, 1:] <= exact[:, :1]).nonzero(as_tuple=True)
+    cols = cols + 1
+    exact[rows, cols] = _pair_sq_dist(queries, keys, rows, candidates[rows, cols])
+    return _lowest_index_min(exact, candidates)
+
+
+def _pair_sq_dist(queries: Tensor, keys: Tensor, query_rows: Tensor | None, key_rows: Tensor) -> Tensor:
+    """float64 ``||queries[i] - keys[j]||^2`` [P] for the pairs (query_rows [P], key_rows [P]); ``query_rows=None``
+    pairs query ``p`` with ``keys[key_rows[p]]``. Blocks of pairs keep the float64 rows within budget."""
     d = queries.shape[1]
-    dist = torch.empty(m, dtype=torch.float64, device=queries.device)
-    index = torch.empty(m, dtype=torch.int64, device=queries.device)
+    dist = torch.empty(len(key_rows), dtype=torch.float64, device=queries.device)
     budget = RERANK_BYTES_CPU if queries.device.type == "cpu" else BLOCK_BYTES
-    step = max(1, budget // (8 * k * d))
-    for start in range(0, m, step):
-        rows = slice(start, start + step)
-        at = candidates[rows]
-        near = keys[at.reshape(-1)].double().view(at.shape[0], k, d)
-        # In place, k - q instead of q - k: the same squares bit for bit, one buffer instead of three.
-        exact = near.sub_(queries[rows].double()[:, None, :]).square_().sum(-1)
-        dist[rows], index[rows] = _lowest_index_min(exact, at)
-    return dist, index
+    step = max(1, budget // (8 * d))
+    for start in range(0, len(key_rows), step):
+        pairs = slice(start, start + step)
+        near = queries[pairs] if query_rows is None else queries[query_rows[pairs]]
+        # k - q with one float64 operand: fp32 keys are widened inside the subtraction (exact, no float64
+        # copy of them), and the squares equal those of q - k bit for bit.
+        dist[pairs] = torch.sub(keys[key_rows[pairs]], near.double()).square_().sum(1)
+    return dist
 
 
 def _lowest_index_min(dist: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -70,8 +70,8 @@ def near_tie_cloud(n_keys: int, seed: int = 0):
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_error_bound_covers_the_actual_error_of_every_pair(precision, dtype):
-    """The certificate's premise, checked directly: |approximate - exact| <= bound for every pair, with
+def test_lower_bound_holds_for_every_pair_and_is_tight(precision, dtype):
+    """The certificate's premise, checked directly: lower bound <= the float64 distance for every pair, with
     fp32 centring, rounding and norms, on data far from the origin and spread over many scales."""
     g = torch.Generator().manual_seed(4)
     scale = torch.logspace(-3, 3, 96, dtype=torch.float64)
@@ -80,12 +80,43 @@ def test_error_bound_covers_the_actual_error_of_every_pair(precision, dtype):
     centre = (keys.sum(0, dtype=torch.float64) / len(keys)).float()
     q_hat, q_norm2, q_resid = imle._round_centred(queries, centre, precision)
     k_hat, k_norm2, k_resid = imle._round_centred(keys, centre, precision)
-    approx = imle._approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2).double()
+    assert torch.allclose(q_norm2, q_hat.double().pow(2).sum(1), rtol=(imle.NORM_CHUNK + 6) * imle.FP32_UNIT, atol=0)
+    approx = imle._approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
     exact = (queries.double()[:, None] - keys.double()[None]).pow(2).sum(-1)
-    bound = imle._error_bound(q_norm2, q_resid, k_norm2.max(), k_resid.max(), queries.shape[1])
-    assert ((approx - exact).abs() <= bound[:, None]).all()
-    # ... and tight enough to be of use: a small fraction of the nearest distance, coarser with the precision
-    assert (bound < {"fp32": 1e-3, "tf32": 0.05, "bf16": 0.3}[precision] * exact.min(1).values).all()
+    lower = imle._lower_bound(approx, q_norm2, q_resid, k_norm2.max(), k_resid.max(), queries.shape[1])
+    assert lower.dtype == torch.float64 and (lower <= exact).all()
+    # ... and tight enough to be of use: close to the nearest distance, closer with a finer precision
+    slack = 1 - lower.gather(1, exact.argmin(1, keepdim=True)).squeeze(1) / exact.min(1).values
+    assert (slack < {"fp32": 1e-3, "tf32": 0.03, "bf16": 0.2}[precision]).all()
+
+
+def test_lower_bound_is_monotone_and_covers_an_adversarial_gemm_error():
+    """Ranking by approximate distance must equal ranking by the bound; and an approximate distance off by the
+    full worst-case accumulation error (every product rounded the same way) still gets a valid bound."""
+    d = 4096
+    q_norm2, k_norm2 = torch.tensor([float(d)], dtype=torch.float64), torch.tensor(float(d), dtype=torch.float64)
+    resid = torch.tensor([1e-3], dtype=torch.float64)
+    approx = torch.linspace(0, 4 * d, 2001, dtype=torch.float32)[None]
+    lower = imle._lower_bound(approx, q_norm2, resid, k_norm2, resid[0], d)
+    assert (lower.diff(dim=1) >= 0).all() and lower[0, 0] == 0 and (lower <= approx.double()).all()
+    exact = 2.0 * d  # the true distance of a pair with ||q|| = ||k|| = sqrt(d), orthogonal
+    worst = exact + 2 * (d - 1) * imle.FP32_UNIT * d  # the dot product overestimated by (d - 1) u ||q|| ||k||
+    assert imle._lower_bound(torch.tensor([[worst]]), q_norm2, resid * 0, k_norm2, resid[0] * 0, d) <= exact
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_rerank_skips_candidates_that_cannot_win(precision, monkeypatch):
+    """Only the first candidate and those whose lower bound is below its distance are computed in float64; the
+    answer is the brute force's all the same."""
+    g = torch.Generator().manual_seed(6)
+    queries, keys = torch.randn(300, 256, generator=g), torch.randn(2000, 256, generator=g)
+    computed = []
+    pair_sq_dist = imle._pair_sq_dist
+    monkeypatch.setattr(imle, "_pair_sq_dist", lambda q, k, rows, at: computed.append(len(at)) or pair_sq_dist(q, k, rows, at))
+    stats: dict[str, int] = {}
+    assert_same_as_brute_force(queries, keys, precision=precision, candidates=16, stats=stats)
+    assert stats == {precision: 300} and computed[0] == 300
+    assert 0 < sum(computed) - 300 < 300 * 15 / 2  # some candidates re-ranked, most skipped
 
 
 @pytest.mark.parametrize("cache_bytes", [0, imle.KEY_CACHE_BYTES])
@@ -128,19 +159,24 @@ def test_unprovable_near_ties_fall_back_to_brute_force(device):
 
 
 def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass(device):
-    """Gaussian noise in d = 12,288 (64x64x3): every distance is about 2d, the 4 fp32 candidates often lie within the error
-    bound of each other, and 64 candidates prove what 4 could not, without the float64 brute force."""
+    """Gaussian noise in d = 12,288 (64x64x3): every distance is about 2d, and with only 2 first-pass candidates
+    the nearest keys often lie within the error bound of each other; 64 candidates prove what 2 could not,
+    without the float64 brute force."""
     g = torch.Generator().manual_seed(3)
     queries, keys = torch.randn(128, 12288, generator=g), torch.randn(2048, 12288, generator=g)
     stats: dict[str, int] = {}
-    dist, index = (t.cpu() for t in imle.nearest_neighbors(queries.to(device), keys.to(device), stats=stats))
+    dist, index = (t.cpu() for t in imle.nearest_neighbors(queries.to(device), keys.to(device), candidates=2, stats=stats))
     # float64 pairwise differences (no GEMM expansion) are the reference; here faster than the broadcast above
     reference = torch.cdist(queries.double(), keys.double(), compute_mode="donot_use_mm_for_euclid_dist")
     assert torch.equal(index, reference.argmin(1))
     torch.testing.assert_close(dist, (queries.double() - keys.double()[index]).pow(2).sum(1), rtol=1e-12, atol=0.0)
     assert "brute_force" not in stats and sum(stats.values()) == len(queries)
     if device.type == "cpu":  # (on CUDA a tf32 pass comes first; which pass settles what depends on the GPU)
-        assert stats.get("fp32-wide", 0) > 0
+        assert 0 < stats["fp32"] < len(queries) and stats["fp32-wide"] == len(queries) - stats["fp32"]
+    # With the default candidates the first pass proves every query here.
+    stats = {}
+    assert torch.equal(imle.nearest_neighbors(queries.to(device), keys.to(device), stats=stats)[1].cpu(), index)
+    assert stats == {imle._passes(None, device)[0].name: len(queries)}
 
 
 def test_duplicates_and_exact_ties_go_to_the_lowest_index(device):

@@ -122,20 +122,18 @@ def nearest_neighbors(
     settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``.
     """
     with _phase("nn.check_inputs"):
-        column_sum = _check_search_inputs(queries, keys, chunk_size)
+        centre = _check_search_inputs(queries, keys, chunk_size)
     if queries.device.type not in ("cpu", "cuda"):  # the exact re-rank needs float64
         dist, index = nearest_neighbors(queries.cpu(), keys.cpu(), chunk_size, precision=precision,
                                         candidates=candidates, stats=stats)
         return dist.float().to(queries.device), index.to(queries.device)
     with torch.no_grad():
-        # Any centre gives the same distances; the keys' mean keeps the norms, and so the bound, small.
-        centre = (column_sum / keys.shape[0]).float()
         return _search(queries, keys, centre, chunk_size, _passes(precision, queries.device, candidates), stats)
 
 
 def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) -> Tensor:
-    """Raise a clear error for anything :func:`nearest_neighbors` cannot search; else the keys' float64
-    column sum [d]."""
+    """Raise a clear error for anything :func:`nearest_neighbors` cannot search; else the centre [d] (fp32)
+    that the search subtracts from both sets."""
     for name, t in (("queries", queries), ("keys", keys)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -151,12 +149,15 @@ def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) 
         raise ValueError(f"queries are on {queries.device} but keys are on {keys.device}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    # A float64 sum (it cannot overflow) is finite exactly when every entry is; the keys' check is
-    # their column sum, which the search reuses for their mean.
-    column_sum = keys.sum(0, dtype=torch.float64)
-    if not (torch.isfinite(queries.sum(dtype=torch.float64)) and torch.isfinite(column_sum).all()):
+    # min and max propagate NaN and show inf: one read of each set, no float64 copy of it (which costs a CPU
+    # 20 times more), and one sync.
+    extremes = torch.cat([torch.stack(torch.aminmax(t)).double() for t in (queries, keys) if t.numel()])
+    if not torch.isfinite(extremes).all():
         raise ValueError("queries and keys must be finite (found NaN or inf)")
-    return column_sum
+    # Any centre gives the same distances; the keys' mean keeps the norms, and so the bound, small. Where an
+    # fp32 column sum overflows, 0 is as valid a centre, only less tight.
+    mean = keys.mean(0, dtype=torch.float64 if keys.dtype == torch.float64 else torch.float32)
+    return torch.nan_to_num(mean.float(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _passes(precision: str | None, device: torch.device, candidates: int | None = None) -> list[Pass]:
@@ -422,7 +423,8 @@ def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor, lower: Tensor) ->
     """
     exact = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=queries.device)
     exact[:, 0] = _pair_sq_dist(queries, keys, None, candidates[:, 0])
-    rows, cols = (lower[:, 1:] <= exact[:, :1]).nonzero(as_tuple=True)
+    # Skip only where the bound says so: a NaN bound (fp32 overflow) never rules a candidate out.
+    rows, cols = (~(lower[:, 1:] > exact[:, :1])).nonzero(as_tuple=True)
     cols = cols + 1
     exact[rows, cols] = _pair_sq_dist(queries, keys, rows, candidates[rows, cols])
     return _lowest_index_min(exact, candidates)

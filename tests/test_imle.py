@@ -196,6 +196,19 @@ def test_duplicates_and_exact_ties_go_to_the_lowest_index(device):
         assert imle.nearest_neighbors(origin[:1], sym_keys[[4, 3, 1]], chunk)[1].tolist() == [1]
 
 
+def test_values_whose_fp32_squares_overflow_are_still_searched_exactly(device):
+    """At 1e30 the fp32 norms overflow (and the keys' fp32 column mean, at 3e38), so every bound is NaN. With
+    more keys than any pass keeps, nothing is proven and the float64 brute force answers; with 50 keys the wide
+    pass keeps all of them, and a NaN bound must not skip any in the re-rank."""
+    g = torch.Generator().manual_seed(7)
+    for scale, n_keys in ((1e30, 200), (3e38, 200), (1e30, 50)):
+        queries, keys = torch.randn(20, 16, generator=g).clamp(-1, 1), torch.randn(n_keys, 16, generator=g).clamp(-1, 1)
+        stats: dict[str, int] = {}
+        dist, index = imle.nearest_neighbors(queries.to(device) * scale, keys.to(device) * scale, stats=stats)
+        assert torch.equal(index.cpu(), brute_force(queries * scale, keys * scale)[1]) and torch.isfinite(dist).all()
+        assert stats.get("brute_force", 0) == (20 if n_keys > imle.WIDE_CANDIDATES else 0)
+
+
 def test_nearest_neighbors_ignores_autocast_and_restores_matmul_settings(device):
     g = torch.Generator().manual_seed(3)
     queries, keys = torch.randn(30, 40, generator=g), torch.randn(70, 40, generator=g)

@@ -68,7 +68,14 @@ def settled_counts(stats: dict[str, int], device: torch.device) -> dict[str, int
     that did not run (``stats`` of :func:`genlib.imle.nearest_neighbors` names only the passes that ran)."""
     from genlib.imle import _passes
 
-    return {**dict.fromkeys([p.name for p in _passes(None, device)] + ["brute_force"], 0), **stats}
+    counted = {name: count for name, count in stats.items() if name in PASS_ORDER}
+    return {**dict.fromkeys([p.name for p in _passes(None, device)] + ["brute_force"], 0), **counted}
+
+
+def reranked_per_query(stats: dict[str, int], queries: int) -> float:
+    """Float64 rows the search computed per query (``stats['reranked_rows']`` of
+    :func:`genlib.imle.nearest_neighbors` over ``queries``): the re-rank's share of the work."""
+    return stats.get("reranked_rows", 0) / max(queries, 1)
 
 
 def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
@@ -77,7 +84,7 @@ def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, in
     Queries and keys are standard Gaussian (the hard case for a certified search: all distances
     concentrate near ``2d``). ``settled`` counts the queries proven by each pass (:func:`settled_counts`);
     ``brute_force_queries`` (its last entry) those that no GEMM pass could prove and that went to the float64
-    brute force."""
+    brute force; ``reranked_per_query`` the float64 rows computed per query (:func:`reranked_per_query`)."""
     from genlib.imle import nearest_neighbors
 
     rows = []
@@ -99,7 +106,8 @@ def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, in
             "gemm_tflops": 2 * m * n * d / (gemm_ms * 1e-3) / 1e12,
             "genlib_over_gemm": genlib_ms / gemm_ms,
             "agrees_with_float64": float((ours == exact).float().mean()),
-            "settled": settled, "brute_force_queries": settled["brute_force"],
+            "settled": settled, "reranked_per_query": reranked_per_query(stats, m),
+            "brute_force_queries": settled["brute_force"],
         })
     return rows
 
@@ -108,7 +116,7 @@ def bench_candidates(device: torch.device, size: tuple[int, int, int], keeps: tu
                      repeats: int) -> dict:
     """The search at one (M, N, d) with each number of first-pass candidates in ``keeps``: more candidates cost
     a larger float64 re-rank, fewer leave more queries unproven for the later full passes. Rows hold
-    ``candidates``, ``genlib_ms`` and ``settled`` (:func:`settled_counts`)."""
+    ``candidates``, ``genlib_ms``, ``settled`` (:func:`settled_counts`) and ``reranked_per_query``."""
     from genlib.imle import nearest_neighbors
 
     m, n, d = size
@@ -118,7 +126,8 @@ def bench_candidates(device: torch.device, size: tuple[int, int, int], keeps: tu
         stats: dict[str, int] = {}
         nearest_neighbors(queries, keys, candidates=keep, stats=stats)
         ms = timeit(lambda: nearest_neighbors(queries, keys, candidates=keep), device, repeats)
-        rows.append({"candidates": keep, "genlib_ms": ms, "settled": settled_counts(stats, device)})
+        rows.append({"candidates": keep, "genlib_ms": ms, "settled": settled_counts(stats, device),
+                     "reranked_per_query": reranked_per_query(stats, m)})
     return {"M": m, "N": n, "d": d, "rows": rows}
 
 
@@ -303,7 +312,7 @@ def format_number(value) -> str:
 
 
 NN_COLUMNS = ("M", "N", "d", "genlib_ms", "cdist_ms", "gemm_bound_ms", "gemm_dtype", "gemm_tflops",
-              "genlib_over_gemm", "agrees_with_float64", "settled", "brute_force_queries")
+              "genlib_over_gemm", "agrees_with_float64", "settled", "reranked_per_query", "brute_force_queries")
 TRAINING_COLUMNS = ("model", "batch", "img_per_s", "vs_reference", "note")
 PHASE_COLUMNS = ("name", "calls", "cpu_ms", "device_ms")
 OPERATOR_COLUMNS = ("name", "calls", "self_ms", "self_cpu_ms")
@@ -368,7 +377,7 @@ def render_sweep(sweep: dict | None) -> str:
         return ""
     return (f"\n{SWEEP_HEADING}\n\nThe search at {sweep['M']} x {sweep['N']} x {sweep['d']} keeping each number of "
             "candidates in its first pass (times in ms):\n\n"
-            + markdown_table(sweep["rows"], ("candidates", "genlib_ms", "settled")) + "\n")
+            + markdown_table(sweep["rows"], ("candidates", "genlib_ms", "settled", "reranked_per_query")) + "\n")
 
 
 PROFILE_HEADING = "## Where the search's time goes"

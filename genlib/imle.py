@@ -119,7 +119,8 @@ def nearest_neighbors(
     matmul precision pinned for each pass (a global ``set_float32_matmul_precision`` or bf16
     autocast cannot silently void the bound; the pinning sets global torch flags for the duration
     of the call, so do not race it from other threads). ``stats``, if given, counts queries
-    settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``.
+    settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``,
+    and under ``'reranked_rows'`` the (query, key) pairs that the passes computed in float64.
     """
     with _phase("nn.check_inputs"):
         centre = _check_search_inputs(queries, keys, chunk_size)
@@ -189,7 +190,7 @@ def _search(queries: Tensor, keys: Tensor, centre: Tensor, chunk_size: int | Non
             break
         rows = queries if todo.numel() == m else queries[todo]
         with _phase(f"nn.pass.{search_pass.name}"), _pinned_matmul(search_pass.precision, queries.device):
-            found, at, proven = _certified_pass(rows, keys, rounded_keys, search_pass, q_block)
+            found, at, proven = _certified_pass(rows, keys, rounded_keys, search_pass, q_block, stats)
         with _phase("nn.settle"):  # on CUDA it syncs: its CPU time includes waiting for the pass's kernels
             dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
             _count(stats, search_pass.name, int(proven.sum()))
@@ -233,7 +234,7 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
 
 
 def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass,
-                    q_block: int) -> tuple[Tensor, Tensor, Tensor]:
+                    q_block: int, stats: dict[str, int] | None) -> tuple[Tensor, Tensor, Tensor]:
     """One candidate-and-certificate pass: (exact sq_dist [M], index [M], proven [M] bool)."""
     m = queries.shape[0]
     dist = torch.empty(m, dtype=torch.float64, device=queries.device)
@@ -243,7 +244,8 @@ def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, s
         rows = slice(start, start + q_block)
         candidates, lower, threshold = _candidates(queries[rows], rounded_keys, search_pass)
         with _phase("nn.rerank"):
-            dist[rows], index[rows] = _rerank(queries[rows], keys, candidates, lower)
+            dist[rows], index[rows], reranked = _rerank(queries[rows], keys, candidates, lower)
+            _count(stats, "reranked_rows", reranked)
             # Every key left out has exact distance >= threshold; strict < also settles ties (a
             # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
             proven[rows] = dist[rows] < threshold
@@ -413,9 +415,9 @@ def _lower_bound(approx: Tensor, q_norm2: Tensor, q_resid: Tensor, k_norm2_max: 
     return near.square_().mul_(1 - 8 * (d + 4) * FP64_UNIT)
 
 
-def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor, lower: Tensor) -> tuple[Tensor, Tensor]:
+def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor, lower: Tensor) -> tuple[Tensor, Tensor, int]:
     """Exact float64 ``||q - k||^2`` over candidates [m, k] with lower bounds [m, k]: (best sq_dist [m], lowest
-    best index [m]).
+    best index [m], number of pairs computed).
 
     The first candidate of every query is re-ranked; of the rest, only those whose lower bound does not exceed
     that distance can still win or tie, and only they are re-ranked. With a tight bound that is about one more
@@ -427,7 +429,7 @@ def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor, lower: Tensor) ->
     rows, cols = (~(lower[:, 1:] > exact[:, :1])).nonzero(as_tuple=True)
     cols = cols + 1
     exact[rows, cols] = _pair_sq_dist(queries, keys, rows, candidates[rows, cols])
-    return _lowest_index_min(exact, candidates)
+    return *_lowest_index_min(exact, candidates), len(candidates) + len(rows)
 
 
 def _pair_sq_dist(queries: Tensor, keys: Tensor, query_rows: Tensor | None, key_rows: Tensor) -> Tensor:

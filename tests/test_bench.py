@@ -35,6 +35,8 @@ def test_rows_count_the_queries_each_pass_settled(device, monkeypatch, crowded):
     assert settled == bench.settled_counts(stats, device) and sum(settled.values()) == m
     assert list(settled) == [p.name for p in imle._passes(None, device)] + ["brute_force"]
     assert row["brute_force_queries"] == settled["brute_force"] and row["agrees_with_float64"] == 1.0
+    # every query proven by a pass has at least its first candidate re-ranked
+    assert row["reranked_per_query"] == stats["reranked_rows"] / m >= (m - settled["brute_force"]) / m
     if crowded:  # the wide pass and the brute force each settled the query made for them
         assert settled["fp32-wide"] >= 1 and settled["brute_force"] >= 1
 
@@ -104,7 +106,7 @@ def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, dev
     text = (tmp_path / "bench.md").read_text()
     assert text == bench.render_markdown(saved)
     settled = bench.format_number(saved["nearest_neighbors"][1]["settled"])
-    assert "| settled | brute_force_queries |" in text and f"| {settled} |" in text
+    assert "| settled | reranked_per_query | brute_force_queries |" in text and f"| {settled} |" in text
     assert settled.split()[0] in bench.PASS_ORDER
     section = text.split(bench.PROFILE_HEADING, 1)[1]
     assert "### 8 x 16 x 4:" in section and "### 40 x 64 x 32:" in section and "| nn.gemm |" in section
@@ -125,7 +127,8 @@ def test_candidate_sweep_times_each_first_pass_and_counts_what_it_settled(device
     narrow, wide = ({}, {})
     index_narrow = imle.nearest_neighbors(queries[:1], keys, candidates=2, stats=narrow)[1]
     index_wide = imle.nearest_neighbors(queries[:1], keys, candidates=16, stats=wide)[1]
-    assert narrow.get(first, 0) == 0 and wide == {first: 1} and torch.equal(index_narrow, index_wide)
+    assert narrow.get(first, 0) == 0 and wide[first] == 1 and torch.equal(index_narrow, index_wide)
+    assert set(wide) == {first, "reranked_rows"} and 1 <= wide["reranked_rows"] <= 16
     section = bench.render_sweep(sweep)
     assert section.startswith(f"\n{bench.SWEEP_HEADING}") and "| candidates | genlib_ms | settled |" in section
     assert bench.render_sweep(None) == ""

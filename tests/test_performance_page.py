@@ -266,3 +266,32 @@ def test_the_cpu_emulation_counts_add_up():
     assert (m, n, d) == (1024, 4096, 12288)  # the size the CPU bench's search rows cannot reach (its M is 256)
     assert m == queries and tf32 + fp32 + wide == queries
     assert second == fp32 + wide and third == wide and share == round(100 * second / queries)
+
+
+def test_the_cpu_search_figures_quoted_are_the_jsons():
+    """The CPU analysis quotes the largest search row, its profile's phases and the candidate sweep: each
+    figure must be the CPU bench.json's, formatted by bench.format_number."""
+    page, report = load("bench-cpu")
+    text = flat(between(page, "- *genlib's search* adds to the fp32 GEMM", "- *Training steps*"))
+    f = bench.format_number
+    largest = max(report["nearest_neighbors"], key=lambda row: row["d"])  # "the d = 12,288 row"
+    phases = {row["name"]: row for row in largest["profile"]["phases"]}
+    assert f"profiled call ({f(largest['profile']['wall_ms'])} ms) into {f(phases['nn.gemm']['cpu_ms'])} ms for the " \
+           f"{phases['nn.gemm']['calls']} GEMM blocks".replace(" 2 GEMM", " two GEMM") in text
+    assert f"the bare GEMM over all {largest['N']:,} keys took {f(largest['gemm_bound_ms'])} ms" in text
+    for phase, words in (("nn.round_keys", "rounding the keys"), ("nn.check_inputs", "checking the inputs"),
+                         ("nn.rerank", "re-ranking"), ("nn.round_queries", "rounding the queries")):
+        assert f"{f(phases[phase]['cpu_ms'])} ms {words}" in text, phase
+    assert f"The row above, {f(largest['genlib_ms'])} ms ({f(largest['genlib_over_gemm'])} times)" in text
+    assert f"{f(largest['reranked_per_query'])} rows per query in this row" in text
+    assert largest["settled"] == {"fp32": largest["M"], "fp32-wide": 0, "brute_force": 0}
+    assert "The first pass proved every query" in text
+    sweep = report["candidate_sweep"]
+    rows = sweep["rows"]
+    words = flat(section(page, RUNS["bench-cpu"]))
+    times = sorted(row["genlib_ms"] for row in rows)
+    assert f"At ${sweep['M']} \\times {sweep['N']} \\times {sweep['d']}$ every number of candidates from " \
+           f"{rows[0]['candidates']} to {rows[-1]['candidates']} settled all {sweep['M']:,} queries" in words
+    assert all(row["settled"]["fp32"] == sweep["M"] for row in rows)
+    assert {f(row["reranked_per_query"]) for row in rows} == {words.split(" float64 rows re-ranked per query")[0].split()[-1]}
+    assert f"the times ({f(times[0])} to {f(times[-1])} ms)" in words

@@ -295,3 +295,27 @@ def test_the_cpu_search_figures_quoted_are_the_jsons():
     assert all(row["settled"]["fp32"] == sweep["M"] for row in rows)
     assert {f(row["reranked_per_query"]) for row in rows} == {words.split(" float64 rows re-ranked per query")[0].split()[-1]}
     assert f"the times ({f(times[0])} to {f(times[-1])} ms)" in words
+
+
+def test_the_emulation_since_the_change_is_chapter_ones():
+    """The page's figures for the current search's TF32 emulation are those chapter 1 prints (strict nbval
+    checks that output against a fresh run)."""
+    from genlib import imle
+
+    chapter = json.loads((ROOT / "chapters" / "01_imle.ipynb").read_text(encoding="utf-8"))
+    cell = next(c for c in chapter["cells"]
+                if c["cell_type"] == "code" and "TF32 candidates: queries settled by" in "".join(c["source"]))
+    printed = "".join("".join(o.get("text", "")) for o in cell["outputs"] if o["output_type"] == "stream")
+    runs = {}
+    for keep, counts, total, rows in re.findall(r"(\d+) TF32 candidates: queries settled by (.*) \(of (\d+)\); "
+                                               r"float64 rows re-ranked per query ([\d.]+)", printed):
+        runs[int(keep)] = ({name: int(n) for name, n in (pair.split() for pair in counts.split(", "))},
+                           int(total), float(rows))
+    default = imle.CANDIDATES["tf32"]
+    assert set(runs) == {default, 8}
+    (settled, total, rows), (settled_8, _, rows_8) = runs[default], runs[8]
+    assert settled == {"tf32": total} and sum(settled_8.values()) == total
+    text = flat(between(PAGE.read_text(encoding="utf-8"), *GPU_ANALYSIS))
+    assert (f"the TF32 pass now settles all {total:,} queries with its default of {default} candidates, and "
+            f"{settled_8['tf32']:,} with 8, and the re-rank computes about {round(rows)} float64 rows per query") in text
+    assert round(rows) == round(rows_8)

@@ -64,6 +64,15 @@ def test_low_precision_passes_are_still_exact(precision, device):
     assert_same_as_brute_force(queries, keys, device, precision=precision)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_inputs_of_every_float_dtype_are_searched_exactly(dtype, device):
+    """Half-precision inputs are widened to fp32 for the GEMM, float64 ones rounded to it (with their rounding in
+    the bound); the answer is the float64 brute force's on the same values."""
+    g = torch.Generator().manual_seed(8)
+    queries, keys = torch.randn(60, 300, generator=g).to(dtype), torch.randn(500, 300, generator=g).to(dtype)
+    assert_same_as_brute_force(queries, keys, device)
+
+
 def near_tie_cloud(n_keys: int, seed: int = 0):
     """Queries and keys around one far-off point, differing by ~1e-6 relative."""
     g = torch.Generator().manual_seed(seed)

@@ -161,6 +161,23 @@ def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) 
     return torch.nan_to_num(mean.float(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def distance_lower_bounds(queries: Tensor, keys: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """The certificate's view of every pair: queries [M, d], keys [N, d] -> (approximate squared distances [M, N]
+    as the first pass's GEMM computes them in ``precision``, lower bounds [M, N] on the float64 distances).
+
+    For inspecting the bound (chapter 1 derives it) on small inputs; :func:`nearest_neighbors` computes the
+    same quantities block by block and keeps only a few per query.
+    """
+    if precision not in CANDIDATES:
+        raise ValueError(f"precision must be one of {sorted(CANDIDATES)}, got {precision!r}")
+    centre = _check_search_inputs(queries, keys, None)
+    with torch.no_grad(), _pinned_matmul(precision, queries.device):
+        q_hat, q_norm2, q_resid = _round_centred(queries, centre, precision)
+        k_hat, k_norm2, k_resid = _round_centred(keys, centre, precision)
+        approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
+        return approx, _lower_bound(approx, q_norm2, q_resid, k_norm2.max(), k_resid.max(), queries.shape[1])
+
+
 def _passes(precision: str | None, device: torch.device, candidates: int | None = None) -> list[Pass]:
     """The passes in order: the fast precision (keeping ``candidates`` per query, default
     ``CANDIDATES[precision]``), fp32 for what it could not prove, then fp32 with ``WIDE_CANDIDATES`` for what

@@ -172,10 +172,9 @@ def distance_lower_bounds(queries: Tensor, keys: Tensor, precision: str = "fp32"
         raise ValueError(f"precision must be one of {sorted(CANDIDATES)}, got {precision!r}")
     centre = _check_search_inputs(queries, keys, None)
     with torch.no_grad(), _pinned_matmul(precision, queries.device):
-        q_hat, q_norm2, q_resid = _round_centred(queries, centre, precision)
-        k_hat, k_norm2, k_resid = _round_centred(keys, centre, precision)
-        approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
-        return approx, _lower_bound(approx, q_norm2, q_resid, k_norm2.max(), k_resid.max(), queries.shape[1])
+        q, k = _round_centred(queries, centre, precision), _round_centred(keys, centre, precision)
+        approx = _approx_sq_dist(q, k)
+        return approx, _lower_bound(approx, q.norm, q.resid, k.norm.max(), k.resid.max(), queries.shape[1])
 
 
 def _passes(precision: str | None, device: torch.device, candidates: int | None = None) -> list[Pass]:
@@ -197,25 +196,28 @@ def _search(queries: Tensor, keys: Tensor, centre: Tensor, chunk_size: int | Non
             stats: dict[str, int] | None) -> tuple[Tensor, Tensor]:
     """Run the certified passes, then brute force on the queries none of them proved."""
     m, n, d = queries.shape[0], keys.shape[0], keys.shape[1]
-    dist = torch.empty(m, dtype=torch.float64, device=queries.device)
-    index = torch.empty(m, dtype=torch.int64, device=queries.device)
-    todo = torch.arange(m, device=queries.device)
+    if m == 0:
+        return queries.new_empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64, device=queries.device)
     q_block, k_block = _block_sizes(m, n, d, chunk_size)
     rounded_keys = _RoundedKeys(keys, centre, k_block)
+    dist = index = todo = None  # todo None: every query is still open
     for search_pass in passes:
-        if todo.numel() == 0:
-            break
-        rows = queries if todo.numel() == m else queries[todo]
+        rows = queries if todo is None else queries[todo]
         with _phase(f"nn.pass.{search_pass.name}"), _pinned_matmul(search_pass.precision, queries.device):
             found, at, proven = _certified_pass(rows, keys, rounded_keys, search_pass, q_block, stats)
         with _phase("nn.settle"):  # on CUDA it syncs: its CPU time includes waiting for the pass's kernels
-            dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
-            _count(stats, search_pass.name, int(proven.sum()))
-            todo = todo[~proven]
-    if todo.numel():
-        with _phase("nn.brute_force"):
-            dist[todo], index[todo] = _brute_force(queries[todo], keys)
-        _count(stats, "brute_force", todo.numel())
+            settled = int(proven.sum())
+            _count(stats, search_pass.name, settled)
+            if todo is None:  # the first pass answers every query; later ones overwrite what it could not prove
+                dist, index, todo = found, at, (~proven).nonzero().squeeze(1)
+            else:
+                dist[todo[proven]], index[todo[proven]] = found[proven], at[proven]
+                todo = todo[~proven]
+        if todo.numel() == 0:
+            return dist, index
+    with _phase("nn.brute_force"):
+        dist[todo], index[todo] = _brute_force(queries[todo], keys)
+    _count(stats, "brute_force", todo.numel())
     return dist, index
 
 
@@ -253,20 +255,17 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
 def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass,
                     q_block: int, stats: dict[str, int] | None) -> tuple[Tensor, Tensor, Tensor]:
     """One candidate-and-certificate pass: (exact sq_dist [M], index [M], proven [M] bool)."""
-    m = queries.shape[0]
-    dist = torch.empty(m, dtype=torch.float64, device=queries.device)
-    index = torch.empty(m, dtype=torch.int64, device=queries.device)
-    proven = torch.empty(m, dtype=torch.bool, device=queries.device)
-    for start in range(0, m, q_block):
-        rows = slice(start, start + q_block)
-        candidates, lower, threshold = _candidates(queries[rows], rounded_keys, search_pass)
+    parts = []
+    for start in range(0, queries.shape[0], q_block):
+        block = queries[start:start + q_block]
+        candidates, lower, threshold = _candidates(block, rounded_keys, search_pass)
         with _phase("nn.rerank"):
-            dist[rows], index[rows], reranked = _rerank(queries[rows], keys, candidates, lower)
+            dist, index, reranked = _rerank(block, keys, candidates, lower)
             _count(stats, "reranked_rows", reranked)
             # Every key left out has exact distance >= threshold; strict < also settles ties (a
             # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
-            proven[rows] = dist[rows] < threshold
-    return dist, index, proven
+            parts.append((dist, index, dist < threshold))
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) -> tuple[Tensor, Tensor, Tensor]:
@@ -277,18 +276,18 @@ def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) 
     """
     precision, n, d = search_pass.precision, rounded_keys.n, rounded_keys.d
     with _phase("nn.round_queries"):
-        q_hat, q_norm2, q_resid = _round_centred(queries, rounded_keys.centre, precision)
+        q = _round_centred(queries, rounded_keys.centre, precision)
     keep = min(search_pass.keep, n)
     lower = index = None
     threshold = torch.full((queries.shape[0],), math.inf, dtype=torch.float64, device=queries.device)
     for start in range(0, n, rounded_keys.k_block):
-        k_hat, k_norm2, k_resid = rounded_keys.block(start, precision)
+        k, k_norm_max, k_resid_max = rounded_keys.block(start, precision)
         with _phase("nn.gemm"):
-            approx = _approx_sq_dist(q_hat, q_norm2, k_hat, k_norm2)
+            approx = _approx_sq_dist(q, k)
         with _phase("nn.topk"):
             # one more than kept: every key left out has an approximate distance >= the first one left out
             values, at = approx.topk(min(keep + 1, approx.shape[1]), dim=1, largest=False, sorted=True)
-            block_lower = _lower_bound(values, q_norm2, q_resid, k_norm2.max(), k_resid.max(), d)
+            block_lower = _lower_bound(values, q.norm, q.resid, k_norm_max, k_resid_max, d)
             if values.shape[1] > keep:
                 threshold = torch.minimum(threshold, block_lower[:, keep])
                 block_lower, at = block_lower[:, :keep], at[:, :keep]
@@ -307,20 +306,22 @@ class _RoundedKeys:
     def __init__(self, keys: Tensor, centre: Tensor, k_block: int):
         self.keys, self.centre, self.k_block = keys, centre, k_block
         self.n, self.d = keys.shape
-        self.cache: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self.cache: dict[tuple[str, int], tuple[_Rows, Tensor, Tensor]] = {}
         self.cached_bytes = 0
 
-    def block(self, start: int, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(rounded [b, d], ||rounded||^2 [b], residual bound [b]) of keys[start:start + k_block]."""
+    def block(self, start: int, precision: str) -> tuple[_Rows, Tensor, Tensor]:
+        """(the rows of keys[start:start + k_block] as :func:`_round_centred` gives them, their largest norm
+        bound, their largest residual bound), the last two 0-dim float64."""
         if (precision, start) in self.cache:
             return self.cache[precision, start]
         with _phase("nn.round_keys"):
-            rounded = _round_centred(self.keys[start:start + self.k_block], self.centre, precision)
-        size = rounded[0].numel() * rounded[0].element_size()
+            rows = _round_centred(self.keys[start:start + self.k_block], self.centre, precision)
+            block = rows, rows.norm.max(), rows.resid.max()
+        size = rows.rounded.numel() * rows.rounded.element_size()
         if self.cached_bytes + size <= KEY_CACHE_BYTES:
-            self.cache[precision, start] = rounded
+            self.cache[precision, start] = block
             self.cached_bytes += size
-        return rounded
+        return block
 
 
 def _merge(lower: Tensor, index: Tensor, new_lower: Tensor, new_index: Tensor, keep: int,
@@ -334,28 +335,45 @@ def _merge(lower: Tensor, index: Tensor, new_lower: Tensor, new_index: Tensor, k
     return values[:, :keep], index.gather(1, at[:, :keep]), threshold
 
 
-def _round_centred(x: Tensor, centre: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Centre rows on ``centre`` (fp32 [d]) in fp32 and round them for the GEMM: (rounded [b, d],
-    ||rounded||^2 [b] in float64, an upper bound [b] on ||(x - centre) - rounded|| in float64).
+class _Rows(NamedTuple):
+    """Rows centred and rounded for the GEMM, with what the bound needs (:func:`_round_centred`)."""
 
-    The bound is measured, not assumed: fp32 centring errs by at most ``u |x - centre|`` per entry;
-    rounding the centred rows to the GEMM's precision leaves a residual that fp32 subtracts exactly (it
-    keeps only the dropped low bits); a float64 input's own rounding to fp32 is measured in float64;
-    and every fp32 norm of these small terms is inflated by its worst-case summation error. The squared
-    norms of the rounded rows come from :func:`_sq_norms`, whose error is that of ``NORM_CHUNK`` terms, not
-    of ``d``.
+    rounded: Tensor
+    """[b, d] the GEMM's input: fp32 (TF32-exact for 'tf32'), or bf16."""
+    norm2: Tensor
+    """[b] fp32 squared norms of the rounded rows: the expansion's terms."""
+    norm: Tensor
+    """[b] float64 upper bounds on the norms of the rounded rows."""
+    resid: Tensor
+    """[b] float64 upper bounds on ||(x - centre) - rounded||."""
+
+
+def _round_centred(x: Tensor, centre: Tensor, precision: str) -> _Rows:
+    """Centre rows x [b, d] on ``centre`` (fp32 [d]) in fp32 and round them for the GEMM (:class:`_Rows`).
+
+    The residual bound is measured, not assumed: fp32 centring errs by at most ``u/(1 - u) |x - centre|`` per
+    entry, and ``||x - centre||`` is at most the rounded row's norm plus the rounding residual; rounding the
+    centred rows to the GEMM's precision leaves a residual that fp32 subtracts exactly (it keeps only the dropped
+    low bits), whose fp32 norm is inflated by its worst-case summation error; a float64 input's own rounding to
+    fp32 is measured in float64. The squared norms come from :func:`_sq_norms`, whose error is that of
+    ``NORM_CHUNK`` terms, not of ``d``.
     """
+    d = x.shape[1]
     x32 = x.float()
     centred = x32 - centre
-    grow = _norm_growth(x.shape[1])
-    resid = FP32_UNIT / (1 - FP32_UNIT) * torch.linalg.vector_norm(centred, dim=1) * grow
     rounded = centred if precision == "fp32" else _round(centred, precision)
-    wide = rounded if precision == "fp32" else rounded.float()  # bf16 -> fp32 once, for both norms
-    if precision != "fp32":
-        resid = resid + torch.linalg.vector_norm(centred - wide, dim=1) * grow
+    wide = rounded if rounded.dtype == torch.float32 else rounded.float()
+    norm2 = _sq_norms(wide)
+    norm = norm2.mul(_norm_growth(min(d, NORM_CHUNK))).sqrt_()
+    centring = FP32_UNIT / (1 - FP32_UNIT)
+    if precision == "fp32":
+        resid = norm * centring
+    else:
+        rounding = torch.linalg.vector_norm(centred - wide, dim=1).double().mul_(_norm_growth(d))
+        resid = rounding.mul(1 + centring).add_(norm, alpha=centring)
     if x.dtype == torch.float64:
-        resid = resid.double() + (x - x32.double()).norm(dim=1) * (1 + 4 * x.shape[1] * FP64_UNIT)
-    return rounded, _sq_norms(wide), resid.double()
+        resid = resid + (x - x32.double()).norm(dim=1) * (1 + 4 * d * FP64_UNIT)
+    return _Rows(rounded, norm2.float(), norm, resid)
 
 
 def _sq_norms(x: Tensor) -> Tensor:
@@ -387,48 +405,47 @@ def _round(x: Tensor, precision: str) -> Tensor:
     return ((x32.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
 
 
-def _approx_sq_dist(q_hat: Tensor, q_norm2: Tensor, k_hat: Tensor, k_norm2: Tensor) -> Tensor:
+def _approx_sq_dist(q: _Rows, k: _Rows) -> Tensor:
     """fp32 ``||q||^2 - 2 q.k + ||k||^2`` [m, n] from rounded rows (one GEMM, fp32 accumulation)."""
-    k_norm2 = k_norm2.float()[None, :]
-    if q_hat.dtype == torch.bfloat16 and q_hat.is_cuda:
+    if q.rounded.dtype == torch.bfloat16 and q.rounded.is_cuda:
         try:  # bf16 tensor cores with fp32 accumulation and output
-            approx = k_norm2 - 2.0 * torch.mm(q_hat, k_hat.T, out_dtype=torch.float32)
-            return approx.add_(q_norm2.float()[:, None])
+            approx = k.norm2[None, :] - 2.0 * torch.mm(q.rounded, k.rounded.T, out_dtype=torch.float32)
+            return approx.add_(q.norm2[:, None])
         except (TypeError, NotImplementedError, RuntimeError):
             pass  # older torch: bf16 values are exact in TF32, so the fp32 path below is just as exact
-    approx = torch.addmm(k_norm2, q_hat.float(), k_hat.float().T, alpha=-2.0)
-    return approx.add_(q_norm2.float()[:, None])
+    approx = torch.addmm(k.norm2[None, :], q.rounded.float(), k.rounded.float().T, alpha=-2.0)
+    return approx.add_(q.norm2[:, None])
 
 
-def _lower_bound(approx: Tensor, q_norm2: Tensor, q_resid: Tensor, k_norm2_max: Tensor, k_resid_max: Tensor,
+def _lower_bound(approx: Tensor, q_norm: Tensor, q_resid: Tensor, k_norm_max: Tensor, k_resid_max: Tensor,
                  d: int) -> Tensor:
     """Rigorous lower bound [m, t] on the float64 re-rank distance of every key of a block whose approximate
     distance (:func:`_approx_sq_dist`) is ``approx`` [m, t]; it never decreases as ``approx`` grows.
 
-    Two steps, with ``a >= ||q_hat||``, ``b >= max ||k_hat||`` over the block (from :func:`_sq_norms`, inflated
-    by their relative error ``g = gamma_(NORM_CHUNK + 6)``):
+    ``q_norm`` [m] and ``q_resid`` [m] bound each query's rounded norm and residual, ``k_norm_max`` and
+    ``k_resid_max`` (0-dim) the block's largest (:class:`_Rows`). Two steps, with ``a = q_norm``, ``b = k_norm_max``:
 
     * **GEMM error.** The dot product accumulates ``d`` products in fp32, so it errs by at most
       ``gamma a b`` (Cauchy-Schwarz), with ``gamma = 2 (d + 4) u`` (2u per addition in case tensor cores
-      truncate); it enters twice. The squared norms err by ``g (a^2 + b^2)``, their fp32 copies and the two
-      fp32 additions by less than ``4 u (a + b)^2``; taking ``8 u`` leaves room for the float64 arithmetic
-      of this bound. So ``||q_hat - k_hat||^2 >= approx - e`` with ``e = 2 gamma a b + (g + 8 u) (a + b)^2``.
-    * **Rounding of the rows.** With ``r = ||q residual|| + max ||k residual||`` (:func:`_round_centred`), the
-      triangle inequality gives ``||q - k|| >= ||q_hat - k_hat|| - r``.
+      truncate); it enters twice. The squared norms err by ``g (a^2 + b^2)`` with ``g = gamma_(NORM_CHUNK + 6)``
+      (:func:`_sq_norms`), their fp32 copies and the two fp32 additions by less than ``4 u (a + b)^2``; taking
+      ``8 u`` leaves room for the float64 arithmetic of this bound. So ``||q_hat - k_hat||^2 >= approx - e``
+      with ``e = 2 gamma a b + (g + 8 u) (a + b)^2``.
+    * **Rounding of the rows.** With ``r = q_resid + k_resid_max``, the triangle inequality gives
+      ``||q - k|| >= ||q_hat - k_hat|| - r``.
 
     Hence ``exact >= max(0, sqrt(approx - e) - r)^2``, shrunk by ``8 (d + 4)`` float64 units for the
     re-rank's own summation. The rounding term is ``2 r ||q - k||`` rather than ``2 r (a + b)``: on close
     pairs it is much smaller than a bound in terms of the norms alone.
     """
-    norm_growth = _norm_growth(min(d, NORM_CHUNK))
     gamma = 2 * (d + 4) * FP32_UNIT
     gamma = gamma / (1 - gamma)
-    a = (q_norm2.double() * norm_growth).sqrt()[:, None]
-    b = (k_norm2_max.double() * norm_growth).sqrt()
-    gemm_error = 2 * gamma * a * b + (norm_growth - 1 + 8 * FP32_UNIT) * (a + b) ** 2
-    r = (q_resid.double() * (1 + 4 * FP64_UNIT))[:, None] + k_resid_max.double() * (1 + 4 * FP64_UNIT)
+    a = q_norm.double()[:, None]
+    gemm_error = a * (2 * gamma * k_norm_max) + (a + k_norm_max).square_() * (
+        _norm_growth(min(d, NORM_CHUNK)) - 1 + 8 * FP32_UNIT)
+    r = (q_resid.double()[:, None] + k_resid_max).mul_(1 + 4 * FP64_UNIT)
     # (1 - 4u) and (1 + 4u) keep each float64 rounding below on the safe side.
-    near = (approx.double() - gemm_error).clamp_(min=0).sqrt_().mul_(1 - 4 * FP64_UNIT).sub_(r).clamp_(min=0)
+    near = torch.sub(approx.double(), gemm_error).clamp_(min=0).sqrt_().mul_(1 - 4 * FP64_UNIT).sub_(r).clamp_(min=0)
     return near.square_().mul_(1 - 8 * (d + 4) * FP64_UNIT)
 
 
@@ -440,10 +457,13 @@ def _rerank(queries: Tensor, keys: Tensor, candidates: Tensor, lower: Tensor) ->
     that distance can still win or tie, and only they are re-ranked. With a tight bound that is about one more
     row per query instead of ``k - 1``: the float64 rows, not the GEMM's candidates, are what this step costs.
     """
-    exact = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=queries.device)
-    exact[:, 0] = _pair_sq_dist(queries, keys, None, candidates[:, 0])
+    first = _pair_sq_dist(queries, keys, None, candidates[:, 0])
     # Skip only where the bound says so: a NaN bound (fp32 overflow) never rules a candidate out.
-    rows, cols = (~(lower[:, 1:] > exact[:, :1])).nonzero(as_tuple=True)
+    rows, cols = (~(lower[:, 1:] > first[:, None])).nonzero(as_tuple=True)
+    if len(rows) == 0:  # every other candidate is strictly farther: the first one wins outright
+        return first, candidates[:, 0].contiguous(), len(candidates)
+    exact = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=queries.device)
+    exact[:, 0] = first
     cols = cols + 1
     exact[rows, cols] = _pair_sq_dist(queries, keys, rows, candidates[rows, cols])
     return *_lowest_index_min(exact, candidates), len(candidates) + len(rows)

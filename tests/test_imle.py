@@ -92,8 +92,10 @@ def test_lower_bound_holds_for_every_pair_and_is_tight(precision, dtype):
     queries = (50 + torch.randn(40, 96, generator=g, dtype=torch.float64) * scale).to(dtype)
     keys = (50 + torch.randn(70, 96, generator=g, dtype=torch.float64) * scale).to(dtype)
     centre = (keys.sum(0, dtype=torch.float64) / len(keys)).float()
-    q_hat, q_norm2, _ = imle._round_centred(queries, centre, precision)
-    assert torch.allclose(q_norm2, q_hat.double().pow(2).sum(1), rtol=(imle.NORM_CHUNK + 6) * imle.FP32_UNIT, atol=0)
+    q = imle._round_centred(queries, centre, precision)
+    exact_norm2 = q.rounded.double().pow(2).sum(1)
+    assert torch.allclose(q.norm2.double(), exact_norm2, rtol=(imle.NORM_CHUNK + 6) * imle.FP32_UNIT, atol=0)
+    assert (q.norm >= exact_norm2.sqrt()).all() and (q.resid >= ((queries.double() - centre) - q.rounded.double()).norm(dim=1)).all()
     approx, lower = imle.distance_lower_bounds(queries, keys, precision)
     exact = (queries.double()[:, None] - keys.double()[None]).pow(2).sum(-1)
     assert approx.shape == lower.shape == exact.shape and lower.dtype == torch.float64 and (lower <= exact).all()
@@ -112,14 +114,14 @@ def test_lower_bound_is_monotone_and_covers_an_adversarial_gemm_error():
     """Ranking by approximate distance must equal ranking by the bound; and an approximate distance off by the
     full worst-case accumulation error (every product rounded the same way) still gets a valid bound."""
     d = 4096
-    q_norm2, k_norm2 = torch.tensor([float(d)], dtype=torch.float64), torch.tensor(float(d), dtype=torch.float64)
+    q_norm, k_norm = torch.tensor([d**0.5], dtype=torch.float64), torch.tensor(d**0.5, dtype=torch.float64)
     resid = torch.tensor([1e-3], dtype=torch.float64)
     approx = torch.linspace(0, 4 * d, 2001, dtype=torch.float32)[None]
-    lower = imle._lower_bound(approx, q_norm2, resid, k_norm2, resid[0], d)
+    lower = imle._lower_bound(approx, q_norm, resid, k_norm, resid[0], d)
     assert (lower.diff(dim=1) >= 0).all() and lower[0, 0] == 0 and (lower <= approx.double()).all()
     exact = 2.0 * d  # the true distance of a pair with ||q|| = ||k|| = sqrt(d), orthogonal
     worst = exact + 2 * (d - 1) * imle.FP32_UNIT * d  # the dot product overestimated by (d - 1) u ||q|| ||k||
-    assert imle._lower_bound(torch.tensor([[worst]]), q_norm2, resid * 0, k_norm2, resid[0] * 0, d) <= exact
+    assert imle._lower_bound(torch.tensor([[worst]]), q_norm, resid * 0, k_norm, resid[0] * 0, d) <= exact
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])

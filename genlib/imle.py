@@ -44,7 +44,8 @@ Features = Callable[[Tensor], Tensor]
 # ======================================================================================
 
 BLOCK_BYTES = 256 * 2**20
-"""Memory budget of one block: of the fp32 distance matrix, and of each float64 working copy."""
+"""Memory budget of one block: of the fp32 distance matrix, of each working copy of a block of rows (fp32, or
+float64 for float64 inputs), and of the float64 rows of one re-rank step on CUDA."""
 MAX_KEY_BLOCK = 2**16
 CANDIDATES = {"fp32": 8, "tf32": 16, "bf16": 32}
 """Candidates kept per query by each GEMM precision (more where the GEMM is coarser)."""
@@ -114,8 +115,8 @@ def nearest_neighbors(
        unproven (e.g. more exact duplicates than candidates), to a float64 brute force over all keys.
 
     Memory stays bounded: queries and keys are processed in blocks so that one distance
-    block holds at most ``BLOCK_BYTES`` (256 MB) of fp32 and each float64 working copy at most
-    256 MB; ``chunk_size`` caps both block sides further. Autocast is disabled inside and the
+    block holds at most ``BLOCK_BYTES`` (256 MB) of fp32 and each working copy of a block of rows
+    at most 256 MB; ``chunk_size`` caps both block sides further. Autocast is disabled inside and the
     matmul precision pinned for each pass (a global ``set_float32_matmul_precision`` or bf16
     autocast cannot silently void the bound; the pinning sets global torch flags for the duration
     of the call, so do not race it from other threads). ``stats``, if given, counts queries
@@ -198,7 +199,7 @@ def _search(queries: Tensor, keys: Tensor, centre: Tensor, chunk_size: int | Non
     m, n, d = queries.shape[0], keys.shape[0], keys.shape[1]
     if m == 0:
         return queries.new_empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64, device=queries.device)
-    q_block, k_block = _block_sizes(m, n, d, chunk_size)
+    q_block, k_block = _block_sizes(m, n, d, chunk_size, max(4, queries.element_size(), keys.element_size()))
     rounded_keys = _RoundedKeys(keys, centre, k_block)
     dist = index = todo = None  # todo None: every query is still open
     for search_pass in passes:
@@ -227,9 +228,11 @@ def _count(stats: dict[str, int] | None, key: str, value: int) -> None:
         stats[key] = stats.get(key, 0) + value
 
 
-def _block_sizes(m: int, n: int, d: int, chunk_size: int | None) -> tuple[int, int]:
-    """(queries, keys) per block: float64 copies of a block <= BLOCK_BYTES, distance block <= BLOCK_BYTES."""
-    rows = max(1, BLOCK_BYTES // (8 * d))
+def _block_sizes(m: int, n: int, d: int, chunk_size: int | None, item_bytes: int = 4) -> tuple[int, int]:
+    """(queries, keys) per block: a working copy of a block of rows <= BLOCK_BYTES (``item_bytes`` per value: 4
+    for the fp32 copies, 8 where float64 inputs are copied), distance block <= BLOCK_BYTES. The re-rank's float64
+    rows have a budget of their own, so the keys of the benchmark's largest search fit in one block."""
+    rows = max(1, BLOCK_BYTES // (item_bytes * d))
     k_block = min(n, rows, MAX_KEY_BLOCK, chunk_size or n)
     q_block = min(m, rows, max(1, BLOCK_BYTES // (4 * k_block)), chunk_size or m)
     return q_block, k_block

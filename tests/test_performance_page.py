@@ -276,8 +276,9 @@ def test_the_cpu_search_figures_quoted_are_the_jsons():
     f = bench.format_number
     largest = max(report["nearest_neighbors"], key=lambda row: row["d"])  # "the d = 12,288 row"
     phases = {row["name"]: row for row in largest["profile"]["phases"]}
-    assert f"profiled call ({f(largest['profile']['wall_ms'])} ms) into {f(phases['nn.gemm']['cpu_ms'])} ms for the " \
-           f"{phases['nn.gemm']['calls']} GEMM blocks".replace(" 2 GEMM", " two GEMM") in text
+    assert phases["nn.gemm"]["calls"] == 1 and (
+        f"profiled call ({f(largest['profile']['wall_ms'])} ms) into {f(phases['nn.gemm']['cpu_ms'])} ms for the "
+        f"GEMM, in one block of all {largest['N']:,} keys") in text
     assert f"the bare GEMM over all {largest['N']:,} keys took {f(largest['gemm_bound_ms'])} ms" in text
     for phase, words in (("nn.round_keys", "rounding the keys"), ("nn.check_inputs", "checking the inputs"),
                          ("nn.rerank", "re-ranking"), ("nn.round_queries", "rounding the queries")):
@@ -319,3 +320,18 @@ def test_the_emulation_since_the_change_is_chapter_ones():
     assert (f"the TF32 pass now settles all {total:,} queries with its default of {default} candidates, and "
             f"{settled_8['tf32']:,} with 8, and the re-rank computes about {round(rows)} float64 rows per query") in text
     assert round(rows) == round(rows_8)
+
+
+def test_chapter_one_quotes_the_cpu_runs_ratios():
+    """Chapter 1's prose gives the CPU search's time over the bare GEMM and over cdist as ranges: they must be
+    the recorded run's, at the 2 decimals its printed table shows."""
+    _, report = load("bench-cpu")
+    chapter = json.loads((ROOT / "chapters" / "01_imle.ipynb").read_text(encoding="utf-8"))
+    prose = flat(" ".join("".join(c["source"]) for c in chapter["cells"] if c["cell_type"] == "markdown"))
+    rows = report["nearest_neighbors"]
+    over_gemm = sorted(row["genlib_ms"] / row["gemm_bound_ms"] for row in rows)
+    over_cdist = sorted(row["genlib_ms"] / row["cdist_ms"] for row in rows)
+    assert (f"On the CPU the exact search now takes {over_gemm[0]:.2f} to {over_gemm[-1]:.2f} times the bare GEMM "
+            f"and {over_cdist[0]:.2f} to {over_cdist[-1]:.2f} times `torch.cdist`") in prose
+    assert (f"On the recorded 2-core CPU that is {over_gemm[0]:.2f} to {over_gemm[-1]:.2f} times the bare GEMM, "
+            f"about as fast as `torch.cdist` ({over_cdist[0]:.2f} to {over_cdist[-1]:.2f} times its time)") in prose

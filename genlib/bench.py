@@ -115,7 +115,8 @@ def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, in
 def bench_candidates(device: torch.device, size: tuple[int, int, int], keeps: tuple[int, ...],
                      repeats: int) -> dict:
     """The search at one (M, N, d) with each number of first-pass candidates in ``keeps``: more candidates cost
-    a larger float64 re-rank, fewer leave more queries unproven for the later full passes. Rows hold
+    a larger top-k selection (the re-rank computes only those that can still win), fewer leave more queries
+    unproven for the later full passes. Rows hold
     ``candidates``, ``genlib_ms``, ``settled`` (:func:`settled_counts`) and ``reranked_per_query``."""
     from genlib.imle import nearest_neighbors
 

@@ -66,16 +66,17 @@ the ``settled`` cells follow it, since ``bench.json`` stores keys sorted."""
 def settled_counts(stats: dict[str, int], device: torch.device) -> dict[str, int]:
     """Queries settled by each pass of the default search on ``device`` and by 'brute_force', 0 for a pass
     that did not run (``stats`` of :func:`genlib.imle.nearest_neighbors` names only the passes that ran)."""
-    from genlib.imle import _passes
+    from genlib.imle import _passes, settled_queries
 
-    counted = {name: count for name, count in stats.items() if name in PASS_ORDER}
-    return {**dict.fromkeys([p.name for p in _passes(None, device)] + ["brute_force"], 0), **counted}
+    return {**dict.fromkeys([p.name for p in _passes(None, device)] + ["brute_force"], 0), **settled_queries(stats)}
 
 
 def reranked_per_query(stats: dict[str, int], queries: int) -> float:
     """Float64 rows the search computed per query (``stats['reranked_rows']`` of
     :func:`genlib.imle.nearest_neighbors` over ``queries``): the re-rank's share of the work."""
-    return stats.get("reranked_rows", 0) / max(queries, 1)
+    from genlib.imle import RERANKED_ROWS
+
+    return stats.get(RERANKED_ROWS, 0) / max(queries, 1)
 
 
 def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
@@ -446,8 +447,9 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
     cpu_before, began = _cpu_times(), time.perf_counter()
     report = {"provenance": {**provenance(dev), "torch_threads": torch.get_num_threads()},
               "nearest_neighbors": bench_nearest_neighbors(dev, nn_sizes, repeats),
-              "candidate_sweep": bench_candidates(dev, max(nn_sizes, key=lambda size: size[0] * size[1] * size[2]),
-                                                  keeps, repeats),
+              # the most work; on a tie the larger d, where the bound is hardest to meet
+              "candidate_sweep": bench_candidates(dev, max(nn_sizes, key=lambda size: (size[0] * size[1] * size[2],
+                                                                                       size[2])), keeps, repeats),
               "training": bench_training(dev, resolution, batch, repeats),
               "training_resolution": resolution, "repeats": repeats}
     profile_nearest_neighbors(dev, report["nearest_neighbors"])

@@ -121,7 +121,8 @@ def nearest_neighbors(
     autocast cannot silently void the bound; the pinning sets global torch flags for the duration
     of the call, so do not race it from other threads). ``stats``, if given, counts queries
     settled by each pass (``'fp32'``, ``'tf32'``, ``'bf16'``, ``'fp32-wide'``) and by ``'brute_force'``,
-    and under ``'reranked_rows'`` the (query, key) pairs that the passes computed in float64.
+    and under ``'reranked_rows'`` (:data:`RERANKED_ROWS`) the (query, key) pairs that the passes computed in
+    float64; :func:`settled_queries` keeps the per-query counts.
     """
     with _phase("nn.check_inputs"):
         centre = _check_search_inputs(queries, keys, chunk_size)
@@ -131,6 +132,16 @@ def nearest_neighbors(
         return dist.float().to(queries.device), index.to(queries.device)
     with torch.no_grad():
         return _search(queries, keys, centre, chunk_size, _passes(precision, queries.device, candidates), stats)
+
+
+RERANKED_ROWS = "reranked_rows"
+"""The key of :func:`nearest_neighbors`'s ``stats`` that counts float64 rows rather than queries."""
+
+
+def settled_queries(stats: dict[str, int]) -> dict[str, int]:
+    """The queries settled by each pass and by 'brute_force' in the ``stats`` of :func:`nearest_neighbors`: all
+    its counts but :data:`RERANKED_ROWS`."""
+    return {name: count for name, count in stats.items() if name != RERANKED_ROWS}
 
 
 def _check_search_inputs(queries: Tensor, keys: Tensor, chunk_size: int | None) -> Tensor:
@@ -264,7 +275,7 @@ def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, s
         candidates, lower, threshold = _candidates(block, rounded_keys, search_pass)
         with _phase("nn.rerank"):
             dist, index, reranked = _rerank(block, keys, candidates, lower)
-            _count(stats, "reranked_rows", reranked)
+            _count(stats, RERANKED_ROWS, reranked)
             # Every key left out has exact distance >= threshold; strict < also settles ties (a
             # left-out key cannot tie with the winner, so lowest-index tie-breaking stays exact).
             parts.append((dist, index, dist < threshold))

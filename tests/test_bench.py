@@ -138,3 +138,15 @@ def test_candidate_sweep_times_each_first_pass_and_counts_what_it_settled(device
 def test_candidates_must_be_a_positive_int(candidates):
     with pytest.raises(ValueError, match="candidates must be a positive int"):
         imle.nearest_neighbors(torch.zeros(2, 3), torch.zeros(4, 3), candidates=candidates)
+
+
+def test_candidate_sweep_runs_at_the_most_work_and_on_a_tie_at_the_larger_d(monkeypatch, tmp_path):
+    swept = []
+    monkeypatch.setattr(bench, "bench_nearest_neighbors", lambda *args: [])
+    monkeypatch.setattr(bench, "bench_training", lambda *args: [])
+    monkeypatch.setattr(bench, "bench_candidates", lambda device, size, *args: swept.append(size) or {})
+    for sizes, expected in (([(1024, 4096, 3072), (256, 4096, 12288)], (256, 4096, 12288)),
+                            ([(256, 4096, 12288), (1024, 4096, 3072)], (256, 4096, 12288)),
+                            ([(8, 16, 4), (40, 64, 32)], (40, 64, 32))):
+        bench.main(device="cpu", out=tmp_path, nn_sizes=sizes, repeats=1)
+        assert swept.pop() == expected

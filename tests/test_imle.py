@@ -31,11 +31,6 @@ def naive_fp32_argmin(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return dist.argmin(1)
 
 
-def settled(stats: dict[str, int]) -> dict[str, int]:
-    """The queries settled per pass (and by the brute force) in a search's ``stats``: all but 'reranked_rows'."""
-    return {name: count for name, count in stats.items() if name != "reranked_rows"}
-
-
 def assert_same_as_brute_force(queries, keys, device="cpu", **kw):
     """The search on ``device`` returns the CPU float64 brute force's answer, index for index."""
     dist, index = imle.nearest_neighbors(queries.to(device), keys.to(device), **kw)
@@ -135,7 +130,7 @@ def test_rerank_skips_candidates_that_cannot_win(precision, monkeypatch):
     monkeypatch.setattr(imle, "_pair_sq_dist", lambda q, k, rows, at: computed.append(len(at)) or pair_sq_dist(q, k, rows, at))
     stats: dict[str, int] = {}
     assert_same_as_brute_force(queries, keys, precision=precision, candidates=16, stats=stats)
-    assert settled(stats) == {precision: 300} and computed[0] == 300 and stats["reranked_rows"] == sum(computed)
+    assert imle.settled_queries(stats) == {precision: 300} and computed[0] == 300 and stats[imle.RERANKED_ROWS] == sum(computed)
     assert 0 < sum(computed) - 300 < 300 * 15 / 2  # some candidates re-ranked, most skipped
 
 
@@ -164,8 +159,8 @@ def test_near_ties_resolved_as_float64_brute_force(device):
     stats: dict[str, int] = {}
     assert_same_as_brute_force(queries, keys, device, stats=stats)
     # centring on the keys' mean makes fp32 enough, and proves it (on CUDA tf32 first, then fp32 if needed)
-    assert sum(settled(stats).values()) == len(queries)
-    assert set(settled(stats)) <= ({"fp32"} if device.type == "cpu" else {"tf32", "fp32"})
+    assert sum(imle.settled_queries(stats).values()) == len(queries)
+    assert set(imle.settled_queries(stats)) <= ({"fp32"} if device.type == "cpu" else {"tf32", "fp32"})
 
 
 def test_unprovable_near_ties_fall_back_to_brute_force(device):
@@ -176,7 +171,7 @@ def test_unprovable_near_ties_fall_back_to_brute_force(device):
     for precision in ("fp32", "bf16"):
         stats: dict[str, int] = {}
         assert_same_as_brute_force(queries, keys, device, precision=precision, chunk_size=7, stats=stats)
-        assert stats.get("brute_force", 0) > 0 and sum(settled(stats).values()) == len(queries)
+        assert stats.get("brute_force", 0) > 0 and sum(imle.settled_queries(stats).values()) == len(queries)
 
 
 def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass(device):
@@ -191,13 +186,13 @@ def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass(device):
     reference = torch.cdist(queries.double(), keys.double(), compute_mode="donot_use_mm_for_euclid_dist")
     assert torch.equal(index, reference.argmin(1))
     torch.testing.assert_close(dist, (queries.double() - keys.double()[index]).pow(2).sum(1), rtol=1e-12, atol=0.0)
-    assert "brute_force" not in stats and sum(settled(stats).values()) == len(queries)
+    assert "brute_force" not in stats and sum(imle.settled_queries(stats).values()) == len(queries)
     if device.type == "cpu":  # (on CUDA a tf32 pass comes first; which pass settles what depends on the GPU)
         assert 0 < stats["fp32"] < len(queries) and stats["fp32-wide"] == len(queries) - stats["fp32"]
     # With the default candidates the first pass proves every query here.
     stats = {}
     assert torch.equal(imle.nearest_neighbors(queries.to(device), keys.to(device), stats=stats)[1].cpu(), index)
-    assert settled(stats) == {imle._passes(None, device)[0].name: len(queries)}
+    assert imle.settled_queries(stats) == {imle._passes(None, device)[0].name: len(queries)}
 
 
 def test_duplicates_and_exact_ties_go_to_the_lowest_index(device):

@@ -255,18 +255,22 @@ class ReferenceDCGAN(nn.Module):
         self.opt_g.step()
 
 
-def bench_training(device: torch.device, resolution: int, batch_size: int, steps: int) -> list[dict]:
-    """Images/s of the reference DCGAN step and of each registered family's ``step`` at ``resolution``
-    (``vs_reference``: images/s over the reference's, in the same run; genlib steps run under bf16
-    autocast on CUDA, the reference in fp32 eager)."""
+def bench_training(device: torch.device, resolution: int, batch_size: int, steps: int, channels: int = 3,
+                   graphs: bool | None = None, graph_safe_only: bool = False) -> list[dict]:
+    """Images/s of the reference DCGAN step (at 64x64) and of each registered family's ``step`` on
+    ``channels`` x ``resolution`` x ``resolution`` images (``vs_reference``: images/s over the reference's, in the
+    same run; genlib steps run under bf16 autocast on CUDA, the reference in fp32 eager). With ``graphs`` (default:
+    on CUDA) each graph-safe family also gets a row of its step replayed as a CUDA graph; ``graph_safe_only`` keeps
+    only those families."""
     from genlib.cli import FAMILIES, TrainSpec, build_family
     from genlib.train import autocast_context
 
-    data = torch.randint(0, 256, (max(4 * batch_size, 256), 3, resolution, resolution), dtype=torch.uint8)
+    graphs = device.type == "cuda" if graphs is None else graphs
+    data = torch.randint(0, 256, (max(4 * batch_size, 256), channels, resolution, resolution), dtype=torch.uint8)
     real = to_float(data[:batch_size].to(device))
     index = torch.arange(batch_size, device=device)
     rows = []
-    if resolution == 64:
+    if resolution == 64 and channels == 3:
         reference = ReferenceDCGAN().to(device)
         ms = timeit(lambda: reference.step(real), device, steps)
         rows.append({"model": "reference DCGAN (fp32 eager)", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
@@ -277,6 +281,8 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         except (NotImplementedError, ValueError) as error:
             rows.append({"model": name, "batch": batch_size, "img_per_s": None, "note": str(error)})
             continue
+        if graph_safe_only and not model.graph_safe:
+            continue
 
         def one_step() -> None:
             with autocast_context(device, device.type == "cuda"):
@@ -284,11 +290,41 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
 
         ms = timeit(one_step, device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
+        if graphs and model.graph_safe:
+            rows.append(graphed_step_row(model, name, real, index, steps))
     if rows and rows[0]["model"].startswith("reference"):
         for row in rows:
             if row["img_per_s"] is not None:
                 row["vs_reference"] = row["img_per_s"] / rows[0]["img_per_s"]
     return rows
+
+
+SMALL_BATCH = {"channels": 1, "resolution": 28, "batch": 64}
+"""The full-scale Fashion-MNIST runs' images and batch (tools/record_full.sh): steps this small are bound by kernel
+launches, not by arithmetic."""
+
+
+def bench_small_batches(device: torch.device, steps: int) -> list[dict]:
+    """:func:`bench_training` at :data:`SMALL_BATCH`'s size for the graph-safe families, eager and replayed as a
+    CUDA graph, each row with its steps/s."""
+    rows = bench_training(device, SMALL_BATCH["resolution"], SMALL_BATCH["batch"], steps, SMALL_BATCH["channels"],
+                          graphs=True, graph_safe_only=True)
+    return [row | ({"steps_per_s": row["img_per_s"] / row["batch"]} if row["img_per_s"] else {}) for row in rows]
+
+
+def graphed_step_row(model, name: str, real: torch.Tensor, index: torch.Tensor, steps: int) -> dict:
+    """The bench row of ``model``'s step replayed as a CUDA graph (:class:`genlib.train.StepGraph`, bf16 autocast),
+    captured after its warm-up steps; a failed capture gives a row with the error as its note instead of a rate."""
+    from genlib.train import GRAPH_WARMUP_STEPS, StepGraph
+
+    graph = StepGraph(model, amp=True)
+    row = {"model": f"genlib {name} (CUDA graph)", "batch": len(real), "img_per_s": None}
+    try:
+        for _ in range(GRAPH_WARMUP_STEPS + 1):
+            graph(real, index)
+    except RuntimeError as error:
+        return row | {"note": str(error)}
+    return row | {"img_per_s": len(real) / timeit(lambda: graph(real, index), real.device, steps) * 1e3}
 
 
 def format_number(value) -> str:
@@ -367,7 +403,18 @@ def render_markdown(report: dict) -> str:
             + markdown_table(report["nearest_neighbors"], NN_COLUMNS, hidden=("profile",))
             + f"\n\n## Training throughput at {resolution}x{resolution}\n\n"
             + markdown_table(report["training"], TRAINING_COLUMNS) + "\n"
+            + render_small_batches(report.get("small_batch_training"))
             + render_sweep(report.get("candidate_sweep")) + render_profiles(report["nearest_neighbors"]))
+
+
+def render_small_batches(rows: list[dict] | None) -> str:
+    """The Markdown section of :func:`bench_small_batches` ("" for reports without it)."""
+    if not rows:
+        return ""
+    shape = f"{SMALL_BATCH['channels']}x{SMALL_BATCH['resolution']}x{SMALL_BATCH['resolution']}"
+    return (f"\n## Small batches: eager and replayed steps\n\nThe graph-safe families at the full-scale runs' size "
+            f"({shape} images, batch {SMALL_BATCH['batch']}):\n\n"
+            + markdown_table(rows, ("model", "batch", "steps_per_s", "img_per_s", "note")) + "\n")
 
 
 SWEEP_HEADING = "## First-pass candidates"
@@ -452,6 +499,8 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
                                                                                        size[2])), keeps, repeats),
               "training": bench_training(dev, resolution, batch, repeats),
               "training_resolution": resolution, "repeats": repeats}
+    if cuda and not quick:  # where replayed graphs matter: launch-bound steps (the CPU has no graphs)
+        report["small_batch_training"] = bench_small_batches(dev, repeats)
     profile_nearest_neighbors(dev, report["nearest_neighbors"])
     # Other processes on the same machine slow every number down: record who used the CPU during the run.
     report["provenance"]["cpu_share"] = cpu_share(cpu_before, _cpu_times())

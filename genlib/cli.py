@@ -187,6 +187,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                         callback_every=args.sample_every, clock=clock)
     wall = clock.now()["seconds"]
     origin["train_processes"] = clock.processes
+    if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
+        origin["cuda_graph_from_step"] = model.graph_captured_at
+        print(f"steps from {model.graph_captured_at} on were replayed as a CUDA graph", flush=True)
     # the last logged value of each loss (a staged model's earlier losses are NaN at the end)
     metrics = {"final_" + k: next(x for x in reversed(v) if not math.isnan(x)) for k, v in history.items()
                if k != "step" and any(not math.isnan(x) for x in v)}

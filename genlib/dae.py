@@ -479,6 +479,8 @@ class ScoreModel(_Trainer):
     vectors (default ``sigma_max``: wide enough to cover data when sigma_max is about the data's spread).
     """
 
+    graph_safe = True
+
     def __init__(self, shape: Sequence[int] = (2,), width: int = 128, depth: int = 3, sigma_max: float = 5.0,
                  sigma_min: float = 0.05, n_sigmas: int = 10, lr: float = 1e-3, eps: float | None = None,
                  steps_per_level: int = 50, final_denoise: bool = True, init_std: float | None = None,

@@ -454,6 +454,11 @@ class EnergyGAN(GenerativeModel):
             self.statistics = EnergyMLP(self.shape[0] + z_dim, width, 2, act="relu")
             self.optimizers["t"] = make_optimizer(self.statistics.parameters(), "adam", lr_g or lr, tuple(betas))
 
+    @property
+    def graph_safe(self) -> bool:
+        """A CUDA graph can replay the step without the entropy term (its estimators are not checked for it)."""
+        return not self.entropy
+
     def noise(self, n: int) -> Tensor:
         """Latent codes z ~ N(0, I) [n, z_dim] on the model's device."""
         return torch.randn(n, self.z_dim, device=self.device)

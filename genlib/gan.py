@@ -338,6 +338,7 @@ class GAN(GenerativeModel):
     """
 
     conv_norm = "batch"  # DCGAN discriminators use BatchNorm; penalties and unrolling override it
+    capturable_step = True  # no host reads in the game itself; a variant that has them says so
 
     def __init__(self, shape: Sequence[int] = (2,), z_dim: int = 16, width: int = 64, depth: int = 3,
                  lr_d: float = 2e-3, lr_g: float = 2e-3, beta1: float = 0.5, beta2: float = 0.999,
@@ -363,6 +364,12 @@ class GAN(GenerativeModel):
         self.lr_decay_steps, self.lr_final = lr_decay_steps, lr_final
         # A buffer, so checkpoints carry the schedule's position and resume it exactly.
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def graph_safe(self) -> bool:
+        """A CUDA graph can replay the step unless the variant reads device values on the host or the learning
+        rates follow a schedule (set from Python each step)."""
+        return self.capturable_step and self.lr_decay_steps <= 0
 
     # -- networks -------------------------------------------------------------------------------
     def build_generator(self) -> nn.Module:
@@ -458,6 +465,8 @@ class UnrolledGAN(GAN):
     """
 
     conv_norm = "layer"  # functional_call would otherwise update BatchNorm statistics while unrolling
+
+    capturable_step = False  # the unrolled Adam steps read D's step count on the host
 
     def __init__(self, unroll: int = 5, second_order: bool = True, **kw: Any):
         self.unroll, self.second_order = unroll, second_order
@@ -579,6 +588,8 @@ class MADGAN(GAN):
     (row r from generator ``r mod k``). Sampling picks a generator uniformly per sample.
     The cosine-similarity variant (MAD-GAN-Sim) is not implemented.
     """
+
+    capturable_step = False  # its generator routes rows to their heads with nonzero (a data-dependent shape)
 
     def __init__(self, k: int = 4, **kw: Any):
         if k < 2:

@@ -6,7 +6,8 @@ A family is a :class:`GenerativeModel`: it builds its networks and its optimiser
 critic's and then the generator's) and returns its losses, and draws samples with
 :meth:`GenerativeModel.sample`. :func:`fit` never special-cases a family; it adds what
 every run needs: a progress bar, a loss history, atomic periodic checkpoints with exact
-resume, a guard against non-finite losses, bf16 autocast and an EMA of the generator on CUDA.
+resume, a guard against non-finite losses, bf16 autocast and an EMA of the generator on CUDA, and (for a
+family whose step is ``graph_safe``, when asked) the step replayed as one CUDA graph (:class:`StepGraph`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from torch import nn
 Batch = tuple[torch.Tensor, torch.Tensor]
 History = dict[str, list[float]]
 CHECKPOINT = "checkpoint.pt"
+CUDA_GRAPH_ENV = "GENLIB_CUDA_GRAPH"
+"""Set to 1 to have :func:`fit` replay a ``graph_safe`` family's step as a CUDA graph by default."""
+GRAPH_WARMUP_STEPS = 3
+"""Eager steps on a side stream before a step is captured (lazy optimiser state and library handles settle)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,10 +42,17 @@ class NonFiniteLossError(RuntimeError):
 class GenerativeModel(nn.Module):
     """Base class of every model family (see the module docstring for the contract)."""
 
+    graph_safe: bool = False
+    """True when :meth:`step` can be captured once as a CUDA graph and replayed (:class:`StepGraph`): it reads
+    no device value on the host (``.item()``, ``nonzero``), makes no tensor whose shape depends on data, and
+    changes no Python state or hyperparameter between steps (a step counter kept in Python, a learning-rate
+    schedule). A family that claims it is checked by tests/test_train.py."""
+
     def __init__(self) -> None:
         super().__init__()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.ema: nn.Module | None = None
+        self.graph_captured_at: int | None = None  # the step from which fit replayed a CUDA graph, if it did
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step on reals ``x`` [B, ...] with dataset indices ``index`` [B]; returns scalar losses."""
@@ -93,10 +105,38 @@ class GenerativeModel(nn.Module):
         return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        """Inverse of :meth:`checkpoint_state`."""
+        """Inverse of :meth:`checkpoint_state`. Whether an optimiser is ``capturable`` belongs to this process (a
+        run captured on a GPU may resume eagerly, or on a CPU), so it is kept, not loaded."""
         self.load_state_dict(state["model"])
         for name, optimizer in self.optimizers.items():
+            capturable = [group.get("capturable") for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
+            for group, flag in zip(optimizer.param_groups, capturable):
+                if flag is not None:
+                    group["capturable"] = flag
+            place_step_counts(optimizer)
+
+
+def place_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """Put each parameter's step count where its group's mode keeps it: on the parameter's device for a
+    ``capturable`` or ``fused`` group (a captured step increments it there), on the CPU otherwise."""
+    for group in optimizer.param_groups:
+        on_device = group.get("capturable") or group.get("fused")
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Switch an optimiser to ``capturable`` where it has the mode (a captured step needs it: step counts on the
+    device, no host reads; torch checks every group, fused ones too) and move its step counts there."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
+    # torch warns once when a capturable optimiser steps outside a capture; the warm-up steps do so by design.
+    optimizer._warned_capturable_if_run_uncaptured = True
+    place_step_counts(optimizer)
 
 
 def rng_state() -> dict:
@@ -209,6 +249,105 @@ def autocast_context(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+def use_cuda_graph(model: GenerativeModel, device: torch.device, requested: bool | None) -> bool:
+    """Whether :func:`fit` replays ``model``'s step as a CUDA graph. ``requested=None`` follows the environment
+    (``GENLIB_CUDA_GRAPH=1``) where it can be honoured: on CUDA, for a ``graph_safe`` family. An explicit True
+    that cannot be honoured is an error."""
+    if requested is None:
+        return os.environ.get(CUDA_GRAPH_ENV) == "1" and device.type == "cuda" and model.graph_safe
+    if requested and not model.graph_safe:
+        raise ValueError(f"{type(model).__name__}.step is not graph_safe (see GenerativeModel.graph_safe)")
+    if requested and device.type != "cuda":
+        raise ValueError(f"a CUDA graph needs a CUDA device; the model is on {device}")
+    return requested
+
+
+class StepGraph:
+    """A training step (``model.step`` under autocast, then the EMA update) captured once as a CUDA graph and
+    replayed: one launch instead of the hundreds of small kernels (and their Python dispatch) of a step on small
+    batches, which is what bounds such steps on a GPU.
+
+    Called like a step, ``graph(x, index) -> losses``. The first ``warmup`` calls train eagerly on a side stream,
+    as capture requires (lazy optimiser state, library handles and the allocator settle); the next one captures
+    the step on its batch and replays it; every later call copies its batch into the captured input buffers and
+    replays. Each call trains exactly one step. Optimisers are made ``capturable`` (:func:`make_capturable`).
+    A step that cannot be captured raises a clear error. Autocast runs without its weight cache,
+    which a graph cannot hold across replays. ``captured_at`` counts the calls before the first replay.
+    """
+
+    def __init__(self, model: GenerativeModel, amp: bool, warmup: int = GRAPH_WARMUP_STEPS):
+        self.model, self.amp, self.warmup = model, amp, warmup
+        self.on_cuda = model.device.type == "cuda"
+        self.stream = torch.cuda.Stream(model.device) if self.on_cuda else None
+        if self.on_cuda:
+            for optimizer in model.optimizers.values():
+                make_capturable(optimizer)
+        self.calls, self.captured_at = 0, None
+        self.replay: Callable[[], torch.Tensor] | None = None
+        self.names: list[str] = []
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self._on_side_stream(x, index)
+        if self.replay is None:
+            self._capture_first(x, index)
+        self.static_x.copy_(x)
+        self.static_index.copy_(index)
+        losses = self.replay().clone()  # the captured output is overwritten by the next replay
+        return dict(zip(self.names, losses.unbind()))
+
+    def eager_step(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step as the graph records it, run eagerly."""
+        context = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.amp and self.on_cuda
+                   else nullcontext())
+        with context:
+            losses = self.model.step(x, index)
+        self.model.update_ema()
+        return losses
+
+    def _packed_step(self) -> torch.Tensor:
+        """The step on the static buffers, its losses stacked into one fp32 tensor [n_losses] (names kept)."""
+        losses = self.eager_step(self.static_x, self.static_index)
+        self.names = list(losses)
+        return torch.stack([value.detach().float() for value in losses.values()])
+
+    def _on_side_stream(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.stream is None:
+            return self.eager_step(x, index)
+        current = torch.cuda.current_stream(self.model.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            losses = self.eager_step(x, index)
+        current.wait_stream(self.stream)
+        return losses
+
+    def _capture_first(self, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Capture the step on buffers that hold batch ``x``'s shape. A step that cannot be captured (it syncs, or
+        makes a data-dependent shape) is an error, not a silent eager fallback: a failed capture may leave the
+        CUDA generator in capture mode, and every later random draw would repeat itself."""
+        self.static_x, self.static_index = x.clone(), index.clone()
+        try:
+            self.replay = self.capture(self._packed_step)
+        except RuntimeError as error:
+            raise RuntimeError(f"CUDA graph capture of {type(self.model).__name__}.step failed: its step is not "
+                               f"graph_safe after all ({error}). Train without {CUDA_GRAPH_ENV}=1.") from error
+        self.captured_at = self.calls - 1
+
+    def capture(self, packed_step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Record ``packed_step`` without running it; return a function that runs the recording and returns its
+        output (the same tensor each time)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            output = packed_step()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+
+        return replay
+
+
 def fit(
     model: GenerativeModel,
     sampler: Iterator[Batch],
@@ -225,6 +364,7 @@ def fit(
     callback: Callable[[int, GenerativeModel], None] | None = None,
     callback_every: int = 0,
     clock: TrainClock | None = None,
+    cuda_graph: bool | None = None,
 ) -> History:
     """Train ``model`` for ``steps`` steps on batches from ``sampler``; return the loss history.
 
@@ -236,7 +376,10 @@ def fit(
     run loses at most ``checkpoint_every`` steps). ``amp`` (bf16 autocast) and ``ema_decay``
     default to on (0.999) on CUDA and off on the CPU. ``callback(step, model)`` runs every
     ``callback_every`` steps (e.g. to record snapshots for a figure). ``clock`` (a :class:`TrainClock`),
-    if given, times the training, going on from a resumed checkpoint's: read it after the call.
+    if given, times the training, going on from a resumed checkpoint's: read it after the call. ``cuda_graph``
+    replays the step as a CUDA graph (:class:`StepGraph`, for ``graph_safe`` families on CUDA; default: the
+    ``GENLIB_CUDA_GRAPH`` environment variable, see :func:`use_cuda_graph`); ``model.graph_captured_at`` then
+    names the first replayed step.
     """
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
@@ -255,6 +398,7 @@ def fit(
         start, history = load_checkpoint(path, model, sampler, clock)
         last_saved = start
 
+    graph = StepGraph(model, amp) if use_cuda_graph(model, device, cuda_graph) else None
     pending: list[dict[str, torch.Tensor]] = []
     bar = _progress_bar(start, steps, desc or type(model).__name__, progress)
     began = time.perf_counter()
@@ -262,9 +406,14 @@ def fit(
         for step in range(start + 1, steps + 1):
             x, index = next(sampler)
             model.train()
-            with autocast_context(device, amp):
-                losses = model.step(x, index)
-            model.update_ema()
+            if graph is not None:
+                losses = graph(x, index)
+                if graph.captured_at is not None and model.graph_captured_at is None:
+                    model.graph_captured_at = step
+            else:
+                with autocast_context(device, amp):
+                    losses = model.step(x, index)
+                model.update_ema()
             pending.append({k: v.detach().float() for k, v in losses.items()})
             if callback is not None and callback_every and step % callback_every == 0:
                 callback(step, model)

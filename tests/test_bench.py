@@ -150,3 +150,46 @@ def test_candidate_sweep_runs_at_the_most_work_and_on_a_tie_at_the_larger_d(monk
                             ([(8, 16, 4), (40, 64, 32)], (40, 64, 32))):
         bench.main(device="cpu", out=tmp_path, nn_sizes=sizes, repeats=1)
         assert swept.pop() == expected
+
+
+@pytest.mark.parametrize("captures", [True, False])
+def test_a_graph_safe_family_gets_a_replayed_step_row_or_a_note_why_not(monkeypatch, captures):
+    """On CUDA the bench times each graph-safe family's step replayed as a graph. Here 'capture' is stood in for
+    by calling the step (what a graph replays) or by the error a step that syncs raises."""
+    from genlib import train
+    from genlib.cli import TrainSpec, build_family
+
+    def failing(self, packed_step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(train.StepGraph, "capture", (lambda self, packed_step: packed_step) if captures else failing)
+    data = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    model = build_family("score", TrainSpec(data, (3, 32, 32), torch.device("cpu"), width=8, batch_size=8))
+    real, index = data[:8].float() / 127.5 - 1, torch.arange(8)
+    row = bench.graphed_step_row(model, "score", real, index, steps=2)
+    assert row["model"] == "genlib score (CUDA graph)" and row["batch"] == 8
+    if captures:
+        assert row["img_per_s"] > 0 and "note" not in row
+    else:
+        assert row["img_per_s"] is None and "stream is capturing" in row["note"]
+
+
+def test_the_small_batch_section_times_each_graph_safe_family_eager_and_replayed(monkeypatch):
+    """On CUDA the bench adds this section; here the graph is stood in for by calling the step."""
+    from genlib import train
+    from genlib.cli import FAMILIES, TrainSpec, build_family
+
+    monkeypatch.setattr(train.StepGraph, "capture", lambda self, packed_step: packed_step)
+    monkeypatch.setattr(bench, "SMALL_BATCH", {"channels": 1, "resolution": 28, "batch": 4})
+    rows = bench.bench_small_batches(torch.device("cpu"), steps=1)
+    data = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    safe = {name for name in FAMILIES
+            if build_family(name, TrainSpec(data, (1, 28, 28), torch.device("cpu"), batch_size=4)).graph_safe}
+    assert safe >= {"gan", "energy", "score"}
+    assert [row["model"] for row in rows] == [f"genlib {name}{kind}" for name in sorted(safe)
+                                              for kind in ("", " (CUDA graph)")]
+    for row in rows:
+        assert row["steps_per_s"] == pytest.approx(row["img_per_s"] / 4)
+    text = bench.render_small_batches(rows)
+    assert "(1x28x28 images, batch 4)" in text and "genlib score (CUDA graph)" in text
+    assert bench.render_small_batches(None) == ""

@@ -126,6 +126,23 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     assert f"scale=small | device={device.type}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("graph", ["0", "1"])
+def test_run_json_says_from_which_step_a_cuda_graph_replayed_the_training(tmp_path, capsys, device, monkeypatch, graph):
+    from genlib.train import CUDA_GRAPH_ENV, GRAPH_WARMUP_STEPS
+
+    monkeypatch.setenv(CUDA_GRAPH_ENV, graph)
+    out = tmp_path / "run"
+    cli.main(["train", "score", "--data", "ring8", "--toy-points", "512", "--steps", "8", "--batch-size", "32",
+              "--width", "16", "--eval-samples", "0", "--opt", "n_sigmas=2", "--opt", "steps_per_level=2",
+              "--device", str(device), "--out", str(out)])
+    run = json.loads((out / "run.json").read_text())
+    if graph == "1" and device.type == "cuda":
+        assert run["cuda_graph_from_step"] == GRAPH_WARMUP_STEPS + 1
+        assert "replayed as a CUDA graph" in capsys.readouterr().out
+    else:
+        assert "cuda_graph_from_step" not in run
+
+
 def test_run_json_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
     from genlib import results, train
 

@@ -1,4 +1,4 @@
-"""The training loop: exact resume, the non-finite guard, EMA, history and the contract."""
+"""The training loop: exact resume, the non-finite guard, EMA, history, the contract and replayed CUDA graphs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import CUDA
 from genlib.data import BatchSampler
-from genlib.train import (CHECKPOINT, GenerativeModel, NonFiniteLossError, TrainClock, first_non_finite,
-                          fit)
+from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
+                          TrainClock, first_non_finite, fit)
 
 
 class MomentMatcher(GenerativeModel):
@@ -219,3 +221,278 @@ def test_first_non_finite_reads_steps_that_report_different_losses():
     pending = [{"a": torch.tensor(1.0)}, {"b": torch.tensor(2.0)}, {"b": torch.tensor(float("inf"))}]
     assert first_non_finite(pending, first_step=11) == (13, {"b": float("inf")})
     assert first_non_finite(pending[:2], first_step=11) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs: the graph_safe contract (checked on the CPU) and the replayed step (on a GPU)
+# ----------------------------------------------------------------------------------------------
+
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::equal", "aten::is_nonzero", "aten::allclose",
+              "aten::repeat_interleave"}
+MASK_INDEXING = {"aten::index", "aten::index_put", "aten::index_put_"}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a device value on the host or make a shape from data (a CUDA graph can hold
+    neither), outside optimiser steps (``paused``: capturable optimisers have none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if not self.paused and (name in HOST_READS or (name in MASK_INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]))):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def python_state(model: GenerativeModel) -> dict:
+    """Every plain Python value a replayed graph would freeze: module attributes and optimiser hyperparameters."""
+    state = {f"{name}.{key}": value for name, module in model.named_modules() for key, value in vars(module).items()
+             if isinstance(value, (bool, int, float, str, tuple))}
+    for player, optimizer in model.optimizers.items():
+        for i, group in enumerate(optimizer.param_groups):
+            state |= {f"{player}[{i}].{key}": value for key, value in group.items() if key != "params"}
+    return state
+
+
+def graph_obstacles(model: GenerativeModel, x: torch.Tensor) -> tuple[list[str], dict]:
+    """(host reads, changed Python state) of one step of ``model`` on x after two warm-up steps."""
+    index = torch.arange(len(x))
+    for _ in range(2):
+        model.step(x, index)
+    mode, before = HostReads(), python_state(model)
+    for optimizer in model.optimizers.values():
+        def paused_step(*args, _step=optimizer.step, **kwargs):
+            mode.paused = True
+            try:
+                return _step(*args, **kwargs)
+            finally:
+                mode.paused = False
+        optimizer.step = paused_step
+    with mode:
+        model.step(x, index)
+    after = python_state(model)
+    return sorted(set(mode.found)), {k: (before.get(k), after.get(k)) for k in before | after
+                                     if before.get(k) != after.get(k)}
+
+
+def tiny_family(family: str, shape: tuple[int, ...], *options: str) -> tuple[GenerativeModel, torch.Tensor]:
+    """A family as the CLI builds it, at width 8 on random data of ``shape``, and a batch of 16 for it."""
+    from genlib.cli import TrainSpec, build_family, parse_options
+
+    torch.manual_seed(0)
+    if len(shape) == 1:
+        data = torch.randn(64, *shape)
+        x = data[:16]
+    else:
+        data = torch.randint(0, 256, (64, *shape), dtype=torch.uint8)
+        x = data[:16].float() / 127.5 - 1
+    spec = TrainSpec(data, shape, torch.device("cpu"), z_dim=8, width=8, lr=1e-3, batch_size=16,
+                     options=parse_options(list(options)))
+    return build_family(family, spec), x
+
+
+GRAPH_CASES = [("gan", f"variant={variant}") for variant in ("gan", "dragan", "ebgan", "mrgan", "minibatch", "pacgan")]
+GRAPH_CASES += [("energy",), ("score",), ("dae",)]
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 28, 28)], ids=["toy", "image"])
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda case: " ".join(case))
+def test_families_that_claim_graph_safe_steps_have_no_host_reads_and_no_python_state(case, shape):
+    model, x = tiny_family(case[0], shape, *case[1:])
+    assert model.graph_safe
+    assert graph_obstacles(model, x) == ([], {})
+
+
+@pytest.mark.parametrize("case, obstacle", [
+    (("dde",), "._iteration"),                                  # a step counter in Python drives its schedule
+    (("gan", "lr_decay_steps=100"), "d[0].lr"),                 # learning rates set from Python each step
+    (("gan", "variant=unrolled"), "aten::_local_scalar_dense"),  # reads Adam's step count
+    (("gan", "variant=madgan"), "aten::nonzero"),               # routes rows to generators
+    (("imle",), "aten::nonzero"),                               # the exact search
+])
+def test_the_graph_check_finds_what_a_graph_cannot_replay_and_those_families_do_not_claim_it(case, obstacle):
+    model, x = tiny_family(case[0], (2,), *case[1:])
+    host_reads, changed = graph_obstacles(model, x)
+    assert obstacle in host_reads or obstacle in changed
+    assert not model.graph_safe
+
+
+def test_the_full_scale_runs_that_graphs_would_speed_up_are_graph_safe():
+    """tools/record_full.sh's small-batch runs of these families are the ones a replayed graph speeds up."""
+    for family, options in [("gan", ["variant=pacgan", "pack=2"]), ("energy", []), ("score", ["n_sigmas=10"])]:
+        model, _ = tiny_family(family, (1, 28, 28), *options)
+        assert model.graph_safe, family
+
+
+def test_use_cuda_graph_follows_the_environment_only_where_it_can(monkeypatch):
+    from genlib.train import CUDA_GRAPH_ENV, use_cuda_graph
+
+    safe, _ = tiny_family("score", (2,))
+    unsafe, _ = tiny_family("dde", (2,))
+    monkeypatch.setenv(CUDA_GRAPH_ENV, "1")
+    assert not use_cuda_graph(safe, torch.device("cpu"), None)
+    assert not use_cuda_graph(unsafe, torch.device("cuda"), None)
+    assert use_cuda_graph(safe, torch.device("cuda"), None)
+    monkeypatch.setenv(CUDA_GRAPH_ENV, "0")
+    assert not use_cuda_graph(safe, torch.device("cuda"), None)
+    assert not use_cuda_graph(unsafe, torch.device("cpu"), False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        use_cuda_graph(safe, torch.device("cpu"), True)
+    with pytest.raises(ValueError, match="not graph_safe"):
+        use_cuda_graph(unsafe, torch.device("cuda"), True)
+
+
+class ReplayByCalling(StepGraph):
+    """A CPU stand-in for the graph: 'capture' records nothing and each 'replay' runs the step, which is what a
+    graph does for a graph-safe step. It checks the bookkeeping: warm-up, capture, one step per call."""
+
+    def capture(self, packed_step):
+        return packed_step
+
+
+class CaptureFails(StepGraph):
+    def capture(self, packed_step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def train_steps(step, seed: int, steps: int = 8) -> tuple[list[torch.Tensor], list[dict], GenerativeModel]:
+    """Parameters, per-step losses and the model after ``steps`` calls of ``step(model)(x, index)`` on one run."""
+    model, sampler = make_run(seed=seed)
+    run = step(model)
+    losses = [run(*next(sampler)) for _ in range(steps)]
+    return parameters(model), losses, model
+
+
+def test_a_step_graph_trains_one_step_per_call_like_the_eager_step():
+    def eager(model):
+        def run(x, index):
+            losses = model.step(x, index)
+            model.update_ema()
+            return {k: v.detach() for k, v in losses.items()}
+        return run
+
+    expected, expected_losses, _ = train_steps(eager, seed=3)
+    got, losses, model = train_steps(lambda model: ReplayByCalling(model, amp=False), seed=3)
+    assert model.calls == 8
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    for want, have in zip(expected_losses, losses):
+        assert list(have) == list(want)
+        torch.testing.assert_close(torch.stack(list(have.values())), torch.stack(list(want.values())).float())
+    assert len({id(step["loss"]) for step in losses}) == 8  # no step's losses alias another's
+
+
+def test_a_step_that_cannot_be_captured_is_a_clear_error_after_the_warm_up():
+    model, sampler = make_run()
+    graph = CaptureFails(model, amp=False)
+    for _ in range(GRAPH_WARMUP_STEPS):
+        graph(*next(sampler))
+    with pytest.raises(RuntimeError, match="not graph_safe after all.*stream is capturing"):
+        graph(*next(sampler))
+    assert model.calls == GRAPH_WARMUP_STEPS
+
+
+def test_a_checkpoint_keeps_this_process_s_optimizer_mode(tmp_path):
+    """A run captured on a GPU saves capturable optimisers; resumed on a CPU they must step there."""
+    model, sampler = make_run()
+    fit(model, sampler, 2, progress=False)
+    state = model.checkpoint_state()
+    for group in state["optimizers"]["g"]["param_groups"]:
+        group["capturable"] = True
+    fresh, sampler = make_run()
+    fresh.load_checkpoint_state(state)
+    assert [group["capturable"] for group in fresh.optimizers["g"].param_groups] == [False]
+    fit(fresh, sampler, 2, progress=False)  # a capturable Adam would refuse CPU parameters
+
+
+
+class DeviceMatcher(GenerativeModel):
+    """:class:`MomentMatcher` with its noise on the model's device, claiming a graph-safe step; ``sync=True``
+    adds a host read, so that capture must fail."""
+
+    graph_safe = True
+
+    def __init__(self, sync: bool = False):
+        super().__init__()
+        self.generator = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+        self.optimizers = {"g": torch.optim.Adam(self.generator.parameters(), lr=1e-2)}
+        self.sync = sync
+
+    def step(self, x, index):
+        fake = self.generator(torch.randn(x.shape[0], 2, device=x.device))
+        loss = (fake.mean(0) - x.mean(0)).pow(2).sum() + (fake.std(0) - x.std(0)).pow(2).sum()
+        if self.sync and loss.item() < 0:
+            raise AssertionError("a squared norm is not negative")
+        self.optimizers["g"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["g"].step()
+        return {"loss": loss.detach()}
+
+    def ema_source(self):
+        return self.generator
+
+
+def cuda_run(family_case: tuple[str, ...], graphed: bool, steps: int = 8) -> tuple[list[torch.Tensor], list[float]]:
+    """Parameters and losses after ``steps`` steps of a tiny 28x28 family on CUDA, eager or replayed (amp off)."""
+    model, _ = tiny_family(family_case[0], (1, 28, 28), *family_case[1:])
+    model = model.cuda()
+    torch.manual_seed(1)
+    sampler = BatchSampler(torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), 16, "cuda", seed=1)
+    graph = StepGraph(model, amp=False) if graphed else None
+    losses = []
+    for _ in range(steps):
+        x, index = next(sampler)
+        if graph is None:
+            step_losses = model.step(x, index)
+            model.update_ema()
+        else:
+            step_losses = graph(x, index)
+        losses.append(float(next(iter(step_losses.values()))))
+    assert graph is None or graph.captured_at == GRAPH_WARMUP_STEPS
+    return parameters(model), losses
+
+
+@CUDA
+@pytest.mark.parametrize("case", [("gan", "variant=pacgan", "pack=2"), ("energy",), ("score",)],
+                         ids=lambda case: case[0])
+def test_cuda_graph_replays_train_as_the_eager_steps_do(case):
+    expected, expected_losses = cuda_run(case, graphed=False)
+    got, losses = cuda_run(case, graphed=True)
+    assert losses == pytest.approx(expected_losses, rel=1e-3, abs=1e-4)
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-4)
+
+
+@CUDA
+def test_cuda_graph_fit_resumes_and_records_where_it_replayed(tmp_path):
+    def run(steps: int):
+        torch.manual_seed(0)
+        model = DeviceMatcher().cuda()
+        sampler = BatchSampler(torch.randn(512, 2), 32, "cuda", seed=0)
+        history = fit(model, sampler, steps, run_dir=tmp_path, checkpoint_every=6, log_every=3, progress=False,
+                      cuda_graph=True, ema_decay=0.9)
+        return model, history
+
+    model, history = run(12)
+    assert model.graph_captured_at == GRAPH_WARMUP_STEPS + 1
+    assert len(set(history["loss"])) == len(history["loss"]) == 4 and all(map(math.isfinite, history["loss"]))
+    resumed, history = run(18)
+    assert resumed.graph_captured_at == 12 + GRAPH_WARMUP_STEPS + 1 and len(history["loss"]) == 6
+
+
+@CUDA
+def test_a_step_that_syncs_is_a_clear_error_on_cuda():
+    """Last in the file: a failed capture may leave the CUDA generator in capture mode for later tests."""
+    model = DeviceMatcher(sync=True).cuda()
+    sampler = BatchSampler(torch.randn(512, 2), 32, "cuda", seed=0)
+    graph = StepGraph(model, amp=False)
+    for _ in range(GRAPH_WARMUP_STEPS):
+        graph(*next(sampler))
+    with pytest.raises(RuntimeError, match="not graph_safe after all"):
+        graph(*next(sampler))

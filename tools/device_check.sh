@@ -8,6 +8,8 @@
 #                                          script's budget, default 540, inside the device tool's 600 s limit)
 #
 # On the GPU machine it runs, in this order and within the budget:
+#   0. the CUDA graph tests (tests/test_train.py -k cuda, at most GRAPH_TEST_SECONDS, default 60): if they pass,
+#      GENLIB_CUDA_GRAPH=1 makes the runs below replay the steps of graph-safe families as CUDA graphs,
 #   1. every test's CUDA case (`pytest -k cuda`: the `device` fixture's cuda parameter and the CUDA-only tests),
 #      for at most TEST_SECONDS (default 120; measured: 62 s on an H200), skipping the test modules that need
 #      nbformat when the machine lacks it (they have no CUDA case),
@@ -39,6 +41,7 @@ fi
 BUDGET="${1:-540}"
 shift $(( $# > 0 ? 1 : 0 ))
 TEST_SECONDS="${TEST_SECONDS:-120}"
+GRAPH_TEST_SECONDS="${GRAPH_TEST_SECONDS:-60}"
 DEADLINE=$((SECONDS + BUDGET))
 OUT="${OUT:-$ROOT/device-out}"
 mkdir -p "$OUT"
@@ -54,6 +57,20 @@ left() { echo $((DEADLINE - SECONDS)); }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
   "$GENLIB_PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 } 2>&1 | tee "$OUT/device.log"
+
+# Replayed CUDA graphs (genlib.train.StepGraph) speed up the small-batch runs; they are used only if their own
+# tests pass here first.
+if (( $(left) >= GRAPH_TEST_SECONDS + TEST_SECONDS + 60 )); then
+  echo "== CUDA graph tests, $(left) s left" | tee -a "$OUT/device.log"
+  if timeout "$GRAPH_TEST_SECONDS" "$GENLIB_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -q -rs -k cuda \
+      tests/test_train.py > "$OUT/graph-tests.log" 2>&1; then
+    export GENLIB_CUDA_GRAPH=1
+    echo "graph tests passed ($(tail -n 1 "$OUT/graph-tests.log")): graph-safe runs replay their steps" \
+      | tee -a "$OUT/device.log"
+  else
+    echo "graph tests failed ($(tail -n 1 "$OUT/graph-tests.log")): every run trains eagerly" | tee -a "$OUT/device.log"
+  fi
+fi
 
 if (( $(left) >= TEST_SECONDS + 30 )); then
   echo "== tests (CUDA cases), $(left) s left" | tee -a "$OUT/device.log"

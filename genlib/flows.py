@@ -476,12 +476,33 @@ class FlowModel(GenerativeModel):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # in the checkpoint: exact resume
         self.optimizers = {"flow": torch.optim.Adam(flow.parameters(), lr=lr)}
 
+    graph_safe = True  # with a schedule, prepare_for_graph moves it onto the device
+
     def current_lr(self) -> float:
         """The learning rate of the next step: constant, or cosine-decayed over ``decay_steps``."""
         if not self.decay_steps:
             return self.lr
         progress = min(int(self.steps_done) / self.decay_steps, 1.0)
         return 0.5 * self.lr * (1 + math.cos(math.pi * progress))
+
+    def prepare_for_graph(self) -> None:
+        """With a schedule, keep the learning rate as a tensor on the device (capturable Adam reads it there), so
+        that a replayed step computes it from ``steps_done`` instead of having it set from Python."""
+        if self.decay_steps:
+            for group in self.optimizers["flow"].param_groups:
+                group["lr"] = torch.tensor(self.current_lr(), dtype=torch.float32, device=self.device)
+
+    def schedule_lr(self) -> None:
+        """Set the learning rate of the next step: on the device when it is a tensor (:meth:`prepare_for_graph`),
+        else from Python."""
+        if not self.decay_steps:
+            return
+        for group in self.optimizers["flow"].param_groups:
+            if isinstance(group["lr"], Tensor):
+                progress = (self.steps_done.double() / self.decay_steps).clamp_(max=1.0)
+                group["lr"].copy_(progress.mul_(math.pi).cos_().add_(1).mul_(0.5 * self.lr))
+            else:
+                group["lr"] = self.current_lr()
 
     def nll(self, x: Tensor, flow: NormalizingFlow | None = None) -> Tensor:
         """``-log p(x)`` per sample ``[B]`` (of the dequantised x when discrete), in nats, fp32."""
@@ -504,8 +525,7 @@ class FlowModel(GenerativeModel):
         nll.backward()
         # Rare huge gradients (a near-singular layer) would otherwise wreck Adam's moments.
         nn.utils.clip_grad_norm_(self.flow.parameters(), self.clip)
-        for group in optimizer.param_groups:
-            group["lr"] = self.current_lr()
+        self.schedule_lr()
         optimizer.step()
         self.steps_done += 1
         return self.report(nll.detach())

@@ -67,6 +67,10 @@ class GenerativeModel(nn.Module):
         """The sub-network whose weights an EMA averages (usually the generator); None for no EMA."""
         return None
 
+    def prepare_for_graph(self) -> None:
+        """Called by :class:`StepGraph` before its warm-up steps: move onto the device whatever a step would
+        otherwise set from Python (a learning-rate schedule, say). Nothing by default."""
+
     def sampling_net(self) -> nn.Module:
         """The network to sample with: the EMA copy when one is kept, else the live ``ema_source()``."""
         source = self.ema_source()
@@ -282,6 +286,7 @@ class StepGraph:
         if self.on_cuda:
             for optimizer in model.optimizers.values():
                 make_capturable(optimizer)
+            model.prepare_for_graph()
         self.calls, self.captured_at = 0, None
         self.replay: Callable[[], torch.Tensor] | None = None
         self.names: list[str] = []

@@ -185,6 +185,32 @@ def test_flow_training_resumes_exactly_with_its_learning_rate_schedule(tmp_path)
         torch.testing.assert_close(a, b)
 
 
+def test_the_schedule_on_the_device_follows_the_python_one_and_trains_alike():
+    """A replayed CUDA graph cannot have its learning rate set from Python: prepare_for_graph keeps it as a tensor
+    that each step computes from steps_done. Here, on the CPU, both schedules train the same flow."""
+    data = torch.randn(64, 2)
+
+    def run(on_device: bool) -> tuple[fl.FlowModel, list[float]]:
+        torch.manual_seed(0)
+        model = fl.FlowModel(fl.RealNVP(2, n_layers=2, hidden=8), lr=1e-2, decay_steps=5)
+        if on_device:
+            model.prepare_for_graph()
+        sampler, rates = BatchSampler(data, 16, seed=0), []
+        for _ in range(7):
+            model.step(*next(sampler))
+            rates.append(float(model.optimizers["flow"].param_groups[0]["lr"]))
+        return model, rates
+
+    python, python_rates = run(False)
+    device, device_rates = run(True)
+    expected = [0.5 * 1e-2 * (1 + math.cos(math.pi * min(step / 5, 1.0))) for step in range(7)]
+    assert python_rates == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert device_rates == pytest.approx(expected, rel=1e-6, abs=1e-9)  # a float32 tensor
+    assert isinstance(device.optimizers["flow"].param_groups[0]["lr"], torch.Tensor)
+    for a, b in zip(python.parameters(), device.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def grid_integral(log_prob, lim: float = 9.0, n: int = 361) -> float:
     """Riemann sum of ``exp(log_prob)`` over the square [-lim, lim]^2 with n x n points."""
     axis = torch.linspace(-lim, lim, n)

@@ -251,17 +251,21 @@ class HostReads(TorchDispatchMode):
 
 
 def python_state(model: GenerativeModel) -> dict:
-    """Every plain Python value a replayed graph would freeze: module attributes and optimiser hyperparameters."""
+    """Every plain Python value a replayed graph would freeze: module attributes and optimiser hyperparameters (a
+    tensor hyperparameter by identity: a graph may update it in place, not replace it)."""
     state = {f"{name}.{key}": value for name, module in model.named_modules() for key, value in vars(module).items()
              if isinstance(value, (bool, int, float, str, tuple))}
     for player, optimizer in model.optimizers.items():
         for i, group in enumerate(optimizer.param_groups):
-            state |= {f"{player}[{i}].{key}": value for key, value in group.items() if key != "params"}
+            state |= {f"{player}[{i}].{key}": ("tensor", id(value)) if isinstance(value, torch.Tensor) else value
+                      for key, value in group.items() if key != "params"}
     return state
 
 
 def graph_obstacles(model: GenerativeModel, x: torch.Tensor) -> tuple[list[str], dict]:
-    """(host reads, changed Python state) of one step of ``model`` on x after two warm-up steps."""
+    """(host reads, changed Python state) of one step of ``model`` on x after two warm-up steps, prepared as
+    :class:`StepGraph` prepares it."""
+    model.prepare_for_graph()
     index = torch.arange(len(x))
     for _ in range(2):
         model.step(x, index)
@@ -298,7 +302,7 @@ def tiny_family(family: str, shape: tuple[int, ...], *options: str) -> tuple[Gen
 
 
 GRAPH_CASES = [("gan", f"variant={variant}") for variant in ("gan", "dragan", "ebgan", "mrgan", "minibatch", "pacgan")]
-GRAPH_CASES += [("energy",), ("score",), ("dae",)]
+GRAPH_CASES += [("energy",), ("score",), ("dae",), ("realnvp",), ("realnvp", "decay_steps=100")]
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 28, 28)], ids=["toy", "image"])
@@ -325,7 +329,8 @@ def test_the_graph_check_finds_what_a_graph_cannot_replay_and_those_families_do_
 
 def test_the_full_scale_runs_that_graphs_would_speed_up_are_graph_safe():
     """tools/record_full.sh's small-batch runs of these families are the ones a replayed graph speeds up."""
-    for family, options in [("gan", ["variant=pacgan", "pack=2"]), ("energy", []), ("score", ["n_sigmas=10"])]:
+    for family, options in [("gan", ["variant=pacgan", "pack=2"]), ("energy", []), ("score", ["n_sigmas=10"]),
+                            ("realnvp", ["scales=3", "blocks=4", "decay_steps=30000"])]:
         model, _ = tiny_family(family, (1, 28, 28), *options)
         assert model.graph_safe, family
 
@@ -459,8 +464,8 @@ def cuda_run(family_case: tuple[str, ...], graphed: bool, steps: int = 8) -> tup
 
 
 @CUDA
-@pytest.mark.parametrize("case", [("gan", "variant=pacgan", "pack=2"), ("energy",), ("score",)],
-                         ids=lambda case: case[0])
+@pytest.mark.parametrize("case", [("gan", "variant=pacgan", "pack=2"), ("energy",), ("score",),
+                                  ("realnvp", "scales=2", "blocks=1", "decay_steps=20")], ids=lambda case: case[0])
 def test_cuda_graph_replays_train_as_the_eager_steps_do(case):
     expected, expected_losses = cuda_run(case, graphed=False)
     got, losses = cuda_run(case, graphed=True)

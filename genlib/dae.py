@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from genlib import nets
-from genlib.train import GenerativeModel
+from genlib.train import GenerativeModel, mirror_step_count
 
 __all__ = [
     "DAE", "DDEGenerator", "NoiseConditionalScore", "ScoreModel", "annealed_langevin", "build_dae", "build_dde",
@@ -294,12 +294,7 @@ class DDEGenerator(_Trainer):
         # Python mirror of the step count spares a device sync per step on CUDA.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_loss_g", torch.zeros(()))
-        self._iteration = 0
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        """Restore weights and optimisers, and the step count that drives the schedules."""
-        super().load_checkpoint_state(state)
-        self._iteration = int(self.iteration)
+        mirror_step_count(self, "iteration", "_iteration")
 
     @property
     def sigma(self) -> float:
@@ -339,7 +334,7 @@ class DDEGenerator(_Trainer):
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """DDE steps for both energies, then (every ``gen_every`` steps after warm-up) one generator step."""
         self._iteration += 1
-        self.iteration.fill_(self._iteration)
+        self.iteration += 1
         warming = self._iteration <= self.warmup
         losses = {"loss_real": self.fit_energy("real", self.energy_real, x) if warming or self.train_real
                   else self.energy_loss(self.energy_real, x).detach()}

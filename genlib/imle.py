@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from genlib.data import to_float
 from genlib.metrics import check_positive
 from genlib.nets import MLP, ConvGenerator
-from genlib.train import GenerativeModel
+from genlib.train import GenerativeModel, mirror_step_count
 
 PairLoss = Callable[[Tensor, Tensor], Tensor]
 """A per-pair loss: ``(a [B, ...], b [B, ...]) -> [B]``."""
@@ -787,6 +787,7 @@ class IMLE(_FromNoise):
         object.__setattr__(self, "match_features", match_features)
         device = next(generator.parameters()).device  # buffers start where the generator lives
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64, device=device))
+        mirror_step_count(self, "steps_done", "_steps_done")  # when to refresh, without a device sync per step
         self.data = data  # not a buffer: it would copy the dataset into every checkpoint
         if data is not None:
             self.register_buffer("matched_z", torch.zeros(len(data), z_dim, device=device))
@@ -799,13 +800,14 @@ class IMLE(_FromNoise):
         loss = self._loss(fake, x).mean()
         _descend([self.optimizers["generator"]], loss)
         self.steps_done += 1
+        self._steps_done += 1
         return {"loss": loss.detach(), "match_dist": match_dist.float()}
 
     @torch.no_grad()
     def _matched_codes(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """The code matched to each real [B, z_dim] and the batch's mean matching distance."""
         if self.refresh_every > 1:
-            if int(self.steps_done) % self.refresh_every == 0:
+            if self._steps_done % self.refresh_every == 0:
                 self.refresh()
             return self.matched_z[index], self.matched_dist[index].mean()
         codes = self.noise(self.fakes_per_real * len(x))
@@ -1032,6 +1034,7 @@ class GLANN(GenerativeModel):
         self.optimizers = {"glo_generator": glo.optimizers["generator"], "glo_codes": glo.optimizers["codes"],
                            "mapper": self.mapper.optimizers["generator"]}
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64, device=codes.device))
+        mirror_step_count(self, "steps_done", "_steps_done")  # which stage, without a device sync per step
         self._codes_current = False  # not saved: after a resume the mapper's data are re-read from GLO
 
     def ema_source(self) -> nn.Module:
@@ -1040,7 +1043,8 @@ class GLANN(GenerativeModel):
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """A GLO step on images x [B, ...] for the first ``glo_steps`` steps, then a latent IMLE step."""
         self.steps_done += 1
-        if int(self.steps_done) <= self.glo_steps:
+        self._steps_done += 1
+        if self._steps_done <= self.glo_steps:
             return {"glo_loss": self.glo.step(x, index)["loss"]}
         if not self._codes_current:  # GLO is done: its codes are the mapper's data from now on
             self.mapper.data, self._codes_current = self.glo.latent_codes(), True

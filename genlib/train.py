@@ -121,6 +121,15 @@ class GenerativeModel(nn.Module):
             place_step_counts(optimizer)
 
 
+def mirror_step_count(module: nn.Module, buffer: str, attribute: str) -> None:
+    """Keep ``module.<attribute>``, a Python int, equal to the step-count buffer ``module.<buffer>`` whenever a state
+    dict is loaded into the module or any module holding it. The buffer goes into checkpoints; the int lets a
+    schedule read the count every step without a device sync (the step increments both)."""
+    setattr(module, attribute, int(getattr(module, buffer)))
+    module.register_load_state_dict_post_hook(lambda loaded, _keys: setattr(loaded, attribute,
+                                                                           int(getattr(loaded, buffer))))
+
+
 def place_step_counts(optimizer: torch.optim.Optimizer) -> None:
     """Put each parameter's step count where its group's mode keeps it: on the parameter's device for a
     ``capturable`` or ``fused`` group (a captured step increments it there), on the CPU otherwise."""

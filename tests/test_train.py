@@ -491,6 +491,25 @@ def test_cuda_graph_fit_resumes_and_records_where_it_replayed(tmp_path):
     assert resumed.graph_captured_at == 12 + GRAPH_WARMUP_STEPS + 1 and len(history["loss"]) == 6
 
 
+def test_a_mirrored_step_count_follows_its_buffer_when_a_parent_loads_a_state_dict():
+    import copy
+
+    from genlib.train import mirror_step_count
+
+    counted = nn.Module()
+    counted.register_buffer("steps", torch.tensor(3))
+    mirror_step_count(counted, "steps", "_steps")
+    assert counted._steps == 3
+    holder = nn.Sequential(nn.Linear(1, 1), counted)
+    state = holder.state_dict()
+    state["1.steps"] = torch.tensor(7)
+    holder.load_state_dict(state)
+    assert counted._steps == 7
+    twin = copy.deepcopy(holder)  # an EMA copy, say: its hook sets the twin's own count
+    twin.load_state_dict({**state, "1.steps": torch.tensor(11)})
+    assert twin[1]._steps == 11 and counted._steps == 7
+
+
 @CUDA
 def test_a_step_that_syncs_is_a_clear_error_on_cuda():
     """Last in the file: a failed capture may leave the CUDA generator in capture mode for later tests."""

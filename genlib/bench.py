@@ -260,8 +260,9 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
     """Images/s of the reference DCGAN step (at 64x64) and of each registered family's ``step`` on
     ``channels`` x ``resolution`` x ``resolution`` images (``vs_reference``: images/s over the reference's, in the
     same run; genlib steps run under bf16 autocast on CUDA, the reference in fp32 eager). With ``graphs`` (default:
-    on CUDA) each graph-safe family also gets a row of its step replayed as a CUDA graph; ``graph_safe_only`` keeps
-    only those families."""
+    on CUDA) each graph-safe family also gets a row of its step replayed as a CUDA graph, after every eager row: a
+    failed capture may leave the CUDA generator unusable, so it ends the graph rows; ``graph_safe_only`` keeps only
+    those families."""
     from genlib.cli import FAMILIES, TrainSpec, build_family
     from genlib.train import autocast_context
 
@@ -269,7 +270,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
     data = torch.randint(0, 256, (max(4 * batch_size, 256), channels, resolution, resolution), dtype=torch.uint8)
     real = to_float(data[:batch_size].to(device))
     index = torch.arange(batch_size, device=device)
-    rows = []
+    rows, graph_safe = [], []
     if resolution == 64 and channels == 3:
         reference = ReferenceDCGAN().to(device)
         ms = timeit(lambda: reference.step(real), device, steps)
@@ -291,7 +292,11 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         ms = timeit(one_step, device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
-            rows.append(graphed_step_row(model, name, real, index, steps))
+            graph_safe.append((name, model))
+    for name, model in graph_safe:
+        rows.append(graphed_step_row(model, name, real, index, steps))
+        if rows[-1]["img_per_s"] is None:
+            break
     if rows and rows[0]["model"].startswith("reference"):
         for row in rows:
             if row["img_per_s"] is not None:
@@ -499,7 +504,9 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
                                                                                        size[2])), keeps, repeats),
               "training": bench_training(dev, resolution, batch, repeats),
               "training_resolution": resolution, "repeats": repeats}
-    if cuda and not quick:  # where replayed graphs matter: launch-bound steps (the CPU has no graphs)
+    failed_capture = any(row["model"].endswith("(CUDA graph)") and row["img_per_s"] is None
+                         for row in report["training"])
+    if cuda and not quick and not failed_capture:  # where replayed graphs matter: launch-bound steps
         report["small_batch_training"] = bench_small_batches(dev, repeats)
     profile_nearest_neighbors(dev, report["nearest_neighbors"])
     # Other processes on the same machine slow every number down: record who used the CPU during the run.

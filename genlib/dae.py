@@ -445,7 +445,9 @@ class NoiseConditionalScore(nn.Module):
         self.body = ConvScoreBody(shape[0], width) if conv else MLPScoreBody(math.prod(shape), width, depth, act)
 
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        # a Python number is filled in on the device: no host-to-device copy, which a CUDA graph could not hold
+        sigma = (x.new_full((x.shape[0],), sigma) if isinstance(sigma, (int, float))
+                 else sigma.to(device=x.device, dtype=x.dtype).expand(x.shape[0]))
         if isinstance(self.body, MLPScoreBody):
             out = self.body(x.flatten(1), sigma.log()).view_as(x)
         else:

@@ -109,15 +109,20 @@ class GenerativeModel(nn.Module):
         return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        """Inverse of :meth:`checkpoint_state`. Whether an optimiser is ``capturable`` belongs to this process (a
-        run captured on a GPU may resume eagerly, or on a CPU), so it is kept, not loaded."""
+        """Inverse of :meth:`checkpoint_state`. Whether an optimiser is ``capturable``, and whether its learning
+        rate is a Python number or a device tensor, belong to this process (a run captured on a GPU may resume
+        eagerly, or on a CPU), so they are kept; only the rate's value is loaded."""
         self.load_state_dict(state["model"])
         for name, optimizer in self.optimizers.items():
-            capturable = [group.get("capturable") for group in optimizer.param_groups]
+            modes = [(group.get("capturable"), group["lr"]) for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
-            for group, flag in zip(optimizer.param_groups, capturable):
-                if flag is not None:
-                    group["capturable"] = flag
+            for group, (capturable, lr) in zip(optimizer.param_groups, modes):
+                if capturable is not None:
+                    group["capturable"] = capturable
+                if isinstance(lr, torch.Tensor):
+                    group["lr"] = lr.fill_(group["lr"])
+                elif isinstance(group["lr"], torch.Tensor):
+                    group["lr"] = group["lr"].item()
             place_step_counts(optimizer)
 
 
@@ -341,6 +346,9 @@ class StepGraph:
         makes a data-dependent shape) is an error, not a silent eager fallback: a failed capture may leave the
         CUDA generator in capture mode, and every later random draw would repeat itself."""
         self.static_x, self.static_index = x.clone(), index.clone()
+        # Every .grad is then allocated inside the capture, in the graph's own memory (PyTorch's recipe): a grad
+        # left from the warm-up and freed during the step would be memory that replays write into.
+        self.model.zero_grad(set_to_none=True)
         try:
             self.replay = self.capture(self._packed_step)
         except RuntimeError as error:
@@ -413,6 +421,7 @@ def fit(
         last_saved = start
 
     graph = StepGraph(model, amp) if use_cuda_graph(model, device, cuda_graph) else None
+    model.graph_captured_at = None
     pending: list[dict[str, torch.Tensor]] = []
     bar = _progress_bar(start, steps, desc or type(model).__name__, progress)
     began = time.perf_counter()

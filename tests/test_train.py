@@ -229,13 +229,15 @@ def test_first_non_finite_reads_steps_that_report_different_losses():
 
 HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
               "aten::unique_consecutive", "aten::equal", "aten::is_nonzero", "aten::allclose",
-              "aten::repeat_interleave"}
+              "aten::repeat_interleave",
+              "aten::lift_fresh", "aten::lift_fresh_copy"}  # a tensor from Python data: a copy from the host
 MASK_INDEXING = {"aten::index", "aten::index_put", "aten::index_put_"}
 
 
 class HostReads(TorchDispatchMode):
-    """Records the ops that read a device value on the host or make a shape from data (a CUDA graph can hold
-    neither), outside optimiser steps (``paused``: capturable optimisers have none)."""
+    """Records the ops that read a device value on the host, copy Python data to the device, or make a shape from
+    data (a CUDA graph can hold none of them), outside optimiser steps (``paused``: capturable optimisers have
+    none)."""
 
     def __init__(self):
         super().__init__()
@@ -404,16 +406,24 @@ def test_a_step_that_cannot_be_captured_is_a_clear_error_after_the_warm_up():
 
 
 def test_a_checkpoint_keeps_this_process_s_optimizer_mode(tmp_path):
-    """A run captured on a GPU saves capturable optimisers; resumed on a CPU they must step there."""
+    """A run captured on a GPU saves capturable optimisers, perhaps with a tensor learning rate; resumed eagerly
+    they must step as eager optimisers (a capturable Adam refuses CPU parameters; a tensor rate is read on the host
+    for every parameter), and the other way round a tensor rate stays the tensor that a graph reads."""
     model, sampler = make_run()
     fit(model, sampler, 2, progress=False)
     state = model.checkpoint_state()
     for group in state["optimizers"]["g"]["param_groups"]:
-        group["capturable"] = True
+        group["capturable"], group["lr"] = True, torch.tensor(0.25)
     fresh, sampler = make_run()
     fresh.load_checkpoint_state(state)
-    assert [group["capturable"] for group in fresh.optimizers["g"].param_groups] == [False]
-    fit(fresh, sampler, 2, progress=False)  # a capturable Adam would refuse CPU parameters
+    [group] = fresh.optimizers["g"].param_groups
+    assert group["capturable"] is False and type(group["lr"]) is float and group["lr"] == 0.25
+    fit(fresh, sampler, 2, progress=False)
+    graphed, _ = make_run()
+    rate = graphed.optimizers["g"].param_groups[0]["lr"] = torch.tensor(1.0)
+    state["optimizers"]["g"]["param_groups"][0]["lr"] = 0.5
+    graphed.load_checkpoint_state(state)
+    assert graphed.optimizers["g"].param_groups[0]["lr"] is rate and float(rate) == 0.5
 
 
 

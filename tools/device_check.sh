@@ -8,8 +8,8 @@
 #                                          script's budget, default 540, inside the device tool's 600 s limit)
 #
 # On the GPU machine it runs, in this order and within the budget:
-#   0. the CUDA graph tests (tests/test_train.py -k cuda, at most GRAPH_TEST_SECONDS, default 60): if they pass,
-#      GENLIB_CUDA_GRAPH=1 makes the runs below replay the steps of graph-safe families as CUDA graphs,
+#   0. the CUDA graph tests (tests/test_train.py -k cuda, at most GRAPH_TEST_SECONDS, default 90): if they pass,
+#      GENLIB_CUDA_GRAPH=1 makes the runs of step 2 replay the steps of graph-safe families as CUDA graphs,
 #   1. every test's CUDA case (`pytest -k cuda`: the `device` fixture's cuda parameter and the CUDA-only tests),
 #      for at most TEST_SECONDS (default 120; measured: 62 s on an H200), skipping the test modules that need
 #      nbformat when the machine lacks it (they have no CUDA case),
@@ -41,7 +41,9 @@ fi
 BUDGET="${1:-540}"
 shift $(( $# > 0 ? 1 : 0 ))
 TEST_SECONDS="${TEST_SECONDS:-120}"
-GRAPH_TEST_SECONDS="${GRAPH_TEST_SECONDS:-60}"
+GRAPH_TEST_SECONDS="${GRAPH_TEST_SECONDS:-90}"
+GRAPH_ENV=GENLIB_CUDA_GRAPH
+graphs_passed=0
 DEADLINE=$((SECONDS + BUDGET))
 OUT="${OUT:-$ROOT/device-out}"
 mkdir -p "$OUT"
@@ -64,8 +66,8 @@ if (( $(left) >= GRAPH_TEST_SECONDS + TEST_SECONDS + 60 )); then
   echo "== CUDA graph tests, $(left) s left" | tee -a "$OUT/device.log"
   if timeout "$GRAPH_TEST_SECONDS" "$GENLIB_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -q -rs -k cuda \
       tests/test_train.py > "$OUT/graph-tests.log" 2>&1; then
-    export GENLIB_CUDA_GRAPH=1
-    echo "graph tests passed ($(tail -n 1 "$OUT/graph-tests.log")): graph-safe runs replay their steps" \
+    graphs_passed=1
+    echo "graph tests passed ($(tail -n 1 "$OUT/graph-tests.log")): graph-safe runs will replay their steps" \
       | tee -a "$OUT/device.log"
   else
     echo "graph tests failed ($(tail -n 1 "$OUT/graph-tests.log")): every run trains eagerly" | tee -a "$OUT/device.log"
@@ -78,13 +80,15 @@ if (( $(left) >= TEST_SECONDS + 30 )); then
   if ! "$GENLIB_PYTHON" -c "import nbformat" 2> /dev/null; then
     for module in $(grep -l "^import nbformat\|^from nbformat" tests/*.py); do skip+=(--ignore "$module"); done
   fi
-  timeout "$TEST_SECONDS" "$GENLIB_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -q -rs -k cuda \
+  timeout "$TEST_SECONDS" env -u "$GRAPH_ENV" "$GENLIB_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -q -rs -k cuda \
     --continue-on-collection-errors "${skip[@]}" tests/ > "$OUT/tests.log" 2>&1
   echo "pytest exit $? ($(tail -n 1 "$OUT/tests.log"))" | tee -a "$OUT/device.log"
 else
   echo "== tests: not started, $(left) s left" | tee -a "$OUT/device.log"
 fi
 
+# Only the runs replay graphs, and only if the graph tests passed here (the tests above run as written).
+if (( graphs_passed )); then export "$GRAPH_ENV=1"; else unset "$GRAPH_ENV"; fi
 TAG="$(bash tools/record_full.sh --tag)"
 stopped=()
 for name in $(bash tools/record_full.sh --list "$@" | cut -d: -f1); do

@@ -942,12 +942,46 @@ def pca_codes(data: Tensor, z_dim: int) -> Tensor:
     return F.normalize(((x - x.mean(0)) @ axes).float(), dim=1)
 
 
+class LazyAdam(torch.optim.Optimizer):
+    """Adam on the rows of one parameter [n, d] that a step touched: ``step(rows [B], grads [B, d])``, rows distinct.
+
+    The update of ``torch.optim.SparseAdam`` (tests/test_imle.py checks that they agree bit for bit): the moments
+    and the values of the other rows stay as they are, and the bias correction counts every step. Written with
+    gathers and scatters of fixed shape and its step count on the device, so that, unlike SparseAdam (whose
+    sparse gradients are coalesced, a sort of data-dependent length), it can be captured in a CUDA graph.
+    """
+
+    def __init__(self, param: Tensor, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__([param], {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @torch.no_grad()
+    def step(self, rows: Tensor, grads: Tensor) -> None:  # type: ignore[override]
+        group = self.param_groups[0]
+        param = group["params"][0]
+        state = self.state[param]
+        if not state:  # float64: the same bias corrections as SparseAdam's Python arithmetic
+            state.update(step=torch.zeros((), dtype=torch.float64, device=param.device),
+                         exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        old_mean, old_square = state["exp_avg"][rows], state["exp_avg_sq"][rows]
+        mean_update = grads.sub(old_mean).mul_(1 - beta1)
+        square_update = grads.pow(2).sub_(old_square).mul_(1 - beta2)
+        state["exp_avg"][rows] = old_mean + mean_update
+        state["exp_avg_sq"][rows] = old_square + square_update
+        numer = mean_update.add_(old_mean)
+        denom = square_update.add_(old_square).sqrt_().add_(group["eps"])
+        step_size = group["lr"] * (1 - beta2 ** state["step"]).sqrt() / (1 - beta1 ** state["step"])
+        param[rows] = param[rows] + (-step_size) * numer.div_(denom)
+
+
 class GLO(GenerativeModel):
     """Generative latent optimisation: one learned code per image, jointly with the generator.
 
     ``min_{G, z_1..z_n} mean_i loss(G(z_i), x_i)`` s.t. ``||z_i|| = 1`` (source eq. (13)). Codes
-    are an ``nn.Embedding`` [n_data, z_dim] picked by the batch's ``index``, updated by a lazy
-    (sparse) Adam with their own learning rate (GLANN: code lr 1e-2, generator 1e-3, Adam
+    are the rows of an ``nn.Embedding`` [n_data, z_dim] picked by the batch's ``index``, updated by a lazy
+    Adam (:class:`LazyAdam`) with their own learning rate (GLANN: code lr 1e-2, generator 1e-3, Adam
     (0.5, 0.999); GLO itself used SGD with a code learning rate much larger than the generator's,
     10:1 in a minimal reimplementation) and put back on the unit sphere after
     every step (GLANN's choice; GLO projects onto the unit ball). Lazy Adam moves only the codes
@@ -961,7 +995,7 @@ class GLO(GenerativeModel):
                  init_codes: Tensor | None = None):
         super().__init__()
         self.generator, self.z_dim = generator, z_dim
-        self.codes = nn.Embedding(n_data, z_dim, sparse=True)
+        self.codes = nn.Embedding(n_data, z_dim)
         with torch.no_grad():
             start = torch.randn(n_data, z_dim) if init_codes is None else init_codes
             if start.shape != (n_data, z_dim):
@@ -969,15 +1003,23 @@ class GLO(GenerativeModel):
             self.codes.weight.copy_(F.normalize(start.float(), dim=1))
         self.loss_fn = pair_loss(loss)
         self.optimizers = {"generator": torch.optim.Adam(generator.parameters(), lr=lr, betas=betas),
-                           "codes": torch.optim.SparseAdam(self.codes.parameters(), lr=code_lr, betas=betas)}
+                           "codes": LazyAdam(self.codes.weight, lr=code_lr, betas=betas)}
+
+    graph_safe = True  # LazyAdam, unlike torch's SparseAdam, has static shapes and no host reads
 
     def ema_source(self) -> nn.Module:
         return self.generator
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """One joint step on images x [B, ...] with their dataset indices [B]: {'loss'} (mean per-pair loss)."""
-        loss = self.loss_fn(self.generator(self.codes(index)), x).mean()
-        _descend(list(self.optimizers.values()), loss)
+        """One joint step on images x [B, ...] with their dataset indices [B] (each at most once): {'loss'} (mean
+        per-pair loss)."""
+        codes = self.codes.weight[index].detach().requires_grad_(True)
+        loss = self.loss_fn(self.generator(codes), x).mean()
+        generator = self.optimizers["generator"]
+        generator.zero_grad(set_to_none=True)
+        loss.backward(inputs=[*self.generator.parameters(), codes])
+        generator.step()
+        self.optimizers["codes"].step(index, codes.grad)
         with torch.no_grad():
             self.codes.weight[index] = F.normalize(self.codes.weight[index], dim=1)
         return {"loss": loss.detach()}

@@ -137,13 +137,16 @@ def mirror_step_count(module: nn.Module, buffer: str, attribute: str) -> None:
 
 def place_step_counts(optimizer: torch.optim.Optimizer) -> None:
     """Put each parameter's step count where its group's mode keeps it: on the parameter's device for a
-    ``capturable`` or ``fused`` group (a captured step increments it there), on the CPU otherwise."""
+    ``capturable`` or ``fused`` group (a captured step increments it there), on the CPU otherwise. Optimisers
+    without the mode (genlib's own, say) keep theirs where they are."""
     for group in optimizer.param_groups:
-        on_device = group.get("capturable") or group.get("fused")
+        if "capturable" not in group:
+            continue
+        on_device = group["capturable"] or group.get("fused")
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
+                state["step"] = state["step"].to(param.device if on_device else "cpu")
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:

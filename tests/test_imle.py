@@ -453,6 +453,35 @@ def test_glo_reduces_reconstruction_loss_and_keeps_codes_on_the_sphere(trained_g
     assert glo.sample(5).shape == (5, 1, 8, 8)
 
 
+def test_lazy_adam_is_sparse_adam_bit_for_bit():
+    """GLO's codes optimiser against torch's SparseAdam on an embedding: random batches of distinct rows, a
+    non-quadratic loss and GLO's projection back onto the sphere after each step, for 300 steps."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    n, d, start, target = 50, 8, torch.randn(50, 8), torch.randn(50, 8)
+    embedding = nn.Embedding(n, d, sparse=True)
+    embedding.weight.data.copy_(start)
+    reference = torch.optim.SparseAdam(embedding.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    codes = nn.Parameter(start.clone())
+    lazy = imle.LazyAdam(codes, lr=1e-2, betas=(0.5, 0.999))
+    for _ in range(300):
+        rows = torch.randperm(n)[:16]
+        reference.zero_grad()
+        (embedding(rows) - target[rows]).pow(3).abs().sum().backward()
+        reference.step()
+        picked = codes.detach()[rows].requires_grad_(True)
+        (picked - target[rows]).pow(3).abs().sum().backward()
+        lazy.step(rows, picked.grad)
+        with torch.no_grad():
+            embedding.weight[rows] = F.normalize(embedding.weight[rows], dim=1)
+            codes[rows] = F.normalize(codes[rows], dim=1)
+    assert torch.equal(codes, embedding.weight)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(lazy.state[codes][moment], reference.state[embedding.weight][moment].to_dense())
+
+
 def test_glo_accepts_lap1_pca_init_and_validates():
     images = torch.rand(32, 1, 8, 8) * 2 - 1
     codes = imle.pca_codes(images, 6)

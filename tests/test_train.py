@@ -304,7 +304,7 @@ def tiny_family(family: str, shape: tuple[int, ...], *options: str) -> tuple[Gen
 
 
 GRAPH_CASES = [("gan", f"variant={variant}") for variant in ("gan", "dragan", "ebgan", "mrgan", "minibatch", "pacgan")]
-GRAPH_CASES += [("energy",), ("score",), ("dae",), ("realnvp",), ("realnvp", "decay_steps=100")]
+GRAPH_CASES += [("energy",), ("score",), ("dae",), ("realnvp",), ("realnvp", "decay_steps=100"), ("glo",)]
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 28, 28)], ids=["toy", "image"])
@@ -330,11 +330,13 @@ def test_the_graph_check_finds_what_a_graph_cannot_replay_and_those_families_do_
 
 
 def test_the_full_scale_runs_that_graphs_would_speed_up_are_graph_safe():
-    """tools/record_full.sh's small-batch runs of these families are the ones a replayed graph speeds up."""
+    """tools/record_full.sh's small-batch runs of these families, with their options, are the ones a replayed graph
+    speeds up."""
     for family, options in [("gan", ["variant=pacgan", "pack=2"]), ("energy", []), ("score", ["n_sigmas=10"]),
-                            ("realnvp", ["scales=3", "blocks=4", "decay_steps=30000"])]:
-        model, _ = tiny_family(family, (1, 28, 28), *options)
-        assert model.graph_safe, family
+                            ("realnvp", ["scales=3", "blocks=4", "decay_steps=30000"]),
+                            ("glo", ["loss=lap1", "code_lr=1e-2"])]:
+        model, x = tiny_family(family, (1, 28, 28), *options)
+        assert model.graph_safe and graph_obstacles(model, x) == ([], {}), family
 
 
 def test_use_cuda_graph_follows_the_environment_only_where_it_can(monkeypatch):
@@ -471,7 +473,8 @@ def cuda_run(family_case: tuple[str, ...], graphed: bool, steps: int = 8) -> tup
 
 @CUDA
 @pytest.mark.parametrize("case", [("gan", "variant=pacgan", "pack=2"), ("energy",), ("score",),
-                                  ("realnvp", "scales=2", "blocks=1", "decay_steps=20")], ids=lambda case: case[0])
+                                  ("realnvp", "scales=2", "blocks=1", "decay_steps=20"), ("glo", "loss=lap1")],
+                         ids=lambda case: case[0])
 def test_cuda_graph_replays_train_as_the_eager_steps_do(case):
     expected, expected_losses = cuda_run(case, graphed=False)
     got, losses = cuda_run(case, graphed=True)

@@ -264,7 +264,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
     failed capture may leave the CUDA generator unusable, so it ends the graph rows; ``graph_safe_only`` keeps only
     those families."""
     from genlib.cli import FAMILIES, TrainSpec, build_family
-    from genlib.train import autocast_context
+    from genlib.train import train_step
 
     graphs = device.type == "cuda" if graphs is None else graphs
     data = torch.randint(0, 256, (max(4 * batch_size, 256), channels, resolution, resolution), dtype=torch.uint8)
@@ -285,11 +285,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         if graph_safe_only and not model.graph_safe:
             continue
 
-        def one_step() -> None:
-            with autocast_context(device, device.type == "cuda"):
-                model.step(real, index)
-
-        ms = timeit(one_step, device, steps)
+        ms = timeit(lambda: train_step(model, real, index, amp=device.type == "cuda"), device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
             graph_safe.append((name, model))

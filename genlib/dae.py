@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from genlib import nets
-from genlib.train import GenerativeModel, mirror_step_count
+from genlib.train import GenerativeModel, count_step, mirror_step_count
 
 __all__ = [
     "DAE", "DDEGenerator", "NoiseConditionalScore", "ScoreModel", "annealed_langevin", "build_dae", "build_dde",
@@ -333,15 +333,14 @@ class DDEGenerator(_Trainer):
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """DDE steps for both energies, then (every ``gen_every`` steps after warm-up) one generator step."""
-        self._iteration += 1
-        self.iteration += 1
-        warming = self._iteration <= self.warmup
+        iteration = count_step(self, "iteration", "_iteration")
+        warming = iteration <= self.warmup
         losses = {"loss_real": self.fit_energy("real", self.energy_real, x) if warming or self.train_real
                   else self.energy_loss(self.energy_real, x).detach()}
         with torch.no_grad():
             fake = self.generate(len(x))
         losses["loss_fake"] = self.fit_energy("fake", self.energy_fake, fake)
-        if not warming and self._iteration % self.gen_every == 0:
+        if not warming and iteration % self.gen_every == 0:
             loss_g = self.generator_loss(len(x))
             self.update("g", loss_g)
             self.last_loss_g.copy_(loss_g.detach())

@@ -482,8 +482,12 @@ class FlowModel(GenerativeModel):
         """The learning rate of the next step: constant, or cosine-decayed over ``decay_steps``."""
         if not self.decay_steps:
             return self.lr
-        progress = min(int(self.steps_done) / self.decay_steps, 1.0)
-        return 0.5 * self.lr * (1 + math.cos(math.pi * progress))
+        return self._cosine_lr(min(int(self.steps_done) / self.decay_steps, 1.0))
+
+    def _cosine_lr(self, progress: float | Tensor) -> float | Tensor:
+        """The cosine schedule at ``progress`` in [0, 1]: a Python float, or a 0-dim tensor computed on its device."""
+        cos = progress.mul(math.pi).cos() if isinstance(progress, Tensor) else math.cos(math.pi * progress)
+        return 0.5 * self.lr * (1 + cos)
 
     def prepare_for_graph(self) -> None:
         """With a schedule, keep the learning rate as a tensor on the device (capturable Adam reads it there), so
@@ -499,8 +503,7 @@ class FlowModel(GenerativeModel):
             return
         for group in self.optimizers["flow"].param_groups:
             if isinstance(group["lr"], Tensor):
-                progress = (self.steps_done.double() / self.decay_steps).clamp_(max=1.0)
-                group["lr"].copy_(progress.mul_(math.pi).cos_().add_(1).mul_(0.5 * self.lr))
+                group["lr"].copy_(self._cosine_lr((self.steps_done.double() / self.decay_steps).clamp_(max=1.0)))
             else:
                 group["lr"] = self.current_lr()
 

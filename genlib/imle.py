@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from genlib.data import to_float
 from genlib.metrics import check_positive
 from genlib.nets import MLP, ConvGenerator
-from genlib.train import GenerativeModel, mirror_step_count
+from genlib.train import GenerativeModel, count_step, mirror_step_count
 
 PairLoss = Callable[[Tensor, Tensor], Tensor]
 """A per-pair loss: ``(a [B, ...], b [B, ...]) -> [B]``."""
@@ -799,8 +799,7 @@ class IMLE(_FromNoise):
         fake = self.generator(codes + self.z_jitter * torch.randn_like(codes))
         loss = self._loss(fake, x).mean()
         _descend([self.optimizers["generator"]], loss)
-        self.steps_done += 1
-        self._steps_done += 1
+        count_step(self, "steps_done", "_steps_done")
         return {"loss": loss.detach(), "match_dist": match_dist.float()}
 
     @torch.no_grad()
@@ -1013,12 +1012,9 @@ class GLO(GenerativeModel):
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """One joint step on images x [B, ...] with their dataset indices [B] (each at most once): {'loss'} (mean
         per-pair loss)."""
-        codes = self.codes.weight[index].detach().requires_grad_(True)
+        codes = self.codes.weight[index].detach().requires_grad_(True)  # a leaf: backward fills codes.grad
         loss = self.loss_fn(self.generator(codes), x).mean()
-        generator = self.optimizers["generator"]
-        generator.zero_grad(set_to_none=True)
-        loss.backward(inputs=[*self.generator.parameters(), codes])
-        generator.step()
+        _descend([self.optimizers["generator"]], loss)
         self.optimizers["codes"].step(index, codes.grad)
         with torch.no_grad():
             self.codes.weight[index] = F.normalize(self.codes.weight[index], dim=1)
@@ -1084,9 +1080,7 @@ class GLANN(GenerativeModel):
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """A GLO step on images x [B, ...] for the first ``glo_steps`` steps, then a latent IMLE step."""
-        self.steps_done += 1
-        self._steps_done += 1
-        if self._steps_done <= self.glo_steps:
+        if count_step(self, "steps_done", "_steps_done") <= self.glo_steps:
             return {"glo_loss": self.glo.step(x, index)["loss"]}
         if not self._codes_current:  # GLO is done: its codes are the mapper's data from now on
             self.mapper.data, self._codes_current = self.glo.latent_codes(), True

@@ -129,10 +129,17 @@ class GenerativeModel(nn.Module):
 def mirror_step_count(module: nn.Module, buffer: str, attribute: str) -> None:
     """Keep ``module.<attribute>``, a Python int, equal to the step-count buffer ``module.<buffer>`` whenever a state
     dict is loaded into the module or any module holding it. The buffer goes into checkpoints; the int lets a
-    schedule read the count every step without a device sync (the step increments both)."""
+    schedule read the count every step without a device sync (:func:`count_step` advances both)."""
     setattr(module, attribute, int(getattr(module, buffer)))
     module.register_load_state_dict_post_hook(lambda loaded, _keys: setattr(loaded, attribute,
                                                                            int(getattr(loaded, buffer))))
+
+
+def count_step(module: nn.Module, buffer: str, attribute: str) -> int:
+    """One more step on a count kept by :func:`mirror_step_count`: the buffer and its mirror; returns the new count."""
+    getattr(module, buffer).add_(1)
+    setattr(module, attribute, getattr(module, attribute) + 1)
+    return getattr(module, attribute)
 
 
 def place_step_counts(optimizer: torch.optim.Optimizer) -> None:
@@ -263,11 +270,22 @@ def non_finite_error(step: int, losses: dict[str, float], path: Path | None, las
                               "Lower the learning rate, or check the data and the model.")
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
+def autocast_context(device: torch.device, enabled: bool, cache: bool = True):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere. ``cache=False`` casts the weights anew at every use
+    (a CUDA graph cannot hold autocast's cache across replays)."""
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
+
+
+def train_step(model: GenerativeModel, x: torch.Tensor, index: torch.Tensor, amp: bool,
+               cache: bool = True) -> dict[str, torch.Tensor]:
+    """One training step as :func:`fit` takes it: ``model.step`` under :func:`autocast_context`, then the EMA
+    update; returns the step's losses."""
+    with autocast_context(model.device, amp, cache):
+        losses = model.step(x, index)
+    model.update_ema()
+    return losses
 
 
 def use_cuda_graph(model: GenerativeModel, device: torch.device, requested: bool | None) -> bool:
@@ -321,12 +339,7 @@ class StepGraph:
 
     def eager_step(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step as the graph records it, run eagerly."""
-        context = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.amp and self.on_cuda
-                   else nullcontext())
-        with context:
-            losses = self.model.step(x, index)
-        self.model.update_ema()
-        return losses
+        return train_step(self.model, x, index, self.amp, cache=False)
 
     def _packed_step(self) -> torch.Tensor:
         """The step on the static buffers, its losses stacked into one fp32 tensor [n_losses] (names kept)."""
@@ -432,14 +445,7 @@ def fit(
         for step in range(start + 1, steps + 1):
             x, index = next(sampler)
             model.train()
-            if graph is not None:
-                losses = graph(x, index)
-                if graph.captured_at is not None and model.graph_captured_at is None:
-                    model.graph_captured_at = step
-            else:
-                with autocast_context(device, amp):
-                    losses = model.step(x, index)
-                model.update_ema()
+            losses = train_step(model, x, index, amp) if graph is None else graph(x, index)
             pending.append({k: v.detach().float() for k, v in losses.items()})
             if callback is not None and callback_every and step % callback_every == 0:
                 callback(step, model)
@@ -458,6 +464,8 @@ def fit(
             bar.update(1)
     finally:
         bar.close()
+        if graph is not None and graph.captured_at is not None:
+            model.graph_captured_at = start + graph.captured_at + 1
     model.eval()
     return history
 

@@ -218,8 +218,10 @@ def test_every_family_trains_under_bf16_autocast_as_on_a_gpu(family, fake_celeba
 
     from genlib import train
 
-    monkeypatch.setattr(train, "autocast_context",
-                        lambda device, enabled: torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext())
+    def cpu_autocast(device, enabled, cache=True):
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache) if enabled else nullcontext()
+
+    monkeypatch.setattr(train, "autocast_context", cpu_autocast)
     monkeypatch.setattr(train, "fit", partial(train.fit, amp=True))
     monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
     data = (["--data", "digits"] if family == "autoregressive"

@@ -12,7 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import CUDA
 from genlib.data import BatchSampler
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
-                          TrainClock, first_non_finite, fit)
+                          TrainClock, first_non_finite, fit, train_step)
+
+
+def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Squared gaps between the batch means and stds of fakes and reals [B, 2]."""
+    return (fake.mean(0) - real.mean(0)).pow(2).sum() + (fake.std(0) - real.std(0)).pow(2).sum()
 
 
 class MomentMatcher(GenerativeModel):
@@ -29,7 +34,7 @@ class MomentMatcher(GenerativeModel):
     def step(self, x, index):
         self.calls += 1
         fake = self.generator(torch.randn(x.shape[0], 2))
-        loss = (fake.mean(0) - x.mean(0)).pow(2).sum() + (fake.std(0) - x.std(0)).pow(2).sum()
+        loss = moment_loss(fake, x)
         if self.explode_at is not None and self.calls >= self.explode_at:
             loss = loss * float("nan")
         self.optimizers["g"].zero_grad()
@@ -380,11 +385,7 @@ def train_steps(step, seed: int, steps: int = 8) -> tuple[list[torch.Tensor], li
 
 def test_a_step_graph_trains_one_step_per_call_like_the_eager_step():
     def eager(model):
-        def run(x, index):
-            losses = model.step(x, index)
-            model.update_ema()
-            return {k: v.detach() for k, v in losses.items()}
-        return run
+        return lambda x, index: {k: v.detach() for k, v in train_step(model, x, index, amp=False).items()}
 
     expected, expected_losses, _ = train_steps(eager, seed=3)
     got, losses, model = train_steps(lambda model: ReplayByCalling(model, amp=False), seed=3)
@@ -440,8 +441,7 @@ class DeviceMatcher(GenerativeModel):
         self.optimizers = {"g": torch.optim.Adam(self.generator.parameters(), lr=1e-2)}
 
     def step(self, x, index):
-        fake = self.generator(torch.randn(x.shape[0], 2, device=x.device))
-        loss = (fake.mean(0) - x.mean(0)).pow(2).sum() + (fake.std(0) - x.std(0)).pow(2).sum()
+        loss = moment_loss(self.generator(torch.randn(x.shape[0], 2, device=x.device)), x)
         self.optimizers["g"].zero_grad(set_to_none=True)
         loss.backward()
         self.optimizers["g"].step()
@@ -461,11 +461,7 @@ def cuda_run(family_case: tuple[str, ...], graphed: bool, steps: int = 8) -> tup
     losses = []
     for _ in range(steps):
         x, index = next(sampler)
-        if graph is None:
-            step_losses = model.step(x, index)
-            model.update_ema()
-        else:
-            step_losses = graph(x, index)
+        step_losses = train_step(model, x, index, amp=False) if graph is None else graph(x, index)
         losses.append(float(next(iter(step_losses.values()))))
     assert graph is None or graph.captured_at == GRAPH_WARMUP_STEPS
     return parameters(model), losses

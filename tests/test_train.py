@@ -496,10 +496,10 @@ def test_cuda_graph_fit_resumes_and_records_where_it_replayed(tmp_path):
     assert resumed.graph_captured_at == 12 + GRAPH_WARMUP_STEPS + 1 and len(history["loss"]) == 6
 
 
-def test_a_mirrored_step_count_follows_its_buffer_when_a_parent_loads_a_state_dict():
+def test_a_mirrored_step_count_follows_its_buffer_when_a_parent_loads_a_state_dict_and_steps_with_it():
     import copy
 
-    from genlib.train import mirror_step_count
+    from genlib.train import count_step, mirror_step_count
 
     counted = nn.Module()
     counted.register_buffer("steps", torch.tensor(3))
@@ -513,6 +513,7 @@ def test_a_mirrored_step_count_follows_its_buffer_when_a_parent_loads_a_state_di
     twin = copy.deepcopy(holder)  # an EMA copy, say: its hook sets the twin's own count
     twin.load_state_dict({**state, "1.steps": torch.tensor(11)})
     assert twin[1]._steps == 11 and counted._steps == 7
+    assert count_step(counted, "steps", "_steps") == 8 == int(counted.steps) and twin[1]._steps == 11
 
 
 SYNCING_STEP = """

@@ -7,7 +7,9 @@ on a GPU fills the same table a chapter computes at small scale:
 * 2-D toys: MMD^2 to fresh real points and, for the Gaussian mixtures, modes covered and the
   high-quality fraction (:func:`genlib.metrics.mode_coverage`, 3 std);
 * images: the Fréchet distance and KID between real and generated features, with the committed
-  Fashion-MNIST classifier for 28x28 grey sets and EfficientNet-Lite0 otherwise (both offline);
+  Fashion-MNIST classifier for 28x28 grey sets and EfficientNet-Lite0 otherwise (both offline), and
+  the FID proper (Inception-v3 features) as well wherever its weights are available
+  (:func:`genlib.features.inception_features_available`);
 * families with an exact likelihood (``model.evaluate``, e.g. flows): held-out ``nll`` and ``bits_per_dim``.
 
 This room only glues :mod:`genlib.metrics` (pure functions) to models and feature networks.
@@ -72,15 +74,24 @@ def toy_metrics(fake: Tensor, toy_name: str, seed: int = 0) -> dict[str, float]:
 def image_metrics(fake: Tensor, real: Tensor, device: torch.device | str | None = None,
                   seed: int = 0) -> dict[str, float | str]:
     """Fréchet distance and KID between generated ``fake [n, C, H, W]`` ([-1, 1] floats) and ``real``
-    (uint8 or [-1, 1], same image shape), in the features of :func:`feature_network_for`."""
+    (uint8 or [-1, 1], same image shape), in the features of :func:`feature_network_for`; plus ``fid``, the
+    Fréchet distance in Inception-v3 features, when those weights are available (never otherwise)."""
     if fake.shape[1:] != real.shape[1:]:
         raise ValueError(f"fake images {tuple(fake.shape[1:])} and real images {tuple(real.shape[1:])} differ in shape")
     name = feature_network_for(tuple(real.shape[1:]))
-    extract = features.feature_extractor(name)
-    real_feats, fake_feats = extract(real, device=device), extract(fake.clamp(-1, 1), device=device)
+    fake = fake.clamp(-1, 1)
+    real_feats, fake_feats = _features_of(name, real, fake, device)
     kid_mean, kid_std = metrics.kid(real_feats, fake_feats, generator=torch.Generator().manual_seed(seed))
-    return {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats),
-            "kid": kid_mean, "kid_std": kid_std}
+    out = {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats), "kid": kid_mean, "kid_std": kid_std}
+    if features.inception_features_available():
+        out["fid"] = metrics.frechet_distance(*_features_of("inception", real, fake, device))
+    return out
+
+
+def _features_of(name: str, real: Tensor, fake: Tensor, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """The features [n, d] of ``real`` and of ``fake`` in the extractor registered as ``name``."""
+    extract = features.feature_extractor(name)
+    return extract(real, device=device), extract(fake, device=device)
 
 
 def held_out_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:

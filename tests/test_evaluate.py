@@ -79,6 +79,26 @@ def test_image_metrics_use_the_fashion_classifier_and_agree_with_metrics(fashion
     assert evaluate.image_metrics(noise, real)["fd"] > 10 * out["fd"]
 
 
+def test_fid_is_reported_only_where_inception_weights_are_available(fashion, monkeypatch):
+    real, fake = fashion[:300], data.to_float(fashion[300:600]) * 1.5  # out of range: scored clamped, as samples
+    assert "fid" not in evaluate.image_metrics(fake, real)  # no Inception weights on this machine
+    projection = torch.randn(28 * 28, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def stand_in(images, device=None):  # a fixed random projection in place of Inception-v3
+        seen.append(images)
+        as_float = data.to_float(images) if images.dtype == torch.uint8 else images
+        return as_float.flatten(1) @ projection
+
+    monkeypatch.setattr(features, "inception_features_available", lambda: True)
+    monkeypatch.setitem(features.EXTRACTORS, "inception", stand_in)
+    out = evaluate.image_metrics(fake, real)
+    clamped = fake.clamp(-1, 1)
+    assert out["fid"] == pytest.approx(metrics.frechet_distance(stand_in(real), stand_in(clamped)), rel=1e-6)
+    assert out["features"] == "fashion-classifier" and torch.equal(seen[1], clamped)
+    assert out["fid"] != pytest.approx(out["fd"], rel=1e-3)  # a separate distance, not the offline FD renamed
+
+
 def test_feature_network_follows_the_image_shape():
     assert evaluate.feature_network_for((1, 28, 28)) == "fashion-classifier"
     assert evaluate.feature_network_for((3, 64, 64)) == "efficientnet-lite0"

@@ -113,6 +113,17 @@ class RecordedRun:
                           f"commit {short_commit(run['git_commit'])}",
                           f"run     : {when}" if made_by_cli else f"scale   : {run['scale']} | {when}"])
 
+    def pace(self, dataset_size: int | None = None) -> str:
+        """One line on a ``python -m genlib train`` run's training speed, from its recorded steps, batch size and
+        training clock (which also counts its checkpoints and progress grids); with ``dataset_size``, its epochs."""
+        config, seconds = self.run.get("config", {}), self.run.get("wall_time_s")
+        if config.get("command") != "train" or not seconds:
+            raise ValueError(f"{self.path} is not a recorded `python -m genlib train` run with a training time")
+        steps, batch = config["steps"], config["batch_size"]
+        epochs = f", {steps * batch / dataset_size:.3g} epochs" if dataset_size else ""
+        return (f"{steps:,} steps of {batch} in {seconds:.0f} s{epochs}: {steps / seconds:.3g} steps/s, "
+                f"{float(f'{steps * batch / seconds:.3g}'):,.0f} images/s, {1000 * seconds / steps:.3g} ms a step")
+
     def summary(self) -> str:
         """A few lines for a notebook: :meth:`header`, then the metrics."""
         return "\n".join([self.header()] + [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())])

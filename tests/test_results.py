@@ -29,6 +29,16 @@ def test_summary_counts_tables_instead_of_printing_them(tmp_path):
     assert "modes" not in lines
 
 
+def test_pace_of_a_training_run_from_its_steps_batch_and_clock(tmp_path):
+    config = {"command": "train", "steps": 3000, "batch_size": 50}
+    run = results.record_run(tmp_path / "t", device="cpu", config=config, metrics={}, wall_time_s=40.0)
+    assert run.pace() == "3,000 steps of 50 in 40 s: 75 steps/s, 3,750 images/s, 13.3 ms a step"
+    assert results.load_run(tmp_path / "t").pace(dataset_size=60_000).startswith("3,000 steps of 50 in 40 s, 2.5 epochs:")
+    compare = results.record_run(tmp_path / "c", device="cpu", config={"command": "compare"}, metrics={}, wall_time_s=9.0)
+    with pytest.raises(ValueError, match="not a recorded `python -m genlib train` run"):
+        compare.pace()
+
+
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no recorded run"):
         results.load_run(tmp_path / "nothing")

@@ -371,3 +371,43 @@ def test_discriminator_probability_per_point_and_clear_errors_for_the_other_fami
     for cls in (gan.UnrolledGAN, gan.DRAGAN, gan.MRGAN):
         recorder = gan.snapshot_recorder(cls(width=8), resolution=3, n_fakes=4)
         assert recorder.fields[0].shape == (3, 3) and ((recorder.fields[0] > 0) & (recorder.fields[0] < 1)).all()
+
+
+class HalfAndCode(nn.Module):
+    """A fixed 'autoencoder' for EBGAN: reconstruction x / 2, code = x (energy = mean(x^2) / 4 per sample)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x / 2, x
+
+
+def test_ebgan_losses_are_the_hinge_and_pulling_away_terms_by_hand():
+    model = gan.EBGAN(margin=1.0, pt_weight=0.5, width=8)
+    model.discriminator = HalfAndCode()
+    real = torch.tensor([[2.0, 0.0], [0.0, 1.0]])   # energies 4/8 = 0.5 and 1/8 = 0.125
+    fake = torch.tensor([[1.0, 1.0], [3.0, 1.0]])   # energies 2/8 = 0.25 and 10/8 = 1.25 (above the margin)
+    losses = model.d_losses(real, fake)
+    # mean real energy 0.3125, plus the hinge mean(relu(1 - 0.25), relu(1 - 1.25)) = 0.375
+    assert losses["loss_d"].item() == pytest.approx(0.3125 + 0.375)
+    assert losses["energy_real"].item() == pytest.approx(0.3125)
+    model.generate = lambda n: fake[:n]
+    # the codes (1, 1) and (3, 1) have cos^2 = (4 / (sqrt(2) sqrt(10)))^2 = 0.8 for both ordered pairs
+    g_losses = model.g_losses(real)
+    assert g_losses["pt"].item() == pytest.approx(0.8)
+    assert g_losses["loss_g"].item() == pytest.approx((0.25 + 1.25) / 2 + 0.5 * 0.8)
+
+
+def test_mrgan_generator_loss_adds_reconstruction_and_mode_terms_by_hand():
+    model = gan.MRGAN(lambda_rec=0.2, lambda_mode=0.4, width=8)
+    model.encoder = nn.Identity()
+    model.generator = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.generator.weight.copy_(2 * torch.eye(2))            # G(E(x)) = 2x: the error is x itself
+    model.logits = lambda x: x.sum(1)                          # D's logit: the sum of the coordinates
+    fakes = torch.tensor([[0.0, 0.0], [1.0, -1.0]])             # logits 0 and 0: adversarial loss log 2
+    model.generate = lambda n: fakes[:n]
+    real = torch.tensor([[1.0, 0.0], [0.5, 0.5]])              # reconstructions (2, 0), (1, 1): logits 2 and 2
+    losses = model.g_losses(real)
+    rec = (1.0 + 0.5) / 2                                      # squared errors summed per sample: 1 and 0.5
+    mode = math.log1p(math.exp(-2.0))                          # -log sigmoid(2), the non-saturating form
+    assert losses["recon"].item() == pytest.approx(rec)
+    assert losses["loss_g"].item() == pytest.approx(math.log(2) + 0.2 * rec + 0.4 * mode)

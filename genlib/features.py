@@ -618,6 +618,13 @@ def _cached_vgg16(path: str, device: str) -> VGG16Features:
     return load_vgg16(path, device)
 
 
+def vgg16_perceptual(images: Tensor) -> Tensor:
+    """Perceptual features [B, D] (:meth:`VGG16Features.perceptual`) of images [B, 1 or 3, H, W] in [-1, 1],
+    differentiable in the images, by the VGG16 of ``$GENLIB_VGG16_WEIGHTS`` loaded once on their device: the
+    feature map of a training loss (``'vgg16'`` in :func:`genlib.imle.pair_loss`)."""
+    return _cached_vgg16(str(vgg16_weights_path()), str(images.device)).perceptual(images)
+
+
 def vgg16_features(images: Tensor, resolution: int | None = None, batch_size: int = 64,
                    device: str | torch.device | None = None) -> Tensor:
     """VGG16 perceptual features [n, D] (float32, CPU; :meth:`VGG16Features.perceptual`) of uint8 or [-1, 1]

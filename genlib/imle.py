@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genlib import features
 from genlib.data import to_float
 from genlib.metrics import check_positive
 from genlib.nets import MLP, ConvGenerator
@@ -616,13 +617,23 @@ class PixelFeatureL1(nn.Module):
         return l1_distance(x, y) + self.feature_weight * l1_distance(self.features(x), self.features(y))
 
 
+def vgg16_feature_map() -> Features:
+    """:func:`genlib.features.vgg16_perceptual`, after checking that its weights exist (a clear error when a
+    model is built, not at its first step)."""
+    features.vgg16_weights_path()
+    return features.vgg16_perceptual
+
+
 def pair_loss(spec: str | PairLoss) -> PairLoss:
-    """A per-pair loss by name (``'l2'`` squared L2, ``'l1'``, ``'lap1'``) or the callable itself."""
+    """A per-pair loss by name (``'l2'`` squared L2, ``'l1'``, ``'lap1'``, ``'vgg16'``: GLANN's pixel L1 plus L1
+    between VGG16 perceptual features, which needs ``$GENLIB_VGG16_WEIGHTS``) or the callable itself."""
     if callable(spec):
         return spec
-    named = {"l2": lambda: squared_l2, "l1": lambda: l1_distance, "lap1": LaplacianPyramidL1}
+    named = {"l2": lambda: squared_l2, "l1": lambda: l1_distance, "lap1": LaplacianPyramidL1,
+             "vgg16": lambda: PixelFeatureL1(vgg16_feature_map())}
     if spec not in named:
-        raise ValueError(f"loss must be 'l2', 'l1', 'lap1' or a callable (a [B, ...], b [B, ...]) -> [B]; got {spec!r}")
+        raise ValueError(f"loss must be one of {', '.join(map(repr, named))} or a callable "
+                         f"(a [B, ...], b [B, ...]) -> [B]; got {spec!r}")
     return named[spec]()
 
 
@@ -1114,15 +1125,20 @@ def _float_data(spec) -> Tensor:
 
 
 def build_imle(spec) -> IMLE:
-    """IMLE for the CLI; ``--opt`` fakes_per_real (10), refresh_every (1), z_jitter (0.01), distance (l2)."""
-    refresh_every = spec.option("refresh_every", 1)
+    """IMLE for the CLI; ``--opt`` fakes_per_real (10), refresh_every (1), z_jitter (0.01), distance (l2; or a
+    :func:`pair_loss` name, matched over all pairs; or ``vgg16``: squared L2 between VGG16 perceptual features,
+    matched by one GEMM, with ``$GENLIB_VGG16_WEIGHTS``)."""
+    refresh_every, distance = spec.option("refresh_every", 1), spec.option("distance", "l2")
+    in_features = distance == "vgg16"
     return IMLE(_generator_for(spec), spec.z_dim, fakes_per_real=spec.option("fakes_per_real", 10),
                 refresh_every=refresh_every, data=_float_data(spec) if refresh_every > 1 else None,
-                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance=spec.option("distance", "l2"))
+                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance="l2" if in_features else distance,
+                match_features=vgg16_feature_map() if in_features else None)
 
 
 def build_glo(spec) -> GLO:
-    """GLO for the CLI; ``--opt`` loss (lap1 for images, l2 for vectors), code_lr (10 x lr)."""
+    """GLO for the CLI; ``--opt`` loss (lap1 for images, l2 for vectors; any :func:`pair_loss` name, e.g. vgg16,
+    GLANN's own), code_lr (10 x lr)."""
     loss = spec.option("loss", "lap1" if len(spec.shape) == 3 else "l2")
     return GLO(_generator_for(spec), len(spec.data), spec.z_dim, loss=loss, lr=spec.lr,
                code_lr=spec.option("code_lr", 10 * spec.lr))

@@ -538,3 +538,47 @@ def test_cli_builders_make_trainable_models():
             for _ in range(2):
                 assert all(torch.isfinite(v) for v in model.step(x, torch.arange(8)).values())
             assert model.sample(3).shape == (3, *data.shape[1:])
+
+
+@pytest.fixture
+def random_vgg16(tmp_path, monkeypatch):
+    """A VGG16 with random weights in the file ``$GENLIB_VGG16_WEIGHTS`` names (the ImageNet one is not offline)."""
+    from genlib import features
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg16.pth"
+    torch.save(features.VGG16Features().state_dict(), path)
+    monkeypatch.setenv(features.VGG16_ENV, str(path))
+    return features.load_vgg16(path, "cpu")
+
+
+def test_vgg16_pair_loss_is_pixel_l1_plus_perceptual_l1_and_differentiable(random_vgg16):
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    y = torch.rand(3, 1, 16, 16) * 2 - 1
+    x.requires_grad_(True)
+    loss = imle.pair_loss("vgg16")(x, y)
+    by_hand = (x - y).abs().flatten(1).sum(1) + (random_vgg16.perceptual(x) - random_vgg16.perceptual(y)).abs().sum(1)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
+    loss.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_vgg16_options_of_the_cli_and_a_clear_error_without_weights(random_vgg16, monkeypatch):
+    from genlib.cli import TrainSpec
+    from genlib import features
+
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    spec = lambda **options: TrainSpec(images, (1, 8, 8), torch.device("cpu"), z_dim=4, width=8, batch_size=4,
+                                       options=options)
+    glo = imle.build_glo(spec(loss="vgg16"))
+    assert isinstance(glo.loss_fn, imle.PixelFeatureL1)
+    model = imle.build_imle(spec(distance="vgg16", fakes_per_real="2"))
+    assert model.pair_loss is None and model.match_features is features.vgg16_perceptual
+    x = to_float(images[:4])
+    torch.testing.assert_close(model._embed(x), random_vgg16.perceptual(x))  # matched in VGG16 feature space
+    losses = fit(model, BatchSampler(images, 4, "cpu", seed=0), 2, progress=False)
+    assert all(math.isfinite(v) for v in losses["loss"])
+    monkeypatch.delenv(features.VGG16_ENV)
+    for build, options in ((imle.build_glo, {"loss": "vgg16"}), (imle.build_imle, {"distance": "vgg16"})):
+        with pytest.raises(RuntimeError, match="GENLIB_VGG16_WEIGHTS"):
+            build(spec(**options))

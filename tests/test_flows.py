@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import sympy as sp
 import torch
@@ -337,6 +338,42 @@ def test_gaussian_mixture_autoregression_integrates_to_one():
     model = fl.AutoregressiveModel((2,), "gmm", hidden=16, components=3)
     perturbed(model.made, 0.3)
     assert grid_integral(lambda p: model.log_prob(p), lim=12.0, n=481) == pytest.approx(1.0, abs=0.01)
+
+
+def test_vector_vae_samples_are_draws_of_its_gaussian_likelihood_not_its_means():
+    """The chapter's 2-D map scores the VAE's draws of q(x | z): with a decoder whose output ignores z, the
+    samples must follow N(mean, std^2) exactly (the decoder's means alone would have zero spread)."""
+    torch.manual_seed(0)
+    mean, std = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
+    decoder = nn.Linear(1, 4)
+    with torch.no_grad():
+        decoder.weight.zero_()
+        decoder.bias.copy_(torch.cat([mean, std.log()]))
+    vae = fl.VAE((2,), z_dim=1, likelihood="gaussian", encoder=nn.Linear(2, 2), decoder=decoder)
+    n = 40_000
+    samples = vae.sample(n)
+    assert samples.shape == (n, 2)
+    # 5 standard errors: the sample mean's is std / sqrt(n), the sample std's about std / sqrt(2 n)
+    torch.testing.assert_close(samples.mean(0), mean, atol=float(5 * std.max() / n**0.5), rtol=0)
+    torch.testing.assert_close(samples.std(0), std, atol=0, rtol=5 / (2 * n) ** 0.5)
+
+
+def test_vector_autoencoder_samples_from_the_gaussian_fitted_to_its_codes():
+    """With momentum 1 one step stores the batch's code mean and covariance (numpy, independently); with an
+    identity decoder the samples then follow that Gaussian."""
+    torch.manual_seed(0)
+    ae = fl.Autoencoder((2,), z_dim=2, width=16, momentum=1.0)
+    x = torch.randn(256, 2) @ torch.tensor([[2.0, 0.0], [1.5, 0.5]]) + torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        codes = ae.encoder(x).numpy().astype(np.float64)  # the codes the step sees, before its update
+    ae.step(x, torch.arange(len(x)))
+    np.testing.assert_allclose(ae.code_mean.numpy(), codes.mean(0), atol=1e-5)
+    np.testing.assert_allclose(ae.code_cov.numpy(), np.cov(codes.T), atol=1e-5)
+    ae.decoder = nn.Identity()  # decode(z) = z: the samples are the drawn codes
+    samples = ae.sample(40_000).double().numpy()
+    scale = float(np.sqrt(np.diag(np.cov(codes.T)).max()))
+    np.testing.assert_allclose(samples.mean(0), codes.mean(0), atol=5 * scale / 200)
+    np.testing.assert_allclose(np.cov(samples.T), np.cov(codes.T), atol=0.05 * scale**2)
 
 
 def test_layerwise_states_run_from_data_to_latent_and_back():

@@ -582,3 +582,184 @@ def test_vgg16_options_of_the_cli_and_a_clear_error_without_weights(random_vgg16
     for build, options in ((imle.build_glo, {"loss": "vgg16"}), (imle.build_imle, {"distance": "vgg16"})):
         with pytest.raises(RuntimeError, match="GENLIB_VGG16_WEIGHTS"):
             build(spec(**options))
+
+
+# ----------------------------------------------------------------------------- against independent computations
+
+
+def test_soft_assignment_equals_a_softmax_computed_by_hand():
+    """At finite sigmas, every responsibility against exp(-d_ij / 2 sigma^2) / sum_k exp(-d_ik / 2 sigma^2),
+    with the squared distances and the softmax written out in plain Python floats."""
+    g = torch.Generator().manual_seed(11)
+    reals, fakes = torch.randn(6, 3, generator=g), torch.randn(9, 3, generator=g)
+    largest = []
+    for sigma in (2.0, 0.7, 0.3):
+        w = imle.soft_assignment(reals, fakes, sigma)
+        assert w.shape == (6, 9)
+        for i, x in enumerate(reals.tolist()):
+            logits = [-sum((a - b) ** 2 for a, b in zip(x, y)) / (2 * sigma**2) for y in fakes.tolist()]
+            top = max(logits)
+            weights = [math.exp(v - top) for v in logits]
+            total = sum(weights)
+            for j in range(9):
+                assert abs(w[i, j].item() - weights[j] / total) < 1e-12
+        largest.append(w.max(1).values)
+    # some reals split their weight (neither uniform nor one-hot), so the check above is not trivial
+    largest = torch.cat(largest)
+    assert ((largest > 0.2) & (largest < 0.99)).sum() >= 3
+
+
+def test_glann_sample_is_g_of_t_of_the_same_noise(trained_glo):
+    glo, _, _ = trained_glo
+    torch.manual_seed(12)
+    glann = imle.GLANN(glo, noise_dim=8, refresh_every=4).eval()
+    torch.manual_seed(13)
+    samples = glann.sample(10)
+    torch.manual_seed(13)
+    noise = torch.randn(10, 8)  # GLANN.sample draws N(0, I) noise [n, noise_dim] from the global generator
+    with torch.no_grad():
+        by_hand = glo.generator(glann.mapper.generator(noise))
+    assert samples.shape == (10, 1, 8, 8)
+    torch.testing.assert_close(samples, by_hand, rtol=0, atol=0)
+
+
+def test_pca_codes_equal_an_svd_of_the_centred_data_up_to_sign():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(14)
+    # 40 images of 6x6 with a decaying spectrum (not a flat one), so the top axes are well defined
+    scales = torch.tensor([2.0**-k for k in range(36)])
+    images = (torch.randn(40, 36, generator=g) * scales) @ torch.linalg.qr(torch.randn(36, 36, generator=g))[0]
+    images = (images + 0.5).view(40, 1, 6, 6)
+    z_dim = 5
+    codes = imle.pca_codes(images, z_dim)
+    x = images.flatten(1).double().numpy()
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ vt[:z_dim].T
+    expected = projected / np.linalg.norm(projected, axis=1, keepdims=True)
+    got = codes.double().numpy()
+    assert codes.shape == (40, z_dim) and codes.dtype == torch.float32
+    for k in range(z_dim):  # each principal axis is defined up to its sign
+        sign = np.sign(got[:, k] @ expected[:, k])
+        np.testing.assert_allclose(sign * got[:, k], expected[:, k], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)  # on the unit sphere
+    with pytest.raises(ValueError):
+        imle.pca_codes(images, 41)
+
+
+def test_glo_sample_is_a_gaussian_fitted_to_the_codes():
+    """GLO.sample with an identity generator returns the codes it draws: their mean and covariance must be the
+    learned codes' (computed independently with numpy), including the correlations."""
+    import numpy as np
+    from torch import nn
+
+    g = torch.Generator().manual_seed(15)
+    mixing = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.3, 0.0], [-0.4, 0.2, 0.5]])
+    start = torch.randn(60, 3, generator=g) @ mixing.T + torch.tensor([0.9, 0.5, -0.2])
+    identity = nn.Linear(3, 3)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(3))
+        identity.bias.zero_()
+    glo = imle.GLO(identity, 60, 3, init_codes=start)
+    codes = glo.latent_codes().double().numpy()
+    torch.manual_seed(16)
+    z = glo.sample(200_000).double().numpy()
+    want_mean, want_cov = codes.mean(0), np.cov(codes, rowvar=False)
+    assert abs(want_cov[0, 1]) > 0.05  # correlated codes: a wrong Cholesky factor (L instead of L^T) would show
+    np.testing.assert_allclose(z.mean(0), want_mean, atol=5e-3)
+    np.testing.assert_allclose(np.cov(z, rowvar=False), want_cov, atol=5e-3)
+
+
+def _bilinear_half_pixel(image, height, width):
+    """Independent bilinear resize of a 2-D numpy array with half-pixel centres (align_corners=False)."""
+    import numpy as np
+
+    def weights(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        low = np.floor(src).astype(int)
+        high = np.minimum(low + 1, n_in - 1)
+        frac = src - low
+        matrix = np.zeros((n_out, n_in))
+        matrix[np.arange(n_out), low] += 1 - frac
+        matrix[np.arange(n_out), high] += frac
+        return matrix
+
+    return weights(image.shape[0], height) @ image @ weights(image.shape[1], width).T
+
+
+def test_laplacian_pyramid_collapses_back_and_matches_scipy():
+    import numpy as np
+    import torch.nn.functional as F
+    from scipy import ndimage
+
+    lap = imle.LaplacianPyramidL1(levels=3)
+    g = torch.Generator().manual_seed(17)
+    x = torch.rand(2, 3, 13, 10, generator=g, dtype=torch.float64)  # odd and unequal sides
+    bands = lap.pyramid(x)
+    assert [tuple(b.shape[-2:]) for b in bands] == [(13, 10), (7, 5), (4, 3)]
+    # collapse: upsample the coarser level bilinearly to the finer size and add the band
+    current = bands[-1]
+    for band in reversed(bands[:-1]):
+        current = F.interpolate(current, size=band.shape[-2:], mode="bilinear", align_corners=False) + band
+    torch.testing.assert_close(current, x, rtol=0, atol=1e-12)
+    # a constant image has no band-pass content; the residual is the constant
+    constant = lap.pyramid(torch.full((1, 2, 13, 10), 0.7, dtype=torch.float64))
+    for band in constant[:-1]:
+        assert band.abs().max() < 1e-12
+    torch.testing.assert_close(constant[-1], torch.full_like(constant[-1], 0.7))
+    # independently: 5x5 binomial blur with edge replication (scipy), every other pixel, half-pixel bilinear up
+    taps = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    kernel = np.outer(taps, taps)
+    image = x[1, 2].numpy()
+    smaller = ndimage.convolve(image, kernel, mode="nearest")[::2, ::2]
+    np.testing.assert_allclose(bands[0][1, 2].numpy(), image - _bilinear_half_pixel(smaller, 13, 10), atol=1e-12)
+    two_level = imle.LaplacianPyramidL1(levels=2).pyramid(x)
+    np.testing.assert_allclose(two_level[-1][1, 2].numpy(), smaller, atol=1e-12)
+
+
+@pytest.mark.parametrize("margin", [None, "median"])
+def test_imlekl_step_minimises_kl_variant_loss_on_its_own_draws(margin):
+    """The step's loss is kl_variant_loss with sign +1 on the same two fake batches (same RNG), and both equal
+    mean_i [min_j |a_i - x_j|^2 + relu(m - min_k |a_i - b_k|^2)] written out with numpy."""
+    import copy
+
+    import numpy as np
+
+    torch.manual_seed(18)
+    reals = torch.randn(24, 2) * 0.3
+    model = imle.IMLEKL(MLP(2, 2, hidden=16, depth=2), 2, margin=None, n_fakes=20, n_other=30)
+    before = copy.deepcopy(model.generator)
+    torch.manual_seed(19)
+    with torch.no_grad():
+        fakes, other = before(torch.randn(20, 2)), before(torch.randn(30, 2))
+    a, b, x = fakes.double().numpy(), other.double().numpy(), reals.double().numpy()
+    attract = ((a[:, None] - x[None]) ** 2).sum(-1).min(1)
+    repel = ((a[:, None] - b[None]) ** 2).sum(-1).min(1)
+    if margin == "median":  # the hinge is active for about half of the fakes
+        margin = float(np.median(repel))
+        assert 0 < (repel < margin).sum() < len(repel)
+    model.margin = margin
+    by_hand = (attract - repel).mean() if margin is None else (attract + np.maximum(margin - repel, 0)).mean()
+    torch.manual_seed(19)
+    losses = model.step(reals, torch.arange(24))
+    reference = imle.kl_variant_loss(fakes, other, reals, margin=margin, sign=1).item()
+    assert abs(losses["loss"].item() - reference) < 1e-5 * max(1.0, abs(reference))
+    assert abs(losses["loss"].item() - by_hand) < 1e-5 * max(1.0, abs(by_hand))
+    assert abs(by_hand) > 1e-3  # so that sign -1 would have failed
+    assert abs(losses["attract"].item() - attract.mean()) < 1e-5 and abs(losses["repel"].item() - repel.mean()) < 1e-5
+    changed = [not torch.equal(p, q) for p, q in zip(model.generator.parameters(), before.parameters())]
+    assert any(changed)  # the step also took its gradient step
+
+
+def test_pairwise_cost_count_fields_against_the_formulas():
+    n_real, n_fake, net_flops, dim = 64, 640, 15.5e9, 4096
+    cost = imle.pairwise_cost_count(n_real, n_fake, net_flops, dim)
+    assert cost["pairs"] == 40_960
+    assert cost["network_runs_pairwise"] == 81_920  # both images of every pair through the network
+    assert cost["network_runs_cached"] == 704  # every image once
+    assert cost["flops_pairwise"] == pytest.approx(81_920 * 15.5e9, rel=1e-12)  # 1.26976e15
+    # 704 network runs plus one 2 * R * F * D GEMM (2 FLOPs per multiply-add)
+    assert cost["flops_cached"] == pytest.approx(704 * 15.5e9 + 2 * 40_960 * 4096, rel=1e-12)
+    assert cost["flops_cached"] == pytest.approx(1.091233554432e13, rel=1e-12)
+    assert cost["speedup"] == pytest.approx(1.26976e15 / 1.091233554432e13, rel=1e-12)

@@ -122,6 +122,20 @@ def test_clean_metadata_numbers_cells_and_drops_timings():
     assert "execution" not in nb.cells[0].metadata and nb.metadata.kernelspec["name"] == "python3"
 
 
+def test_coalesce_streams_joins_consecutive_prints_of_one_stream_only():
+    out = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("x", outputs=[
+        out("stream", name="stdout", text="a\n"), out("stream", name="stdout", text="b\n"),
+        out("stream", name="stderr", text="warn\n"), out("stream", name="stdout", text="c\n"),
+        out("display_data", data={"text/plain": "plot"}), out("stream", name="stdout", text="d\n")])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [cell]
+    tool.coalesce_streams(nb)
+    assert [(o.output_type, o.get("name"), o.get("text")) for o in nb.cells[0].outputs] == [
+        ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "warn\n"), ("stream", "stdout", "c\n"),
+        ("display_data", None, None), ("stream", "stdout", "d\n")]
+
+
 SOLUTION = re.compile(r":::\{admonition\} Solution\s*\n:class: dropdown\n(.*?)\n:::", re.S)
 GENLIB_MODULES = r"(?:imle|gan|energy|dae|flows|metrics|g?data|features|evaluate|results)"
 GENLIB_CALL = re.compile(rf"\bgenlib\.{GENLIB_MODULES}\.[a-z_]\w*|\b{GENLIB_MODULES}\.[a-z_]\w*\(")

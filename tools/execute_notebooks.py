@@ -117,6 +117,22 @@ def clean_metadata(nb: nbformat.NotebookNode) -> None:
                     output["execution_count"] = count
 
 
+def coalesce_streams(nb: nbformat.NotebookNode) -> None:
+    """Join each run of consecutive stdout (or stderr) outputs of a cell into one: how a cell's printing is cut
+    into messages depends on its timing (a slow computation between two prints splits them), not on its text."""
+    for cell in nb.cells:
+        joined: list = []
+        for output in cell.get("outputs", []):
+            previous = joined[-1] if joined else None
+            if (output.output_type == "stream" and previous is not None and previous.output_type == "stream"
+                    and previous.name == output.name):
+                previous.text += output.text
+            else:
+                joined.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = joined
+
+
 def execute(path: Path, timeout: int, run: bool = True) -> float:
     """Execute one notebook in place (or, with ``run=False``, only redo the clean-up); return the wall time."""
     nb = nbformat.read(path, as_version=4)
@@ -129,6 +145,7 @@ def execute(path: Path, timeout: int, run: bool = True) -> float:
         client.execute()
     elapsed = time.perf_counter() - began
     clean_metadata(nb)
+    coalesce_streams(nb)
     stable_widget_ids(nb, path.stem)
     nbformat.validate(nb)
     nbformat.write(nb, path)

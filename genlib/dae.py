@@ -10,8 +10,9 @@ So a trained denoiser *is* an estimate of the score of the noisy data. The modul
 
 * **Closed forms** for Gaussian mixtures with isotropic components: :func:`optimal_denoiser`
   (posterior-weighted mean of the per-component posterior means), :func:`smoothed_log_density`
-  and :func:`smoothed_score`, so the identity can be checked to machine precision, and
-  :func:`denoiser_error` to compare a trained denoiser with the optimum.
+  and :func:`smoothed_score`, so the identity can be checked to machine precision,
+  :func:`denoiser_error` to compare a trained denoiser with the optimum, and :func:`gaussian_kl`
+  (two isotropic Gaussians, so the DDE generator's KL can be checked against a closed form).
 * **Langevin sampling**: :func:`langevin` (one noise level) and :func:`annealed_langevin`
   (Song & Ermon, 2019: a geometric ladder of noise levels, step ``eps * sigma_i^2 / sigma_L^2``,
   optional final denoising step); :func:`mixture_weights_recovered` shows that plain Langevin
@@ -46,8 +47,8 @@ from genlib.train import GenerativeModel, count_step, mirror_step_count
 __all__ = [
     "DAE", "DDEGenerator", "NoiseConditionalScore", "ScoreModel", "annealed_langevin", "build_dae", "build_dde",
     "build_score", "denoiser_error", "dde_loss", "dsm_loss", "energy_denoiser", "geometric_sigmas", "langevin",
-    "make_energy", "mixture_params", "mixture_weights_recovered", "optimal_denoiser", "posterior_responsibilities",
-    "smoothed_log_density", "smoothed_score",
+    "gaussian_kl", "make_energy", "mixture_params", "mixture_weights_recovered", "optimal_denoiser",
+    "posterior_responsibilities", "smoothed_log_density", "smoothed_score",
 ]
 
 ScoreFn = Callable[[Tensor, float], Tensor]
@@ -110,6 +111,25 @@ def optimal_denoiser(x: Tensor, weights, means, stds, sigma: float) -> Tensor:
     shrink = (var - sigma**2) / var  # s_j^2 / (s_j^2 + sigma^2): how much of x a component trusts
     posterior_means = mu[None] + shrink[None, :, None] * (x[:, None, :] - mu[None])  # [n, k, d]
     return torch.einsum("nk,nkd->nd", resp, posterior_means)
+
+
+def gaussian_kl(mean_q: Tensor, std_q: float | Tensor, mean_p: Tensor, std_p: float | Tensor) -> Tensor:
+    """``KL(N(mean_q, std_q^2 I) || N(mean_p, std_p^2 I))`` [...] for means [..., d] and stds that broadcast to [...].
+
+    ``d log(std_p / std_q) + (d std_q^2 + ||mean_q - mean_p||^2) / (2 std_p^2) - d / 2``; differentiable in all inputs.
+    """
+    mean_q = torch.as_tensor(mean_q)
+    if not mean_q.is_floating_point():
+        mean_q = mean_q.to(torch.get_default_dtype())
+    mean_p = torch.as_tensor(mean_p, dtype=mean_q.dtype, device=mean_q.device)
+    if mean_q.ndim < 1 or mean_p.ndim < 1 or mean_q.shape[-1] != mean_p.shape[-1]:
+        raise ValueError(f"need means [..., d] with the same d, got {tuple(mean_q.shape)} and {tuple(mean_p.shape)}")
+    std_q, std_p = (torch.as_tensor(v, dtype=mean_q.dtype, device=mean_q.device) for v in (std_q, std_p))
+    if not bool((std_q > 0).all()) or not bool((std_p > 0).all()):
+        raise ValueError(f"stds must be > 0, got {std_q.tolist()} and {std_p.tolist()}")
+    d = mean_q.shape[-1]
+    sq_dist = (mean_q - mean_p).pow(2).sum(-1)
+    return d * torch.log(std_p / std_q) + (d * std_q**2 + sq_dist) / (2 * std_p**2) - d / 2
 
 
 def mixture_params(toy: Any) -> tuple[Tensor, Tensor, Tensor]:

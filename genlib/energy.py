@@ -17,7 +17,7 @@ for Energy-Based Models" (MEG, 2019).
 * The generator lets the fakes roll downhill; it minimises ``E_z[U(G(z))]``
   (:func:`generator_energy_loss`), optionally minus ``weight * H(G(Z))`` so the fakes spread
   out instead of all rolling into one pit (:func:`knn_entropy`, or MEG's mutual-information
-  surrogate :func:`jsd_mutual_information`).
+  surrogate :func:`jsd_mutual_information`); :func:`densest_disc` measures how crowded they are.
 
 A usual GAN discriminator logit (high = real) is ``-U``; the WGAN critic ``f`` is ``-U`` too.
 Hinge (:func:`hinge_critic_loss`) and EBGAN's margin (:func:`margin_loss`, for a non-negative
@@ -27,8 +27,9 @@ written in the energy sign. Input gradients for the penalties come from :func:`g
 
 What is here:
 
-* pure losses and penalties; the closed-form 1-D optimal critic :func:`optimal_critic_slope_1d`
-  and :func:`fit_critic_1d`, which trains an MLP critic to compare with it;
+* pure losses and penalties; the closed-form 1-D optimal critic :func:`optimal_critic_slope_1d`,
+  :func:`discretised_critic_optimum_1d`, which minimises the same objective directly on a grid, and
+  :func:`fit_critic_1d`, which trains an MLP critic to compare with it;
 * the Dirac-GAN (Mescheder et al., 2018), :func:`dirac_gan_trajectory`: oscillation without a
   penalty, convergence with R1;
 * :class:`EnergyGAN` (MLPs for 2-D, DCGAN conv nets for images) trained by
@@ -45,8 +46,10 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sparse
 import torch
 import torch.nn.functional as F
+from scipy.sparse.linalg import spsolve
 from torch import Tensor, nn
 
 from genlib import data as gdata
@@ -194,6 +197,43 @@ def optimal_critic_slope_1d(x_grid: Tensor | np.ndarray, p: Tabulated, F_p: Tabu
     return (F_p - F_q) / (2 * lam * p)
 
 
+def discretised_critic_optimum_1d(x: np.ndarray | Tensor, p: np.ndarray | Tensor, q: np.ndarray | Tensor,
+                                  lam: float) -> tuple[np.ndarray, float]:
+    """Minimise the critic's objective J directly on a uniform grid x [n]: (slope at the n - 1 midpoints, min J).
+
+    An independent check of :func:`optimal_critic_slope_1d`: it uses only the densities p and q tabulated at
+    x [n], no CDFs and no Euler-Lagrange equation. p and q are first renormalised to sum to 1 on the grid
+    (then J does not change when U is shifted by a constant); the discretised
+    ``J(u) = dx sum_i u_i (p_i - q_i) + lam dx sum_i p_(i+1/2) ((u_(i+1) - u_i) / dx)^2`` (``p_(i+1/2)`` the
+    mean of the two neighbours) is a convex quadratic in the values u [n]; with u pinned to 0 where p is largest
+    (pinned where p is tiny, the solve loses accuracy when p spans many orders of magnitude), its minimiser solves
+    the sparse linear system ``grad J = 0``. No boundary condition is imposed: the ends
+    get J's own natural one. Widening the grid shows whether J is bounded below: min J settles when it is,
+    and keeps falling when q's tails are too heavy for p's (e.g. p = N(0, 1), q = N(0, s^2) with s^2 > 2).
+    """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    x, p, q = (np.asarray(a, dtype=np.float64) for a in (x, p, q))
+    if x.ndim != 1 or len(x) < 3 or p.shape != x.shape or q.shape != x.shape:
+        raise ValueError(f"need a 1-D grid x of at least 3 points and p, q of its shape; got x {x.shape}, "
+                         f"p {p.shape}, q {q.shape}")
+    dx = x[1] - x[0]
+    if not (dx > 0 and np.allclose(np.diff(x), dx, rtol=1e-6, atol=0)):
+        raise ValueError("x must be uniform and increasing")
+    if not (np.isfinite(p).all() and np.isfinite(q).all() and (p > 0).all() and (q >= 0).all() and q.sum() > 0):
+        raise ValueError("need finite densities with p > 0 at every grid point and q >= 0 with some mass")
+    n = len(x)
+    p, q = p / (p.sum() * dx), q / (q.sum() * dx)
+    diff = sparse.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n)) / dx  # (D u)_i = U' at midpoint i
+    p_mid = (p[1:] + p[:-1]) / 2
+    hessian = (2 * lam * dx * (diff.T @ sparse.diags(p_mid) @ diff)).tocsc()
+    free = np.arange(n) != np.argmax(p)
+    u = np.zeros(n)
+    u[free] = spsolve(hessian[free][:, free], -dx * (p - q)[free])
+    slope = diff @ u
+    return slope, float(dx * np.sum(u * (p - q)) + lam * dx * np.sum(p_mid * slope**2))
+
+
 class EnergyMLP(nn.Module):
     """A scalar energy for vectors: ``x`` [n, d] -> ``U(x)`` [n] (an :class:`genlib.nets.MLP` with one output)."""
 
@@ -323,6 +363,24 @@ def gaussian_entropy(cov: Tensor) -> float:
     """Closed-form entropy (nats) of a Gaussian with covariance [d, d]: ``0.5 log det(2 pi e cov)``."""
     d = cov.shape[0]
     return 0.5 * (d * math.log(2 * math.pi * math.e) + torch.logdet(cov.double()).item())
+
+
+def densest_disc(samples: Tensor, radius: float) -> tuple[float, Tensor]:
+    """How crowded samples [n, d] are: the largest share of them within ``radius`` of one sample, and that sample [d].
+
+    Each sample is a candidate centre; a sample at distance exactly ``radius`` counts (ties go to the first
+    centre). With ``radius`` = 3 std of a mixture's component, it measures mode collapse directly: fakes that
+    crowd into one pit put most of their share in one disc, however far from the data it lies, while data
+    with k equal modes put about 1 / k there. Memory: one [n, n] distance matrix.
+    """
+    if samples.dim() != 2 or len(samples) == 0:
+        raise ValueError(f"samples must be a non-empty [n, d] tensor, got shape {tuple(samples.shape)}")
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    with torch.no_grad():
+        counts = (torch.cdist(samples.double(), samples.double()) <= radius).sum(1)
+    best = int(counts.argmax())
+    return counts[best].item() / len(samples), samples[best].detach()
 
 
 def jsd_mutual_information(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
@@ -587,23 +645,27 @@ ENTROPY_SETTINGS: dict[str, dict[str, Any]] = {
 def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "ring8", toy_std: float | None = 0.05,
                    seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 256,
                    n_data: int = 20_000, n_samples: int = 2500, base: Mapping[str, Any] | None = None,
-                   device: str = "cpu", progress: bool = False, workers: int = 1) -> list[dict[str, Any]]:
+                   device: str = "cpu", progress: bool = False, workers: int = 1,
+                   keep_samples: bool = False) -> list[dict[str, Any]]:
     """Train an :class:`EnergyGAN` per setting and seed on toy ``toy_name`` through :func:`genlib.train.fit`.
 
     ``toy_std`` overrides the toy's component std (None keeps it; 0.05 on ``ring8`` is sharp enough to
     show mode collapse and loose enough to be learnt in a few hundred CPU steps). Each setting's kwargs
     override ``base`` (default :data:`TOY_DEFAULTS`). One row per run: setting, seed, modes (covered),
-    total_modes, hq (fraction of ``n_samples`` within 3 std of a mode), seconds (wall), cpu_seconds
-    (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped it; then
-    modes = hq = 0). ``workers`` > 1 trains that many runs at once, each in its own process on one thread
-    (:func:`genlib.evaluate.coverage_runs`); the rows are the same.
+    total_modes, hq (fraction of ``n_samples`` within 3 std of a mode), mode_counts (the high-quality
+    samples at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds (process CPU
+    time, stable on a shared machine) and diverged (a non-finite loss stopped it; then modes = hq = 0);
+    with ``keep_samples`` also samples, the scored samples [n_samples, 2] (None if diverged). ``workers`` > 1
+    trains that many runs at once, each in its own process on one thread (:func:`genlib.evaluate.coverage_runs`);
+    the rows are the same.
     """
     defaults = TOY_DEFAULTS if base is None else base
     runs = [(name, seed) for name in settings for seed in seeds]
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
     rows = runtime.in_call_order(coverage_runs(jobs, toy_name, steps, batch_size,
                                                {} if toy_std is None else {"std": toy_std}, workers=workers,
-                                               progress=progress, n_data=n_data, n_samples=n_samples, device=device))
+                                               progress=progress, n_data=n_data, n_samples=n_samples, device=device,
+                                               keep_samples=keep_samples))
     return [{"setting": name, "seed": seed, **row} for (name, seed), row in zip(runs, rows)]
 
 

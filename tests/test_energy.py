@@ -6,14 +6,15 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sparse
 import torch
 from scipy.integrate import quad
-from scipy.sparse.linalg import spsolve
+from scipy.optimize import minimize
 from scipy.stats import norm
 from torch import nn
 
+from genlib import data as gdata
 from genlib import energy as E
+from genlib import metrics
 from genlib.cli import TrainSpec, build_family
 from genlib.data import BatchSampler
 from genlib.train import fit
@@ -91,16 +92,59 @@ def test_one_centred_penalty_closed_forms():
 
 
 def discretised_optimum_slope(x: np.ndarray, p: np.ndarray, q: np.ndarray, lam: float) -> np.ndarray:
-    """Slope at the midpoints of the minimiser of sum U (p - q) dx + lam sum p_mid ((dU/dx)^2) dx (U_0 = 0)."""
+    """The slope at the midpoints of the grid minimiser of J (genlib.energy.discretised_critic_optimum_1d)."""
+    return E.discretised_critic_optimum_1d(x, p, q, lam)[0]
+
+
+def test_discretised_critic_optimum_matches_a_generic_minimiser():
+    # J written out independently and handed to BFGS on a small uneven pair of densities.
+    rng = np.random.default_rng(0)
+    x = np.linspace(-1.0, 2.0, 12)
+    dx, lam = x[1] - x[0], 0.3
+    p, q = rng.uniform(0.2, 1.0, 12), rng.uniform(0.0, 1.0, 12)
+    p, q = p / (p.sum() * dx), q / (q.sum() * dx)
+
+    def objective(u_rest: np.ndarray) -> float:
+        u = np.concatenate([[0.0], u_rest])
+        slopes = np.diff(u) / dx
+        return float(dx * np.sum(u * (p - q)) + lam * dx * np.sum((p[1:] + p[:-1]) / 2 * slopes**2))
+
+    best = minimize(objective, np.zeros(11), method="BFGS", options={"gtol": 1e-12, "maxiter": 10_000})
+    slope, j_min = E.discretised_critic_optimum_1d(x, 3 * p, 5 * q, lam)  # renormalised inside
+    np.testing.assert_allclose(slope, np.diff(np.concatenate([[0.0], best.x])) / dx, rtol=1e-5, atol=1e-6)
+    assert j_min == pytest.approx(best.fun, rel=1e-8)
+    assert j_min < 0  # U = 0 gives J = 0, and p != q lets the critic do better
+
+
+def test_discretised_critic_optimum_stays_accurate_where_p_spans_many_orders_of_magnitude():
+    # Summing the discrete Euler-Lagrange equations from the left gives, exactly,
+    # 2 lam p_(i+1/2) U'_(i+1/2) = dx sum_(j <= i) (p_j - q_j): a first integral the solver does not use.
+    lam, x = 0.5, np.linspace(-8.0, 8.0, 3201)  # p falls to 5e-15 at the ends; q = N(0, 4) has far heavier tails
     dx = x[1] - x[0]
-    n = len(x)
-    diff = sparse.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n)) / dx
+    p, q = norm.pdf(x), norm.pdf(x, scale=2.0)
+    slope, j_min = E.discretised_critic_optimum_1d(x, p, q, lam)
+    p, q = p / (p.sum() * dx), q / (q.sum() * dx)
     p_mid = (p[1:] + p[:-1]) / 2
-    hessian = (2 * lam * dx * diff.T @ sparse.diags(p_mid) @ diff).tocsc()
-    rhs = -dx * (p - q)
-    u = np.zeros(n)
-    u[1:] = spsolve(hessian[1:, 1:], rhs[1:])  # the objective is shift-invariant: pin U_0
-    return diff @ u
+    expected = dx * np.cumsum(p - q)[:-1] / (2 * lam * p_mid)
+    np.testing.assert_allclose(slope, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    assert j_min == pytest.approx(-lam * dx * np.sum(p_mid * expected**2), rel=1e-8)  # J_min = -lam sum p U'^2
+    flipped, j_flipped = E.discretised_critic_optimum_1d(x, p[::-1], q[::-1], lam)  # the mirror image
+    assert j_flipped == pytest.approx(j_min, rel=1e-8)
+
+
+def test_discretised_critic_optimum_rejects_bad_input():
+    x = np.linspace(0.0, 1.0, 5)
+    p = np.ones(5)
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        E.discretised_critic_optimum_1d(x, p, p, 0.0)
+    with pytest.raises(ValueError, match="at least 3 points"):
+        E.discretised_critic_optimum_1d(x, p, np.ones(4), 0.5)
+    with pytest.raises(ValueError, match="uniform and increasing"):
+        E.discretised_critic_optimum_1d(x**2, p, p, 0.5)
+    with pytest.raises(ValueError, match="p > 0 at every grid point"):
+        E.discretised_critic_optimum_1d(x, np.array([1.0, 1.0, 0.0, 1.0, 1.0]), p, 0.5)
+    with pytest.raises(ValueError, match="p > 0 at every grid point"):
+        E.discretised_critic_optimum_1d(x, p, np.zeros(5), 0.5)
 
 
 def test_optimal_critic_slope_matches_a_direct_minimisation():
@@ -138,11 +182,8 @@ def test_optimal_critic_digs_a_pit_under_unimodal_data_when_the_fakes_are_wider(
 
 
 def discretised_minimum(x: np.ndarray, p: np.ndarray, q: np.ndarray, lam: float) -> float:
-    """min over U of the discretised J = sum U (p - q) dx + lam sum p_mid (dU/dx)^2 dx (U_0 = 0)."""
-    dx = x[1] - x[0]
-    u = np.concatenate([[0.0], np.cumsum(discretised_optimum_slope(x, p, q, lam) * dx)])
-    p_mid = (p[1:] + p[:-1]) / 2
-    return float(np.sum(u * (p - q)) * dx + lam * np.sum(p_mid * (np.diff(u) / dx) ** 2) * dx)
+    """min over U of the discretised J (genlib.energy.discretised_critic_optimum_1d)."""
+    return E.discretised_critic_optimum_1d(x, p, q, lam)[1]
 
 
 def test_critic_functional_is_unbounded_below_when_the_fakes_tails_are_too_heavy():
@@ -224,6 +265,43 @@ def test_jsd_mutual_information_is_zero_for_an_uninformative_statistic():
     assert E.jsd_mutual_information(t + 10, t - 10).item() > -1e-3  # separating T reaches its maximum 0
 
 
+def test_jsd_mutual_information_matches_log_sigmoids_and_reaches_the_jsd_at_the_optimal_statistic():
+    t_joint, t_marginal = torch.randn(50, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+    # E_joint[log sigmoid T] + E_marginal[log(1 - sigmoid T)], written with sigmoids instead of softplus.
+    expected = torch.sigmoid(t_joint).log().mean() + (1 - torch.sigmoid(t_marginal)).log().mean()
+    assert E.jsd_mutual_information(t_joint, t_marginal).item() == pytest.approx(expected.item(), rel=1e-12)
+    # Two binary variables, P(x, z) = [[3, 1], [1, 3]] / 8 against the product of the marginals Q = 1/4 each.
+    # The best statistic is T* = log(P / Q), where the estimate equals 2 JSD(P, Q) - 2 log 2 (Deep InfoMax).
+    P, Q = np.array([3, 1, 1, 3]) / 8, np.full(4, 0.25)
+    M = (P + Q) / 2
+    jsd = 0.5 * np.sum(P * np.log(P / M)) + 0.5 * np.sum(Q * np.log(Q / M))
+    t_star = np.log(P / Q)
+    joint = torch.tensor(np.repeat(t_star, [3, 1, 1, 3]))  # 8 draws in the proportions of P
+    marginal = torch.tensor(np.repeat(t_star, [2, 2, 2, 2]))  # 8 draws in the proportions of Q
+    best = E.jsd_mutual_information(joint, marginal).item()
+    assert best == pytest.approx(2 * jsd - 2 * math.log(2), rel=1e-12)
+    for shift in (-0.3, 0.3):  # any other statistic does worse
+        assert E.jsd_mutual_information(joint + shift, marginal + shift).item() < best
+    assert E.jsd_mutual_information(joint * 1.5, marginal * 1.5).item() < best
+
+
+def test_densest_disc_matches_a_brute_force_count():
+    points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [3.0, 3.0], [3.05, 3.0], [-2.0, 0.0]])
+    share, centre = E.densest_disc(points, 0.15)
+    counts = [sum(math.dist(a, b) <= 0.15 for b in points.tolist()) for a in points.tolist()]
+    assert share == pytest.approx(max(counts) / len(points)) and share == pytest.approx(3 / 6)
+    assert centre.tolist() == [0.0, 0.0]  # ties go to the first centre
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    share, centre = E.densest_disc(x, 0.5)
+    brute = max(int(((x - c).norm(dim=1) <= 0.5).sum()) for c in x) / len(x)
+    assert share == pytest.approx(brute)
+    assert E.densest_disc(torch.zeros(10, 2), 1e-3)[0] == 1.0  # a collapsed set: every sample in one disc
+    with pytest.raises(ValueError, match="radius must be > 0"):
+        E.densest_disc(x, 0.0)
+    with pytest.raises(ValueError, match=r"non-empty \[n, d\]"):
+        E.densest_disc(torch.zeros(5), 1.0)
+
+
 # ---- Dirac-GAN ----------------------------------------------------------------------------------
 
 
@@ -281,6 +359,47 @@ def generator_gradient(entropy: float) -> torch.Tensor:
     return torch.autograd.grad(loss, model.generator[0].weight)[0]
 
 
+class Quadratic(nn.Module):
+    """U(x) = ||x||^2 as a module (EnergyGAN's critic must be one)."""
+
+    def forward(self, x):
+        return quadratic(x)
+
+
+class FixedPoints(nn.Module):
+    """A 'generator' that ignores its codes and returns the trainable points [n, 2] (the first len(z) of them)."""
+
+    def __init__(self, points):
+        super().__init__()
+        self.points = nn.Parameter(torch.as_tensor(points, dtype=torch.float32))
+
+    def forward(self, z):
+        return self.points[: len(z)]
+
+
+def test_generator_loss_with_entropy_matches_hand_computed_value_and_gradient():
+    w = 0.4
+    model = E.EnergyGAN((2,), width=8, depth=2, entropy=w)
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [4.0, 0.0]])
+    model.generator, model.critic = FixedPoints(points), Quadratic()
+    losses = model.generator_losses(4)
+    # mean U = (0 + 1 + 4 + 16) / 4. Nearest-neighbour distances r = (1, 1, 2, 3), so with k = 1, d = 2, N = 4:
+    # H = psi(4) - psi(1) + log V_2 + (2/4) sum log r_i = 11/6 + log(pi) + log(6) / 2.
+    entropy = 11 / 6 + math.log(math.pi) + math.log(6) / 2
+    assert losses["energy_g"].item() == pytest.approx(21 / 4)
+    assert losses["entropy"].item() == pytest.approx(entropy, rel=1e-6)
+    assert losses["loss_g"].item() == pytest.approx(21 / 4 - w * entropy, rel=1e-6)
+    # d/dx_a: x_a / 2 from the energy; from H, (1/2) sum_i (x_i - x_n(i)) / r_i^2 ([a = i] - [a = n(i)]).
+    (grad,) = torch.autograd.grad(losses["loss_g"], model.generator.points)
+    neighbour = [1, 0, 0, 1]
+    grad_h = torch.zeros(4, 2)
+    for i, j in enumerate(neighbour):
+        g = (points[i] - points[j]) / (points[i] - points[j]).pow(2).sum()
+        grad_h[i] += g / 2
+        grad_h[j] -= g / 2
+    torch.testing.assert_close(grad, points / 2 - w * grad_h)
+
+
 def test_entropy_term_changes_the_generator_gradient():
     plain, with_entropy = generator_gradient(0.0), generator_gradient(1.0)
     torch.testing.assert_close(plain, generator_gradient(0.0))
@@ -310,9 +429,14 @@ def test_compare_on_toy_and_summarize():
     table = E.summarize(rows)
     assert [t["setting"] for t in table] == ["a", "b"] and table[0]["runs"] == 2
     # two worker processes train the same runs: every row is seeded by itself
-    parallel = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, workers=2, **kw)
+    parallel = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, workers=2, keep_samples=True, **kw)
     keys = ("setting", "seed", "modes", "hq")
     assert [[r[k] for k in keys] for r in parallel] == [[r[k] for k in keys] for r in rows]
+    assert "samples" not in rows[0]
+    ring = gdata.toy("ring8", std=0.05)
+    for r in parallel:  # the kept samples are the scored ones: their mode counts are the row's
+        assert r["samples"].shape == (100, 2)
+        assert metrics.mode_counts(r["samples"], ring.modes, ring.std).tolist() == r["mode_counts"]
 
 
 def test_build_energy_defaults_and_options():

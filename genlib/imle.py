@@ -601,20 +601,31 @@ def default_pyramid_levels(side: int) -> int:
 
 
 class PixelFeatureL1(nn.Module):
-    """GLANN's loss per pair: ``||x - y||_1 + feature_weight * ||f(x) - f(y)||_1``; x, y [B, ...] -> [B].
+    """GLANN's kind of loss per pair: ``||x - y||_1 + feature_weight * ||f(x) - f(y)||_1``; x, y [B, ...] -> [B]
+    (with ``pixel_mean``, the pixel term is the mean absolute difference instead of the sum).
 
     ``features`` maps images to [B, D] (GLANN used VGG16 layers; here any callable, e.g. from
     ``genlib.features``); it is stored outside the module tree so that ``train()`` never flips
     a pretrained network out of eval mode and its weights stay out of checkpoints.
     """
 
-    def __init__(self, features: Features, feature_weight: float = 1.0):
+    def __init__(self, features: Features, feature_weight: float = 1.0, pixel_mean: bool = False):
         super().__init__()
         object.__setattr__(self, "features", features)
-        self.feature_weight = feature_weight
+        self.feature_weight, self.pixel_mean = feature_weight, pixel_mean
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return l1_distance(x, y) + self.feature_weight * l1_distance(self.features(x), self.features(y))
+        pixels = l1_distance(x, y) / (x[0].numel() if self.pixel_mean else 1)
+        return pixels + self.feature_weight * l1_distance(self.features(x), self.features(y))
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """On CUDA, a clear error when ``nbytes`` of ``what`` would not fit in the device's free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes > free:
+            raise MemoryError(f"{what} would take {nbytes / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB "
+                              "free: match in a smaller feature space, or every batch (refresh_every=1)")
 
 
 def vgg16_feature_map() -> Features:
@@ -625,12 +636,14 @@ def vgg16_feature_map() -> Features:
 
 
 def pair_loss(spec: str | PairLoss) -> PairLoss:
-    """A per-pair loss by name (``'l2'`` squared L2, ``'l1'``, ``'lap1'``, ``'vgg16'``: GLANN's pixel L1 plus L1
-    between VGG16 perceptual features, which needs ``$GENLIB_VGG16_WEIGHTS``) or the callable itself."""
+    """A per-pair loss by name (``'l2'`` squared L2, ``'l1'``, ``'lap1'``, ``'vgg16'``: a GLANN-style perceptual
+    loss, the mean absolute pixel difference plus the L1 between VGG16's relu1_2 to relu4_3 features, each layer
+    averaged (:meth:`genlib.features.VGG16Features.perceptual`; GLANN's code averages other VGG16 layers), which
+    needs ``$GENLIB_VGG16_WEIGHTS``) or the callable itself."""
     if callable(spec):
         return spec
     named = {"l2": lambda: squared_l2, "l1": lambda: l1_distance, "lap1": LaplacianPyramidL1,
-             "vgg16": lambda: PixelFeatureL1(vgg16_feature_map())}
+             "vgg16": lambda: PixelFeatureL1(vgg16_feature_map(), pixel_mean=True)}
     if spec not in named:
         raise ValueError(f"loss must be one of {', '.join(map(repr, named))} or a callable "
                          f"(a [B, ...], b [B, ...]) -> [B]; got {spec!r}")
@@ -775,11 +788,14 @@ class IMLE(_FromNoise):
     Defaults follow the reference (Li & Malik): 10 fakes per real, jitter 0.01, Adam 1e-3 with
     betas (0.5, 0.999). ``step`` returns the mean training distance ``'loss'`` and the mean
     distance of the matches it used, ``'match_dist'`` (before jitter; cached ones may be stale).
-    ``distance``: ``'l2'`` (squared L2, matched exactly by :func:`nearest_neighbors`) or a per-pair
-    loss (name or callable, e.g. ``'lap1'``). ``match_features``: a feature map; matching then
+    ``distance``: ``'l2'`` (squared L2, matched exactly by :func:`nearest_neighbors`), ``'vgg16'`` (squared L2
+    between VGG16 perceptual features: ``'l2'`` with ``match_features`` = :func:`vgg16_feature_map`) or a
+    per-pair loss (name or callable, e.g. ``'lap1'``). ``match_features``: a feature map; matching then
     uses squared L2 between features (M + N feature extractions instead of M x N pair
     evaluations) and ``'l2'`` means squared L2 in feature space. A callable ``distance``
     without ``match_features`` is matched by brute force over all pairs (slow, exact).
+    With ``refresh_every > 1`` and ``match_features``, a refresh holds the features of the whole dataset;
+    on CUDA a refresh that would not fit in free memory stops with an error saying so.
     """
 
     def __init__(self, generator: nn.Module, z_dim: int, *, fakes_per_real: int = 10, refresh_every: int = 1,
@@ -793,6 +809,8 @@ class IMLE(_FromNoise):
             raise ValueError("refresh_every > 1 needs the whole dataset as a float tensor: data=[n, ...]")
         self.fakes_per_real, self.refresh_every, self.z_jitter = fakes_per_real, refresh_every, z_jitter
         self.chunk_size, self.refresh_batch = chunk_size, refresh_batch
+        if distance == "vgg16":
+            distance, match_features = "l2", vgg16_feature_map()
         self.pair_loss = None if distance == "l2" else pair_loss(distance)
         # A plain attribute: a pretrained feature net must not follow train()/eval() or enter checkpoints.
         object.__setattr__(self, "match_features", match_features)
@@ -834,7 +852,9 @@ class IMLE(_FromNoise):
         if codes is None:
             codes = self.noise(self.fakes_per_real * len(data))
         step = self.refresh_batch
-        reals = torch.cat([self._embed(data[i:i + step]) for i in range(0, len(data), step)])
+        first = self._embed(data[:step])
+        _check_fits(first.nbytes * math.ceil(len(data) / step), data.device, "the features of the whole dataset")
+        reals = torch.cat([first] + [self._embed(data[i:i + step]) for i in range(step, len(data), step)])
         best = torch.full((len(data),), math.inf, dtype=torch.float64, device=data.device)
         best_at = torch.zeros(len(data), dtype=torch.int64, device=data.device)
         for start in range(0, len(codes), step):
@@ -943,16 +963,26 @@ class IMLEKL(_FromNoise):
 # ======================================================================================
 
 
-def pca_codes(data: Tensor, z_dim: int) -> Tensor:
-    """GLO's PCA initialisation: data [n, ...] projected on its top z_dim principal axes, on the sphere [n, z_dim]."""
-    x = data.flatten(1).double()
+def pca_codes(data: Tensor, z_dim: int, block: int = 8192) -> Tensor:
+    """GLO's PCA initialisation: data [n, ...] projected on its top z_dim principal axes, on the sphere [n, z_dim].
+
+    Exact: the eigenvectors of the float64 covariance [d, d], accumulated over blocks of ``block`` rows, so
+    memory is d^2 doubles beside the data (1.2 GB at CelebA-64's d = 12,288); each axis's sign makes its
+    largest-magnitude entry positive. (torch.pca_lowrank is randomised, draws from the global RNG and, with
+    q = z_dim, returns axes far from the principal ones where the spectrum is flat: Fashion-MNIST's 23rd to
+    32nd, |cos| < 0.3.)"""
+    x = data.flatten(1)
     if z_dim > min(x.shape):
         raise ValueError(f"z_dim={z_dim} exceeds min(n, d)={min(x.shape)} for PCA codes")
-    centred = x - x.mean(0)
-    # An exact SVD: torch.pca_lowrank is randomised (it draws from the global RNG) and, with q = z_dim, returns
-    # axes far from the principal ones where the spectrum is flat (Fashion-MNIST's 23rd to 32nd, |cos| < 0.3).
-    _, _, axes_t = torch.linalg.svd(centred, full_matrices=False)
-    return F.normalize((centred @ axes_t[:z_dim].T).float(), dim=1)
+    def blocks() -> Iterator[Tensor]:  # float64 copies of one block of rows at a time
+        return (x[i:i + block].double() for i in range(0, len(x), block))
+
+    mean = sum(part.sum(0) for part in blocks()) / len(x)
+    covariance = sum((part - mean).T @ (part - mean) for part in blocks()) / len(x)
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    axes = vectors[:, -z_dim:].flip(1)  # [d, z_dim], the largest first
+    axes = axes * axes.gather(0, axes.abs().argmax(0, keepdim=True)).sign()
+    return torch.cat([F.normalize(((part - mean) @ axes).float(), dim=1) for part in blocks()])
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -1131,17 +1161,15 @@ def build_imle(spec) -> IMLE:
     """IMLE for the CLI; ``--opt`` fakes_per_real (10), refresh_every (1), z_jitter (0.01), distance (l2; or a
     :func:`pair_loss` name, matched over all pairs; or ``vgg16``: squared L2 between VGG16 perceptual features,
     matched by one GEMM, with ``$GENLIB_VGG16_WEIGHTS``)."""
-    refresh_every, distance = spec.option("refresh_every", 1), spec.option("distance", "l2")
-    in_features = distance == "vgg16"
+    refresh_every = spec.option("refresh_every", 1)
     return IMLE(_generator_for(spec), spec.z_dim, fakes_per_real=spec.option("fakes_per_real", 10),
                 refresh_every=refresh_every, data=_float_data(spec) if refresh_every > 1 else None,
-                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance="l2" if in_features else distance,
-                match_features=vgg16_feature_map() if in_features else None)
+                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance=spec.option("distance", "l2"))
 
 
 def build_glo(spec) -> GLO:
     """GLO for the CLI; ``--opt`` loss (lap1 for images, l2 for vectors; any :func:`pair_loss` name, e.g. vgg16,
-    GLANN's own), code_lr (10 x lr)."""
+    a GLANN-style perceptual loss), code_lr (10 x lr)."""
     loss = spec.option("loss", "lap1" if len(spec.shape) == 3 else "l2")
     return GLO(_generator_for(spec), len(spec.data), spec.z_dim, loss=loss, lr=spec.lr,
                code_lr=spec.option("code_lr", 10 * spec.lr))

@@ -289,8 +289,12 @@ def _cached_fashion_classifier(device: str) -> FashionClassifier:
 
 
 def _model_device(device: str | torch.device | None) -> str:
-    """The device name to run a feature network on (``runtime.device`` when None)."""
-    return str(runtime.device(str(device) if device is not None else None))
+    """The device name to run a feature network on (``runtime.device`` when None), with a CUDA device's index
+    ('cuda:0', never 'cuda'), so that the networks cached per device name load once per device."""
+    chosen = runtime.device(str(device) if device is not None else None)
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    return str(chosen)
 
 
 def fashion_features(images: Tensor, batch_size: int = 1024, device: str | torch.device | None = None) -> Tensor:
@@ -622,7 +626,7 @@ def vgg16_perceptual(images: Tensor) -> Tensor:
     """Perceptual features [B, D] (:meth:`VGG16Features.perceptual`) of images [B, 1 or 3, H, W] in [-1, 1],
     differentiable in the images, by the VGG16 of ``$GENLIB_VGG16_WEIGHTS`` loaded once on their device: the
     feature map of a training loss (``'vgg16'`` in :func:`genlib.imle.pair_loss`)."""
-    return _cached_vgg16(str(vgg16_weights_path()), str(images.device)).perceptual(images)
+    return _cached_vgg16(str(vgg16_weights_path()), _model_device(images.device)).perceptual(images)
 
 
 def vgg16_features(images: Tensor, resolution: int | None = None, batch_size: int = 64,

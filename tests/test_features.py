@@ -216,3 +216,11 @@ def test_pixel_feature_l1_matches_an_independent_computation() -> None:
     expected = [np.abs(xn[i] - yn[i]).sum() + 2.5 * np.abs(xn[i] @ pn - yn[i] @ pn).sum() for i in range(4)]
     torch.testing.assert_close(loss(x, y).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     assert list(loss.state_dict()) == [] and list(loss.children()) == []  # the feature map is not part of the module
+
+
+def test_feature_networks_are_cached_under_the_indexed_device_name(monkeypatch) -> None:
+    assert features._model_device("cpu") == "cpu"
+    monkeypatch.setattr(features.runtime, "device", lambda name=None: torch.device(name or "cuda"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert features._model_device(None) == features._model_device("cuda") == "cuda:1"  # one cache entry, not two
+    assert features._model_device(torch.device("cuda", 0)) == "cuda:0"

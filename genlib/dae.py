@@ -127,6 +127,11 @@ def gaussian_kl(mean_q: Tensor, std_q: float | Tensor, mean_p: Tensor, std_p: fl
     std_q, std_p = (torch.as_tensor(v, dtype=mean_q.dtype, device=mean_q.device) for v in (std_q, std_p))
     if not bool((std_q > 0).all()) or not bool((std_p > 0).all()):
         raise ValueError(f"stds must be > 0, got {std_q.tolist()} and {std_p.tolist()}")
+    batch = torch.broadcast_shapes(mean_q.shape[:-1], mean_p.shape[:-1])
+    for name, std in (("std_q", std_q), ("std_p", std_p)):  # a per-coordinate std [d] would broadcast silently
+        if torch.broadcast_shapes(std.shape, batch) != batch:
+            raise ValueError(f"{name} must be a scalar or broadcast to the means' batch shape {tuple(batch)} "
+                             f"(one std per Gaussian, isotropic), got shape {tuple(std.shape)}")
     d = mean_q.shape[-1]
     sq_dist = (mean_q - mean_p).pow(2).sum(-1)
     return d * torch.log(std_p / std_q) + (d * std_q**2 + sq_dist) / (2 * std_p**2) - d / 2

@@ -213,7 +213,7 @@ def discretised_critic_optimum_1d(x: np.ndarray | Tensor, p: np.ndarray | Tensor
     """
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
-    x, p, q = (np.asarray(a, dtype=np.float64) for a in (x, p, q))
+    x, p, q = (np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64) for a in (x, p, q))
     if x.ndim != 1 or len(x) < 3 or p.shape != x.shape or q.shape != x.shape:
         raise ValueError(f"need a 1-D grid x of at least 3 points and p, q of its shape; got x {x.shape}, "
                          f"p {p.shape}, q {q.shape}")

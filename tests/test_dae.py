@@ -389,9 +389,12 @@ def test_gaussian_kl_rejects_bad_input():
         dae.gaussian_kl(torch.zeros(2), 1.0, torch.zeros(3), 1.0)
     with pytest.raises(ValueError, match="same d"):
         dae.gaussian_kl(torch.tensor(0.0), 1.0, torch.tensor(0.0), 1.0)
+    with pytest.raises(ValueError, match="std_q must be a scalar or broadcast"):  # one std per coordinate
+        dae.gaussian_kl(torch.zeros(3), torch.ones(3), torch.zeros(3), 1.0)
+    assert dae.gaussian_kl(torch.zeros(4, 3), torch.ones(4), torch.zeros(3), 2.0).shape == (4,)
 
 
-def test_dde_kl_with_exact_energies_is_the_closed_form_kl():
+def test_smoothed_gaussians_kl_by_monte_carlo_with_exact_energies_is_the_closed_form():
     # p = N(0, 1), generator G(z) = m + s z: with the exact energies e = log p_sigma (constants 0), the Monte Carlo
     # mean of e_q - e_p at G(z) + sigma eps is KL(q_sigma || p_sigma) itself, and its reparameterised gradient
     # (e_q's parameter frozen, as in DDEGenerator) is d KL / dm = m / (1 + sigma^2)

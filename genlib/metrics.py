@@ -206,14 +206,28 @@ def mmd2(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
     pooled = torch.cat([a, b])
     d2 = _sq_dists(pooled, pooled)
     if bandwidth is None:
-        # A boolean mask costs N^2 bytes, far less than triu_indices' 16 bytes per pair.
-        upper = torch.ones_like(d2, dtype=torch.bool).triu_(1)
-        bandwidth = float(_median(d2[upper].sqrt()))
-        if bandwidth <= 0:
-            raise ValueError("median heuristic gave bandwidth 0 (most points coincide); pass one explicitly")
+        bandwidth = _median_distance(d2)
     k = torch.exp(-d2 / (2.0 * check_positive("bandwidth", bandwidth) ** 2))
     n = len(a)
     return _unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
+
+
+def median_bandwidth(x: Tensor, y: Tensor) -> float:
+    """The bandwidth :func:`mmd2` picks by default for x [n, d] and y [m, d]: the median Euclidean distance over
+    all distinct pairs of the pooled sample."""
+    a, b = _pair(x, y, min_rows=2)
+    pooled = torch.cat([a, b])
+    return _median_distance(_sq_dists(pooled, pooled))
+
+
+def _median_distance(d2: Tensor) -> float:
+    """The median of sqrt(d2) over the distinct pairs (i < j) of a square matrix of squared distances [N, N]."""
+    # A boolean mask costs N^2 bytes, far less than triu_indices' 16 bytes per pair.
+    upper = torch.ones_like(d2, dtype=torch.bool).triu_(1)
+    bandwidth = float(_median(d2[upper].sqrt()))
+    if bandwidth <= 0:
+        raise ValueError("median heuristic gave bandwidth 0 (most points coincide); pass one explicitly")
+    return bandwidth
 
 
 def _poly_kernel(a: Tensor, b: Tensor) -> Tensor:

@@ -194,6 +194,7 @@ def test_mmd2_median_heuristic_matches_loop():
     h = np.median([np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))])
     ref = _ref_unbiased_mmd2(x, y, lambda a, b: math.exp(-np.sum((a - b) ** 2) / (2 * h * h)))
     assert M.mmd2(_t(x), _t(y)) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    assert M.median_bandwidth(_t(x), _t(y)) == pytest.approx(h, rel=1e-12)
     # Same-distribution MMD^2 is unbiased around 0 and can be negative; different ones are clearly positive.
     assert M.mmd2(_t(x), _t(y)) > M.mmd2(_t(x[:6]), _t(x[6:]))
 

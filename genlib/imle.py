@@ -970,7 +970,7 @@ def pca_codes(data: Tensor, z_dim: int, block: int = 8192) -> Tensor:
     memory is d^2 doubles beside the data (1.2 GB at CelebA-64's d = 12,288); each axis's sign makes its
     largest-magnitude entry positive. (torch.pca_lowrank is randomised, draws from the global RNG and, with
     q = z_dim, returns axes far from the principal ones where the spectrum is flat: Fashion-MNIST's 23rd to
-    32nd, |cos| < 0.3.)"""
+    32nd, with cosines below 0.3 in absolute value.)"""
     x = data.flatten(1)
     if z_dim > min(x.shape):
         raise ValueError(f"z_dim={z_dim} exceeds min(n, d)={min(x.shape)} for PCA codes")

@@ -14,6 +14,7 @@ import inspect
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,25 +254,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    """Train GAN variants x seeds on Gaussian-mixture toys and record the mode-coverage table.
+    """Train GAN variants (``--family gan``) or energy-GAN settings (``--family energy``) x seeds on
+    Gaussian-mixture toys and record the mode-coverage table.
 
     Each finished run is saved at once in ``OUT/partial.pt``; a rerun with the same ``--out`` skips the
     runs already there, so a crash loses at most the runs in progress. ``--jobs N`` trains N runs at once
     in separate processes (one thread each); every run is seeded by itself, so the rows do not depend on N.
     run.json's ``wall_time_s`` is the runs' training time added up: with N jobs the clock ran about 1/N of it."""
     from genlib import data as gdata
-    from genlib import gan, results, train, viz
+    from genlib import results, train, viz
 
-    methods = list(gan.TOY_METHODS) if args.methods == "all" else args.methods.split(",")
-    unknown = [name for name in methods if name not in gan.TOY_METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(gan.TOY_METHODS)}")
+    known, batch_size, setting, toy_runs = _comparison(args)
+    methods = list(known) if args.methods == "all" else split_names(args.methods, known)
     toys = {name: gdata.toy(name) for name in args.toys.split(",")}
     not_mixtures = [name for name, toy in toys.items() if toy.modes is None]
     if not_mixtures:
         raise ValueError(f"toy(s) {', '.join(not_mixtures)} have no modes to cover; use ring8 or grid25")
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    batch_size, setting = gan.TOY_SETTINGS[args.setting]
     out = Path(args.out)
     partial = out / "partial.pt"
     arguments = {k: v for k, v in vars(args).items() if k not in ("func", "jobs")}  # jobs cannot change a row
@@ -284,8 +283,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
     for toy_name in toys:
         todo = [(method, seed) for method in methods for seed in seeds if (toy_name, method, seed) not in done]
-        for _, row in gan.toy_runs(todo, toy_name, args.steps, batch_size, progress=True, keep_samples=True,
-                                   workers=args.jobs, **setting):  # (bars only on one worker)
+        for _, row in toy_runs(todo, toy_name):
             samples = row.pop("samples")
             if row["seed"] == seeds[0]:
                 state["samples"][toy_name, row["method"]] = samples
@@ -311,6 +309,46 @@ def cmd_compare(args: argparse.Namespace) -> None:
                        wall_time_s=sum(row["seconds"] for row in rows), origin=state["origin"])
     partial.unlink()
     print(f"recorded comparison in {out}")
+
+
+def split_names(spec: str, known: list[str]) -> list[str]:
+    """The comma-separated names in ``spec``, read as the longest known name at each point (some of the energy
+    tables' names hold a comma, e.g. 'R1 (zero-centred, reals)'); an unknown name is a clear error."""
+    names, rest = [], spec
+    while rest:
+        name = next((name for name in sorted(known, key=len, reverse=True)
+                     if rest == name or rest.startswith(name + ",")), None)
+        if name is None:
+            raise ValueError(f"unknown method {rest.split(',')[0]!r}; known: {', '.join(known)}")
+        names.append(name)
+        rest = rest[len(name) + 1:]
+    return names
+
+
+def _comparison(args: argparse.Namespace) -> tuple[list[str], int, dict, Callable]:
+    """For ``compare``'s family and setting: the method names, the batch size, the setting's overrides, and
+    ``toy_runs(todo, toy_name)`` yielding ``(i, row)`` per (method, seed) of ``todo``, each row naming its method
+    under ``'method'`` and keeping its samples."""
+    from genlib import energy, gan
+
+    if args.family == "gan":
+        if args.setting not in gan.TOY_SETTINGS:
+            raise ValueError(f"--setting {args.setting!r} is not a GAN setting; known: {', '.join(gan.TOY_SETTINGS)}")
+        if args.toy_std is not None:
+            raise ValueError("--toy-std is for --family energy (the GAN tables use each toy's own std)")
+        batch_size, setting = gan.TOY_SETTINGS[args.setting]
+        return list(gan.TOY_METHODS), batch_size, setting, lambda todo, toy_name: gan.toy_runs(
+            todo, toy_name, args.steps, batch_size, progress=True, keep_samples=True, workers=args.jobs, **setting)
+    if args.setting not in energy.TOY_TABLES:
+        raise ValueError(f"--setting {args.setting!r} is not an energy table; known: {', '.join(energy.TOY_TABLES)}")
+    table, batch_size = energy.TOY_TABLES[args.setting], energy.TOY_BATCH_SIZE
+
+    def toy_runs(todo: list[tuple[str, int]], toy_name: str) -> Iterator[tuple[int, dict]]:
+        for i, row in energy.toy_runs(todo, toy_name, args.steps, batch_size, table, toy_std=args.toy_std,
+                                      progress=True, keep_samples=True, workers=args.jobs):
+            yield i, {"method": row.pop("setting"), **row}
+
+    return list(table), batch_size, dict(energy.TOY_DEFAULTS), toy_runs
 
 
 def sample_grid_writer(out: Path):
@@ -392,6 +430,7 @@ def _positive_int(text: str) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m genlib``."""
+    from genlib.energy import TOY_TABLES
     from genlib.gan import TOY_SETTINGS
 
     parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0])
@@ -432,14 +471,20 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    compare = commands.add_parser("compare", help="train GAN variants x seeds on 2-D toys and record the "
-                                                  "mode-coverage table (chapter 2)")
-    compare.add_argument("--methods", default="all", help="comma-separated names of genlib.gan.TOY_METHODS, or all")
+    compare = commands.add_parser("compare", help="train GAN variants (chapter 2) or energy-GAN settings (chapter 3) "
+                                                  "x seeds on 2-D toys and record the mode-coverage table")
+    compare.add_argument("--family", choices=("gan", "energy"), default="gan",
+                         help="gan: genlib.gan.TOY_METHODS in a genlib.gan.TOY_SETTINGS setting; energy: the rows of "
+                              "one of genlib.energy.TOY_TABLES, named by --setting")
+    compare.add_argument("--methods", default="all",
+                         help="comma-separated names of genlib.gan.TOY_METHODS (or of the energy table's rows), or all")
     compare.add_argument("--toys", default="ring8,grid25", help="comma-separated Gaussian-mixture toys")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     compare.add_argument("--steps", type=_positive_int, default=3000)
-    compare.add_argument("--setting", choices=list(TOY_SETTINGS), default="collapse",
-                         help="genlib.gan.TOY_SETTINGS: batch size and network/optimiser settings")
+    compare.add_argument("--setting", choices=list(TOY_SETTINGS) + list(TOY_TABLES), default="collapse",
+                         help="gan: genlib.gan.TOY_SETTINGS (batch size and network/optimiser settings); "
+                              "energy: a table of genlib.energy.TOY_TABLES")
+    compare.add_argument("--toy-std", type=float, help="energy: the toys' component std (default: each toy's own)")
     compare.add_argument("--jobs", type=_positive_int, default=1,
                          help="runs trained at once, each in its own process on one thread (at most the cores)")
     compare.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png, train.log")

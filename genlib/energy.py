@@ -41,7 +41,7 @@ What is here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -617,6 +617,9 @@ TOY_DEFAULTS: dict[str, Any] = dict(z_dim=2, width=64, depth=3, penalty="r1", la
                                     optimizer="adam", lr_u=4e-3, lr_g=2e-3, betas=(0.5, 0.9))
 """The base setting every toy comparison starts from (each row changes a few entries)."""
 
+TOY_BATCH_SIZE = 256
+"""The batch of the toy comparisons (chapter 3's grid table halves it to save CPU time)."""
+
 OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     "G: Adam beta1=0": dict(betas=(0.0, 0.9), critic_optimizer=CRITIC_ADAM),
     "G: Adam beta1=0.5": dict(betas=(0.5, 0.9), critic_optimizer=CRITIC_ADAM),
@@ -643,7 +646,7 @@ ENTROPY_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "ring8", toy_std: float | None = 0.05,
-                   seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 256,
+                   seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = TOY_BATCH_SIZE,
                    n_data: int = 20_000, n_samples: int = 2500, base: Mapping[str, Any] | None = None,
                    device: str = "cpu", progress: bool = False, workers: int = 1,
                    keep_samples: bool = False) -> list[dict[str, Any]]:
@@ -659,14 +662,28 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     trains that many runs at once, each in its own process on one thread (:func:`genlib.evaluate.coverage_runs`);
     the rows are the same.
     """
-    defaults = TOY_DEFAULTS if base is None else base
     runs = [(name, seed) for name in settings for seed in seeds]
+    return runtime.in_call_order(toy_runs(runs, toy_name, steps, batch_size, settings, toy_std=toy_std, n_data=n_data,
+                                          n_samples=n_samples, base=base, device=device, progress=progress,
+                                          workers=workers, keep_samples=keep_samples))
+
+
+def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_size: int,
+             settings: Mapping[str, Mapping[str, Any]], *, toy_std: float | None = 0.05, n_data: int = 20_000,
+             n_samples: int = 2500, base: Mapping[str, Any] | None = None, device: str = "cpu",
+             progress: bool = False, workers: int = 1, keep_samples: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The runs of :func:`compare_on_toy` one by one: yields ``(i, row)`` for each ``(setting, seed)`` of ``runs``
+    as it finishes (in order on one worker), so that a caller can save each row at once (``python -m genlib
+    compare --family energy``); the other arguments are :func:`compare_on_toy`'s."""
+    unknown = sorted({name for name, _ in runs} - set(settings))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(settings)}")
+    defaults = TOY_DEFAULTS if base is None else base
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
-    rows = runtime.in_call_order(coverage_runs(jobs, toy_name, steps, batch_size,
-                                               {} if toy_std is None else {"std": toy_std}, workers=workers,
-                                               progress=progress, n_data=n_data, n_samples=n_samples, device=device,
-                                               keep_samples=keep_samples))
-    return [{"setting": name, "seed": seed, **row} for (name, seed), row in zip(runs, rows)]
+    for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
+                                workers=workers, progress=progress, n_data=n_data, n_samples=n_samples, device=device,
+                                keep_samples=keep_samples):
+        yield i, {"setting": runs[i][0], "seed": runs[i][1], **row}
 
 
 def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None = None,
@@ -676,6 +693,11 @@ def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None 
     momentum); ``kw`` go to :func:`compare_on_toy` (a ``toy_name`` / ``toy_std`` there overrides the grid)."""
     kw = {"toy_name": "grid25", "toy_std": None, **kw}
     return compare_on_toy(OPTIMIZER_SETTINGS if settings is None else settings, **kw)
+
+
+TOY_TABLES: dict[str, dict[str, dict[str, Any]]] = {
+    "penalties": PENALTY_SETTINGS, "optimizers": OPTIMIZER_SETTINGS, "entropy": ENTROPY_SETTINGS}
+"""The chapter's toy comparisons by name, as ``python -m genlib compare --family energy --setting NAME`` runs them."""
 
 
 def compare_penalties(**kw: Any) -> list[dict[str, Any]]:

@@ -200,28 +200,33 @@ def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq
 
 def coverage_table(summaries: list[dict], key: str = "method", timing: str | None = None) -> str:
     """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max) and mean hq
-    fraction; with ``timing`` (a field averaged by the summary, e.g. ``"cpu_seconds"``) also its mean per run
-    (timings: keep them out of checked outputs unless they are read from a record)."""
+    fraction; the diverged runs where the summaries count them; with ``timing`` (a field averaged by the summary,
+    e.g. ``"cpu_seconds"``) also its mean per run (timings: keep them out of checked outputs unless they are read
+    from a record)."""
     total = summaries[0]["total_modes"] if summaries else 0
     width = max([len(key)] + [len(str(row[key])) for row in summaries])
     timing_header = f"{timing} per run" if timing else ""
+    diverged = bool(summaries) and "diverged" in summaries[0]
     lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s}"
-             + (f" {timing_header}" if timing else "")]
+             + (" diverged" if diverged else "") + (f" {timing_header}" if timing else "")]
     for row in summaries:
         line = (f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
                 f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}")
+        line += f" {row['diverged']:8d}" if diverged else ""
         lines.append(line + (f" {row[f'{timing}_mean']:{len(timing_header)}.0f}" if timing else ""))
     return "\n".join(lines)
 
 
-def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds") -> str:
+def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", diverged: bool = False) -> str:
     """A recorded ``python -m genlib compare`` run for a notebook: its :meth:`~RecordedRun.header`, then per toy
-    the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run)."""
+    the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run, and
+    with ``diverged`` the runs a non-finite loss stopped)."""
     config, rows = run.run["config"], run.metrics["rows"]
     blocks = [run.header()]
     for toy_name in dict.fromkeys(row["toy"] for row in rows):
         summaries = summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
-                                       means=("hq", timing) if timing else ("hq",))
+                                       means=("hq", timing) if timing else ("hq",),
+                                       sums=("diverged",) if diverged else ())
         blocks.append(f"-- {toy_name}, {config['setting']} setting, {config['steps']} steps, seeds {config['seeds']}\n"
                       + coverage_table(summaries, timing=timing))
     return "\n".join(blocks)

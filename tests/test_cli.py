@@ -367,6 +367,40 @@ def test_compare_rejects_what_it_cannot_score(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err and not (tmp_path / "partial.pt").exists()
 
 
+def test_compare_energy_records_the_chapters_runs(tmp_path):
+    from genlib import energy, results
+
+    names = ["none", "R1 (zero-centred, reals)"]
+    cli.main(["compare", "--family", "energy", "--setting", "penalties", "--methods", ",".join(names), "--toys",
+              "ring8", "--toy-std", "0.05", "--seeds", "0,1", "--steps", "5", "--out", str(tmp_path)])
+    recorded = results.load_run(tmp_path)
+    rows = recorded.metrics["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(names[0], 0), (names[0], 1), (names[1], 0), (names[1], 1)]
+    # the same runs as the library call chapter 3 makes, seed for seed
+    again = energy.compare_penalties(seeds=(0, 1), steps=5)
+    assert [(r["modes"], r["hq"]) for r in rows] == [(r["modes"], r["hq"]) for r in again if r["setting"] in names]
+    report = results.comparison_report(recorded, timing=None, diverged=True).splitlines()
+    assert report[3] == "-- ring8, penalties setting, 5 steps, seeds 0,1" and report[4].endswith("diverged")
+    assert recorded.run["config"]["family"] == "energy" and recorded.run["config"]["batch_size"] == energy.TOY_BATCH_SIZE
+
+
+def test_split_names_reads_names_that_hold_commas():
+    known = ["none", "R1 (zero-centred, reals)", "R1", "GAN"]
+    assert cli.split_names("R1 (zero-centred, reals),none", known) == ["R1 (zero-centred, reals)", "none"]
+    assert cli.split_names("R1,GAN", known) == ["R1", "GAN"]
+    with pytest.raises(ValueError, match="unknown method 'WGAN'"):
+        cli.split_names("GAN,WGAN,none", known)
+
+
+@pytest.mark.parametrize("extra, message", [(["--family", "energy", "--setting", "tuned"], "not an energy table"),
+                                            (["--setting", "penalties"], "not a GAN setting"),
+                                            (["--toy-std", "0.1"], "--toy-std is for --family energy")])
+def test_compare_rejects_a_setting_of_the_other_family(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        cli.main(compare_args(tmp_path) + extra)
+    assert message in capsys.readouterr().err
+
+
 def test_a_two_stage_run_logs_and_reports_both_stages(tmp_path):
     """GLANN's GLO stage and mapper stage log different losses: train.log and metrics.json keep both."""
     out = tmp_path / "run"

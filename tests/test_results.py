@@ -99,6 +99,17 @@ def test_comparison_report_prints_one_table_per_toy(tmp_path):
     assert untimed[5].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
 
 
+def test_coverage_table_counts_diverged_runs_where_the_summary_has_them(tmp_path):
+    rows = [{"toy": "ring8", "method": "none", "seed": seed, "modes": 0, "total_modes": 8, "hq": 0.0,
+             "diverged": seed == 1} for seed in (0, 1, 2)]
+    header, line = results.coverage_table(results.summarize_coverage(rows, "method", means=("hq",), sums=("diverged",))).splitlines()
+    assert header.split()[-1] == "diverged" and line.split() == ["none", "3", "0.0", "0-0", "0.000", "1"]
+    results.record_run(tmp_path, device="cpu", config={"command": "compare", "setting": "penalties", "steps": 5,
+                       "seeds": "0,1,2"}, metrics={"rows": rows, "summary": {}}, wall_time_s=3.0)
+    report = results.comparison_report(results.load_run(tmp_path), timing=None, diverged=True).splitlines()
+    assert report[-1].split() == ["none", "3", "0.0", "0-0", "0.000", "1"]
+
+
 @pytest.mark.parametrize("commit, shown", [("0123456789abcdef0123", "0123456789ab"),
                                            ("0123456789abcdef0123-dirty", "0123456789ab-dirty"),
                                            ("unknown", "unknown")])

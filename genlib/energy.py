@@ -671,19 +671,21 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
 def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_size: int,
              settings: Mapping[str, Mapping[str, Any]], *, toy_std: float | None = 0.05, n_data: int = 20_000,
              n_samples: int = 2500, base: Mapping[str, Any] | None = None, device: str = "cpu",
-             progress: bool = False, workers: int = 1, keep_samples: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+             progress: bool = False, workers: int = 1, keep_samples: bool = False,
+             threads: int | None = 1) -> Iterator[tuple[int, dict[str, Any]]]:
     """The runs of :func:`compare_on_toy` one by one: yields ``(i, row)`` for each ``(setting, seed)`` of ``runs``
-    as it finishes (in order on one worker), so that a caller can save each row at once (``python -m genlib
-    compare --family energy``); the other arguments are :func:`compare_on_toy`'s."""
+    as it finishes (in order on one worker, on ``threads`` torch threads), so that a caller can save each row at
+    once (``python -m genlib compare --family energy``); the other arguments are :func:`compare_on_toy`'s."""
     unknown = sorted({name for name, _ in runs} - set(settings))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(settings)}")
     defaults = TOY_DEFAULTS if base is None else base
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
-    for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
-                                workers=workers, progress=progress, n_data=n_data, n_samples=n_samples, device=device,
-                                keep_samples=keep_samples):
-        yield i, {"setting": runs[i][0], "seed": runs[i][1], **row}
+    with runtime.torch_threads(threads):
+        for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
+                                    workers=workers, progress=progress, n_data=n_data, n_samples=n_samples,
+                                    device=device, keep_samples=keep_samples):
+            yield i, {"setting": runs[i][0], "seed": runs[i][1], **row}
 
 
 def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None = None,

@@ -11,6 +11,7 @@ import os
 import platform
 import random
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -68,6 +69,19 @@ def configure_threads(threads: int | None = None) -> int:
     threads = threads or int(os.environ.get("GENLIB_THREADS", "0")) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op threads set to ``threads`` (None: unchanged), restored after it: the
+    small toy networks run fastest on one thread, and several threads on a busy machine are far slower still."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def use_fast_matmul(dev: torch.device) -> None:

@@ -75,3 +75,15 @@ def test_parallel_map_passes_errors_on_and_rejects_no_workers():
 
 def test_in_call_order_sorts_results_by_call():
     assert runtime.in_call_order(iter([(2, "c"), (0, "a"), (1, "b")])) == ["a", "b", "c"]
+
+
+def test_torch_threads_sets_and_restores_even_on_error():
+    before = torch.get_num_threads()
+    with runtime.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), runtime.torch_threads(1):
+        raise RuntimeError("a run failed")
+    assert torch.get_num_threads() == before
+    with runtime.torch_threads(None):  # None leaves the count alone
+        assert torch.get_num_threads() == before

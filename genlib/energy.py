@@ -681,11 +681,10 @@ def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_s
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(settings)}")
     defaults = TOY_DEFAULTS if base is None else base
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
-    with runtime.torch_threads(threads):
-        for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
-                                    workers=workers, progress=progress, n_data=n_data, n_samples=n_samples,
-                                    device=device, keep_samples=keep_samples):
-            yield i, {"setting": runs[i][0], "seed": runs[i][1], **row}
+    for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
+                                workers=workers, progress=progress, threads=threads, n_data=n_data,
+                                n_samples=n_samples, device=device, keep_samples=keep_samples):
+        yield i, {"setting": runs[i][0], "seed": runs[i][1], **row}
 
 
 def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None = None,

@@ -157,16 +157,19 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
 
 def coverage_runs(runs: Sequence[tuple[Callable[[], GenerativeModel], int, str]], toy_name: str, steps: int,
                   batch_size: int, toy_options: Mapping[str, Any] | None = None, workers: int = 1,
-                  cost: Sequence[float] | None = None, progress: bool = False,
+                  cost: Sequence[float] | None = None, progress: bool = False, threads: int | None = 1,
                   **kw: Any) -> Iterator[tuple[int, dict[str, Any]]]:
     """:func:`coverage_run` for each ``(make_model, seed, desc)`` of ``runs`` on ``gdata.toy(toy_name,
     **toy_options)``: yields ``(i, row)``, in order on one worker, else as the runs finish on ``workers``
     processes (:func:`genlib.runtime.parallel_map`; ``make_model`` must pickle, e.g. a ``functools.partial``
-    of a class). Each run seeds itself, so the rows do not depend on ``workers``. ``kw`` go to
-    :func:`coverage_run`; progress bars are shown on one worker only."""
+    of a class). Each run seeds itself, so the rows do not depend on ``workers``. Runs in this process use
+    ``threads`` torch threads (None: unchanged; the toy networks run fastest on one, and several on a busy machine
+    are far slower still), as the workers' processes do. ``kw`` go to :func:`coverage_run`; progress bars are shown
+    on one worker only."""
     calls = [(make_model, toy_name, dict(toy_options or {}), seed, steps, batch_size, progress and workers == 1,
               desc, kw) for make_model, seed, desc in runs]
-    yield from runtime.parallel_map(_coverage_run_on_named_toy, calls, workers, cost)
+    with runtime.torch_threads(threads):
+        yield from runtime.parallel_map(_coverage_run_on_named_toy, calls, workers, cost)
 
 
 def _coverage_run_on_named_toy(make_model: Callable[[], GenerativeModel], toy_name: str,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from genlib import nets, runtime
+from genlib import nets
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
 from genlib.runtime import in_call_order
@@ -800,11 +800,10 @@ def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_s
     table = TOY_METHODS if methods is None else methods
     jobs = [(partial(table[name][0], shape=(2,), **{"lr_decay_steps": steps, **table[name][1], **overrides}), seed,
              f"{name} seed {seed}") for name, seed in runs]
-    with runtime.torch_threads(threads):
-        for i, row in coverage_runs(jobs, toy_name, steps, batch_size, workers=workers, progress=progress,
-                                    cost=[TOY_METHOD_COST.get(name, 1.0) for name, _ in runs], n_data=n_data,
-                                    n_samples=n_samples, device=device, keep_samples=keep_samples):
-            yield i, {"method": runs[i][0], "seed": runs[i][1], **row}
+    for i, row in coverage_runs(jobs, toy_name, steps, batch_size, workers=workers, progress=progress,
+                                cost=[TOY_METHOD_COST.get(name, 1.0) for name, _ in runs], threads=threads,
+                                n_data=n_data, n_samples=n_samples, device=device, keep_samples=keep_samples):
+        yield i, {"method": runs[i][0], "seed": runs[i][1], **row}
 
 
 _PER_POINT_FAMILIES: tuple[type[GAN], ...] = (GAN, UnrolledGAN, DRAGAN, MRGAN, MADGAN)

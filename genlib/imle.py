@@ -974,6 +974,7 @@ def pca_codes(data: Tensor, z_dim: int, block: int = 8192) -> Tensor:
     x = data.flatten(1)
     if z_dim > min(x.shape):
         raise ValueError(f"z_dim={z_dim} exceeds min(n, d)={min(x.shape)} for PCA codes")
+
     def blocks() -> Iterator[Tensor]:  # float64 copies of one block of rows at a time
         return (x[i:i + block].double() for i in range(0, len(x), block))
 

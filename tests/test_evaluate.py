@@ -182,3 +182,21 @@ def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
     assert sum(first["mode_counts"]) == round(first["hq"] * 500)
     with pytest.raises(ValueError, match="not a Gaussian mixture"):
         evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)
+
+
+def test_coverage_runs_train_on_the_threads_asked_for_and_restore_the_count():
+    from genlib import runtime
+    from genlib.gan import GAN
+
+    seen = []
+
+    def make_model():
+        seen.append(torch.get_num_threads())
+        return GAN((2,), arch="mlp", width=8)
+
+    runs = [(make_model, 0, "GAN 0")]
+    with runtime.torch_threads(2):  # a known count to start from, on any machine
+        [(_, row)] = list(evaluate.coverage_runs(runs, "ring8", 2, 16, n_data=64, n_samples=32, threads=1))
+        assert seen == [1] and row["total_modes"] == 8 and torch.get_num_threads() == 2
+        list(evaluate.coverage_runs(runs, "ring8", 2, 16, n_data=64, n_samples=32, threads=None))
+        assert seen[-1] == 2  # None leaves the count alone

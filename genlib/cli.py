@@ -262,7 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     in separate processes (one thread each); every run is seeded by itself, so the rows do not depend on N.
     run.json's ``wall_time_s`` is the runs' training time added up: with N jobs the clock ran about 1/N of it."""
     from genlib import data as gdata
-    from genlib import results, train, viz
+    from genlib import energy, results, train, viz
 
     known, batch_size, setting, toy_runs = _comparison(args)
     methods = list(known) if args.methods == "all" else split_names(args.methods, known)
@@ -293,10 +293,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
                   f"{row['total_modes']} modes, hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
     by_run = {(row["toy"], row["method"], row["seed"]): row for row in state["rows"]}
     rows = [by_run[run] for run in order]
+    columns = dict(energy.STABILITY_COLUMNS) if args.family == "energy" else {}  # the critic's stability
     summary = {toy_name: results.summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
-                                                    means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
+                                                    means=("hq", "seconds", "cpu_seconds", *columns),
+                                                    sums=("diverged",))
                for toy_name in toys}
-    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds')}"
+    report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds', columns=columns)}"
                          for toy_name, table in summary.items())
     print(report)
     lim = {name: float(toy.modes.abs().max()) + 0.6 for name, toy in toys.items()}

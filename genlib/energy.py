@@ -645,6 +645,23 @@ ENTROPY_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+STABILITY_COLUMNS: dict[str, str] = {"late_gap": "late |gap|", "gap_flips": "gap sign flips"}
+"""The stability fields of a toy run (:func:`gap_stability`) and their headers in the chapter's tables."""
+
+
+def gap_stability(gaps: Sequence[float]) -> dict[str, float]:
+    """How steady a run's critic was, from its logged gaps E_q[U] - E_p[U] (window means in training order):
+    late_gap, the largest absolute gap over the second half of the windows (a critic whose pits keep deepening,
+    or a landscape that swings, keeps it large), and gap_flips, the times the gap changed sign (the fakes
+    overshooting the critic's pits, so that they sit lower than the reals). NaN for both when nothing was logged
+    (a diverged run)."""
+    if not gaps:
+        return {"late_gap": math.nan, "gap_flips": math.nan}
+    late = gaps[len(gaps) // 2:]
+    flips = sum((before > 0) != (after > 0) for before, after in zip(gaps, gaps[1:]) if before != 0 and after != 0)
+    return {"late_gap": max(abs(gap) for gap in late), "gap_flips": float(flips)}
+
+
 def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "ring8", toy_std: float | None = 0.05,
                    seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = TOY_BATCH_SIZE,
                    n_data: int = 20_000, n_samples: int = 2500, base: Mapping[str, Any] | None = None,
@@ -657,7 +674,8 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     override ``base`` (default :data:`TOY_DEFAULTS`). One row per run: setting, seed, modes (covered),
     total_modes, hq (fraction of ``n_samples`` within 3 std of a mode), mode_counts (the high-quality
     samples at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds (process CPU
-    time, stable on a shared machine) and diverged (a non-finite loss stopped it; then modes = hq = 0);
+    time, stable on a shared machine), diverged (a non-finite loss stopped it; then modes = hq = 0), the critic's
+    logged gaps (gaps, 10 window means) and their :func:`gap_stability` (late_gap, gap_flips);
     with ``keep_samples`` also samples, the scored samples [n_samples, 2] (None if diverged). ``workers`` > 1
     trains that many runs at once, each in its own process on one thread (:func:`genlib.evaluate.coverage_runs`);
     the rows are the same.
@@ -683,8 +701,9 @@ def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_s
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
     for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
                                 workers=workers, progress=progress, threads=threads, n_data=n_data,
-                                n_samples=n_samples, device=device, keep_samples=keep_samples):
-        yield i, {"setting": runs[i][0], "seed": runs[i][1], **row}
+                                n_samples=n_samples, device=device, keep_samples=keep_samples, track=("gap",)):
+        gaps = row.pop("history")["gap"]
+        yield i, {"setting": runs[i][0], "seed": runs[i][1], **row, "gaps": gaps, **gap_stability(gaps)}
 
 
 def compare_optimizers_on_grid(settings: Mapping[str, Mapping[str, Any]] | None = None,
@@ -713,9 +732,10 @@ def compare_entropy(**kw: Any) -> list[dict[str, Any]]:
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per setting: runs, mean / min / max modes, total modes, mean / min / max hq, mean wall / CPU seconds and
-    diverged runs."""
-    out = summarize_coverage(list(rows), "setting", means=("hq", "seconds", "cpu_seconds"), sums=("diverged",))
+    """Per setting: runs, mean / min / max modes, total modes, mean / min / max hq, mean wall / CPU seconds, the
+    mean of each :data:`STABILITY_COLUMNS` field and diverged runs."""
+    out = summarize_coverage(list(rows), "setting", means=("hq", "seconds", "cpu_seconds", *STABILITY_COLUMNS),
+                             sums=("diverged",))
     for summary in out:
         hq = [row["hq"] for row in rows if row["setting"] == summary["setting"]]
         summary.update(hq_min=min(hq), hq_max=max(hq))

@@ -126,15 +126,18 @@ def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out
 
 def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed: int, steps: int, batch_size: int,
                  n_data: int = 20_000, n_samples: int = 2500, device: str = "cpu", progress: bool = False,
-                 desc: str = "", keep_samples: bool = False) -> dict[str, Any]:
+                 desc: str = "", keep_samples: bool = False, track: Sequence[str] = ()) -> dict[str, Any]:
     """One seeded run on a Gaussian-mixture ``toy``, scored by mode coverage (the chapters' toy tables).
 
     Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
-    trains ``steps`` steps through :func:`genlib.train.fit` and scores ``n_samples`` samples. Returns
+    trains ``steps`` steps through :func:`genlib.train.fit` (the losses logged in 10 windows) and scores
+    ``n_samples`` samples. Returns
     modes (covered), total_modes, hq (fraction within 3 std of a mode), mode_counts (the high-quality samples
     at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
-    then modes = hq = 0 and every count 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2] on the CPU."""
+    then modes = hq = 0 and every count 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2]
+    on the CPU; with ``track`` (names of logged losses), also history: each one's window means {name: [10 floats]}
+    (empty lists for a diverged run)."""
     if toy.modes is None or toy.std is None:
         raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")
     runtime.seed_everything(seed)
@@ -142,17 +145,23 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     sampler = gdata.BatchSampler(dataset, batch_size, device, seed=seed)
     model = make_model().to(device)
     began, cpu_began, diverged, samples = time.perf_counter(), time.process_time(), False, None
+    history: dict[str, list[float]] = {name: [] for name in track}
     try:
-        fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
+        logged = fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
         samples = model.sample(n_samples).cpu()
         counts = metrics.mode_counts(samples, toy.modes, toy.std)
+        missing = [name for name in track if name not in logged]
+        if missing:
+            raise ValueError(f"cannot track {', '.join(missing)}: the run logged "
+                             f"{', '.join(name for name in logged if name != 'step')}")
+        history = {name: logged[name] for name in track}
     except NonFiniteLossError:
         diverged, counts = True, torch.zeros(len(toy.modes), dtype=torch.int64)
     modes, high_quality = metrics.coverage_from_counts(counts, n_samples)
     row = {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality, "mode_counts": counts.tolist(),
            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
            "diverged": diverged}
-    return row | {"samples": samples} if keep_samples else row
+    return row | ({"history": history} if track else {}) | ({"samples": samples} if keep_samples else {})
 
 
 def coverage_runs(runs: Sequence[tuple[Callable[[], GenerativeModel], int, str]], toy_name: str, steps: int,

@@ -9,12 +9,14 @@ beside the command that made them, so the book never shows a number nobody measu
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,50 +187,64 @@ def full_scale_report(names: list[str], root: str | Path = REPO_ROOT / "results"
 def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq", "seconds"),
                        sums: tuple[str, ...] = ()) -> list[dict]:
     """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max ``modes``,
-    ``total_modes``, the mean of each field in ``means`` (as ``<field>_mean``) and the sum of each in ``sums``."""
+    ``total_modes``, the mean of each field in ``means`` (as ``<field>_mean``, over the runs where it is not NaN,
+    e.g. a diverged run's stability fields; NaN if none) and the sum of each in ``sums``."""
     out = []
     for name in dict.fromkeys(row[key] for row in rows):
         runs = [row for row in rows if row[key] == name]
         modes = [row["modes"] for row in runs]
         summary = {key: name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
                    "modes_max": max(modes), "total_modes": runs[0]["total_modes"]}
-        summary.update({f"{field}_mean": sum(row[field] for row in runs) / len(runs) for field in means})
+        summary.update({f"{field}_mean": _mean_of_numbers([row[field] for row in runs]) for field in means})
         summary.update({field: sum(row[field] for row in runs) for field in sums})
         out.append(summary)
     return out
 
 
-def coverage_table(summaries: list[dict], key: str = "method", timing: str | None = None) -> str:
+def _mean_of_numbers(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN if none is)."""
+    numbers = [value for value in values if not math.isnan(value)]
+    return sum(numbers) / len(numbers) if numbers else math.nan
+
+
+def coverage_table(summaries: list[dict], key: str = "method", timing: str | None = None,
+                   columns: Mapping[str, str] | None = None) -> str:
     """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max) and mean hq
-    fraction; the diverged runs where the summaries count them; with ``timing`` (a field averaged by the summary,
-    e.g. ``"cpu_seconds"``) also its mean per run (timings: keep them out of checked outputs unless they are read
-    from a record)."""
+    fraction; the diverged runs where the summaries count them; the mean of each field of ``columns`` (field ->
+    header, e.g. :data:`genlib.energy.STABILITY_COLUMNS`; 3 significant digits); with ``timing`` (a field averaged
+    by the summary, e.g. ``"cpu_seconds"``) also its mean per run (timings: keep them out of checked outputs unless
+    they are read from a record)."""
     total = summaries[0]["total_modes"] if summaries else 0
     width = max([len(key)] + [len(str(row[key])) for row in summaries])
     timing_header = f"{timing} per run" if timing else ""
     diverged = bool(summaries) and "diverged" in summaries[0]
+    columns = dict(columns or {})
     lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s}"
-             + (" diverged" if diverged else "") + (f" {timing_header}" if timing else "")]
+             + (" diverged" if diverged else "") + "".join(f" {header}" for header in columns.values())
+             + (f" {timing_header}" if timing else "")]
     for row in summaries:
         line = (f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
                 f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}")
         line += f" {row['diverged']:8d}" if diverged else ""
+        line += "".join(f" {row[f'{field}_mean']:{len(header)}.3g}" for field, header in columns.items())
         lines.append(line + (f" {row[f'{timing}_mean']:{len(timing_header)}.0f}" if timing else ""))
     return "\n".join(lines)
 
 
-def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", diverged: bool = False) -> str:
+def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", diverged: bool = False,
+                      columns: Mapping[str, str] | None = None) -> str:
     """A recorded ``python -m genlib compare`` run for a notebook: its :meth:`~RecordedRun.header`, then per toy
-    the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run, and
-    with ``diverged`` the runs a non-finite loss stopped)."""
+    the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run,
+    with ``diverged`` the runs a non-finite loss stopped, and the mean of each field of ``columns``)."""
     config, rows = run.run["config"], run.metrics["rows"]
+    columns = dict(columns or {})
     blocks = [run.header()]
     for toy_name in dict.fromkeys(row["toy"] for row in rows):
         summaries = summarize_coverage([row for row in rows if row["toy"] == toy_name], "method",
-                                       means=("hq", timing) if timing else ("hq",),
+                                       means=("hq", *columns, *([timing] if timing else [])),
                                        sums=("diverged",) if diverged else ())
         blocks.append(f"-- {toy_name}, {config['setting']} setting, {config['steps']} steps, seeds {config['seeds']}\n"
-                      + coverage_table(summaries, timing=timing))
+                      + coverage_table(summaries, timing=timing, columns=columns))
     return "\n".join(blocks)
 
 

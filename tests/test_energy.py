@@ -420,6 +420,15 @@ def test_snapshot_recorder_records_fakes_and_energy_grids():
     torch.testing.assert_close(recorder.fields[-1][2, 7], model.energy(torch.tensor([[1.5, -1.0]]))[0].detach())
 
 
+def test_gap_stability_by_hand():
+    # the late half is [3, 0.5, -0.1]; the sign changes at 1 -> -2, -2 -> 3 and 0.5 -> -0.1
+    assert E.gap_stability([5.0, 1.0, -2.0, 3.0, 0.5, -0.1]) == {"late_gap": 3.0, "gap_flips": 3.0}
+    assert E.gap_stability([4.0, 2.0, 1.0, 0.5, 0.25]) == {"late_gap": 1.0, "gap_flips": 0.0}
+    assert E.gap_stability([-1.0]) == {"late_gap": 1.0, "gap_flips": 0.0}
+    assert all(math.isnan(value) for value in E.gap_stability([]).values())
+    assert set(E.gap_stability([1.0])) == set(E.STABILITY_COLUMNS)
+
+
 def test_compare_on_toy_and_summarize():
     kw = dict(toy_name="ring8", seeds=(0, 1), steps=20, n_data=512, n_samples=100,
               base=dict(width=8, depth=1, critic_steps=1))
@@ -428,6 +437,9 @@ def test_compare_on_toy_and_summarize():
     assert all(r["total_modes"] == 8 and 0 <= r["hq"] <= 1 and not r["diverged"] for r in rows)
     table = E.summarize(rows)
     assert [t["setting"] for t in table] == ["a", "b"] and table[0]["runs"] == 2
+    for r in rows:  # the logged gaps are the run's, and its stability fields are read from them
+        assert len(r["gaps"]) == 10 and {k: r[k] for k in E.STABILITY_COLUMNS} == E.gap_stability(r["gaps"])
+    assert table[1]["late_gap_mean"] == pytest.approx((rows[2]["late_gap"] + rows[3]["late_gap"]) / 2)
     # two worker processes train the same runs: every row is seeded by itself
     parallel = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, workers=2, keep_samples=True, **kw)
     keys = ("setting", "seed", "modes", "hq")

@@ -184,6 +184,25 @@ def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
         evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)
 
 
+def test_coverage_run_tracks_the_logged_losses_of_the_same_training():
+    toy = data.toy("ring8", std=1.0)
+    row = evaluate.coverage_run(MeanShift, toy, seed=3, steps=20, batch_size=16, n_data=256, track=("loss",))
+    # the same run by hand, seeded as coverage_run documents: its fit logs 10 windows of 2 steps
+    from genlib import runtime
+    from genlib.train import fit
+
+    runtime.seed_everything(3)
+    dataset = toy.sample(256, torch.Generator().manual_seed(3))
+    logged = fit(MeanShift(), data.BatchSampler(dataset, 16, "cpu", seed=3), 20, log_every=2, progress=False)
+    assert len(row["history"]["loss"]) == 10 and row["history"]["loss"] == logged["loss"]
+    assert "history" not in evaluate.coverage_run(MeanShift, toy, seed=3, steps=2, batch_size=16, n_data=64)
+    with pytest.raises(ValueError, match="cannot track gap: the run logged loss"):
+        evaluate.coverage_run(MeanShift, toy, seed=3, steps=2, batch_size=16, n_data=64, track=("gap",))
+    diverged = evaluate.coverage_run(Exploding, data.toy("ring8"), seed=0, steps=10, batch_size=8, n_data=64,
+                                     track=("loss",))
+    assert diverged["diverged"] and diverged["history"] == {"loss": []}
+
+
 def test_coverage_runs_train_on_the_threads_asked_for_and_restore_the_count():
     from genlib import runtime
     from genlib.gan import GAN

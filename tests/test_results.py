@@ -1,6 +1,7 @@
 """Recorded runs: provenance written and read back, clear errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,6 +79,30 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
     assert gan_line.split() == ["GAN", "2", "7.0", "6-8", "0.400", "2"]
     assert unrolled_line.split() == ["Unrolled", "1", "3.0", "3-3", "0.250", "9"]
     assert results.coverage_table(summaries).splitlines()[1].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
+
+
+def test_coverage_table_shows_extra_columns_averaged_over_the_runs_that_have_them(tmp_path):
+    nan = float("nan")
+    rows = [{"toy": "ring8", "method": "none", "seed": 0, "modes": 1, "total_modes": 8, "hq": 0.1, "diverged": 0,
+             "late_gap": 300.0, "gap_flips": 4.0},
+            {"toy": "ring8", "method": "none", "seed": 1, "modes": 0, "total_modes": 8, "hq": 0.0, "diverged": 1,
+             "late_gap": nan, "gap_flips": nan},
+            {"toy": "ring8", "method": "none", "seed": 2, "modes": 3, "total_modes": 8, "hq": 0.2, "diverged": 0,
+             "late_gap": 100.0, "gap_flips": 1.0},
+            {"toy": "ring8", "method": "dead", "seed": 0, "modes": 0, "total_modes": 8, "hq": 0.0, "diverged": 1,
+             "late_gap": nan, "gap_flips": nan}]
+    columns = {"late_gap": "late |gap|", "gap_flips": "flips"}
+    summaries = results.summarize_coverage(rows, "method", means=("hq", *columns), sums=("diverged",))
+    assert summaries[0]["late_gap_mean"] == 200.0 and summaries[0]["gap_flips_mean"] == 2.5
+    assert math.isnan(summaries[1]["late_gap_mean"])
+    header, none_line, dead_line = results.coverage_table(summaries, columns=columns).splitlines()
+    assert header.split()[-4:] == ["diverged", "late", "|gap|", "flips"]
+    assert none_line.split() == ["none", "3", "1.3", "0-3", "0.100", "1", "200", "2.5"]
+    assert dead_line.split()[-2:] == ["nan", "nan"] and len(header) == len(none_line) == len(dead_line)
+    results.record_run(tmp_path, device="cpu", config={"command": "compare", "setting": "penalties", "steps": 5,
+                       "seeds": "0,1,2"}, metrics={"rows": rows, "summary": {}}, wall_time_s=3.0)
+    report = results.comparison_report(results.load_run(tmp_path), timing=None, diverged=True, columns=columns)
+    assert report.splitlines()[-2].split() == none_line.split()
 
 
 def test_comparison_report_prints_one_table_per_toy(tmp_path):

@@ -70,6 +70,10 @@ RERANK_BYTES_CPU = 16 * 2**20
 """Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
 NORM_CHUNK = 256
+TENSOR_CORE_SAFETY = 2.0
+"""Factor on the GEMM's error bound for the tf32/bf16 passes on CUDA. Tensor cores add several products at once,
+aligned to the largest and truncated, so their worst case exceeds the 2u per addition of the bound by up to about
+1/(products per step) (a quarter for 4); the factor covers that at the price of a slightly looser certificate."""
 """Entries per fp32 partial sum of a squared norm (:func:`_sq_norms`)."""
 FP32_UNIT = 2.0**-24
 FP64_UNIT = 2.0**-53
@@ -187,7 +191,13 @@ def distance_lower_bounds(queries: Tensor, keys: Tensor, precision: str = "fp32"
     with torch.no_grad(), _pinned_matmul(precision, queries.device):
         q, k = _round_centred(queries, centre, precision), _round_centred(keys, centre, precision)
         approx = _approx_sq_dist(q, k)
-        return approx, _lower_bound(approx, q.norm, q.resid, k.norm.max(), k.resid.max(), queries.shape[1])
+        return approx, _lower_bound(approx, q.norm, q.resid, k.norm.max(), k.resid.max(), queries.shape[1],
+                                    _uses_tensor_cores(precision, queries.device))
+
+
+def _uses_tensor_cores(precision: str, device: torch.device) -> bool:
+    """Whether a pass's GEMM runs on tensor cores (:func:`_pinned_matmul` allows them for tf32/bf16 on CUDA)."""
+    return device.type == "cuda" and precision != "fp32"
 
 
 def _passes(precision: str | None, device: torch.device, candidates: int | None = None) -> list[Pass]:
@@ -254,17 +264,29 @@ def _block_sizes(m: int, n: int, d: int, chunk_size: int | None, item_bytes: int
 def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
     """Make the GEMM do what the error bound assumes: TF32 tensor cores only for the tf32/bf16
     passes on CUDA (their inputs are already TF32-exact), IEEE fp32 otherwise, no bf16
-    split-K reductions and no autocast."""
-    old_precision = torch.get_float32_matmul_precision()
-    old_reduction = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    torch.set_float32_matmul_precision("high" if device.type == "cuda" and precision != "fp32" else "highest")
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    split-K reductions and no autocast. The caller's settings come back afterwards, whichever of PyTorch's two
+    precision APIs set them (reading the old one raises once the new one has been used)."""
+    tensor_cores = _uses_tensor_cores(precision, device)
+    cuda_matmul = torch.backends.cuda.matmul
+    old_reduction = cuda_matmul.allow_bf16_reduced_precision_reduction
+    backends = [cuda_matmul, torch.backends.mkldnn.matmul] if hasattr(cuda_matmul, "fp32_precision") else []
+    old_precision = [backend.fp32_precision for backend in backends] or torch.get_float32_matmul_precision()
     try:
+        cuda_matmul.allow_bf16_reduced_precision_reduction = False
+        if backends:
+            cuda_matmul.fp32_precision = "tf32" if tensor_cores else "ieee"
+            torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        else:
+            torch.set_float32_matmul_precision("high" if tensor_cores else "highest")
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
-        torch.set_float32_matmul_precision(old_precision)
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old_reduction
+        if backends:
+            for backend, old in zip(backends, old_precision):
+                backend.fp32_precision = old
+        else:
+            torch.set_float32_matmul_precision(old_precision)
+        cuda_matmul.allow_bf16_reduced_precision_reduction = old_reduction
 
 
 def _certified_pass(queries: Tensor, keys: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass,
@@ -302,7 +324,8 @@ def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) 
         with _phase("nn.topk"):
             # one more than kept: every key left out has an approximate distance >= the first one left out
             values, at = approx.topk(min(keep + 1, approx.shape[1]), dim=1, largest=False, sorted=True)
-            block_lower = _lower_bound(values, q.norm, q.resid, k_norm_max, k_resid_max, d)
+            block_lower = _lower_bound(values, q.norm, q.resid, k_norm_max, k_resid_max, d,
+                                       _uses_tensor_cores(precision, queries.device))
             if values.shape[1] > keep:
                 threshold = torch.minimum(threshold, block_lower[:, keep])
                 block_lower, at = block_lower[:, :keep], at[:, :keep]
@@ -433,7 +456,7 @@ def _approx_sq_dist(q: _Rows, k: _Rows) -> Tensor:
 
 
 def _lower_bound(approx: Tensor, q_norm: Tensor, q_resid: Tensor, k_norm_max: Tensor, k_resid_max: Tensor,
-                 d: int) -> Tensor:
+                 d: int, tensor_cores: bool = False) -> Tensor:
     """Rigorous lower bound [m, t] on the float64 re-rank distance of every key of a block whose approximate
     distance (:func:`_approx_sq_dist`) is ``approx`` [m, t]; it never decreases as ``approx`` grows.
 
@@ -441,8 +464,8 @@ def _lower_bound(approx: Tensor, q_norm: Tensor, q_resid: Tensor, k_norm_max: Te
     ``k_resid_max`` (0-dim) the block's largest (:class:`_Rows`). Two steps, with ``a = q_norm``, ``b = k_norm_max``:
 
     * **GEMM error.** The dot product accumulates ``d`` products in fp32, so it errs by at most
-      ``gamma a b`` (Cauchy-Schwarz), with ``gamma = 2 (d + 4) u`` (2u per addition in case tensor cores
-      truncate); it enters twice. The squared norms err by ``g (a^2 + b^2)`` with ``g = gamma_(NORM_CHUNK + 6)``
+      ``gamma a b`` (Cauchy-Schwarz), with ``gamma = 2 (d + 4) u`` (2u per addition in case the hardware
+      truncates), doubled by :data:`TENSOR_CORE_SAFETY` when ``tensor_cores`` did the GEMM; it enters twice. The squared norms err by ``g (a^2 + b^2)`` with ``g = gamma_(NORM_CHUNK + 6)``
       (:func:`_sq_norms`), their fp32 copies and the two fp32 additions by less than ``4 u (a + b)^2``; taking
       ``8 u`` leaves room for the float64 arithmetic of this bound. So ``||q_hat - k_hat||^2 >= approx - e``
       with ``e = 2 gamma a b + (g + 8 u) (a + b)^2``.
@@ -453,7 +476,7 @@ def _lower_bound(approx: Tensor, q_norm: Tensor, q_resid: Tensor, k_norm_max: Te
     re-rank's own summation. The rounding term is ``2 r ||q - k||`` rather than ``2 r (a + b)``: on close
     pairs it is much smaller than a bound in terms of the norms alone.
     """
-    gamma = 2 * (d + 4) * FP32_UNIT
+    gamma = 2 * (d + 4) * FP32_UNIT * (TENSOR_CORE_SAFETY if tensor_cores else 1)
     gamma = gamma / (1 - gamma)
     a = q_norm.double()[:, None]
     gemm_error = a * (2 * gamma * k_norm_max) + (a + k_norm_max).square_() * (

@@ -117,6 +117,11 @@ def test_lower_bound_is_monotone_and_covers_an_adversarial_gemm_error():
     exact = 2.0 * d  # the true distance of a pair with ||q|| = ||k|| = sqrt(d), orthogonal
     worst = exact + 2 * (d - 1) * imle.FP32_UNIT * d  # the dot product overestimated by (d - 1) u ||q|| ||k||
     assert imle._lower_bound(torch.tensor([[worst]]), q_norm, resid * 0, k_norm, resid[0] * 0, d) <= exact
+    # The bound allows 2u per addition, twice this error; on tensor cores TENSOR_CORE_SAFETY times more. Three times
+    # as far off is beyond the first and within the second.
+    thrice = torch.tensor([[exact + 3 * 2 * (d - 1) * imle.FP32_UNIT * d]])
+    assert imle._lower_bound(thrice, q_norm, resid * 0, k_norm, resid[0] * 0, d) > exact
+    assert imle._lower_bound(thrice, q_norm, resid * 0, k_norm, resid[0] * 0, d, tensor_cores=True) <= exact
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
@@ -234,6 +239,25 @@ def test_nearest_neighbors_ignores_autocast_and_restores_matmul_settings(device)
     assert torch.get_float32_matmul_precision() == before
     dist, index = imle.nearest_neighbors(queries[:0].to(device), keys.to(device))
     assert dist.shape == index.shape == (0,)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="this PyTorch has only the legacy matmul-precision API")
+def test_nearest_neighbors_is_exact_under_the_new_precision_api_and_restores_it(device):
+    """PyTorch's per-backend precision settings (the ones its docs now recommend) make the legacy getter raise;
+    the search must pin and restore them, and stay exact when the caller allowed reduced precision."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [backend.fp32_precision for backend in backends]
+    g = torch.Generator().manual_seed(5)
+    queries, keys = torch.randn(40, 64, generator=g), torch.randn(90, 64, generator=g)
+    try:
+        for backend, reduced in zip(backends, ("tf32", "bf16")):
+            backend.fp32_precision = reduced
+        assert_same_as_brute_force(queries, keys, device)
+        assert [backend.fp32_precision for backend in backends] == ["tf32", "bf16"]
+    finally:
+        for backend, old in zip(backends, saved):
+            backend.fp32_precision = old
 
 
 @pytest.mark.parametrize("queries, keys, kw, error", [

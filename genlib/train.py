@@ -167,22 +167,33 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
     place_step_counts(optimizer)
 
 
-def rng_state() -> dict:
-    """The state of every random number generator a training step may touch."""
+def rng_state(device: torch.device | str = "cpu") -> dict:
+    """The state of every random number generator a training step on ``device`` may touch (on CUDA, that
+    device's generator only: a checkpoint then resumes on a machine with any number of GPUs)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore the generators saved by :func:`rng_state` (the byte tensors may come back on the GPU when
-    a checkpoint is loaded with ``map_location="cuda"``; the setters take CPU tensors)."""
+def set_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
+    """Restore the generators saved by :func:`rng_state`, the CUDA one into ``device``'s generator (the byte
+    tensors may come back on the GPU when a checkpoint is loaded with ``map_location="cuda"``; the setters take CPU
+    tensors). Older checkpoints saved every GPU's state in a list: the entry of ``device``'s index is used."""
     torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
+    device = torch.device(device)
+    cuda_state = state.get("cuda")
+    if device.type != "cuda" or cuda_state is None:
+        return
+    if isinstance(cuda_state, (list, tuple)):
+        index = device.index or 0
+        if index >= len(cuda_state):
+            return
+        cuda_state = cuda_state[index]
+    torch.cuda.set_rng_state(cuda_state.cpu(), device)
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -197,7 +208,7 @@ def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, hist
                     clock: TrainClock | None = None) -> None:
     """Write model, optimisers, sampler position, RNG states, history and training time after ``step`` steps."""
     state = model.checkpoint_state()
-    state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state(),
+    state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state(model.device),
                  clock=(clock or TrainClock()).now())
     save_atomic(state, path)
 
@@ -207,7 +218,7 @@ def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClo
     state = torch.load(path, map_location=model.device, weights_only=False)
     model.load_checkpoint_state(state)
     sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], model.device)
     if clock is not None:
         clock.resume(state.get("clock"))
     return state["step"], state["history"]

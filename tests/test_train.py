@@ -559,3 +559,25 @@ def test_a_step_that_syncs_is_a_clear_error_on_cuda():
     result = subprocess.run([sys.executable, "-c", SYNCING_STEP], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "raised: CUDA graph capture of Syncing.step failed" in result.stdout and "not graph_safe after all" in result.stdout
+
+
+def test_checkpoint_rng_state_holds_the_models_cuda_generator_only(monkeypatch):
+    """A CPU run saves no CUDA state; a CUDA run saves its own device's, and restores it into that device, so a
+    checkpoint resumes on a machine with any number of GPUs (older checkpoints held a list, one state per GPU)."""
+    from genlib import train
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: calls.append(("get", device)) or torch.full((4,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", device, int(state.sum()))))
+    assert "cuda" not in train.rng_state("cpu") and calls == []
+    state = train.rng_state(torch.device("cuda", 1))
+    train.set_rng_state(state, torch.device("cuda", 1))
+    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1), 28)]
+    calls.clear()
+    legacy = dict(state, cuda=[torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)])
+    train.set_rng_state(legacy, "cuda:1")
+    train.set_rng_state(legacy, "cuda:2")  # no saved state for a third GPU: its generator is left alone
+    train.set_rng_state(legacy, "cpu")
+    assert calls == [("set", torch.device("cuda", 1), 4)]

@@ -643,9 +643,11 @@ class PixelFeatureL1(nn.Module):
 
 
 def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
-    """On CUDA, a clear error when ``nbytes`` of ``what`` would not fit in the device's free memory."""
+    """On CUDA, a clear error when ``nbytes`` of ``what`` would not fit in the device's free memory (free on the
+    device, plus what PyTorch's allocator holds in reserve unused, e.g. after a block of VGG16 features)."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
         if nbytes > free:
             raise MemoryError(f"{what} would take {nbytes / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB "
                               "free: match in a smaller feature space, or every batch (refresh_every=1)")
@@ -875,9 +877,14 @@ class IMLE(_FromNoise):
         if codes is None:
             codes = self.noise(self.fakes_per_real * len(data))
         step = self.refresh_batch
-        first = self._embed(data[:step])
-        _check_fits(first.nbytes * math.ceil(len(data) / step), data.device, "the features of the whole dataset")
-        reals = torch.cat([first] + [self._embed(data[i:i + step]) for i in range(step, len(data), step)])
+        reals = data
+        if self.match_features is not None:  # the features of the whole dataset, filled in place (no 2x peak)
+            first = self._embed(data[:step])
+            _check_fits(first[0].nbytes * len(data), data.device, "the features of the whole dataset")
+            reals = first.new_empty((len(data), *first.shape[1:]))
+            reals[:len(first)] = first
+            for i in range(step, len(data), step):
+                reals[i:i + step] = self._embed(data[i:i + step])
         best = torch.full((len(data),), math.inf, dtype=torch.float64, device=data.device)
         best_at = torch.zeros(len(data), dtype=torch.int64, device=data.device)
         for start in range(0, len(codes), step):

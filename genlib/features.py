@@ -616,9 +616,10 @@ def load_vgg16(path: str | os.PathLike[str] | None = None,
     return model.requires_grad_(False).to(runtime.device(str(device) if device is not None else None)).eval()
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=None)
 def _cached_vgg16(path: str, device: str) -> VGG16Features:
-    """The VGG16 of ``path``, loaded once per (file, device)."""
+    """The VGG16 of ``path``, loaded once per (file, device) and never evicted: a training step replayed as a CUDA
+    graph (GLO with ``loss='vgg16'``) reads these weights by address, with no reference of its own."""
     return load_vgg16(path, device)
 
 

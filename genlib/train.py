@@ -320,7 +320,9 @@ class StepGraph:
     Called like a step, ``graph(x, index) -> losses``. The first ``warmup`` calls train eagerly on a side stream,
     as capture requires (lazy optimiser state, library handles and the allocator settle); the next one captures
     the step on its batch and replays it; every later call copies its batch into the captured input buffers and
-    replays. Each call trains exactly one step. Optimisers are made ``capturable`` (:func:`make_capturable`).
+    replays. Each call trains exactly one step, on batches of the captured one's shape. Optimisers are made
+    ``capturable`` (:func:`make_capturable`) and stay so after :func:`fit` (their step counts on the GPU): to train
+    the model on the CPU afterwards, save a checkpoint and load it there, which sets the mode of the process.
     A step that cannot be captured raises a clear error. Autocast runs without its weight cache,
     which a graph cannot hold across replays. ``captured_at`` counts the calls before the first replay.
     """
@@ -343,6 +345,10 @@ class StepGraph:
             return self._on_side_stream(x, index)
         if self.replay is None:
             self._capture_first(x, index)
+        if x.shape != self.static_x.shape or index.shape != self.static_index.shape:
+            # copy_ would broadcast a batch of 1, or fail without saying why
+            raise ValueError(f"a captured step replays batches of shape {tuple(self.static_x.shape)}, got "
+                             f"{tuple(x.shape)}: use a sampler of fixed batches (BatchSampler drops the last short one)")
         self.static_x.copy_(x)
         self.static_index.copy_(index)
         losses = self.replay().clone()  # the captured output is overwritten by the next replay

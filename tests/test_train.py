@@ -398,6 +398,17 @@ def test_a_step_graph_trains_one_step_per_call_like_the_eager_step():
     assert len({id(step["loss"]) for step in losses}) == 8  # no step's losses alias another's
 
 
+def test_a_captured_step_refuses_a_batch_of_another_shape():
+    model, sampler = make_run()
+    graph = ReplayByCalling(model, amp=False)
+    for _ in range(GRAPH_WARMUP_STEPS + 1):
+        x, index = next(sampler)
+        graph(x, index)
+    with pytest.raises(ValueError, match=rf"replays batches of shape \({len(x)}, .*got \(1, "):
+        graph(x[:1], index[:1])
+    assert model.calls == GRAPH_WARMUP_STEPS + 1
+
+
 def test_a_step_that_cannot_be_captured_is_a_clear_error_after_the_warm_up():
     model, sampler = make_run()
     graph = CaptureFails(model, amp=False)

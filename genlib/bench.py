@@ -45,6 +45,20 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, wa
     return sorted(times)[len(times) // 2]
 
 
+def throughput_ms(fn: Callable[[], object], device: torch.device, calls: int = 10, warmup: int = 1) -> float:
+    """Mean wall time per call of ``fn()`` in milliseconds over ``calls`` back-to-back calls, synchronised once
+    before and once after: what a training loop sees (the host's launches overlap the device's work, and a step
+    that is heavy only now and then, like DDE's generator update, counts at its share)."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - began) * 1e3 / calls
+
+
 def _synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -259,7 +273,8 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
                    graphs: bool | None = None, graph_safe_only: bool = False) -> list[dict]:
     """Images/s of the reference DCGAN step (at 64x64) and of each registered family's ``step`` on
     ``channels`` x ``resolution`` x ``resolution`` images (``vs_reference``: images/s over the reference's, in the
-    same run; genlib steps run under bf16 autocast on CUDA, the reference in fp32 eager). With ``graphs`` (default:
+    same run; genlib steps run under bf16 autocast on CUDA, the reference in fp32 eager; each rate is the mean over
+    ``steps`` back-to-back steps, :func:`throughput_ms`). With ``graphs`` (default:
     on CUDA) each graph-safe family also gets a row of its step replayed as a CUDA graph, after every eager row: a
     failed capture may leave the CUDA generator unusable, so it ends the graph rows; ``graph_safe_only`` keeps only
     those families."""
@@ -273,7 +288,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
     rows, graph_safe = [], []
     if resolution == 64 and channels == 3:
         reference = ReferenceDCGAN().to(device)
-        ms = timeit(lambda: reference.step(real), device, steps)
+        ms = throughput_ms(lambda: reference.step(real), device, steps)
         rows.append({"model": "reference DCGAN (fp32 eager)", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
     for name in sorted(FAMILIES):
         spec = TrainSpec(data.to(device), tuple(data.shape[1:]), device, batch_size=batch_size, z_dim=100)
@@ -285,7 +300,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         if graph_safe_only and not model.graph_safe:
             continue
 
-        ms = timeit(lambda: train_step(model, real, index, amp=device.type == "cuda"), device, steps)
+        ms = throughput_ms(lambda: train_step(model, real, index, amp=device.type == "cuda"), device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
             graph_safe.append((name, model))
@@ -325,7 +340,7 @@ def graphed_step_row(model, name: str, real: torch.Tensor, index: torch.Tensor, 
             graph(real, index)
     except RuntimeError as error:
         return row | {"note": str(error)}
-    row["img_per_s"] = len(real) / timeit(lambda: graph(real, index), real.device, steps) * 1e3
+    row["img_per_s"] = len(real) / throughput_ms(lambda: graph(real, index), real.device, steps) * 1e3
     model.zero_grad(set_to_none=True)  # the grads live in the graph's memory pool: free it for the next family
     return row
 

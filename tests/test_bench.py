@@ -207,3 +207,11 @@ def test_a_failed_capture_ends_the_graph_rows(monkeypatch):
     graphed = [row for row in rows if row["model"].endswith("(CUDA graph)")]
     assert len(graphed) == 1 and graphed[0]["img_per_s"] is None and "stream is capturing" in graphed[0]["note"]
     assert len(rows) > 2  # the eager rows of every graph-safe family came first
+
+
+def test_throughput_is_the_mean_over_back_to_back_calls(monkeypatch):
+    """Warm-up calls are not timed; the timed calls share one clock reading before and one after."""
+    calls, clock = [], iter([2.0, 2.5])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.throughput_ms(lambda: calls.append(1), torch.device("cpu"), calls=4, warmup=2) == 125.0
+    assert len(calls) == 6

@@ -491,8 +491,8 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
          repeats: int | None = None) -> dict:
     """Run every benchmark, print the tables and write ``bench.json`` and ``bench.md`` into ``out``.
 
-    ``nn_sizes`` (list of (M, N, d)), ``batch_size`` and ``repeats`` (timed calls per measurement, the
-    median is kept) replace the preset's values when given."""
+    ``nn_sizes`` (list of (M, N, d)), ``batch_size`` and ``repeats`` (timed calls per measurement: the median of
+    the search's, the mean of back-to-back training steps) replace the preset's values when given."""
     from genlib.runtime import device as pick_device
     from genlib.runtime import use_fast_matmul
 

@@ -514,7 +514,8 @@ def make_parser() -> argparse.ArgumentParser:
                             "replaces the default sizes)")
     bench.add_argument("--batch-size", type=_positive_int, help="training batch (default 512 on CUDA, 16 on the CPU)")
     bench.add_argument("--repeats", type=_positive_int,
-                       help="timed calls per measurement, the median is kept (default 10 on CUDA, 3 on the CPU)")
+                       help="timed calls per measurement: the median search time, the mean training step "
+                            "(default 10 on CUDA, 3 on the CPU)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

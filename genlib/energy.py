@@ -651,15 +651,17 @@ STABILITY_COLUMNS: dict[str, str] = {"late_gap": "late |gap|", "gap_flips": "gap
 
 def gap_stability(gaps: Sequence[float]) -> dict[str, float]:
     """How steady a run's critic was, from its logged gaps E_q[U] - E_p[U] (window means in training order):
-    late_gap, the largest absolute gap over the second half of the windows (a critic whose pits keep deepening,
-    or a landscape that swings, keeps it large), and gap_flips, the times the gap changed sign (the fakes
-    overshooting the critic's pits, so that they sit lower than the reals). NaN for both when nothing was logged
-    (a diverged run)."""
+    late_gap, the largest absolute gap over the second half of the windows (how far apart the critic still holds
+    fakes and reals late in training: large where the landscape swings or keeps deepening, and also where the
+    generator never reaches the data), and gap_flips, the times the gap changed sign (the fakes sitting lower than
+    the reals, then higher again, or the reverse; a window at exactly 0 has no sign and is
+    skipped). NaN windows are left out; NaN for both when none is left (a diverged run logs nothing)."""
+    gaps = [gap for gap in gaps if not math.isnan(gap)]
     if not gaps:
         return {"late_gap": math.nan, "gap_flips": math.nan}
     late = gaps[len(gaps) // 2:]
-    flips = sum((before > 0) != (after > 0) for before, after in zip(gaps, gaps[1:]) if before != 0 and after != 0)
-    return {"late_gap": max(abs(gap) for gap in late), "gap_flips": float(flips)}
+    signs = [gap > 0 for gap in gaps if gap != 0]
+    return {"late_gap": max(abs(gap) for gap in late), "gap_flips": float(sum(a != b for a, b in zip(signs, signs[1:])))}
 
 
 def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "ring8", toy_std: float | None = 0.05,
@@ -675,7 +677,7 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     total_modes, hq (fraction of ``n_samples`` within 3 std of a mode), mode_counts (the high-quality
     samples at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds (process CPU
     time, stable on a shared machine), diverged (a non-finite loss stopped it; then modes = hq = 0), the critic's
-    logged gaps (gaps, 10 window means) and their :func:`gap_stability` (late_gap, gap_flips);
+    logged gaps (gaps, the window means) and their :func:`gap_stability` (late_gap, gap_flips);
     with ``keep_samples`` also samples, the scored samples [n_samples, 2] (None if diverged). ``workers`` > 1
     trains that many runs at once, each in its own process on one thread (:func:`genlib.evaluate.coverage_runs`);
     the rows are the same.

@@ -130,13 +130,13 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     """One seeded run on a Gaussian-mixture ``toy``, scored by mode coverage (the chapters' toy tables).
 
     Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
-    trains ``steps`` steps through :func:`genlib.train.fit` (the losses logged in 10 windows) and scores
+    trains ``steps`` steps through :func:`genlib.train.fit` (the losses logged every ``steps // 10`` steps) and scores
     ``n_samples`` samples. Returns
     modes (covered), total_modes, hq (fraction within 3 std of a mode), mode_counts (the high-quality samples
     at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
     then modes = hq = 0 and every count 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2]
-    on the CPU; with ``track`` (names of logged losses), also history: each one's window means {name: [10 floats]}
+    on the CPU; with ``track`` (names of logged losses), also history: each one's window means {name: [floats]}
     (empty lists for a diverged run)."""
     if toy.modes is None or toy.std is None:
         raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")

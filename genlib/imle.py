@@ -70,11 +70,11 @@ RERANK_BYTES_CPU = 16 * 2**20
 """Float64 working set of one re-rank block on the CPU: small enough to stay in cache (measured fastest);
 on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many small ones."""
 NORM_CHUNK = 256
+"""Entries per fp32 partial sum of a squared norm (:func:`_sq_norms`)."""
 TENSOR_CORE_SAFETY = 2.0
 """Factor on the GEMM's error bound for the tf32/bf16 passes on CUDA. Tensor cores add several products at once,
 aligned to the largest and truncated, so their worst case exceeds the 2u per addition of the bound by up to about
 1/(products per step) (a quarter for 4); the factor covers that at the price of a slightly looser certificate."""
-"""Entries per fp32 partial sum of a squared norm (:func:`_sq_norms`)."""
 FP32_UNIT = 2.0**-24
 FP64_UNIT = 2.0**-53
 _NO_PHASE = nullcontext()
@@ -271,6 +271,8 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
     old_reduction = cuda_matmul.allow_bf16_reduced_precision_reduction
     backends = [cuda_matmul, torch.backends.mkldnn.matmul] if hasattr(cuda_matmul, "fp32_precision") else []
     old_precision = [backend.fp32_precision for backend in backends] or torch.get_float32_matmul_precision()
+    # a backend's getter shows the value it inherits; 'none' restores the inheritance instead of pinning it
+    inherited = getattr(torch.backends, "fp32_precision", None)
     try:
         cuda_matmul.allow_bf16_reduced_precision_reduction = False
         if backends:
@@ -283,7 +285,7 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
     finally:
         if backends:
             for backend, old in zip(backends, old_precision):
-                backend.fp32_precision = old
+                backend.fp32_precision = "none" if old == inherited else old
         else:
             torch.set_float32_matmul_precision(old_precision)
         cuda_matmul.allow_bf16_reduced_precision_reduction = old_reduction
@@ -880,7 +882,8 @@ class IMLE(_FromNoise):
         reals = data
         if self.match_features is not None:  # the features of the whole dataset, filled in place (no 2x peak)
             first = self._embed(data[:step])
-            _check_fits(first[0].nbytes * len(data), data.device, "the features of the whole dataset")
+            _check_fits(first.element_size() * math.prod(first.shape[1:]) * len(data), data.device,
+                        "the features of the whole dataset")
             reals = first.new_empty((len(data), *first.shape[1:]))
             reals[:len(first)] = first
             for i in range(step, len(data), step):

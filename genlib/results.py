@@ -187,15 +187,17 @@ def full_scale_report(names: list[str], root: str | Path = REPO_ROOT / "results"
 def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq", "seconds"),
                        sums: tuple[str, ...] = ()) -> list[dict]:
     """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max ``modes``,
-    ``total_modes``, the mean of each field in ``means`` (as ``<field>_mean``, over the runs where it is not NaN,
-    e.g. a diverged run's stability fields; NaN if none) and the sum of each in ``sums``."""
+    ``total_modes``, the mean of each field in ``means`` (as ``<field>_mean``, over the runs where it is present and
+    not NaN, e.g. not a diverged run's stability fields, nor an older recording's; NaN if none) and the sum of each
+    in ``sums``."""
     out = []
     for name in dict.fromkeys(row[key] for row in rows):
         runs = [row for row in rows if row[key] == name]
         modes = [row["modes"] for row in runs]
         summary = {key: name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
                    "modes_max": max(modes), "total_modes": runs[0]["total_modes"]}
-        summary.update({f"{field}_mean": _mean_of_numbers([row[field] for row in runs]) for field in means})
+        summary.update({f"{field}_mean": _mean_of_numbers([row.get(field, math.nan) for row in runs])
+                        for field in means})
         summary.update({field: sum(row[field] for row in runs) for field in sums})
         out.append(summary)
     return out

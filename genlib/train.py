@@ -189,7 +189,7 @@ def set_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
     if device.type != "cuda" or cuda_state is None:
         return
     if isinstance(cuda_state, (list, tuple)):
-        index = device.index or 0
+        index = torch.cuda.current_device() if device.index is None else device.index
         if index >= len(cuda_state):
             return
         cuda_state = cuda_state[index]

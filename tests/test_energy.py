@@ -426,6 +426,10 @@ def test_gap_stability_by_hand():
     assert E.gap_stability([4.0, 2.0, 1.0, 0.5, 0.25]) == {"late_gap": 1.0, "gap_flips": 0.0}
     assert E.gap_stability([-1.0]) == {"late_gap": 1.0, "gap_flips": 0.0}
     assert all(math.isnan(value) for value in E.gap_stability([]).values())
+    # a window at exactly 0 has no sign: 1 -> 0 -> -1 is one flip; NaN windows are left out
+    assert E.gap_stability([1.0, 0.0, -1.0])["gap_flips"] == 1.0
+    assert E.gap_stability([math.nan, 2.0, -3.0]) == {"late_gap": 3.0, "gap_flips": 1.0}
+    assert all(math.isnan(value) for value in E.gap_stability([math.nan]).values())
     assert set(E.gap_stability([1.0])) == set(E.STABILITY_COLUMNS)
 
 

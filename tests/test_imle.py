@@ -247,16 +247,35 @@ def test_nearest_neighbors_is_exact_under_the_new_precision_api_and_restores_it(
     """PyTorch's per-backend precision settings (the ones its docs now recommend) make the legacy getter raise;
     the search must pin and restore them, and stay exact when the caller allowed reduced precision."""
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [backend.fp32_precision for backend in backends]
+    saved = [torch.backends.fp32_precision] + [backend.fp32_precision for backend in backends]
     g = torch.Generator().manual_seed(5)
     queries, keys = torch.randn(40, 64, generator=g), torch.randn(90, 64, generator=g)
+    seen = []
+    approx_sq_dist = imle._approx_sq_dist
+
+    def watched(*args):  # the settings each GEMM of the search ran under
+        seen.append(tuple(backend.fp32_precision for backend in backends))
+        return approx_sq_dist(*args)
+
     try:
         for backend, reduced in zip(backends, ("tf32", "bf16")):
             backend.fp32_precision = reduced
-        assert_same_as_brute_force(queries, keys, device)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(imle, "_approx_sq_dist", watched)
+            assert_same_as_brute_force(queries, keys, device)
+        first_pass = "tf32" if device.type == "cuda" else "ieee"
+        assert seen and seen[0] == (first_pass, "ieee") and all(mkldnn == "ieee" for _, mkldnn in seen)
         assert [backend.fp32_precision for backend in backends] == ["tf32", "bf16"]
+        # settings inherited from torch.backends.fp32_precision stay inherited: they follow it after a search
+        for backend in backends:
+            backend.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+        assert_same_as_brute_force(queries, keys, device)
+        torch.backends.fp32_precision = "ieee"
+        assert [backend.fp32_precision for backend in backends] == ["ieee", "ieee"]
     finally:
-        for backend, old in zip(backends, saved):
+        torch.backends.fp32_precision = saved[0]
+        for backend, old in zip(backends, saved[1:]):
             backend.fp32_precision = old
 
 

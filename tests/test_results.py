@@ -103,6 +103,9 @@ def test_coverage_table_shows_extra_columns_averaged_over_the_runs_that_have_the
                        "seeds": "0,1,2"}, metrics={"rows": rows, "summary": {}}, wall_time_s=3.0)
     report = results.comparison_report(results.load_run(tmp_path), timing=None, diverged=True, columns=columns)
     assert report.splitlines()[-2].split() == none_line.split()
+    # a recording made before these fields existed still prints, with NaN where they are missing
+    older = [{k: v for k, v in row.items() if k not in columns} for row in rows[:1]] + rows[1:3]
+    assert results.summarize_coverage(older, "method", means=tuple(columns))[0]["late_gap_mean"] == 100.0
 
 
 def test_comparison_report_prints_one_table_per_toy(tmp_path):

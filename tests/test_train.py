@@ -592,3 +592,7 @@ def test_checkpoint_rng_state_holds_the_models_cuda_generator_only(monkeypatch):
     train.set_rng_state(legacy, "cuda:2")  # no saved state for a third GPU: its generator is left alone
     train.set_rng_state(legacy, "cpu")
     assert calls == [("set", torch.device("cuda", 1), 4)]
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # 'cuda' without an index: the current GPU's entry
+    train.set_rng_state(legacy, "cuda")
+    assert calls == [("set", torch.device("cuda"), 4)]

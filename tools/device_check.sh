@@ -16,7 +16,8 @@
 #   2. tools/record_full.sh's list in its order (or the NAMEs given after SECONDS): the benchmark into
 #      results/bench-TAG, then the full-scale Fashion-MNIST runs into results/NAME_TAG, each started only while
 #      MIN_RUN_SECONDS are left and stopped at the deadline. A run already recorded in the tree that travelled
-#      (results/NAME_TAG/run.json committed) is skipped (the benchmark is always measured again); a run whose results/NAME_TAG/checkpoint.pt travelled
+#      (results/NAME_TAG/run.json committed) is skipped (the benchmark is always measured again, beside a committed
+#      record in results/bench-TAG-YYYYMMDD); a run whose results/NAME_TAG/checkpoint.pt travelled
 #      (carry it) resumes from it,
 # and packs the logs and the small files of every recording (no checkpoints, no progress grids) into $OUT
 # (the device tool's folder, else ./device-out): unpack results.tgz at the repository root, read the logs.
@@ -112,7 +113,7 @@ fi
 # At most 8 files come back: the summary log, the tests' log and one archive of the rest.
 shopt -s nullglob
 recorded=()
-for path in results/*_"$TAG" results/bench-"$TAG"; do [[ -d "$path" ]] && recorded+=("$path"); done
+for path in results/*_"$TAG" results/bench-"$TAG" results/bench-"$TAG"-*; do [[ -d "$path" ]] && recorded+=("$path"); done
 logs=()
 for log in "$OUT"/*.log; do [[ "$log" == "$OUT/device.log" || "$log" == "$OUT/tests.log" ]] || logs+=("$log"); done
 if (( ${#recorded[@]} + ${#logs[@]} )); then

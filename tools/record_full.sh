@@ -16,7 +16,7 @@ PYTHON="${GENLIB_PYTHON:-python}"
 [[ -x "$ROOT/.venv/bin/python" && -z "${GENLIB_PYTHON:-}" ]] && PYTHON="$ROOT/.venv/bin/python"
 
 # One run per line, "NAME ARGUMENTS", in the default order: the benchmark (re-measured at every call: the search
-# and the steps change between leases), then the runs that open issues still wait for, each group shortest first
+# and the steps change between leases; beside a committed record it goes to results/bench-TAG-YYYYMMDD), then the runs that open issues still wait for, each group shortest first
 # (chapter 1's GLO, GLANN and IMLE; chapter 5's RealNVP; chapter 3's energy model; chapter 4's NCSN), then the
 # extras (chapter 4's DDE, chapter 2's PacGAN and DCGAN), so that a short lease records what matters most. Measured on
 # an H200: the DCGAN 151 s of training, the energy model ~33 steps/s (~10 min); the others are estimated from the
@@ -63,6 +63,8 @@ if [[ "$mode" == tag ]]; then echo "$TAG"; exit 0; fi
 for name in "${names[@]}"; do
   out="results/${name}_${TAG}" record="run.json"
   [[ "$name" == bench ]] && out="results/bench-${TAG}" record="bench.json"  # the benchmark's own file and folder name
+  # a new measurement goes beside a committed one, which the Performance page quotes: results/bench-TAG-YYYYMMDD
+  [[ "$name" == bench && "$mode" == run && -f "$out/$record" ]] && out="$out-$(date -u +%Y%m%d)"
   command=("$PYTHON" -m genlib ${ARGS[$name]} --out "$out")
   if [[ "$mode" == dry-run ]]; then
     echo "${command[*]}"

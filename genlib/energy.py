@@ -661,7 +661,8 @@ def gap_stability(gaps: Sequence[float]) -> dict[str, float]:
         return {"late_gap": math.nan, "gap_flips": math.nan}
     late = gaps[len(gaps) // 2:]
     signs = [gap > 0 for gap in gaps if gap != 0]
-    return {"late_gap": max(abs(gap) for gap in late), "gap_flips": float(sum(a != b for a, b in zip(signs, signs[1:])))}
+    flips = sum(before != after for before, after in zip(signs, signs[1:]))
+    return {"late_gap": max(abs(gap) for gap in late), "gap_flips": float(flips)}
 
 
 def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "ring8", toy_std: float | None = 0.05,

@@ -72,9 +72,11 @@ on CUDA the re-rank uses BLOCK_BYTES, since there few large kernels beat many sm
 NORM_CHUNK = 256
 """Entries per fp32 partial sum of a squared norm (:func:`_sq_norms`)."""
 TENSOR_CORE_SAFETY = 2.0
-"""Factor on the GEMM's error bound for the tf32/bf16 passes on CUDA. Tensor cores add several products at once,
-aligned to the largest and truncated, so their worst case exceeds the 2u per addition of the bound by up to about
-1/(products per step) (a quarter for 4); the factor covers that at the price of a slightly looser certificate."""
+"""Factor on the GEMM's error bound for the tf32/bf16 passes, which run on tensor cores on CUDA. Tensor cores add
+several products at once, aligned to the largest and truncated, so their worst case exceeds the 2u per addition of
+the bound by up to about 1/(products per step) (a quarter for 4); the factor covers that at the price of a slightly
+looser certificate. A tf32/bf16 pass on the CPU (an emulation of the GPU's) takes the same bound, so that it
+certifies as the GPU would."""
 FP32_UNIT = 2.0**-24
 FP64_UNIT = 2.0**-53
 _NO_PHASE = nullcontext()
@@ -192,12 +194,7 @@ def distance_lower_bounds(queries: Tensor, keys: Tensor, precision: str = "fp32"
         q, k = _round_centred(queries, centre, precision), _round_centred(keys, centre, precision)
         approx = _approx_sq_dist(q, k)
         return approx, _lower_bound(approx, q.norm, q.resid, k.norm.max(), k.resid.max(), queries.shape[1],
-                                    _uses_tensor_cores(precision, queries.device))
-
-
-def _uses_tensor_cores(precision: str, device: torch.device) -> bool:
-    """Whether a pass's GEMM runs on tensor cores (:func:`_pinned_matmul` allows them for tf32/bf16 on CUDA)."""
-    return device.type == "cuda" and precision != "fp32"
+                                    tensor_cores=precision != "fp32")
 
 
 def _passes(precision: str | None, device: torch.device, candidates: int | None = None) -> list[Pass]:
@@ -266,7 +263,7 @@ def _pinned_matmul(precision: str, device: torch.device) -> Iterator[None]:
     passes on CUDA (their inputs are already TF32-exact), IEEE fp32 otherwise, no bf16
     split-K reductions and no autocast. The caller's settings come back afterwards, whichever of PyTorch's two
     precision APIs set them (reading the old one raises once the new one has been used)."""
-    tensor_cores = _uses_tensor_cores(precision, device)
+    tensor_cores = device.type == "cuda" and precision != "fp32"
     cuda_matmul = torch.backends.cuda.matmul
     old_reduction = cuda_matmul.allow_bf16_reduced_precision_reduction
     backends = [cuda_matmul, torch.backends.mkldnn.matmul] if hasattr(cuda_matmul, "fp32_precision") else []
@@ -327,7 +324,7 @@ def _candidates(queries: Tensor, rounded_keys: _RoundedKeys, search_pass: Pass) 
             # one more than kept: every key left out has an approximate distance >= the first one left out
             values, at = approx.topk(min(keep + 1, approx.shape[1]), dim=1, largest=False, sorted=True)
             block_lower = _lower_bound(values, q.norm, q.resid, k_norm_max, k_resid_max, d,
-                                       _uses_tensor_cores(precision, queries.device))
+                                       tensor_cores=precision != "fp32")
             if values.shape[1] > keep:
                 threshold = torch.minimum(threshold, block_lower[:, keep])
                 block_lower, at = block_lower[:, :keep], at[:, :keep]
@@ -467,10 +464,11 @@ def _lower_bound(approx: Tensor, q_norm: Tensor, q_resid: Tensor, k_norm_max: Te
 
     * **GEMM error.** The dot product accumulates ``d`` products in fp32, so it errs by at most
       ``gamma a b`` (Cauchy-Schwarz), with ``gamma = 2 (d + 4) u`` (2u per addition in case the hardware
-      truncates), doubled by :data:`TENSOR_CORE_SAFETY` when ``tensor_cores`` did the GEMM; it enters twice. The squared norms err by ``g (a^2 + b^2)`` with ``g = gamma_(NORM_CHUNK + 6)``
-      (:func:`_sq_norms`), their fp32 copies and the two fp32 additions by less than ``4 u (a + b)^2``; taking
-      ``8 u`` leaves room for the float64 arithmetic of this bound. So ``||q_hat - k_hat||^2 >= approx - e``
-      with ``e = 2 gamma a b + (g + 8 u) (a + b)^2``.
+      truncates), times :data:`TENSOR_CORE_SAFETY` for a ``tensor_cores`` pass (tf32/bf16); it enters twice.
+      The squared norms err by ``g (a^2 + b^2)`` with ``g = gamma_(NORM_CHUNK + 6)`` (:func:`_sq_norms`), their
+      fp32 copies and the two fp32 additions by less than ``4 u (a + b)^2``; taking ``8 u`` leaves room for the
+      float64 arithmetic of this bound. So ``||q_hat - k_hat||^2 >= approx - e`` with
+      ``e = 2 gamma a b + (g + 8 u) (a + b)^2``.
     * **Rounding of the rows.** With ``r = q_resid + k_resid_max``, the triangle inequality gives
       ``||q - k|| >= ||q_hat - k_hat|| - r``.
 

@@ -113,7 +113,9 @@ fi
 # At most 8 files come back: the summary log, the tests' log and one archive of the rest.
 shopt -s nullglob
 recorded=()
-for path in results/*_"$TAG" results/bench-"$TAG" results/bench-"$TAG"-*; do [[ -d "$path" ]] && recorded+=("$path"); done
+for path in results/*_"$TAG" results/bench-"$TAG" results/bench-"$TAG"-*; do
+  [[ -d "$path" ]] && recorded+=("$path")
+done
 logs=()
 for log in "$OUT"/*.log; do [[ "$log" == "$OUT/device.log" || "$log" == "$OUT/tests.log" ]] || logs+=("$log"); done
 if (( ${#recorded[@]} + ${#logs[@]} )); then

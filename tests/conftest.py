@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,15 +48,27 @@ class BookBuild:
         return str(self.html)
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """A temporary folder shared by every xdist worker of this test run (the run's own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def book_build(tmp_path_factory) -> BookBuild:
-    """Build the book once per test session, shared by all tests of the built HTML
-    (test_book.py, test_browser.py, test_api_docs.py)."""
-    out = tmp_path_factory.mktemp("book")
-    jupyter_book = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
-    result = subprocess.run([jupyter_book, "build", str(ROOT), "-W", "--keep-going", "--path-output", str(out)],
-                            capture_output=True, text=True, timeout=1200)
-    return BookBuild(result.returncode, result.stdout + result.stderr, out / "_build" / "html")
+    """Build the book once per test run, shared by all tests of the built HTML (test_book.py, test_browser.py,
+    test_api_docs.py): under xdist the first worker to ask builds it, the others wait on the lock and reuse it."""
+    run_folder = _run_folder(tmp_path_factory)
+    out, record = run_folder / "book", run_folder / "book-build.json"
+    with open(run_folder / "book-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            jupyter_book = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
+            result = subprocess.run([jupyter_book, "build", str(ROOT), "-W", "--keep-going", "--path-output", str(out)],
+                                    capture_output=True, text=True, timeout=1200)
+            record.write_text(json.dumps({"returncode": result.returncode, "log": result.stdout + result.stderr}))
+        built = json.loads(record.read_text())
+    return BookBuild(built["returncode"], built["log"], out / "_build" / "html")
 
 
 @pytest.fixture(scope="session")

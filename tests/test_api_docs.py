@@ -140,7 +140,7 @@ def test_chapter_text_links_every_genlib_function_and_class_its_code_calls(noteb
 
 # --------------------------------------------------------------------------------------------------------------
 # Checks on the built HTML book. They need the book built with `jupyter-book build . -W`; the book-building
-# test's session fixture `built_book` provides it when it exists (see tests/conftest.py).
+# session fixture `built_book` provides it (see tests/conftest.py).
 # --------------------------------------------------------------------------------------------------------------
 
 def _html_dir(built) -> Path:
@@ -171,9 +171,5 @@ def check_api_docs(html: Path) -> None:
 
 
 @pytest.mark.slow
-def test_api_page_and_links_in_both_directions(request):
-    try:
-        built = request.getfixturevalue("built_book")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the session fixture `built_book` (the book built once with -W for all book tests)")
-    check_api_docs(_html_dir(built))
+def test_api_page_and_links_in_both_directions(built_book):
+    check_api_docs(_html_dir(built_book))

@@ -7,4 +7,9 @@ bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 export GENLIB_SCALE=small
 unset MPLBACKEND  # an exported agg backend silences plt.show() and breaks nbval comparisons
-exec "${GENLIB_VENV:-$ROOT/.venv}/bin/python" -m pytest "$@"
+# OpenMP threads that sleep rather than spin while they wait: with both cores shared by two workers, a spinning
+# thread steals the core its partner needs (a 2-thread conv cell ran 3x slower than with passive waiting).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
+# Two xdist workers keep both cores busy (one runs a notebook while the other runs unit tests or another
+# notebook); --dist loadscope keeps each notebook's cells together, in order, in one kernel.
+exec "${GENLIB_VENV:-$ROOT/.venv}/bin/python" -m pytest -n "${GENLIB_TEST_WORKERS:-2}" --dist loadscope "$@"

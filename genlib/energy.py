@@ -737,12 +737,8 @@ def compare_entropy(**kw: Any) -> list[dict[str, Any]]:
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per setting: runs, mean / min / max modes, total modes, mean / min / max hq, mean wall / CPU seconds, the
     mean of each :data:`STABILITY_COLUMNS` field and diverged runs."""
-    out = summarize_coverage(list(rows), "setting", means=("hq", "seconds", "cpu_seconds", *STABILITY_COLUMNS),
-                             sums=("diverged",))
-    for summary in out:
-        hq = [row["hq"] for row in rows if row["setting"] == summary["setting"]]
-        summary.update(hq_min=min(hq), hq_max=max(hq))
-    return out
+    return summarize_coverage(list(rows), "setting", means=("hq", "seconds", "cpu_seconds", *STABILITY_COLUMNS),
+                              sums=("diverged",))
 
 
 # ==============================================================================================

@@ -64,7 +64,7 @@ def test_summarize_coverage_groups_seeds_by_key():
             {"method": "a", "modes": 6, "total_modes": 8, "hq": 0.3, "seconds": 2.0, "diverged": 1}]
     first, second = results.summarize_coverage(rows, "method", sums=("diverged",))
     assert first == {"method": "a", "runs": 2, "modes_mean": 7.0, "modes_min": 6, "modes_max": 8, "total_modes": 8,
-                     "hq_mean": 0.4, "seconds_mean": 1.5, "diverged": 1}
+                     "hq_min": 0.3, "hq_max": 0.5, "hq_mean": 0.4, "seconds_mean": 1.5, "diverged": 1}
     assert second["method"] == "b" and second["runs"] == 1 and second["diverged"] == 1
 
 
@@ -79,6 +79,9 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
     assert gan_line.split() == ["GAN", "2", "7.0", "6-8", "0.400", "2"]
     assert unrolled_line.split() == ["Unrolled", "1", "3.0", "3-3", "0.250", "9"]
     assert results.coverage_table(summaries).splitlines()[1].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
+    ranged = results.coverage_table(summaries, hq_range=True).splitlines()
+    assert ranged[0].split()[-2:] == ["hq", "min-max"] and len(ranged[0]) == len(ranged[1]) == len(ranged[2])
+    assert ranged[1].split()[-2:] == ["0.400", "0.300-0.500"] and ranged[2].split()[-1] == "0.250-0.250"
 
 
 def test_coverage_table_shows_extra_columns_averaged_over_the_runs_that_have_them(tmp_path):

@@ -187,16 +187,15 @@ def full_scale_report(names: list[str], root: str | Path = REPO_ROOT / "results"
 def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq", "seconds"),
                        sums: tuple[str, ...] = ()) -> list[dict]:
     """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max ``modes``,
-    ``total_modes``, min / max ``hq``, the mean of each field in ``means`` (as ``<field>_mean``, over the runs where it is present and
-    not NaN, e.g. not a diverged run's stability fields, nor an older recording's; NaN if none) and the sum of each
-    in ``sums``."""
+    ``total_modes``, min / max ``hq``, the mean of each field in ``means`` (as ``<field>_mean``, over the runs where
+    it is present and not NaN, e.g. not a diverged run's stability fields, nor an older recording's; NaN if none)
+    and the sum of each in ``sums``."""
     out = []
     for name in dict.fromkeys(row[key] for row in rows):
         runs = [row for row in rows if row[key] == name]
-        modes = [row["modes"] for row in runs]
+        modes, hq = [row["modes"] for row in runs], [row["hq"] for row in runs]
         summary = {key: name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
-                   "modes_max": max(modes), "total_modes": runs[0]["total_modes"],
-                   "hq_min": min(row["hq"] for row in runs), "hq_max": max(row["hq"] for row in runs)}
+                   "modes_max": max(modes), "total_modes": runs[0]["total_modes"], "hq_min": min(hq), "hq_max": max(hq)}
         summary.update({f"{field}_mean": _mean_of_numbers([row.get(field, math.nan) for row in runs])
                         for field in means})
         summary.update({field: sum(row[field] for row in runs) for field in sums})
@@ -213,17 +212,18 @@ def _mean_of_numbers(values: list[float]) -> float:
 def coverage_table(summaries: list[dict], key: str = "method", timing: str | None = None,
                    columns: Mapping[str, str] | None = None, hq_range: bool = False) -> str:
     """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max) and mean hq
-    fraction (with ``hq_range`` also its min-max over the runs); the diverged runs where the summaries count them; the mean of each field of ``columns`` (field ->
-    header, e.g. :data:`genlib.energy.STABILITY_COLUMNS`; 3 significant digits); with ``timing`` (a field averaged
-    by the summary, e.g. ``"cpu_seconds"``) also its mean per run (timings: keep them out of checked outputs unless
-    they are read from a record)."""
+    fraction (with ``hq_range`` also its min-max over the runs); the diverged runs where the summaries count them;
+    the mean of each field of ``columns`` (field -> header, e.g. :data:`genlib.energy.STABILITY_COLUMNS`; 3
+    significant digits); with ``timing`` (a field averaged by the summary, e.g. ``"cpu_seconds"``) also its mean per
+    run (timings: keep them out of checked outputs unless they are read from a record)."""
     total = summaries[0]["total_modes"] if summaries else 0
     width = max([len(key)] + [len(str(row[key])) for row in summaries])
     timing_header = f"{timing} per run" if timing else ""
     diverged = bool(summaries) and "diverged" in summaries[0]
     columns = dict(columns or {})
     lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s}"
-             + (f" {'hq min-max':>11s}" if hq_range else "") + (" diverged" if diverged else "") + "".join(f" {header}" for header in columns.values())
+             + (f" {'hq min-max':>11s}" if hq_range else "") + (" diverged" if diverged else "")
+             + "".join(f" {header}" for header in columns.values())
              + (f" {timing_header}" if timing else "")]
     for row in summaries:
         line = (f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "

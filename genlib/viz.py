@@ -125,6 +125,22 @@ def show_images(images: torch.Tensor, nrow: int = 8, ax: plt.Axes | None = None,
     return ax
 
 
+def show_pngs(panels: Sequence[tuple[str | Path | None, str]], figsize: tuple[float, float] | None = None
+              ) -> np.ndarray:
+    """Show saved pictures (a recorded run's ``samples.png``) side by side: each ``(path, title)`` is one panel
+    without ticks; ``figsize`` defaults to 4.5 x 4.5 inches a panel. Returns the row of axes."""
+    if not panels:
+        raise ValueError("show_pngs needs at least one (path, title) panel")
+    missing = [title for path, title in panels if path is None]
+    if missing:
+        raise ValueError(f"no picture to show for {missing} (the run has no samples.png)")
+    _, axes = plt.subplots(1, len(panels), figsize=figsize or (4.5 * len(panels), 4.5), squeeze=False)
+    for ax, (path, title) in zip(axes[0], panels):
+        ax.imshow(plt.imread(path))
+        ax.set(title=title, xticks=[], yticks=[])
+    return axes[0]
+
+
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     """Write a tiled grid of images to a PNG file."""
     grid = image_grid(images, nrow)

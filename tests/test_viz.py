@@ -47,3 +47,26 @@ def test_frame_slider_labels_follow_the_slider():
     slider, caption, stack = box.children
     assert isinstance(caption, widgets.Dropdown) and caption.options == ("sigma=1", "sigma=0.1")
     assert caption.index == 0 and len(stack.children) == 2
+
+
+def test_show_pngs_puts_each_saved_picture_in_its_own_titled_panel(tmp_path):
+    import matplotlib.pyplot as plt
+    import pytest
+
+    rng = np.random.default_rng(0)
+    pictures = [rng.random((6, 5, 3)).astype(np.float32), rng.random((4, 7, 3)).astype(np.float32)]
+    paths = [tmp_path / f"p{i}.png" for i in range(2)]
+    for path, picture in zip(paths, pictures):
+        plt.imsave(path, picture)
+    axes = viz.show_pngs([(paths[0], "first"), (str(paths[1]), "second")])
+    assert [ax.get_title() for ax in axes] == ["first", "second"]
+    for ax, path in zip(axes, paths):
+        assert ax.get_xticks().size == 0 and ax.get_yticks().size == 0
+        np.testing.assert_array_equal(ax.images[0].get_array(), plt.imread(path))
+    assert axes[0].figure.get_size_inches().tolist() == [9.0, 4.5]
+    assert viz.show_pngs([(paths[0], "wide")], figsize=(12, 8))[0].figure.get_size_inches().tolist() == [12, 8]
+    plt.close("all")
+    with pytest.raises(ValueError, match="at least one"):
+        viz.show_pngs([])
+    with pytest.raises(ValueError, match="'lost'"):
+        viz.show_pngs([(paths[0], "kept"), (None, "lost")])

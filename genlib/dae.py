@@ -269,8 +269,9 @@ class DDEGenerator(_Trainer):
     Two scalar energies learn the noisy densities by denoising (:func:`dde_loss`): ``energy_real``
     on ``x + sigma eps`` for data x (so ``e_p = log p_sigma + C1``) and ``energy_fake`` on
     ``G(z) + sigma eps`` (so ``e_q = log q_sigma + C2``). Each :meth:`step` (1) updates ``e_p``
-    (for ``warmup`` steps alone: pre-training), (2) updates ``e_q`` on fresh fakes, and (3) every
-    ``gen_every`` steps updates G to minimise ``mean[e_q(G(z) + eps) - e_p(G(z) + eps)]``.
+    (after warm-up only with ``train_real``), (2) updates ``e_q`` on fresh fakes, and (3) every
+    ``gen_every`` steps after warm-up updates G to minimise ``mean[e_q(G(z) + eps) - e_p(G(z) + eps)]``;
+    the first ``warmup`` steps train the two energies alone (no generator step).
     With ``sigma_end`` (which then needs ``anneal_steps >= 1``) the noise level decays geometrically
     from ``sigma`` to ``sigma_end`` over ``anneal_steps`` steps after warm-up (the authors' code offers
     such a reduction): a wide blur lets the generator see distant modes, a narrow one resolves them;

@@ -158,8 +158,11 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], points: Tensor, target:
     ``target=1`` is the WGAN-GP / DRAGAN penalty; ``target=0`` gives ``mean ||grad||^2`` (R1 on reals).
     """
     squares = input_gradients(critic, points).flatten(1).pow(2).sum(1)
-    # With target 0 the squares are used directly: no sqrt, so the gradient exists where grad U = 0.
-    return (squares.sqrt() - target).pow(2).mean() if target else squares.mean()
+    if not target:
+        return squares.mean()
+    # sqrt's infinite slope at 0 times autograd's zero gives NaN weights where grad U = 0 exactly (a ReLU critic's
+    # dead regions); the clamp keeps every value >= tiny unchanged and passes zero gradient below it.
+    return (squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt() - target).pow(2).mean()
 
 
 def dragan_points(real: Tensor, scale: float = 0.5) -> Tensor:

@@ -132,6 +132,22 @@ def test_gradient_penalty_of_a_linear_discriminator_is_known_in_closed_form():
     assert torch.isfinite(bce)
 
 
+def test_gradient_penalty_trains_where_the_critic_is_flat():
+    """Where grad U = 0 exactly (a ReLU critic's dead region) the one-centred penalty is 1 and its weight gradient is
+    finite: the part of the batch on the slope gives the autograd value, the flat part adds nothing."""
+    weight = torch.tensor([1.0, 1.0], requires_grad=True)
+    critic = lambda x: torch.relu(x @ weight - 1.0)  # noqa: E731
+    points = torch.tensor([[0.0, 0.0], [-3.0, 1.0], [2.0, 2.0], [1.5, 0.5]])  # two flat, two on the slope
+    penalty = gan.gradient_penalty(critic, points)
+    (grad,) = torch.autograd.grad(penalty, weight)
+    # on the slope grad U = weight, so the penalty is mean over 4 of [0, 0, (|w| - 1)^2, (|w| - 1)^2]
+    by_hand = weight.detach().clone().requires_grad_(True)
+    expected = (1.0 + 1.0 + 2 * (by_hand.norm() - 1) ** 2) / 4
+    (expected_grad,) = torch.autograd.grad(expected, by_hand)
+    torch.testing.assert_close(penalty.detach(), expected.detach())
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_dragan_points_lie_between_the_data_and_half_a_std_above():
     torch.manual_seed(0)
     real = torch.randn(500, 3)

@@ -336,7 +336,7 @@ class GAN(GenerativeModel):
     :data:`TOY_METHODS`): 3-hidden-layer MLPs of width 64, BatchNorm in the generator (as in
     PacGAN's toy generator; it speeds up the spreading of mass early on), z 16, Adam 2e-3 with
     beta1 0.5 for both players, batch 128, and (in :func:`compare_on_toy`) a linear decay of the
-    learning rates to 5 % over the run. The published toy settings (lr 1e-4, 2e-4) need 10-100x
+    learning rates to 5 % over the run. The published toy settings (lr 1e-4 to 1e-3) need 10-100x
     more steps. For images use DCGAN's Adam 2e-4 (what :func:`build_gan` passes from the CLI).
     """
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite: genlib's unit tests, strict nbval over the chapters'
-# committed outputs, notebook hygiene and the -W book build (creates the environment first).
+# committed outputs, notebook hygiene, the -W book build and the browser check of the built pages
+# (creates the environment first).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"

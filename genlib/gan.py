@@ -1,4 +1,4 @@
-"""Chapter 2: the GAN objective, its Jensen-Shannon proof, mode collapse and six remedies.
+"""Chapter 2: the GAN objective, its Jensen-Shannon proof, mode collapse and seven remedies.
 
 Three layers, from the blackboard to the GPU:
 

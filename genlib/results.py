@@ -1,7 +1,7 @@
 """Recorded runs with provenance.
 
 A recorded run is a folder under ``results/`` holding small files only:
-``run.json`` (command, config, git commit, device, torch version, wall time, date),
+``run.json`` (command, config, git commit, device, torch version, threads, the machine's load, wall time, date),
 ``metrics.json`` and optionally ``samples.png`` and ``log.txt``. Chapters display them
 beside the command that made them, so the book never shows a number nobody measured.
 """
@@ -42,8 +42,17 @@ def short_commit(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1-, 5- and 15-minute load averages, rounded (None where the OS keeps none): a busy machine slows
+    a run, so its record says whether other jobs were running."""
+    try:
+        return [round(load, 2) for load in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def provenance(device: torch.device | str, command: list[str] | str | None = None) -> dict:
-    """Who, what and where of a run: command line, git commit, device, versions, host, date."""
+    """Who, what and where of a run: command line, git commit, device, versions, threads, load, host, date."""
     from genlib import __version__
     from genlib.runtime import device_name, scale
 
@@ -61,6 +70,8 @@ def provenance(device: torch.device | str, command: list[str] | str | None = Non
         "device": device.type,
         "device_name": device_name(device),
         "scale": scale(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
         "host": platform.node(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -145,10 +156,12 @@ def record_run(out_dir: str | Path, *, device: torch.device | str, config: dict,
                origin: dict | None = None) -> RecordedRun:
     """Write ``run.json`` (provenance + config + wall time) and ``metrics.json`` into ``out_dir``.
 
-    ``origin`` is the :func:`provenance` taken when the run started; without it, provenance is taken now.
+    ``origin`` is the :func:`provenance` taken when the run started; without it, provenance is taken now. The
+    load average is also taken now (``load_average_end``), so the record brackets the run.
     """
     out = Path(out_dir)
-    run = (origin or provenance(device, command)) | {"config": config, "wall_time_s": round(wall_time_s, 2)}
+    run = (origin or provenance(device, command)) | {"config": config, "wall_time_s": round(wall_time_s, 2),
+                                                      "load_average_end": load_average()}
     write_json(out / "run.json", run)
     write_json(out / "metrics.json", metrics)
     return RecordedRun(out, run, metrics)

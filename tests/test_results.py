@@ -23,6 +23,22 @@ def test_record_and_load_a_run(tmp_path, monkeypatch):
     assert not list((tmp_path / "r").glob("*.tmp"))
 
 
+def test_a_record_says_how_many_threads_ran_and_how_busy_the_machine_was(tmp_path, monkeypatch):
+    loads = iter([(1.234, 0.5, 0.25), (2.0, 1.0, 0.5)])
+    monkeypatch.setattr(results.os, "getloadavg", lambda: next(loads))
+    origin = results.provenance("cpu", command="python -m genlib x")
+    back = results.load_run(results.record_run(tmp_path / "r", device="cpu", config={}, metrics={}, wall_time_s=1.0,
+                                               origin=origin).path)
+    assert back.run["torch_threads"] == torch.get_num_threads()
+    assert back.run["load_average"] == [1.23, 0.5, 0.25] and back.run["load_average_end"] == [2.0, 1.0, 0.5]
+
+    def no_load_average():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(results.os, "getloadavg", no_load_average)
+    assert results.provenance("cpu")["load_average"] is None
+
+
 def test_summary_counts_tables_instead_of_printing_them(tmp_path):
     metrics = {"rows": [{"modes": 8}] * 3, "summary": {"ring8": [], "grid25": []}, "fd": 2.0}
     lines = results.record_run(tmp_path, device="cpu", config={}, metrics=metrics, wall_time_s=1.0).summary()

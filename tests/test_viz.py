@@ -4,7 +4,9 @@ import matplotlib
 
 matplotlib.use("agg")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from genlib import viz  # noqa: E402
@@ -50,9 +52,6 @@ def test_frame_slider_labels_follow_the_slider():
 
 
 def test_show_pngs_puts_each_saved_picture_in_its_own_titled_panel(tmp_path):
-    import matplotlib.pyplot as plt
-    import pytest
-
     rng = np.random.default_rng(0)
     pictures = [rng.random((6, 5, 3)).astype(np.float32), rng.random((4, 7, 3)).astype(np.float32)]
     paths = [tmp_path / f"p{i}.png" for i in range(2)]

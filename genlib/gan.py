@@ -235,7 +235,7 @@ def make_generator(z_dim: int, shape: Sequence[int], width: int, depth: int, con
     if conv:
         channels, resolution = shape[0], shape[-1]
         return nets.ConvGenerator(z_dim, resolution, channels, width)
-    mlp = nets.MLP(z_dim, _numel(shape), width, depth, act, batchnorm)
+    mlp = nets.MLP(z_dim, _numel(shape), width, depth, act, "batch" if batchnorm else "none")
     return mlp if len(shape) == 1 else nn.Sequential(mlp, Reshape(shape))
 
 
@@ -305,7 +305,7 @@ def make_multihead_generator(k: int, z_dim: int, shape: Sequence[int], width: in
         trunk = nn.Sequential(Reshape((z_dim, 1, 1)), *body[:last_conv])
         heads = [make_generator(z_dim, shape, width, depth, True).net[last_conv:] for _ in range(k)]
         return MultiHeadGenerator(trunk, heads)
-    trunk = nets.MLP(z_dim, width, width, max(depth - 2, 0), act, batchnorm)
+    trunk = nets.MLP(z_dim, width, width, max(depth - 2, 0), act, "batch" if batchnorm else "none")
     trunk = nn.Sequential(trunk, *([nn.BatchNorm1d(width)] if batchnorm else []), nets.activation(act))
     heads = [make_generator(width, shape, width, 1, False, act, batchnorm) for _ in range(k)]
     return MultiHeadGenerator(trunk, heads)

@@ -21,6 +21,7 @@ Every model is a :class:`genlib.train.GenerativeModel` trained by :func:`genlib.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import NamedTuple
@@ -821,6 +822,10 @@ class IMLE(_FromNoise):
     without ``match_features`` is matched by brute force over all pairs (slow, exact).
     With ``refresh_every > 1`` and ``match_features``, a refresh holds the features of the whole dataset;
     on CUDA a refresh that would not fit in free memory stops with an error saying so.
+
+    The generator should treat each code on its own: with BatchNorm in training mode a sample depends on the
+    rest of its batch, so the fake regenerated for training is not the fake that was matched (use
+    ``ConvGenerator(norm='layer')`` or ``MLP(norm='layer')``); such a generator is accepted with a warning.
     """
 
     def __init__(self, generator: nn.Module, z_dim: int, *, fakes_per_real: int = 10, refresh_every: int = 1,
@@ -828,6 +833,7 @@ class IMLE(_FromNoise):
                  betas: tuple[float, float] = (0.5, 0.999), distance: str | PairLoss = "l2",
                  match_features: Features | None = None, chunk_size: int | None = None, refresh_batch: int = 4096):
         super().__init__(generator, z_dim, lr, betas)
+        _warn_if_batch_dependent(generator)
         if fakes_per_real < 1 or refresh_every < 1 or refresh_batch < 1:
             raise ValueError("fakes_per_real, refresh_every and refresh_batch must be >= 1")
         if refresh_every > 1 and (data is None or not data.is_floating_point()):
@@ -914,6 +920,16 @@ class IMLE(_FromNoise):
         if self.pair_loss is None:
             return squared_l2(self._embed(fake), self._embed(real))
         return self.pair_loss(fake, real)
+
+
+def _warn_if_batch_dependent(generator: nn.Module) -> None:
+    """Warn when ``generator`` holds BatchNorm layers, whose training-mode output for one code depends on the
+    other codes of its batch."""
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    if any(isinstance(layer, batch_norms) for layer in generator.modules()):
+        warnings.warn("IMLE's generator has BatchNorm: in training mode a sample depends on the rest of its batch, "
+                      "so the fake trained on is not exactly the fake that was matched; a per-sample "
+                      "normalisation (norm='layer') avoids this", UserWarning, stacklevel=3)
 
 
 # ======================================================================================
@@ -1120,7 +1136,8 @@ class GLANN(GenerativeModel):
 
     One model, one :func:`genlib.train.fit`, one image sampler for both stages: the first
     ``glo_steps`` steps are GLO steps on the images; every later step is a latent IMLE step of
-    the mapper ``T`` (an MLP ``noise_dim -> hidden -> hidden -> z_dim``, BatchNorm + ReLU) whose
+    the mapper ``T`` (an MLP ``noise_dim -> hidden -> hidden -> z_dim``, per-sample normalisation + ReLU;
+    the reference's BatchNorm would make matched and trained outputs differ, see :class:`IMLE`) whose
     data are the learned codes, the batch's codes found through its ``index`` (the images are
     then unused). So either of::
 
@@ -1141,7 +1158,7 @@ class GLANN(GenerativeModel):
             raise ValueError(f"glo_steps must be >= 0, got {glo_steps}")
         self.glo, self.glo_steps, self.noise_dim = glo, glo_steps, noise_dim
         codes = glo.latent_codes()
-        mapper = MLP(noise_dim, glo.z_dim, hidden=hidden, depth=2, act="relu", batchnorm=True).to(codes.device)
+        mapper = MLP(noise_dim, glo.z_dim, hidden=hidden, depth=2, act="relu", norm="layer").to(codes.device)
         self.mapper = IMLE(mapper, noise_dim, fakes_per_real=fakes_per_real, refresh_every=refresh_every,
                            data=codes, z_jitter=z_jitter, lr=lr, betas=betas)
         # Every optimiser of both stages, so that a checkpoint resumes either stage exactly.
@@ -1174,14 +1191,14 @@ class GLANN(GenerativeModel):
 # ======================================================================================
 
 
-def _generator_for(spec) -> nn.Module:
-    """An MLP generator for vectors (shape (d,)) or a ConvGenerator for images (shape (C, H, W))."""
+def _generator_for(spec, norm: str = "batch") -> nn.Module:
+    """An MLP generator for vectors (shape (d,)) or a ConvGenerator with ``norm`` for images (shape (C, H, W))."""
     if len(spec.shape) == 1:
         return MLP(spec.z_dim, spec.shape[0], hidden=spec.width, depth=3)
     channels, height, width = spec.shape
     if height != width:
         raise ValueError(f"square images only, got {height}x{width}")
-    return ConvGenerator(spec.z_dim, resolution=height, channels=channels, width=spec.width)
+    return ConvGenerator(spec.z_dim, resolution=height, channels=channels, width=spec.width, norm=norm)
 
 
 def _float_data(spec) -> Tensor:
@@ -1194,7 +1211,7 @@ def build_imle(spec) -> IMLE:
     :func:`pair_loss` name, matched over all pairs; or ``vgg16``: squared L2 between VGG16 perceptual features,
     matched by one GEMM, with ``$GENLIB_VGG16_WEIGHTS``)."""
     refresh_every = spec.option("refresh_every", 1)
-    return IMLE(_generator_for(spec), spec.z_dim, fakes_per_real=spec.option("fakes_per_real", 10),
+    return IMLE(_generator_for(spec, norm="layer"), spec.z_dim, fakes_per_real=spec.option("fakes_per_real", 10),
                 refresh_every=refresh_every, data=_float_data(spec) if refresh_every > 1 else None,
                 z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance=spec.option("distance", "l2"))
 

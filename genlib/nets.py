@@ -23,16 +23,18 @@ def activation(name: str) -> nn.Module:
 
 
 class MLP(nn.Sequential):
-    """Fully connected net ``in_dim -> hidden x depth -> out_dim``; input [n, in_dim], output [n, out_dim]."""
+    """Fully connected net ``in_dim -> hidden x depth -> out_dim``; input [n, in_dim], output [n, out_dim].
+
+    ``norm`` after each hidden linear layer: ``'none'``, ``'batch'`` or ``'layer'`` (see :func:`make_norm`)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, act: str = "relu",
-                 batchnorm: bool = False):
+                 norm: str = "none"):
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden)]
-            if batchnorm:
-                layers += [nn.BatchNorm1d(hidden)]
+            if norm != "none":  # no Identity placeholder: layer indices (and checkpoint keys) stay as without norm
+                layers += [make_norm(norm, hidden, image=False)]
             layers += [activation(act)]
             width = hidden
         layers += [nn.Linear(width, out_dim)]
@@ -61,10 +63,12 @@ class ConvGenerator(nn.Module):
 
     At 64x64 with width 64 it is layer for layer the PyTorch-examples DCGAN generator: a transposed
     convolution to 8 width x 4 x 4, then stride-2 transposed convolutions halving the channels, the
-    last one straight to the image channels.
+    last one straight to the image channels. ``norm`` is ``'batch'`` (DCGAN's), ``'layer'`` or ``'none'``
+    (:func:`make_norm`); IMLE needs one that normalises each sample on its own (``'layer'``).
     """
 
-    def __init__(self, z_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, out_act: str = "tanh"):
+    def __init__(self, z_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, out_act: str = "tanh",
+                 norm: str = "batch"):
         super().__init__()
         if out_act not in ("tanh", "none"):
             raise ValueError(f"out_act must be 'tanh' or 'none', got {out_act!r}")
@@ -72,9 +76,11 @@ class ConvGenerator(nn.Module):
         widths = stage_widths(stages - 1, width)[::-1]  # coarsest first, e.g. 64: [8w, 4w, 2w, w]
         self.z_dim, self.resolution, self.channels = z_dim, resolution, channels
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(z_dim, widths[0], base, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+            nn.ConvTranspose2d(z_dim, widths[0], base, 1, 0, bias=norm == "none"), make_norm(norm, widths[0]),
+            nn.ReLU(True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), make_norm(norm, c_out),
+                       nn.ReLU(True)]
         # Without tanh the output is a mean or a logit (VAE decoders), and a bias sets its background level.
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=out_act == "none")]
         if out_act == "tanh":
@@ -120,10 +126,12 @@ class ConvCritic(ConvEncoder):
         return self.net(x).squeeze(1)
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
-    """Normalisation layer by name: ``batch``, ``layer`` (GroupNorm(1)) or ``none``."""
+def make_norm(kind: str, channels: int, image: bool = True) -> nn.Module:
+    """Normalisation layer by name for [n, channels, H, W] (``image``) or [n, channels] inputs: ``batch``,
+    ``layer`` (GroupNorm(1): each sample normalised on its own, so its output does not depend on the rest of the
+    batch) or ``none``."""
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels) if image else nn.BatchNorm1d(channels)
     if kind == "layer":
         return nn.GroupNorm(1, channels)
     if kind == "none":

@@ -4,6 +4,7 @@ and IMLE / GLO / GLANN trained through genlib.train.fit."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -467,12 +468,30 @@ def test_imle_refresh_matches_exactly_and_resumes(tmp_path):
     assert torch.equal(resumed.matched_z, model.matched_z) and int(resumed.steps_done) == 12
 
 
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_imle_trains_on_exactly_the_fakes_it_matched_with_a_per_sample_norm(refresh_every):
+    # Without jitter, the step's loss (before its update) is the matched distance itself, unless BatchNorm
+    # regenerates the matched codes under other batch statistics than the pool they were matched in.
+    images = torch.rand(16, 1, 8, 8) * 2 - 1
+    for norm in ("layer", "batch"):
+        torch.manual_seed(5)
+        generator = ConvGenerator(4, resolution=8, channels=1, width=8, norm=norm)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = imle.IMLE(generator, 4, fakes_per_real=4, z_jitter=0.0, refresh_every=refresh_every,
+                              data=images if refresh_every > 1 else None)
+        assert any("BatchNorm" in str(w.message) for w in caught) == (norm == "batch")
+        losses = model.step(images[:8], torch.arange(8))
+        same = torch.allclose(losses["loss"].double(), losses["match_dist"].double(), rtol=1e-5)
+        assert same == (norm == "layer"), (norm, losses)
+
+
 def test_imle_with_features_and_with_lap1_runs():
     torch.manual_seed(2)
     images = torch.rand(16, 1, 8, 8) * 2 - 1
     projection = torch.randn(64, 10)
     for kw in ({"match_features": lambda x: x.flatten(1) @ projection}, {"distance": "lap1"}):
-        model = imle.IMLE(ConvGenerator(4, resolution=8, channels=1, width=8), 4, fakes_per_real=2, **kw)
+        model = imle.IMLE(ConvGenerator(4, resolution=8, channels=1, width=8, norm="layer"), 4, fakes_per_real=2, **kw)
         losses = model.step(images, torch.arange(16))
         assert set(losses) == {"loss", "match_dist"} and all(torch.isfinite(v) for v in losses.values())
     assert model.sample(3).shape == (3, 1, 8, 8)
@@ -626,7 +645,7 @@ def test_vgg16_options_of_the_cli_and_a_clear_error_without_weights(random_vgg16
     assert isinstance(glo.loss_fn, imle.PixelFeatureL1)
     model = imle.build_imle(spec(distance="vgg16", fakes_per_real="2"))
     assert model.pair_loss is None and model.match_features is features.vgg16_perceptual
-    direct = imle.IMLE(ConvGenerator(4, resolution=8, channels=1, width=8), 4, distance="vgg16")
+    direct = imle.IMLE(ConvGenerator(4, resolution=8, channels=1, width=8, norm="layer"), 4, distance="vgg16")
     assert direct.pair_loss is None and direct.match_features is features.vgg16_perceptual  # not matched by pairs
     x = to_float(images[:4])
     torch.testing.assert_close(model._embed(x), random_vgg16.perceptual(x))  # matched in VGG16 feature space

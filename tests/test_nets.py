@@ -30,6 +30,19 @@ def test_generator_critic_encoder_shapes(resolution, channels):
     assert nets.ConvEncoder(12, resolution, channels, width=8)(images).shape == (5, 12)
 
 
+@pytest.mark.parametrize("norm, per_sample", [("batch", False), ("layer", True), ("none", True)])
+def test_norm_decides_whether_a_sample_depends_on_its_batchmates(norm, per_sample):
+    torch.manual_seed(0)
+    codes, batchmates = torch.randn(4, 8), torch.randn(12, 8)
+    for net in (nets.ConvGenerator(8, 8, 1, width=8, norm=norm), nets.MLP(8, 5, hidden=16, depth=2, norm=norm)):
+        net.train()  # BatchNorm uses the batch's statistics only in training mode
+        alone, in_batch = net(codes), net(torch.cat([codes, batchmates]))[:4]
+        assert torch.allclose(alone, in_batch, atol=1e-6) == per_sample
+    conv_norms = [type(m).__name__ for m in nets.ConvGenerator(8, 16, 1, width=8, norm=norm).net]
+    expected = {"batch": "BatchNorm2d", "layer": "GroupNorm", "none": "Identity"}[norm]
+    assert conv_norms.count(expected) == 2
+
+
 def test_mlp_depth_width_and_activation():
     mlp = nets.MLP(2, 3, hidden=10, depth=2, act="tanh")
     assert mlp(torch.randn(4, 2)).shape == (4, 3)
@@ -37,6 +50,9 @@ def test_mlp_depth_width_and_activation():
     assert nets.count_parameters(mlp) == (2 * 10 + 10) + (10 * 10 + 10) + (10 * 3 + 3)
     with pytest.raises(ValueError, match="unknown activation"):
         nets.MLP(2, 2, act="swish2")
+    assert len(nets.MLP(2, 3, hidden=10, depth=2, norm="none")) == 5  # no placeholder layers without a norm
+    with pytest.raises(ValueError, match="norm must be"):
+        nets.MLP(2, 2, norm="group")
 
 
 def test_dcgan_init_statistics():

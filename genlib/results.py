@@ -114,7 +114,8 @@ class RecordedRun:
         return png if png.exists() else None
 
     def header(self) -> str:
-        """Three lines: the command, where it ran (device, torch, commit), and its wall time and date (and the
+        """Three lines: the command, where it ran (device, torch, commit; torch's threads and the 1-minute load
+        average at the start and end where the record has them), and its wall time and date (and the
         ``GENLIB_SCALE`` it ran under, unless a ``python -m genlib`` command, whose flags set every size, made it)."""
         run = self.run
         processes = run.get("train_processes", 1)
@@ -123,7 +124,7 @@ class RecordedRun:
         made_by_cli = "command" in run.get("config", {})  # the CLI keeps its subcommand in the config
         return "\n".join([f"command : {run['command']}",
                           f"device  : {run['device_name']} | torch {run['torch_version']} | "
-                          f"commit {short_commit(run['git_commit'])}",
+                          f"commit {short_commit(run['git_commit'])}{_machine_load(run)}",
                           f"run     : {when}" if made_by_cli else f"scale   : {run['scale']} | {when}"])
 
     def pace(self, dataset_size: int | None = None) -> str:
@@ -140,6 +141,16 @@ class RecordedRun:
     def summary(self) -> str:
         """A few lines for a notebook: :meth:`header`, then the metrics."""
         return "\n".join([self.header()] + [f"{k:<8}: {_fmt(v)}" for k, v in sorted(self.metrics.items())])
+
+
+def _machine_load(run: dict) -> str:
+    """``' | 4 threads | load 1.2 -> 2.0'`` from a record's threads and 1-minute load averages; '' for older records,
+    which lack them."""
+    parts = [f" | {run['torch_threads']} threads"] if run.get("torch_threads") else []
+    start, end = run.get("load_average"), run.get("load_average_end")
+    if start:
+        parts.append(f" | load {start[0]:g}" + (f" -> {end[0]:g}" if end else ""))
+    return "".join(parts)
 
 
 def _fmt(value: object) -> str:

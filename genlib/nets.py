@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+NORMS = ("batch", "layer", "none")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU,
                "elu": nn.ELU, "softplus": nn.Softplus}
 
@@ -29,6 +30,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, depth: int = 3, act: str = "relu",
                  norm: str = "none"):
+        check_norm(norm)
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(depth):
@@ -64,7 +66,8 @@ class ConvGenerator(nn.Module):
     At 64x64 with width 64 it is layer for layer the PyTorch-examples DCGAN generator: a transposed
     convolution to 8 width x 4 x 4, then stride-2 transposed convolutions halving the channels, the
     last one straight to the image channels. ``norm`` is ``'batch'`` (DCGAN's), ``'layer'`` or ``'none'``
-    (:func:`make_norm`); IMLE needs one that normalises each sample on its own (``'layer'``).
+    (:func:`make_norm`); IMLE needs one under which a sample's output does not depend on the rest of its batch
+    (``'layer'`` or ``'none'``).
     """
 
     def __init__(self, z_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, out_act: str = "tanh",
@@ -75,6 +78,8 @@ class ConvGenerator(nn.Module):
         base, stages = conv_stages(resolution)
         widths = stage_widths(stages - 1, width)[::-1]  # coarsest first, e.g. 64: [8w, 4w, 2w, w]
         self.z_dim, self.resolution, self.channels = z_dim, resolution, channels
+        # A bias before BatchNorm is cancelled; before GroupNorm(1) only its mean over channels is, and the norm's
+        # own per-channel shift follows it, so only a generator without norm gets biases.
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(z_dim, widths[0], base, 1, 0, bias=norm == "none"), make_norm(norm, widths[0]),
             nn.ReLU(True)]
@@ -130,13 +135,18 @@ def make_norm(kind: str, channels: int, image: bool = True) -> nn.Module:
     """Normalisation layer by name for [n, channels, H, W] (``image``) or [n, channels] inputs: ``batch``,
     ``layer`` (GroupNorm(1): each sample normalised on its own, so its output does not depend on the rest of the
     batch) or ``none``."""
+    check_norm(kind)
     if kind == "batch":
         return nn.BatchNorm2d(channels) if image else nn.BatchNorm1d(channels)
     if kind == "layer":
         return nn.GroupNorm(1, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'layer' or 'none', got {kind!r}")
+    return nn.Identity()
+
+
+def check_norm(kind: str) -> None:
+    """Raise a clear error unless ``kind`` is one of ``NORMS`` (batch, layer, none)."""
+    if kind not in NORMS:
+        raise ValueError(f"norm must be 'batch', 'layer' or 'none', got {kind!r}")
 
 
 def init_dcgan(module: nn.Module) -> None:

@@ -144,7 +144,7 @@ class RecordedRun:
 
 
 def _machine_load(run: dict) -> str:
-    """``' | 4 threads | load 1.2 -> 2.0'`` from a record's threads and 1-minute load averages; '' for older records,
+    """``' | 4 threads | load 1.2 -> 2'`` from a record's threads and 1-minute load averages; '' for older records,
     which lack them."""
     parts = [f" | {run['torch_threads']} threads"] if run.get("torch_threads") else []
     start, end = run.get("load_average"), run.get("load_average_end")

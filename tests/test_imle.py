@@ -610,6 +610,8 @@ def test_cli_builders_make_trainable_models():
             for _ in range(2):
                 assert all(torch.isfinite(v) for v in model.step(x, torch.arange(8)).values())
             assert model.sample(3).shape == (3, *data.shape[1:])
+    mapper_layers = {type(m).__name__ for m in imle.build_glann(spec).mapper.generator.modules()}
+    assert "GroupNorm" in mapper_layers and "BatchNorm1d" not in mapper_layers
 
 
 @pytest.fixture

@@ -38,9 +38,12 @@ def test_norm_decides_whether_a_sample_depends_on_its_batchmates(norm, per_sampl
         net.train()  # BatchNorm uses the batch's statistics only in training mode
         alone, in_batch = net(codes), net(torch.cat([codes, batchmates]))[:4]
         assert torch.allclose(alone, in_batch, atol=1e-6) == per_sample
-    conv_norms = [type(m).__name__ for m in nets.ConvGenerator(8, 16, 1, width=8, norm=norm).net]
-    expected = {"batch": "BatchNorm2d", "layer": "GroupNorm", "none": "Identity"}[norm]
-    assert conv_norms.count(expected) == 2
+    conv_layers = [type(m).__name__ for m in nets.ConvGenerator(8, 16, 1, width=8, norm=norm).net]
+    assert conv_layers.count({"batch": "BatchNorm2d", "layer": "GroupNorm", "none": "Identity"}[norm]) == 2
+    mlp_layers = [type(m).__name__ for m in nets.MLP(8, 5, hidden=16, depth=2, norm=norm)]
+    hidden_block = {"batch": ["Linear", "BatchNorm1d", "ReLU"], "layer": ["Linear", "GroupNorm", "ReLU"],
+                    "none": ["Linear", "ReLU"]}[norm]
+    assert mlp_layers == hidden_block * 2 + ["Linear"]
 
 
 def test_mlp_depth_width_and_activation():
@@ -51,8 +54,9 @@ def test_mlp_depth_width_and_activation():
     with pytest.raises(ValueError, match="unknown activation"):
         nets.MLP(2, 2, act="swish2")
     assert len(nets.MLP(2, 3, hidden=10, depth=2, norm="none")) == 5  # no placeholder layers without a norm
-    with pytest.raises(ValueError, match="norm must be"):
-        nets.MLP(2, 2, norm="group")
+    for depth in (0, 2):  # rejected even where no layer would use it
+        with pytest.raises(ValueError, match="norm must be"):
+            nets.MLP(2, 2, depth=depth, norm="group")
 
 
 def test_dcgan_init_statistics():

@@ -305,8 +305,10 @@ def make_multihead_generator(k: int, z_dim: int, shape: Sequence[int], width: in
         trunk = nn.Sequential(Reshape((z_dim, 1, 1)), *body[:last_conv])
         heads = [make_generator(z_dim, shape, width, depth, True).net[last_conv:] for _ in range(k)]
         return MultiHeadGenerator(trunk, heads)
-    trunk = nets.MLP(z_dim, width, width, max(depth - 2, 0), act, "batch" if batchnorm else "none")
-    trunk = nn.Sequential(trunk, *([nn.BatchNorm1d(width)] if batchnorm else []), nets.activation(act))
+    norm = "batch" if batchnorm else "none"
+    trunk = nets.MLP(z_dim, width, width, max(depth - 2, 0), act, norm)
+    trunk = nn.Sequential(trunk, *([nets.make_norm(norm, width, image=False)] if batchnorm else []),
+                          nets.activation(act))
     heads = [make_generator(width, shape, width, 1, False, act, batchnorm) for _ in range(k)]
     return MultiHeadGenerator(trunk, heads)
 

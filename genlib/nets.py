@@ -144,9 +144,9 @@ def make_norm(kind: str, channels: int, image: bool = True) -> nn.Module:
 
 
 def check_norm(kind: str) -> None:
-    """Raise a clear error unless ``kind`` is one of ``NORMS`` (batch, layer, none)."""
+    """Raise a clear error unless ``kind`` is one of ``NORMS``."""
     if kind not in NORMS:
-        raise ValueError(f"norm must be 'batch', 'layer' or 'none', got {kind!r}")
+        raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {kind!r}")
 
 
 def init_dcgan(module: nn.Module) -> None:

@@ -523,9 +523,12 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m genlib`` and of the ``genlib`` script."""
     args = make_parser().parse_args(argv)
-    from genlib.runtime import DeviceUnavailableError
+    from genlib.runtime import DeviceUnavailableError, max_steps
     from genlib.train import NonFiniteLossError
 
+    if args.func in (cmd_train, cmd_compare) and max_steps() is not None:
+        raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "
+                         "cut would be recorded as if it had run its --steps: unset it")
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, DeviceUnavailableError, NonFiniteLossError) as error:

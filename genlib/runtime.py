@@ -38,6 +38,17 @@ def by_scale(small: T, full: T) -> T:
     return full if scale() == "full" else small
 
 
+def max_steps() -> int | None:
+    """The cap ``GENLIB_MAX_STEPS`` puts on every :func:`genlib.train.fit` run (None when unset): it smoke-tests a
+    notebook's full-scale path in minutes (``tools/smoke_full.py``); a capped run is not a result."""
+    value = os.environ.get("GENLIB_MAX_STEPS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"GENLIB_MAX_STEPS must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def device(name: str | None = None) -> torch.device:
     """Pick the device: ``name`` if given (``'cuda'``, ``'cpu'``, ``'cuda:1'``), else
     ``GENLIB_DEVICE``, else CUDA when available, else CPU. Asking for an absent GPU is an error."""

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from genlib import runtime
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 History = dict[str, list[float]]
@@ -434,10 +437,15 @@ def fit(
     if given, times the training, going on from a resumed checkpoint's: read it after the call. ``cuda_graph``
     replays the step as a CUDA graph (:class:`StepGraph`, for ``graph_safe`` families on CUDA; default: the
     ``GENLIB_CUDA_GRAPH`` environment variable, see :func:`use_cuda_graph`); ``model.graph_captured_at`` then
-    names the first replayed step.
+    names the first replayed step. ``GENLIB_MAX_STEPS`` (:func:`genlib.runtime.max_steps`) cuts ``steps``, with a
+    warning.
     """
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
+    cap = runtime.max_steps()
+    if cap is not None and steps > cap:
+        warnings.warn(f"GENLIB_MAX_STEPS={cap} cuts this run from {steps} steps to {cap}", stacklevel=2)
+        steps = cap
     device = model.device
     on_cuda = device.type == "cuda"
     amp = on_cuda if amp is None else amp

@@ -88,6 +88,14 @@ def test_absent_gpu_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "no CUDA GPU" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["train", "imle", "--data", "ring8"], ["compare", "--toys", "ring8"]])
+def test_a_run_that_max_steps_would_cut_is_refused_before_it_records(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("GENLIB_MAX_STEPS", "3")
+    with pytest.raises(SystemExit, match="GENLIB_MAX_STEPS is set"):
+        cli.main([*command, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def train_args(out, steps: int, device: str = "cpu") -> list[str]:
     return ["train", "imle", "--data", "ring8", "--toy-points", "2000", "--steps", str(steps), "--batch-size", "64",
             "--width", "32", "--lr", "1e-3", "--checkpoint-every", "10", "--log-every", "10", "--out", str(out),

@@ -87,3 +87,14 @@ def test_torch_threads_sets_and_restores_even_on_error():
     assert torch.get_num_threads() == before
     with runtime.torch_threads(None):  # None leaves the count alone
         assert torch.get_num_threads() == before
+
+
+def test_max_steps_reads_a_positive_integer_or_nothing(monkeypatch):
+    monkeypatch.delenv("GENLIB_MAX_STEPS", raising=False)
+    assert runtime.max_steps() is None
+    monkeypatch.setenv("GENLIB_MAX_STEPS", " 7 ")
+    assert runtime.max_steps() == 7
+    for bad in ("0", "-3", "2.5", "ten"):
+        monkeypatch.setenv("GENLIB_MAX_STEPS", bad)
+        with pytest.raises(ValueError, match="GENLIB_MAX_STEPS must be a positive integer"):
+            runtime.max_steps()

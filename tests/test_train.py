@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -167,6 +168,19 @@ def test_callback_and_bad_arguments():
     assert seen == [5, 10]
     with pytest.raises(ValueError):
         fit(model, sampler, 10, log_every=0)
+
+
+def test_max_steps_cuts_a_run_short_with_a_warning_and_leaves_shorter_runs_alone(monkeypatch):
+    monkeypatch.setenv("GENLIB_MAX_STEPS", "7")
+    model, sampler = make_run()
+    with pytest.warns(UserWarning, match="cuts this run from 30 steps to 7"):
+        history = fit(model, sampler, 30, log_every=5, progress=False)
+    assert model.calls == 7 and history["step"] == [5, 7]
+    model, sampler = make_run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(model, sampler, 6, log_every=5, progress=False)
+    assert model.calls == 6
 
 
 def test_ema_requires_a_source():

@@ -1,0 +1,34 @@
+"""tools/smoke_full.py: runs a notebook at full scale with training cut short, past errors, and reports them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_smoke_runs_at_full_scale_past_errors_and_timeouts_and_reports_each(tmp_path):
+    cells = ["from genlib import runtime\nprint(runtime.scale(), runtime.max_steps())",
+             "raise ValueError('boom')",
+             "import time\ntime.sleep(60)",
+             "print('still running')"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nbformat.write(nb, tmp_path / "toy.ipynb")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "smoke_full.py"), str(tmp_path / "toy.ipynb"),
+                             "--max-steps", "4", "--timeout", "3", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert "ERROR in code cell #2: ValueError: boom" in result.stdout
+    assert "ERROR in code cell #3: KeyboardInterrupt" in result.stdout and "--timeout 3 s" in result.stdout
+    assert "#1" not in result.stdout.split("ERROR")[1] and "code cell #4" not in result.stdout
+    executed = nbformat.read(tmp_path / "out" / "toy.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "full 4\n"
+    assert executed.cells[3].outputs[0]["text"] == "still running\n"
+    assert "slowest cells: #3 " in result.stdout  # the sleeping cell, cut at the timeout
+    source = nbformat.read(tmp_path / "toy.ipynb", as_version=4)
+    assert all(not cell.outputs for cell in source.cells)  # the notebook itself is left as it was

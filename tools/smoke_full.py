@@ -1,0 +1,97 @@
+"""Smoke-test the chapters' full-scale path: run each notebook at GENLIB_SCALE=full with every training run cut short.
+
+    python tools/smoke_full.py                            # every chapter, 20 steps per training run
+    python tools/smoke_full.py chapters/02_gan_js.ipynb --max-steps 5 --out /tmp/smoke
+
+A reader who turns "small" into "full" on a Colab GPU runs code paths that CI (GENLIB_SCALE=small) never does:
+wider networks, the full datasets, more samples to score. This runs them all in minutes, with
+``GENLIB_MAX_STEPS`` cutting every :func:`genlib.train.fit` call (so the numbers it prints mean nothing), and
+reports every cell that raised and the slowest cells. The committed notebooks are never touched: the executed
+copies go to ``--out``. It runs on whatever device torch finds (``GENLIB_DEVICE`` chooses); exit status 1 if a
+cell raised or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cell_errors(nb: nbformat.NotebookNode) -> list[tuple[int, str]]:
+    """(code cell number, 'ErrorName: message') of every cell whose outputs hold an error."""
+    found, number = [], 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        number += 1
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                found.append((number, f"{output['ename']}: {output['evalue']}"[:300]))
+    return found
+
+
+def cell_seconds(cell: nbformat.NotebookNode) -> float:
+    """How long an executed cell ran, from the timing nbclient records in its metadata."""
+    timing = cell.metadata.get("execution", {})
+    began, ended = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+    if not (began and ended):
+        return 0.0
+    return (datetime.fromisoformat(ended.rstrip("Z")) - datetime.fromisoformat(began.rstrip("Z"))).total_seconds()
+
+
+def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], list[tuple[float, int, str]], float]:
+    """Execute one notebook into ``out``, going on past errors (a cell over ``timeout`` seconds is interrupted);
+    return its errors, its cells' times ``(seconds, code cell number, first source line)`` slowest first, and
+    the total seconds."""
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                            interrupt_on_timeout=True, resources={"metadata": {"path": str(path.parent)}})
+    began = time.perf_counter()
+    client.execute()
+    total = time.perf_counter() - began
+    out.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out / path.name)
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    times = [(cell_seconds(cell), number, next((line for line in cell.source.splitlines() if line.strip()), "")[:70])
+             for number, cell in enumerate(code_cells, 1)]
+    return cell_errors(nb), sorted(times, reverse=True), total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks (default: chapters/*.ipynb)")
+    parser.add_argument("--max-steps", type=int, default=20, help="steps each training run is cut to")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "smoke-full",
+                        help="folder for the executed copies")
+    parser.add_argument("--slowest", type=int, default=5, help="how many of each notebook's slowest cells to list")
+    args = parser.parse_args(argv)
+    if args.max_steps < 1:
+        parser.error("--max-steps must be >= 1")
+    os.environ["GENLIB_SCALE"] = "full"
+    os.environ["GENLIB_MAX_STEPS"] = str(args.max_steps)
+    failed = False
+    for path in args.notebooks or sorted((ROOT / "chapters").glob("*.ipynb")):
+        print(f"{path.name}: running at full scale, training cut to {args.max_steps} steps ...", flush=True)
+        errors, times, total = smoke(path.resolve(), args.out, args.timeout)
+        print(f"  {total:.0f} s; slowest cells: "
+              + "; ".join(f"#{number} {seconds:.0f} s ({line})" for seconds, number, line in times[:args.slowest]))
+        for number, message in errors:
+            cut = f" (cut at --timeout {args.timeout} s)" if message.startswith("KeyboardInterrupt") else ""
+            print(f"  ERROR in code cell #{number}: {message}{cut}", flush=True)
+        failed |= bool(errors)
+    print(f"executed copies in {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

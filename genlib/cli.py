@@ -230,8 +230,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     runtime.use_fast_matmul(dev)
     dataset, _, model = build_run(config, options, dev)
     state = torch.load(checkpoint, map_location=dev, weights_only=False)
-    if model.ema is None and any(key.startswith("ema.") for key in state["model"]):
-        model.attach_ema(0.999)  # the run kept an EMA (fit does on CUDA); the decay is unused, the weights load below
     try:
         model.load_checkpoint_state(state)
     except (RuntimeError, ValueError) as error:  # an option changed the architecture

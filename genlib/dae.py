@@ -335,8 +335,9 @@ class DDEGenerator(_Trainer):
         return torch.randn(n, self.z_dim, device=self.device)
 
     def generate(self, n: int) -> Tensor:
-        """n fakes ``[n, *shape]`` from the live generator (differentiable unless under no_grad)."""
-        return self.generator(self.noise(n)).reshape(n, *self.shape)
+        """n fakes ``[n, *shape]`` in fp32 (bf16 autocast would round the noise the blur adds) from the live
+        generator (differentiable unless under no_grad)."""
+        return self.generator(self.noise(n)).reshape(n, *self.shape).float()
 
     def blur(self, x: Tensor) -> Tensor:
         """``x + sigma * eps``, the noisy version of a batch."""

@@ -187,9 +187,10 @@ def pulling_away_term(codes: Tensor) -> Tensor:
     if codes.dim() < 2 or codes.shape[0] < 2:
         raise ValueError(f"the pulling-away term needs codes [n, c] with n >= 2 (pairs i != j), "
                          f"got shape {tuple(codes.shape)}")
-    s = F.normalize(codes.flatten(1), dim=1)
+    s = F.normalize(codes.flatten(1).to(torch.promote_types(codes.dtype, torch.float32)), dim=1)
     n = s.shape[0]
-    cos2 = (s @ s.T).pow(2)
+    with torch.autocast(s.device.type, enabled=False):  # an n x n product: fp32 costs nothing here
+        cos2 = (s @ s.T).pow(2)
     return (cos2.sum() - cos2.diagonal().sum()) / (n * (n - 1))
 
 
@@ -399,8 +400,9 @@ class GAN(GenerativeModel):
         return self.generator(self.noise(n))
 
     def logits(self, x: Tensor) -> Tensor:
-        """Discriminator logits [n] for samples x ``[n, *shape]``."""
-        return self.discriminator(x).squeeze(-1)
+        """Discriminator logits [n] for samples x ``[n, *shape]``, in fp32 (under bf16 autocast too, so the losses
+        and their logged values keep fp32's precision)."""
+        return self.discriminator(x).squeeze(-1).float()
 
     def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """Discriminator losses on a real and a (detached) fake batch; ``loss_d`` is minimised."""
@@ -507,7 +509,7 @@ class UnrolledGAN(GAN):
         """Generator loss against the unrolled discriminator."""
         fake = self.generate(len(real))
         weights = self.unrolled_parameters(real, fake)
-        logits = functional_call(self.discriminator, weights, (fake,)).squeeze(-1)
+        logits = functional_call(self.discriminator, weights, (fake,)).squeeze(-1).float()
         return {"loss_g": generator_loss(logits, self.loss)}
 
 
@@ -568,9 +570,9 @@ class EBGAN(GAN):
         return AutoEncoder(encoder, decoder)
 
     def energy(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(energy [n], code [n, code_dim]) of samples x."""
+        """(energy [n], code [n, code_dim]) of samples x, in fp32."""
         recon, code = self.discriminator(x)
-        return reconstruction_energy(recon, x), code
+        return reconstruction_energy(recon.float(), x.float()), code.float()
 
     def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """Low energy on reals, energy at least ``margin`` on fakes (hinge)."""
@@ -612,8 +614,8 @@ class MADGAN(GAN):
         return make_discriminator(self.shape, self.k + 1, self.width, self.depth, self.conv, self.conv_norm, self.d_act)
 
     def logits(self, x: Tensor) -> Tensor:
-        """All k+1 class logits [n, k+1]."""
-        return self.discriminator(x)
+        """All k+1 class logits [n, k+1], in fp32."""
+        return self.discriminator(x).float()
 
     def heads(self, n: int) -> Tensor:
         """Which generator makes each of n training fakes: [0, 1, ..., k-1, 0, 1, ...]."""
@@ -716,12 +718,12 @@ class PacGAN(GAN):
                                   self.pack)
 
     def logits(self, x: Tensor) -> Tensor:
-        """Logits [n // pack] of consecutive packs of x ``[n, *shape]``."""
+        """Logits [n // pack] of consecutive packs of x ``[n, *shape]``, in fp32."""
         groups = x.shape[0] // self.pack
         if groups == 0:
             raise ValueError(f"a batch of {x.shape[0]} cannot make one pack of {self.pack}")
         packed = x[: groups * self.pack].reshape(groups, self.pack * x.shape[1], *x.shape[2:])
-        return self.discriminator(packed).squeeze(-1)
+        return self.discriminator(packed).squeeze(-1).float()
 
 
 VARIANTS: dict[str, type[GAN]] = {

@@ -449,6 +449,8 @@ def _approx_sq_dist(q: _Rows, k: _Rows) -> Tensor:
         try:  # bf16 tensor cores with fp32 accumulation and output
             approx = k.norm2[None, :] - 2.0 * torch.mm(q.rounded, k.rounded.T, out_dtype=torch.float32)
             return approx.add_(q.norm2[:, None])
+        except torch.cuda.OutOfMemoryError:
+            raise  # the fp32 path below needs more memory, not less
         except (TypeError, NotImplementedError, RuntimeError):
             pass  # older torch: bf16 values are exact in TF32, so the fp32 path below is just as exact
     approx = torch.addmm(k.norm2[None, :], q.rounded.float(), k.rounded.float().T, alpha=-2.0)

@@ -109,13 +109,26 @@ class GenerativeModel(nn.Module):
 
     def checkpoint_state(self) -> dict:
         """Everything needed to resume: weights (with EMA) and optimiser states."""
-        return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+        return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "ema_decay": self.ema_decay if self.ema is not None else None}
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Inverse of :meth:`checkpoint_state`. Whether an optimiser is ``capturable``, and whether its learning
         rate is a Python number or a device tensor, belong to this process (a run captured on a GPU may resume
-        eagerly, or on a CPU), so they are kept; only the rate's value is loaded."""
-        self.load_state_dict(state["model"])
+        eagerly, or on a CPU), so they are kept; only the rate's value is loaded. So is whether an EMA is kept
+        (:func:`fit` keeps one by default on CUDA only): a checkpoint's EMA is attached where there is none, and
+        an EMA the checkpoint lacks starts again from the loaded weights."""
+        weights = state["model"]
+        saved_ema = any(key.startswith("ema.") for key in weights)
+        if saved_ema and self.ema is None:
+            self.attach_ema(state.get("ema_decay") or 0.999)  # older checkpoints did not store the decay
+        if self.ema is not None and not saved_ema:
+            ema, self.ema = self.ema, None
+            self.load_state_dict(weights)
+            ema.load_state_dict(self.ema_source().state_dict())
+            self.ema = ema
+        else:
+            self.load_state_dict(weights)
         for name, optimizer in self.optimizers.items():
             modes = [(group.get("capturable"), group["lr"]) for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
@@ -284,19 +297,22 @@ def non_finite_error(step: int, losses: dict[str, float], path: Path | None, las
                               "Lower the learning rate, or check the data and the model.")
 
 
-def autocast_context(device: torch.device, enabled: bool, cache: bool = True):
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere. ``cache=False`` casts the weights anew at every use
-    (a CUDA graph cannot hold autocast's cache across replays)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on a CUDA or CPU ``device`` when enabled; a no-op otherwise.
+
+    Autocast's cache of bf16 weight copies is off: it lives until the outermost region exits, and an optimiser
+    step inside the region does not clear it, so within one training step every forward after the first
+    optimiser step (the generator's pass through a just-updated discriminator, a critic's second step) would
+    see the weights from before it. A CUDA graph could not hold the cache across replays either."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return nullcontext()
 
 
-def train_step(model: GenerativeModel, x: torch.Tensor, index: torch.Tensor, amp: bool,
-               cache: bool = True) -> dict[str, torch.Tensor]:
+def train_step(model: GenerativeModel, x: torch.Tensor, index: torch.Tensor, amp: bool) -> dict[str, torch.Tensor]:
     """One training step as :func:`fit` takes it: ``model.step`` under :func:`autocast_context`, then the EMA
     update; returns the step's losses."""
-    with autocast_context(model.device, amp, cache):
+    with autocast_context(model.device, amp):
         losses = model.step(x, index)
     model.update_ema()
     return losses
@@ -359,7 +375,7 @@ class StepGraph:
 
     def eager_step(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step as the graph records it, run eagerly."""
-        return train_step(self.model, x, index, self.amp, cache=False)
+        return train_step(self.model, x, index, self.amp)
 
     def _packed_step(self) -> torch.Tensor:
         """The step on the static buffers, its losses stacked into one fp32 tensor [n_losses] (names kept)."""

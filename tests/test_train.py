@@ -11,7 +11,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CUDA
+from genlib.cli import FAMILIES
 from genlib.data import BatchSampler
+from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
                           TrainClock, first_non_finite, fit, train_step)
 
@@ -119,6 +121,26 @@ def test_resume_with_ema_restores_the_average(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_run_resumes_where_the_ema_default_differs_as_between_a_gpu_and_a_cpu(tmp_path):
+    """fit keeps an EMA by default on CUDA only, so a GPU checkpoint resumed on a CPU has an EMA the fresh model
+    lacks, and the other way round."""
+    straight, sampler = make_run()
+    fit(straight, sampler, 30, log_every=10, ema_decay=0.9, progress=False)
+    with_ema, sampler = make_run()
+    fit(with_ema, sampler, 20, run_dir=tmp_path / "a", log_every=10, ema_decay=0.9, progress=False)
+    resumed, sampler = make_run()  # no EMA asked for: the checkpoint's is attached, with its decay
+    fit(resumed, sampler, 30, run_dir=tmp_path / "a", log_every=10, progress=False)
+    assert resumed.ema_decay == 0.9
+    for want, have in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    without_ema, sampler = make_run()
+    fit(without_ema, sampler, 20, run_dir=tmp_path / "b", log_every=10, progress=False)
+    resumed, sampler = make_run()  # an EMA asked for that the checkpoint lacks: it starts from the loaded weights
+    fit(resumed, sampler, 20, run_dir=tmp_path / "b", log_every=10, ema_decay=0.9, progress=False)
+    for want, have in zip(without_ema.generator.parameters(), resumed.ema.parameters()):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+
+
 def test_ema_follows_its_recursion():
     model, sampler = make_run()
     model.attach_ema(0.8)
@@ -181,6 +203,35 @@ def test_max_steps_cuts_a_run_short_with_a_warning_and_leaves_shorter_runs_alone
         warnings.simplefilter("error")
         fit(model, sampler, 6, log_every=5, progress=False)
     assert model.calls == 6
+
+
+class UpdateThenLook(GenerativeModel):
+    """A step that updates a layer and then runs it again, as a GAN's generator pass runs the D just updated."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        nn.init.zeros_(self.layer.weight), nn.init.zeros_(self.layer.bias)
+        self.optimizers = {"d": torch.optim.SGD(self.layer.parameters(), lr=1.0)}
+
+    def step(self, x, index):
+        before = self.layer(x)
+        self.optimizers["d"].zero_grad()
+        before.float().sum().backward()
+        self.optimizers["d"].step()
+        after = self.layer(x)
+        return {"before": before.float().sum(), "after": after.float().sum(), "bf16": torch.tensor(
+            float(after.dtype == torch.bfloat16))}
+
+
+def test_under_autocast_a_forward_after_an_optimizer_step_sees_the_new_weights(device):
+    torch.manual_seed(0)
+    model, x = UpdateThenLook().to(device), torch.randn(8, 4, device=device)
+    losses = train_step(model, x, torch.arange(8, device=device), amp=True)
+    assert losses["bf16"] == 1.0 and losses["before"] == 0.0  # autocast was on; the weights started at zero
+    expected = model.layer(x).sum()  # fp32, outside autocast, with the updated weights
+    # autocast's weight cache would return the zero-weight output (0.0) here
+    torch.testing.assert_close(losses["after"], expected.detach(), rtol=2e-2, atol=0.0)
 
 
 def test_ema_requires_a_source():
@@ -324,6 +375,17 @@ def tiny_family(family: str, shape: tuple[int, ...], *options: str) -> tuple[Gen
 
 GRAPH_CASES = [("gan", f"variant={variant}") for variant in ("gan", "dragan", "ebgan", "mrgan", "minibatch", "pacgan")]
 GRAPH_CASES += [("energy",), ("score",), ("dae",), ("realnvp",), ("realnvp", "decay_steps=100"), ("glo",)]
+
+
+@pytest.mark.parametrize("case", [("gan", f"variant={variant}") for variant in VARIANTS]
+                         + [(family,) for family in sorted(FAMILIES) if family not in ("gan", "autoregressive")],
+                         ids=lambda case: case[-1].removeprefix("variant="))
+def test_every_family_reports_fp32_losses_under_bf16_autocast(case):
+    """On CUDA a step runs under bf16 autocast; a loss left in bf16 keeps 3 significant digits (an energy gap,
+    a difference of two means of about 100, would move in steps of 0.5). The CPU's autocast casts alike."""
+    model, x = tiny_family(case[0], (1, 28, 28), *case[1:])
+    losses = train_step(model, x, torch.arange(len(x)), amp=True)
+    assert {name: loss.dtype for name, loss in losses.items()} == dict.fromkeys(losses, torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 28, 28)], ids=["toy", "image"])
@@ -476,17 +538,18 @@ class DeviceMatcher(GenerativeModel):
         return self.generator
 
 
-def cuda_run(family_case: tuple[str, ...], graphed: bool, steps: int = 8) -> tuple[list[torch.Tensor], list[float]]:
-    """Parameters and losses after ``steps`` steps of a tiny 28x28 family on CUDA, eager or replayed (amp off)."""
+def cuda_run(family_case: tuple[str, ...], graphed: bool, amp: bool,
+             steps: int = 8) -> tuple[list[torch.Tensor], list[float]]:
+    """Parameters and losses after ``steps`` steps of a tiny 28x28 family on CUDA, eager or replayed."""
     model, _ = tiny_family(family_case[0], (1, 28, 28), *family_case[1:])
     model = model.cuda()
     torch.manual_seed(1)
     sampler = BatchSampler(torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), 16, "cuda", seed=1)
-    graph = StepGraph(model, amp=False) if graphed else None
+    graph = StepGraph(model, amp=amp) if graphed else None
     losses = []
     for _ in range(steps):
         x, index = next(sampler)
-        step_losses = train_step(model, x, index, amp=False) if graph is None else graph(x, index)
+        step_losses = train_step(model, x, index, amp=amp) if graph is None else graph(x, index)
         losses.append(float(next(iter(step_losses.values()))))
     assert graph is None or graph.captured_at == GRAPH_WARMUP_STEPS
     return parameters(model), losses
@@ -496,12 +559,14 @@ def cuda_run(family_case: tuple[str, ...], graphed: bool, steps: int = 8) -> tup
 @pytest.mark.parametrize("case", [("gan", "variant=pacgan", "pack=2"), ("energy",), ("score",),
                                   ("realnvp", "scales=2", "blocks=1", "decay_steps=20"), ("glo", "loss=lap1")],
                          ids=lambda case: case[0])
-def test_cuda_graph_replays_train_as_the_eager_steps_do(case):
-    expected, expected_losses = cuda_run(case, graphed=False)
-    got, losses = cuda_run(case, graphed=True)
-    assert losses == pytest.approx(expected_losses, rel=1e-3, abs=1e-4)
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_cuda_graph_replays_train_as_the_eager_steps_do(case, amp):
+    expected, expected_losses = cuda_run(case, graphed=False, amp=amp)
+    got, losses = cuda_run(case, graphed=True, amp=amp)
+    rtol, atol = (2e-2, 1e-3) if amp else (1e-3, 1e-4)  # the same bf16 kernels; the margin is for atomics' order
+    assert losses == pytest.approx(expected_losses, rel=rtol, abs=atol)
     for want, have in zip(expected, got):
-        torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(have, want, rtol=rtol, atol=atol)
 
 
 @CUDA

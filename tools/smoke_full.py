@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -39,30 +38,36 @@ def cell_errors(nb: nbformat.NotebookNode) -> list[tuple[int, str]]:
     return found
 
 
-def cell_seconds(cell: nbformat.NotebookNode) -> float:
-    """How long an executed cell ran, from the timing nbclient records in its metadata."""
-    timing = cell.metadata.get("execution", {})
-    began, ended = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
-    if not (began and ended):
-        return 0.0
-    return (datetime.fromisoformat(ended.rstrip("Z")) - datetime.fromisoformat(began.rstrip("Z"))).total_seconds()
+def first_line(cell: nbformat.NotebookNode) -> str:
+    """A cell's first non-blank source line, cut to 70 characters."""
+    return next((line for line in cell.source.splitlines() if line.strip()), "")[:70]
 
 
 def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], list[tuple[float, int, str]], float]:
-    """Execute one notebook into ``out``, going on past errors (a cell over ``timeout`` seconds is interrupted);
-    return its errors, its cells' times ``(seconds, code cell number, first source line)`` slowest first, and
-    the total seconds."""
+    """Execute one notebook into ``out``, going on past errors (a cell over ``timeout`` seconds is interrupted)
+    and printing each code cell's time as it ends; return its errors, its cells' times ``(seconds, code cell
+    number, first source line)`` slowest first, and the total seconds."""
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                            interrupt_on_timeout=True, resources={"metadata": {"path": str(path.parent)}})
+    numbers = {id(cell): number for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), 1)}
+    times: list[tuple[float, int, str]] = []
+    started = [0.0]
+
+    def on_start(cell, **_):
+        started[0] = time.perf_counter()
+
+    def on_executed(cell, **_):
+        seconds = time.perf_counter() - started[0]
+        times.append((seconds, numbers[id(cell)], first_line(cell)))
+        print(f"    #{numbers[id(cell)]} {seconds:.0f} s  {first_line(cell)}", flush=True)
+
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
+                            resources={"metadata": {"path": str(path.parent)}}, on_cell_start=on_start,
+                            on_cell_executed=on_executed)
     began = time.perf_counter()
     client.execute()
     total = time.perf_counter() - began
     out.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out / path.name)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    times = [(cell_seconds(cell), number, next((line for line in cell.source.splitlines() if line.strip()), "")[:70])
-             for number, cell in enumerate(code_cells, 1)]
     return cell_errors(nb), sorted(times, reverse=True), total
 
 

@@ -57,7 +57,7 @@ from genlib import nets, runtime
 from genlib.gan import AutoEncoder, gradient_penalty, input_gradients, reconstruction_energy
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
-from genlib.train import GenerativeModel, SnapshotRecorder, fit
+from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, fit
 from genlib.train import snapshot_recorder as train_snapshots
 
 Critic = Callable[[Tensor], Tensor]
@@ -346,9 +346,9 @@ def knn_entropy(samples: Tensor, k: int = 1) -> Tensor:
     n, d = samples.shape[0], samples[0].numel()
     if not 1 <= k < n:
         raise ValueError(f"need 1 <= k < number of samples, got k={k} with {n} samples")
-    flat = samples.flatten(1)
+    flat = at_least_fp32(samples.flatten(1))  # bf16 fakes' differences would round the distances
     with torch.no_grad():
-        dist = torch.cdist(flat.float(), flat.float())
+        dist = torch.cdist(flat, flat)
         dist.fill_diagonal_(math.inf)
         neighbour = dist.topk(k, dim=1, largest=False).indices[:, -1]
     sq = (flat - flat[neighbour]).pow(2).sum(1)

@@ -40,7 +40,7 @@ from genlib import nets
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
 from genlib.runtime import in_call_order
-from genlib.train import GenerativeModel, SnapshotRecorder
+from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32
 from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
@@ -187,7 +187,7 @@ def pulling_away_term(codes: Tensor) -> Tensor:
     if codes.dim() < 2 or codes.shape[0] < 2:
         raise ValueError(f"the pulling-away term needs codes [n, c] with n >= 2 (pairs i != j), "
                          f"got shape {tuple(codes.shape)}")
-    s = F.normalize(codes.flatten(1).to(torch.promote_types(codes.dtype, torch.float32)), dim=1)
+    s = F.normalize(at_least_fp32(codes.flatten(1)), dim=1)
     n = s.shape[0]
     with torch.autocast(s.device.type, enabled=False):  # an n x n product: fp32 costs nothing here
         cos2 = (s @ s.T).pow(2)

@@ -309,6 +309,11 @@ def autocast_context(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 if it holds a narrower float (bf16 from autocast), else unchanged (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def train_step(model: GenerativeModel, x: torch.Tensor, index: torch.Tensor, amp: bool) -> dict[str, torch.Tensor]:
     """One training step as :func:`fit` takes it: ``model.step`` under :func:`autocast_context`, then the EMA
     update; returns the step's losses."""

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from genlib import nets
-from genlib.train import GenerativeModel, count_step, mirror_step_count
+from genlib.train import GenerativeModel, at_least_fp32, count_step, mirror_step_count
 
 __all__ = [
     "DAE", "DDEGenerator", "NoiseConditionalScore", "ScoreModel", "annealed_langevin", "build_dae", "build_dde",
@@ -337,7 +337,7 @@ class DDEGenerator(_Trainer):
     def generate(self, n: int) -> Tensor:
         """n fakes ``[n, *shape]`` in fp32 (bf16 autocast would round the noise the blur adds) from the live
         generator (differentiable unless under no_grad)."""
-        return self.generator(self.noise(n)).reshape(n, *self.shape).float()
+        return at_least_fp32(self.generator(self.noise(n)).reshape(n, *self.shape))
 
     def blur(self, x: Tensor) -> Tensor:
         """``x + sigma * eps``, the noisy version of a batch."""

@@ -151,7 +151,7 @@ def critic_objective(critic: Critic, real: Tensor, fake: Tensor, loss: str = "wa
     """
     if loss not in CRITIC_LOSSES:
         raise ValueError(f"loss must be one of {tuple(CRITIC_LOSSES)}, got {loss!r}")
-    u_real, u_fake = critic(real).float(), critic(fake).float()  # fp32 under bf16 autocast: the gap is a difference
+    u_real, u_fake = at_least_fp32(critic(real)), at_least_fp32(critic(fake))  # the gap is a difference of means
     pen = penalty(penalty_kind, critic, real, fake)
     value = margin_loss(u_real, u_fake, margin) if loss == "margin" else CRITIC_LOSSES[loss](u_real, u_fake)
     return {"loss_u": value + lam * pen, "penalty": pen.detach(),
@@ -523,7 +523,7 @@ class EnergyGAN(GenerativeModel):
 
     def energy(self, x: Tensor) -> Tensor:
         """``U(x)`` [n] for samples x ``[n, *shape]``, in fp32; low = real."""
-        return self.critic(x).float()
+        return at_least_fp32(self.critic(x))
 
     def critic_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """Dig pits: the critic's losses on reals and (detached) fakes ``[B, *shape]``; ``loss_u`` is minimised."""

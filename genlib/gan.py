@@ -402,7 +402,7 @@ class GAN(GenerativeModel):
     def logits(self, x: Tensor) -> Tensor:
         """Discriminator logits [n] for samples x ``[n, *shape]``, in fp32 (under bf16 autocast too, so the losses
         and their logged values keep fp32's precision)."""
-        return self.discriminator(x).squeeze(-1).float()
+        return at_least_fp32(self.discriminator(x).squeeze(-1))
 
     def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """Discriminator losses on a real and a (detached) fake batch; ``loss_d`` is minimised."""
@@ -509,7 +509,7 @@ class UnrolledGAN(GAN):
         """Generator loss against the unrolled discriminator."""
         fake = self.generate(len(real))
         weights = self.unrolled_parameters(real, fake)
-        logits = functional_call(self.discriminator, weights, (fake,)).squeeze(-1).float()
+        logits = at_least_fp32(functional_call(self.discriminator, weights, (fake,)).squeeze(-1))
         return {"loss_g": generator_loss(logits, self.loss)}
 
 
@@ -572,7 +572,7 @@ class EBGAN(GAN):
     def energy(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(energy [n], code [n, code_dim]) of samples x, in fp32."""
         recon, code = self.discriminator(x)
-        return reconstruction_energy(recon.float(), x.float()), code.float()
+        return reconstruction_energy(at_least_fp32(recon), at_least_fp32(x)), at_least_fp32(code)
 
     def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """Low energy on reals, energy at least ``margin`` on fakes (hinge)."""
@@ -615,7 +615,7 @@ class MADGAN(GAN):
 
     def logits(self, x: Tensor) -> Tensor:
         """All k+1 class logits [n, k+1], in fp32."""
-        return self.discriminator(x).float()
+        return at_least_fp32(self.discriminator(x))
 
     def heads(self, n: int) -> Tensor:
         """Which generator makes each of n training fakes: [0, 1, ..., k-1, 0, 1, ...]."""
@@ -723,7 +723,7 @@ class PacGAN(GAN):
         if groups == 0:
             raise ValueError(f"a batch of {x.shape[0]} cannot make one pack of {self.pack}")
         packed = x[: groups * self.pack].reshape(groups, self.pack * x.shape[1], *x.shape[2:])
-        return self.discriminator(packed).squeeze(-1).float()
+        return at_least_fp32(self.discriminator(packed).squeeze(-1))
 
 
 VARIANTS: dict[str, type[GAN]] = {

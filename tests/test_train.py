@@ -15,7 +15,7 @@ from genlib.cli import FAMILIES
 from genlib.data import BatchSampler
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
-                          TrainClock, first_non_finite, fit, train_step)
+                          TrainClock, at_least_fp32, first_non_finite, fit, train_step)
 
 
 def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -232,6 +232,13 @@ def test_under_autocast_a_forward_after_an_optimizer_step_sees_the_new_weights(d
     expected = model.layer(x).sum()  # fp32, outside autocast, with the updated weights
     # autocast's weight cache would return the zero-weight output (0.0) here
     torch.testing.assert_close(losses["after"], expected.detach(), rtol=2e-2, atol=0.0)
+
+
+def test_at_least_fp32_lifts_narrow_floats_and_leaves_wider_ones():
+    value = torch.tensor([1.0 / 3.0], dtype=torch.float64)
+    assert at_least_fp32(value.bfloat16()).dtype == torch.float32
+    assert at_least_fp32(value.half()).dtype == torch.float32
+    assert at_least_fp32(value) is value and at_least_fp32(value.float()).dtype == torch.float32
 
 
 def test_ema_requires_a_source():

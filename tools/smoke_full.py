@@ -8,7 +8,8 @@ wider networks, the full datasets, more samples to score. This runs them all in 
 ``GENLIB_MAX_STEPS`` cutting every :func:`genlib.train.fit` call (so the numbers it prints mean nothing), and
 reports every cell that raised and the slowest cells. The committed notebooks are never touched: the executed
 copies go to ``--out``. It runs on whatever device torch finds (``GENLIB_DEVICE`` chooses); exit status 1 if a
-cell raised or timed out.
+cell raised or timed out. Expected errors: a figure that draws the snapshots a run records every so many steps
+(an IndexError) finds too few of them in a run cut short.
 """
 
 from __future__ import annotations

@@ -524,10 +524,10 @@ def main(argv: list[str] | None = None) -> None:
     from genlib.runtime import DeviceUnavailableError, max_steps
     from genlib.train import NonFiniteLossError
 
-    if args.func in (cmd_train, cmd_compare) and max_steps() is not None:
-        raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "
-                         "cut would be recorded as if it had run its --steps: unset it")
     try:
+        if args.func in (cmd_train, cmd_compare) and max_steps() is not None:
+            raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "
+                             "cut would be recorded as if it had run its --steps: unset it")
         args.func(args)
     except (FileNotFoundError, ValueError, DeviceUnavailableError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -44,7 +44,7 @@ def max_steps() -> int | None:
     value = os.environ.get("GENLIB_MAX_STEPS", "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdecimal()) or int(value) < 1:
         raise ValueError(f"GENLIB_MAX_STEPS must be a positive integer, got {value!r}")
     return int(value)
 

@@ -115,9 +115,10 @@ class GenerativeModel(nn.Module):
     def load_checkpoint_state(self, state: dict) -> None:
         """Inverse of :meth:`checkpoint_state`. Whether an optimiser is ``capturable``, and whether its learning
         rate is a Python number or a device tensor, belong to this process (a run captured on a GPU may resume
-        eagerly, or on a CPU), so they are kept; only the rate's value is loaded. So is whether an EMA is kept
-        (:func:`fit` keeps one by default on CUDA only): a checkpoint's EMA is attached where there is none, and
-        an EMA the checkpoint lacks starts again from the loaded weights."""
+        eagerly, or on a CPU), so they are kept; only the rate's value is loaded. An EMA is kept if either side
+        has one (:func:`fit` keeps one by default on CUDA only): a checkpoint's EMA is attached, with its decay,
+        where the model has none, and a model's EMA that the checkpoint lacks starts again from the loaded
+        weights."""
         weights = state["model"]
         saved_ema = any(key.startswith("ema.") for key in weights)
         if saved_ema and self.ema is None:
@@ -310,7 +311,7 @@ def autocast_context(device: torch.device, enabled: bool):
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32 if it holds a narrower float (bf16 from autocast), else unchanged (float64 stays float64)."""
+    """Floats narrower than fp32 (bf16 from autocast) in fp32; fp32 and float64 unchanged (for float tensors)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

@@ -94,6 +94,10 @@ def test_a_run_that_max_steps_would_cut_is_refused_before_it_records(tmp_path, m
     with pytest.raises(SystemExit, match="GENLIB_MAX_STEPS is set"):
         cli.main([*command, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("GENLIB_MAX_STEPS", "abc")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*command, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 1 and "error: GENLIB_MAX_STEPS must be a positive integer" in capsys.readouterr().err
 
 
 def train_args(out, steps: int, device: str = "cpu") -> list[str]:

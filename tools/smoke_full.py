@@ -8,8 +8,9 @@ wider networks, the full datasets, more samples to score. This runs them all in 
 ``GENLIB_MAX_STEPS`` cutting every :func:`genlib.train.fit` call (so the numbers it prints mean nothing), and
 reports every cell that raised and the slowest cells. The committed notebooks are never touched: the executed
 copies go to ``--out``. It runs on whatever device torch finds (``GENLIB_DEVICE`` chooses); exit status 1 if a
-cell raised or timed out. Expected errors: a figure that draws the snapshots a run records every so many steps
-(an IndexError) finds too few of them in a run cut short.
+cell raised, timed out or killed its kernel (a dead kernel ends that notebook; the next one runs). Expected
+errors, which also make the status 1: a figure that draws the snapshots a run records every so many steps (an
+IndexError) finds too few of them in a run cut short.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import DeadKernelError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +53,10 @@ def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], l
     nb = nbformat.read(path, as_version=4)
     numbers = {id(cell): number for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), 1)}
     times: list[tuple[float, int, str]] = []
-    started = [0.0]
+    started, current = [0.0], [0]
 
     def on_start(cell, **_):
-        started[0] = time.perf_counter()
+        started[0], current[0] = time.perf_counter(), numbers.get(id(cell), current[0])
 
     def on_executed(cell, **_):
         seconds = time.perf_counter() - started[0]
@@ -65,11 +67,15 @@ def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], l
                             resources={"metadata": {"path": str(path.parent)}}, on_cell_start=on_start,
                             on_cell_executed=on_executed)
     began = time.perf_counter()
-    client.execute()
+    died = []
+    try:
+        client.execute()
+    except DeadKernelError as error:  # out of host memory, say: the cells after it cannot run in that kernel
+        died = [(current[0], f"DeadKernelError: {error}"[:300])]
     total = time.perf_counter() - began
     out.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out / path.name)
-    return cell_errors(nb), sorted(times, reverse=True), total
+    return cell_errors(nb) + died, sorted(times, reverse=True), total
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,10 +124,9 @@ class GenerativeModel(nn.Module):
         if saved_ema and self.ema is None:
             self.attach_ema(state.get("ema_decay") or 0.999)  # older checkpoints did not store the decay
         if self.ema is not None and not saved_ema:
-            ema, self.ema = self.ema, None
+            decay, self.ema = self.ema_decay, None
             self.load_state_dict(weights)
-            ema.load_state_dict(self.ema_source().state_dict())
-            self.ema = ema
+            self.attach_ema(decay)  # a fresh copy of the loaded weights
         else:
             self.load_state_dict(weights)
         for name, optimizer in self.optimizers.items():

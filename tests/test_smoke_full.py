@@ -11,17 +11,26 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def write_notebook(path: Path, sources: list[str]) -> Path:
+    """A notebook of code cells with ``sources``, for the python3 kernel, written to ``path``."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nbformat.write(nb, path)
+    return path
+
+
+def smoke(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "smoke_full.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
 def test_smoke_runs_at_full_scale_past_errors_and_timeouts_and_reports_each(tmp_path):
     cells = ["import os\nprint(os.environ['GENLIB_SCALE'], os.environ['GENLIB_MAX_STEPS'])",  # fast: no torch import
              "raise ValueError('boom')",
              "import time\ntime.sleep(60)",
              "print('still running')"]
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    nbformat.write(nb, tmp_path / "toy.ipynb")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "smoke_full.py"), str(tmp_path / "toy.ipynb"),
-                             "--max-steps", "4", "--timeout", "3", "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = smoke(write_notebook(tmp_path / "toy.ipynb", cells), "--max-steps", "4", "--timeout", "3",
+                   "--out", tmp_path / "out")
     assert result.returncode == 1, result.stderr
     assert "ERROR in code cell #2: ValueError: boom" in result.stdout
     assert "ERROR in code cell #3: KeyboardInterrupt" in result.stdout and "--timeout 3 s" in result.stdout
@@ -35,14 +44,8 @@ def test_smoke_runs_at_full_scale_past_errors_and_timeouts_and_reports_each(tmp_
 
 
 def test_a_kernel_that_dies_ends_its_notebook_with_an_error_and_the_next_notebook_runs(tmp_path):
-    cells = ["print('alive')", "import os\nos._exit(1)", "print('never')"]
-    for name, sources in (("dies", cells), ("next", ["print('next ran')"])):
-        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
-        nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-        nbformat.write(nb, tmp_path / f"{name}.ipynb")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "smoke_full.py"), str(tmp_path / "dies.ipynb"),
-                             str(tmp_path / "next.ipynb"), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=180, cwd=ROOT)
+    dies = write_notebook(tmp_path / "dies.ipynb", ["print('alive')", "import os\nos._exit(1)", "print('never')"])
+    result = smoke(dies, write_notebook(tmp_path / "next.ipynb", ["print('next ran')"]), "--out", tmp_path / "out")
     assert result.returncode == 1 and "ERROR in code cell #2: DeadKernelError" in result.stdout, result.stdout
     assert nbformat.read(tmp_path / "out" / "dies.ipynb", as_version=4).cells[0].outputs[0]["text"] == "alive\n"
     assert nbformat.read(tmp_path / "out" / "next.ipynb", as_version=4).cells[0].outputs[0]["text"] == "next ran\n"

@@ -28,17 +28,11 @@ from nbclient.exceptions import DeadKernelError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cell_errors(nb: nbformat.NotebookNode) -> list[tuple[int, str]]:
-    """(code cell number, 'ErrorName: message') of every cell whose outputs hold an error."""
-    found, number = [], 0
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        number += 1
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                found.append((number, f"{output['ename']}: {output['evalue']}"[:300]))
-    return found
+def cell_errors(code_cells: list[nbformat.NotebookNode]) -> list[tuple[int, str]]:
+    """(code cell number, 'ErrorName: message') of every code cell whose outputs hold an error."""
+    return [(number, f"{output['ename']}: {output['evalue']}"[:300])
+            for number, cell in enumerate(code_cells, 1) for output in cell.get("outputs", [])
+            if output.get("output_type") == "error"]
 
 
 def first_line(cell: nbformat.NotebookNode) -> str:
@@ -51,7 +45,8 @@ def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], l
     and printing each code cell's time as it ends; return its errors, its cells' times ``(seconds, code cell
     number, first source line)`` slowest first, and the total seconds."""
     nb = nbformat.read(path, as_version=4)
-    numbers = {id(cell): number for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), 1)}
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    numbers = {id(cell): number for number, cell in enumerate(code_cells, 1)}
     times: list[tuple[float, int, str]] = []
     started, current = [0.0], [0]
 
@@ -75,7 +70,7 @@ def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], l
     total = time.perf_counter() - began
     out.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out / path.name)
-    return cell_errors(nb) + died, sorted(times, reverse=True), total
+    return cell_errors(code_cells) + died, sorted(times, reverse=True), total
 
 
 def main(argv: list[str] | None = None) -> int:

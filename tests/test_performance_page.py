@@ -1,12 +1,13 @@
 """book/performance.md cannot drift from the recorded benchmarks.
 
-The page includes the tables of each recorded run (results/bench-cpu, results/bench-h200) from its bench.md;
-bench.md must be exactly what genlib.bench renders from the committed bench.json, and the provenance that
-the page states in words (command, device, threads, versions, load, commit) must be the JSON's. The numbers
-that the prose quotes about the H200 run are parsed back and checked against its bench.json (and the
+The page includes the tables of each recorded run (results/bench-cpu, results/bench-cpu-20261129, results/bench-h200)
+from its bench.md; bench.md must be exactly what genlib.bench renders from the committed bench.json, and the
+provenance that the page states in words (command, device, threads, versions, load, commit) must be the JSON's.
+The numbers that the prose quotes about the H200 run are parsed back and checked against its bench.json (and the
 full-scale DCGAN run's run.json and metrics.json); numbers there that are not genlib bench's must come from
-the page's own design-document and targets sections. Numbers follow bench.format_number: 3 significant
-digits, whole numbers from 1000 up (the prose adds thousands separators).
+the page's own design-document and targets sections; those quoted about the second CPU run are its bench.json's.
+Numbers follow bench.format_number: 3 significant digits, whole numbers from 1000 up (the prose adds thousands
+separators).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from genlib import bench
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "book" / "performance.md"
 RESULTS = ROOT / "results"
-RUNS = {"bench-cpu": "A CPU run", "bench-h200": "A GPU run (NVIDIA H200)"}
+RUNS = {"bench-cpu": "A CPU run", "bench-cpu-20261129": "A second CPU run, at the default sizes",
+        "bench-h200": "A GPU run (NVIDIA H200)"}
 """Each recorded run's folder under results/ and the heading of its section on the page."""
 GPU_RUN = "bench-h200"
 DCGAN_RUN = RESULTS / "ch02_dcgan_fashion_h200"
@@ -99,7 +101,7 @@ def test_page_states_the_runs_provenance(run):
     share = {key: f"{100 * value:.1f} %" for key, value in recorded["cpu_share"].items()}
     assert (f"this process {share['this_process']}, other processes {share['other_processes']}, "
             f"idle {share['idle']}, taken by the hypervisor {share['steal']}") in words
-    assert (recorded["device"] == "cpu") == run.endswith("cpu")
+    assert (recorded["device"] == "cpu") == run.startswith("bench-cpu")
     if recorded["device"] == "cuda":  # no --device in the command: the section says why it is a GPU run
         assert "--device" not in recorded["command"] and "Without `--device` the bench picks CUDA" in words
         assert f"batch {report['training'][0]['batch']} and {report['repeats']} repeats" in words
@@ -336,3 +338,31 @@ def test_chapter_one_quotes_the_cpu_runs_ratios():
             f"and {over_cdist[0]:.2f} to {over_cdist[-1]:.2f} times `torch.cdist`") in prose
     assert (f"On the recorded 2-core CPU that is {over_gemm[0]:.2f} to {over_gemm[-1]:.2f} times the bare GEMM, "
             f"about as fast as `torch.cdist` ({over_cdist[0]:.2f} to {over_cdist[-1]:.2f} times its time)") in prose
+
+
+def test_the_second_cpu_runs_figures_quoted_are_the_jsons():
+    """What the page says about the second CPU run: its largest search, the search that timed below the bare
+    GEMM, both runs' GEMM rate at the size they share, and the GAN's and the autoencoder's ratios in each run."""
+    page, second = load("bench-cpu-20261129")
+    _, first = load("bench-cpu")
+    words = flat(section(page, RUNS["bench-cpu-20261129"]))
+    f = bench.format_number
+    search = {(row["M"], row["N"], row["d"]): row for row in second["nearest_neighbors"]}
+    largest = search[4096, 4096, 12288]
+    assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
+            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and {int(f(largest['cdist_ms'])):,} ms for `cdist`; "
+            f"{largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
+    assert all(row["brute_force_queries"] == 0 for row in search.values())
+    below = search[1024, 1024, 3072]
+    assert below["genlib_over_gemm"] < 1 and (
+        f"the search ({f(below['genlib_ms'])} ms) was timed *below* the bare GEMM it contains "
+        f"({f(below['gemm_bound_ms'])} ms, ratio {f(below['genlib_over_gemm'])})") in words
+    shared = next(row for row in first["nearest_neighbors"] if (row["M"], row["N"], row["d"]) == (1024, 1024, 3072))
+    assert f"the bare fp32 GEMM ran at {f(below['gemm_tflops'])} TFLOPS, against {f(shared['gemm_tflops'])}" in words
+    ratio = {run: {row["model"]: row["vs_reference"] for row in report["training"]}
+             for run, report in (("first", first), ("second", second))}
+    assert (f"`genlib gan` at {f(ratio['second']['genlib gan'])} times its rate, against "
+            f"{ratio['first']['genlib gan']:.2f}") in words
+    assert ratio["first"]["genlib autoencoder"] == pytest.approx(ratio["second"]["genlib autoencoder"], abs=5e-3)
+    assert f"the autoencoder at {f(ratio['second']['genlib autoencoder'])} in both" in words
+    assert f"this process {100 * second['provenance']['cpu_share']['this_process']:.1f} %" in words

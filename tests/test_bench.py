@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -176,7 +177,16 @@ def test_a_graph_safe_family_gets_a_replayed_step_row_or_a_note_why_not(monkeypa
         assert row["img_per_s"] is None and "stream is capturing" in row["note"]
 
 
-def test_the_small_batch_section_times_each_graph_safe_family_eager_and_replayed(monkeypatch):
+@pytest.fixture
+def narrow_families(monkeypatch):
+    """The bench builds every family at base width 8 instead of the CLI's 64 (the rows' form, not their speed,
+    is under test; the full width costs a minute of CPU here)."""
+    from genlib import cli
+
+    monkeypatch.setattr(cli, "TrainSpec", functools.partial(cli.TrainSpec, width=8))
+
+
+def test_the_small_batch_section_times_each_graph_safe_family_eager_and_replayed(monkeypatch, narrow_families):
     """On CUDA the bench adds this section; here the graph is stood in for by calling the step."""
     from genlib import train
     from genlib.cli import FAMILIES, TrainSpec, build_family
@@ -197,7 +207,7 @@ def test_the_small_batch_section_times_each_graph_safe_family_eager_and_replayed
     assert bench.render_small_batches(None) == ""
 
 
-def test_a_failed_capture_ends_the_graph_rows(monkeypatch):
+def test_a_failed_capture_ends_the_graph_rows(monkeypatch, narrow_families):
     """A failed capture may leave the CUDA generator in capture mode: no family is captured after it."""
     from genlib import train
 

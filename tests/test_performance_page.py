@@ -357,7 +357,10 @@ def test_the_second_cpu_runs_figures_quoted_are_the_jsons():
     assert below["genlib_over_gemm"] < 1 and (
         f"the search ({f(below['genlib_ms'])} ms) was timed *below* the bare GEMM it contains "
         f"({f(below['gemm_bound_ms'])} ms, ratio {f(below['genlib_over_gemm'])})") in words
+    profiled_gemm = next(phase for phase in below["profile"]["phases"] if phase["name"] == "nn.gemm")["cpu_ms"]
     shared = next(row for row in first["nearest_neighbors"] if (row["M"], row["N"], row["d"]) == (1024, 1024, 3072))
+    assert (f"the profiled search a moment later spent {f(profiled_gemm)} ms in its GEMM, and the same bare GEMM "
+            f"took {f(shared['gemm_bound_ms'])} ms in the first run") in words
     assert f"the bare fp32 GEMM ran at {f(below['gemm_tflops'])} TFLOPS, against {f(shared['gemm_tflops'])}" in words
     ratio = {run: {row["model"]: row["vs_reference"] for row in report["training"]}
              for run, report in (("first", first), ("second", second))}

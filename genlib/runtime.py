@@ -25,6 +25,11 @@ class DeviceUnavailableError(RuntimeError):
     """Raised when a device is requested that this machine does not have."""
 
 
+class MissingAssetError(RuntimeError):
+    """Raised when weights or data that cannot be downloaded here (VGG16, Inception-v3) are not on this machine;
+    the message says how to provide them or what to use instead."""
+
+
 def scale() -> str:
     """The run scale from ``GENLIB_SCALE``: ``'small'`` (default) or ``'full'``."""
     value = os.environ.get("GENLIB_SCALE", "small").strip().lower() or "small"

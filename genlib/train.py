@@ -16,12 +16,16 @@ import copy
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +44,17 @@ GRAPH_WARMUP_STEPS = 3
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss becomes NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`fit` after a Ctrl-C (SIGINT) or SIGTERM, once the step in progress has finished and a
+    checkpoint of it is saved: rerunning the same call resumes there. ``step``, ``path`` and ``signum`` say where
+    and why."""
+
+    def __init__(self, step: int, path: Path, signum: int):
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) after step {step}; its checkpoint is "
+                         f"{path}: run the same training again to resume from it")
+        self.step, self.path, self.signum = step, path, signum
 
 
 class GenerativeModel(nn.Module):
@@ -221,17 +236,28 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, history: History,
-                    clock: TrainClock | None = None) -> None:
-    """Write model, optimisers, sampler position, RNG states, history and training time after ``step`` steps."""
+                    clock: TrainClock | None = None, meta: dict | None = None) -> None:
+    """Write model, optimisers, sampler position, RNG states, history and training time after ``step`` steps,
+    and ``meta`` (what made the run, e.g. the CLI's arguments; :func:`load_checkpoint` checks it)."""
     state = model.checkpoint_state()
     state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state(model.device),
-                 clock=(clock or TrainClock()).now())
+                 clock=(clock or TrainClock()).now(), meta=meta)
     save_atomic(state, path)
 
 
-def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClock | None = None) -> tuple[int, History]:
-    """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history)."""
+def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClock | None = None,
+                    meta: dict | None = None) -> tuple[int, History]:
+    """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history).
+
+    With ``meta``, a checkpoint saved with other ``meta`` (another run's in the same folder) is a ValueError
+    naming the differences, before anything is loaded."""
     state = torch.load(path, map_location=model.device, weights_only=False)
+    saved = state.get("meta")
+    if meta is not None and saved is not None and saved != meta:
+        differences = ", ".join(f"{key}: {saved.get(key)!r} there, {meta.get(key)!r} here"
+                                for key in sorted(set(saved) | set(meta)) if saved.get(key) != meta.get(key))
+        raise ValueError(f"{path} is the checkpoint of another run ({differences}); resume it with its own "
+                         "settings, or train into another folder")
     model.load_checkpoint_state(state)
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"], model.device)
@@ -444,6 +470,7 @@ def fit(
     callback_every: int = 0,
     clock: TrainClock | None = None,
     cuda_graph: bool | None = None,
+    meta: dict | None = None,
 ) -> History:
     """Train ``model`` for ``steps`` steps on batches from ``sampler``; return the loss history.
 
@@ -451,8 +478,11 @@ def fit(
     the preceding ``log_every`` steps (NaN where no step of that window reported it, as in a model's other
     stage). With ``run_dir`` a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a later call with the same
-    ``run_dir`` resumes exactly where the last checkpoint left it (an interrupted or crashed
-    run loses at most ``checkpoint_every`` steps). ``amp`` (bf16 autocast) and ``ema_decay``
+    ``run_dir`` resumes exactly where the last checkpoint left it: a crashed run loses at most
+    ``checkpoint_every`` steps, and one stopped by Ctrl-C (SIGINT) or SIGTERM none, since it finishes the step in
+    progress, saves it and raises :class:`TrainingInterrupted` (a second Ctrl-C stops at once). ``meta``, saved with
+    every checkpoint, must match a resumed checkpoint's (see :func:`load_checkpoint`); resuming a checkpoint
+    already past ``steps`` is a ValueError. ``amp`` (bf16 autocast) and ``ema_decay``
     default to on (0.999) on CUDA and off on the CPU. ``callback(step, model)`` runs every
     ``callback_every`` steps (e.g. to record snapshots for a figure). ``clock`` (a :class:`TrainClock`),
     if given, times the training, going on from a resumed checkpoint's: read it after the call. ``cuda_graph``
@@ -479,14 +509,18 @@ def fit(
     start, history, last_saved = 0, {"step": []}, None
     clock = TrainClock() if clock is None else clock
     if path is not None and resume and path.exists():
-        start, history = load_checkpoint(path, model, sampler, clock)
+        start, history = load_checkpoint(path, model, sampler, clock, meta)
         last_saved = start
+        if start > steps:
+            raise ValueError(f"{path} is at step {start}, past the {steps} steps asked for: ask for at least "
+                             f"{start}, or train into another folder")
 
     graph = StepGraph(model, amp) if use_cuda_graph(model, device, cuda_graph) else None
     model.graph_captured_at = None
     pending: list[dict[str, torch.Tensor]] = []
     bar = _progress_bar(start, steps, desc or type(model).__name__, progress)
     began = time.perf_counter()
+    stop = _DeferredStop(enabled=path is not None)
     try:
         for step in range(start + 1, steps + 1):
             x, index = next(sampler)
@@ -505,15 +539,54 @@ def fit(
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in means.items()}, "samples/s": f"{rate:.3g}"},
                                 refresh=False)
                 if path is not None and (step % checkpoint_every == 0 or step == steps):
-                    save_checkpoint(path, model, sampler, step, history, clock)
+                    save_checkpoint(path, model, sampler, step, history, clock, meta)
                     last_saved = step
             bar.update(1)
+            if stop.signum is not None:
+                if last_saved != step:
+                    bad = first_non_finite(pending, step - len(pending) + 1)
+                    if bad is not None:
+                        raise non_finite_error(*bad, path, last_saved)
+                    if pending:
+                        log_means(history, step, pending)
+                    save_checkpoint(path, model, sampler, step, history, clock, meta)
+                raise TrainingInterrupted(step, path, stop.signum)
     finally:
+        stop.restore()
         bar.close()
         if graph is not None and graph.captured_at is not None:
             model.graph_captured_at = start + graph.captured_at + 1
     model.eval()
     return history
+
+
+class _DeferredStop:
+    """While enabled (and on the main thread), a first SIGINT or SIGTERM is only noted in ``signum``, so that
+    :func:`fit` can finish its step and save it; a second SIGINT raises KeyboardInterrupt at once.
+    :meth:`restore` puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+
+    def note(self, signum: int, frame: Any) -> None:
+        """The handler: remember the first signal, give up waiting on a second Ctrl-C."""
+        if self.signum is not None and signum == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(Ctrl-C again stops at once, unsaved)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self.previous = {}
 
 
 def _progress_bar(start: int, steps: int, desc: str, enabled: bool):

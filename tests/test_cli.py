@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -29,7 +30,13 @@ def test_help_lists_the_commands():
     (["train", "nosuchfamily", "--data", "ring8", "--out", "x"], "invalid choice: 'nosuchfamily'"),
     (["train", "imle", "--data", "nosuchdata", "--out", "x"], "invalid choice: 'nosuchdata'"),
     (["train", "imle", "--data", "ring8"], "the following arguments are required: --out"),
-    (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "ten"], "invalid int value"),
+    (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "ten"], "must be a positive integer, got 'ten'"),
+    (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "0"], "must be a positive integer, got '0'"),
+    (["train", "gan", "--data", "ring8", "--out", "x", "--width", "0"], "must be a positive integer"),
+    (["train", "gan", "--data", "ring8", "--out", "x", "--z-dim", "-1"], "must be a positive integer"),
+    (["train", "gan", "--data", "ring8", "--out", "x", "--sample-every", "-1"], "must be a non-negative integer"),
+    (["train", "gan", "--data", "ring8", "--out", "x", "--device", "gpu"], "unknown device 'gpu'"),
+    (["compare", "--out", "x", "--seeds", "0,a"], "must be a non-negative integer, got 'a'"),
     (["frobnicate"], "invalid choice"),
     (["bench", "--nn-size", "1024x4096"], "a search size is MxNxD"),
     (["bench", "--nn-size", "0x8x8"], "a search size is MxNxD"),
@@ -45,9 +52,27 @@ def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_nonpositive_steps_are_rejected(tmp_path):
-    with pytest.raises(SystemExit, match="must be positive"):
-        cli.main(["train", "imle", "--data", "ring8", "--out", str(tmp_path), "--steps", "0"])
+def test_one_evaluation_sample_is_rejected_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="--eval-samples must be 0 .* or at least 2"):
+        cli.main(["train", "imle", "--data", "ring8", "--out", str(tmp_path), "--eval-samples", "1"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2000)" in text and "(default: 10000)" in text and "(default: 0)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_an_option_value_error_names_the_option_and_a_flag_cannot_be_overridden():
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"glo_steps": "abc"})
+    with pytest.raises(ValueError, match="--opt glo_steps='abc' is not a valid int"):
+        cli.build_family("glann", spec)
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"width": "32"})
+    with pytest.raises(ValueError, match="--opt width would override the flag --width"):
+        cli.build_family("gan", spec)
 
 
 def test_malformed_option_is_rejected():
@@ -464,3 +489,58 @@ def test_evaluate_names_what_it_cannot_use(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["evaluate", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert "no recorded run" in capsys.readouterr().err
+
+
+def test_an_out_folder_of_another_run_is_refused_and_never_overwritten(tmp_path, capsys):
+    """Another dataset (or a checkpoint past --steps) in a train folder, an evaluation into the run it scores, a
+    comparison into a train folder: each stops with a message, and the run's records stay as they were."""
+    out = tmp_path / "run"
+    cli.main(train_args(out, 20) + ["--eval-samples", "100"])
+    records = {name: (out / name).read_bytes() for name in ("run.json", "metrics.json", "checkpoint.pt")}
+    attempts = [
+        ([*train_args(out, 30), "--eval-samples", "100", "--seed", "1"], "another run .*seed: 0 there, 1 here"),
+        (train_args(out, 10) + ["--eval-samples", "100"], "at step 20, past the 10 steps"),
+        (["evaluate", str(out), "--out", str(out)], "is the run being evaluated"),
+        (["compare", "--steps", "5", "--seeds", "0", "--toys", "ring8", "--methods", "GAN", "--out", str(out)],
+         "holds a training checkpoint"),
+    ]
+    for args, message in attempts:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(args)
+        assert exited.value.code == 1 and re.search(message, capsys.readouterr().err), message
+    assert records == {name: (out / name).read_bytes() for name in records}
+    cli.main(train_args(out, 30) + ["--eval-samples", "100"])  # more steps of the same run: it goes on
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
+
+
+def test_an_interrupted_train_says_how_to_resume_and_exits_with_the_signal(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from genlib import train
+
+    def interrupted(*args, **kwargs):
+        raise train.TrainingInterrupted(7, tmp_path / "checkpoint.pt", signal.SIGINT)
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(train_args(tmp_path, 20))
+    assert exited.value.code == 130
+    assert "stopped by SIGINT after step 7, saved in" in capsys.readouterr().err
+
+
+def test_glann_warns_when_every_step_is_a_glo_step(tmp_path, capsys):
+    cli.main(["train", "glann", "--data", "ring8", "--toy-points", "256", "--steps", "4", "--batch-size", "32",
+              "--width", "8", "--eval-samples", "0", "--opt", "glo_steps=4", "--out", str(tmp_path)])
+    assert "all 4 steps are GLO steps (glo_steps=4)" in capsys.readouterr().err
+
+
+def test_compare_takes_each_family_s_own_default_setting_and_refuses_another_comparison_s_folder(tmp_path, capsys):
+    from genlib import energy
+
+    args = ["compare", "--family", "energy", "--steps", "3", "--seeds", "0", "--toys", "ring8", "--out", str(tmp_path)]
+    cli.main(args)
+    config = json.loads((tmp_path / "run.json").read_text())["config"]
+    assert config["setting"] == next(iter(energy.TOY_TABLES))
+    with pytest.raises(SystemExit):
+        cli.main([("1" if arg == "0" else arg) for arg in args])  # the same comparison but for its seed
+    assert "another run (seeds: '0' there, '1' here)" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import warnings
 
 import pytest
@@ -15,7 +17,7 @@ from genlib.cli import FAMILIES
 from genlib.data import BatchSampler
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
-                          TrainClock, at_least_fp32, first_non_finite, fit, train_step)
+                          TrainClock, TrainingInterrupted, at_least_fp32, first_non_finite, fit, train_step)
 
 
 def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -167,6 +169,64 @@ def test_non_finite_loss_without_run_dir_says_nothing_was_saved():
     model, sampler = make_run(explode_at=3)
     with pytest.raises(NonFiniteLossError, match="step 3 .*no checkpoint was written"):
         fit(model, sampler, 10, log_every=5, progress=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_finishes_the_step_saves_it_and_the_rerun_resumes_bit_for_bit(tmp_path, signum):
+    """The signal arrives in the middle of step 7 (from its callback, between the step's update and its end): the
+    step completes, is saved although 7 is no checkpoint step, and resuming gives the uninterrupted weights."""
+    model, sampler = make_run()
+    fit(model, sampler, 20, run_dir=tmp_path / "a", checkpoint_every=10, log_every=5, progress=False)
+    reference = parameters(model)
+
+    first, sampler1 = make_run()
+    handler = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted, match=f"{signum.name}.* after step 7") as stopped:
+        fit(first, sampler1, 20, run_dir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False,
+            callback=lambda step, _: os.kill(os.getpid(), signum), callback_every=7)
+    assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.step == first.calls == 7
+    assert signal.getsignal(signum) is handler  # the caller's handler is back
+    saved = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)
+    assert saved["step"] == 7 and saved["history"]["step"] == [5, 7]
+
+    second, sampler2 = make_run()
+    history = fit(second, sampler2, 20, run_dir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False)
+    assert second.calls == 13 and history["step"] == [5, 7, 10, 15, 20]
+    for a, b in zip(reference, parameters(second)):
+        assert torch.equal(a, b)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from genlib.train import _DeferredStop
+
+    handler = signal.getsignal(signal.SIGINT)
+    stop = _DeferredStop(enabled=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_without_a_run_dir_an_interrupt_is_python_s_own():
+    model, sampler = make_run()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        fit(model, sampler, 20, progress=False, callback=lambda step, _: os.kill(os.getpid(), signal.SIGINT),
+            callback_every=3)
+    assert not isinstance(stopped.value, TrainingInterrupted) and model.calls == 3
+
+
+def test_a_checkpoint_of_another_run_or_past_the_steps_asked_for_is_refused(tmp_path):
+    model, sampler = make_run()
+    fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, progress=False, meta={"data": "ring8", "lr": 0.1})
+    other, sampler2 = make_run()
+    with pytest.raises(ValueError, match="another run .*data: 'ring8' there, 'grid25' here"):
+        fit(other, sampler2, 30, run_dir=tmp_path, progress=False, meta={"data": "grid25", "lr": 0.1})
+    with pytest.raises(ValueError, match="at step 20, past the 10 steps"):
+        fit(other, sampler2, 10, run_dir=tmp_path, progress=False, meta={"data": "ring8", "lr": 0.1})
+    assert other.calls == 0
+    fit(other, sampler2, 30, run_dir=tmp_path, checkpoint_every=10, progress=False, meta={"data": "ring8", "lr": 0.1})
+    assert other.calls == 10
 
 
 def test_checkpoints_are_written_atomically(tmp_path):

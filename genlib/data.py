@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -195,6 +196,10 @@ def toy(name: str, **kw: Any) -> Toy:
     """The toy distribution ``name`` (see ``TOYS``), with keyword overrides such as ``std=0.1``."""
     if name not in TOYS:
         raise ValueError(f"unknown toy {name!r}; known toys: {', '.join(TOYS)}")
+    options = inspect.signature(TOYS[name]).parameters
+    unknown = sorted(set(kw) - set(options))
+    if unknown:
+        raise ValueError(f"toy {name!r} takes {', '.join(options) or 'no options'}, not {', '.join(unknown)}")
     return TOYS[name](**kw)
 
 

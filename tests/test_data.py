@@ -48,6 +48,8 @@ def test_toy_sampling_shape_and_determinism(name):
 def test_unknown_toy_lists_known_names():
     with pytest.raises(ValueError, match="ring8.*grid25"):
         data.toy("nine-gaussians")
+    with pytest.raises(ValueError, match="toy .ring8. takes radius, std, not stdd"):
+        data.toy_dataset("ring8", 10, stdd=0.1)
 
 
 def test_ring8_has_8_distinct_modes_all_sampled():

@@ -9,11 +9,13 @@ Families register a builder in :data:`FAMILIES` as their chapters land.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import inspect
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -175,10 +177,9 @@ def build_run(config: dict, options: dict[str, str], dev: torch.device):
     return dataset, sampler, build_family(config["family"], spec).to(dev)
 
 
-RUN_DEFINING = ("family", "data", "root", "resolution", "toy_points", "batch_size", "z_dim", "width", "lr", "seed",
-                "opt")
+RUN_DEFINING = ("family", "data", "resolution", "toy_points", "batch_size", "z_dim", "width", "lr", "seed", "opt")
 """``train``'s arguments that define a run: resuming a checkpoint, or recording into a folder, made with others
-is refused (``--steps`` may grow; evaluation, logging and the device may change)."""
+is refused (``--steps`` may grow; evaluation, logging, the device and the data's ``--root`` may change)."""
 
 
 def run_arguments(config: dict) -> dict:
@@ -204,8 +205,9 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
         raise ValueError(f"{out} holds the record of another command ({run.get('command')}); use another --out")
     if arguments is not None:
         recorded = run_arguments(config) if command == "train" else {key: config.get(key) for key in arguments}
-        differences = ", ".join(f"{key}: {recorded[key]!r} there, {arguments[key]!r} here"
-                                for key in arguments if key != "out" and recorded[key] != arguments[key])
+        # a key the record lacks is an argument added since it was made (compare's --family): not a difference
+        differences = ", ".join(f"{key}: {recorded[key]!r} there, {arguments[key]!r} here" for key in arguments
+                                if key != "out" and key in config and recorded[key] != arguments[key])
         if differences:
             raise ValueError(f"{out} holds the record of another run ({differences}); use another --out")
 
@@ -635,6 +637,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
     except TrainingInterrupted as stopped:  # the same command resumes it: say so, without a traceback
-        print(f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, saved in {stopped.path}: "
-              "rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(128 + stopped.signum) from None
+        with contextlib.suppress(OSError):  # stderr may be a pipe whose reader the same Ctrl-C ended
+            print(f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, saved in "
+                  f"{stopped.path}: rerun the same command to resume", file=sys.stderr, flush=True)
+        # die by the signal, as an uncaught one would: a calling shell loop stops too (an exit status would not)
+        signal.signal(stopped.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stopped.signum)
+        raise SystemExit(128 + stopped.signum) from None  # where the signal does not end the process

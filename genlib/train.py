@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,9 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted ({signal.Signals(signum).name}) after step {step}; its checkpoint is "
                          f"{path}: run the same training again to resume from it")
         self.step, self.path, self.signum = step, path, signum
+
+    def __reduce__(self):  # pickles (e.g. back from a worker process) with its three arguments
+        return type(self), (self.step, self.path, self.signum)
 
 
 class GenerativeModel(nn.Module):
@@ -236,18 +239,21 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, history: History,
-                    clock: TrainClock | None = None, meta: dict | None = None) -> None:
+                    clock: TrainClock | None = None, meta: dict | None = None,
+                    pending: list[dict[str, torch.Tensor]] | None = None) -> None:
     """Write model, optimisers, sampler position, RNG states, history and training time after ``step`` steps,
-    and ``meta`` (what made the run, e.g. the CLI's arguments; :func:`load_checkpoint` checks it)."""
+    ``meta`` (what made the run, e.g. the CLI's arguments; :func:`load_checkpoint` checks it) and ``pending``, the
+    losses of the steps since the last logged window (a save between log steps, after an interrupt)."""
     state = model.checkpoint_state()
     state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state(model.device),
-                 clock=(clock or TrainClock()).now(), meta=meta)
+                 clock=(clock or TrainClock()).now(), meta=meta, pending=pending or [])
     save_atomic(state, path)
 
 
 def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClock | None = None,
-                    meta: dict | None = None) -> tuple[int, History]:
-    """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history).
+                    meta: dict | None = None) -> tuple[int, History, list[dict[str, torch.Tensor]]]:
+    """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history,
+    the pending losses of the window in progress).
 
     With ``meta``, a checkpoint saved with other ``meta`` (another run's in the same folder) is a ValueError
     naming the differences, before anything is loaded."""
@@ -263,7 +269,7 @@ def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClo
     set_rng_state(state["rng"], model.device)
     if clock is not None:
         clock.resume(state.get("clock"))
-    return state["step"], state["history"]
+    return state["step"], state["history"], state.get("pending", [])
 
 
 @dataclass
@@ -507,9 +513,10 @@ def fit(
 
     path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
     start, history, last_saved = 0, {"step": []}, None
+    pending: list[dict[str, torch.Tensor]] = []
     clock = TrainClock() if clock is None else clock
     if path is not None and resume and path.exists():
-        start, history = load_checkpoint(path, model, sampler, clock, meta)
+        start, history, pending = load_checkpoint(path, model, sampler, clock, meta)
         last_saved = start
         if start > steps:
             raise ValueError(f"{path} is at step {start}, past the {steps} steps asked for: ask for at least "
@@ -517,7 +524,6 @@ def fit(
 
     graph = StepGraph(model, amp) if use_cuda_graph(model, device, cuda_graph) else None
     model.graph_captured_at = None
-    pending: list[dict[str, torch.Tensor]] = []
     bar = _progress_bar(start, steps, desc or type(model).__name__, progress)
     began = time.perf_counter()
     stop = _DeferredStop(enabled=path is not None)
@@ -541,19 +547,20 @@ def fit(
                 if path is not None and (step % checkpoint_every == 0 or step == steps):
                     save_checkpoint(path, model, sampler, step, history, clock, meta)
                     last_saved = step
-            bar.update(1)
-            if stop.signum is not None:
-                if last_saved != step:
+            if stop.signum is not None:  # before the bar writes again: a Ctrl-C may have closed its pipe
+                if last_saved != step:  # the window in progress is saved as it is: the history stays the same
                     bad = first_non_finite(pending, step - len(pending) + 1)
                     if bad is not None:
                         raise non_finite_error(*bad, path, last_saved)
-                    if pending:
-                        log_means(history, step, pending)
-                    save_checkpoint(path, model, sampler, step, history, clock, meta)
+                    save_checkpoint(path, model, sampler, step, history, clock, meta, pending)
                 raise TrainingInterrupted(step, path, stop.signum)
+            bar.update(1)
+        if stop.signum is not None:  # it came after the last step's check: that step is saved already
+            raise TrainingInterrupted(max(start, steps), path, stop.signum)
     finally:
         stop.restore()
-        bar.close()
+        with suppress(OSError):  # a closed pipe (`| tail`, a dead terminal) must not hide the interrupt
+            bar.close()
         if graph is not None and graph.captured_at is not None:
             model.graph_captured_at = start + graph.captured_at + 1
     model.eval()
@@ -571,7 +578,9 @@ class _DeferredStop:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
         if enabled and threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+            # an ignored signal (a shell's `cmd &` ignores SIGINT) stays ignored
+            self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS
+                             if signal.getsignal(signum) is not signal.SIG_IGN}
 
     def note(self, signum: int, frame: Any) -> None:
         """The handler: remember the first signal, give up waiting on a second Ctrl-C."""
@@ -579,8 +588,9 @@ class _DeferredStop:
             self.restore()
             raise KeyboardInterrupt
         self.signum = self.signum or signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              "(Ctrl-C again stops at once, unsaved)", file=sys.stderr, flush=True)
+        with suppress(OSError):
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                  "(Ctrl-C again stops at once, unsaved)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         """Put back the handlers that were there before."""

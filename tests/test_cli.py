@@ -513,7 +513,7 @@ def test_an_out_folder_of_another_run_is_refused_and_never_overwritten(tmp_path,
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
 
 
-def test_an_interrupted_train_says_how_to_resume_and_exits_with_the_signal(tmp_path, capsys, monkeypatch):
+def test_an_interrupted_train_says_how_to_resume_and_dies_by_the_signal(tmp_path, capsys, monkeypatch):
     import signal
 
     from genlib import train
@@ -521,10 +521,13 @@ def test_an_interrupted_train_says_how_to_resume_and_exits_with_the_signal(tmp_p
     def interrupted(*args, **kwargs):
         raise train.TrainingInterrupted(7, tmp_path / "checkpoint.pt", signal.SIGINT)
 
+    killed = []
     monkeypatch.setattr(train, "fit", interrupted)
+    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: killed.append(signum))  # the test process lives on
+    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: killed.append(handler))
     with pytest.raises(SystemExit) as exited:
         cli.main(train_args(tmp_path, 20))
-    assert exited.value.code == 130
+    assert killed == [signal.SIG_DFL, signal.SIGINT] and exited.value.code == 130
     assert "stopped by SIGINT after step 7, saved in" in capsys.readouterr().err
 
 
@@ -544,3 +547,12 @@ def test_compare_takes_each_family_s_own_default_setting_and_refuses_another_com
     with pytest.raises(SystemExit):
         cli.main([("1" if arg == "0" else arg) for arg in args])  # the same comparison but for its seed
     assert "another run (seeds: '0' there, '1' here)" in capsys.readouterr().err
+
+
+def test_a_record_older_than_an_argument_still_matches_its_own_run(tmp_path):
+    """compare's records made before --family existed lack the key: that is no difference, another seed is."""
+    (tmp_path / "run.json").write_text(json.dumps({"command": "compare --seeds 0",
+                                                    "config": {"command": "compare", "seeds": "0"}}))
+    cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "0", "family": "gan"})
+    with pytest.raises(ValueError, match="seeds: '0' there, '1' here"):
+        cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "1", "family": "gan"})

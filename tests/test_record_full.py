@@ -118,15 +118,19 @@ def test_device_check_keeps_to_its_budget_and_packs_nothing_it_did_not_record(tm
 
 
 FAKE_PYTHON = """#!/bin/bash
-# Stands in for python on a GPU machine: a `-m genlib` run writes its checkpoint, then outlives the deadline.
+# Stands in for python on a GPU machine: a `-m genlib` run writes a checkpoint, outlives the deadline and, like
+# genlib's fit, answers SIGTERM by finishing its step and saving (here: a second later) before it exits.
 if [[ "$1" == "-m" && "$2" == "genlib" ]]; then
-  out="${@: -1}"; mkdir -p "$out"; printf 'weights of %s' "$out" > "$out/checkpoint.pt"; exec sleep 60
+  out="${@: -1}"; mkdir -p "$out"; printf 'early weights of %s' "$out" > "$out/checkpoint.pt"
+  trap 'sleep 1; printf "weights of %s at the deadline" "$out" > "$out/checkpoint.pt"; exit 143' TERM
+  sleep 60 & wait $!
 fi
 """
 
 
 def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadline(tmp_path):
-    """A run still going at the deadline is stopped, and its checkpoint comes back in parts to resume from."""
+    """A run still going at the deadline is stopped, and the checkpoint it saves on the way out comes back in parts
+    to resume from."""
     root, out = tmp_path / "repo", tmp_path / "out"
     (root / "tools").mkdir(parents=True)
     out.mkdir()
@@ -148,4 +152,5 @@ def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadlin
     unpacked.mkdir()
     subprocess.run(f"cat {' '.join(map(str, parts))} | tar xz -C {unpacked}", shell=True, check=True)
     checkpoint = unpacked / "results" / "ch02_dcgan_fashion_x" / "checkpoint.pt"
-    assert checkpoint.read_text() == "weights of results/ch02_dcgan_fashion_x"
+    # the save on the way out was waited for
+    assert checkpoint.read_text() == "weights of results/ch02_dcgan_fashion_x at the deadline"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import signal
 import warnings
 
@@ -176,7 +177,7 @@ def test_an_interrupt_finishes_the_step_saves_it_and_the_rerun_resumes_bit_for_b
     """The signal arrives in the middle of step 7 (from its callback, between the step's update and its end): the
     step completes, is saved although 7 is no checkpoint step, and resuming gives the uninterrupted weights."""
     model, sampler = make_run()
-    fit(model, sampler, 20, run_dir=tmp_path / "a", checkpoint_every=10, log_every=5, progress=False)
+    full = fit(model, sampler, 20, run_dir=tmp_path / "a", checkpoint_every=10, log_every=5, progress=False)
     reference = parameters(model)
 
     first, sampler1 = make_run()
@@ -187,13 +188,25 @@ def test_an_interrupt_finishes_the_step_saves_it_and_the_rerun_resumes_bit_for_b
     assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.step == first.calls == 7
     assert signal.getsignal(signum) is handler  # the caller's handler is back
     saved = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)
-    assert saved["step"] == 7 and saved["history"]["step"] == [5, 7]
+    assert saved["step"] == 7 and saved["history"]["step"] == [5] and len(saved["pending"]) == 2  # steps 6, 7
+    assert pickle.loads(pickle.dumps(stopped.value)).step == 7
 
     second, sampler2 = make_run()
     history = fit(second, sampler2, 20, run_dir=tmp_path / "b", checkpoint_every=10, log_every=5, progress=False)
-    assert second.calls == 13 and history["step"] == [5, 7, 10, 15, 20]
+    assert second.calls == 13 and history == full  # the same logged means: the window was saved as it stood
     for a, b in zip(reference, parameters(second)):
         assert torch.equal(a, b)
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's `cmd &` leaves it
+    try:
+        model, sampler = make_run()
+        fit(model, sampler, 10, run_dir=tmp_path, progress=False,
+            callback=lambda step, _: os.kill(os.getpid(), signal.SIGINT), callback_every=3)
+        assert model.calls == 10 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_second_ctrl_c_stops_at_once():

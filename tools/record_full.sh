@@ -77,5 +77,13 @@ for name in "${names[@]}"; do
     continue
   fi
   echo "== $name -> $out"
-  "${command[@]}"
+  # In the background, with TERM and INT forwarded and waited for: a deadline's SIGTERM (timeout in
+  # device_check.sh) then lets genlib finish its step and save a checkpoint before this script, and timeout,
+  # return. (A background job ignores SIGINT, so INT is forwarded as TERM.)
+  "${command[@]}" &
+  child=$!
+  trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 143' TERM
+  trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 130' INT
+  wait "$child"
+  trap - TERM INT
 done

@@ -192,7 +192,7 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
     """Refuse an ``--out`` folder that holds another command's record, a train run's checkpoint (for the other
     commands), or the record of a ``train``/``compare`` run with other ``arguments`` (``train``: see
     :func:`run_arguments`): writing there would overwrite or mix up a recorded run."""
-    from genlib.train import CHECKPOINT
+    from genlib.train import CHECKPOINT, differences
 
     if command != "train" and (out / CHECKPOINT).exists():
         raise ValueError(f"{out} holds a training checkpoint ({CHECKPOINT}); use another --out")
@@ -204,12 +204,12 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
     if config.get("command") != command:
         raise ValueError(f"{out} holds the record of another command ({run.get('command')}); use another --out")
     if arguments is not None:
-        recorded = run_arguments(config) if command == "train" else {key: config.get(key) for key in arguments}
+        recorded = run_arguments(config) if command == "train" else config
         # a key the record lacks is an argument added since it was made (compare's --family): not a difference
-        differences = ", ".join(f"{key}: {recorded[key]!r} there, {arguments[key]!r} here" for key in arguments
-                                if key != "out" and key in config and recorded[key] != arguments[key])
-        if differences:
-            raise ValueError(f"{out} holds the record of another run ({differences}); use another --out")
+        compared = [key for key in arguments if key != "out" and key in config]
+        found = differences({key: recorded[key] for key in compared}, {key: arguments[key] for key in compared})
+        if found:
+            raise ValueError(f"{out} holds the record of another run ({found}); use another --out")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -220,8 +220,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.eval_samples == 1:
         raise SystemExit("error: --eval-samples must be 0 (no metrics) or at least 2")
-    out = Path(args.out)
-    check_out(out, "train", run_arguments(vars(args)))
+    out, arguments = Path(args.out), run_arguments(vars(args))
+    check_out(out, "train", arguments)
     dev = runtime.device(args.device)
     origin = provenance(dev)  # the commit and date the run started from, not those at its end
     runtime.use_fast_matmul(dev)
@@ -238,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                         log_every=args.log_every, desc=f"{args.family}/{args.data}",
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
                         callback_every=args.sample_every, clock=clock,
-                        meta=run_arguments(vars(args)))
+                        meta=arguments)
     wall = clock.now()["seconds"]
     origin["train_processes"] = clock.processes
     if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
@@ -271,10 +271,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.eval_samples < 2:
         raise SystemExit("error: --eval-samples must be at least 2")
-    if Path(args.out).resolve() == Path(args.run).resolve():
-        raise ValueError(f"--out {args.out} is the run being evaluated: its records would be overwritten; "
-                         "use another folder")
-    check_out(Path(args.out), "evaluate")
+    check_out(Path(args.out), "evaluate")  # refuses the run folder itself too: it holds a train record
     source = load_run(args.run)
     checkpoint = Path(args.run) / train.CHECKPOINT
     if source.run["config"].get("command") != "train" or not checkpoint.is_file():

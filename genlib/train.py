@@ -260,16 +260,20 @@ def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClo
     state = torch.load(path, map_location=model.device, weights_only=False)
     saved = state.get("meta")
     if meta is not None and saved is not None and saved != meta:
-        differences = ", ".join(f"{key}: {saved.get(key)!r} there, {meta.get(key)!r} here"
-                                for key in sorted(set(saved) | set(meta)) if saved.get(key) != meta.get(key))
-        raise ValueError(f"{path} is the checkpoint of another run ({differences}); resume it with its own "
-                         "settings, or train into another folder")
+        raise ValueError(f"{path} is the checkpoint of another run ({differences(saved, meta)}); resume it with "
+                         "its own settings, or train into another folder")
     model.load_checkpoint_state(state)
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"], model.device)
     if clock is not None:
         clock.resume(state.get("clock"))
     return state["step"], state["history"], state.get("pending", [])
+
+
+def differences(there: dict, here: dict) -> str:
+    """'key: value there, value here' for every key whose values differ (a missing key counts as None)."""
+    return ", ".join(f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
+                     for key in sorted(set(there) | set(here)) if there.get(key) != here.get(key))
 
 
 @dataclass
@@ -535,10 +539,12 @@ def fit(
             pending.append({k: v.detach().float() for k, v in losses.items()})
             if callback is not None and callback_every and step % callback_every == 0:
                 callback(step, model)
-            if step % log_every == 0 or step == steps or (path is not None and step % checkpoint_every == 0):
+            flush = step % log_every == 0 or step == steps or (path is not None and step % checkpoint_every == 0)
+            if flush or stop.signum is not None:
                 bad = first_non_finite(pending, step - len(pending) + 1)
                 if bad is not None:
                     raise non_finite_error(*bad, path, last_saved)
+            if flush:
                 means = log_means(history, step, pending)
                 pending = []
                 rate = x.shape[0] * (step - start) / max(time.perf_counter() - began, 1e-9)
@@ -549,14 +555,11 @@ def fit(
                     last_saved = step
             if stop.signum is not None:  # before the bar writes again: a Ctrl-C may have closed its pipe
                 if last_saved != step:  # the window in progress is saved as it is: the history stays the same
-                    bad = first_non_finite(pending, step - len(pending) + 1)
-                    if bad is not None:
-                        raise non_finite_error(*bad, path, last_saved)
                     save_checkpoint(path, model, sampler, step, history, clock, meta, pending)
                 raise TrainingInterrupted(step, path, stop.signum)
             bar.update(1)
         if stop.signum is not None:  # it came after the last step's check: that step is saved already
-            raise TrainingInterrupted(max(start, steps), path, stop.signum)
+            raise TrainingInterrupted(steps, path, stop.signum)
     finally:
         stop.restore()
         with suppress(OSError):  # a closed pipe (`| tail`, a dead terminal) must not hide the interrupt

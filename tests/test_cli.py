@@ -500,7 +500,7 @@ def test_an_out_folder_of_another_run_is_refused_and_never_overwritten(tmp_path,
     attempts = [
         ([*train_args(out, 30), "--eval-samples", "100", "--seed", "1"], "another run .*seed: 0 there, 1 here"),
         (train_args(out, 10) + ["--eval-samples", "100"], "at step 20, past the 10 steps"),
-        (["evaluate", str(out), "--out", str(out)], "is the run being evaluated"),
+        (["evaluate", str(out), "--out", str(out)], "holds a training checkpoint"),
         (["compare", "--steps", "5", "--seeds", "0", "--toys", "ring8", "--methods", "GAN", "--out", str(out)],
          "holds a training checkpoint"),
     ]

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,20 @@ class TrainSpec:
     batch_size: int = 64
     options: dict[str, str] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)  # options a builder has read; the rest are typos
+    read: set[str] = field(default_factory=set)  # fields of FLAG_FIELDS a builder has read
+
+    def __getattribute__(self, name: str) -> Any:
+        # a builder reads the flags' values as plain attributes: noting which it read names the flags it ignores
+        if name in FLAG_FIELDS:
+            object.__getattribute__(self, "read").add(name)
+        return object.__getattribute__(self, name)
+
+    def ignored_flags(self) -> dict[str, Any]:
+        """``{field: value}`` of the model flags (``--z-dim``, ``--width``, ``--lr``) set away from their defaults
+        that the builder never read (``--batch-size`` always counts: the sampler reads it)."""
+        defaults = {spec_field.name: spec_field.default for spec_field in fields(TrainSpec)}
+        return {name: vars(self)[name] for name in ("z_dim", "width", "lr")
+                if name not in self.read and vars(self)[name] != defaults[name]}
 
     def option(self, name: str, default: Any) -> Any:
         """The ``--opt name=value`` option converted to the type of ``default``, else ``default``."""
@@ -81,11 +95,11 @@ class TrainSpec:
         for name in self.options:
             if name in skip:
                 continue
-            if name in FLAG_FIELDS:
-                raise ValueError(f"--opt {name} would override the flag --{name.replace('_', '-')}: use the flag")
             if name not in defaults or name == "shape":
                 raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: "
                                  f"{', '.join(sorted(set(defaults) - {'shape'}))}")
+            if name in FLAG_FIELDS:
+                raise ValueError(f"--opt {name} would override the flag --{name.replace('_', '-')}: use the flag")
             kwargs[name] = self.option(name, defaults[name])
         return cls(**kwargs)
 
@@ -162,6 +176,9 @@ def build_family(name: str, spec: TrainSpec):
     if unread:
         raise ValueError(f"unknown option(s) {', '.join(unread)} for family {name!r} "
                          f"(the options are listed in the docstring of {module_name}.{function})")
+    for flag, value in spec.ignored_flags().items():
+        print(f"warning: family {name!r} does not use --{flag.replace('_', '-')} (set to {value}); it has no effect",
+              file=sys.stderr, flush=True)
     return model
 
 
@@ -184,8 +201,18 @@ is refused (``--steps`` may grow; evaluation, logging, the device and the data's
 
 def run_arguments(config: dict) -> dict:
     """The :data:`RUN_DEFINING` arguments of a ``train`` config (``vars(args)`` or a run.json's), ``--opt`` as a
-    dict so that its order does not matter."""
-    return {key: parse_options(config.get(key) or []) if key == "opt" else config.get(key) for key in RUN_DEFINING}
+    dict so that its order does not matter, its numbers as floats so that their spelling does not (1e-2, 0.01)."""
+    return {key: {name: _number_or_text(value) for name, value in parse_options(config.get(key) or []).items()}
+            if key == "opt" else config.get(key) for key in RUN_DEFINING}
+
+
+def _number_or_text(value: str) -> float | str:
+    """An ``--opt`` value as a float where it reads as a finite one, else as given (nan != nan)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return number if math.isfinite(number) else value
 
 
 def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
@@ -226,7 +253,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     origin = provenance(dev)  # the commit and date the run started from, not those at its end
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
-    print(runtime.describe(args.seed, dev), flush=True)
+    run_line = runtime.describe(args.seed, dev, show_scale=False)
+    print(run_line, flush=True)
     dataset, sampler, model = build_run(vars(args), parse_options(args.opt), dev)
     if args.steps <= getattr(model, "glo_steps", 0):
         print(f"warning: all {args.steps} steps are GLO steps (glo_steps={model.glo_steps}); the latent IMLE stage "
@@ -254,10 +282,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.eval_samples:
         print(f"evaluating on {args.eval_samples} samples ...", flush=True)
         metrics.update(evaluate_model(model, args.data, dataset, args.eval_samples, held_out_for(model, vars(args)),
-                                      args.seed))
+                                      args.seed, progress=True))
     summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items())
     print(summary)
-    write_log(out / "train.log", runtime.describe(args.seed, dev), history, summary)
+    write_log(out / "train.log", run_line, history, summary)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     record_run(out, device=dev, config=config, metrics=metrics, wall_time_s=wall, origin=origin)
     print(f"recorded run in {out} ({wall:.0f} s)")
@@ -290,12 +318,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"the checkpoint does not fit the model built with {options}: {error}") from error
     model.eval()
     runtime.seed_everything(args.seed)
-    print(f"{args.run}: step {state['step']} | {runtime.describe(args.seed, dev)}", flush=True)
+    print(f"{args.run}: step {state['step']} | {runtime.describe(args.seed, dev, show_scale=False)}", flush=True)
     began = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_model(model, config["data"], dataset, args.eval_samples, held_out_for(model, config), args.seed,
-                             grid_to=out / "samples.png")
+                             grid_to=out / "samples.png", progress=True)
     wall = time.perf_counter() - began
     print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
     record = {"command": "evaluate", "source_run": str(args.run), "source_command": source.command,

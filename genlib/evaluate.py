@@ -39,22 +39,28 @@ def feature_network_for(shape: tuple[int, ...]) -> str:
 
 
 @torch.no_grad()
-def draw_samples(model, n: int, batch_size: int = 500) -> tuple[Tensor, float]:
-    """``n`` samples ``[n, ...]`` from ``model`` (float32, CPU) and the sampling rate in samples/s.
+def draw_samples(model, n: int, batch_size: int = 500, progress: bool = False) -> tuple[Tensor, float]:
+    """``n`` samples ``[n, ...]`` from ``model`` (float32, CPU) and the sampling rate in samples/s; ``progress``
+    shows a bar (a Langevin sampler's 10,000 samples take minutes on a CPU).
 
     On CUDA one extra batch is drawn first and thrown away, so that lazy initialisation and cuDNN
     autotuning do not count in the rate; on the CPU, where neither is worth a batch, it is skipped (for a
     Langevin sampler it would add up to half the evaluation's time)."""
+    from tqdm.auto import tqdm
+
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     if model.device.type == "cuda":
         model.sample(min(batch_size, n))
     chunks, drawn = [], 0
     began = time.perf_counter()
-    while drawn < n:
-        chunk = model.sample(min(batch_size, n - drawn))
-        chunks.append(chunk.float().cpu())  # the copy to the CPU also waits for the GPU to finish
-        drawn += len(chunk)
+    with tqdm(total=n, desc="sampling", unit="sample", disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        while drawn < n:
+            chunk = model.sample(min(batch_size, n - drawn))
+            chunks.append(chunk.float().cpu())  # the copy to the CPU also waits for the GPU to finish
+            drawn += len(chunk)
+            bar.update(len(chunk))
     return torch.cat(chunks), n / (time.perf_counter() - began)
 
 
@@ -102,14 +108,15 @@ def held_out_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
 
 
 def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out: Tensor | None = None,
-                   seed: int = 0, grid_to: str | Path | None = None) -> dict[str, float | str]:
+                   seed: int = 0, grid_to: str | Path | None = None, progress: bool = False) -> dict[str, float | str]:
     """All the numbers of a run of ``model`` trained on dataset ``data_name``.
 
     ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]``, the CLI passes the
     training set, as FID usually does; or toy points);
     ``held_out`` (test-split images or points) feeds ``model.evaluate`` when the family has a likelihood;
-    ``grid_to``: a png path for an 8x8 grid of the first scored images (no extra sampling)."""
-    fake, rate = draw_samples(model, n_samples)
+    ``grid_to``: a png path for an 8x8 grid of the first scored images (no extra sampling); ``progress``: a bar
+    while sampling."""
+    fake, rate = draw_samples(model, n_samples, progress=progress)
     if grid_to is not None and fake.dim() == 4:
         from genlib import viz
 

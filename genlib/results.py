@@ -58,7 +58,7 @@ def provenance(device: torch.device | str, command: list[str] | str | None = Non
 
     device = torch.device(device)
     if command is None:
-        command = [Path(sys.argv[0]).name if sys.argv[0].endswith("__main__.py") else sys.argv[0], *sys.argv[1:]]
+        command = [*_program(sys.argv[0]), *sys.argv[1:]]
     if not isinstance(command, str):
         command = shlex.join(command)
     return {
@@ -75,6 +75,25 @@ def provenance(device: torch.device | str, command: list[str] | str | None = Non
         "host": platform.node(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+CLI = "python -m genlib"
+
+
+def _program(argv0: str) -> list[str]:
+    """The words that started this process, as a reader can type them: ``python -m genlib`` for genlib's
+    ``__main__.py`` and for the ``genlib`` script (the same program, wherever it is installed), else ``argv0``."""
+    path = Path(argv0)
+    if (path.name == "__main__.py" and path.parent.name == "genlib") or path.name == "genlib":
+        return CLI.split()
+    return [argv0]
+
+
+def runnable(command: str) -> str:
+    """A recorded command as one can paste it: records made before :func:`_program` wrote ``python -m genlib``
+    as ``__main__.py``."""
+    program, _, arguments = command.partition(" ")
+    return f"{CLI} {arguments}" if program == "__main__.py" else command
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -106,7 +125,8 @@ class RecordedRun:
 
     @property
     def command(self) -> str:
-        return self.run["command"]
+        """The command that made the run, as one can paste it (:func:`runnable`)."""
+        return runnable(self.run["command"])
 
     @property
     def samples_png(self) -> Path | None:
@@ -122,7 +142,7 @@ class RecordedRun:
         when = (f"wall time {run.get('wall_time_s', float('nan')):.0f} s"
                 + (f" (over {processes} resumed processes)" if processes > 1 else "") + f" | {run['date']}")
         made_by_cli = "command" in run.get("config", {})  # the CLI keeps its subcommand in the config
-        return "\n".join([f"command : {run['command']}",
+        return "\n".join([f"command : {self.command}",
                           f"device  : {run['device_name']} | torch {run['torch_version']} | "
                           f"commit {short_commit(run['git_commit'])}{_machine_load(run)}",
                           f"run     : {when}" if made_by_cli else f"scale   : {run['scale']} | {when}"])

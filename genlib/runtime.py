@@ -115,13 +115,14 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def describe(seed: int, dev: torch.device | None = None) -> str:
-    """One line saying what is being run: scale, device, seed and versions."""
+def describe(seed: int, dev: torch.device | None = None, show_scale: bool = True) -> str:
+    """One line saying what is being run: scale (unless ``show_scale`` is False: the CLI's flags set every size,
+    not ``GENLIB_SCALE``), device, seed and versions."""
     from genlib import __version__
 
     dev = dev or device()
     return (
-        f"scale={scale()} | device={dev.type} [{device_name(dev)}] | seed={seed} | "
+        (f"scale={scale()} | " if show_scale else "") + f"device={dev.type} [{device_name(dev)}] | seed={seed} | "
         f"genlib {__version__} | torch {torch.__version__}"
     )
 

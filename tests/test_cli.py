@@ -75,6 +75,29 @@ def test_an_option_value_error_names_the_option_and_a_flag_cannot_be_overridden(
         cli.build_family("gan", spec)
 
 
+def test_an_option_named_like_a_flag_a_family_does_not_take_is_unknown():
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"z_dim": "4"})
+    with pytest.raises(ValueError, match="unknown option 'z_dim' for DAE"):
+        cli.build_family("dae", spec)
+
+
+@pytest.mark.parametrize("family, ignored", [("realnvp", ["z-dim"]), ("autoregressive", ["z-dim", "width"]),
+                                             ("vae", [])])
+def test_a_flag_the_family_ignores_is_named_in_a_warning(family, ignored, capsys):
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), z_dim=3, width=8, lr=1e-3)
+    cli.build_family(family, spec)
+    warned = capsys.readouterr().err
+    assert sorted(re.findall(r"does not use --([a-z-]+)", warned)) == sorted(ignored)
+    cli.build_family(family, cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu")))  # the defaults: silent
+    assert capsys.readouterr().err == ""
+
+
+def test_the_train_flags_default_to_the_spec_defaults():
+    flags = vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", "x"]))
+    spec = cli.TrainSpec(torch.zeros(1, 2), (2,), torch.device("cpu"))
+    assert {name: flags[name] for name in cli.FLAG_FIELDS} == {name: getattr(spec, name) for name in cli.FLAG_FIELDS}
+
+
 def test_malformed_option_is_rejected():
     with pytest.raises(SystemExit, match="key=value"):
         cli.parse_options(["novalue"])
@@ -160,9 +183,9 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     assert split["clock"]["seconds"] <= resumed["wall_time_s"] + 0.005 < split["clock"]["seconds"] + 1.0
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())
     log = (tmp_path / "straight" / "train.log").read_text().splitlines()
-    assert log[0].startswith(f"scale=small | device={device.type}") and log[1].split()[0] == "step"
+    assert log[0].startswith(f"device={device.type}") and log[1].split()[0] == "step"  # the flags set the sizes
     assert [int(line.split()[0]) for line in log[2:-1]] == [10, 20, 30, 40] and "final_loss=" in log[-1]
-    assert f"scale=small | device={device.type}" in capsys.readouterr().out
+    assert re.search(rf"^device={device.type} .* \| seed=0 \|", capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize("graph", ["0", "1"])
@@ -556,3 +579,17 @@ def test_a_record_older_than_an_argument_still_matches_its_own_run(tmp_path):
     cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "0", "family": "gan"})
     with pytest.raises(ValueError, match="seeds: '0' there, '1' here"):
         cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "1", "family": "gan"})
+
+
+def test_a_train_record_matches_its_options_however_their_numbers_are_spelt(tmp_path):
+    flags = vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", str(tmp_path),
+                                               "--opt", "lam=1e-2", "--opt", "variant=gan"]))
+    (tmp_path / "run.json").write_text(json.dumps({"command": "x", "config": {**flags, "func": None,
+                                                                                 "command": "train"}}))
+    same = {**flags, "opt": ["variant=gan", "lam=0.01"]}  # another order, another spelling
+    cli.check_out(tmp_path, "train", cli.run_arguments(same))
+    for other, difference in ((["lam=0.011", "variant=gan"], "{'lam': 0.011, 'variant': 'gan'} here"),
+                              (["lam=1e-2", "variant=wgan"], "{'lam': 0.01, 'variant': 'wgan'} here"),
+                              (["lam=nan", "variant=gan"], "{'lam': 'nan', 'variant': 'gan'} here")):
+        with pytest.raises(ValueError, match=re.escape(f"opt: {{'lam': 0.01, 'variant': 'gan'}} there, {difference}")):
+            cli.check_out(tmp_path, "train", cli.run_arguments({**flags, "opt": other}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -62,6 +63,14 @@ def test_draw_samples_concatenates_batches_in_order():
     assert torch.equal(evaluate.draw_samples(model, 23, batch_size=5)[0], rows)
     with pytest.raises(ValueError, match="positive"):
         evaluate.draw_samples(Replay(rows), 0)
+
+
+def test_draw_samples_shows_its_progress_when_asked(capsys):
+    rows = torch.arange(23.0)[:, None].expand(23, 2)
+    evaluate.draw_samples(Replay(rows), 23, batch_size=5)
+    assert capsys.readouterr().err == ""
+    evaluate.draw_samples(Replay(rows), 23, batch_size=5, progress=True)
+    assert re.search(r"sampling: 100%.*23/23", capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")

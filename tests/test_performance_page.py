@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from genlib import bench
+from genlib import bench, results
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "book" / "performance.md"
@@ -92,7 +92,7 @@ def test_page_states_the_runs_provenance(run):
     text = section(page, RUNS[run])
     words = flat(text)
     recorded = report["provenance"]
-    assert f"python -m genlib {recorded['command'].split(' ', 1)[1]}\n" in text  # the exact command, as run
+    assert f"{results.runnable(recorded['command'])}\n" in text  # the exact command, as run
     assert f"`{recorded['device_name']}`" in words
     assert f"Torch used {recorded['torch_threads']} threads" in words
     assert f"torch `{recorded['torch_version']}`" in words and f"Python `{recorded['python_version']}`" in words
@@ -134,8 +134,8 @@ def test_intro_targets_and_reproducing_name_the_recorded_runs():
     assert "No GPU figures" not in page and "not yet measured" not in page
     assert "python -m genlib bench --device cuda --out results/bench-h100" in page  # the targets' command
     reproducing = section(page, "Reproducing")
-    recorded = report["provenance"]["command"].split(" ", 1)[1]  # bench --out results/bench-h200
-    assert f"`python -m genlib {recorded.replace(GPU_RUN, 'bench-TAG')}`" in reproducing
+    recorded = results.runnable(report["provenance"]["command"])  # python -m genlib bench --out results/bench-h200
+    assert f"`{recorded.replace(GPU_RUN, 'bench-TAG')}`" in reproducing
     assert f"`results/{GPU_RUN}`" in reproducing
 
 
@@ -243,7 +243,7 @@ def test_the_full_scale_dcgan_run_quoted_is_the_recorded_one():
     metrics = json.loads((DCGAN_RUN / "metrics.json").read_text())
     figures = dcgan_figures()
     f = bench.format_number
-    assert f"python -m genlib {run['command'].split(' ', 1)[1]}\n" in text
+    assert f"{results.runnable(run['command'])}\n" in text
     assert run["device_name"] == "NVIDIA H200" and run["config"]["family"] == "gan"
     assert f"names commit {run['git_commit'][:7]}" in words
     assert (f"Its {figures['steps']:,} steps at batch {figures['batch']} took {figures['seconds']:.0f} s of "

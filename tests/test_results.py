@@ -186,3 +186,20 @@ def test_gpu_runs_finds_gpu_recordings_of_a_name_oldest_first(tmp_path):
     report = results.full_scale_report(["ch02_dcgan_fashion", "ch04_dde_fashion"], tmp_path)
     assert "fd      : 9" in report and "fd      : 10" in report and "fd      : 30" not in report
     assert "ch04_dde_fashion: no full-scale run recorded on a GPU yet" in report
+
+
+@pytest.mark.parametrize("argv0, program", [("/x/site-packages/genlib/__main__.py", "python -m genlib"),
+                                            ("/home/me/.venv/bin/genlib", "python -m genlib"),
+                                            ("tools/smoke_full.py", "tools/smoke_full.py"),
+                                            ("/x/other/__main__.py", "/x/other/__main__.py")])
+def test_a_record_names_the_program_as_a_reader_types_it(monkeypatch, argv0, program):
+    monkeypatch.setattr(results.sys, "argv", [argv0, "train", "gan", "--opt", "betas=0.5 0.9"])
+    assert results.provenance("cpu")["command"] == f"{program} train gan --opt 'betas=0.5 0.9'"
+
+
+def test_an_older_record_s_command_is_shown_runnable(tmp_path):
+    run = results.record_run(tmp_path / "r", device="cpu", config={"command": "train"}, metrics={}, wall_time_s=1.0,
+                             command="__main__.py train gan --out r")
+    assert run.command == "python -m genlib train gan --out r" == results.load_run(run.path).command
+    assert run.header().startswith("command : python -m genlib train gan --out r\n")
+    assert json.loads((run.path / "run.json").read_text())["command"] == "__main__.py train gan --out r"  # as recorded

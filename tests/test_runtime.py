@@ -55,6 +55,7 @@ def test_describe_states_scale_device_and_seed(monkeypatch):
     monkeypatch.delenv("GENLIB_SCALE", raising=False)
     line = runtime.describe(3, torch.device("cpu"))
     assert line.startswith("scale=small | device=cpu") and "seed=3" in line and torch.__version__ in line
+    assert runtime.describe(3, torch.device("cpu"), show_scale=False) == line.removeprefix("scale=small | ")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

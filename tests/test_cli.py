@@ -81,8 +81,8 @@ def test_an_option_named_like_a_flag_a_family_does_not_take_is_unknown():
         cli.build_family("dae", spec)
 
 
-@pytest.mark.parametrize("family, ignored", [("realnvp", ["z-dim"]), ("autoregressive", ["z-dim", "width"]),
-                                             ("vae", [])])
+@pytest.mark.parametrize("family, ignored", [("realnvp", ["z-dim"]), ("score", ["z-dim"]), ("dae", ["z-dim"]),
+                                             ("autoregressive", ["z-dim", "width"]), ("vae", []), ("gan", [])])
 def test_a_flag_the_family_ignores_is_named_in_a_warning(family, ignored, capsys):
     spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), z_dim=3, width=8, lr=1e-3)
     cli.build_family(family, spec)

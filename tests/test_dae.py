@@ -8,6 +8,7 @@ import math
 import pytest
 import sympy as sp
 import torch
+from scipy import integrate
 from torch import nn
 
 from genlib import dae
@@ -411,3 +412,55 @@ def test_smoothed_gaussians_kl_by_monte_carlo_with_exact_energies_is_the_closed_
         standard_error = gap.std().item() / n**0.5
         assert gap.mean().item() == pytest.approx(exact, abs=4 * standard_error)
         assert grad.item() == pytest.approx(m0 / (1 + sigma**2), abs=0.01)
+
+
+def test_closed_forms_normalise_the_mixture_weights():
+    means, stds, sigma = [[-2.0], [1.5]], [0.5, 0.3], 0.4
+    x = torch.linspace(-4, 4, 9, dtype=torch.float64)[:, None]
+    for fn in (dae.smoothed_log_density, dae.smoothed_score, dae.optimal_denoiser, dae.posterior_responsibilities):
+        torch.testing.assert_close(fn(x, [3.0, 7.0], means, stds, sigma), fn(x, [0.3, 0.7], means, stds, sigma))
+    # independent check: the density with unnormalised weights integrates to 1 (quadrature)
+    density = lambda v: math.exp(  # noqa: E731
+        dae.smoothed_log_density(torch.tensor([[v]], dtype=torch.float64), [3.0, 7.0], means, stds, sigma).item())
+    assert integrate.quad(density, -15, 15, points=[-2.0, 1.5])[0] == pytest.approx(1.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 4, 4)])
+def test_noise_conditional_score_divides_the_body_output_by_sigma(shape):
+    net = dae.NoiseConditionalScore(shape, width=8, depth=1)
+    net.body.forward = lambda x, log_sigma: torch.ones_like(x)  # body output 1: the score must be 1 / sigma
+    sigma = torch.tensor([0.1, 0.5, 2.0])
+    out = net(torch.zeros(3, *shape), sigma)
+    torch.testing.assert_close(out, (1 / sigma).view(-1, *[1] * len(shape)).expand(3, *shape))
+    torch.testing.assert_close(net(torch.zeros(3, *shape), 0.25), torch.full((3, *shape), 4.0))
+
+
+def test_dde_warmup_trains_both_energies_then_the_generator_on_schedule():
+    torch.manual_seed(0)
+    model = dae.DDEGenerator((2,), z_dim=2, width=8, depth=1, gen_every=1, warmup=2, train_real=False)
+    x = torch.randn(16, 2)
+
+    def snapshot():
+        return {name: [p.detach().clone() for p in getattr(model, name).parameters()]
+                for name in ("energy_real", "energy_fake", "generator")}
+
+    moved_per_step = []
+    for _ in range(4):
+        before = snapshot()
+        model.step(x, torch.arange(16))
+        after = snapshot()
+        moved_per_step.append({k for k in before if any(not torch.equal(a, b) for a, b in zip(before[k], after[k]))})
+    # steps 1-2 warm up (both energies, even with train_real=False); from step 3 the generator steps every time
+    # and the real energy is frozen
+    assert moved_per_step == [{"energy_real", "energy_fake"}, {"energy_real", "energy_fake"},
+                              {"energy_fake", "generator"}, {"energy_fake", "generator"}]
+
+
+def test_score_model_chains_start_from_init_std_gaussians_or_uniform_pixels():
+    torch.manual_seed(0)
+    vec = dae.ScoreModel((2,), width=8, depth=1, sigma_max=3.0, sigma_min=0.1, n_sigmas=2)
+    assert vec.initial_points(40_000).std().item() == pytest.approx(3.0, rel=0.02)  # default init_std = sigma_max
+    vec = dae.ScoreModel((2,), width=8, depth=1, init_std=0.5)
+    assert vec.initial_points(40_000).std().item() == pytest.approx(0.5, rel=0.02)
+    img = dae.ScoreModel((1, 4, 4), width=8).initial_points(2_000)
+    assert img.min() >= -1 and img.max() <= 1 and img.std().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)

@@ -3,6 +3,7 @@ the dequantisation convention, maximum-likelihood fitting, the ELBO bound and th
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -435,3 +436,68 @@ def test_flow_evaluate_reports_bits_per_dim_of_a_dataset():
     result = model.evaluate(IMAGES, batch_size=10)
     assert set(result) == {"nll", "bits_per_dim"}
     assert result["bits_per_dim"] == pytest.approx(fl.bits_per_dim(-result["nll"], 64))
+
+
+def test_sampling_temperature_scales_the_base_draw():
+    flow = perturbed(fl.RealNVP(3, n_layers=4, hidden=16), 0.2)
+    torch.manual_seed(0)
+    got = flow.sample(50, temperature=0.4)
+    torch.manual_seed(0)
+    z = torch.randn(50, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(got, flow.inverse(0.4 * z))
+        # temperature 0: every sample is the image of the base mode
+        cold = flow.sample(5, temperature=0.0)
+        torch.testing.assert_close(cold, flow.inverse(torch.zeros(5, 3)))
+
+
+def test_bernoulli_autoregressive_samples_are_pm1_images_with_the_model_frequencies():
+    torch.manual_seed(0)
+    model = fl.AutoregressiveModel((1, 1, 3), "bernoulli", hidden=16)
+    perturbed(model.made, 0.8)
+    n = 20_000
+    samples = model.sample(n)
+    assert set(samples.unique().tolist()) <= {-1.0, 1.0}  # the data range, like every other family's samples
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)))
+    with torch.no_grad():
+        p = model.log_prob(images).exp()
+    bits = (samples.flatten(1) > 0).float()
+    freq = torch.stack([(bits == img).all(1).float().mean() for img in images])
+    assert torch.all((freq - p).abs() < 5 * (p * (1 - p) / n).sqrt() + 1e-3)  # sequential sampler draws p(x)
+
+
+def test_bernoulli_image_vae_samples_are_pixel_probabilities_mapped_to_pm1():
+    decoder = nn.Linear(1, 4)
+    with torch.no_grad():
+        decoder.weight.zero_()
+        decoder.bias.copy_(torch.tensor([-30.0, 30.0, 0.0, math.log(3.0)]))  # p = 0, 1, 1/2, 3/4
+    vae = fl.VAE((1, 2, 2), z_dim=1, likelihood="bernoulli", encoder=nn.Linear(4, 2), decoder=decoder)
+    samples = vae.sample(3)
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.5]).reshape(1, 1, 2, 2).expand(3, 1, 2, 2)
+    torch.testing.assert_close(samples, expected, atol=1e-6, rtol=0)
+
+
+def test_multiscale_flow_factors_out_half_the_channels_after_each_scale():
+    # 1x8x8, 2 scales: logit, 3 checkerboard couplings (level 0), 3 channel couplings on the 4 squeezed channels,
+    # then the leading 2 squeezed channels are final z and only the trailing 2 are transformed further
+    flow = perturbed(fl.RealNVPImage((1, 8, 8), n_scales=2, width=4, blocks=1), 0.1)
+    states = fl.layerwise(flow, (torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9))
+    after_factor = 1 + 3 + 3
+    frozen = fl.squeeze(states[after_factor], 1)[:, :2]
+    for s in states[after_factor + 1:]:
+        torch.testing.assert_close(fl.squeeze(s, 1)[:, :2], frozen, atol=0, rtol=0)
+    assert not torch.allclose(fl.squeeze(states[-1], 1)[:, 2:], fl.squeeze(states[after_factor], 1)[:, 2:])
+
+
+def test_flow_step_clips_the_gradient_norm():
+    torch.manual_seed(0)
+    flow = perturbed(fl.RealNVP(2, n_layers=2, hidden=8), 0.3)
+    x = 3 * torch.randn(64, 2)
+    reference = copy.deepcopy(flow)
+    (-reference.log_prob(x).mean()).backward()
+    raw = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    clip = 0.1 * float(raw.norm())
+    model = fl.FlowModel(flow, lr=1e-3, clip=clip)
+    model.step(x, torch.arange(64))
+    clipped = torch.cat([p.grad.flatten() for p in flow.parameters()])
+    torch.testing.assert_close(clipped, raw * clip / raw.norm(), rtol=1e-4, atol=1e-7)

@@ -374,3 +374,39 @@ def test_cuda_matches_cpu():
     ]
     for case in cases:
         assert case("cuda") == pytest.approx(case("cpu"), rel=1e-6, abs=1e-9)
+
+
+def test_median_bandwidth_matches_numpy_for_an_odd_number_of_pairs():
+    # 3 + 3 pooled points -> 15 distinct pairs (odd): the median is the single middle distance
+    rng = np.random.default_rng(20)
+    x, y = rng.normal(size=(3, 2)), rng.normal(size=(3, 2)) + 1.0
+    z = np.concatenate([x, y])
+    d = [np.linalg.norm(z[i] - z[j]) for i in range(6) for j in range(i + 1, 6)]
+    assert len(d) % 2 == 1
+    assert M.median_bandwidth(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(np.median(d), rel=1e-12)
+
+
+def test_frechet_gaussians_symmetrises_slightly_asymmetric_covariances():
+    # estimated covariances carry asymmetric round-off; the distance must be that of the symmetric parts
+    rng = np.random.default_rng(21)
+    f = 4
+    a, b = rng.normal(size=(f, f)), rng.normal(size=(f, f))
+    s1, s2 = a @ a.T + 0.1 * np.eye(f), b @ b.T + 0.1 * np.eye(f)
+    skew = rng.normal(size=(f, f))
+    skew = 0.05 * (skew - skew.T)  # antisymmetric: (S + K + (S + K)^T) / 2 == S
+    mu1, mu2 = rng.normal(size=f), rng.normal(size=f)
+    expected = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+                     - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
+    t = torch.from_numpy
+    got = M.frechet_distance_gaussians(t(mu1), t(s1 + skew), t(mu2), t(s2 - skew))
+    assert got == pytest.approx(expected, rel=1e-8, abs=1e-8)
+
+
+def test_mode_counts_radius_is_inclusive_and_counts_cover_every_mode():
+    modes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    # exactly on the radius: 3 std along an axis, and 5 std on a 3-4-5 triangle (exact in floating point)
+    assert M.mode_counts(torch.tensor([[3.0, 0.0]]), modes, std=1.0).tolist() == [1, 0, 0]
+    assert M.mode_counts(torch.tensor([[3.0, 4.0]]), modes, std=1.0, threshold=5.0).tolist() == [1, 0, 0]
+    assert M.mode_counts(torch.tensor([[3.0, 4.0]]), modes, std=1.0, threshold=4.999).tolist() == [0, 0, 0]
+    # one count per mode even when the last modes get no sample
+    assert M.mode_counts(torch.tensor([[0.5, 0.0]]), modes, std=1.0).shape == (3,)

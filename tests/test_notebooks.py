@@ -136,6 +136,34 @@ def test_coalesce_streams_joins_consecutive_prints_of_one_stream_only():
         ("display_data", None, None), ("stream", "stdout", "d\n")]
 
 
+@pytest.mark.parametrize("failing", [None, "b.ipynb"])
+def test_the_tool_writes_the_notebooks_once_all_have_run_or_one_failed(tmp_path, monkeypatch, failing):
+    """A notebook written before the next one runs would make the next one's record of the commit "-dirty"."""
+    for name in ("CUDA_VISIBLE_DEVICES", "GENLIB_SCALE", "MPLBACKEND", "GENLIB_DEVICE"):  # main() sets them
+        monkeypatch.setenv(name, "")
+    paths = [tmp_path / name for name in ("a.ipynb", "b.ipynb", "c.ipynb")]
+    for path in paths:
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), path)
+    events = []
+
+    def execute(path: Path, timeout: int, run: bool):
+        events.append(("run", path.name))
+        if path.name == failing:
+            raise RuntimeError("a cell failed")
+        return read(path), 0.0
+
+    monkeypatch.setattr(tool, "execute", execute)
+    monkeypatch.setattr(tool.nbformat, "write", lambda nb, path: events.append(("write", Path(path).name)))
+    if failing:
+        with pytest.raises(RuntimeError, match="a cell failed"):
+            tool.main([str(path) for path in paths])
+        assert events == [("run", "a.ipynb"), ("run", "b.ipynb"), ("write", "a.ipynb")]  # the one done is kept
+    else:
+        tool.main([str(path) for path in paths])
+        assert events == [("run", name) for name in ("a.ipynb", "b.ipynb", "c.ipynb")] + [
+            ("write", name) for name in ("a.ipynb", "b.ipynb", "c.ipynb")]
+
+
 SOLUTION = re.compile(r":::\{admonition\} Solution\s*\n:class: dropdown\n(.*?)\n:::", re.S)
 GENLIB_MODULES = r"(?:imle|gan|energy|dae|flows|metrics|g?data|features|evaluate|results)"
 GENLIB_CALL = re.compile(rf"\bgenlib\.{GENLIB_MODULES}\.[a-z_]\w*|\b{GENLIB_MODULES}\.[a-z_]\w*\(")

@@ -133,8 +133,9 @@ def coalesce_streams(nb: nbformat.NotebookNode) -> None:
             cell.outputs = joined
 
 
-def execute(path: Path, timeout: int, run: bool = True) -> float:
-    """Execute one notebook in place (or, with ``run=False``, only redo the clean-up); return the wall time."""
+def execute(path: Path, timeout: int, run: bool = True) -> tuple[nbformat.NotebookNode, float]:
+    """Execute one notebook (or, with ``run=False``, only redo the clean-up); return it, cleaned up and not yet
+    written, and the wall time."""
     nb = nbformat.read(path, as_version=4)
     began = time.perf_counter()
     if run:
@@ -148,8 +149,7 @@ def execute(path: Path, timeout: int, run: bool = True) -> float:
     coalesce_streams(nb)
     stable_widget_ids(nb, path.stem)
     nbformat.validate(nb)
-    nbformat.write(nb, path)
-    return elapsed
+    return nb, elapsed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,9 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.pop("GENLIB_DEVICE", None)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # committed outputs are CPU runs, whatever the machine has
     notebooks = args.notebooks or sorted((ROOT / "chapters").glob("*.ipynb"))
-    for path in notebooks:
-        print(f"executing {path} ...", flush=True)
-        print(f"  done in {execute(path.resolve(), args.timeout, run=not args.cleanup_only):.0f} s", flush=True)
+    executed = []
+    try:
+        for path in notebooks:
+            print(f"executing {path} ...", flush=True)
+            nb, elapsed = execute(path.resolve(), args.timeout, run=not args.cleanup_only)
+            executed.append((path, nb))
+            print(f"  done in {elapsed:.0f} s", flush=True)
+    finally:
+        # Written once every notebook has run (or one failed): a notebook rewritten earlier would make git call the
+        # tree dirty, and the later chapters' last cell would record their commit as "-dirty".
+        for path, nb in executed:
+            nbformat.write(nb, path)
 
 
 if __name__ == "__main__":

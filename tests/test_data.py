@@ -416,3 +416,34 @@ def test_sampler_validates():
         data.BatchSampler(torch.zeros(0, 2), batch_size=1)
     with pytest.raises(ValueError, match="labels"):
         data.BatchSampler(torch.zeros(5, 2), batch_size=2, labels=torch.zeros(4))
+
+
+def test_ring8_modes_sit_at_angles_2_pi_k_over_8_from_the_x_axis():
+    k = np.arange(8)
+    expected = 2.0 * np.stack([np.cos(2 * np.pi * k / 8), np.sin(2 * np.pi * k / 8)], axis=1)
+    np.testing.assert_allclose(data.toy("ring8").modes.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(data.toy("ring8", radius=3.0).modes.numpy(), 1.5 * expected, atol=1e-6)
+
+
+def test_sampler_uses_every_full_batch_when_the_batch_size_divides_the_data():
+    points = torch.arange(12.0)[:, None].expand(12, 2).contiguous()
+    sampler = data.BatchSampler(points, batch_size=3, seed=4)
+    assert sampler.batches_per_epoch == 4
+    batches = [next(sampler) for _ in range(8)]
+    for epoch in (batches[:4], batches[4:]):
+        seen = torch.cat([index for _, index in epoch])
+        assert sorted(seen.tolist()) == list(range(12))  # each row exactly once per epoch, none dropped
+    assert sampler.epoch == 2
+
+
+def test_folder_cache_is_invalidated_when_a_file_is_replaced_by_another_of_the_same_name(tmp_path):
+    folder, cache = tmp_path / "pics", tmp_path / "cache"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(folder / "a.png")
+    first = data.load_images("folder", root=folder, resolution=8, cache_dir=cache, progress=False)
+    assert (first.images[0, 2] == 255).all()
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "a.png")  # same name, other content and size
+    again = data.load_images("folder", root=folder, resolution=8, cache_dir=cache, progress=False)
+    expected = data.decode_image(folder / "a.png", 8)
+    assert np.array_equal(again.images[0].numpy(), expected)

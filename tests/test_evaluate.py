@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,3 +229,88 @@ def test_coverage_runs_train_on_the_threads_asked_for_and_restore_the_count():
         assert seen == [1] and row["total_modes"] == 8 and torch.get_num_threads() == 2
         list(evaluate.coverage_runs(runs, "ring8", 2, 16, n_data=64, n_samples=32, threads=None))
         assert seen[-1] == 2  # None leaves the count alone
+
+
+def clocked(base: type[Replay]) -> type[Replay]:
+    """A Replay whose every sample() call takes exactly one second on a fake clock."""
+
+    class Clocked(base):
+        def __init__(self, rows, clock):
+            super().__init__(rows)
+            self.clock = clock
+
+        def sample(self, n):
+            self.clock[0] += 1.0
+            return super().sample(n)
+
+    return Clocked
+
+
+@pytest.mark.parametrize("base", [Replay, ReplayOnCuda], ids=["cpu", "cuda-warm-up"])
+def test_sampling_rate_is_samples_per_second_of_the_timed_batches_only(base, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(evaluate, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    rows = torch.arange(23.0)[:, None].expand(23, 2)
+    model = clocked(base)(torch.cat([rows[:5], rows]) if base is ReplayOnCuda else rows, clock)
+    samples, rate = evaluate.draw_samples(model, 23, batch_size=5)
+    assert torch.equal(samples, rows)
+    assert rate == pytest.approx(23 / 5)  # 5 timed batches of 1 s each; a CUDA warm-up batch is not timed
+
+
+def test_toy_mode_coverage_counts_every_sample_not_only_the_mmd_subset(monkeypatch):
+    monkeypatch.setattr(evaluate, "MMD_POINTS", 100)  # a small MMD subset keeps the test fast
+    toy = data.toy("ring8")
+    noise = toy.std * torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    which = torch.cat([torch.zeros(100, dtype=torch.int64), torch.arange(300) % 8])
+    fake = toy.modes[which] + noise  # the first MMD_POINTS samples all sit at mode 0
+    fake[-50:] += 1.0  # and some of the rest are poor samples
+    out = evaluate.toy_metrics(fake, "ring8")
+    distances = torch.cdist(fake.double(), toy.modes.double())
+    near = distances.min(1).values <= 3 * toy.std
+    assert out["modes_covered"] == len(distances.argmin(1)[near].unique()) == 8
+    assert out["high_quality_fraction"] == pytest.approx(float(near.double().mean()))
+
+
+def test_toy_mmd_compares_with_fresh_points_not_the_training_set():
+    """The CLI trains on toy_dataset(name, n, seed): MMD^2 must use other points (drawn with seed + 1)."""
+    training = data.toy_dataset("ring8", 500, seed=4)
+    out = evaluate.toy_metrics(training, "ring8", seed=4)
+    fresh = data.toy("ring8").sample(500, torch.Generator().manual_seed(5))
+    assert out["mmd2"] == pytest.approx(metrics.mmd2(fresh, training), rel=1e-6, abs=1e-9)
+
+
+class ReplayWithLikelihood(Replay):
+    """A Replay with a stand-in likelihood: the 'nll' of a set is the mean of its first coordinate."""
+
+    def evaluate(self, x):
+        return {"nll": float(x[:, 0].mean())}
+
+
+def test_held_out_likelihood_is_computed_on_the_held_out_set_not_the_training_set():
+    real = data.toy_dataset("ring8", 300, seed=0)
+    held_out = data.toy_dataset("ring8", 300, seed=1) + 10.0  # far from real: the two answers differ a lot
+    out = evaluate.evaluate_model(ReplayWithLikelihood(real), "ring8", real, n_samples=300, held_out=held_out)
+    assert out["held_out_nll"] == pytest.approx(float(held_out[:, 0].mean()))
+
+
+def test_image_metrics_compare_with_a_seeded_subset_of_as_many_real_images_as_samples(monkeypatch):
+    seen = {}
+
+    def record(fake, real, device=None, seed=0):
+        seen.update(fake=fake, real=real, seed=seed)
+        return {"fd": 0.0}
+
+    monkeypatch.setattr(evaluate, "image_metrics", record)
+    real = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = evaluate.evaluate_model(Replay(real[:20]), "fashion-mnist", real, n_samples=20, seed=7)
+    subset = real[torch.randperm(100, generator=torch.Generator().manual_seed(7))[:20]]
+    assert out["fd"] == 0.0 and seen["seed"] == 7
+    assert torch.equal(seen["real"], subset) and torch.equal(seen["fake"], data.to_float(real[:20]))
+
+
+def test_held_out_subset_is_the_seeded_permutation_s_first_rows():
+    rows = torch.arange(100)
+    for seed in (3, 4):
+        expected = rows[torch.randperm(100, generator=torch.Generator().manual_seed(seed))[:10]]
+        assert torch.equal(evaluate.held_out_subset(rows, 10, seed=seed), expected)
+    assert not torch.equal(evaluate.held_out_subset(rows, 10, seed=3), evaluate.held_out_subset(rows, 10, seed=4))

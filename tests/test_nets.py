@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from genlib import nets
 
@@ -76,3 +77,63 @@ def test_64px_nets_are_the_pytorch_examples_dcgan_layer_for_layer():
     assert _conv_weight_shapes(nets.ConvGenerator(100, 64, 3, width=64)) == _conv_weight_shapes(reference.generator)
     assert _conv_weight_shapes(nets.ConvCritic(64, 3, width=64, norm="batch")) == \
         _conv_weight_shapes(reference.discriminator)
+
+
+def test_conv_stages_accepts_256_and_widths_are_capped_at_8_times():
+    assert nets.conv_stages(256) == (4, 6)
+    assert nets.stage_widths(5, 8) == [8, 16, 32, 64, 64, 64]
+    gen = nets.ConvGenerator(16, 128, 3, width=4)
+    assert [m.out_channels for m in gen.modules() if isinstance(m, nn.ConvTranspose2d)] == [32, 32, 16, 8, 4, 3]
+    critic = nets.ConvCritic(128, 3, width=4)
+    assert [m.out_channels for m in critic.modules() if isinstance(m, nn.Conv2d)] == [4, 8, 16, 32, 32, 1]
+
+
+def test_dcgan_init_of_norm_scales_and_biases():
+    torch.manual_seed(0)
+    for net in (nets.ConvGenerator(64, 64, 3, width=64, norm="batch"), nets.ConvCritic(64, 3, width=64, norm="batch"),
+                nets.ConvGenerator(16, 32, 3, width=64, norm="layer")):
+        scales = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))])
+        assert abs(scales.mean().item() - 1.0) < 0.005 and abs(scales.std().item() - 0.02) < 0.004
+        biases = [m.bias for m in net.modules() if getattr(m, "bias", None) is not None]
+        assert biases and all(torch.count_nonzero(b) == 0 for b in biases)
+    plain = nets.ConvGenerator(16, 32, 3, width=8, norm="none")  # a generator without norm has conv biases, all 0
+    conv_biases = [m.bias for m in plain.modules() if isinstance(m, nn.ConvTranspose2d) and m.bias is not None]
+    assert len(conv_biases) == 3 and all(torch.count_nonzero(b) == 0 for b in conv_biases)
+
+
+def test_a_normed_generator_has_no_conv_biases_like_the_reference_dcgan():
+    gen = nets.ConvGenerator(16, 64, 3, width=8, norm="batch")
+    assert all(m.bias is None for m in gen.modules() if isinstance(m, nn.ConvTranspose2d))
+    # genlib.bench.ReferenceDCGAN(nz=16, ngf=8)'s generator: 4x4 kernels, no conv biases, BatchNorm scale + shift
+    channels = [16, 64, 32, 16, 8, 3]
+    expected = sum(16 * a * b for a, b in zip(channels[:-1], channels[1:])) + 2 * sum(channels[1:-1])
+    assert nets.count_parameters(gen) == expected
+
+
+def test_generator_output_goes_through_tanh_only_when_asked():
+    torch.manual_seed(0)
+    z = torch.randn(4, 8)
+    gen = nets.ConvGenerator(8, 8, 1, width=8, norm="none")
+    assert isinstance(gen.net[-1], nn.Tanh)
+    with torch.no_grad():
+        gen.net[-2].weight.mul_(1e4)  # huge pre-activations: only a tanh keeps them in [-1, 1]
+    out = gen(z)
+    assert out.abs().max() <= 1 and out.abs().max() > 0.99
+    raw = nets.ConvGenerator(8, 8, 1, width=8, norm="none", out_act="none")
+    assert isinstance(raw.net[-1], nn.ConvTranspose2d)
+
+
+def test_layer_norm_normalises_each_sample_over_all_its_features():
+    torch.manual_seed(0)
+    for shape, image in [((5, 6), False), ((5, 6, 3, 3), True)]:
+        x = torch.randn(*shape) * 3 + 1
+        flat = x.flatten(1)
+        expected = ((flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt())
+        norm = nets.make_norm("layer", 6, image=image)
+        torch.testing.assert_close(norm(x).flatten(1), expected, rtol=1e-5, atol=1e-5)  # fresh: scale 1, shift 0
+
+
+def test_every_leaky_relu_of_the_encoder_has_dcgan_s_slope():
+    slopes = {m.negative_slope for m in nets.ConvEncoder(4, 32, 3, width=8, norm="batch").modules()
+              if isinstance(m, nn.LeakyReLU)}
+    assert slopes == {0.2}

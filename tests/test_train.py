@@ -755,3 +755,90 @@ def test_checkpoint_rng_state_holds_the_models_cuda_generator_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # 'cuda' without an index: the current GPU's entry
     train.set_rng_state(legacy, "cuda")
     assert calls == [("set", torch.device("cuda"), 4)]
+
+
+class Recording(MomentMatcher):
+    """MomentMatcher that keeps every step's losses as Python floats (an independent record)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen: list[dict[str, float]] = []
+
+    def step(self, x, index):
+        losses = super().step(x, index)
+        self.seen.append({k: float(v.detach()) for k, v in losses.items()})
+        return losses
+
+
+def test_logged_values_are_the_means_of_each_window_of_steps():
+    torch.manual_seed(0)
+    data = torch.randn(256, 2) * torch.tensor([0.5, 2.0]) + torch.tensor([1.0, -1.0])
+    model = Recording()
+    history = fit(model, BatchSampler(data, 16, "cpu", seed=0), 11, log_every=4, progress=False)
+    assert history["step"] == [4, 8, 11]
+    windows = [model.seen[0:4], model.seen[4:8], model.seen[8:11]]  # the last window is the short one
+    for name in ("loss", "fake_mean"):
+        expected = [sum(step[name] for step in window) / len(window) for window in windows]
+        assert history[name] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model, sampler = make_run()
+    fit(model, sampler, 10, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
+    real_save = torch.save
+
+    def crash_half_way(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:  # a few bytes land in the file, then the process "dies"
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    model, sampler = make_run()
+    with pytest.raises(OSError, match="disk full"):
+        fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 10
+
+
+def test_a_crash_loses_at_most_checkpoint_every_steps_whatever_log_every(tmp_path):
+    """Checkpoint steps that are not log steps still save (and log their window)."""
+    def crash(step, _model):
+        raise RuntimeError("crash")
+
+    model, sampler = make_run()
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(model, sampler, 100, run_dir=tmp_path, checkpoint_every=10, log_every=50, progress=False,
+            callback=crash, callback_every=25)
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert saved["step"] == 20 and saved["history"]["step"] == [10, 20]
+
+
+def test_an_interrupt_never_saves_a_non_finite_step(tmp_path):
+    """The non-finite guard runs before the interrupt's save: a NaN step is an error, and nothing is written."""
+    model, sampler = make_run(explode_at=7)
+    try:
+        with pytest.raises(NonFiniteLossError, match="step 7 .*no checkpoint was written"):
+            fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, log_every=5, progress=False,
+                callback=lambda step, _: os.kill(os.getpid(), signal.SIGINT), callback_every=7)
+    except TrainingInterrupted as stopped:  # a KeyboardInterrupt: it would stop the whole test session
+        pytest.fail(f"the non-finite step was saved as an interrupt: {stopped}")
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+class BatchNormMatcher(MomentMatcher):
+    """MomentMatcher whose generator has a BatchNorm layer (running statistics are buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 2))
+        self.optimizers = {"g": torch.optim.Adam(self.generator.parameters(), lr=1e-2)}
+
+
+def test_the_ema_copies_the_live_buffers():
+    torch.manual_seed(0)
+    model = BatchNormMatcher()
+    fit(model, BatchSampler(torch.randn(128, 2) + 3.0, 16, "cpu", seed=0), 5, ema_decay=0.9, progress=False)
+    live, ema = dict(model.generator.named_buffers()), dict(model.ema.named_buffers())
+    assert set(live) == set(ema) and int(live["1.num_batches_tracked"]) == 5
+    for name in live:
+        assert torch.equal(ema[name], live[name]), name

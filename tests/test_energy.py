@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 from scipy.optimize import minimize
+from scipy import stats
 from scipy.stats import norm
 from torch import nn
 
@@ -538,3 +540,68 @@ def test_compare_optimizers_on_grid_uses_grid25_and_the_optimizer_settings():
     assert [r["setting"] for r in rows] == ["sgd m"] and rows[0]["total_modes"] == 25
     summary = E.summarize([dict(rows[0], hq=0.25), dict(rows[0], seed=1, hq=0.5)])[0]
     assert summary["runs"] == 2 and (summary["hq_min"], summary["hq_mean"], summary["hq_max"]) == (0.25, 0.375, 0.5)
+
+
+def test_interpolates_draw_one_uniform_fraction_per_sample():
+    """x_hat_i = t_i real_i + (1 - t_i) fake_i with t_i ~ U[0, 1) i.i.d. per sample, shared by the sample's
+    coordinates (KS against U[0, 1); kills one eps for the whole batch or one per element)."""
+    torch.manual_seed(0)
+    real, fake = torch.randn(2000, 3, dtype=torch.float64), torch.randn(2000, 3, dtype=torch.float64) + 5
+    t = (E.interpolates(real, fake) - fake) / (real - fake)  # [n, 3]
+    torch.testing.assert_close(t, t[:, :1].expand_as(t))  # one fraction per sample
+    assert stats.kstest(t[:, 0].numpy(), "uniform").pvalue > 1e-3
+
+
+def test_log_unit_ball_volume_matches_the_known_volumes():
+    """V_1 = 2, V_2 = pi, V_3 = 4 pi / 3, V_4 = pi^2 / 2, V_5 = 8 pi^2 / 15 (d = 2 alone cannot tell
+    Gamma(d/2 + 1) from Gamma(d/2): both are 1)."""
+    known = {1: 2.0, 2: math.pi, 3: 4 * math.pi / 3, 4: math.pi**2 / 2, 5: 8 * math.pi**2 / 15}
+    for d, volume in known.items():
+        assert E.log_unit_ball_volume(d) == pytest.approx(math.log(volume), rel=1e-12)
+
+
+def test_knn_entropy_matches_a_three_dimensional_gaussian():
+    cov = torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]])
+    x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0)) @ torch.linalg.cholesky(cov).T
+    closed_form = 0.5 * math.log((2 * math.pi * math.e) ** 3 * float(torch.linalg.det(cov.double())))
+    assert E.knn_entropy(x).item() == pytest.approx(closed_form, abs=0.12)
+
+
+def test_densest_disc_counts_a_sample_at_exactly_the_radius():
+    points = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5], [3.0, 3.0]])  # distances exact in binary
+    counts = [sum(math.dist(a, b) <= 0.5 for b in points.tolist()) for a in points.tolist()]
+    share, centre = E.densest_disc(points, 0.5)
+    assert share == max(counts) / len(points) == 0.75 and centre.tolist() == [0.0, 0.0]
+
+
+def test_each_step_takes_critic_steps_critic_updates_and_one_generator_update():
+    torch.manual_seed(0)
+    model = E.EnergyGAN((2,), z_dim=2, width=8, depth=2, critic_steps=3)
+    model.step(torch.randn(16, 2), torch.arange(16))
+    assert {float(s["step"]) for s in model.optimizers["u"].state.values()} == {3.0}
+    assert {float(s["step"]) for s in model.optimizers["g"].state.values()} == {1.0}
+
+
+def test_statistics_network_ascends_the_mutual_information_estimate():
+    """MEG: T maximises the JSD-MI estimate. The gradient T's optimiser steps on equals autograd's gradient of
+    -MI at T's old weights on the very inputs T saw (captured), recomputed on a copy of T."""
+    torch.manual_seed(0)
+    model = E.EnergyGAN((2,), z_dim=2, width=8, depth=2, critic_steps=1, entropy=0.5, entropy_estimator="mi")
+    old_t = copy.deepcopy(model.statistics)
+    inputs, stepped = [], {}
+    forward = model.statistics.forward
+    model.statistics.forward = lambda x: inputs.append(x.detach().clone()) or forward(x)
+    t_step = model.optimizers["t"].step
+
+    def capture(*args, **kwargs):
+        stepped.update({name: p.grad.clone() for name, p in model.statistics.named_parameters()})
+        return t_step(*args, **kwargs)
+
+    model.optimizers["t"].step = capture
+    model.step(torch.randn(32, 2), torch.arange(32))
+    joint, marginal = inputs[-2:]  # T runs twice per step: matched pairs, then shuffled codes
+    mi = E.jsd_mutual_information(old_t(joint), old_t(marginal))
+    names = [name for name, _ in old_t.named_parameters()]
+    expected = torch.autograd.grad(-mi, list(old_t.parameters()))
+    for name, grad in zip(names, expected):
+        torch.testing.assert_close(stepped[name], grad)

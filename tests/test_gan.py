@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import sympy
 import torch
@@ -427,3 +428,73 @@ def test_mrgan_generator_loss_adds_reconstruction_and_mode_terms_by_hand():
     mode = math.log1p(math.exp(-2.0))                          # -log sigmoid(2), the non-saturating form
     assert losses["recon"].item() == pytest.approx(rec)
     assert losses["loss_g"].item() == pytest.approx(math.log(2) + 0.2 * rec + 0.4 * mode)
+
+
+def test_dragan_points_are_a_uniform_fraction_of_a_uniform_perturbation():
+    """x_hat - x = alpha * scale * std(x) * u with alpha, u ~ U[0, 1): the ratio is a product of two independent
+    uniforms, whose CDF is t - t log t (kills dropping alpha: the ratio would be uniform)."""
+    torch.manual_seed(0)
+    real = torch.randn(4000, 3, dtype=torch.float64)
+    ratio = ((gan.dragan_points(real, 0.5) - real) / (0.5 * real.std()))[:, 0].numpy()  # one column: i.i.d. rows
+    ks = stats.kstest(ratio, lambda t: np.clip(t, 1e-300, 1) - np.clip(t, 1e-300, 1) * np.log(np.clip(t, 1e-300, 1)))
+    assert ks.pvalue > 1e-3
+    assert ratio.mean() == pytest.approx(0.25, abs=0.02)  # E[alpha u] = 1/4 (1/2 without alpha)
+
+
+def test_dragan_loss_is_bce_plus_lambda_times_the_closed_form_penalty():
+    """A linear D has ||grad D|| = ||w|| everywhere, so loss_d = BCE + lambda (||w|| - 1)^2 whatever the points."""
+    torch.manual_seed(0)
+    model = gan.DRAGAN(penalty=3.0, width=8)
+    linear = nn.Linear(2, 1)
+    model.discriminator = linear
+    real, fake = torch.randn(64, 2), torch.randn(64, 2)
+    w = linear.weight.detach()
+    with torch.no_grad():
+        r, f = linear(real).squeeze(-1).double(), linear(fake).squeeze(-1).double()
+    bce = (torch.nn.functional.softplus(-r).mean() + torch.nn.functional.softplus(f).mean()).item()
+    losses = model.d_losses(real, fake)
+    assert losses["penalty"].item() == pytest.approx(((w.norm() - 1) ** 2).item(), rel=1e-5)
+    assert losses["loss_d"].item() == pytest.approx(bce + 3.0 * ((w.norm() - 1) ** 2).item(), rel=1e-5)
+
+
+def _log_softmax_np(scores: np.ndarray) -> np.ndarray:
+    top = scores.max(1, keepdims=True)
+    return scores - top - np.log(np.exp(scores - top).sum(1, keepdims=True))
+
+
+def test_madgan_losses_by_hand():
+    """D: reals -> class k, row r of the fakes -> class r mod k; G: every fake -> class k (numpy log-softmax)."""
+    k = 3
+    model = gan.MADGAN(k=k, width=8)
+    gen = torch.Generator().manual_seed(0)
+    real_scores, fake_scores = torch.randn(5, k + 1, generator=gen), torch.randn(7, k + 1, generator=gen)
+    real, fake = torch.zeros(5, 2), torch.ones(7, 2)
+    model.logits = lambda x: real_scores[: len(x)] if bool((x == 0).all()) else fake_scores[: len(x)]
+    model.generate = lambda n: fake[:n]
+    lr, lf = _log_softmax_np(real_scores.double().numpy()), _log_softmax_np(fake_scores.double().numpy())
+    expected_d = -lr[:, k].mean() - lf[np.arange(7), np.arange(7) % k].mean()
+    assert model.d_losses(real, fake)["loss_d"].item() == pytest.approx(expected_d, rel=1e-5)
+    expected_g = -lf[:5, k].mean()  # g_losses generates len(real) = 5 fakes
+    assert model.g_losses(real)["loss_g"].item() == pytest.approx(expected_g, rel=1e-5)
+
+
+def test_minibatch_discrimination_matches_a_loop_over_pairs_with_l1_distances():
+    torch.manual_seed(0)
+    layer = gan.MinibatchDiscrimination(in_features=4, kernels=3, kernel_dim=2, init_std=0.5)
+    f = torch.randn(6, 4, dtype=torch.float64)
+    layer.T.data = layer.T.data.double()
+    m = (f @ layer.T.detach()).reshape(6, 3, 2).numpy()
+    expected = np.array([[sum(math.exp(-np.abs(m[i, b] - m[j, b]).sum()) for j in range(6) if j != i)
+                          for b in range(3)] for i in range(6)])
+    out = layer(f).detach().numpy()
+    np.testing.assert_allclose(out[:, :4], f.numpy())
+    np.testing.assert_allclose(out[:, 4:], expected, rtol=1e-10)
+
+
+def test_each_step_takes_d_steps_discriminator_updates_and_one_generator_update():
+    torch.manual_seed(0)
+    model = gan.GAN(width=8, d_steps=3)
+    model.step(torch.randn(16, 2), torch.arange(16))
+    d_steps = {float(s["step"]) for s in model.optimizers["d"].state.values()}
+    g_steps = {float(s["step"]) for s in model.optimizers["g"].state.values()}
+    assert d_steps == {3.0} and g_steps == {1.0}

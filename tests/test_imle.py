@@ -853,3 +853,72 @@ def test_a_refresh_that_cannot_fit_on_the_gpu_is_a_clear_error(monkeypatch):
         imle._check_fits(3 * 2**30, torch.device("cuda"), "the features of the whole dataset")
     imle._check_fits(int(2.25 * 2**30), torch.device("cuda"), "the features")  # fits only with the allocator's reserve
     imle._check_fits(2**50, torch.device("cpu"), "the features")  # host memory is not checked
+
+
+def float64_argmin(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: float64 ||q - k||^2 against every key; torch.argmin keeps the first of equal minima."""
+    dist = (queries.double()[:, None, :] - keys.double()[None, :, :]).pow(2).sum(-1)
+    return dist.min(1).values, dist.argmin(1)
+
+
+def test_exact_duplicates_beyond_the_candidates_are_not_settled_by_a_zero_threshold():
+    """50 copies of one key among 100, the query on them: every pass's first candidates tie at distance 0, and so
+    does the bound of the keys left out (0), so 0 < 0 must not prove the first pass's pick. torch.topk does not
+    keep the lowest indices among ties, so only the wide pass (64 > 50 candidates) can prove index 0."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(100, 8, generator=g)
+    keys[::2] = keys[0]
+    queries = torch.cat([keys[:1], keys[:1] + 1e-3 * torch.randn(3, 8, generator=g)])
+    ref_dist, ref_index = float64_argmin(queries, keys)
+    for chunk in (None, 30):
+        dist, index = imle.nearest_neighbors(queries, keys, chunk)
+        assert index.tolist() == ref_index.tolist() == [0] * 4
+        torch.testing.assert_close(dist, ref_dist, rtol=1e-12, atol=0.0)
+
+
+def test_match_by_pairs_breaks_ties_across_key_blocks_toward_the_lowest_index():
+    """Equal distances in different key blocks (chunk_size 1 and 2): the first key wins, as torch.argmin says."""
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [1.0, 0.0]])
+    queries = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    _, ref_index = float64_argmin(queries, keys)
+    assert ref_index.tolist() == [0, 0, 1]
+    for chunk in (None, 1, 2):
+        for distance in (imle.squared_l2, imle.l1_distance):
+            assert imle.match(queries, keys, distance, chunk_size=chunk)[1].tolist() == [0, 0, 1]
+
+
+def test_a_well_separated_nearest_key_is_proven_by_the_first_pass_with_one_candidate():
+    """Each query lies within 1e-3 of its own key and the other keys are >= 1 away (keys on a grid of spacing 1):
+    with one candidate, the bound of the first key left out (the second nearest, ~1) is far above the winner's
+    distance (~1e-6), so the first fp32 pass must settle every query; none may go on to a later pass."""
+    g = torch.Generator().manual_seed(1)
+    grid = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij"), -1).reshape(-1, 2)
+    keys = torch.cat([grid, torch.zeros(100, 6)], 1)
+    pick = torch.randperm(100, generator=g)[:30]
+    queries = keys[pick] + 1e-3 * torch.rand(30, 8, generator=g)
+    stats: dict[str, int] = {}
+    dist, index = imle.nearest_neighbors(queries, keys, candidates=1, stats=stats)
+    assert torch.equal(index, pick) and torch.equal(index, float64_argmin(queries, keys)[1])
+    assert imle.settled_queries(stats) == {"fp32": 30}
+    assert stats[imle.RERANKED_ROWS] == 30  # one float64 row per query: nothing else could win
+
+
+def test_kl_variant_gradient_flows_into_fakes_a_only_and_matches_a_brute_force_closed_form():
+    """d/da_i of mean_i [||a_i - x_j(i)||^2 + relu(m - ||a_i - b_k(i)||^2)] = (2 (a_i - x_j) - 2 (a_i - b_k) [active])
+    / N with j(i), k(i) the float64 nearest real and other fake; the other fake batch b gets no gradient."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(9, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(15, 3, generator=g, dtype=torch.float64)
+    margin = 1.0
+    loss = imle.kl_variant_loss(a, b, x, margin)
+    grad_a, grad_b = torch.autograd.grad(loss, (a, b), allow_unused=True)
+    assert grad_b is None or not grad_b.any()
+    a0, b0 = a.detach(), b.detach()
+    to_real, to_fake = float64_argmin(a0, x)[1], float64_argmin(a0, b0)[1]
+    repel = (a0 - b0[to_fake]).pow(2).sum(1)
+    expected = (2 * (a0 - x[to_real]) - 2 * (a0 - b0[to_fake]) * (repel < margin)[:, None]) / len(a0)
+    assert 0 < int((repel < margin).sum()) < len(a0)  # both sides of the hinge occur
+    torch.testing.assert_close(grad_a, expected)
+    value = ((a0 - x[to_real]).pow(2).sum(1) + (margin - repel).clamp_min(0)).mean()
+    torch.testing.assert_close(loss.detach(), value)

@@ -159,6 +159,12 @@ def test_vgg16_unavailable_raises_clear_error(tmp_path, monkeypatch) -> None:
         features.load_vgg16(device="cpu")
 
 
+def imagenet_normalised(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] RGB images [n, 3, h, w] -> [0, 1], then ImageNet's per-channel mean and std, written out by hand."""
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
 def test_vgg16_random_weights_load_strictly_and_give_the_documented_features(tmp_path, monkeypatch) -> None:
     torch.manual_seed(0)
     state = features.VGG16Features().state_dict()
@@ -171,9 +177,7 @@ def test_vgg16_random_weights_load_strictly_and_give_the_documented_features(tmp
     expected_dim = 64 * 28 * 28 + 128 * 14 * 14 + 256 * 7 * 7 + 512 * 3 * 3
     assert feats.shape == (2, expected_dim) == (2, features.vgg16_feature_dim(28, 28))
     # relu1_2 by hand: grey -> RGB in [0, 1], ImageNet normalisation, conv-relu-conv-relu, divided by its size
-    x = (features.as_unit_range(images).expand(-1, 3, -1, -1) + 1) / 2
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = imagenet_normalised(features.as_unit_range(images).expand(-1, 3, -1, -1))
     h = torch.relu(torch.nn.functional.conv2d(x, state["features.0.weight"], state["features.0.bias"], padding=1))
     h = torch.relu(torch.nn.functional.conv2d(h, state["features.2.weight"], state["features.2.bias"], padding=1))
     torch.testing.assert_close(feats[:, :64 * 28 * 28], h.flatten(1) / (64 * 28 * 28), rtol=1e-4, atol=1e-7)
@@ -224,3 +228,99 @@ def test_feature_networks_are_cached_under_the_indexed_device_name(monkeypatch) 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert features._model_device(None) == features._model_device("cuda") == "cuda:1"  # one cache entry, not two
     assert features._model_device(torch.device("cuda", 0)) == "cuda:0"
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of a 1-D antialiased bilinear (triangle-filter) resize, as PIL defines it: output pixel
+    i is centred at (i + 0.5) * n_in / n_out; the triangle is widened by the scale when downscaling."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale
+    weights = np.maximum(0.0, 1 - np.abs(np.arange(n_in)[None] + 0.5 - centres[:, None]) / support)
+    return weights / weights.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("size", [11, 14, 64])
+def test_to_rgb_repeats_grey_and_resizes_with_antialiased_bilinear(size) -> None:
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    rgb = features.to_rgb(x, size)
+    w = _bilinear_weights(28, size)
+    expected = torch.from_numpy(np.einsum("ij,bjk,lk->bil", w, x[:, 0].double().numpy(), w)).float()
+    assert rgb.shape == (2, 3, size, size)
+    for channel in range(3):  # grey is the same in R, G and B
+        torch.testing.assert_close(rgb[:, channel], expected, rtol=0, atol=1e-5)
+    assert torch.equal(features.to_rgb(x, 28), x.expand(-1, 3, -1, -1))  # no resize at the native size
+
+
+def test_efficientnet_features_average_pool_the_last_map(lite0) -> None:
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        fmap, feats = lite0.feature_map(x), lite0.features(x)
+    assert fmap.shape == (2, 1280, 2, 2)
+    torch.testing.assert_close(feats, fmap.double().mean(dim=(2, 3)).float())
+
+
+def test_efficientnet_features_resize_to_the_requested_resolution(lite0) -> None:
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = (images.double() / 127.5 - 1).float().expand(-1, 3, -1, -1)  # [-1, 1], grey as RGB
+    feats = features.efficientnet_features(images, resolution=64, device="cpu")
+    with torch.no_grad():
+        at_64 = lite0.features(torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True))
+        at_224 = lite0.features(torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True))
+    torch.testing.assert_close(feats, at_64, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(feats, at_224, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("size, kernel, stride, rows", [(4, 3, 2, [1, 3]), (5, 3, 2, [0, 2, 4]), (6, 5, 2, [1, 3, 5]),
+                                                        (4, 3, 1, [0, 1, 2, 3])])
+def test_conv2d_same_centres_its_taps_as_tensorflow_does(size, kernel, stride, rows) -> None:
+    # TensorFlow 'SAME': ceil(size / stride) outputs; when the padding is odd the extra row/column goes bottom/right,
+    # so output i is centred on input row i * stride + (kernel - 1) // 2 - (total padding) // 2. A kernel that
+    # picks its centre tap therefore samples exactly these input rows and columns.
+    conv = features.Conv2dSame(1, 1, kernel, stride, padding=0, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, kernel // 2, kernel // 2] = 1.0
+        x = torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size)
+        out = conv(x)
+    assert torch.equal(out, x[:, :, rows][:, :, :, rows])
+
+
+def test_efficientnet_batchnorms_use_tensorflow_epsilon(lite0) -> None:
+    norms = [m for m in lite0.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 49 and all(m.eps == 1e-3 for m in norms)  # the checkpoint was trained with TF's 1e-3
+
+
+def test_augment_pads_shifts_with_black_background() -> None:
+    x = torch.ones(16, 1, 28, 28)  # all white: anything else in the output came from the padding
+    y = features._augment(x, torch.Generator().manual_seed(0))
+    assert set(y.unique().tolist()) == {-1.0, 1.0}
+    # a shift by (dy, dx) leaves whole rows / columns of background, never a pixel inside the image
+    for image in y[:, 0]:
+        white = image == 1
+        rows, cols = white.any(1).nonzero().flatten(), white.any(0).nonzero().flatten()
+        assert white[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert len(rows) >= 26 and len(cols) >= 26
+
+
+def test_vgg16_perceptual_features_are_the_four_documented_relu_layers() -> None:
+    torch.manual_seed(0)
+    state = features.VGG16Features().state_dict()
+    model = features.VGG16Features()
+    model.load_state_dict(state)
+    x = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    # by hand: [0, 1], ImageNet normalisation, then conv-relu blocks with 2x2 max pools; keep relu1_2, relu2_2,
+    # relu3_3 and relu4_3 (the last ReLU of each of the first four blocks), each divided by its size per image
+    h = imagenet_normalised(x)
+    convs = iter(sorted({int(k.split(".")[1]) for k in state}))
+    expected = []
+    for block, n_convs in enumerate((2, 2, 3, 3)):
+        if block:
+            h = torch.nn.functional.max_pool2d(h, 2)
+        for _ in range(n_convs):
+            i = next(convs)
+            h = torch.relu(torch.nn.functional.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"],
+                                                      padding=1))
+        expected.append(h.flatten(1) / h[0].numel())
+    with torch.no_grad():
+        torch.testing.assert_close(model.perceptual(x), torch.cat(expected, 1), rtol=1e-4, atol=1e-8)

@@ -203,3 +203,47 @@ def test_an_older_record_s_command_is_shown_runnable(tmp_path):
     assert run.command == "python -m genlib train gan --out r" == results.load_run(run.path).command
     assert run.header().startswith("command : python -m genlib train gan --out r\n")
     assert json.loads((run.path / "run.json").read_text())["command"] == "__main__.py train gan --out r"  # as recorded
+
+
+def test_write_json_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    results.write_json(path, {"fd": 1.0})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        results.write_json(path, {"fd": 2.0})
+    assert json.loads(path.read_text()) == {"fd": 1.0}  # the old record is whole, not half-replaced
+
+
+def test_write_json_sorts_keys_so_records_diff_cleanly(tmp_path):
+    path = tmp_path / "run.json"
+    results.write_json(path, {"b": 1, "a": {"d": 2, "c": 3}})
+    assert path.read_text() == '{\n  "a": {\n    "c": 3,\n    "d": 2\n  },\n  "b": 1\n}\n'
+
+
+def test_summarize_coverage_takes_total_modes_from_each_group():
+    rows = [{"toy": "ring8", "modes": 8, "total_modes": 8, "hq": 0.5},
+            {"toy": "grid25", "modes": 20, "total_modes": 25, "hq": 0.1},
+            {"toy": "grid25", "modes": 24, "total_modes": 25, "hq": 0.3}]
+    ring, grid = results.summarize_coverage(rows, "toy", means=("hq",))
+    assert (ring["toy"], ring["total_modes"]) == ("ring8", 8) and (grid["toy"], grid["total_modes"]) == ("grid25", 25)
+    assert grid["modes_mean"] == 22.0 and grid["modes_min"] == 20 and grid["modes_max"] == 24
+
+
+def test_summarize_coverage_sums_count_every_diverged_run():
+    rows = [{"method": "none", "modes": 0, "total_modes": 8, "hq": 0.0, "diverged": flag} for flag in (1, 1, 0, 1)]
+    assert results.summarize_coverage(rows, "method", means=(), sums=("diverged",))[0]["diverged"] == 3
+    as_bools = [row | {"diverged": bool(row["diverged"])} for row in rows]
+    assert results.summarize_coverage(as_bools, "method", means=(), sums=("diverged",))[0]["diverged"] == 3
+
+
+def test_header_mentions_resumed_processes_only_when_there_were_several(tmp_path):
+    run = results.record_run(tmp_path / "r", device="cpu", config={"steps": 3}, metrics={}, wall_time_s=12.3,
+                             command="x")
+    assert run.header().splitlines()[2] == f"scale   : {run.run['scale']} | wall time 12 s | {run.run['date']}"
+    resumed = results.RecordedRun(run.path, run.run | {"train_processes": 3})
+    assert resumed.header().splitlines()[2] == (f"scale   : {run.run['scale']} | wall time 12 s "
+                                               f"(over 3 resumed processes) | {run.run['date']}")

@@ -1,6 +1,8 @@
 """Run scale, device choice, seeding and the run description."""
 
+import concurrent.futures
 import operator
+import random
 
 import numpy as np
 import pytest
@@ -99,3 +101,78 @@ def test_max_steps_reads_a_positive_integer_or_nothing(monkeypatch):
         monkeypatch.setenv("GENLIB_MAX_STEPS", bad)
         with pytest.raises(ValueError, match="GENLIB_MAX_STEPS must be a positive integer"):
             runtime.max_steps()
+
+
+def test_seed_everything_seeds_python_numpy_torch_and_the_returned_generator_with_the_seed():
+    # independent reference draws, each from its own library seeded directly with 7
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    expected = (random.random(), np.random.rand(2), torch.rand(2),
+                torch.rand(2, generator=torch.Generator().manual_seed(7)))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)  # scramble all the global generators
+    gen = runtime.seed_everything(7)
+    assert random.random() == expected[0]
+    assert np.array_equal(np.random.rand(2), expected[1]) and torch.equal(torch.rand(2), expected[2])
+    assert torch.equal(torch.rand(2, generator=gen), expected[3])
+
+
+def test_device_reads_genlib_device_and_an_explicit_name_wins(monkeypatch):
+    monkeypatch.setenv("GENLIB_DEVICE", "meta")  # an unsupported type: the error shows the variable was read
+    with pytest.raises(ValueError, match="unsupported device type 'meta'"):
+        runtime.device()
+    assert runtime.device("cpu").type == "cpu"
+
+
+class _InlinePool:
+    """A stand-in for ProcessPoolExecutor that runs each call at submission and records the submission order."""
+
+    submitted: list = []
+
+    def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
+        _InlinePool.submitted = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, function, *args):
+        _InlinePool.submitted.append(args)
+        future = concurrent.futures.Future()
+        future.set_result(function(*args))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def test_parallel_map_hands_out_the_costliest_calls_first(monkeypatch):
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
+    calls = [(i, 10 * i) for i in range(5)]
+    cost = [0, 4, 1, 3, 2]
+    results = runtime.in_call_order(runtime.parallel_map(operator.add, calls, workers=2, cost=cost))
+    assert results == [11 * i for i in range(5)]
+    assert _InlinePool.submitted == [calls[1], calls[3], calls[4], calls[2], calls[0]]  # by falling cost
+
+
+def test_torch_threads_restores_a_count_other_than_the_one_it_set():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with runtime.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_configure_threads_reads_genlib_threads_and_an_explicit_count_wins(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("GENLIB_THREADS", "3")
+    try:
+        assert runtime.configure_threads() == 3 and torch.get_num_threads() == 3
+        assert runtime.configure_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

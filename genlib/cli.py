@@ -72,7 +72,7 @@ class TrainSpec:
     def ignored_flags(self) -> dict[str, Any]:
         """``{field: value}`` of the model flags (``--z-dim``, ``--width``, ``--lr``) set away from their defaults
         that the builder never read (``--batch-size`` always counts: the sampler reads it)."""
-        defaults = {spec_field.name: spec_field.default for spec_field in fields(TrainSpec)}
+        defaults = {spec_field.name: spec_field.default for spec_field in fields(self)}
         return {name: vars(self)[name] for name in ("z_dim", "width", "lr")
                 if name not in self.read and vars(self)[name] != defaults[name]}
 

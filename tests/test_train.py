@@ -172,6 +172,16 @@ def test_non_finite_loss_without_run_dir_says_nothing_was_saved():
         fit(model, sampler, 10, log_every=5, progress=False)
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, whatever the suite inherited: a shell starting it with `cmd &` leaves
+    SIGINT ignored, and Python then installs no handler (an ignored signal stays ignored, which a test checks)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_finishes_the_step_saves_it_and_the_rerun_resumes_bit_for_bit(tmp_path, signum):
     """The signal arrives in the middle of step 7 (from its callback, between the step's update and its end): the
@@ -209,6 +219,7 @@ def test_an_ignored_signal_stays_ignored(tmp_path):
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_second_ctrl_c_stops_at_once():
     from genlib.train import _DeferredStop
 
@@ -221,6 +232,7 @@ def test_a_second_ctrl_c_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_without_a_run_dir_an_interrupt_is_python_s_own():
     model, sampler = make_run()
     with pytest.raises(KeyboardInterrupt) as stopped:
@@ -813,6 +825,7 @@ def test_a_crash_loses_at_most_checkpoint_every_steps_whatever_log_every(tmp_pat
     assert saved["step"] == 20 and saved["history"]["step"] == [10, 20]
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_never_saves_a_non_finite_step(tmp_path):
     """The non-finite guard runs before the interrupt's save: a NaN step is an error, and nothing is written."""
     model, sampler = make_run(explode_at=7)

@@ -357,7 +357,7 @@ def format_number(value) -> str:
         return " / ".join(f"{name} {count}" for name, count in ordered if count)
     if not isinstance(value, float):
         return str(value)
-    if abs(value) >= 1000:
+    if abs(value) >= 999.5:  # rounds to 1000 or more: 3 significant digits would print 1.00e+03
         return f"{value:.0f}"
     text = f"{value:#.3g}"
     digits = 3

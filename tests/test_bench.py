@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -227,3 +228,73 @@ def test_throughput_is_the_mean_over_back_to_back_calls(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     assert bench.throughput_ms(lambda: calls.append(1), torch.device("cpu"), calls=4, warmup=2) == 125.0
     assert len(calls) == 6
+
+
+def test_timeit_is_the_median_of_the_timed_calls_after_untimed_warmups(monkeypatch):
+    calls = []
+    clock = iter([0.0, 0.5, 1.0, 1.125, 2.0, 2.25])  # timed calls of 500, 125 and 250 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.timeit(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2) == 250.0
+    assert len(calls) == 5  # 2 warm-ups + 3 timed calls, and only the timed ones read the clock
+
+
+def test_table_numbers_from_1000_up_are_whole_and_a_whole_float_has_no_trailing_point():
+    assert [bench.format_number(v) for v in (1000.0, -1000.0, 999.7, 999.4, 100.0, 250.0, 12.0)] == \
+        ["1000", "-1000", "1000", "999", "100", "250", "12.0"]
+
+
+def test_markdown_table_puts_the_given_columns_first_then_the_rest_in_order_of_appearance():
+    rows = [{"z": 1, "b": 2.5, "hide": 0}, {"a": "x", "z": 3}]
+    assert bench.markdown_table(rows, ("a", "b"), hidden=("hide",)).splitlines() == [
+        "| a | b | z |", "|---|---|---|", "|  | 2.50 | 1 |", "| x |  | 3 |"]
+    assert bench.markdown_table([]) == ""
+
+
+def test_cpu_share_clips_this_process_to_the_busy_time_and_is_none_without_elapsed_time():
+    before = {"counters": [0] * 8, "own_ticks": 0}
+    after = {"counters": [100, 0, 0, 100, 0, 0, 0, 0], "own_ticks": 150}  # os.times rounds: more than the busy ticks
+    assert bench.cpu_share(before, after) == {"this_process": 0.5, "other_processes": 0.0, "idle": 0.5, "steal": 0.0}
+    assert bench.cpu_share(before, before) is None
+
+
+@pytest.mark.parametrize("text", ["1x2x3x4", "8x16", "8x16x", "axbxc", "8x-1x4"])
+def test_parse_nn_size_wants_exactly_three_positive_integers(text):
+    with pytest.raises(ValueError, match="a search size is MxNxD"):
+        bench.parse_nn_size(text)
+
+
+def test_parse_nn_size_reads_either_case_of_x():
+    assert bench.parse_nn_size("8x16x4") == (8, 16, 4) and bench.parse_nn_size("3X5X7") == (3, 5, 7)
+
+
+def test_top_operators_are_the_largest_positive_self_times_largest_first():
+    cpu = torch.autograd.DeviceType.CPU
+    event = lambda key, us: SimpleNamespace(key=key, count=2, self_cpu_time_total=us, device_type=cpu,
+                                            is_user_annotation=False)
+    events = [event("a", 5.0), event("zero", 0.0), event("c", 30.0), event("d", 10.0), event("b", 7.0)]
+    assert bench.top_operators(events, cuda=False) == [
+        {"name": "c", "calls": 2, "self_ms": 0.03}, {"name": "d", "calls": 2, "self_ms": 0.01},
+        {"name": "b", "calls": 2, "self_ms": 0.007}, {"name": "a", "calls": 2, "self_ms": 0.005}]
+    assert [row["name"] for row in bench._top(events, lambda e: e.self_cpu_time_total, 2)] == ["c", "d"]
+
+
+def test_phase_times_add_up_every_entry_of_a_range():
+    cpu = torch.autograd.DeviceType.CPU
+    event = lambda name, us: SimpleNamespace(name=name, cpu_time_total=us, device_type=cpu, is_user_annotation=True)
+    phases = bench.phase_times([event("nn.gemm", 1500.0), event("nn.topk", 250.0), event("nn.gemm", 2500.0)], False)
+    assert phases == [{"name": "nn.gemm", "calls": 2, "cpu_ms": 4.0}, {"name": "nn.topk", "calls": 1, "cpu_ms": 0.25}]
+
+
+def test_search_row_rates_from_the_timings_by_hand(monkeypatch):
+    """Timings 4 ms (genlib), 2 ms (cdist), 0.5 ms (GEMM): the row's derived numbers, computed here by hand."""
+    timings = iter([4.0, 2.0, 0.5])
+    monkeypatch.setattr(bench, "timeit", lambda *args: next(timings))
+    row, = bench.bench_nearest_neighbors(torch.device("cpu"), [(8, 16, 4)], repeats=1)
+    assert (row["genlib_ms"], row["cdist_ms"], row["gemm_bound_ms"]) == (4.0, 2.0, 0.5)
+    assert row["genlib_over_gemm"] == 8.0
+    assert row["gemm_tflops"] == pytest.approx(2 * 8 * 16 * 4 / 0.5e-3 / 1e12, rel=1e-12)
+
+
+def test_reranked_rows_per_query():
+    assert bench.reranked_per_query({imle.RERANKED_ROWS: 30}, 10) == 3.0
+    assert bench.reranked_per_query({imle.RERANKED_ROWS: 5}, 1) == 5.0 and bench.reranked_per_query({}, 0) == 0.0

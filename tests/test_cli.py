@@ -593,3 +593,88 @@ def test_a_train_record_matches_its_options_however_their_numbers_are_spelt(tmp_
                               (["lam=nan", "variant=gan"], "{'lam': 'nan', 'variant': 'gan'} here")):
         with pytest.raises(ValueError, match=re.escape(f"opt: {{'lam': 0.01, 'variant': 'gan'}} there, {difference}")):
             cli.check_out(tmp_path, "train", cli.run_arguments({**flags, "opt": other}))
+
+
+@pytest.mark.parametrize("text, expected", [("1", True), ("0", False), ("true", True), ("False", False),
+                                            ("YES", True), ("no", False), ("True", True), ("NO", False)])
+def test_boolean_options_read_every_documented_spelling_in_any_case(text, expected):
+    for default in (True, False):
+        assert cli.option_value(text, default) is expected
+
+
+def test_an_opt_named_shape_is_refused_where_the_class_has_a_shape_default():
+    """GAN(shape=(2,)) has a shape default: --opt shape=... must still be refused (the data fixes the shape)."""
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"shape": "3"})
+    with pytest.raises(ValueError, match="unknown option 'shape' for GAN"):
+        cli.build_family("gan", spec)
+
+
+def test_the_gan_variant_option_picks_the_class_and_is_not_passed_to_it():
+    from genlib import gan
+
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"variant": "pacgan"})
+    assert type(cli.build_family("gan", spec)) is gan.VARIANTS["pacgan"] and spec.used == {"variant"}
+
+
+def test_constructor_defaults_take_a_subclass_default_over_its_base_class():
+    class Base:
+        def __init__(self, steps=None, rate=0.5):
+            self.steps, self.rate = steps, rate
+
+    class Sub(Base):
+        def __init__(self, steps=3, **kw):
+            super().__init__(steps=steps, **kw)
+
+    Base.__module__ = Sub.__module__ = "genlib.fake"  # only genlib's classes count
+    assert cli.constructor_defaults(Sub) == {"steps": 3, "rate": 0.5}
+    spec = cli.TrainSpec(torch.zeros(1, 2), (2,), torch.device("cpu"), options={"steps": "4"})
+    built = spec.construct(Sub)
+    assert built.steps == 4 and type(built.steps) is int  # the subclass's int default, not the base's None (float)
+
+
+def test_an_option_value_may_hold_an_equals_sign():
+    assert cli.parse_options(["expr=a=b", " k = v "]) == {"expr": "a=b", "k": "v"}
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--lr", "1e-3", "lr"), ("--z-dim", "3", "z_dim"), ("--width", "9", "width"), ("--batch-size", "7", "batch_size"),
+    ("--toy-points", "100", "toy_points"), ("--resolution", "32", "resolution"), ("--seed", "1", "seed"),
+    ("--opt", "lam=1", "opt")])
+def test_a_train_record_with_another_run_defining_flag_is_refused(tmp_path, flag, value, key):
+    base = ["train", "gan", "--data", "ring8", "--out", str(tmp_path)]
+    flags = vars(cli.make_parser().parse_args(base))
+    record = {"command": "x", "config": {**flags, "func": None, "command": "train"}}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    cli.check_out(tmp_path, "train", cli.run_arguments(vars(cli.make_parser().parse_args(base + ["--steps", "9"]))))
+    other = vars(cli.make_parser().parse_args(base + [flag, value]))
+    with pytest.raises(ValueError, match=rf"another run \({key}: "):
+        cli.check_out(tmp_path, "train", cli.run_arguments(other))
+
+
+def test_a_record_of_another_command_is_refused_with_or_without_arguments(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"command": "compare --seeds 0",
+                                                    "config": {"command": "compare", "seeds": "0"}}))
+    with pytest.raises(ValueError, match="record of another command"):
+        cli.check_out(tmp_path, "evaluate")
+    flags = vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match="record of another command"):
+        cli.check_out(tmp_path, "train", cli.run_arguments(flags))
+
+
+def test_a_comparison_recorded_under_another_spelling_of_its_folder_still_matches(tmp_path):
+    """--out is where the record lies, not what defines the run: a moved folder (or ./x for x) still resumes."""
+    (tmp_path / "run.json").write_text(json.dumps({"command": "compare", "config": {
+        "command": "compare", "seeds": "0", "out": "somewhere/else"}}))
+    cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "0", "out": str(tmp_path)})
+
+
+def test_split_names_takes_the_longest_known_name_before_a_comma():
+    known = ["R1", "R1, two-sided", "none"]  # the shorter name is a prefix of the longer one up to its comma
+    assert cli.split_names("R1, two-sided,none", known) == ["R1, two-sided", "none"]
+    assert cli.split_names("R1,none", known) == ["R1", "none"]
+
+
+def test_evaluate_refuses_a_single_sample_before_reading_the_run(tmp_path):
+    with pytest.raises(SystemExit, match="--eval-samples must be at least 2"):
+        cli.main(["evaluate", str(tmp_path / "nothing"), "--eval-samples", "1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -69,3 +69,72 @@ def test_show_pngs_puts_each_saved_picture_in_its_own_titled_panel(tmp_path):
         viz.show_pngs([])
     with pytest.raises(ValueError, match="'lost'"):
         viz.show_pngs([(paths[0], "kept"), (None, "lost")])
+
+
+def test_image_grid_has_no_spare_row_when_the_images_fill_the_rows():
+    grid = viz.image_grid(torch.zeros(8, 1, 1, 1, dtype=torch.uint8), nrow=4, pad=1)
+    assert grid.shape == (2 * 2 + 1, 4 * 2 + 1, 1)
+    assert (grid[1::2, 1::2] == 0).all() and (grid[0::2] == 255).all() and (grid[:, 0::2] == 255).all()
+
+
+def test_grid_points_run_x_along_columns_and_y_along_rows_of_an_uneven_box():
+    xs, ys, points = viz.grid_points((0.0, 1.0, 10.0, 12.0), 3)
+    expected = [[x, y] for y in (10.0, 11.0, 12.0) for x in (0.0, 0.5, 1.0)]
+    assert points.tolist() == expected
+    np.testing.assert_array_equal(xs, [[0.0, 0.5, 1.0]] * 3)
+    np.testing.assert_array_equal(ys, [[10.0] * 3, [11.0] * 3, [12.0] * 3])
+
+
+def test_field2d_shows_row_i_at_height_y_i_from_the_bottom():
+    ax = viz.field2d(lambda p: p[:, 1] + 10 * p[:, 0], lim=1.0, n=3)  # a value that tells x from y
+    image = ax.images[0]
+    grid = np.linspace(-1, 1, 3)
+    np.testing.assert_allclose(image.get_array(), grid[:, None] + 10 * grid[None, :], atol=1e-6)
+    assert image.origin == "lower" and tuple(image.get_extent()) == (-1, 1, -1, 1)
+    plt.close("all")
+
+
+def test_quiver2d_draws_each_arrow_from_its_point_with_the_field_s_two_components():
+    ax = viz.quiver2d(lambda p: p * torch.tensor([1.0, -2.0]), lim=1.0, n=3)
+    arrows = ax.collections[0]
+    np.testing.assert_allclose(arrows.U, arrows.X)
+    np.testing.assert_allclose(arrows.V, -2 * arrows.Y)
+    assert sorted(set(np.round(arrows.Y, 6))) == [-1.0, 0.0, 1.0]
+    plt.close("all")
+
+
+def test_scatter2d_plots_x_against_y_in_a_square_view():
+    ax = viz.scatter2d(torch.tensor([[1.0, 2.0], [3.0, -4.0]]), lim=5.0, title="t")
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[1.0, 2.0], [3.0, -4.0]])
+    assert ax.get_xlim() == (-5.0, 5.0) and ax.get_ylim() == (-5.0, 5.0) and ax.get_title() == "t"
+    plt.close("all")
+
+
+def test_save_scatter_draws_samples_over_data_and_counts_both(tmp_path, monkeypatch):
+    _, ax = plt.subplots()
+    monkeypatch.setattr(viz, "figure_png", lambda draw, **kw: draw(ax) or b"png")
+    samples, data = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]), torch.zeros(5, 2)
+    viz.save_scatter(samples, data, tmp_path / "s.png", lim=6.0)
+    assert ax.get_title() == "3 samples over 5 data points" and (tmp_path / "s.png").read_bytes() == b"png"
+    np.testing.assert_array_equal(ax.collections[1].get_offsets(), samples.numpy())  # on top of the data
+    plt.close("all")
+
+
+def test_loss_curves_plot_each_loss_against_the_step():
+    ax = viz.loss_curves({"step": [10, 20, 30], "loss_d": [0.5, 0.4, 0.3], "loss_g": [1.0, 2.0, 3.0]})
+    assert [line.get_label() for line in ax.get_lines()] == ["loss_d", "loss_g"]
+    assert all(list(line.get_xdata()) == [10, 20, 30] for line in ax.get_lines())
+    assert list(ax.get_lines()[1].get_ydata()) == [1.0, 2.0, 3.0]
+    plt.close("all")
+
+
+def test_scatter_panels_fill_rows_of_columns_and_hide_only_the_unused_axes(tmp_path, monkeypatch):
+    figures, close = [], plt.close
+    monkeypatch.setattr(viz.plt, "close", lambda fig=None: figures.append(fig))
+    panels = [(f"p{i}", torch.randn(10, 2), torch.zeros(1, 2), 2.0) for i in range(5)]
+    viz.save_scatter_panels(panels, tmp_path / "panels.png", columns=4)
+    fig, = figures
+    assert [ax.get_title() for ax in fig.axes] == ["p0", "p1", "p2", "p3", "p4", "", "", ""]
+    assert [ax.axison for ax in fig.axes] == [True] * 5 + [False] * 3
+    assert plt.imread(tmp_path / "panels.png").shape[:2] == (2 * 3 * 80, 4 * 3 * 80)
+    close(fig)

@@ -60,8 +60,10 @@ class TrainSpec:
     lr: float = 2e-4
     batch_size: int = 64
     options: dict[str, str] = field(default_factory=dict)
-    used: set[str] = field(default_factory=set)  # options a builder has read; the rest are typos
-    read: set[str] = field(default_factory=set)  # fields of FLAG_FIELDS a builder has read
+    # bookkeeping of build_family, not part of the spec: options a builder has read (the rest are typos), and the
+    # fields of FLAG_FIELDS it has read
+    used: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    read: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __getattribute__(self, name: str) -> Any:
         # a builder reads the flags' values as plain attributes: noting which it read names the flags it ignores
@@ -168,22 +170,25 @@ def held_out_for(model, config: dict) -> torch.Tensor | None:
     return load_held_out(config["data"], config["root"], config["toy_points"], config["seed"])
 
 
-def build_family(name: str, spec: TrainSpec):
-    """Import and call the builder registered for family ``name``; an ``--opt`` it did not read is an error."""
+def build_family(name: str, spec: TrainSpec, warn_ignored: bool = False):
+    """Import and call the builder registered for family ``name``; an ``--opt`` it did not read is an error, and with
+    ``warn_ignored`` (``train``, whose user set the flags) a flag it did not read is named in a warning."""
     module_name, function = FAMILIES[name].split(":")
+    spec.read.clear()  # reads before the builder's (a repr, say) say nothing of what the family uses
     model = getattr(importlib.import_module(module_name), function)(spec)
     unread = sorted(set(spec.options) - spec.used)
     if unread:
         raise ValueError(f"unknown option(s) {', '.join(unread)} for family {name!r} "
                          f"(the options are listed in the docstring of {module_name}.{function})")
-    for flag, value in spec.ignored_flags().items():
+    for flag, value in (spec.ignored_flags() if warn_ignored else {}).items():
         print(f"warning: family {name!r} does not use --{flag.replace('_', '-')} (set to {value}); it has no effect",
               file=sys.stderr, flush=True)
     return model
 
 
-def build_run(config: dict, options: dict[str, str], dev: torch.device):
-    """(dataset, sampler, model) of a ``train`` run from its config (``vars(args)`` or a run.json's config)."""
+def build_run(config: dict, options: dict[str, str], dev: torch.device, warn_ignored: bool = False):
+    """(dataset, sampler, model) of a ``train`` run from its config (``vars(args)`` or a run.json's config);
+    ``warn_ignored``: see :func:`build_family`."""
     from genlib import data as gdata
 
     dataset = load_training_data(config["data"], config["root"], config["resolution"], config["toy_points"],
@@ -191,7 +196,7 @@ def build_run(config: dict, options: dict[str, str], dev: torch.device):
     sampler = gdata.BatchSampler(dataset, config["batch_size"], dev, seed=config["seed"])
     spec = TrainSpec(sampler.data, tuple(dataset.shape[1:]), dev, config["z_dim"], config["width"], config["lr"],
                      config["batch_size"], options)
-    return dataset, sampler, build_family(config["family"], spec).to(dev)
+    return dataset, sampler, build_family(config["family"], spec, warn_ignored).to(dev)
 
 
 RUN_DEFINING = ("family", "data", "resolution", "toy_points", "batch_size", "z_dim", "width", "lr", "seed", "opt")
@@ -207,7 +212,8 @@ def run_arguments(config: dict) -> dict:
 
 
 def _number_or_text(value: str) -> float | str:
-    """An ``--opt`` value as a float where it reads as a finite one, else as given (nan != nan)."""
+    """An ``--opt`` value as a float where it reads as a finite one, else as given (nan != nan): numbers compare by
+    value, other spellings as written (``true`` and ``1``, ``0.5,0.9`` and ``0.5, 0.9`` differ)."""
     try:
         number = float(value)
     except ValueError:
@@ -255,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     runtime.seed_everything(args.seed)
     run_line = runtime.describe(args.seed, dev, show_scale=False)
     print(run_line, flush=True)
-    dataset, sampler, model = build_run(vars(args), parse_options(args.opt), dev)
+    dataset, sampler, model = build_run(vars(args), parse_options(args.opt), dev, warn_ignored=True)
     if args.steps <= getattr(model, "glo_steps", 0):
         print(f"warning: all {args.steps} steps are GLO steps (glo_steps={model.glo_steps}); the latent IMLE stage "
               "will not run, so this run is GLO alone", file=sys.stderr, flush=True)

@@ -506,10 +506,12 @@ def decode_folder(
 
 
 def _cache_meta(folder: Path, paths: Sequence[Path], resolution: int, crop_fraction: float) -> dict[str, Any]:
-    """What identifies a decoded folder: file list hash, count, resolution, crop."""
+    """What identifies a decoded folder: the hash of its files' names, sizes and modification times, their count,
+    the resolution and the crop (a file replaced by another of the same size has another time)."""
     files = hashlib.sha256()
     for p in paths:
-        files.update(f"{p.relative_to(folder)}\t{p.stat().st_size}\n".encode())
+        status = p.stat()
+        files.update(f"{p.relative_to(folder)}\t{status.st_size}\t{status.st_mtime_ns}\n".encode())
     meta = {
         "version": CACHE_VERSION,
         "folder": str(folder.resolve()),

@@ -53,15 +53,16 @@ def draw_samples(model, n: int, batch_size: int = 500, progress: bool = False) -
     if model.device.type == "cuda":
         model.sample(min(batch_size, n))
     chunks, drawn = [], 0
-    began = time.perf_counter()
     with tqdm(total=n, desc="sampling", unit="sample", disable=not progress, dynamic_ncols=True,
               mininterval=0.5) as bar:
+        began = time.perf_counter()  # the bar's set-up and close are not sampling time
         while drawn < n:
             chunk = model.sample(min(batch_size, n - drawn))
             chunks.append(chunk.float().cpu())  # the copy to the CPU also waits for the GPU to finish
             drawn += len(chunk)
             bar.update(len(chunk))
-    return torch.cat(chunks), n / (time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+    return torch.cat(chunks), n / seconds
 
 
 def toy_metrics(fake: Tensor, toy_name: str, seed: int = 0) -> dict[str, float]:

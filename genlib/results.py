@@ -93,7 +93,7 @@ def runnable(command: str) -> str:
     """A recorded command as one can paste it: records made before :func:`_program` wrote ``python -m genlib``
     as ``__main__.py``."""
     program, _, arguments = command.partition(" ")
-    return f"{CLI} {arguments}" if program == "__main__.py" else command
+    return f"{CLI} {arguments}".rstrip() if program == "__main__.py" else command
 
 
 def write_json(path: Path, obj: dict) -> None:

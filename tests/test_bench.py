@@ -238,7 +238,7 @@ def test_timeit_is_the_median_of_the_timed_calls_after_untimed_warmups(monkeypat
     assert len(calls) == 5  # 2 warm-ups + 3 timed calls, and only the timed ones read the clock
 
 
-def test_table_numbers_from_1000_up_are_whole_and_a_whole_float_has_no_trailing_point():
+def test_table_numbers_that_round_to_1000_or_more_are_whole_numbers():
     assert [bench.format_number(v) for v in (1000.0, -1000.0, 999.7, 999.4, 100.0, 250.0, 12.0)] == \
         ["1000", "-1000", "1000", "999", "100", "250", "12.0"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -436,14 +437,19 @@ def test_sampler_uses_every_full_batch_when_the_batch_size_divides_the_data():
     assert sampler.epoch == 2
 
 
-def test_folder_cache_is_invalidated_when_a_file_is_replaced_by_another_of_the_same_name(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".bmp"])  # a new png has another size; a bmp of the same shape, the same
+def test_folder_cache_is_invalidated_when_a_file_is_replaced_by_another_of_the_same_name(tmp_path, suffix):
     folder, cache = tmp_path / "pics", tmp_path / "cache"
     folder.mkdir()
-    Image.new("RGB", (16, 16), (0, 0, 255)).save(folder / "a.png")
+    path = folder / f"a{suffix}"
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(path)
     first = data.load_images("folder", root=folder, resolution=8, cache_dir=cache, progress=False)
     assert (first.images[0, 2] == 255).all()
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
     noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(folder / "a.png")  # same name, other content and size
+    Image.fromarray(noise).save(path)  # same name, other content
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a later time, even on a coarse-grained file system
+    assert (path.stat().st_size == size) == (suffix == ".bmp")
     again = data.load_images("folder", root=folder, resolution=8, cache_dir=cache, progress=False)
-    expected = data.decode_image(folder / "a.png", 8)
+    expected = data.decode_image(path, 8)
     assert np.array_equal(again.images[0].numpy(), expected)

@@ -178,7 +178,7 @@ def python_sigint():
     SIGINT ignored, and Python then installs no handler (an ignored signal stays ignored, which a test checks)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 @pytest.mark.usefixtures("python_sigint")

@@ -75,8 +75,8 @@ class TrainSpec:
         """``{field: value}`` of the model flags (``--z-dim``, ``--width``, ``--lr``) set away from their defaults
         that the builder never read (``--batch-size`` always counts: the sampler reads it)."""
         defaults = {spec_field.name: spec_field.default for spec_field in fields(self)}
-        return {name: vars(self)[name] for name in ("z_dim", "width", "lr")
-                if name not in self.read and vars(self)[name] != defaults[name]}
+        return {name: vars(self)[name] for name in FLAG_FIELDS
+                if name != "batch_size" and name not in self.read and vars(self)[name] != defaults[name]}
 
     def option(self, name: str, default: Any) -> Any:
         """The ``--opt name=value`` option converted to the type of ``default``, else ``default``."""

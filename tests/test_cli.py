@@ -58,6 +58,16 @@ def test_one_evaluation_sample_is_rejected_before_training(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def gan_flags(out, *extra: str) -> dict:
+    """``vars(args)`` of ``train gan --data ring8 --out OUT`` with ``extra`` arguments."""
+    return vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", str(out), *extra]))
+
+
+def write_record(folder, config: dict) -> None:
+    """A run.json in ``folder`` with ``config`` (its ``command`` names the CLI command that made it)."""
+    (folder / "run.json").write_text(json.dumps({"command": config["command"], "config": config}))
+
+
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
@@ -96,7 +106,7 @@ def test_a_flag_the_family_ignores_is_named_in_a_warning(family, ignored, capsys
 
 
 def test_the_train_flags_default_to_the_spec_defaults():
-    flags = vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", "x"]))
+    flags = gan_flags("x")
     spec = cli.TrainSpec(torch.zeros(1, 2), (2,), torch.device("cpu"))
     assert {name: flags[name] for name in cli.FLAG_FIELDS} == {name: getattr(spec, name) for name in cli.FLAG_FIELDS}
 
@@ -577,18 +587,15 @@ def test_compare_takes_each_family_s_own_default_setting_and_refuses_another_com
 
 def test_a_record_older_than_an_argument_still_matches_its_own_run(tmp_path):
     """compare's records made before --family existed lack the key: that is no difference, another seed is."""
-    (tmp_path / "run.json").write_text(json.dumps({"command": "compare --seeds 0",
-                                                    "config": {"command": "compare", "seeds": "0"}}))
+    write_record(tmp_path, {"command": "compare", "seeds": "0"})
     cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "0", "family": "gan"})
     with pytest.raises(ValueError, match="seeds: '0' there, '1' here"):
         cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "1", "family": "gan"})
 
 
 def test_a_train_record_matches_its_options_however_their_numbers_are_spelt(tmp_path):
-    flags = vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", str(tmp_path),
-                                               "--opt", "lam=1e-2", "--opt", "variant=gan"]))
-    (tmp_path / "run.json").write_text(json.dumps({"command": "x", "config": {**flags, "func": None,
-                                                                                 "command": "train"}}))
+    flags = gan_flags(tmp_path, "--opt", "lam=1e-2", "--opt", "variant=gan")
+    write_record(tmp_path, {**flags, "func": None, "command": "train"})
     same = {**flags, "opt": ["variant=gan", "lam=0.01"]}  # another order, another spelling
     cli.check_out(tmp_path, "train", cli.run_arguments(same))
     for other, difference in ((["lam=0.011", "variant=gan"], "{'lam': 0.011, 'variant': 'gan'} here"),
@@ -644,30 +651,25 @@ def test_an_option_value_may_hold_an_equals_sign():
     ("--toy-points", "100", "toy_points"), ("--resolution", "32", "resolution"), ("--seed", "1", "seed"),
     ("--opt", "lam=1", "opt")])
 def test_a_train_record_with_another_run_defining_flag_is_refused(tmp_path, flag, value, key):
-    base = ["train", "gan", "--data", "ring8", "--out", str(tmp_path)]
-    flags = vars(cli.make_parser().parse_args(base))
-    record = {"command": "x", "config": {**flags, "func": None, "command": "train"}}
-    (tmp_path / "run.json").write_text(json.dumps(record))
-    cli.check_out(tmp_path, "train", cli.run_arguments(vars(cli.make_parser().parse_args(base + ["--steps", "9"]))))
-    other = vars(cli.make_parser().parse_args(base + [flag, value]))
+    write_record(tmp_path, {**gan_flags(tmp_path), "func": None, "command": "train"})
+    cli.check_out(tmp_path, "train", cli.run_arguments(gan_flags(tmp_path, "--steps", "9")))
+    other = gan_flags(tmp_path, flag, value)
     with pytest.raises(ValueError, match=rf"another run \({key}: "):
         cli.check_out(tmp_path, "train", cli.run_arguments(other))
 
 
 def test_a_record_of_another_command_is_refused_with_or_without_arguments(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({"command": "compare --seeds 0",
-                                                    "config": {"command": "compare", "seeds": "0"}}))
+    write_record(tmp_path, {"command": "compare", "seeds": "0"})
     with pytest.raises(ValueError, match="record of another command"):
         cli.check_out(tmp_path, "evaluate")
-    flags = vars(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", str(tmp_path)]))
+    flags = gan_flags(tmp_path)
     with pytest.raises(ValueError, match="record of another command"):
         cli.check_out(tmp_path, "train", cli.run_arguments(flags))
 
 
 def test_a_comparison_recorded_under_another_spelling_of_its_folder_still_matches(tmp_path):
     """--out is where the record lies, not what defines the run: a moved folder (or ./x for x) still resumes."""
-    (tmp_path / "run.json").write_text(json.dumps({"command": "compare", "config": {
-        "command": "compare", "seeds": "0", "out": "somewhere/else"}}))
+    write_record(tmp_path, {"command": "compare", "seeds": "0", "out": "somewhere/else"})
     cli.check_out(tmp_path, "compare", {"command": "compare", "seeds": "0", "out": str(tmp_path)})
 
 

@@ -56,21 +56,22 @@ class ReplayOnCuda(Replay):
         return torch.device("cuda")
 
 
+ROWS = torch.arange(23.0)[:, None].expand(23, 2)  # 23 distinct samples: their order shows how batches join
+
+
 def test_draw_samples_concatenates_batches_in_order():
-    rows = torch.arange(23.0)[:, None].expand(23, 2)
-    samples, rate = evaluate.draw_samples(Replay(rows), 23, batch_size=5)  # on the CPU: no warm-up batch
-    assert torch.equal(samples, rows) and rate > 0
-    model = ReplayOnCuda(torch.cat([rows[:5], rows]))  # on CUDA the first batch is the discarded warm-up
-    assert torch.equal(evaluate.draw_samples(model, 23, batch_size=5)[0], rows)
+    samples, rate = evaluate.draw_samples(Replay(ROWS), 23, batch_size=5)  # on the CPU: no warm-up batch
+    assert torch.equal(samples, ROWS) and rate > 0
+    model = ReplayOnCuda(torch.cat([ROWS[:5], ROWS]))  # on CUDA the first batch is the discarded warm-up
+    assert torch.equal(evaluate.draw_samples(model, 23, batch_size=5)[0], ROWS)
     with pytest.raises(ValueError, match="positive"):
-        evaluate.draw_samples(Replay(rows), 0)
+        evaluate.draw_samples(Replay(ROWS), 0)
 
 
 def test_draw_samples_shows_its_progress_when_asked(capsys):
-    rows = torch.arange(23.0)[:, None].expand(23, 2)
-    evaluate.draw_samples(Replay(rows), 23, batch_size=5)
+    evaluate.draw_samples(Replay(ROWS), 23, batch_size=5)
     assert capsys.readouterr().err == ""
-    evaluate.draw_samples(Replay(rows), 23, batch_size=5, progress=True)
+    evaluate.draw_samples(Replay(ROWS), 23, batch_size=5, progress=True)
     assert re.search(r"sampling: 100%.*23/23", capsys.readouterr().err)
 
 
@@ -250,10 +251,9 @@ def clocked(base: type[Replay]) -> type[Replay]:
 def test_sampling_rate_is_samples_per_second_of_the_timed_batches_only(base, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(evaluate, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    rows = torch.arange(23.0)[:, None].expand(23, 2)
-    model = clocked(base)(torch.cat([rows[:5], rows]) if base is ReplayOnCuda else rows, clock)
+    model = clocked(base)(torch.cat([ROWS[:5], ROWS]) if base is ReplayOnCuda else ROWS, clock)
     samples, rate = evaluate.draw_samples(model, 23, batch_size=5)
-    assert torch.equal(samples, rows)
+    assert torch.equal(samples, ROWS)
     assert rate == pytest.approx(23 / 5)  # 5 timed batches of 1 s each; a CUDA warm-up batch is not timed
 
 

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from genlib.data import to_float
 from genlib.results import provenance, write_json
+
+if TYPE_CHECKING:
+    from genlib.train import GenerativeModel
 
 
 def timeit(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 1) -> float:
@@ -190,7 +194,7 @@ def profile_call(fn: Callable[[], object], device: torch.device) -> dict:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def _is_host(event) -> bool:
+def _is_host(event: torch.autograd.profiler_util.FunctionEvent | torch.autograd.profiler_util.FunctionEventAvg) -> bool:
     """Whether a profiler event ran on the CPU (an operator or a range), not on the device."""
     return event.device_type == torch.autograd.DeviceType.CPU
 
@@ -200,7 +204,7 @@ def _ms(microseconds: float) -> float:
     return round(microseconds / 1e3, 4)
 
 
-def phase_times(events, cuda: bool) -> list[dict]:
+def phase_times(events: Iterable[torch.autograd.profiler_util.FunctionEvent], cuda: bool) -> list[dict]:
     """The ``record_function`` ranges (genlib's ``nn.*`` in :mod:`genlib.imle`), in order of first entry:
     ``calls``, ``cpu_ms`` and on CUDA ``device_ms`` (the kernels launched inside), both including the ranges
     nested inside (``nn.pass.*`` hold the phases of their pass)."""
@@ -217,7 +221,7 @@ def phase_times(events, cuda: bool) -> list[dict]:
             for row in phases.values()]
 
 
-def top_operators(averages, cuda: bool) -> list[dict]:
+def top_operators(averages: Iterable[torch.autograd.profiler_util.FunctionEventAvg], cuda: bool) -> list[dict]:
     """The PROFILE_TOP operators by self time: ``self_ms`` is device time on CUDA (then ``self_cpu_ms`` too),
     CPU time on the CPU."""
     ops = [e for e in averages if _is_host(e) and not e.is_user_annotation]
@@ -226,7 +230,8 @@ def top_operators(averages, cuda: bool) -> list[dict]:
     return _top(ops, lambda e: e.self_cpu_time_total, PROFILE_TOP)
 
 
-def _top(events, self_time: Callable[[object], float], count: int, with_cpu: bool = False) -> list[dict]:
+def _top(events: Iterable[torch.autograd.profiler_util.FunctionEventAvg], self_time: Callable[[object], float],
+         count: int, with_cpu: bool = False) -> list[dict]:
     """The ``count`` events with the largest positive ``self_time`` (us): {name, calls, self_ms}, and with
     ``with_cpu`` their ``self_cpu_ms``."""
     ranked = sorted((e for e in events if self_time(e) > 0), key=self_time, reverse=True)[:count]
@@ -328,7 +333,7 @@ def bench_small_batches(device: torch.device, steps: int) -> list[dict]:
     return [row | ({"steps_per_s": row["img_per_s"] / row["batch"]} if row["img_per_s"] else {}) for row in rows]
 
 
-def graphed_step_row(model, name: str, real: torch.Tensor, index: torch.Tensor, steps: int) -> dict:
+def graphed_step_row(model: GenerativeModel, name: str, real: torch.Tensor, index: torch.Tensor, steps: int) -> dict:
     """The bench row of ``model``'s step replayed as a CUDA graph (:class:`genlib.train.StepGraph`, bf16 autocast),
     captured after its warm-up steps; a failed capture gives a row with the error as its note instead of a rate."""
     from genlib.train import GRAPH_WARMUP_STEPS, StepGraph
@@ -345,7 +350,7 @@ def graphed_step_row(model, name: str, real: torch.Tensor, index: torch.Tensor, 
     return row
 
 
-def format_number(value) -> str:
+def format_number(value: float | int | str | dict[str, int] | None) -> str:
     """A table cell: floats with 3 significant digits (trailing zeros kept), from 1000 up as whole numbers
     (never 1.5e+03); a fraction just below 1 keeps the digits that show it is not 1 (0.9996, not 1.00);
     counts per pass (``settled``) as 'tf32 3400 / fp32-wide 684', nonzero ones only, in PASS_ORDER."""
@@ -403,7 +408,8 @@ def cpu_share(before: dict | None, after: dict | None) -> dict | None:
     Other processes or steal above a few percent mean that the timings are slower than the device can do."""
     if before is None or after is None:
         return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (a - b for a, b in zip(after["counters"], before["counters"]))
+    spent = (end - start for end, start in zip(after["counters"], before["counters"]))
+    user, nice, system, idle, iowait, irq, softirq, steal = spent
     total = user + nice + system + idle + iowait + irq + softirq + steal
     if total <= 0:
         return None

@@ -22,9 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from genlib.data import BatchSampler
+    from genlib.train import GenerativeModel
 
 # family name -> "module:function"; the function takes a TrainSpec and returns a GenerativeModel.
 FAMILIES: dict[str, str] = {
@@ -106,15 +110,19 @@ class TrainSpec:
         return cls(**kwargs)
 
 
+BOOLEAN_SPELLINGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+"""What :func:`option_value` reads as a boolean (in any case)."""
+
+
 def option_value(text: str, default: Any) -> Any:
     """An ``--opt`` string converted to the type of ``default``: bools from 1/0, true/false, yes/no; tuples
     from comma-separated floats (``betas=0.5,0.9``); a ``None`` default takes a float."""
     if isinstance(default, tuple):
         return tuple(float(v) for v in text.split(","))
     if isinstance(default, bool):
-        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        if text.lower() not in BOOLEAN_SPELLINGS:
             raise ValueError(f"expected a boolean, got {text!r}")
-        return text.lower() in ("1", "true", "yes")
+        return BOOLEAN_SPELLINGS[text.lower()]
     return float(text) if default is None else type(default)(text)
 
 
@@ -141,7 +149,7 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
-def load_training_data(name: str, root: str | None, resolution: int, n_toy: int, seed: int):
+def load_training_data(name: str, root: str | None, resolution: int, n_toy: int, seed: int) -> torch.Tensor:
     """Dataset ``name`` as a tensor (uint8 images N x C x H x W, or float toy points N x 2)."""
     from genlib import data
 
@@ -163,14 +171,14 @@ def load_held_out(name: str, root: str | None, n_toy: int, seed: int) -> torch.T
     return None
 
 
-def held_out_for(model, config: dict) -> torch.Tensor | None:
+def held_out_for(model: GenerativeModel, config: dict) -> torch.Tensor | None:
     """The held-out data of a run's dataset when ``model`` has a likelihood (``evaluate``); else None, unread."""
     if not hasattr(model, "evaluate"):
         return None
     return load_held_out(config["data"], config["root"], config["toy_points"], config["seed"])
 
 
-def build_family(name: str, spec: TrainSpec, warn_ignored: bool = False):
+def build_family(name: str, spec: TrainSpec, warn_ignored: bool = False) -> GenerativeModel:
     """Import and call the builder registered for family ``name``; an ``--opt`` it did not read is an error, and with
     ``warn_ignored`` (``train``, whose user set the flags) a flag it did not read is named in a warning."""
     module_name, function = FAMILIES[name].split(":")
@@ -186,7 +194,8 @@ def build_family(name: str, spec: TrainSpec, warn_ignored: bool = False):
     return model
 
 
-def build_run(config: dict, options: dict[str, str], dev: torch.device, warn_ignored: bool = False):
+def build_run(config: dict, options: dict[str, str], dev: torch.device,
+              warn_ignored: bool = False) -> tuple[torch.Tensor, BatchSampler, GenerativeModel]:
     """(dataset, sampler, model) of a ``train`` run from its config (``vars(args)`` or a run.json's config);
     ``warn_ignored``: see :func:`build_family`."""
     from genlib import data as gdata
@@ -206,14 +215,21 @@ is refused (``--steps`` may grow; evaluation, logging, the device and the data's
 
 def run_arguments(config: dict) -> dict:
     """The :data:`RUN_DEFINING` arguments of a ``train`` config (``vars(args)`` or a run.json's), ``--opt`` as a
-    dict so that its order does not matter, its numbers as floats so that their spelling does not (1e-2, 0.01)."""
-    return {key: {name: _number_or_text(value) for name, value in parse_options(config.get(key) or []).items()}
+    dict so that its order does not matter, its values in :func:`canonical_option` form so that their spelling
+    does not."""
+    return {key: {name: canonical_option(value) for name, value in parse_options(config.get(key) or []).items()}
             if key == "opt" else config.get(key) for key in RUN_DEFINING}
 
 
-def _number_or_text(value: str) -> float | str:
-    """An ``--opt`` value as a float where it reads as a finite one, else as given (nan != nan): numbers compare by
-    value, other spellings as written (``true`` and ``1``, ``0.5,0.9`` and ``0.5, 0.9`` differ)."""
+def canonical_option(value: str) -> float | str | tuple:
+    """An ``--opt`` value in a form whose equality means the same setting to every option type of
+    :func:`option_value`: a finite number as a float (1e-2 == 0.01; nan stays text, since nan != nan), a boolean
+    spelling as 1.0 or 0.0 (true == YES == 1), a comma list item by item (0.5,0.9 == 0.5, 0.9); other text as
+    written."""
+    if "," in value:
+        return tuple(canonical_option(item.strip()) for item in value.split(","))
+    if value.lower() in BOOLEAN_SPELLINGS:
+        return float(BOOLEAN_SPELLINGS[value.lower()])
     try:
         number = float(value)
     except ValueError:
@@ -378,8 +394,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
                 state["samples"][toy_name, row["method"]] = samples
             state["rows"].append({"toy": toy_name, **row})
             train.save_atomic(state, partial)
-            print(f"[{len(state['rows'])}/{len(order)}] {toy_name} {row['method']} seed {row['seed']}: {row['modes']} of "
-                  f"{row['total_modes']} modes, hq {row['hq']:.3f} ({row['seconds']:.0f} s)", flush=True)
+            print(f"[{len(state['rows'])}/{len(order)}] {toy_name} {row['method']} seed {row['seed']}: "
+                  f"{row['modes']} of {row['total_modes']} modes, hq {row['hq']:.3f} ({row['seconds']:.0f} s)",
+                  flush=True)
     by_run = {(row["toy"], row["method"], row["seed"]): row for row in state["rows"]}
     rows = [by_run[run] for run in order]
     columns = dict(energy.STABILITY_COLUMNS) if args.family == "energy" else {}  # the critic's stability
@@ -442,13 +459,13 @@ def _comparison(args: argparse.Namespace) -> tuple[list[str], int, dict, Callabl
     return list(table), batch_size, dict(energy.TOY_DEFAULTS), toy_runs
 
 
-def sample_grid_writer(out: Path):
+def sample_grid_writer(out: Path) -> Callable[[int, GenerativeModel], None]:
     """A ``fit`` callback saving an 8x8 grid of samples as ``out/progress/step_NNNNNNN.png``.
 
     It samples in eval mode under a forked RNG, so watching a run does not change it."""
     from genlib import train, viz
 
-    def write(step: int, model) -> None:
+    def write(step: int, model: GenerativeModel) -> None:
         (out / "progress").mkdir(parents=True, exist_ok=True)
         cuda = [model.device] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), train.evaluating(model):
@@ -469,7 +486,7 @@ def write_log(path: Path, header: str, history: dict, summary: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _short(value) -> str:
+def _short(value: float | int | str) -> str:
     """A metric value for the console: 4 significant digits for floats."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 

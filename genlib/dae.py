@@ -52,13 +52,18 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor, float], Tensor]
+PerComponent = Tensor | Sequence[float]
+"""A mixture's weights or standard deviations, one per component: a tensor ``[k]`` or a list of floats."""
+ComponentMeans = Tensor | Sequence[Sequence[float]]
+"""A mixture's means ``[k, d]``: a tensor or nested lists."""
 
 # ----------------------------------------------------------------------------------------------
 # Closed forms for a Gaussian mixture sum_j w_j N(mu_j, s_j^2 I) blurred by N(0, sigma^2 I)
 # ----------------------------------------------------------------------------------------------
 
 
-def _mixture(x: Tensor, weights, means, stds) -> tuple[Tensor, Tensor, Tensor]:
+def _mixture(x: Tensor, weights: PerComponent, means: ComponentMeans,
+             stds: PerComponent) -> tuple[Tensor, Tensor, Tensor]:
     """``weights [k]``, ``means [k, d]``, ``stds [k]`` as tensors of x's dtype and device, with checks."""
     w, mu, s = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (weights, means, stds))
     if x.ndim != 2 or mu.ndim != 2 or mu.shape[1] != x.shape[1]:
@@ -72,7 +77,8 @@ def _mixture(x: Tensor, weights, means, stds) -> tuple[Tensor, Tensor, Tensor]:
     return w / w.sum(), mu, s
 
 
-def _component_log_probs(x: Tensor, weights, means, stds, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+def _component_log_probs(x: Tensor, weights: PerComponent, means: ComponentMeans,
+                         stds: PerComponent, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
     """``log w_j + log N(x; mu_j, (s_j^2 + sigma^2) I)`` [n, k], with the means [k, d] and variances [k]."""
     w, mu, s = _mixture(x, weights, means, stds)
     if sigma < 0:
@@ -86,24 +92,27 @@ def _component_log_probs(x: Tensor, weights, means, stds, sigma: float) -> tuple
     return w.log() - sq_dist / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var), mu, var
 
 
-def smoothed_log_density(x: Tensor, weights, means, stds, sigma: float) -> Tensor:
+def smoothed_log_density(x: Tensor, weights: PerComponent, means: ComponentMeans,
+                         stds: PerComponent, sigma: float) -> Tensor:
     """``log p_sigma(x)`` [n] at x [n, d] for the mixture blurred by N(0, sigma^2 I) (``sigma=0``: the mixture)."""
     return torch.logsumexp(_component_log_probs(x, weights, means, stds, sigma)[0], dim=1)
 
 
-def posterior_responsibilities(x: Tensor, weights, means, stds, sigma: float) -> Tensor:
+def posterior_responsibilities(x: Tensor, weights: PerComponent, means: ComponentMeans,
+                               stds: PerComponent, sigma: float) -> Tensor:
     """``P(component j | x0 + sigma eps = x)`` [n, k], from logsumexp so far-away points do not underflow."""
     return torch.softmax(_component_log_probs(x, weights, means, stds, sigma)[0], dim=1)
 
 
-def smoothed_score(x: Tensor, weights, means, stds, sigma: float) -> Tensor:
+def smoothed_score(x: Tensor, weights: PerComponent, means: ComponentMeans, stds: PerComponent, sigma: float) -> Tensor:
     """``grad_x log p_sigma(x)`` [n, d]: responsibility-weighted ``(mu_j - x) / (s_j^2 + sigma^2)``."""
     log_probs, mu, var = _component_log_probs(x, weights, means, stds, sigma)
     resp = torch.softmax(log_probs, dim=1)
     return torch.einsum("nk,nkd->nd", resp / var, mu[None] - x[:, None, :])
 
 
-def optimal_denoiser(x: Tensor, weights, means, stds, sigma: float) -> Tensor:
+def optimal_denoiser(x: Tensor, weights: PerComponent, means: ComponentMeans,
+                     stds: PerComponent, sigma: float) -> Tensor:
     """``E[x0 | x0 + sigma eps = x]`` [n, d] for x0 from the mixture: the responsibility-weighted average of
     each component's posterior mean ``mu_j + s_j^2 / (s_j^2 + sigma^2) (x - mu_j)`` (x [n, d], means [k, d])."""
     log_probs, mu, var = _component_log_probs(x, weights, means, stds, sigma)
@@ -145,7 +154,8 @@ def mixture_params(toy: Any) -> tuple[Tensor, Tensor, Tensor]:
     return weights, toy.modes, torch.full((len(toy.modes),), float(toy.std))
 
 
-def denoiser_error(denoise: Callable[[Tensor], Tensor], x: Tensor, weights, means, stds, sigma: float) -> float:
+def denoiser_error(denoise: Callable[[Tensor], Tensor], x: Tensor, weights: PerComponent,
+                   means: ComponentMeans, stds: PerComponent, sigma: float) -> float:
     """Mean Euclidean distance between ``denoise(x)`` and the optimal denoiser at points x [n, d]."""
     with torch.no_grad():
         return float((denoise(x) - optimal_denoiser(x, weights, means, stds, sigma)).norm(dim=1).mean())

@@ -41,7 +41,7 @@ What is here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -444,7 +444,7 @@ def dirac_gan_trajectory(penalty_kind: str = "none", lam: float = 1.0, steps: in
 # ==============================================================================================
 
 
-def make_optimizer(params, kind: str, lr: float, betas: tuple[float, float] = (0.5, 0.9),
+def make_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float, betas: tuple[float, float] = (0.5, 0.9),
                    momentum: float = 0.0) -> torch.optim.Optimizer:
     """Adam (``betas``), SGD (``momentum``) or RMSprop (R1's reference optimiser) over ``params``."""
     if kind == "adam":

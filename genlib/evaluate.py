@@ -39,7 +39,7 @@ def feature_network_for(shape: tuple[int, ...]) -> str:
 
 
 @torch.no_grad()
-def draw_samples(model, n: int, batch_size: int = 500, progress: bool = False) -> tuple[Tensor, float]:
+def draw_samples(model: GenerativeModel, n: int, batch_size: int = 500, progress: bool = False) -> tuple[Tensor, float]:
     """``n`` samples ``[n, ...]`` from ``model`` (float32, CPU) and the sampling rate in samples/s; ``progress``
     shows a bar (a Langevin sampler's 10,000 samples take minutes on a CPU).
 
@@ -89,7 +89,8 @@ def image_metrics(fake: Tensor, real: Tensor, device: torch.device | str | None 
     fake = fake.clamp(-1, 1)
     real_feats, fake_feats = _features_of(name, real, fake, device)
     kid_mean, kid_std = metrics.kid(real_feats, fake_feats, generator=torch.Generator().manual_seed(seed))
-    out = {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats), "kid": kid_mean, "kid_std": kid_std}
+    out = {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats),
+           "kid": kid_mean, "kid_std": kid_std}
     if features.inception_features_available():
         out["fid"] = metrics.frechet_distance(*_features_of("inception", real, fake, device))
     return out
@@ -108,8 +109,9 @@ def held_out_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def evaluate_model(model, data_name: str, real: Tensor, n_samples: int, held_out: Tensor | None = None,
-                   seed: int = 0, grid_to: str | Path | None = None, progress: bool = False) -> dict[str, float | str]:
+def evaluate_model(model: GenerativeModel, data_name: str, real: Tensor, n_samples: int,
+                   held_out: Tensor | None = None, seed: int = 0, grid_to: str | Path | None = None,
+                   progress: bool = False) -> dict[str, float | str]:
     """All the numbers of a run of ``model`` trained on dataset ``data_name``.
 
     ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]``, the CLI passes the

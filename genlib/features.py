@@ -251,7 +251,8 @@ def save_classifier(model: FashionClassifier, path_npz: str | os.PathLike[str], 
     meta = {
         **info, "architecture": type(model).__name__, "config": model.config,
         "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,
-        "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "weights_file": path_npz.name, "weights_bytes": path_npz.stat().st_size,
         "weights_sha256": hashlib.sha256(path_npz.read_bytes()).hexdigest(),
     }

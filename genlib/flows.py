@@ -25,7 +25,8 @@ Every model is a :class:`genlib.train.GenerativeModel`; ``build_*`` functions se
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,11 @@ from genlib.data import to_float
 from genlib.nets import MLP, ConvEncoder, ConvGenerator, stage_widths
 from genlib.train import GenerativeModel
 
+if TYPE_CHECKING:
+    from genlib.cli import TrainSpec
+
 LOG_2PI = math.log(2 * math.pi)
+T = TypeVar("T")
 
 # ======================================================================================
 # Invertible layers
@@ -54,7 +59,7 @@ class Flow(nn.Module):
         raise NotImplementedError
 
 
-def choose(what: str, value: str, options: dict):
+def choose(what: str, value: str, options: dict[str, T]) -> T:
     """``options[value]``, or a ValueError naming ``what`` and the valid choices."""
     if value not in options:
         raise ValueError(f"{what} must be one of {sorted(options)}, got {value!r}")
@@ -274,7 +279,8 @@ class Squeezed(Flow):
         super().__init__()
         self.layer, self.level, self.active = layer, level, active
 
-    def _map_active(self, x: Tensor, fn) -> tuple[Tensor, Tensor | None]:
+    def _map_active(self, x: Tensor,
+                    fn: Callable[[Tensor], tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
         """Squeeze, map the active channels by ``fn -> (y, logdet or None)``, unsqueeze."""
         h = squeeze(x, self.level)
         y, logdet = fn(h[:, -self.active:])
@@ -392,7 +398,7 @@ class RealNVPImage(NormalizingFlow):
             raise ValueError(f"image {h}x{w} cannot be squeezed {n_scales - 1} times (n_scales={n_scales})")
         widths = stage_widths(n_scales - 1, width, max_mult=4)
 
-        def coupling(level: int, active: int, make_mask, parity: int) -> Flow:
+        def coupling(level: int, active: int, make_mask: Callable[[Sequence[int], int], Tensor], parity: int) -> Flow:
             event = (active, h >> level, w >> level)
             net = coupling_resnet(2 * active, 2 * active, widths[level], blocks)
             return Squeezed(AffineCoupling(make_mask(event, parity), net, mask_as_input=True), level, active)
@@ -774,7 +780,7 @@ class VAE(GenerativeModel):
 # ======================================================================================
 
 
-def _is_image(spec) -> bool:
+def _is_image(spec: TrainSpec) -> bool:
     """Whether the spec's samples are images ``(C, H, W)``."""
     return len(spec.shape) == 3
 
@@ -787,7 +793,7 @@ def max_scales(shape: Sequence[int], cap: int = 5) -> int:
     return scales
 
 
-def build_realnvp(spec) -> FlowModel:
+def build_realnvp(spec: TrainSpec) -> FlowModel:
     """RealNVP from a :class:`genlib.cli.TrainSpec`: vector flow for ``(dim,)``, multiscale for images.
 
     Options: ``layers`` (vector couplings, 8), ``scales`` (default the most possible, up to 5),
@@ -802,18 +808,18 @@ def build_realnvp(spec) -> FlowModel:
                      decay_steps=spec.option("decay_steps", 0) or None)
 
 
-def build_autoregressive(spec) -> AutoregressiveModel:
+def build_autoregressive(spec: TrainSpec) -> AutoregressiveModel:
     """MADE over binarised pixels (images) or Gaussian-mixture autoregression (vectors); option ``hidden``."""
     likelihood = "bernoulli" if _is_image(spec) else "gmm"
     return AutoregressiveModel(spec.shape, likelihood, spec.option("hidden", 256), lr=spec.lr)
 
 
-def build_autoencoder(spec) -> Autoencoder:
+def build_autoencoder(spec: TrainSpec) -> Autoencoder:
     """Autoencoder with ``z_dim`` codes and width ``width``."""
     return Autoencoder(spec.shape, spec.z_dim, spec.width, spec.lr)
 
 
-def build_vae(spec) -> VAE:
+def build_vae(spec: TrainSpec) -> VAE:
     """VAE; option ``likelihood`` (default ``bernoulli`` for images, ``gaussian`` for vectors)."""
     likelihood = spec.option("likelihood", "bernoulli" if _is_image(spec) else "gaussian")
     return VAE(spec.shape, spec.z_dim, spec.width, likelihood, spec.lr)

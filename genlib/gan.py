@@ -142,7 +142,8 @@ def generator_logit_grad(d_fake: Tensor, kind: str = "non_saturating") -> Tensor
 
 
 def input_gradients(critic: Callable[[Tensor], Tensor], points: Tensor) -> Tensor:
-    """``grad_x critic(x)`` [n, ...] at ``points`` [n, ...], kept in the graph (create_graph) so a penalty can be trained.
+    """``grad_x critic(x)`` [n, ...] at ``points`` [n, ...], kept in the graph (create_graph) so a penalty can be
+    trained.
 
     Summing the outputs over the batch gives each sample's own gradient only if each output
     depends on its own input alone: no BatchNorm in the critic.

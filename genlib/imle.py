@@ -24,7 +24,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from genlib.data import to_float
 from genlib.metrics import check_positive
 from genlib.nets import MLP, ConvGenerator
 from genlib.train import GenerativeModel, count_step, mirror_step_count
+
+if TYPE_CHECKING:
+    from genlib.cli import TrainSpec
 
 PairLoss = Callable[[Tensor, Tensor], Tensor]
 """A per-pair loss: ``(a [B, ...], b [B, ...]) -> [B]``."""
@@ -1193,7 +1196,7 @@ class GLANN(GenerativeModel):
 # ======================================================================================
 
 
-def _generator_for(spec, norm: str = "batch") -> nn.Module:
+def _generator_for(spec: TrainSpec, norm: str = "batch") -> nn.Module:
     """An MLP generator for vectors (shape (d,)) or a ConvGenerator with ``norm`` for images (shape (C, H, W))."""
     if len(spec.shape) == 1:
         return MLP(spec.z_dim, spec.shape[0], hidden=spec.width, depth=3)
@@ -1203,12 +1206,12 @@ def _generator_for(spec, norm: str = "batch") -> nn.Module:
     return ConvGenerator(spec.z_dim, resolution=height, channels=channels, width=spec.width, norm=norm)
 
 
-def _float_data(spec) -> Tensor:
+def _float_data(spec: TrainSpec) -> Tensor:
     """The whole training set as float (uint8 images -> [-1, 1])."""
     return to_float(spec.data) if spec.data.dtype == torch.uint8 else spec.data.float()
 
 
-def build_imle(spec) -> IMLE:
+def build_imle(spec: TrainSpec) -> IMLE:
     """IMLE for the CLI; ``--opt`` fakes_per_real (10), refresh_every (1), z_jitter (0.01), distance (l2; or a
     :func:`pair_loss` name, matched over all pairs; or ``vgg16``: squared L2 between VGG16 perceptual features,
     matched by one GEMM, with ``$GENLIB_VGG16_WEIGHTS``)."""
@@ -1219,7 +1222,7 @@ def build_imle(spec) -> IMLE:
                 distance=_distance_for(spec, "distance", spec.option("distance", "l2")))
 
 
-def build_glo(spec) -> GLO:
+def build_glo(spec: TrainSpec) -> GLO:
     """GLO for the CLI; ``--opt`` loss (lap1 for images, l2 for vectors; any :func:`pair_loss` name, e.g. vgg16,
     a GLANN-style perceptual loss), code_lr (10 x lr)."""
     loss = _distance_for(spec, "loss", spec.option("loss", "lap1" if len(spec.shape) == 3 else "l2"))
@@ -1227,7 +1230,7 @@ def build_glo(spec) -> GLO:
                code_lr=spec.option("code_lr", 10 * spec.lr))
 
 
-def _distance_for(spec, option: str, name: str) -> str:
+def _distance_for(spec: TrainSpec, option: str, name: str) -> str:
     """``name``, the CLI's ``--opt`` distance or loss, unless it compares images (vgg16, lap1) and the data are
     not images: that is an error before any weights are looked for."""
     if name in ("vgg16", "lap1") and len(spec.shape) != 3:
@@ -1235,7 +1238,7 @@ def _distance_for(spec, option: str, name: str) -> str:
     return name
 
 
-def build_glann(spec) -> GLANN:
+def build_glann(spec: TrainSpec) -> GLANN:
     """GLANN for the CLI (GLO then latent IMLE in one run); ``--opt`` glo_steps (1000), noise_dim (32),
     refresh_every (50), plus the GLO options."""
     return GLANN(build_glo(spec), glo_steps=spec.option("glo_steps", 1000), noise_dim=spec.option("noise_dim", 32),

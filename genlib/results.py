@@ -211,7 +211,8 @@ def load_run(path: str | Path) -> RecordedRun:
 
 
 def gpu_runs(name: str, root: str | Path = REPO_ROOT / "results") -> list[RecordedRun]:
-    """The GPU recordings of run ``name`` (folders ``root/NAME_TAG``, as ``tools/record_full.sh`` makes), oldest first."""
+    """The GPU recordings of run ``name`` (folders ``root/NAME_TAG``, as ``tools/record_full.sh`` makes), oldest
+    first."""
     folders = [path for path in sorted(Path(root).glob(f"{name}_*"))
                if "_" not in path.name[len(name) + 1:] and (path / "run.json").is_file()]  # a tag has no "_"
     runs = [load_run(path) for path in folders]

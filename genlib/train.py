@@ -22,16 +22,21 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from genlib import runtime
+
+if TYPE_CHECKING:
+    import tqdm
+
+    from genlib.data import BatchSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 History = dict[str, list[float]]
@@ -56,7 +61,8 @@ class TrainingInterrupted(KeyboardInterrupt):
                          f"{path}: run the same training again to resume from it")
         self.step, self.path, self.signum = step, path, signum
 
-    def __reduce__(self):  # pickles (e.g. back from a worker process) with its three arguments
+    def __reduce__(self) -> tuple[type[TrainingInterrupted], tuple[int, Path, int]]:
+        # pickles (e.g. back from a worker process) with its three arguments
         return type(self), (self.step, self.path, self.signum)
 
 
@@ -238,7 +244,7 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, history: History,
+def save_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, step: int, history: History,
                     clock: TrainClock | None = None, meta: dict | None = None,
                     pending: list[dict[str, torch.Tensor]] | None = None) -> None:
     """Write model, optimisers, sampler position, RNG states, history and training time after ``step`` steps,
@@ -250,7 +256,7 @@ def save_checkpoint(path: Path, model: GenerativeModel, sampler, step: int, hist
     save_atomic(state, path)
 
 
-def load_checkpoint(path: Path, model: GenerativeModel, sampler, clock: TrainClock | None = None,
+def load_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, clock: TrainClock | None = None,
                     meta: dict | None = None) -> tuple[int, History, list[dict[str, torch.Tensor]]]:
     """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history,
     the pending losses of the window in progress).
@@ -324,7 +330,8 @@ def log_means(history: History, step: int, pending: list[dict[str, torch.Tensor]
     return means
 
 
-def non_finite_error(step: int, losses: dict[str, float], path: Path | None, last_saved: int | None):
+def non_finite_error(step: int, losses: dict[str, float], path: Path | None,
+                     last_saved: int | None) -> NonFiniteLossError:
     """The error raised for a non-finite loss, naming the step and the checkpoint that is kept."""
     where = (f"the last good checkpoint (step {last_saved}) is kept in {path}"
              if path is not None and last_saved is not None else "no checkpoint was written")
@@ -333,7 +340,7 @@ def non_finite_error(step: int, losses: dict[str, float], path: Path | None, las
                               "Lower the learning rate, or check the data and the model.")
 
 
-def autocast_context(device: torch.device, enabled: bool):
+def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager[None]:
     """bf16 autocast on a CUDA or CPU ``device`` when enabled; a no-op otherwise.
 
     Autocast's cache of bf16 weight copies is off: it lives until the outermost region exits, and an optimiser
@@ -408,7 +415,8 @@ class StepGraph:
         if x.shape != self.static_x.shape or index.shape != self.static_index.shape:
             # copy_ would broadcast a batch of 1, or fail without saying why
             raise ValueError(f"a captured step replays batches of shape {tuple(self.static_x.shape)}, got "
-                             f"{tuple(x.shape)}: use a sampler of fixed batches (BatchSampler drops the last short one)")
+                             f"{tuple(x.shape)}: use a sampler of fixed batches "
+                             "(BatchSampler drops the last short one)")
         self.static_x.copy_(x)
         self.static_index.copy_(index)
         losses = self.replay().clone()  # the captured output is overwritten by the next replay
@@ -602,7 +610,7 @@ class _DeferredStop:
         self.previous = {}
 
 
-def _progress_bar(start: int, steps: int, desc: str, enabled: bool):
+def _progress_bar(start: int, steps: int, desc: str, enabled: bool) -> tqdm.tqdm:
     """A tqdm bar (notebook-aware) positioned at ``start`` of ``steps``."""
     from tqdm.auto import tqdm
 

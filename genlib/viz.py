@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from genlib.data import to_uint8
+
+if TYPE_CHECKING:
+    import ipywidgets as widgets
 
 Grid = tuple[np.ndarray, np.ndarray, torch.Tensor]
 
@@ -41,8 +45,8 @@ def grid_points(lim: float | tuple[float, float, float, float], n: int = 200) ->
     return xs, ys, points
 
 
-def scatter2d(points, ax: plt.Axes | None = None, lim: float | None = None, title: str | None = None,
-              **kw) -> plt.Axes:
+def scatter2d(points: torch.Tensor | np.ndarray, ax: plt.Axes | None = None, lim: float | None = None,
+              title: str | None = None, **kw: Any) -> plt.Axes:
     """Scatter [n, 2] points with small markers; ``lim`` fixes a square view."""
     ax = _axes(ax)
     pts = as_numpy(points)
@@ -72,7 +76,7 @@ def field2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes
 
 
 def quiver2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None, n: int = 20,
-             title: str | None = None, **kw) -> plt.Axes:
+             title: str | None = None, **kw: Any) -> plt.Axes:
     """Arrows of a vector field ``fn([m,2]) -> [m,2]`` (a score, or r(x) - x) on an n x n grid."""
     ax = _axes(ax)
     xs, ys, points = grid_points(lim, n)
@@ -86,7 +90,8 @@ def quiver2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axe
 
 
 def energy_surface(energy: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None,
-                   real=None, fake=None, n: int = 150, title: str | None = None) -> plt.Axes:
+                   real: torch.Tensor | np.ndarray | None = None, fake: torch.Tensor | np.ndarray | None = None,
+                   n: int = 150, title: str | None = None) -> plt.Axes:
     """Energy ``U`` as a filled contour map (low = dark pits), with reals and fakes on top."""
     ax = field2d(energy, lim, ax=ax, n=n, cmap="magma", contours=12)
     if real is not None:
@@ -105,11 +110,14 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     images = images.cpu()
     n, c, h, w = images.shape
     rows = -(-n // nrow)
-    canvas = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
-    return canvas.permute(1, 2, 0).numpy()
+    # each tile is an image with a margin above and to its left; the grid is the tiles side by side plus one
+    # margin below and to the right
+    tiles = torch.full((rows * nrow, c, h + pad, w + pad), 255, dtype=torch.uint8)
+    tiles[:n, :, pad:, pad:] = images
+    grid = tiles.view(rows, nrow, c, h + pad, w + pad).permute(0, 3, 1, 4, 2).reshape(rows * (h + pad), -1, c)
+    canvas = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=torch.uint8)
+    canvas[:-pad or None, :-pad or None] = grid
+    return canvas.numpy()
 
 
 def show_images(images: torch.Tensor, nrow: int = 8, ax: plt.Axes | None = None, title: str | None = None,
@@ -141,13 +149,13 @@ def show_pngs(panels: Sequence[tuple[str | Path | None, str]], figsize: tuple[fl
     return axes[0]
 
 
-def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     """Write a tiled grid of images to a PNG file."""
     grid = image_grid(images, nrow)
     plt.imsave(path, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
 
 
-def save_scatter(samples: torch.Tensor, data: torch.Tensor, path, lim: float | None = None) -> None:
+def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str | Path, lim: float | None = None) -> None:
     """Write a PNG of 2-D ``samples`` [n, 2] (blue) over ``data`` [m, 2] (grey), as a toy run's sample picture."""
     def draw(ax: plt.Axes) -> None:
         scatter2d(data, ax, lim, c="grey", alpha=0.3)
@@ -156,7 +164,7 @@ def save_scatter(samples: torch.Tensor, data: torch.Tensor, path, lim: float | N
     Path(path).write_bytes(figure_png(draw, dpi=100))
 
 
-def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, float]], path,
+def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, float]], path: str | Path,
                         columns: int = 4) -> None:
     """Write a PNG of 2-D sample panels: each ``(title, samples [n, 2], modes [k, 2], lim)`` is one
     square axis with the samples (blue) over the mixture's modes (red)."""
@@ -199,7 +207,8 @@ def figure_png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = 
 
 
 def frame_slider(draw: Callable[[int, plt.Axes], None], frames: int, description: str = "frame",
-                 figsize: tuple[float, float] = (4.0, 4.0), labels: Sequence[str] | None = None, dpi: int = 72):
+                 figsize: tuple[float, float] = (4.0, 4.0), labels: Sequence[str] | None = None, dpi: int = 72
+                 ) -> widgets.VBox:
     """A slider over ``frames`` pre-rendered figures ``draw(i, ax)``; returns the widget to display.
 
     The slider is linked to the pictures in the browser (``jslink``), so it keeps working in the

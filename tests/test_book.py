@@ -34,7 +34,8 @@ def test_dedupe_inline_scripts_reads_none_and_empty_file_names_alike():
 
     thebe = 'const THEBE_JS_URL = "x"'
     scripts = [_JavaScript("_static/a.js"), _JavaScript(None, body=thebe), _JavaScript("_static/a.js", priority=200),
-               _JavaScript("", body=thebe), _JavaScript("", body="other"), _JavaScript("_static/a.js"), "old.js", "old.js"]
+               _JavaScript("", body=thebe), _JavaScript("", body="other"), _JavaScript("_static/a.js"),
+               "old.js", "old.js"]
     kept = dedupe_scripts(scripts)
     assert kept == [scripts[0], scripts[1], scripts[2], scripts[4], "old.js"]
 

@@ -331,13 +331,15 @@ def test_bench_sizes_from_the_command_line(tmp_path):
     """--nn-size, --batch-size and --repeats replace the preset's sizes, and bench.md is a function of bench.json."""
     from genlib import bench
 
-    args = cli.make_parser().parse_args(["bench", "--device", "cpu", "--quick", "--nn-size", "8x16x4", "--nn-size", "3X5X7",
-                                         "--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)])
+    args = cli.make_parser().parse_args(["bench", "--device", "cpu", "--quick", "--nn-size", "8x16x4",
+                                         "--nn-size", "3X5X7", "--batch-size", "2", "--repeats", "1",
+                                         "--out", str(tmp_path)])
     assert args.nn_size == [(8, 16, 4), (3, 5, 7)] and args.batch_size == 2 and args.repeats == 1
     args.func(args)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert [(row["M"], row["N"], row["d"]) for row in saved["nearest_neighbors"]] == [(8, 16, 4), (3, 5, 7)]
-    assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] >= 0 for row in saved["nearest_neighbors"])
+    assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] >= 0
+               for row in saved["nearest_neighbors"])
     assert {row["batch"] for row in saved["training"]} == {2} and saved["repeats"] == 1
     assert saved["provenance"]["torch_threads"] >= 1 and saved["provenance"]["wall_s"] > 0
     share = saved["provenance"]["cpu_share"]  # Linux: how the machine's CPU time was spent during the run
@@ -451,7 +453,8 @@ def test_compare_energy_records_the_chapters_runs(tmp_path):
     assert [(r["modes"], r["hq"]) for r in rows] == [(r["modes"], r["hq"]) for r in again if r["setting"] in names]
     report = results.comparison_report(recorded, timing=None, diverged=True).splitlines()
     assert report[3] == "-- ring8, penalties setting, 5 steps, seeds 0,1" and report[4].endswith("diverged")
-    assert recorded.run["config"]["family"] == "energy" and recorded.run["config"]["batch_size"] == energy.TOY_BATCH_SIZE
+    config = recorded.run["config"]
+    assert config["family"] == "energy" and config["batch_size"] == energy.TOY_BATCH_SIZE
 
 
 def test_split_names_reads_names_that_hold_commas():
@@ -603,6 +606,27 @@ def test_a_train_record_matches_its_options_however_their_numbers_are_spelt(tmp_
                               (["lam=nan", "variant=gan"], "{'lam': 'nan', 'variant': 'gan'} here")):
         with pytest.raises(ValueError, match=re.escape(f"opt: {{'lam': 0.01, 'variant': 'gan'}} there, {difference}")):
             cli.check_out(tmp_path, "train", cli.run_arguments({**flags, "opt": other}))
+
+
+@pytest.mark.parametrize("spellings", [("1e-2", "0.01", ".010"), ("true", "YES", "1", "1.0"), ("no", "False", "0"),
+                                       ("0.5,0.9", "0.5, 0.9", "5e-1,.9"), ("hinge", "hinge")])
+def test_option_spellings_that_read_alike_define_the_same_run(spellings):
+    canonical = {cli.canonical_option(text) for text in spellings}
+    assert len(canonical) == 1
+    others = {"1e-2": "0.02", "true": "false", "no": "yes", "0.5,0.9": "0.5,0.8", "hinge": "Hinge"}[spellings[0]]
+    assert cli.canonical_option(others) not in canonical
+
+
+@pytest.mark.parametrize("text, default", [("true", True), ("No", False), ("0.5, 0.9", (0.5, 0.99)), ("1e-2", 0.5),
+                                           ("3", 2), ("hinge", "gan")])
+def test_a_canonical_option_is_the_read_value_of_every_option_type(text, default):
+    # the independent reference: the value the builder itself reads (option_value), compared as the canonical form is
+    read = cli.option_value(text, default)
+    if isinstance(read, tuple):
+        expected = tuple(float(item) for item in read)
+    else:
+        expected = read if isinstance(read, str) else float(read)
+    assert cli.canonical_option(text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [("1", True), ("0", False), ("true", True), ("False", False),

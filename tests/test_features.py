@@ -161,7 +161,8 @@ def test_vgg16_unavailable_raises_clear_error(tmp_path, monkeypatch) -> None:
 
 def imagenet_normalised(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] RGB images [n, 3, h, w] -> [0, 1], then ImageNet's per-channel mean and std, written out by hand."""
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
 
 

@@ -121,7 +121,8 @@ def test_every_coordinate_of_a_vector_flow_is_transformed(dim, mask, permutation
 
 
 def test_permuted_vector_flow_flips_the_mask_parity_only_where_the_permutation_mixes_nothing():
-    """With a permutation the mask parity stays 0 (the chapter's flows) unless the permutation maps the mask onto itself."""
+    """With a permutation the mask parity stays 0 (the chapter's flows) unless the permutation maps the mask onto
+    itself."""
     def parities(flow: fl.RealNVP) -> list[int]:
         masks = [layer.mask for layer in flow.layers if isinstance(layer, fl.Coupling)]
         return [int(m[0] == 0) for m in masks]  # alternating masks: parity 0 passes position 0

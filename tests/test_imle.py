@@ -36,7 +36,8 @@ def assert_same_as_brute_force(queries, keys, device="cpu", **kw):
     """The search on ``device`` returns the CPU float64 brute force's answer, index for index."""
     dist, index = imle.nearest_neighbors(queries.to(device), keys.to(device), **kw)
     ref_dist, ref_index = brute_force(queries, keys)
-    assert index.dtype == torch.int64 and index.shape == (len(queries),) and index.device.type == torch.device(device).type
+    assert index.dtype == torch.int64 and index.shape == (len(queries),)
+    assert index.device.type == torch.device(device).type
     assert torch.equal(index.cpu(), ref_index)
     torch.testing.assert_close(dist.cpu(), ref_dist, rtol=1e-12, atol=0.0)
 
@@ -91,11 +92,13 @@ def test_lower_bound_holds_for_every_pair_and_is_tight(precision, dtype):
     q = imle._round_centred(queries, centre, precision)
     exact_norm2 = q.rounded.double().pow(2).sum(1)
     assert torch.allclose(q.norm2.double(), exact_norm2, rtol=(imle.NORM_CHUNK + 6) * imle.FP32_UNIT, atol=0)
-    assert (q.norm >= exact_norm2.sqrt()).all() and (q.resid >= ((queries.double() - centre) - q.rounded.double()).norm(dim=1)).all()
+    assert (q.norm >= exact_norm2.sqrt()).all()
+    assert (q.resid >= ((queries.double() - centre) - q.rounded.double()).norm(dim=1)).all()
     approx, lower = imle.distance_lower_bounds(queries, keys, precision)
     exact = (queries.double()[:, None] - keys.double()[None]).pow(2).sum(-1)
     assert approx.shape == lower.shape == exact.shape and lower.dtype == torch.float64 and (lower <= exact).all()
-    assert ((approx.double() - exact).abs() < {"fp32": 1e-3, "tf32": 0.05, "bf16": 0.3}[precision] * exact).all()  # close, not certified
+    close = {"fp32": 1e-3, "tf32": 0.05, "bf16": 0.3}[precision]
+    assert ((approx.double() - exact).abs() < close * exact).all()  # close, not certified
     # ... and tight enough to be of use: close to the nearest distance, closer with a finer precision
     slack = 1 - lower.gather(1, exact.argmin(1, keepdim=True)).squeeze(1) / exact.min(1).values
     assert (slack < {"fp32": 1e-3, "tf32": 0.03, "bf16": 0.2}[precision]).all()
@@ -133,10 +136,12 @@ def test_rerank_skips_candidates_that_cannot_win(precision, monkeypatch):
     queries, keys = torch.randn(300, 256, generator=g), torch.randn(2000, 256, generator=g)
     computed = []
     pair_sq_dist = imle._pair_sq_dist
-    monkeypatch.setattr(imle, "_pair_sq_dist", lambda q, k, rows, at: computed.append(len(at)) or pair_sq_dist(q, k, rows, at))
+    monkeypatch.setattr(imle, "_pair_sq_dist",
+                        lambda q, k, rows, at: computed.append(len(at)) or pair_sq_dist(q, k, rows, at))
     stats: dict[str, int] = {}
     assert_same_as_brute_force(queries, keys, precision=precision, candidates=16, stats=stats)
-    assert imle.settled_queries(stats) == {precision: 300} and computed[0] == 300 and stats[imle.RERANKED_ROWS] == sum(computed)
+    assert imle.settled_queries(stats) == {precision: 300} and computed[0] == 300
+    assert stats[imle.RERANKED_ROWS] == sum(computed)
     assert 0 < sum(computed) - 300 < 300 * 15 / 2  # some candidates re-ranked, most skipped
 
 
@@ -187,7 +192,8 @@ def test_crowded_high_dimensional_noise_is_settled_by_the_wide_pass(device):
     g = torch.Generator().manual_seed(3)
     queries, keys = torch.randn(128, 12288, generator=g), torch.randn(2048, 12288, generator=g)
     stats: dict[str, int] = {}
-    dist, index = (t.cpu() for t in imle.nearest_neighbors(queries.to(device), keys.to(device), candidates=2, stats=stats))
+    found = imle.nearest_neighbors(queries.to(device), keys.to(device), candidates=2, stats=stats)
+    dist, index = (t.cpu() for t in found)
     # float64 pairwise differences (no GEMM expansion) are the reference; here faster than the broadcast above
     reference = torch.cdist(queries.double(), keys.double(), compute_mode="donot_use_mm_for_euclid_dist")
     assert torch.equal(index, reference.argmin(1))
@@ -337,7 +343,8 @@ def test_sigma_squared_times_nll_tends_to_half_the_imle_loss():
 
 def test_smoothed_nll_plus_constants_is_the_mixture_nll_and_goes_to_plus_infinity():
     g = torch.Generator().manual_seed(7)
-    reals, fakes = torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
+    reals = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    fakes = torch.randn(20, 3, generator=g, dtype=torch.float64)
     d, n = reals.shape[1], len(fakes)
     full = []
     for sigma in (1.0, 0.1, 1e-2, 1e-3):

@@ -67,7 +67,8 @@ def test_dcgan_init_statistics():
 
 
 def _conv_weight_shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
-    return [tuple(m.weight.shape) for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    convolutions = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    return [tuple(m.weight.shape) for m in module.modules() if isinstance(m, convolutions)]
 
 
 def test_64px_nets_are_the_pytorch_examples_dcgan_layer_for_layer():

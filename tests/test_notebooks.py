@@ -115,7 +115,8 @@ def test_tool_renames_widget_ids_deterministically():
 
 def test_clean_metadata_numbers_cells_and_drops_timings():
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("1", execution_count=7, metadata={"execution": {"iopub.status.busy": "2026-01-01T00:00:00Z"}}),
+    timing = {"execution": {"iopub.status.busy": "2026-01-01T00:00:00Z"}}
+    nb.cells = [nbformat.v4.new_code_cell("1", execution_count=7, metadata=timing),
                 nbformat.v4.new_markdown_cell("m"), nbformat.v4.new_code_cell("2", execution_count=9)]
     tool.clean_metadata(nb)
     assert [c.get("execution_count") for c in nb.cells] == [1, None, 2]

@@ -296,7 +296,8 @@ def test_the_cpu_search_figures_quoted_are_the_jsons():
     assert f"At ${sweep['M']} \\times {sweep['N']} \\times {sweep['d']}$ every number of candidates from " \
            f"{rows[0]['candidates']} to {rows[-1]['candidates']} settled all {sweep['M']:,} queries" in words
     assert all(row["settled"]["fp32"] == sweep["M"] for row in rows)
-    assert {f(row["reranked_per_query"]) for row in rows} == {words.split(" float64 rows re-ranked per query")[0].split()[-1]}
+    quoted = words.split(" float64 rows re-ranked per query")[0].split()[-1]
+    assert {f(row["reranked_per_query"]) for row in rows} == {quoted}
     assert f"the times ({f(times[0])} to {f(times[-1])} ms)" in words
 
 
@@ -350,7 +351,8 @@ def test_the_second_cpu_runs_figures_quoted_are_the_jsons():
     search = {(row["M"], row["N"], row["d"]): row for row in second["nearest_neighbors"]}
     largest = search[4096, 4096, 12288]
     assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
-            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and {int(f(largest['cdist_ms'])):,} ms for `cdist`; "
+            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and "
+            f"{int(f(largest['cdist_ms'])):,} ms for `cdist`; "
             f"{largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
     assert all(row["brute_force_queries"] == 0 for row in search.values())
     below = search[1024, 1024, 3072]

@@ -54,8 +54,10 @@ def test_pace_of_a_training_run_from_its_steps_batch_and_clock(tmp_path):
     config = {"command": "train", "steps": 3000, "batch_size": 50}
     run = results.record_run(tmp_path / "t", device="cpu", config=config, metrics={}, wall_time_s=40.0)
     assert run.pace() == "3,000 steps of 50 in 40 s: 75 steps/s, 3,750 images/s, 13.3 ms a step"
-    assert results.load_run(tmp_path / "t").pace(dataset_size=60_000).startswith("3,000 steps of 50 in 40 s, 2.5 epochs:")
-    compare = results.record_run(tmp_path / "c", device="cpu", config={"command": "compare"}, metrics={}, wall_time_s=9.0)
+    pace = results.load_run(tmp_path / "t").pace(dataset_size=60_000)
+    assert pace.startswith("3,000 steps of 50 in 40 s, 2.5 epochs:")
+    compare = results.record_run(tmp_path / "c", device="cpu", config={"command": "compare"}, metrics={},
+                                 wall_time_s=9.0)
     with pytest.raises(ValueError, match="not a recorded `python -m genlib train` run"):
         compare.pace()
 
@@ -153,7 +155,8 @@ def test_comparison_report_prints_one_table_per_toy(tmp_path):
 def test_coverage_table_counts_diverged_runs_where_the_summary_has_them(tmp_path):
     rows = [{"toy": "ring8", "method": "none", "seed": seed, "modes": 0, "total_modes": 8, "hq": 0.0,
              "diverged": seed == 1} for seed in (0, 1, 2)]
-    header, line = results.coverage_table(results.summarize_coverage(rows, "method", means=("hq",), sums=("diverged",))).splitlines()
+    summary = results.summarize_coverage(rows, "method", means=("hq",), sums=("diverged",))
+    header, line = results.coverage_table(summary).splitlines()
     assert header.split()[-1] == "diverged" and line.split() == ["none", "3", "0.0", "0-0", "0.000", "1"]
     results.record_run(tmp_path, device="cpu", config={"command": "compare", "setting": "penalties", "steps": 5,
                        "seeds": "0,1,2"}, metrics={"rows": rows, "summary": {}}, wall_time_s=3.0)

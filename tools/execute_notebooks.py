@@ -88,7 +88,8 @@ def widget_order(nb: nbformat.NotebookNode, state: dict) -> list[str]:
 
 
 def stable_widget_ids(nb: nbformat.NotebookNode, name: str) -> None:
-    """Rename every widget model id, in one pass, to one derived from the notebook name and its place in :func:`widget_order`."""
+    """Rename every widget model id, in one pass, to one derived from the notebook name and its place in
+    :func:`widget_order`."""
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     mapping = {old: uuid.UUID(hashlib.md5(f"{name}:{k}".encode()).hexdigest()).hex
                for k, old in enumerate(widget_order(nb, state))}

@@ -104,7 +104,8 @@ def energy_surface(energy: Callable[[torch.Tensor], torch.Tensor], lim: float, a
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
-    """Tile images [n, C, H, W] (uint8, or float in [-1, 1]) into one ``[rows*H, nrow*W, C]`` uint8 array."""
+    """Tile images [n, C, H, W] (uint8, or float in [-1, 1]) into one uint8 array
+    ``[rows*(H+pad)+pad, nrow*(W+pad)+pad, C]``, ``nrow`` images a row, white margins ``pad`` pixels wide."""
     if images.dtype != torch.uint8:
         images = to_uint8(images.float())
     images = images.cpu()

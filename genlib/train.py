@@ -494,7 +494,8 @@ def fit(
 
     ``history['step']`` lists the logged steps and ``history[name]`` the mean of each loss over
     the preceding ``log_every`` steps (NaN where no step of that window reported it, as in a model's other
-    stage). With ``run_dir`` a checkpoint is written atomically every
+    stage). With ``run_dir`` (which needs a sampler that saves its place, a :class:`genlib.data.BatchSampler`)
+    a checkpoint is written atomically every
     ``checkpoint_every`` steps and at the end, and a later call with the same
     ``run_dir`` resumes exactly where the last checkpoint left it: a crashed run loses at most
     ``checkpoint_every`` steps, and one stopped by Ctrl-C (SIGINT) or SIGTERM none, since it finishes the step in
@@ -524,6 +525,11 @@ def fit(
         model.attach_ema(ema_decay)
 
     path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+    if path is not None and not all(hasattr(sampler, name) for name in ("state_dict", "load_state_dict")):
+        # found now, not at the first checkpoint after checkpoint_every steps of training
+        raise TypeError(f"checkpoints need a sampler with state_dict() and load_state_dict() (a "
+                        f"genlib.data.BatchSampler), so that a resumed run draws the batches it would have drawn; "
+                        f"got a {type(sampler).__name__}: use one, or train without run_dir")
     start, history, last_saved = 0, {"step": []}, None
     pending: list[dict[str, torch.Tensor]] = []
     clock = TrainClock() if clock is None else clock

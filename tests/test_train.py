@@ -254,6 +254,16 @@ def test_a_checkpoint_of_another_run_or_past_the_steps_asked_for_is_refused(tmp_
     assert other.calls == 10
 
 
+def test_checkpointing_from_a_sampler_without_state_is_refused_before_any_step(tmp_path):
+    model, sampler = make_run()
+    batches = iter([next(sampler)] * 5)  # a plain iterator: a resumed run could not draw the same batches
+    with pytest.raises(TypeError, match="checkpoints need a sampler with state_dict.*got a list_iterator"):
+        fit(model, batches, 5, run_dir=tmp_path, progress=False)
+    assert model.calls == 0 and not (tmp_path / "checkpoint.pt").exists()
+    fit(model, batches, 5, progress=False)  # without run_dir, any iterator of batches will do
+    assert model.calls == 5
+
+
 def test_checkpoints_are_written_atomically(tmp_path):
     model, sampler = make_run()
     fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)

@@ -7,6 +7,8 @@ figures compose; nothing here calls ``plt.show()``.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,13 +63,18 @@ def scatter2d(points: torch.Tensor | np.ndarray, ax: plt.Axes | None = None, lim
 
 
 def field2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None, n: int = 150,
-            cmap: str = "viridis", title: str | None = None, contours: int = 0) -> plt.Axes:
-    """Image of a scalar function ``fn([m,2]) -> [m]`` (a density, log-density or energy) over a square."""
+            cmap: str = "viridis", title: str | None = None, contours: int = 0, vmin: float | None = None,
+            vmax: float | None = None, colorbar: str | None = None) -> plt.Axes:
+    """Image of a scalar function ``fn([m,2]) -> [m]`` (a density, log-density or energy) over a square; panels
+    that share ``vmin``/``vmax`` share a colour scale, and ``colorbar`` (its label) adds a colour bar."""
     ax = _axes(ax)
     xs, ys, points = grid_points(lim, n)
     with torch.no_grad():
         values = as_numpy(fn(points)).reshape(xs.shape)
-    ax.imshow(values, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, aspect="equal")
+    image = ax.imshow(values, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, aspect="equal",
+                      vmin=vmin, vmax=vmax)
+    if colorbar is not None:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label=colorbar)
     if contours:
         ax.contour(xs, ys, values, contours, colors="white", linewidths=0.5, alpha=0.6)
     if title:
@@ -83,6 +90,8 @@ def quiver2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axe
     with torch.no_grad():
         vec = as_numpy(fn(points))
     ax.quiver(xs, ys, vec[:, 0].reshape(xs.shape), vec[:, 1].reshape(xs.shape), **kw)
+    ax.set_xlim(-lim, lim)  # the arrows' tips would widen the view, differently for each field
+    ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)
@@ -98,6 +107,8 @@ def energy_surface(energy: Callable[[torch.Tensor], torch.Tensor], lim: float, a
         scatter2d(real, ax, lim, s=3, c="cyan", alpha=0.6, label="real")
     if fake is not None:
         scatter2d(fake, ax, lim, s=3, c="lime", alpha=0.6, label="fake")
+    if real is not None or fake is not None:
+        ax.legend(loc="upper right", fontsize=7, markerscale=3)
     if title:
         ax.set_title(title)
     return ax
@@ -166,43 +177,51 @@ def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str | Path, li
 
 
 def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, float]], path: str | Path,
-                        columns: int = 4) -> None:
+                        columns: int | None = None, title: str | None = None) -> None:
     """Write a PNG of 2-D sample panels: each ``(title, samples [n, 2], modes [k, 2], lim)`` is one
-    square axis with the samples (blue) over the mixture's modes (red)."""
+    square axis with the samples (blue) under the mixture's modes (red), ``columns`` panels a row (default:
+    as square a grid as the panels allow), under the figure's ``title`` if given."""
+    columns = columns or math.ceil(math.sqrt(len(panels)))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows + (0.4 if title else 0)),
+                             squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (title, samples, modes, lim) in zip(axes.flat, panels):
+    for ax, (panel_title, samples, modes, lim) in zip(axes.flat, panels):
         scatter2d(samples, ax, lim, c="tab:blue", s=1, alpha=0.3)
-        scatter2d(modes, ax, lim, title=title, c="red", s=8, alpha=1)
+        scatter2d(modes, ax, lim, c="red", s=8, alpha=1)
+        ax.set_title(panel_title, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80)
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 
 def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None, keys: Sequence[str] | None = None,
-                title: str | None = None) -> plt.Axes:
-    """Plot each logged loss of a training history against its step."""
+                title: str | None = None, ylabel: str = "loss") -> plt.Axes:
+    """Plot each logged loss of a training history (or the ``keys`` named) against its step."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3))
     for key in keys or [k for k in history if k != "step"]:
         ax.plot(history["step"], history[key], label=key)
     ax.set_xlabel("step")
-    ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return ax
 
 
 def figure_png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = (4.0, 4.0), dpi: int = 72) -> bytes:
-    """Render ``draw(ax)`` into PNG bytes (the figure is closed, never shown)."""
+    """Render ``draw(ax)`` into PNG bytes of ``figsize`` inches at ``dpi`` (the figure is closed, never shown)."""
     import io
 
     fig, ax = plt.subplots(figsize=figsize)
     draw(ax)
+    fig.tight_layout()  # not bbox_inches="tight": a slider's frames must keep one size, whatever their titles
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     return buffer.getvalue()
 

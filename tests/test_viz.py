@@ -125,6 +125,9 @@ def test_loss_curves_plot_each_loss_against_the_step():
     assert [line.get_label() for line in ax.get_lines()] == ["loss_d", "loss_g"]
     assert all(list(line.get_xdata()) == [10, 20, 30] for line in ax.get_lines())
     assert list(ax.get_lines()[1].get_ydata()) == [1.0, 2.0, 3.0]
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss"
+    chosen = viz.loss_curves({"step": [1], "a": [2.0], "b": [3.0]}, keys=["b"])
+    assert [line.get_label() for line in chosen.get_lines()] == ["b"]
     plt.close("all")
 
 
@@ -136,5 +139,45 @@ def test_scatter_panels_fill_rows_of_columns_and_hide_only_the_unused_axes(tmp_p
     fig, = figures
     assert [ax.get_title() for ax in fig.axes] == ["p0", "p1", "p2", "p3", "p4", "", "", ""]
     assert [ax.axison for ax in fig.axes] == [True] * 5 + [False] * 3
-    assert plt.imread(tmp_path / "panels.png").shape[:2] == (2 * 3 * 80, 4 * 3 * 80)
+    assert plt.imread(tmp_path / "panels.png").shape[:2] == (2 * 3 * 110, 4 * 3 * 110)
     close(fig)
+    # by default as square a grid as the panels allow: 5 panels in 2 rows of 3, 9 in 3 of 3; the title on top
+    for count, shape in ((5, (2, 3)), (9, (3, 3)), (1, (1, 1))):
+        figures.clear()
+        viz.save_scatter_panels(panels[:1] * count, tmp_path / "square.png", title="seed 0")
+        fig, = figures
+        assert len(fig.axes) == shape[0] * shape[1] and fig.get_suptitle() == "seed 0"
+        assert plt.imread(tmp_path / "square.png").shape[:2] == (round((3 * shape[0] + 0.4) * 110), 3 * shape[1] * 110)
+        close(fig)
+
+
+def test_field2d_shares_a_colour_scale_and_labels_its_colour_bar():
+    ax = viz.field2d(lambda p: p[:, 0], lim=1.0, n=4, vmin=-5.0, vmax=5.0, colorbar="x value")
+    image, = ax.images
+    assert image.get_clim() == (-5.0, 5.0)
+    colour_bar, = [other for other in ax.figure.axes if other is not ax]
+    assert colour_bar.get_ylabel() == "x value"
+    assert viz.field2d(lambda p: p[:, 0], lim=1.0, n=4).images[0].get_clim() == (-1.0, 1.0)  # its own range
+    plt.close("all")
+
+
+def test_quiver2d_keeps_the_square_view_whatever_the_arrows():
+    ax = viz.quiver2d(lambda p: 10 * p, lim=2.0, n=3, scale=1, scale_units="xy", angles="xy")
+    assert ax.get_xlim() == (-2.0, 2.0) and ax.get_ylim() == (-2.0, 2.0)
+    plt.close("all")
+
+
+def test_energy_surface_names_reals_and_fakes_in_a_legend():
+    points = torch.zeros(3, 2)
+    ax = viz.energy_surface(lambda p: p.pow(2).sum(1), 1.0, n=5, real=points, fake=points + 0.5)
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["real", "fake"]
+    assert viz.energy_surface(lambda p: p.pow(2).sum(1), 1.0, n=5).get_legend() is None
+    plt.close("all")
+
+
+def test_figure_png_frames_keep_one_size_whatever_their_titles():
+    import io
+
+    sizes = {plt.imread(io.BytesIO(viz.figure_png(lambda ax, t=title: ax.set_title(t), (3.0, 2.0), dpi=50))).shape
+             for title in ("a", "a much longer title that reaches past the axes on both sides")}
+    assert sizes == {(100, 150, 4)}

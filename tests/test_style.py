@@ -1,7 +1,9 @@
-"""The house style that review alone kept letting slip: source lines fit the project's width, and every genlib
-function states the types it takes and returns (the API page prints them)."""
+"""The house style that review alone kept letting slip: source lines fit the project's width (the chapters' code too:
+the book shows it, and a wider line scrolls), and every genlib function states the types it takes and returns (the
+API page prints them)."""
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,15 @@ PYTHON_SOURCES = sorted(path for folder in ("genlib", "tests", "tools", "book/_e
 def too_long(source: str) -> list[tuple[int, int]]:
     """(line number, length) of each line of ``source`` wider than :data:`WIDTH` characters."""
     return [(number, len(line)) for number, line in enumerate(source.splitlines(), 1) if len(line) > WIDTH]
+
+
+CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+
+def chapter_code(path: Path) -> str:
+    """The code cells of notebook ``path``, one after the other."""
+    cells = json.loads(path.read_text())["cells"]
+    return "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
 
 
 def unannotated(source: str) -> list[tuple[int, str]]:
@@ -34,11 +45,17 @@ def unannotated(source: str) -> list[tuple[int, str]]:
 def test_the_sources_are_found():
     names = {str(path.relative_to(ROOT)) for path in PYTHON_SOURCES}
     assert {"genlib/train.py", "tests/test_style.py", "tools/execute_notebooks.py"} <= names
+    assert len(CHAPTERS) == 5 and "import" in chapter_code(CHAPTERS[0])
 
 
 @pytest.mark.parametrize("path", PYTHON_SOURCES, ids=lambda path: str(path.relative_to(ROOT)))
 def test_no_source_line_is_wider_than_the_project_width(path):
     assert too_long(path.read_text()) == []
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda path: path.name)
+def test_no_chapter_code_line_is_wider_than_the_project_width(path):
+    assert too_long(chapter_code(path)) == []
 
 
 def test_every_genlib_function_is_annotated():

@@ -32,6 +32,8 @@ from genlib.data import to_float
 from genlib.results import provenance, write_json
 
 if TYPE_CHECKING:
+    from torch.autograd.profiler_util import FunctionEvent, FunctionEventAvg
+
     from genlib.train import GenerativeModel
 
 
@@ -194,7 +196,7 @@ def profile_call(fn: Callable[[], object], device: torch.device) -> dict:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def _is_host(event: torch.autograd.profiler_util.FunctionEvent | torch.autograd.profiler_util.FunctionEventAvg) -> bool:
+def _is_host(event: FunctionEvent | FunctionEventAvg) -> bool:
     """Whether a profiler event ran on the CPU (an operator or a range), not on the device."""
     return event.device_type == torch.autograd.DeviceType.CPU
 
@@ -204,7 +206,7 @@ def _ms(microseconds: float) -> float:
     return round(microseconds / 1e3, 4)
 
 
-def phase_times(events: Iterable[torch.autograd.profiler_util.FunctionEvent], cuda: bool) -> list[dict]:
+def phase_times(events: Iterable[FunctionEvent], cuda: bool) -> list[dict]:
     """The ``record_function`` ranges (genlib's ``nn.*`` in :mod:`genlib.imle`), in order of first entry:
     ``calls``, ``cpu_ms`` and on CUDA ``device_ms`` (the kernels launched inside), both including the ranges
     nested inside (``nn.pass.*`` hold the phases of their pass)."""
@@ -221,7 +223,7 @@ def phase_times(events: Iterable[torch.autograd.profiler_util.FunctionEvent], cu
             for row in phases.values()]
 
 
-def top_operators(averages: Iterable[torch.autograd.profiler_util.FunctionEventAvg], cuda: bool) -> list[dict]:
+def top_operators(averages: Iterable[FunctionEventAvg], cuda: bool) -> list[dict]:
     """The PROFILE_TOP operators by self time: ``self_ms`` is device time on CUDA (then ``self_cpu_ms`` too),
     CPU time on the CPU."""
     ops = [e for e in averages if _is_host(e) and not e.is_user_annotation]
@@ -230,8 +232,8 @@ def top_operators(averages: Iterable[torch.autograd.profiler_util.FunctionEventA
     return _top(ops, lambda e: e.self_cpu_time_total, PROFILE_TOP)
 
 
-def _top(events: Iterable[torch.autograd.profiler_util.FunctionEventAvg], self_time: Callable[[object], float],
-         count: int, with_cpu: bool = False) -> list[dict]:
+def _top(events: Iterable[FunctionEventAvg], self_time: Callable[[object], float], count: int,
+         with_cpu: bool = False) -> list[dict]:
     """The ``count`` events with the largest positive ``self_time`` (us): {name, calls, self_ms}, and with
     ``with_cpu`` their ``self_cpu_ms``."""
     ranked = sorted((e for e in events if self_time(e) > 0), key=self_time, reverse=True)[:count]

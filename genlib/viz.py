@@ -8,8 +8,7 @@ figures compose; nothing here calls ``plt.show()``.
 from __future__ import annotations
 
 import math
-
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from genlib.data import to_uint8
 
 if TYPE_CHECKING:
     import ipywidgets as widgets
+    from matplotlib.image import AxesImage
 
 Grid = tuple[np.ndarray, np.ndarray, torch.Tensor]
 
@@ -63,23 +63,31 @@ def scatter2d(points: torch.Tensor | np.ndarray, ax: plt.Axes | None = None, lim
 
 
 def field2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None, n: int = 150,
-            cmap: str = "viridis", title: str | None = None, contours: int = 0, vmin: float | None = None,
-            vmax: float | None = None, colorbar: str | None = None) -> plt.Axes:
-    """Image of a scalar function ``fn([m,2]) -> [m]`` (a density, log-density or energy) over a square; panels
-    that share ``vmin``/``vmax`` share a colour scale, and ``colorbar`` (its label) adds a colour bar."""
+            cmap: str = "viridis", title: str | None = None, contours: int = 0) -> plt.Axes:
+    """Image of a scalar function ``fn([m,2]) -> [m]`` (a density, log-density or energy) over a square (panels
+    compare on one colour scale after :func:`shared_colour_scale`)."""
     ax = _axes(ax)
     xs, ys, points = grid_points(lim, n)
     with torch.no_grad():
         values = as_numpy(fn(points)).reshape(xs.shape)
-    image = ax.imshow(values, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, aspect="equal",
-                      vmin=vmin, vmax=vmax)
-    if colorbar is not None:
-        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label=colorbar)
+    ax.imshow(values, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, aspect="equal")
     if contours:
         ax.contour(xs, ys, values, contours, colors="white", linewidths=0.5, alpha=0.6)
     if title:
         ax.set_title(title)
     return ax
+
+
+def shared_colour_scale(axes: Iterable[plt.Axes], vmin: float | None = None,
+                        vmax: float | None = None) -> AxesImage:
+    """Put the last image drawn on each of ``axes`` on one colour scale, from ``vmin`` (default: the lowest value
+    of any of them) to ``vmax`` (default: the highest); return one image, for ``fig.colorbar``."""
+    images = [ax.images[-1] for ax in axes]
+    low = min(float(np.min(image.get_array())) for image in images) if vmin is None else vmin
+    high = max(float(np.max(image.get_array())) for image in images) if vmax is None else vmax
+    for image in images:
+        image.set_clim(low, high)
+    return images[-1]
 
 
 def quiver2d(fn: Callable[[torch.Tensor], torch.Tensor], lim: float, ax: plt.Axes | None = None, n: int = 20,

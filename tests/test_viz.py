@@ -151,13 +151,19 @@ def test_scatter_panels_fill_rows_of_columns_and_hide_only_the_unused_axes(tmp_p
         close(fig)
 
 
-def test_field2d_shares_a_colour_scale_and_labels_its_colour_bar():
-    ax = viz.field2d(lambda p: p[:, 0], lim=1.0, n=4, vmin=-5.0, vmax=5.0, colorbar="x value")
-    image, = ax.images
-    assert image.get_clim() == (-5.0, 5.0)
-    colour_bar, = [other for other in ax.figure.axes if other is not ax]
-    assert colour_bar.get_ylabel() == "x value"
-    assert viz.field2d(lambda p: p[:, 0], lim=1.0, n=4).images[0].get_clim() == (-1.0, 1.0)  # its own range
+def test_shared_colour_scale_spans_every_panel_s_values_unless_told():
+    _, axes = plt.subplots(1, 3)
+    for ax, shift in zip(axes, (0.0, 3.0, -2.0)):
+        viz.field2d(lambda p, shift=shift: p[:, 0] + shift, lim=1.0, n=4, ax=ax)
+    assert axes[1].images[0].get_clim() == (2.0, 4.0)  # each panel on its own range first
+    image = viz.shared_colour_scale(axes)
+    assert image is axes[2].images[0]
+    assert {ax.images[0].get_clim() for ax in axes} == {(-3.0, 4.0)}  # the lowest and highest of all three
+    viz.shared_colour_scale(axes[:2], vmin=-10.0)
+    assert {ax.images[0].get_clim() for ax in axes[:2]} == {(-10.0, 4.0)}
+    assert axes[2].images[0].get_clim() == (-3.0, 4.0)  # a panel not passed keeps its scale
+    viz.shared_colour_scale(axes, vmax=1.5)
+    assert {ax.images[0].get_clim() for ax in axes} == {(-3.0, 1.5)}
     plt.close("all")
 
 

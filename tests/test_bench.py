@@ -298,3 +298,22 @@ def test_search_row_rates_from_the_timings_by_hand(monkeypatch):
 def test_reranked_rows_per_query():
     assert bench.reranked_per_query({imle.RERANKED_ROWS: 30}, 10) == 3.0
     assert bench.reranked_per_query({imle.RERANKED_ROWS: 5}, 1) == 5.0 and bench.reranked_per_query({}, 0) == 0.0
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_the_reference_search_is_the_direct_float64_argmin_with_the_lowest_index_on_ties(device, offset):
+    """Against every difference computed directly: exact copies tie (the lowest index wins), and far from the origin
+    (offset 1e6) the GEMM expansion's rounding (about 1e-3) exceeds the gaps it must rank (about 1e-8)."""
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(30, 5, generator=gen, dtype=torch.float64) + offset
+    keys = torch.randn(200, 5, generator=gen, dtype=torch.float64) + offset
+    keys[[7, 50, 120]] = queries[0]  # three exact copies of query 0
+    directions = torch.nn.functional.normalize(torch.randn(20, 5, generator=gen, dtype=torch.float64), dim=1)
+    keys[20:40] = queries[1] + 1e-3 * directions * torch.linspace(1.2, 1.0, 20, dtype=torch.float64)[:, None]
+    direct = (queries[:, None] - keys[None]).pow(2).sum(2)
+    expected = (direct == direct.amin(1, keepdim=True)).int().argmax(1)  # the first index at the minimum
+    expansion = queries.pow(2).sum(1)[:, None] + keys.pow(2).sum(1) - 2 * queries @ keys.T
+    rounding = (expansion[1, 20:40] - direct[1, 20:40]).abs().max()
+    gap = direct[1, 20:40].sort().values.diff().min()
+    assert expected[0] == 7 and expected[1] == 39 and (rounding > 100 * gap) == (offset > 0)  # the case has teeth
+    assert torch.equal(bench.reference_nearest(queries.to(device), keys.to(device)).cpu(), expected)

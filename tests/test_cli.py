@@ -189,11 +189,12 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
     assert run["config"]["family"] == "imle" and run["device"] == device.type and run["scale"] == "small"
     # The resumed run's wall time is both processes' training time: it goes on from the first one's clock, and
-    # its end comes just after the last checkpoint's clock reading (test_train checks the sum with a fake clock).
+    # its end comes after the last checkpoint's clock reading (test_train checks the exact sum with a fake clock;
+    # no upper bound here, since a loaded machine may stall between the last checkpoint and the end).
     resumed = json.loads((tmp_path / "split" / "run.json").read_text())
     assert run["train_processes"] == 1 and resumed["train_processes"] == 2 == split["clock"]["processes"]
     assert first_clock["processes"] == 1 and 0 < first_clock["seconds"] < split["clock"]["seconds"]
-    assert split["clock"]["seconds"] <= resumed["wall_time_s"] + 0.005 < split["clock"]["seconds"] + 1.0
+    assert split["clock"]["seconds"] <= resumed["wall_time_s"] + 0.005
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())
     log = (tmp_path / "straight" / "train.log").read_text().splitlines()
     assert log[0].startswith(f"device={device.type}") and log[1].split()[0] == "step"  # the flags set the sizes

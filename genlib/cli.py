@@ -407,9 +407,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds', columns=columns)}"
                          for toy_name, table in summary.items())
     print(report)
-    lim = {name: float(toy.modes.abs().max()) + 1.0 for name, toy in toys.items()}  # room for a mode's spread
     viz.save_scatter_panels([(f"{toy_name}: {method}", state["samples"][toy_name, method], toys[toy_name].modes,
-                              lim[toy_name]) for toy_name in toys for method in methods], out / "samples.png",
+                              viz.view_half_width(toys[toy_name].modes)) for toy_name in toys for method in methods],
+                            out / "samples.png",
                             title=f"seed {seeds[0]}: samples (blue) and the modes (red)")
     (out / "train.log").write_text(f"setting {args.setting}: batch {batch_size}, {setting}\n\n{report}\n")
     config = arguments | {"batch_size": batch_size, "overrides": setting, "jobs": args.jobs}

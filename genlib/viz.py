@@ -47,6 +47,12 @@ def grid_points(lim: float | tuple[float, float, float, float], n: int = 200) ->
     return xs, ys, points
 
 
+def view_half_width(modes: torch.Tensor, margin: float = 1.0) -> float:
+    """Half-width of the square view [-w, w]^2 that shows every mode [k, 2] of a 2-D mixture with ``margin``
+    to spare for its spread."""
+    return float(modes.abs().max()) + margin
+
+
 def scatter2d(points: torch.Tensor | np.ndarray, ax: plt.Axes | None = None, lim: float | None = None,
               title: str | None = None, **kw: Any) -> plt.Axes:
     """Scatter [n, 2] points with small markers; ``lim`` fixes a square view."""

@@ -187,3 +187,10 @@ def test_figure_png_frames_keep_one_size_whatever_their_titles():
     sizes = {plt.imread(io.BytesIO(viz.figure_png(lambda ax, t=title: ax.set_title(t), (3.0, 2.0), dpi=50))).shape
              for title in ("a", "a much longer title that reaches past the axes on both sides")}
     assert sizes == {(100, 150, 4)}
+
+
+def test_the_toy_view_shows_every_mode_with_room_for_its_spread():
+    from genlib import data as gdata
+
+    assert viz.view_half_width(gdata.toy("grid25").modes) == pytest.approx(4.0 + 1.0)  # modes at -4, -2, ..., 4
+    assert viz.view_half_width(gdata.toy("ring8").modes, margin=0.5) == pytest.approx(2.0 + 0.5)  # radius 2

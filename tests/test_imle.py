@@ -371,8 +371,10 @@ def test_smoothed_likelihood_rejects_a_sigma_that_is_not_positive_and_finite(fn,
 # ----------------------------------------------------------------------------- Lap1
 
 
-def test_lap1_zero_symmetric_and_closed_form_for_a_constant_shift():
-    lap = imle.LaplacianPyramidL1()
+@pytest.mark.parametrize("exponent", [None, -2.0, 0.0])
+def test_lap1_zero_symmetric_and_closed_form_for_a_constant_shift(exponent):
+    lap = imle.LaplacianPyramidL1() if exponent is None else imle.LaplacianPyramidL1(level_exponent=exponent)
+    weight_exponent = 2.0 if exponent is None else exponent  # the default counts each level like its mean
     g = torch.Generator().manual_seed(7)
     for shape, levels, coarsest in [((2, 1, 28, 28), 4, 4 * 4), ((2, 3, 16, 16), 3, 4 * 4), ((1, 1, 8, 8), 2, 4 * 4)]:
         x, y = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
@@ -381,10 +383,20 @@ def test_lap1_zero_symmetric_and_closed_form_for_a_constant_shift():
         torch.testing.assert_close(lap(x, y), lap(y, x))
         # A constant shift c leaves every band-pass level unchanged (blur and bilinear
         # upsampling keep constants); only the low-pass residual moves, by c at each of its
-        # C * h * w entries, weighted 2^(-2 (J - 1)).
+        # C * h * w entries, weighted 2^(e (J - 1)).
         c = -0.3
-        expected = 2.0 ** (-2 * (levels - 1)) * abs(c) * shape[1] * coarsest
+        expected = 2.0 ** (weight_exponent * (levels - 1)) * abs(c) * shape[1] * coarsest
         torch.testing.assert_close(lap(x, x + c), torch.full((shape[0],), expected), rtol=1e-4, atol=1e-5)
+
+
+def test_lap1_default_weights_each_level_by_its_area():
+    """With e = +2 a level's weight times its share of the image's entries is about 1 (exactly 1 where the sides
+    halve evenly): a band of the same mean absolute value costs the same at every level."""
+    lap = imle.LaplacianPyramidL1()
+    x = torch.zeros(1, 1, 32, 32)
+    bands = lap.pyramid(x)
+    for j, band in enumerate(bands):
+        assert 2.0 ** (lap.level_exponent * j) * band[0, 0].numel() == 32 * 32
 
 
 def test_lap1_is_differentiable_and_validates_shapes():

@@ -166,7 +166,8 @@ class RecordedRun:
 def _machine_load(run: dict) -> str:
     """``' | 4 threads | load 1.2 -> 2'`` from a record's threads and 1-minute load averages; '' for older records,
     which lack them."""
-    parts = [f" | {run['torch_threads']} threads"] if run.get("torch_threads") else []
+    threads = run.get("torch_threads")
+    parts = [f" | {threads} thread{'' if threads == 1 else 's'}"] if threads else []
     start, end = run.get("load_average"), run.get("load_average_end")
     if start:
         parts.append(f" | load {start[0]:g}" + (f" -> {end[0]:g}" if end else ""))

@@ -31,7 +31,9 @@ def test_a_record_says_how_many_threads_ran_and_how_busy_the_machine_was(tmp_pat
                                                origin=origin).path)
     assert back.run["torch_threads"] == torch.get_num_threads()
     assert back.run["load_average"] == [1.23, 0.5, 0.25] and back.run["load_average_end"] == [2.0, 1.0, 0.5]
-    assert back.header().splitlines()[1].endswith(f" | {torch.get_num_threads()} threads | load 1.23 -> 2")
+    for threads, shown in ((4, "4 threads"), (1, "1 thread")):
+        with_threads = results.RecordedRun(back.path, {**back.run, "torch_threads": threads})
+        assert with_threads.header().splitlines()[1].endswith(f" | {shown} | load 1.23 -> 2")
     older = results.RecordedRun(back.path, {k: v for k, v in back.run.items()
                                             if k not in ("torch_threads", "load_average", "load_average_end")})
     assert older.header().splitlines()[1].endswith(f"commit {results.short_commit(back.run['git_commit'])}")

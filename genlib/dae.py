@@ -273,6 +273,12 @@ class _Trainer(GenerativeModel):
         optimizer.step()
 
 
+def generator_updates(steps: int, warmup: int, gen_every: int) -> int:
+    """How many of a :class:`DDEGenerator`'s training steps 1..steps update the generator: those after the
+    ``warmup`` steps whose number ``gen_every`` divides."""
+    return steps // gen_every - min(warmup, steps) // gen_every
+
+
 class DDEGenerator(_Trainer):
     """A generator trained with denoising density estimators (Bigdeli et al., 2020).
 

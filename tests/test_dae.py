@@ -269,6 +269,18 @@ def test_dde_generator_steps_on_schedule():
     assert moved and model.last_loss_g.item() != 0.0
 
 
+@pytest.mark.parametrize("gen_every, warmup", [(1, 0), (3, 2), (2, 5), (4, 9)])
+def test_generator_updates_counts_the_generator_steps_a_model_takes(gen_every, warmup, monkeypatch):
+    torch.manual_seed(0)
+    model = dae.DDEGenerator((2,), z_dim=2, width=8, depth=1, gen_every=gen_every, warmup=warmup)
+    taken, update = [], model.update
+    monkeypatch.setattr(model, "update", lambda player, loss: (taken.append(player == "g"), update(player, loss)))
+    x = torch.randn(8, 2)
+    for steps in range(1, 9):  # includes runs that end inside the warm-up
+        model.step(x, torch.arange(8))
+        assert dae.generator_updates(steps, warmup, gen_every) == sum(taken)
+
+
 class ExactMixtureScore(nn.Module):
     """The closed-form score of MIX_2D blurred at sigma, in a network's (x [n, 2], sigma) -> [n, 2] signature."""
 

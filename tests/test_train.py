@@ -144,17 +144,29 @@ def test_a_run_resumes_where_the_ema_default_differs_as_between_a_gpu_and_a_cpu(
         torch.testing.assert_close(have, want, rtol=0, atol=0)
 
 
-def test_ema_follows_its_recursion():
+def test_ema_follows_its_recursion_with_the_warm_up():
     model, sampler = make_run()
     model.attach_ema(0.8)
     expected = [p.detach().clone() for p in model.generator.parameters()]
-    for _ in range(5):
+    for t in range(40):  # the decay (1 + t) / (10 + t) reaches 0.8 at t = 32
         model.step(*next(sampler))
         model.update_ema()
-        expected = [0.8 * e + 0.2 * p.detach() for e, p in zip(expected, model.generator.parameters())]
+        decay = min(0.8, (1 + t) / (10 + t))
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.generator.parameters())]
     for e, p in zip(expected, model.ema.parameters()):
-        torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-7)
-    assert model.sampling_net() is model.ema
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+    assert model.sampling_net() is model.ema and int(model.ema_updates) == 40
+
+
+def test_a_short_run_samples_from_its_trained_weights_not_its_initialisation():
+    """With a flat decay of 0.999, 50 updates would leave 95 % of the random initialisation in the EMA."""
+    model, sampler = make_run()
+    initial = [p.detach().clone() for p in model.generator.parameters()]
+    fit(model, sampler, 50, log_every=10, ema_decay=0.999, progress=False)
+    live = list(model.generator.parameters())
+    trained = sum((p - q).norm() ** 2 for p, q in zip(live, initial)).sqrt()
+    lag = sum((p - e).norm() ** 2 for p, e in zip(live, model.ema.parameters())).sqrt()
+    assert lag < 0.5 * trained
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from genlib import nets
+from genlib.metrics import check_positive, pairwise_sq_dists
 from genlib.train import GenerativeModel, at_least_fp32, count_step, mirror_step_count
 
 __all__ = [
@@ -109,6 +110,23 @@ def smoothed_score(x: Tensor, weights: PerComponent, means: ComponentMeans, stds
     log_probs, mu, var = _component_log_probs(x, weights, means, stds, sigma)
     resp = torch.softmax(log_probs, dim=1)
     return torch.einsum("nk,nkd->nd", resp / var, mu[None] - x[:, None, :])
+
+
+def data_smoothed_log_density(x: Tensor, data: Tensor, sigma: float, chunk: int = 8192) -> Tensor:
+    """``log p_sigma(x)`` [n] (float64) of the data's empirical distribution blurred by N(0, sigma^2 I):
+    ``log mean_j N(x; data_j, sigma^2 I)`` for x [n, ...] and data [N, ...] of the same shape, exact.
+
+    The mixture of :func:`smoothed_log_density` with one equal-weight, zero-width component per data point,
+    computed with GEMM distances over ``chunk`` data points at a time, so 60,000 images fit in memory."""
+    check_positive("sigma", sigma)
+    queries, keys = x.flatten(1).double(), data.flatten(1).double()
+    if queries.shape[1] != keys.shape[1] or len(keys) == 0:
+        raise ValueError(f"need x [n, ...] and data [N, ...] of one shape, N >= 1, got {tuple(x.shape)} and "
+                         f"{tuple(data.shape)}")
+    log_kernel_sums = torch.stack([torch.logsumexp(-pairwise_sq_dists(queries, part) / (2 * sigma**2), dim=1)
+                                   for part in keys.split(chunk)]).logsumexp(0)
+    dims = queries.shape[1]
+    return log_kernel_sums - math.log(len(keys)) - 0.5 * dims * math.log(2 * math.pi * sigma**2)
 
 
 def optimal_denoiser(x: Tensor, weights: PerComponent, means: ComponentMeans,

@@ -146,6 +146,21 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     return canvas.numpy()
 
 
+def read_image_grid(path: str | Path, nrow: int = 8, pad: int = 1, channels: int = 1) -> torch.Tensor:
+    """The square images uint8 ``[rows * nrow, channels, H, H]`` of a grid PNG that :func:`save_image_grid` wrote
+    (e.g. a recorded run's ``samples.png``): exactly, or within one grey level for PNGs written before
+    :func:`save_image_grid` stopped using a colormap (2026-11-30)."""
+    canvas = torch.from_numpy(np.ascontiguousarray(plt.imread(path)[..., :channels]))
+    canvas = (canvas * 255).round().to(torch.uint8) if canvas.is_floating_point() else canvas
+    side, rest = divmod(canvas.shape[1] - pad, nrow)
+    rows, rows_rest = divmod(canvas.shape[0] - pad, side)
+    if rest or rows_rest or side <= pad:
+        raise ValueError(f"{path}: a {tuple(canvas.shape[:2])} picture is not a grid of {nrow} square images a row "
+                         f"with {pad}-pixel margins")
+    grid = canvas[:-pad or None, :-pad or None].reshape(rows, side, nrow, side, channels)
+    return grid.permute(0, 2, 4, 1, 3).reshape(rows * nrow, channels, side, side)[:, :, pad:, pad:].contiguous()
+
+
 def show_images(images: torch.Tensor, nrow: int = 8, ax: plt.Axes | None = None, title: str | None = None,
                 size: float = 4.0) -> plt.Axes:
     """Show a tiled grid of images on ``ax`` without ticks."""
@@ -176,9 +191,9 @@ def show_pngs(panels: Sequence[tuple[str | Path | None, str]], figsize: tuple[fl
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    """Write a tiled grid of images to a PNG file."""
+    """Write a tiled grid of images to a PNG file, grey levels exactly (as RGB: a colormap would round them)."""
     grid = image_grid(images, nrow)
-    plt.imsave(path, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+    plt.imsave(path, np.repeat(grid, 3, axis=-1) if grid.shape[-1] == 1 else grid)
 
 
 def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str | Path, lim: float | None = None) -> None:

@@ -476,3 +476,21 @@ def test_score_model_chains_start_from_init_std_gaussians_or_uniform_pixels():
     assert vec.initial_points(40_000).std().item() == pytest.approx(0.5, rel=0.02)
     img = dae.ScoreModel((1, 4, 4), width=8).initial_points(2_000)
     assert img.min() >= -1 and img.max() <= 1 and img.std().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)
+
+
+def test_data_smoothed_log_density_is_the_equal_weight_mixture_of_zero_width_components():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(50, 12, generator=gen, dtype=torch.float64)
+    x = torch.randn(7, 12, generator=gen, dtype=torch.float64)
+    want = dae.smoothed_log_density(x, torch.ones(50), data, torch.zeros(50), 0.7)
+    for chunk in (50, 8, 1):  # chunking the data changes nothing
+        torch.testing.assert_close(dae.data_smoothed_log_density(x, data, 0.7, chunk=chunk), want)
+    # images in, flattened: one data point is the Gaussian density itself
+    one = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    point = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    expected = -4 * 0.25 / (2 * 0.3**2) - 2 * math.log(2 * math.pi * 0.3**2)
+    assert dae.data_smoothed_log_density(point, one, 0.3).item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="sigma"):
+        dae.data_smoothed_log_density(x, data, 0.0)
+    with pytest.raises(ValueError, match="one shape"):
+        dae.data_smoothed_log_density(x, data[:, :5], 0.7)

@@ -194,3 +194,21 @@ def test_the_toy_view_shows_every_mode_with_room_for_its_spread():
 
     assert viz.view_half_width(gdata.toy("grid25").modes) == pytest.approx(4.0 + 1.0)  # modes at -4, -2, ..., 4
     assert viz.view_half_width(gdata.toy("ring8").modes, margin=0.5) == pytest.approx(2.0 + 0.5)  # radius 2
+
+
+@pytest.mark.parametrize("channels, count, nrow", [(1, 64, 8), (3, 10, 4)])
+def test_read_image_grid_gives_back_the_saved_images(tmp_path, channels, count, nrow):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, channels, 9, 9), dtype=torch.uint8, generator=gen)
+    viz.save_image_grid(images, tmp_path / "grid.png", nrow=nrow)
+    back = viz.read_image_grid(tmp_path / "grid.png", nrow=nrow, channels=channels)
+    rows = -(-count // nrow)
+    assert back.shape == (rows * nrow, channels, 9, 9) and back.dtype == torch.uint8
+    assert torch.equal(back[:count], images)
+    assert (back[count:] == 255).all()  # the unused tiles of the last row are margin colour
+
+
+def test_read_image_grid_refuses_a_picture_that_is_not_such_a_grid(tmp_path):
+    plt.imsave(tmp_path / "odd.png", np.zeros((30, 31, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="not a grid of 8 square images"):
+        viz.read_image_grid(tmp_path / "odd.png")

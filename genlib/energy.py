@@ -348,7 +348,10 @@ def knn_entropy(samples: Tensor, k: int = 1) -> Tensor:
         raise ValueError(f"need 1 <= k < number of samples, got k={k} with {n} samples")
     flat = at_least_fp32(samples.flatten(1))  # bf16 fakes' differences would round the distances
     with torch.no_grad():
-        dist = torch.cdist(flat, flat)
+        # Exact neighbours: cdist's default GEMM expansion ||a||^2 + ||b||^2 - 2ab cancels catastrophically for a
+        # tight cluster away from the origin (a collapsed generator), returning zeros and wrong neighbours.
+        centred = flat.double() - flat.double().mean(0)
+        dist = torch.cdist(centred, centred, compute_mode="donot_use_mm_for_euclid_dist")
         dist.fill_diagonal_(math.inf)
         neighbour = dist.topk(k, dim=1, largest=False).indices[:, -1]
     sq = (flat - flat[neighbour]).pow(2).sum(1)

@@ -644,8 +644,12 @@ AGGRESSIVE_G: dict[str, Any] = dict(optimizer="sgd", lr_g=0.03, critic_optimizer
 
 ENTROPY_SETTINGS: dict[str, dict[str, Any]] = {
     "SGD 0.03, no entropy": dict(AGGRESSIVE_G),
-    "SGD 0.03, kNN entropy w=0.3": dict(AGGRESSIVE_G, entropy=0.3),
+    **{f"SGD 0.03, kNN entropy w={w:g}": dict(AGGRESSIVE_G, entropy=w) for w in (0.1, 0.3, 1.0)},
+    "Adam, no entropy": {},
+    "Adam, kNN entropy w=0.3": dict(entropy=0.3),
 }
+"""The collapse-prone generator (:data:`AGGRESSIVE_G`) without and with the entropy term at three weights, and the
+default Adam generator (the R1 row of :data:`PENALTY_SETTINGS`) without and with it."""
 
 
 STABILITY_COLUMNS: dict[str, str] = {"late_gap": "late |gap|", "gap_flips": "gap sign flips"}
@@ -732,8 +736,8 @@ def compare_penalties(**kw: Any) -> list[dict[str, Any]]:
 
 
 def compare_entropy(**kw: Any) -> list[dict[str, Any]]:
-    """:func:`compare_on_toy` over :data:`ENTROPY_SETTINGS`: a collapse-prone generator (SGD 0.03) with and
-    without the kNN entropy term."""
+    """:func:`compare_on_toy` over :data:`ENTROPY_SETTINGS`: the kNN entropy term's weight, on a collapse-prone
+    generator (SGD 0.03) and on the default Adam one."""
     return compare_on_toy(ENTROPY_SETTINGS, **kw)
 
 

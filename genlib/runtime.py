@@ -7,11 +7,13 @@ Every experiment asks :func:`by_scale` for its sizes so that one switch changes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -113,6 +115,18 @@ def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def cpu_fingerprint() -> str:
+    """What decides the CPU's floating-point rounding in torch: the processor's model name and the instruction set
+    ATen dispatches to (AVX2, AVX512, ...). Two machines that differ here train the same seed to other numbers."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} | ATen {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
 
 
 def describe(seed: int, dev: torch.device | None = None, show_scale: bool = True) -> str:

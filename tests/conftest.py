@@ -17,6 +17,21 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_report_header(config) -> list[str]:
+    """Say when the chapters' committed outputs were made on a CPU unlike this one: trained numbers depend on the
+    CPU's rounding, so strict nbval would then fail on cells whose outputs are right for their own machine."""
+    from genlib.runtime import cpu_fingerprint
+
+    here = cpu_fingerprint()
+    lines = [f"this machine: {here}"]
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        made_on = json.loads(path.read_text()).get("metadata", {}).get("genlib", {}).get("executed_on")
+        if made_on != here:
+            lines.append(f"WARNING {path.name}'s outputs were made on {made_on or 'an unrecorded CPU'}: strict nbval "
+                         "may fail here; re-execute it with tools/execute_notebooks.py and re-read its text")
+    return lines
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Unit tests run many tiny ops: one torch thread is faster and steadier than several

@@ -176,3 +176,9 @@ def test_configure_threads_reads_genlib_threads_and_an_explicit_count_wins(monke
         assert runtime.configure_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_fingerprint_names_the_instruction_set_torch_dispatches_to():
+    fingerprint = runtime.cpu_fingerprint()
+    assert f"ATen {torch.backends.cpu.get_cpu_capability()}" in fingerprint and torch.__version__ in fingerprint
+    assert fingerprint == runtime.cpu_fingerprint()

@@ -7,6 +7,8 @@ What it guarantees, so that re-running an unchanged notebook gives an (almost) e
 run at GENLIB_SCALE=small on the CPU; the Colab set-up cell rewritten from the one template
 below (repository URL read from _config.yml); widget state saved with widget ids renamed to
 stable ones; no timing or execution metadata; kernelspec python3; execution counts 1, 2, ...
+The machine's :func:`genlib.runtime.cpu_fingerprint` goes into the notebook's metadata (``genlib.executed_on``):
+trained numbers depend on the CPU's rounding, and the test suite's header says when this machine differs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from genlib import __version__  # noqa: E402
+from genlib.runtime import cpu_fingerprint  # noqa: E402
 
 SETUP_TAG = "colab-setup"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
@@ -146,6 +149,8 @@ def execute(path: Path, timeout: int, run: bool = True) -> tuple[nbformat.Notebo
                                 store_widget_state=True, record_timing=False)
         client.execute()
     elapsed = time.perf_counter() - began
+    if run:  # strict nbval reproduces these outputs only on a CPU like this one (see tests/conftest.py)
+        nb.metadata["genlib"] = {"executed_on": cpu_fingerprint()}
     clean_metadata(nb)
     coalesce_streams(nb)
     stable_widget_ids(nb, path.stem)

@@ -166,15 +166,17 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], points: Tensor, target:
     return (squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt() - target).pow(2).mean()
 
 
-def dragan_points(real: Tensor, scale: float = 0.5) -> Tensor:
-    """DRAGAN's penalty points [n, ...]: ``x + alpha * delta``, ``delta = scale * std(x) * U[0, 1)``, alpha ~ U[0, 1].
+def dragan_points(real: Tensor, scale: float = 0.5, noise: str = "uniform") -> Tensor:
+    """DRAGAN's penalty points [n, ...]: ``x + alpha * delta``, ``delta = scale * std(x) * u``, alpha ~ U[0, 1].
 
-    This is the authors' reference code (Kodali et al., 2017, github.com/kodalinaveen3/DRAGAN):
-    perturb the real batch by uniform noise scaled by the batch's std (over all elements), then
-    take a random point on the segment to it. The paper's text writes ``x + delta``,
-    ``delta ~ N(0, cI)``; both keep the penalty local to the data. Note U[0, 1) is one-sided.
+    ``noise="uniform"`` (``u ~ U[0, 1)``, one-sided: every point moves up in every coordinate) is the authors'
+    reference code (Kodali et al., 2017, github.com/kodalinaveen3/DRAGAN): perturb the real batch by noise scaled
+    by the batch's std (over all elements), then take a random point on the segment to it. ``noise="gaussian"``
+    (``u ~ N(0, I)``) is the paper's text, ``x + delta`` with ``delta ~ N(0, cI)``, symmetric around the data.
     """
-    delta = scale * real.std() * torch.rand_like(real)
+    if noise not in ("uniform", "gaussian"):
+        raise ValueError(f"noise must be 'uniform' or 'gaussian', got {noise!r}")
+    delta = scale * real.std() * (torch.rand_like(real) if noise == "uniform" else torch.randn_like(real))
     alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     return real + alpha * delta
 
@@ -517,20 +519,23 @@ class UnrolledGAN(GAN):
 class DRAGAN(GAN):
     """DRAGAN (Kodali et al., 2017): ``lambda * mean(||grad D(x_hat)|| - 1)^2`` at points near the data.
 
-    ``x_hat`` from :func:`dragan_points` (the reference code's perturbation); lambda 10 as in the paper.
-    The penalty keeps D smooth around real data, removing the sharp gradients behind mode collapse.
+    ``x_hat`` from :func:`dragan_points` (``noise``: the reference code's one-sided uniform perturbation by
+    default, or the paper's Gaussian); lambda 10 as in the paper. The penalty keeps D smooth around real data,
+    removing the sharp gradients behind mode collapse.
     """
 
     conv_norm = "layer"  # a per-sample gradient penalty needs per-sample outputs (no BatchNorm)
 
-    def __init__(self, penalty: float = 10.0, perturbation: float = 0.5, **kw: Any):
-        self.penalty, self.perturbation = penalty, perturbation
+    def __init__(self, penalty: float = 10.0, perturbation: float = 0.5, noise: str = "uniform", **kw: Any):
+        dragan_points(torch.zeros(2, 1), noise=noise)  # an unknown noise fails here, not at the first step
+        self.penalty, self.perturbation, self.perturbation_noise = penalty, perturbation, noise
         super().__init__(**kw)
 
     def d_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
         """BCE plus the DRAGAN gradient penalty (reported as ``penalty``)."""
         bce = discriminator_bce(self.logits(real), self.logits(fake))
-        penalty = gradient_penalty(self.logits, dragan_points(real, self.perturbation), target=1.0)
+        penalty = gradient_penalty(self.logits, dragan_points(real, self.perturbation, self.perturbation_noise),
+                                   target=1.0)
         return {"loss_d": bce + self.penalty * penalty, "penalty": penalty.detach()}
 
 
@@ -759,7 +764,7 @@ TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
     "GAN": (GAN, {}),
     "GAN (minimax)": (GAN, {"loss": "minimax"}),
     "Unrolled": (UnrolledGAN, {"unroll": 5}),  # the paper's method; about 5x the cost of a GAN step
-    "DRAGAN": (DRAGAN, {"penalty": 1.0}),  # lambda 10 (the paper's) stalled D at these learning rates
+    "DRAGAN": (DRAGAN, {"penalty": 1.0}),  # lambda 1: chapter 2 measures the paper's 10 and its Gaussian noise
     "EBGAN": (EBGAN, {}),
     "MAD-GAN": (MADGAN, {"k": 4}),
     "MRGAN": (MRGAN, {}),

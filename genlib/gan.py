@@ -166,6 +166,13 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], points: Tensor, target:
     return (squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt() - target).pow(2).mean()
 
 
+def check_dragan_noise(noise: str) -> None:
+    """A ValueError unless ``noise`` is one of :func:`dragan_points`' perturbations (checking draws no random numbers,
+    so a model's constructor can check it without moving the seeded stream)."""
+    if noise not in ("uniform", "gaussian"):
+        raise ValueError(f"noise must be 'uniform' or 'gaussian', got {noise!r}")
+
+
 def dragan_points(real: Tensor, scale: float = 0.5, noise: str = "uniform") -> Tensor:
     """DRAGAN's penalty points [n, ...]: ``x + alpha * delta``, ``delta = scale * std(x) * u``, alpha ~ U[0, 1].
 
@@ -174,8 +181,7 @@ def dragan_points(real: Tensor, scale: float = 0.5, noise: str = "uniform") -> T
     by the batch's std (over all elements), then take a random point on the segment to it. ``noise="gaussian"``
     (``u ~ N(0, I)``) is the paper's text, ``x + delta`` with ``delta ~ N(0, cI)``, symmetric around the data.
     """
-    if noise not in ("uniform", "gaussian"):
-        raise ValueError(f"noise must be 'uniform' or 'gaussian', got {noise!r}")
+    check_dragan_noise(noise)
     delta = scale * real.std() * (torch.rand_like(real) if noise == "uniform" else torch.randn_like(real))
     alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     return real + alpha * delta
@@ -527,7 +533,7 @@ class DRAGAN(GAN):
     conv_norm = "layer"  # a per-sample gradient penalty needs per-sample outputs (no BatchNorm)
 
     def __init__(self, penalty: float = 10.0, perturbation: float = 0.5, noise: str = "uniform", **kw: Any):
-        dragan_points(torch.zeros(2, 1), noise=noise)  # an unknown noise fails here, not at the first step
+        check_dragan_noise(noise)  # here, not at the first step
         self.penalty, self.perturbation, self.perturbation_noise = penalty, perturbation, noise
         super().__init__(**kw)
 

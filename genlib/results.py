@@ -52,9 +52,11 @@ def load_average() -> list[float] | None:
 
 
 def provenance(device: torch.device | str, command: list[str] | str | None = None) -> dict:
-    """Who, what and where of a run: command line, git commit, device, versions, threads, load, host, date."""
+    """Who, what and where of a run: command line, git commit, device, the host's CPU (its
+    :func:`genlib.runtime.cpu_fingerprint`: CPU numbers are reproducible only on a like CPU), versions, threads,
+    load, host, date."""
     from genlib import __version__
-    from genlib.runtime import device_name, scale
+    from genlib.runtime import cpu_fingerprint, device_name, scale
 
     device = torch.device(device)
     if command is None:
@@ -69,6 +71,7 @@ def provenance(device: torch.device | str, command: list[str] | str | None = Non
         "python_version": platform.python_version(),
         "device": device.type,
         "device_name": device_name(device),
+        "cpu": cpu_fingerprint(),
         "scale": scale(),
         "torch_threads": torch.get_num_threads(),
         "load_average": load_average(),

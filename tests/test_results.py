@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from genlib import results
+from genlib import results, runtime
 
 
 def test_record_and_load_a_run(tmp_path, monkeypatch):
@@ -20,6 +20,7 @@ def test_record_and_load_a_run(tmp_path, monkeypatch):
     assert back.run["wall_time_s"] == 12.35 and back.run["torch_version"] == torch.__version__
     assert "fd      : 1.23" in back.summary() and "scale   : full | wall time 12 s" in back.summary()
     assert json.loads((tmp_path / "r" / "run.json").read_text())["device"] == "cpu"
+    assert back.run["cpu"] == runtime.cpu_fingerprint()  # CPU numbers reproduce only on a like CPU
     assert not list((tmp_path / "r").glob("*.tmp"))
 
 

@@ -166,7 +166,8 @@ class GenerativeModel(nn.Module):
         else:
             self.load_state_dict(weights)
             if self.ema is not None:  # older checkpoints did not count updates: count them as warmed up
-                self.ema_updates.fill_(state.get("ema_updates") or 10**6)
+                updates = state.get("ema_updates")
+                self.ema_updates.fill_(10**6 if updates is None else updates)
         for name, optimizer in self.optimizers.items():
             modes = [(group.get("capturable"), group["lr"]) for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])

@@ -878,3 +878,20 @@ def test_the_ema_copies_the_live_buffers():
     assert set(live) == set(ema) and int(live["1.num_batches_tracked"]) == 5
     for name in live:
         assert torch.equal(ema[name], live[name]), name
+
+
+def test_a_checkpoint_without_an_ema_update_count_resumes_warmed_up_and_one_with_it_resumes_its_count():
+    model, sampler = make_run()
+    model.attach_ema(0.9)
+    for _ in range(3):
+        model.step(*next(sampler))
+        model.update_ema()
+    state = model.checkpoint_state()
+    assert state["ema_updates"] == 3
+    resumed, _ = make_run()
+    resumed.load_checkpoint_state(state)
+    assert int(resumed.ema_updates) == 3
+    del state["ema_updates"]  # as written before the warm-up existed
+    older, _ = make_run()
+    older.load_checkpoint_state(state)
+    assert int(older.ema_updates) == 10**6

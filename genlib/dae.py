@@ -119,12 +119,12 @@ def data_smoothed_log_density(x: Tensor, data: Tensor, sigma: float, chunk: int 
     The mixture of :func:`smoothed_log_density` with one equal-weight, zero-width component per data point,
     computed with GEMM distances over ``chunk`` data points at a time, so 60,000 images fit in memory."""
     check_positive("sigma", sigma)
-    queries, keys = x.flatten(1).double(), data.flatten(1)
+    queries, keys = x.flatten(1), data.flatten(1)
     if queries.shape[1] != keys.shape[1] or len(keys) == 0:
         raise ValueError(f"need x [n, ...] and data [N, ...] of one shape, N >= 1, got {tuple(x.shape)} and "
                          f"{tuple(data.shape)}")
-    # float64 one chunk at a time: 60,000 images at once would be 376 MB
-    log_kernel_sums = torch.stack([torch.logsumexp(-pairwise_sq_dists(queries, part.double()) / (2 * sigma**2), 1)
+    # pairwise_sq_dists works in float64, one chunk at a time: 60,000 images at once would be 376 MB
+    log_kernel_sums = torch.stack([torch.logsumexp(-pairwise_sq_dists(queries, part) / (2 * sigma**2), 1)
                                    for part in keys.split(chunk)]).logsumexp(0)
     dims = queries.shape[1]
     return log_kernel_sums - math.log(len(keys)) - 0.5 * dims * math.log(2 * math.pi * sigma**2)

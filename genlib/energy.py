@@ -350,7 +350,8 @@ def knn_entropy(samples: Tensor, k: int = 1) -> Tensor:
     with torch.no_grad():
         # Exact neighbours: cdist's default GEMM expansion ||a||^2 + ||b||^2 - 2ab cancels catastrophically for a
         # tight cluster away from the origin (a collapsed generator), returning zeros and wrong neighbours.
-        centred = flat.double() - flat.double().mean(0)
+        flat64 = flat.double()
+        centred = flat64 - flat64.mean(0)
         dist = torch.cdist(centred, centred, compute_mode="donot_use_mm_for_euclid_dist")
         dist.fill_diagonal_(math.inf)
         neighbour = dist.topk(k, dim=1, largest=False).indices[:, -1]

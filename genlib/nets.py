@@ -103,16 +103,18 @@ class ConvEncoder(nn.Module):
     At 64x64 with width 64 it is layer for layer the PyTorch-examples DCGAN discriminator (stride-2
     convolutions doubling the channels from width to 8 width, then one convolution over the 4 x 4 map).
     ``norm`` is ``'batch'``, ``'layer'`` (GroupNorm with one group, safe with gradient
-    penalties, which assume each sample's output depends on that sample only) or ``'none'``."""
+    penalties, which assume each sample's output depends on that sample only) or ``'none'``; ``act`` names the
+    hidden activation (:func:`activation`; DCGAN's LeakyReLU(0.2) by default)."""
 
-    def __init__(self, out_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none"):
+    def __init__(self, out_dim: int, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none",
+                 act: str = "leaky_relu"):
         super().__init__()
         base, stages = conv_stages(resolution)
         widths = stage_widths(stages - 1, width)  # finest first, e.g. 64: [w, 2w, 4w, 8w]
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), activation(act)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), make_norm(norm, c_out),
-                       nn.LeakyReLU(0.2, True)]
+                       activation(act)]
         layers += [nn.Conv2d(widths[-1], out_dim, base, 1, 0), nn.Flatten()]
         self.net = nn.Sequential(*layers)
         init_dcgan(self)
@@ -124,8 +126,9 @@ class ConvEncoder(nn.Module):
 class ConvCritic(ConvEncoder):
     """Scalar critic / discriminator / energy: image [n, channels, r, r] -> [n] (raw score, no sigmoid)."""
 
-    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none"):
-        super().__init__(1, resolution, channels, width, norm)
+    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "none",
+                 act: str = "leaky_relu"):
+        super().__init__(1, resolution, channels, width, norm, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(1)

@@ -494,3 +494,13 @@ def test_data_smoothed_log_density_is_the_equal_weight_mixture_of_zero_width_com
         dae.data_smoothed_log_density(x, data, 0.0)
     with pytest.raises(ValueError, match="one shape"):
         dae.data_smoothed_log_density(x, data[:, :5], 0.7)
+
+
+def test_dde_energy_activation_defaults_to_softplus_for_vectors_and_leaky_relu_for_images():
+    kinds = lambda net: {type(m) for m in net.modules() if isinstance(m, (nn.Softplus, nn.LeakyReLU, nn.SiLU))}
+    assert kinds(dae.DDEGenerator((2,), width=8, depth=2).energy_real) == {nn.Softplus}
+    image = dae.DDEGenerator((1, 28, 28), width=8)
+    assert kinds(image.energy_real) == kinds(image.energy_fake) == {nn.LeakyReLU}
+    smooth = dae.DDEGenerator((1, 28, 28), width=8, energy_act="silu")
+    assert kinds(smooth.energy_real) == kinds(smooth.energy_fake) == {nn.SiLU}
+    assert kinds(dae.make_energy((2,), 8, 2, "silu")) == {nn.SiLU}

@@ -138,3 +138,29 @@ def test_every_leaky_relu_of_the_encoder_has_dcgan_s_slope():
     slopes = {m.negative_slope for m in nets.ConvEncoder(4, 32, 3, width=8, norm="batch").modules()
               if isinstance(m, nn.LeakyReLU)}
     assert slopes == {0.2}
+
+
+@pytest.mark.parametrize("act, kind", [("leaky_relu", nn.LeakyReLU), ("silu", nn.SiLU), ("softplus", nn.Softplus)])
+def test_the_critic_s_hidden_activation_is_chosen_by_name_and_leaky_relu_by_default(act, kind):
+    critic = nets.ConvCritic(32, 1, width=8, act=act)
+    hidden = [m for m in critic.modules() if isinstance(m, (nn.LeakyReLU, nn.SiLU, nn.Softplus))]
+    assert len(hidden) == 3 and all(type(m) is kind for m in hidden)  # 32x32: three stride-2 stages
+    default = nets.ConvCritic(32, 1, width=8)
+    assert {type(m) for m in default.modules() if isinstance(m, (nn.LeakyReLU, nn.SiLU, nn.Softplus))} == {nn.LeakyReLU}
+    with pytest.raises(ValueError, match="unknown activation"):
+        nets.ConvCritic(32, 1, width=8, act="gelu_typo")
+
+
+def test_a_smooth_critic_has_a_smooth_input_gradient_where_leaky_relu_s_is_piecewise_constant():
+    # Along a short segment in image space a LeakyReLU net's input gradient stays exactly constant (it changes
+    # only at kinks, and a 1e-6 segment crosses none); a SiLU net's changes (what an energy whose gradient is a
+    # score needs).
+    torch.manual_seed(0)
+    segment = torch.randn(1, 1, 28, 28, dtype=torch.float64) + \
+        torch.linspace(0, 1e-6, 3, dtype=torch.float64).view(3, 1, 1, 1) * torch.randn(1, 1, 28, 28, dtype=torch.float64)
+    for act, piecewise_constant in (("leaky_relu", True), ("silu", False)):
+        critic = nets.ConvCritic(28, 1, width=8, act=act).double()
+        points = segment.clone().requires_grad_(True)
+        grads = torch.autograd.grad(critic(points).sum(), points)[0]
+        change = (grads[1:] - grads[:-1]).abs().max().item() / grads.abs().max().item()
+        assert (change == 0.0) == piecewise_constant, (act, change)

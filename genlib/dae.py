@@ -261,13 +261,15 @@ def dde_loss(energy: Callable[[Tensor], Tensor], x: Tensor, x_noisy: Tensor, sig
     return 0.5 * _squared_norm(energy_denoiser(energy, x_noisy, sigma) - x).mean()
 
 
-def make_energy(shape: Sequence[int], width: int = 128, depth: int = 3, act: str | None = None) -> nn.Module:
+def make_energy(shape: Sequence[int], width: int = 128, depth: int = 3, act: str = "auto") -> nn.Module:
     """Scalar energy ``[n, *shape]`` -> [n]: an MLP for vectors (default softplus: its input gradient, the
     score, must vary smoothly, so no ReLU), the DCGAN critic without normalisation for images (default its
-    LeakyReLU, as in the DDE paper's code, whose input gradient is piecewise constant; ``act`` overrides either)."""
+    LeakyReLU, as in the DDE paper's code, whose input gradient is piecewise constant); another ``act`` names
+    the activation for either."""
     if len(shape) == 3:
-        return nets.ConvCritic(shape[-1], shape[0], width, norm="none", act=act or "leaky_relu")
-    return nn.Sequential(nn.Flatten(), nets.MLP(math.prod(shape), 1, width, depth, act or "softplus"), nn.Flatten(0))
+        return nets.ConvCritic(shape[-1], shape[0], width, norm="none", act="leaky_relu" if act == "auto" else act)
+    mlp = nets.MLP(math.prod(shape), 1, width, depth, "softplus" if act == "auto" else act)
+    return nn.Sequential(nn.Flatten(), mlp, nn.Flatten(0))
 
 
 def _is_image(shape: Sequence[int]) -> bool:
@@ -312,7 +314,7 @@ class DDEGenerator(_Trainer):
     from ``sigma`` to ``sigma_end`` over ``anneal_steps`` steps after warm-up (the authors' code offers
     such a reduction): a wide blur lets the generator see distant modes, a narrow one resolves them;
     the energies follow it online. ``energy_act`` sets the energies' hidden activation (:func:`make_energy`:
-    softplus for vectors, LeakyReLU for images by default).
+    ``"auto"``: softplus for vectors, LeakyReLU for images).
 
     **The sign.** ``KL(q_sigma || p_sigma) = E_{x ~ q_sigma}[log q_sigma(x) - log p_sigma(x)]
     = E_{z, eps}[e_q - e_p](G(z) + sigma eps) + C1 - C2``; the constants do not depend on G, so
@@ -330,7 +332,7 @@ class DDEGenerator(_Trainer):
     def __init__(self, shape: Sequence[int] = (2,), z_dim: int = 8, width: int = 128, depth: int = 3,
                  sigma: float | None = None, lr: float = 1e-3, lr_g: float | None = None, gen_every: int = 10,
                  warmup: int = 0, sigma_end: float | None = None, anneal_steps: int = 0, train_real: bool = True,
-                 energy_act: str | None = None, g_act: str = "relu",
+                 energy_act: str = "auto", g_act: str = "relu",
                  betas: tuple[float, float] = (0.9, 0.999)):
         super().__init__()
         if gen_every < 1 or warmup < 0:

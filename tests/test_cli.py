@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
-from genlib import cli
+from genlib import cli, dae
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -708,3 +709,9 @@ def test_evaluate_refuses_a_single_sample_before_reading_the_run(tmp_path):
     with pytest.raises(SystemExit, match="--eval-samples must be at least 2"):
         cli.main(["evaluate", str(tmp_path / "nothing"), "--eval-samples", "1", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_string_option_with_an_auto_default_reaches_the_model():
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"energy_act": "silu"})
+    model = dae.build_dde(spec)
+    assert {type(m) for m in model.energy_real.modules() if isinstance(m, (nn.Softplus, nn.SiLU))} == {nn.SiLU}

@@ -156,8 +156,8 @@ def test_a_smooth_critic_has_a_smooth_input_gradient_where_leaky_relu_s_is_piece
     # only at kinks, and a 1e-6 segment crosses none); a SiLU net's changes (what an energy whose gradient is a
     # score needs).
     torch.manual_seed(0)
-    segment = torch.randn(1, 1, 28, 28, dtype=torch.float64) + \
-        torch.linspace(0, 1e-6, 3, dtype=torch.float64).view(3, 1, 1, 1) * torch.randn(1, 1, 28, 28, dtype=torch.float64)
+    start, direction = torch.randn(2, 1, 1, 28, 28, dtype=torch.float64)
+    segment = start + torch.linspace(0, 1e-6, 3, dtype=torch.float64).view(3, 1, 1, 1) * direction
     for act, piecewise_constant in (("leaky_relu", True), ("silu", False)):
         critic = nets.ConvCritic(28, 1, width=8, act=act).double()
         points = segment.clone().requires_grad_(True)

@@ -537,8 +537,9 @@ class ScoreModel(_Trainer):
     :func:`annealed_langevin` with ``eps`` (default ``0.2 sigma_min^2``), ``steps_per_level`` and an
     optional final denoising step.
 
-    Chains start from ``U[-1, 1]`` for images (the pixel range) and from ``init_std * N(0, I)`` for
-    vectors (default ``sigma_max``: wide enough to cover data when sigma_max is about the data's spread).
+    Chains start from ``U[-1, 1]`` for images (the pixel range: NCSN's and NCSNv2's reference code start from
+    uniform noise on theirs) and from ``init_std * N(0, I)`` for vectors (default ``sigma_max``: wide enough to
+    cover data when sigma_max is about the data's spread).
     """
 
     graph_safe = True

@@ -15,7 +15,7 @@ from torch import nn
 
 from genlib import flows as fl
 from genlib.cli import TrainSpec
-from genlib.data import BatchSampler
+from genlib.data import BatchSampler, to_float
 from genlib.train import fit
 
 
@@ -145,6 +145,19 @@ def test_coupling_jacobian_is_triangular_with_product_of_scales_symbolically():
     # The inverse of the source's eq. (15): x_2 = (y_2 - t(x_1)) exp(-s(x_1)), with x_1 = y_1.
     x2 = [(y[2 + i] - t[i]) * sp.exp(-s[i]) for i in (0, 1)]
     assert [sp.simplify(v) for v in x2] == [c, d]
+
+
+def test_logit_transform_default_alpha_is_one_in_a_million_by_hand():
+    # the default suits pixels at 0 or 255 (chapter 5): -1 and 1 map to logit(1e-6) and logit(1 - 1e-6), not +-2.94
+    layer = fl.LogitTransform()
+    x = torch.tensor([[-1.0, 0.0, 1.0]], dtype=torch.float64)
+    y, logdet = layer(x)
+    edge = math.log(1e-6) - math.log1p(-1e-6)  # -13.8155...
+    torch.testing.assert_close(y, torch.tensor([[edge, 0.0, -edge]], dtype=torch.float64), rtol=0, atol=1e-9)
+    # dy/dx = (1 - 2 alpha) / 2 / (w (1 - w)): about 1e6 / 2 at the edges (w = alpha), 2 at the centre (w = 1/2)
+    by_hand = 2 * math.log((1 - 2e-6) / 2 / (1e-6 * (1 - 1e-6))) + math.log((1 - 2e-6) / 2 / 0.25)
+    assert logdet.item() == pytest.approx(by_hand, abs=1e-9)
+    torch.testing.assert_close(layer.inverse(y), x, rtol=0, atol=1e-9)
 
 
 def test_identity_initialised_flow_is_the_standard_normal():
@@ -439,6 +452,58 @@ def test_flow_evaluate_reports_bits_per_dim_of_a_dataset():
     assert result["bits_per_dim"] == pytest.approx(fl.bits_per_dim(-result["nll"], 64))
 
 
+def uniform_cell_mean_square(k: int) -> float:
+    """``E[v^2]`` for v uniform on pixel k's dequantisation cell ``[k / 128 - 1, (k + 1) / 128 - 1)`` (closed form)."""
+    a, b = k / 128 - 1, (k + 1) / 128 - 1
+    return (a * a + a * b + b * b) / 3
+
+
+PIXELS = [0, 127, 128, 255]
+
+
+def test_discrete_flow_nll_is_of_the_dequantised_image_in_closed_form():
+    # identity flow, so -log p(v) = |v|^2 / 2 + D log(2 pi) / 2 with v the dequantised pixel, uniform in its cell;
+    # scoring the undequantised k / 127.5 - 1 instead would put pixels 0 and 255 at the cells' far ends (|v| = 1)
+    torch.manual_seed(0)
+    model = fl.FlowModel(fl.RealNVP(4, n_layers=2, hidden=8), discrete=True)
+    x = (torch.tensor(PIXELS) / 127.5 - 1).repeat(20_000, 1)  # what BatchSampler makes of these pixels
+    with torch.no_grad():
+        nll = model.nll(x)
+    expected = sum(0.5 * uniform_cell_mean_square(k) for k in PIXELS) + 2 * math.log(2 * math.pi)
+    assert nll.mean().item() == pytest.approx(expected, abs=2e-4)  # the gap to |x|^2 / 2 is 0.008
+    # every draw lies in its cells: the nll sits between the sums of the per-cell extremes (|v| < 1 strictly)
+    lo = sum(0.5 * min(abs(k / 128 - 1), abs((k + 1) / 128 - 1)) ** 2 for k in PIXELS) + 2 * math.log(2 * math.pi)
+    hi = sum(0.5 * max(abs(k / 128 - 1), abs((k + 1) / 128 - 1)) ** 2 for k in PIXELS) + 2 * math.log(2 * math.pi)
+    assert (nll >= lo - 1e-5).all() and (nll < hi).all() and nll.std() > 1e-3
+
+
+def test_flow_evaluate_on_uint8_data_gives_the_closed_form_nll_and_bits_per_dim():
+    # the same identity flow through evaluate(): uint8 pixels are mapped to [-1, 1], dequantised and scored
+    torch.manual_seed(0)
+    model = fl.FlowModel(fl.RealNVP(4, n_layers=2, hidden=8), discrete=True)
+    result = model.evaluate(torch.tensor(PIXELS, dtype=torch.uint8).repeat(20_000, 1), batch_size=5000)
+    nll = sum(0.5 * uniform_cell_mean_square(k) for k in PIXELS) + 2 * math.log(2 * math.pi)
+    assert result["nll"] == pytest.approx(nll, abs=2e-4)
+    # by hand: a cell of [-1, 1) has width 1/128, so P(k) ~ p(v) / 128 per pixel and bits = -log2 P per pixel
+    assert result["bits_per_dim"] == pytest.approx((nll / 4 + math.log(128)) / math.log(2), abs=1e-4)
+
+
+def test_discrete_flow_samples_are_clamped_to_the_pixel_range():
+    # identity couplings behind a logit with alpha 0.4: x = 2 (sigmoid(z) - 0.4) / 0.2 - 1 = 10 sigmoid(z) - 5
+    # covers (-5, 5); x >= 1 iff z >= logit(0.6) = log 1.5, so a fraction 1 - Phi(log 1.5) of pixels clamps to 1
+    # (and as many to -1)
+    flow = fl.RealNVPImage((1, 4, 4), n_scales=1, width=4, blocks=1, alpha=0.4)
+    tail = 0.5 * math.erfc(math.log(1.5) / math.sqrt(2))  # 0.343
+    torch.manual_seed(0)
+    clamped = fl.FlowModel(flow, discrete=True).sample(500)
+    assert clamped.min() == -1 and clamped.max() == 1
+    assert (clamped == 1).float().mean().item() == pytest.approx(tail, abs=0.03)  # 8000 pixels: 5 std errors
+    assert (clamped == -1).float().mean().item() == pytest.approx(tail, abs=0.03)
+    torch.manual_seed(0)
+    raw = fl.FlowModel(flow, discrete=False).sample(500)  # continuous data: not clamped
+    assert (raw > 1).float().mean().item() == pytest.approx(tail, abs=0.03) and raw.max() > 4
+
+
 def test_sampling_temperature_scales_the_base_draw():
     flow = perturbed(fl.RealNVP(3, n_layers=4, hidden=16), 0.2)
     torch.manual_seed(0)
@@ -478,6 +543,33 @@ def test_bernoulli_image_vae_samples_are_pixel_probabilities_mapped_to_pm1():
     torch.testing.assert_close(samples, expected, atol=1e-6, rtol=0)
 
 
+def test_binarize_sets_pixels_from_128_up_to_one():
+    # the book: pixel >= 128 becomes 1; checked on every 8-bit value as the sampler maps it to [-1, 1]
+    k = torch.arange(256)
+    x = to_float(k.to(torch.uint8)).reshape(4, 1, 8, 8)
+    expected = (k >= 128).float().reshape(4, 1, 8, 8)
+    assert torch.equal(fl.binarize(x), expected)
+    # both binary families model exactly those bits
+    assert torch.equal(fl.AutoregressiveModel((1, 8, 8), hidden=8).prepare(x), expected.flatten(1))
+    assert torch.equal(fl.VAE((1, 8, 8), z_dim=2, width=8).prepare(x), expected)
+
+
+def test_gaussian_image_vae_models_dequantised_pixels():
+    # like the flows: pixel k becomes uniform on [k / 128 - 1, (k + 1) / 128 - 1), so its mean is the cell's centre
+    torch.manual_seed(0)
+    vae = fl.VAE((1, 8, 8), z_dim=2, width=8, likelihood="gaussian")
+    k = torch.arange(256).reshape(4, 1, 8, 8)
+    x = to_float(k.to(torch.uint8)).repeat(200, 1, 1, 1)
+    v = vae.prepare(x).reshape(200, 4, 1, 8, 8)
+    assert (v >= -1).all() and (v < 1).all()
+    assert torch.equal(torch.floor((v + 1) * 128), k.expand_as(v).float())  # each draw in its pixel's cell
+    # 200 draws of a uniform of width 1/128: the mean's standard error is 1.6e-4
+    torch.testing.assert_close(v.mean(0), (k + 0.5) / 128 - 1, atol=1e-3, rtol=0)
+    assert v.std(0).min() > 1e-3  # noise, not a fixed offset
+    points = torch.randn(5, 2)
+    assert torch.equal(fl.VAE((2,), likelihood="gaussian").prepare(points), points)  # vectors as they are
+
+
 def test_multiscale_flow_factors_out_half_the_channels_after_each_scale():
     # 1x8x8, 2 scales: logit, 3 checkerboard couplings (level 0), 3 channel couplings on the 4 squeezed channels,
     # then the leading 2 squeezed channels are final z and only the trailing 2 are transformed further
@@ -488,6 +580,51 @@ def test_multiscale_flow_factors_out_half_the_channels_after_each_scale():
     for s in states[after_factor + 1:]:
         torch.testing.assert_close(fl.squeeze(s, 1)[:, :2], frozen, atol=0, rtol=0)
     assert not torch.allclose(fl.squeeze(states[-1], 1)[:, 2:], fl.squeeze(states[after_factor], 1)[:, 2:])
+
+
+def test_squeeze_puts_each_pixel_where_the_docstring_says_by_brute_force():
+    # channel 4 c + 2 di + dj at (i, j) holds pixel (2 i + di, 2 j + dj) of channel c; twice for times=2
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    once, twice = fl.squeeze(x), fl.squeeze(x, 2)
+    assert once.shape == (2, 12, 4, 4) and twice.shape == (2, 48, 2, 2)
+    for c, di, dj, ei, ej in itertools.product(range(3), range(2), range(2), range(2), range(2)):
+        for i, j in itertools.product(range(4), range(4)):
+            assert once[1, 4 * c + 2 * di + dj, i, j] == x[1, c, 2 * i + di, 2 * j + dj]
+        for i, j in itertools.product(range(2), range(2)):
+            got = twice[1, 4 * (4 * c + 2 * di + dj) + 2 * ei + ej, i, j]
+            assert got == x[1, c, 2 * (2 * i + ei) + di, 2 * (2 * j + ej) + dj]
+    assert torch.equal(fl.unsqueeze(once), x) and torch.equal(fl.unsqueeze(twice, 2), x)
+    # the promise factoring-out relies on: the last n channels at one level hold the pixels of the last 4 n at the
+    # next, for every n
+    for n in range(1, 13):
+        assert set(once[:, -n:].flatten().tolist()) == set(twice[:, -4 * n:].flatten().tolist())
+
+
+# Pixels [C, H, W] that no layer may change once a scale's factor-out is done, by hand from the squeeze layout.
+# 1x8x8, 3 scales: the first factor-out keeps squeezed channels 2 and 3 (odd rows), the second keeps only level-2
+# channels 12..15, i.e. level-1 channel 3 (odd rows, odd columns). 2x4x4, 2 scales: squeezed channels 4..7 go on,
+# which are all of image channel 1.
+ODD_ROWS = (torch.arange(8) % 2 == 1)[:, None].expand(8, 8)
+ODD_BOTH = ODD_ROWS & (torch.arange(8) % 2 == 1)[None, :]
+FACTORED = {
+    "1x8x8-3-scales": ((1, 8, 8), 3, {7: ~ODD_ROWS[None], 13: ~ODD_BOTH[None]}),
+    "2x4x4-2-scales": ((2, 4, 4), 2, {7: torch.tensor([True, False])[:, None, None].expand(2, 4, 4)}),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORED))
+def test_factored_out_pixels_stay_fixed_at_every_later_layer(name):
+    # layer index after a factor-out: logit, then 3 checkerboard + 3 channel couplings per scale
+    shape, scales, frozen_after = FACTORED[name]
+    flow = perturbed(fl.RealNVPImage(shape, n_scales=scales, width=4, blocks=1), 0.1)
+    states = fl.layerwise(flow, in_cube(3, *shape))
+    for start, frozen in frozen_after.items():
+        for s in states[start + 1:]:
+            torch.testing.assert_close(s[:, frozen], states[start][:, frozen], atol=0, rtol=0)
+    last = max(frozen_after)
+    moving = ~frozen_after[last]
+    # and the pixels still active do move: the perturbed couplings change every one of them by the end
+    assert (states[-1][:, moving] != states[last][:, moving]).all()
 
 
 def test_flow_step_clips_the_gradient_norm():

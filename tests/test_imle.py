@@ -104,6 +104,47 @@ def test_lower_bound_holds_for_every_pair_and_is_tight(precision, dtype):
     assert (slack < {"fp32": 1e-3, "tf32": 0.03, "bf16": 0.2}[precision]).all()
 
 
+def tf32_nearest_or_tie(value: float) -> tuple[float, float]:
+    """The two TF32 neighbours (8 exponent bits, 10 stored mantissa bits) of a float64 ``value``, both the nearest
+    one unless ``value`` is an exact tie between them; worked out with math.frexp, not with bits."""
+    if value == 0:
+        return value, value
+    _, exponent = math.frexp(abs(value))  # 2^(exponent - 1) <= |value| < 2^exponent
+    quantum = 2.0 ** max(exponent - 11, -136)  # 11 significant bits; below 2^-126 the subnormals' fixed step
+    steps = abs(value) / quantum  # exact: a power-of-two scaling
+    low = math.floor(steps)
+    if steps - low == 0.5:
+        return math.copysign(low * quantum, value), math.copysign((low + 1) * quantum, value)
+    nearest = math.copysign(round(steps) * quantum, value)
+    return nearest, nearest
+
+
+def test_tf32_rounding_is_to_the_nearest_value_with_ten_mantissa_bits():
+    """_round(x, 'tf32') of fp32 values of every magnitude and sign (subnormals and exact ties included) clears the
+    low 13 mantissa bits and lands on the nearest TF32 value, computed in float64 with math.frexp; an exact tie
+    (which the code's rounding rule does not pin down) lands on one of its two neighbours."""
+    g = torch.Generator().manual_seed(21)
+    n = 400
+    sign = torch.randint(0, 2, (n,), generator=g) << 31
+    exponent = torch.randint(1, 254, (n,), generator=g)  # normal fp32 whose rounding up stays finite
+    exponent[:20] = 0  # subnormals
+    mantissa = torch.randint(0, 2**23, (n,), generator=g)
+    mantissa[20:80] = (mantissa[20:80] & ~0x1FFF) | 0x1000  # exact ties: the dropped bits are 1000...0
+    mantissa[80:90] = 0x7FF000 + torch.arange(10) % 2  # ties and just-above-ties that carry into the exponent
+    bits = (sign | exponent << 23 | mantissa).to(torch.int32)  # int64 -> int32 wraps the sign bit into place
+    x = torch.cat([bits.view(torch.float32), torch.randn(200, generator=g) * torch.logspace(-20, 20, 200)])
+    rounded = imle._round(x, "tf32")
+    assert rounded.dtype == torch.float32 and rounded.shape == x.shape
+    assert not (rounded.view(torch.int32) & 0x1FFF).any()  # the 13 bits TF32 drops are zero
+    ties = 0
+    for value, got in zip(x.double().tolist(), rounded.double().tolist()):
+        below, above = tf32_nearest_or_tie(value)
+        assert got in (below, above), (value, got, below, above)
+        ties += below != above
+    assert ties >= 60  # the built ties are ties
+    assert not torch.equal(rounded, x)  # some values did have bits to drop: a no-op fails above
+
+
 def test_distance_lower_bounds_validates_precision():
     with pytest.raises(ValueError, match="precision must be one of"):
         imle.distance_lower_bounds(torch.zeros(2, 3), torch.zeros(4, 3), "fp16")
@@ -848,6 +889,42 @@ def test_imlekl_step_minimises_kl_variant_loss_on_its_own_draws(margin):
     assert abs(losses["attract"].item() - attract.mean()) < 1e-5 and abs(losses["repel"].item() - repel.mean()) < 1e-5
     changed = [not torch.equal(p, q) for p, q in zip(model.generator.parameters(), before.parameters())]
     assert any(changed)  # the step also took its gradient step
+
+
+@pytest.mark.parametrize("margin", [None, 1e-3])
+def test_imlekl_step_descends_its_loss_on_the_same_draws(margin):
+    """One IMLEKL step moves the generator downhill: Adam's first update is -lr * grad / (|grad| + eps), with grad
+    the gradient of kl_variant_loss on the step's own two fake batches (recorded), and that loss, evaluated again on
+    the same codes and the same other batch, falls by about the first-order amount lr * sum |grad|."""
+    import copy
+
+    torch.manual_seed(22)
+    reals = torch.randn(24, 2) * 0.3
+    lr = 1e-4
+    model = imle.IMLEKL(MLP(2, 2, hidden=16, depth=2), 2, margin=margin, n_fakes=20, n_other=30, lr=lr)
+    before = copy.deepcopy(model.generator)
+    draws, noise = [], model.noise
+    model.noise = lambda n: draws.append(noise(n)) or draws[-1]
+    model.step(reals, torch.arange(24))
+    z_fakes, z_other = draws
+    assert z_fakes.shape == (20, 2) and z_other.shape == (30, 2)
+    with torch.no_grad():
+        other = before(z_other)
+
+    def loss_of(generator: torch.nn.Module) -> torch.Tensor:
+        return imle.kl_variant_loss(generator(z_fakes), other, reals, margin=margin, sign=1)
+
+    if margin is not None:  # the hinge is active for some fakes, not all
+        assert 0 < int((imle.kl_variant_terms(before(z_fakes), other, reals)[1] < margin).sum()) < len(z_fakes)
+    grads = torch.autograd.grad(loss_of(before), list(before.parameters()))
+    first_order = 0.0
+    for p0, p1, grad in zip(before.parameters(), model.generator.parameters(), grads):
+        adam = -lr * grad / (grad.abs() + 1e-8)
+        torch.testing.assert_close(p1 - p0, adam, rtol=0, atol=1e-6)  # fp32 rounding of p0 + update
+        first_order += lr * float(grad.abs().sum())
+    with torch.no_grad():
+        drop = float(loss_of(before) - loss_of(model.generator))
+    assert 0.5 * first_order < drop < 1.5 * first_order, (drop, first_order)
 
 
 def test_pairwise_cost_count_fields_against_the_formulas():

@@ -512,3 +512,144 @@ def test_each_step_takes_d_steps_discriminator_updates_and_one_generator_update(
     d_steps = {float(s["step"]) for s in model.optimizers["d"].state.values()}
     g_steps = {float(s["step"]) for s in model.optimizers["g"].state.values()}
     assert d_steps == {3.0} and g_steps == {1.0}
+
+
+# ----------------------------------------------------------------------------- each family uses its own ingredient
+
+
+@pytest.mark.parametrize("kind", gan.GENERATOR_LOSSES)
+def test_the_generator_step_uses_the_chosen_loss(kind):
+    """g_losses on fixed fakes is log(1 - sigmoid(l)) for 'minimax' and -log sigmoid(l) otherwise (by hand), and the
+    two differ: a family that ignored ``loss`` would make every "GAN (minimax)" run a non-saturating one."""
+    torch.manual_seed(0)
+    model = gan.GAN(width=8, loss=kind)
+    fakes = 3 * torch.randn(32, 2)
+    model.generate = lambda n: fakes[:n]
+    with torch.no_grad():
+        logits = model.discriminator(fakes).squeeze(-1).double()
+    by_hand = {"minimax": torch.log(1 - torch.sigmoid(logits)).mean().item(),
+               "non_saturating": -torch.log(torch.sigmoid(logits)).mean().item()}
+    assert abs(by_hand["minimax"] - by_hand["non_saturating"]) > 0.1  # the check can tell the two apart
+    assert model.g_losses(torch.zeros(32, 2))["loss_g"].item() == pytest.approx(by_hand[kind], rel=1e-5)
+
+
+class RecordingSquareCritic(nn.Module):
+    """A nonlinear critic that records its inputs: logit |x|^2 / 2, so grad = x and ||grad|| depends on the point."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))  # a parameter, so the model has a device
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return (self.scale * x.pow(2).sum(1, keepdim=True)) / 2
+
+
+@pytest.mark.parametrize("noise", ["uniform", "gaussian"])
+def test_dragan_penalises_points_drawn_with_its_own_noise(noise):
+    """DRAGAN's penalty points (the critic's third input) move off the data one-sidedly for 'uniform' and
+    symmetrically for 'gaussian', and the reported penalty is mean(||x_hat|| - 1)^2 at exactly those points (the
+    square critic's gradient is x_hat): a family that dropped ``noise`` would run the paper's variant as uniform."""
+    torch.manual_seed(0)
+    model = gan.DRAGAN(penalty=2.0, noise=noise, width=8)
+    critic = RecordingSquareCritic()
+    model.discriminator = critic
+    real, fake = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, 2, dtype=torch.float64)
+    critic.double()
+    losses = model.d_losses(real, fake)
+    (points,) = [x for x in critic.inputs if not torch.equal(x, real) and not torch.equal(x, fake)]
+    below = ((points - real) < 0).double().mean().item()
+    if noise == "uniform":
+        assert below == 0.0
+    else:
+        assert below == pytest.approx(0.5, abs=0.03)
+    penalty = ((points.norm(dim=1) - 1) ** 2).mean().item()
+    assert losses["penalty"].item() == pytest.approx(penalty, rel=1e-10)
+
+
+@pytest.mark.parametrize("shape,pack", [((2,), 4), ((1, 8, 8), 3)])
+def test_pacgan_scores_packs_of_consecutive_distinct_samples(shape, pack):
+    """Each logit is D on ``pack`` consecutive samples concatenated by hand (features, or channels for images); a
+    pack of copies of one sample scores differently, so a family that packed duplicates would be a vanilla GAN."""
+    torch.manual_seed(0)
+    model = gan.PacGAN(pack=pack, width=4, shape=shape).eval()  # eval: a conv D normalises with fixed statistics
+    x = torch.randn(2 * pack + 1, *shape)  # two packs, one sample left over
+    by_hand = torch.stack([torch.cat([x[g * pack + j] for j in range(pack)]) for g in range(2)])
+    with torch.no_grad():
+        expected = model.discriminator(by_hand).squeeze(-1)
+        duplicates = model.discriminator(torch.stack([torch.cat([x[g * pack]] * pack) for g in range(2)])).squeeze(-1)
+        logits = model.logits(x)
+    torch.testing.assert_close(logits, expected)
+    assert (logits - duplicates).abs().min() > 1e-4
+
+
+def test_minibatch_gan_logit_sees_how_many_copies_share_the_batch():
+    """A batch of n copies of x has closeness n - 1 in every kernel (1 copy: 0), so its logit moves by (n - 1) times
+    the sum of the final layer's closeness weights; a diverse batch gives x another logit. A family whose
+    minibatch layer did nothing would give x the same logit in every batch."""
+    torch.manual_seed(0)
+    model = gan.MinibatchDiscriminationGAN(kernels=5, kernel_dim=3, features=6, width=8)
+    model.eval()  # no batch statistics: only the minibatch layer may look at the rest of the batch
+    x = torch.randn(1, 2)
+    last = model.discriminator[-1]
+    closeness_weight = last.weight[0, model.features:].sum().item()
+    with torch.no_grad():
+        alone = model.logits(x).item()
+        copies = model.logits(x.expand(8, 2))
+        diverse = model.logits(torch.cat([x, 5 * torch.randn(7, 2)]))
+    torch.testing.assert_close(copies, torch.full((8,), copies[0].item()))
+    assert copies[0].item() == pytest.approx(alone + 7 * closeness_weight, rel=1e-4, abs=1e-5)
+    assert abs(closeness_weight) > 1e-3 and abs(diverse[0].item() - copies[0].item()) > 1e-3
+
+
+class ConstantHead(nn.Module):
+    """A MAD-GAN head that ignores its input and outputs the point (i, 0), so a sample names its generator."""
+
+    def __init__(self, i: int):
+        super().__init__()
+        self.i = i
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.new_tensor([float(self.i), 0.0]).expand(len(h), 2)
+
+
+def test_madgan_samples_pick_every_generator_uniformly():
+    """Sampling draws a generator per sample uniformly: with heads that output their own index, the counts of 4000
+    samples over k = 4 heads pass a chi-square test against 1000 each (sampling one head would give 4000, 0, 0, 0)."""
+    torch.manual_seed(0)
+    model = gan.MADGAN(k=4, width=8)
+    model.generator = gan.MultiHeadGenerator(nn.Linear(model.z_dim, 3), [ConstantHead(i) for i in range(4)])
+    samples = model.sample(4000)
+    counts = np.bincount(samples[:, 0].round().long().numpy(), minlength=4)
+    assert len(counts) == 4 and counts.sum() == 4000
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # explicit heads still route each row to its own head
+    routed = model.generator(torch.randn(6, model.z_dim), torch.tensor([3, 1, 0, 2, 2, 1]))
+    assert routed[:, 0].tolist() == [3.0, 1.0, 0.0, 2.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_unrolling_k_steps_matches_k_torch_adam_steps(second_order):
+    """unroll = 4 equals four torch.optim.Adam steps on a copy of D (same real and fake batch each step, Adam state
+    carried over from a real step), whether or not the generator's gradient will flow through them."""
+    torch.manual_seed(0)
+    model = gan.UnrolledGAN(unroll=4, second_order=second_order, width=16, lr_d=1e-2)
+    real = torch.randn(32, 2)
+    model.step(real, torch.arange(32))  # gives D's Adam a non-trivial state
+    fake = model.generate(32).detach()
+    unrolled = model.unrolled_parameters(real, fake)
+    disc = copy.deepcopy(model.discriminator)
+    opt = torch.optim.Adam(disc.parameters(), **{k: v for k, v in model.optimizers["d"].defaults.items()
+                                                  if k in ("lr", "betas", "eps")})
+    opt.load_state_dict(model.optimizers["d"].state_dict())
+    before = {name: p.detach().clone() for name, p in disc.named_parameters()}
+    for _ in range(4):
+        opt.zero_grad()
+        gan.discriminator_bce(disc(real).squeeze(-1), disc(fake).squeeze(-1)).backward()
+        opt.step()
+    # atol: the unrolled step divides by sqrt(v + eps^2), Adam by sqrt(v) + eps (differs where |grad| ~ eps)
+    for name, p in disc.named_parameters():
+        torch.testing.assert_close(unrolled[name].detach(), p.detach(), atol=2e-5, rtol=1e-5)
+    # four steps of lr 1e-2 move D well beyond that tolerance, so fewer steps would not match
+    assert max((p.detach() - before[name]).abs().max().item() for name, p in disc.named_parameters()) > 1e-2

@@ -220,6 +220,24 @@ def test_kid_subsets_are_reproducible_and_vary():
     assert abs(first[0] - full) < 3 * first[1] + 0.5 * full
 
 
+def test_kid_std_is_the_population_std_of_the_subset_scores():
+    """The documented std is ddof=0 over subsets (np.std's default). Each subset's score is replayed by a one-subset
+    call on the same generator stream (three calls draw what one three-subset call draws); the first is checked
+    against the NumPy loop on the rows that stream picks. ddof=1 would be sqrt(3 / 2) times larger."""
+    rng = _rng(12)
+    a, b = _t(rng.normal(size=(30, 3))), _t(rng.normal(size=(24, 3)) + 0.5)
+    stream = torch.Generator().manual_seed(5)
+    scores = [M.kid(a, b, subsets=1, subset_size=10, generator=stream)[0] for _ in range(3)]
+    replay = torch.Generator().manual_seed(5)  # the rows the first subset drew: randperm of a, then of b
+    rows_a, rows_b = torch.randperm(30, generator=replay)[:10], torch.randperm(24, generator=replay)[:10]
+    first = _ref_unbiased_mmd2(a[rows_a].numpy(), b[rows_b].numpy(), lambda u, v: (u @ v / 3 + 1) ** 3)
+    assert scores[0] == pytest.approx(first, rel=1e-10)
+    mean, std = M.kid(a, b, subsets=3, subset_size=10, generator=torch.Generator().manual_seed(5))
+    assert mean == pytest.approx(np.mean(scores), rel=1e-12)
+    assert std == pytest.approx(np.std(scores, ddof=0), rel=1e-10)
+    assert abs(np.std(scores, ddof=0) - np.std(scores, ddof=1)) > 1e-3 * np.std(scores, ddof=0)  # the two differ
+
+
 # ----------------------------------------------------------------------------- 1-NN and Wasserstein
 
 

@@ -64,6 +64,27 @@ def test_hinge_and_margin_stop_pushing_beyond_their_boundaries():
     E.margin_loss(torch.zeros(2), fake, 2.0).backward()
     assert fake.grad.tolist() == pytest.approx([0, -0.5])  # at the margin the push stops
 
+class FirstCoordinate(nn.Module):
+    """U(x) = x_0: a critic whose energies are the inputs' first coordinates."""
+
+    def forward(self, x):
+        return x[:, 0]
+
+
+def test_hinge_loss_is_the_hinge_through_every_entry_point():
+    u_real, u_fake = torch.tensor([-2.0, 0.5]), torch.tensor([0.5, 3.0])
+    # relu(1 + [-2, 0.5]) = [0, 1.5] and relu(1 - [0.5, 3]) = [0.5, 0]: 0.75 + 0.25 (the linear loss: -0.75 - 1.75)
+    assert E.CRITIC_LOSSES["hinge"](u_real, u_fake).item() == pytest.approx(1.0)
+    assert E.CRITIC_LOSSES["wasserstein"](u_real, u_fake).item() == pytest.approx(-2.5)
+    real, fake = u_real.clone().requires_grad_(True), u_fake.clone().requires_grad_(True)
+    E.CRITIC_LOSSES["hinge"](real, fake).backward()
+    assert real.grad.tolist() == [0.0, 0.5] and fake.grad.tolist() == [-0.5, 0.0]  # only inside the margins
+    out = E.critic_objective(FirstCoordinate(), u_real[:, None], u_fake[:, None], loss="hinge", penalty_kind="none")
+    assert out["loss_u"].item() == pytest.approx(1.0) and out["gap"].item() == pytest.approx(2.5)
+    model = E.EnergyGAN((1,), width=8, depth=1, loss="hinge", penalty="none")
+    model.critic = FirstCoordinate()
+    assert model.critic_losses(u_real[:, None], u_fake[:, None])["loss_u"].item() == pytest.approx(1.0)
+
 
 # ---- penalties against closed-form input gradients ---------------------------------------------
 
@@ -88,6 +109,44 @@ def test_one_centred_penalty_closed_forms():
     t = (points - fake)[:, 0] / (real - fake)[:, 0]  # each point lies on its own segment
     torch.testing.assert_close(points, fake + t[:, None] * (real - fake))
     assert bool(((t >= 0) & (t <= 1)).all())
+
+
+def test_one_centred_penalty_is_taken_at_the_interpolates_not_at_the_reals():
+    """U = ||x||^2 has ||grad U|| = 2 ||x||, so where the penalty is taken matters. Reals at 0, fakes at distance
+    r = 3: x_hat = (1 - eps) fake, and with eps ~ U[0, 1), E (2 (1 - eps) r - 1)^2 = 4 r^2 / 3 - 2 r + 1 = 7
+    (at the reals it would be 1, at the fakes 25; the sampling error of the mean of 20,000 is about 0.05)."""
+    n, r = 20_000, 3.0
+    angle = 2 * math.pi * torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fake = r * torch.stack([angle.cos(), angle.sin()], 1)
+    real = torch.zeros_like(fake)
+    torch.manual_seed(0)
+    for value in (E.one_centred_penalty(quadratic, real, fake), E.penalty("wgan-gp", quadratic, real, fake),
+                  E.critic_objective(quadratic, real, fake, penalty_kind="wgan-gp", lam=1.0)["penalty"]):
+        assert value.item() == pytest.approx(4 * r**2 / 3 - 2 * r + 1, abs=0.3)
+    # The same draw by hand: x_hat = eps real + (1 - eps) fake, one eps = torch.rand per sample from the same seed.
+    real, fake = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64) + 2.0
+    torch.manual_seed(1)
+    eps = torch.rand(16, 1, dtype=torch.float64)
+    expected = (2 * (eps * real + (1 - eps) * fake).norm(dim=1) - 1).pow(2).mean().item()
+    torch.manual_seed(1)
+    assert E.one_centred_penalty(quadratic, real, fake).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_penalty_dispatch_picks_each_penalty():
+    real, fake = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64) + 3.0
+    critic = Linear([3.0, 4.0])  # ||grad U|| = 5 everywhere: R1 = 25, WGAN-GP = (5 - 1)^2 = 16
+    expected = {"r1": 25.0, "wgan-gp": 16.0, "none": 0.0}
+    linear_loss = ((real - fake) @ critic.a).mean().item()
+    for kind, value in expected.items():
+        assert E.penalty(kind, critic, real, fake).item() == pytest.approx(value)
+        out = E.critic_objective(critic, real, fake, penalty_kind=kind, lam=0.1)
+        assert out["penalty"].item() == pytest.approx(value)
+        assert out["loss_u"].item() == pytest.approx(linear_loss + 0.1 * value)
+        model = E.EnergyGAN((2,), width=8, depth=1, penalty=kind, lam=0.1)
+        model.critic = critic
+        assert model.critic_losses(real, fake)["penalty"].item() == pytest.approx(value)
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        E.penalty("r2", critic, real, fake)
 
 
 # ---- the 1-D optimal critic --------------------------------------------------------------------
@@ -318,6 +377,46 @@ def test_dirac_gan_r1_converges_and_plain_does_not_shrink():
         assert plain[:, 0].min() < -0.5 < 0.5 < plain[:, 0].max()  # theta keeps swinging through 0
     spiral = E.dirac_gan_trajectory("none", steps=100, lr=0.1)
     assert spiral[-1].norm().item() == pytest.approx(math.sqrt(2) * 1.01 ** 50, rel=1e-6)
+
+
+@pytest.mark.parametrize("alternating", [False, True])
+@pytest.mark.parametrize("penalty_kind", ["none", "r1"])
+def test_dirac_gan_follows_the_hand_written_updates(penalty_kind, alternating):
+    """U_psi(x) = psi x, data at 0: the critic's loss -psi theta (+ lam psi^2 with R1) has d/dpsi = -theta
+    (+ 2 lam psi); the generator's psi theta has d/dtheta = psi, the old psi (simultaneous) or the new (alternating)."""
+    lr, lam, theta, psi = 0.1, 0.5, 1.0, 1.0
+    expected = [(theta, psi)]
+    for _ in range(60):
+        new_psi = psi - lr * (-theta + (2 * lam * psi if penalty_kind == "r1" else 0.0))
+        theta -= lr * (new_psi if alternating else psi)
+        psi = new_psi
+        expected.append((theta, psi))
+    path = E.dirac_gan_trajectory(penalty_kind, lam=lam, steps=60, lr=lr, alternating=alternating)
+    torch.testing.assert_close(path, torch.tensor(expected))
+
+
+def test_dirac_gan_alternating_updates_stay_on_a_bounded_orbit():
+    """Without a penalty an alternating step is (theta, psi) <- M (theta, psi) with M = [[1 - lr^2, -lr], [lr, 1]]
+    (psi += lr theta, then theta -= lr psi_new). det M = 1 and |tr M| = |2 - lr^2| < 2: the eigenvalues are a
+    conjugate pair on the unit circle, and M keeps the form Q = theta^2 + psi^2 + lr theta psi (M^T S M = S), which
+    is >= (1 - lr / 2) r^2, so the radius never exceeds sqrt(Q_0 / (1 - lr / 2)) (1.487 for lr 0.1 from (1, 1)).
+    Simultaneous steps multiply the radius by sqrt(1 + lr^2) each and leave that bound behind."""
+    lr, steps = 0.1, 300
+    M = torch.tensor([[1 - lr**2, -lr], [lr, 1.0]], dtype=torch.float64)
+    S = torch.tensor([[1.0, lr / 2], [lr / 2, 1.0]], dtype=torch.float64)
+    assert torch.linalg.det(M).item() == pytest.approx(1.0, abs=1e-12) and abs(torch.trace(M).item()) < 2
+    torch.testing.assert_close(M.T @ S @ M, S)
+    start = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    bound = math.sqrt(start @ S @ start / (1 - lr / 2))
+    path = E.dirac_gan_trajectory("none", steps=steps, lr=lr, alternating=True)
+    torch.testing.assert_close(path, torch.stack([torch.linalg.matrix_power(M, k) @ start for k in range(steps + 1)])
+                               .float())
+    form = (path.double() @ S * path.double()).sum(1)
+    torch.testing.assert_close(form, torch.full_like(form, form[0].item()), rtol=1e-5, atol=0)
+    assert path.norm(dim=1).max().item() <= bound * (1 + 1e-6) < 1.5
+    simultaneous = E.dirac_gan_trajectory("none", steps=steps, lr=lr).norm(dim=1)
+    assert simultaneous[-1].item() == pytest.approx(math.sqrt(2) * (1 + lr**2) ** (steps / 2), rel=1e-5)
+    assert simultaneous.max().item() > 4 * bound
 
 
 # ---- EnergyGAN ----------------------------------------------------------------------------------
@@ -580,6 +679,27 @@ def test_each_step_takes_critic_steps_critic_updates_and_one_generator_update():
     model.step(torch.randn(16, 2), torch.arange(16))
     assert {float(s["step"]) for s in model.optimizers["u"].state.values()} == {3.0}
     assert {float(s["step"]) for s in model.optimizers["g"].state.values()} == {1.0}
+
+
+def test_each_player_gets_its_own_learning_rate():
+    def lrs(model):
+        return {name: opt.param_groups[0]["lr"] for name, opt in model.optimizers.items()}
+
+    def params(optimizer):
+        return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+    model = E.EnergyGAN((2,), width=8, depth=1, lr=1e-3, lr_u=4e-3, lr_g=2e-3)
+    assert lrs(model) == {"u": 4e-3, "g": 2e-3}
+    assert params(model.optimizers["u"]) == [id(p) for p in model.critic.parameters()]
+    assert params(model.optimizers["g"]) == [id(p) for p in model.generator.parameters()]
+    assert lrs(E.EnergyGAN((2,), width=8, depth=1, lr=1e-3, lr_u=4e-3)) == {"u": 4e-3, "g": 1e-3}
+    assert lrs(E.EnergyGAN((2,), width=8, depth=1, lr=1e-3, lr_g=2e-3)) == {"u": 1e-3, "g": 2e-3}
+    assert lrs(E.EnergyGAN((2,), width=8, depth=1, lr=3e-3)) == {"u": 3e-3, "g": 3e-3}
+    assert lrs(E.EnergyGAN((2,), **dict(E.TOY_DEFAULTS, width=8, depth=1))) == {"u": 4e-3, "g": 2e-3}
+    sgd = E.EnergyGAN((2,), width=8, depth=1, optimizer="sgd", lr_u=4e-3, lr_g=2e-3, critic_optimizer=E.CRITIC_ADAM)
+    assert isinstance(sgd.optimizers["u"], torch.optim.Adam) and lrs(sgd) == {"u": 4e-3, "g": 2e-3}
+    override = E.EnergyGAN((2,), width=8, depth=1, lr_u=4e-3, lr_g=2e-3, critic_optimizer=dict(lr=5e-3))
+    assert lrs(override) == {"u": 5e-3, "g": 2e-3}  # critic_optimizer overrides the critic's settings
 
 
 def test_statistics_network_ascends_the_mutual_information_estimate():

@@ -210,26 +210,6 @@ def test_pacgan_packs_consecutive_samples():
     assert images.logits(torch.randn(6, 1, 8, 8)).shape == (3,)
 
 
-def test_unrolled_adam_step_matches_torch_adam():
-    """One first-order unrolled step equals torch.optim.Adam on a copy (after a real step, so state is used)."""
-    torch.manual_seed(0)
-    model = gan.UnrolledGAN(unroll=1, second_order=False, width=16, lr_d=1e-2)
-    real = torch.randn(32, 2)
-    model.step(real, torch.arange(32))  # gives D's Adam a non-trivial state
-    fake = model.generate(32).detach()
-    unrolled = model.unrolled_parameters(real, fake)
-    disc, opt = copy.deepcopy(model.discriminator), None
-    opt = torch.optim.Adam(disc.parameters(), **{k: v for k, v in model.optimizers["d"].defaults.items()
-                                                  if k in ("lr", "betas", "eps")})
-    opt.load_state_dict(model.optimizers["d"].state_dict())
-    opt.zero_grad()
-    gan.discriminator_bce(disc(real).squeeze(-1), disc(fake).squeeze(-1)).backward()
-    opt.step()
-    # atol: the unrolled step divides by sqrt(v + eps^2), Adam by sqrt(v) + eps (differs where |grad| ~ eps)
-    for name, p in disc.named_parameters():
-        torch.testing.assert_close(unrolled[name], p.detach(), atol=1e-5, rtol=1e-5)
-
-
 def test_second_order_unrolling_changes_the_generator_gradient():
     torch.manual_seed(0)
     grads = []
@@ -629,12 +609,12 @@ def test_madgan_samples_pick_every_generator_uniformly():
     assert routed[:, 0].tolist() == [3.0, 1.0, 0.0, 2.0, 2.0, 1.0]
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_unrolling_k_steps_matches_k_torch_adam_steps(second_order):
-    """unroll = 4 equals four torch.optim.Adam steps on a copy of D (same real and fake batch each step, Adam state
-    carried over from a real step), whether or not the generator's gradient will flow through them."""
+@pytest.mark.parametrize("unroll, second_order", [(1, False), (4, False), (4, True)])
+def test_unrolling_k_steps_matches_k_torch_adam_steps(unroll, second_order):
+    """unroll = k equals k torch.optim.Adam steps on a copy of D (same real and fake batch each step, Adam state
+    carried over from a real step, so the state is used), whether or not the generator's gradient flows through."""
     torch.manual_seed(0)
-    model = gan.UnrolledGAN(unroll=4, second_order=second_order, width=16, lr_d=1e-2)
+    model = gan.UnrolledGAN(unroll=unroll, second_order=second_order, width=16, lr_d=1e-2)
     real = torch.randn(32, 2)
     model.step(real, torch.arange(32))  # gives D's Adam a non-trivial state
     fake = model.generate(32).detach()
@@ -644,12 +624,12 @@ def test_unrolling_k_steps_matches_k_torch_adam_steps(second_order):
                                                   if k in ("lr", "betas", "eps")})
     opt.load_state_dict(model.optimizers["d"].state_dict())
     before = {name: p.detach().clone() for name, p in disc.named_parameters()}
-    for _ in range(4):
+    for _ in range(unroll):
         opt.zero_grad()
         gan.discriminator_bce(disc(real).squeeze(-1), disc(fake).squeeze(-1)).backward()
         opt.step()
     # atol: the unrolled step divides by sqrt(v + eps^2), Adam by sqrt(v) + eps (differs where |grad| ~ eps)
     for name, p in disc.named_parameters():
         torch.testing.assert_close(unrolled[name].detach(), p.detach(), atol=2e-5, rtol=1e-5)
-    # four steps of lr 1e-2 move D well beyond that tolerance, so fewer steps would not match
-    assert max((p.detach() - before[name]).abs().max().item() for name, p in disc.named_parameters()) > 1e-2
+    # steps of lr 1e-2 move D well beyond that tolerance, so fewer steps would not match
+    assert max((p.detach() - before[name]).abs().max().item() for name, p in disc.named_parameters()) > 1e-2 * 0.5

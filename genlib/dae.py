@@ -266,10 +266,11 @@ def make_energy(shape: Sequence[int], width: int = 128, depth: int = 3, act: str
     score, must vary smoothly, so no ReLU), the DCGAN critic without normalisation for images (default its
     LeakyReLU, as in the DDE paper's code, whose input gradient is piecewise constant); another ``act`` names
     the activation for either."""
-    if len(shape) == 3:
-        return nets.ConvCritic(shape[-1], shape[0], width, norm="none", act="leaky_relu" if act == "auto" else act)
-    mlp = nets.MLP(math.prod(shape), 1, width, depth, "softplus" if act == "auto" else act)
-    return nn.Sequential(nn.Flatten(), mlp, nn.Flatten(0))
+    if act == "auto":
+        act = "leaky_relu" if _is_image(shape) else "softplus"
+    if _is_image(shape):
+        return nets.ConvCritic(shape[-1], shape[0], width, norm="none", act=act)
+    return nn.Sequential(nn.Flatten(), nets.MLP(math.prod(shape), 1, width, depth, act), nn.Flatten(0))
 
 
 def _is_image(shape: Sequence[int]) -> bool:

@@ -14,13 +14,19 @@ from torch import nn
 NORMS = ("batch", "layer", "none")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU,
                "elu": nn.ELU, "softplus": nn.Softplus}
+INPLACE_SAFE = ("relu", "leaky_relu")
+"""Activations whose gradient needs only their output, so they may overwrite their input (saves a tensor a layer)."""
 
 
-def activation(name: str) -> nn.Module:
-    """A fresh activation module by name (``relu``, ``tanh``, ``leaky_relu``, ``silu``, ``elu``, ``softplus``)."""
+def activation(name: str, inplace: bool = False) -> nn.Module:
+    """A fresh activation module by name (``relu``, ``tanh``, ``leaky_relu``, ``silu``, ``elu``, ``softplus``);
+    ``inplace`` is honoured by those in :data:`INPLACE_SAFE` and ignored by the rest."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    module = ACTIVATIONS[name]()
+    if inplace and name in INPLACE_SAFE:
+        module.inplace = True
+    return module
 
 
 class MLP(nn.Sequential):
@@ -111,10 +117,10 @@ class ConvEncoder(nn.Module):
         super().__init__()
         base, stages = conv_stages(resolution)
         widths = stage_widths(stages - 1, width)  # finest first, e.g. 64: [w, 2w, 4w, 8w]
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), activation(act)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), activation(act, inplace=True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), make_norm(norm, c_out),
-                       activation(act)]
+                       activation(act, inplace=True)]
         layers += [nn.Conv2d(widths[-1], out_dim, base, 1, 0), nn.Flatten()]
         self.net = nn.Sequential(*layers)
         init_dcgan(self)

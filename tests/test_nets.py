@@ -1,5 +1,7 @@
 """Shapes and stage arithmetic of the shared networks."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -140,15 +142,42 @@ def test_every_leaky_relu_of_the_encoder_has_dcgan_s_slope():
     assert slopes == {0.2}
 
 
-@pytest.mark.parametrize("act, kind", [("leaky_relu", nn.LeakyReLU), ("silu", nn.SiLU), ("softplus", nn.Softplus)])
+HIDDEN = (nn.LeakyReLU, nn.SiLU, nn.Softplus)
+
+
+@pytest.mark.parametrize("act, kind", [(None, nn.LeakyReLU), ("leaky_relu", nn.LeakyReLU), ("silu", nn.SiLU),
+                                       ("softplus", nn.Softplus)])
 def test_the_critic_s_hidden_activation_is_chosen_by_name_and_leaky_relu_by_default(act, kind):
-    critic = nets.ConvCritic(32, 1, width=8, act=act)
-    hidden = [m for m in critic.modules() if isinstance(m, (nn.LeakyReLU, nn.SiLU, nn.Softplus))]
+    critic = nets.ConvCritic(32, 1, width=8) if act is None else nets.ConvCritic(32, 1, width=8, act=act)
+    hidden = [m for m in critic.modules() if isinstance(m, HIDDEN)]
     assert len(hidden) == 3 and all(type(m) is kind for m in hidden)  # 32x32: three stride-2 stages
-    default = nets.ConvCritic(32, 1, width=8)
-    assert {type(m) for m in default.modules() if isinstance(m, (nn.LeakyReLU, nn.SiLU, nn.Softplus))} == {nn.LeakyReLU}
+
+
+def test_the_critic_rejects_an_unknown_activation():
     with pytest.raises(ValueError, match="unknown activation"):
         nets.ConvCritic(32, 1, width=8, act="gelu_typo")
+
+
+def test_inplace_is_honoured_only_where_the_gradient_needs_only_the_output():
+    assert nets.activation("leaky_relu", inplace=True).inplace and nets.activation("relu", inplace=True).inplace
+    assert not nets.activation("silu", inplace=True).inplace and not nets.activation("leaky_relu").inplace
+    # the encoder's in-place LeakyReLUs (DCGAN's) keep double backward exact: its gradient penalty's gradient
+    # equals that of a copy whose activations do not overwrite their input
+    torch.manual_seed(0)
+    critic = nets.ConvCritic(16, 1, width=4).double()
+    assert all(m.inplace for m in critic.modules() if isinstance(m, nn.LeakyReLU))
+    copy_ = copy.deepcopy(critic)
+    for m in copy_.modules():
+        if isinstance(m, nn.LeakyReLU):
+            m.inplace = False
+    x = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    grads = []
+    for net in (critic, copy_):
+        points = x.clone().requires_grad_(True)
+        slope = torch.autograd.grad(net(points).sum(), points, create_graph=True)[0]
+        grads.append(torch.autograd.grad(slope.pow(2).sum(), list(net.parameters()), materialize_grads=True))
+    for inplace_grad, plain_grad in zip(*grads):
+        torch.testing.assert_close(inplace_grad, plain_grad, rtol=0, atol=0)
 
 
 def test_a_smooth_critic_has_a_smooth_input_gradient_where_leaky_relu_s_is_piecewise_constant():

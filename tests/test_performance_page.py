@@ -1,11 +1,13 @@
 """book/performance.md cannot drift from the recorded benchmarks.
 
-The page includes the tables of each recorded run (results/bench-cpu, results/bench-cpu-20261129, results/bench-h200)
+The page includes the tables of each recorded run (results/bench-cpu, results/bench-cpu-20261129,
+results/bench-cpu-20261130, results/bench-h200)
 from its bench.md; bench.md must be exactly what genlib.bench renders from the committed bench.json, and the
 provenance that the page states in words (command, device, threads, versions, load, commit) must be the JSON's.
 The numbers that the prose quotes about the H200 run are parsed back and checked against its bench.json (and the
 full-scale DCGAN run's run.json and metrics.json); numbers there that are not genlib bench's must come from
-the page's own design-document and targets sections; those quoted about the second CPU run are its bench.json's.
+the page's own design-document and targets sections; those quoted about the second and third CPU runs are their
+bench.json's.
 Numbers follow bench.format_number: 3 significant digits, whole numbers from 1000 up (the prose adds thousands
 separators).
 """
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "book" / "performance.md"
 RESULTS = ROOT / "results"
 RUNS = {"bench-cpu": "A CPU run", "bench-cpu-20261129": "A second CPU run, at the default sizes",
-        "bench-h200": "A GPU run (NVIDIA H200)"}
+        "bench-cpu-20261130": "A third CPU run, on another machine", "bench-h200": "A GPU run (NVIDIA H200)"}
 """Each recorded run's folder under results/ and the heading of its section on the page."""
 GPU_RUN = "bench-h200"
 DCGAN_RUN = RESULTS / "ch02_dcgan_fashion_h200"
@@ -102,6 +104,8 @@ def test_page_states_the_runs_provenance(run):
     assert (f"this process {share['this_process']}, other processes {share['other_processes']}, "
             f"idle {share['idle']}, taken by the hypervisor {share['steal']}") in words
     assert (recorded["device"] == "cpu") == run.startswith("bench-cpu")
+    if "cpu" in recorded:  # the processor, in the fingerprint's words
+        assert f"`{recorded['cpu']}`" in words
     if recorded["device"] == "cuda":  # no --device in the command: the section says why it is a GPU run
         assert "--device" not in recorded["command"] and "Without `--device` the bench picks CUDA" in words
         assert f"batch {report['training'][0]['batch']} and {report['repeats']} repeats" in words
@@ -371,3 +375,54 @@ def test_the_second_cpu_runs_figures_quoted_are_the_jsons():
     assert ratio["first"]["genlib autoencoder"] == pytest.approx(ratio["second"]["genlib autoencoder"], abs=5e-3)
     assert f"the autoencoder at {f(ratio['second']['genlib autoencoder'])} in both" in words
     assert f"this process {100 * second['provenance']['cpu_share']['this_process']:.1f} %" in words
+
+
+def test_the_third_cpu_runs_figures_quoted_are_the_jsons():
+    """What the page says about the third CPU run: the GEMM rates and DCGAN rates of all three CPU runs, its largest
+    search, the ranges of its search over the GEMM and over cdist, one profile, and the training ratios."""
+    page, third = load("bench-cpu-20261130")
+    (_, first), (_, second) = load("bench-cpu"), load("bench-cpu-20261129")
+    words = flat(section(page, RUNS["bench-cpu-20261130"]))
+    f = bench.format_number
+
+    def span(report: dict, key) -> str:
+        values = sorted(key(row) for row in report["nearest_neighbors"])
+        return f"{f(values[0])} to {f(values[-1])}"
+
+    tflops = lambda row: row["gemm_tflops"]  # noqa: E731
+    assert (f"The bare fp32 GEMM ran at {span(third, tflops)} TFLOPS, against {span(second, tflops)} in the second "
+            f"run and {span(first, tflops)} in the first") in words
+    dcgan = {run: report["training"][0] for run, report in (("second", second), ("third", third))}
+    assert all(row["model"] == "reference DCGAN (fp32 eager)" for row in dcgan.values())
+    assert (f"the reference DCGAN step at {f(dcgan['third']['img_per_s'])} img/s, against "
+            f"{f(dcgan['second']['img_per_s'])} in the second run") in words
+    search = {(row["M"], row["N"], row["d"]): row for row in third["nearest_neighbors"]}
+    largest = search[4096, 4096, 12288]
+    assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
+            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and {int(f(largest['cdist_ms'])):,} ms "
+            f"for `cdist`; {largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
+    assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] == 0 for row in search.values())
+    over_gemm, over_cdist = lambda row: row["genlib_over_gemm"], lambda row: row["genlib_ms"] / row["cdist_ms"]
+    assert (f"the search took {span(third, over_gemm)} times the bare GEMM ({span(second, over_gemm)} in the second "
+            f"run) and {span(third, over_cdist)} times `cdist`, which was faster at every size here") in words
+    assert all(row["cdist_ms"] < row["genlib_ms"] for row in search.values())
+    small = search[1024, 1024, 3072]
+    phases = {phase["name"]: phase["cpu_ms"] for phase in small["profile"]["phases"]}
+    wall = small["profile"]["wall_ms"]
+    assert (f"{f(wall)} ms, of which {f(phases['nn.gemm'])} ms in the GEMM and {f(phases['nn.rerank'])} ms "
+            "re-ranking") in words
+    assert "about half of the profiled call" in words and 0.4 < 1 - phases["nn.gemm"] / wall < 0.6
+    ratio = {run: {row["model"].removeprefix("genlib "): row["vs_reference"] for row in report["training"]}
+             for run, report in (("first", first), ("second", second), ("third", third))}
+    assert (f"`genlib gan` ran at {f(ratio['third']['gan'])} times its rate ({f(ratio['second']['gan'])} and "
+            f"{ratio['first']['gan']:.2f} in the earlier runs) and the autoencoder at "
+            f"{f(ratio['third']['autoencoder'])} (1.94 in both)") in words
+    order = {run: sorted(r, key=r.get, reverse=True) for run, r in ratio.items()}
+    swapped = [("glo", "glann"), ("gan", "reference DCGAN (fp32 eager)"), ("dae", "score")]
+    first_order = order["first"]
+    for a, b in swapped:  # undo each swap of neighbours in the third run's order: the first run's order
+        i, j = first_order.index(a), first_order.index(b)
+        assert abs(i - j) == 1
+        first_order[i], first_order[j] = b, a
+    assert first_order == order["third"]
+    assert f"GLO and GLANN ({f(ratio['third']['glo'])} and {f(ratio['third']['glann'])})" in words

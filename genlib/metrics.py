@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "WASSERSTEIN_MAX_SAMPLES",
     "check_positive",
+    "coverage_by_chance",
     "coverage_from_counts",
     "frechet_distance",
     "frechet_distance_gaussians",
@@ -159,6 +160,27 @@ def mode_coverage(samples: Tensor, modes: Tensor, std: float, threshold: float =
 def coverage_from_counts(counts: Tensor, n_samples: int) -> tuple[int, float]:
     """(modes covered, fraction of high-quality samples) from the :func:`mode_counts` ``[k]`` of ``n_samples``."""
     return int((counts > 0).sum()), float(counts.sum()) / n_samples
+
+
+def coverage_by_chance(hit_probs: Tensor, n_samples: int) -> tuple[float, float, float]:
+    """Expected (modes covered, its std, hq fraction) of ``n_samples`` independent points.
+
+    ``hit_probs`` [k]: the chance that one point lands within the high-quality radius of mode k (disjoint
+    balls, so a hit is also nearest to that mode). Mode k is missed with chance ``(1 - p_k)^n``, two modes
+    together with ``(1 - p_j - p_k)^n``; the std follows from those pairwise covariances.
+    """
+    k = hit_probs.shape[0] if isinstance(hit_probs, Tensor) and hit_probs.ndim == 1 else -1
+    p = _vector("hit_probs", hit_probs, k)
+    if k == 0 or (p < 0).any() or p.sum() > 1 + 1e-12:
+        raise ValueError(f"hit_probs must be [k >= 1] probabilities summing to at most 1, got {hit_probs}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    n = int(n_samples)
+    missed = (1 - p) ** n
+    both_missed = (1 - p[:, None] - p[None, :]).clamp_min(0) ** n
+    cov = both_missed - missed[:, None] * missed[None, :]  # cov of the 'missed' indicators
+    cov.diagonal().copy_(missed * (1 - missed))
+    return float(len(p) - missed.sum()), float(cov.sum().clamp_min(0).sqrt()), float(p.sum())
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:

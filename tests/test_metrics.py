@@ -127,6 +127,40 @@ def test_mode_coverage_hand_made():
     assert M.coverage_from_counts(torch.zeros(3, dtype=torch.int64), 5) == (0, 0.0)
 
 
+def _coverage_brute_force(hit_probs: list[float], n: int) -> tuple[float, float, float]:
+    """Exact moments of the covered-mode count by enumerating every sequence of n outcomes (k modes + a miss)."""
+    outcome_probs = [*hit_probs, 1 - sum(hit_probs)]
+    first = second = 0.0
+    for outcome in itertools.product(range(len(outcome_probs)), repeat=n):
+        chance = math.prod(outcome_probs[o] for o in outcome)
+        covered = len(set(outcome) - {len(hit_probs)})
+        first, second = first + chance * covered, second + chance * covered**2
+    return first, math.sqrt(second - first**2), sum(hit_probs)
+
+
+@pytest.mark.parametrize("hit_probs, n", [([0.3], 1), ([0.2, 0.5], 3), ([0.1, 0.25, 0.05], 5), ([0.5, 0.5], 4)])
+def test_coverage_by_chance_matches_enumeration(hit_probs, n):
+    expected = _coverage_brute_force(hit_probs, n)
+    got = M.coverage_by_chance(torch.tensor(hit_probs, dtype=torch.float64), n)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_coverage_by_chance_matches_uniform_noise_on_a_ring():
+    """Uniform points over a square around 8 tight modes, scored by mode_coverage, over many draws."""
+    gen = torch.Generator().manual_seed(0)
+    std, half_width, n, draws = 0.1, 2.6, 200, 2000
+    angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
+    modes = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    scores = [M.mode_coverage((torch.rand(n, 2, generator=gen, dtype=torch.float64) * 2 - 1) * half_width,
+                              modes, std) for _ in range(draws)]
+    covered = torch.tensor([c for c, _ in scores], dtype=torch.float64)
+    hit = math.pi * (3 * std) ** 2 / (2 * half_width) ** 2  # each mode's ball lies inside the square
+    mean, sd, hq = M.coverage_by_chance(torch.full((8,), hit), n)
+    assert abs(covered.mean().item() - mean) < 4 * sd / math.sqrt(draws)
+    assert covered.std().item() == pytest.approx(sd, rel=0.08)
+    assert sum(h for _, h in scores) / draws == pytest.approx(hq, rel=0.03)
+
+
 # ----------------------------------------------------------------------------- Fréchet distance
 
 
@@ -349,6 +383,11 @@ GOOD = torch.zeros(5, 2)
         lambda: M.mode_coverage(GOOD, torch.zeros(3, 3), std=1.0),
         lambda: M.mode_coverage(GOOD, GOOD, std=0.0),
         lambda: M.mode_coverage(GOOD, GOOD, std=1.0, threshold=-1.0),
+        lambda: M.coverage_by_chance(torch.tensor([0.5, 0.6]), 10),
+        lambda: M.coverage_by_chance(torch.tensor([-0.1, 0.5]), 10),
+        lambda: M.coverage_by_chance(torch.tensor([[0.1]]), 10),
+        lambda: M.coverage_by_chance(torch.tensor([0.1]), 0),
+        lambda: M.coverage_by_chance(torch.tensor([0.1]), 2.5),
         lambda: M.frechet_distance(torch.zeros(1, 2), GOOD),
         lambda: M.frechet_distance(GOOD, torch.zeros(5, 3)),
         lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(2)),

@@ -679,7 +679,7 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
                    seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = TOY_BATCH_SIZE,
                    n_data: int = 20_000, n_samples: int = 2500, base: Mapping[str, Any] | None = None,
                    device: str = "cpu", progress: bool = False, workers: int = 1,
-                   keep_samples: bool = False) -> list[dict[str, Any]]:
+                   keep_samples: bool = False, keep_models: bool = False) -> list[dict[str, Any]]:
     """Train an :class:`EnergyGAN` per setting and seed on toy ``toy_name`` through :func:`genlib.train.fit`.
 
     ``toy_std`` overrides the toy's component std (None keeps it; 0.05 on ``ring8`` is sharp enough to
@@ -689,21 +689,22 @@ def compare_on_toy(settings: Mapping[str, Mapping[str, Any]], toy_name: str = "r
     samples at each mode, :func:`genlib.metrics.mode_counts`), seconds (wall), cpu_seconds (process CPU
     time, stable on a shared machine), diverged (a non-finite loss stopped it; then modes = hq = 0), the critic's
     logged gaps (gaps, the window means) and their :func:`gap_stability` (late_gap, gap_flips);
-    with ``keep_samples`` also samples, the scored samples [n_samples, 2] (None if diverged). ``workers`` > 1
+    with ``keep_samples`` also samples, the scored samples [n_samples, 2] (None if diverged), and with
+    ``keep_models`` model, the trained :class:`EnergyGAN` on the CPU. ``workers`` > 1
     trains that many runs at once, each in its own process on one thread (:func:`genlib.evaluate.coverage_runs`);
     the rows are the same.
     """
     runs = [(name, seed) for name in settings for seed in seeds]
     return runtime.in_call_order(toy_runs(runs, toy_name, steps, batch_size, settings, toy_std=toy_std, n_data=n_data,
                                           n_samples=n_samples, base=base, device=device, progress=progress,
-                                          workers=workers, keep_samples=keep_samples))
+                                          workers=workers, keep_samples=keep_samples, keep_models=keep_models))
 
 
 def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_size: int,
              settings: Mapping[str, Mapping[str, Any]], *, toy_std: float | None = 0.05, n_data: int = 20_000,
              n_samples: int = 2500, base: Mapping[str, Any] | None = None, device: str = "cpu",
              progress: bool = False, workers: int = 1, keep_samples: bool = False,
-             threads: int | None = 1) -> Iterator[tuple[int, dict[str, Any]]]:
+             threads: int | None = 1, keep_models: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """The runs of :func:`compare_on_toy` one by one: yields ``(i, row)`` for each ``(setting, seed)`` of ``runs``
     as it finishes (in order on one worker, on ``threads`` torch threads), so that a caller can save each row at
     once (``python -m genlib compare --family energy``); the other arguments are :func:`compare_on_toy`'s."""
@@ -714,7 +715,8 @@ def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_s
     jobs = [(partial(EnergyGAN, (2,), **{**defaults, **settings[name]}), seed, f"{name} {seed}") for name, seed in runs]
     for i, row in coverage_runs(jobs, toy_name, steps, batch_size, {} if toy_std is None else {"std": toy_std},
                                 workers=workers, progress=progress, threads=threads, n_data=n_data,
-                                n_samples=n_samples, device=device, keep_samples=keep_samples, track=("gap",)):
+                                n_samples=n_samples, device=device, keep_samples=keep_samples, track=("gap",),
+                                keep_model=keep_models):
         gaps = row.pop("history")["gap"]
         yield i, {"setting": runs[i][0], "seed": runs[i][1], **row, "gaps": gaps, **gap_stability(gaps)}
 

@@ -136,7 +136,8 @@ def evaluate_model(model: GenerativeModel, data_name: str, real: Tensor, n_sampl
 
 def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed: int, steps: int, batch_size: int,
                  n_data: int = 20_000, n_samples: int = 2500, device: str = "cpu", progress: bool = False,
-                 desc: str = "", keep_samples: bool = False, track: Sequence[str] = ()) -> dict[str, Any]:
+                 desc: str = "", keep_samples: bool = False, track: Sequence[str] = (),
+                 keep_model: bool = False) -> dict[str, Any]:
     """One seeded run on a Gaussian-mixture ``toy``, scored by mode coverage (the chapters' toy tables).
 
     Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
@@ -147,7 +148,7 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
     then modes = hq = 0 and every count 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2]
     on the CPU; with ``track`` (names of logged losses), also history: each one's window means {name: [floats]}
-    (empty lists for a diverged run)."""
+    (empty lists for a diverged run); with ``keep_model``, also model: the trained model, moved to the CPU."""
     if toy.modes is None or toy.std is None:
         raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")
     runtime.seed_everything(seed)
@@ -171,7 +172,8 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     row = {"modes": modes, "total_modes": len(toy.modes), "hq": high_quality, "mode_counts": counts.tolist(),
            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
            "diverged": diverged}
-    return row | ({"history": history} if track else {}) | ({"samples": samples} if keep_samples else {})
+    return (row | ({"history": history} if track else {}) | ({"samples": samples} if keep_samples else {})
+            | ({"model": model.cpu()} if keep_model else {}))
 
 
 def coverage_runs(runs: Sequence[tuple[Callable[[], GenerativeModel], int, str]], toy_name: str, steps: int,

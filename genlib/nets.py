@@ -9,7 +9,7 @@ Resolutions are ``base * 2**k`` with ``base`` in 4..7, so 8, 16, 28 (Fashion-MNI
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 NORMS = ("batch", "layer", "none")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU,
@@ -47,6 +47,21 @@ class MLP(nn.Sequential):
             width = hidden
         layers += [nn.Linear(width, out_dim)]
         super().__init__(*layers)
+
+
+@torch.no_grad()
+def relu_activity(net: nn.Sequential, inputs: Tensor) -> list[tuple[int, float]]:
+    """For each ReLU of ``net`` (in order), on ``inputs`` [n, in_dim]: (units off for every input, share of
+    unit-input pairs on). A unit off for every input passes no gradient to its own weights: it is dead."""
+    if not isinstance(net, nn.Sequential):
+        raise TypeError(f"net must be an nn.Sequential (e.g. an MLP), got {type(net).__name__}")
+    activity, hidden = [], inputs
+    for layer in net:
+        hidden = layer(hidden)
+        if isinstance(layer, nn.ReLU):
+            on = hidden.reshape(len(hidden), -1) > 0
+            activity.append((int((~on.any(0)).sum()), on.float().mean().item()))
+    return activity
 
 
 def conv_stages(resolution: int) -> tuple[int, int]:

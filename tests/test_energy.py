@@ -546,10 +546,16 @@ def test_compare_on_toy_and_summarize():
         assert len(r["gaps"]) == 10 and {k: r[k] for k in E.STABILITY_COLUMNS} == E.gap_stability(r["gaps"])
     assert table[1]["late_gap_mean"] == pytest.approx((rows[2]["late_gap"] + rows[3]["late_gap"]) / 2)
     # two worker processes train the same runs: every row is seeded by itself
-    parallel = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, workers=2, keep_samples=True, **kw)
+    parallel = E.compare_on_toy({"a": {}, "b": {"penalty": "none"}}, workers=2, keep_samples=True,
+                                keep_models=True, **kw)
     keys = ("setting", "seed", "modes", "hq")
     assert [[r[k] for k in keys] for r in parallel] == [[r[k] for k in keys] for r in rows]
-    assert "samples" not in rows[0]
+    assert "samples" not in rows[0] and "model" not in rows[0]
+    in_process = E.compare_on_toy({"a": {}}, keep_models=True, **kw)  # the kept models come back from the workers
+    for here, there in zip(in_process, parallel[:2]):
+        assert isinstance(there["model"], E.EnergyGAN)
+        for (name, mine), theirs in zip(here["model"].state_dict().items(), there["model"].state_dict().values()):
+            assert torch.equal(mine, theirs), name
     ring = gdata.toy("ring8", std=0.05)
     for r in parallel:  # the kept samples are the scored ones: their mode counts are the row's
         assert r["samples"].shape == (100, 2)

@@ -195,6 +195,17 @@ def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
         evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)
 
 
+def test_coverage_run_keeps_the_trained_model_that_drew_the_samples():
+    toy = data.gaussian_mixture([[3.0, -1.0]], std=0.5)  # one mode away from MeanShift's start at 0
+    row = evaluate.coverage_run(MeanShift, toy, seed=0, steps=50, batch_size=16, n_data=256, n_samples=2000,
+                                keep_samples=True, keep_model=True)
+    mu = row["model"].mu.detach()
+    assert isinstance(row["model"], MeanShift) and row["model"].mu.device.type == "cpu"
+    assert torch.allclose(mu, torch.tensor([3.0, -1.0]), atol=0.6)  # trained (it is the last batch mean), not fresh
+    assert torch.allclose(row["samples"].mean(0), mu, atol=0.1)  # N(mu, 1): 4 standard errors of 2,000 draws
+    assert "model" not in evaluate.coverage_run(MeanShift, toy, seed=0, steps=5, batch_size=16, n_data=256)
+
+
 def test_coverage_run_tracks_the_logged_losses_of_the_same_training():
     toy = data.toy("ring8", std=1.0)
     row = evaluate.coverage_run(MeanShift, toy, seed=3, steps=20, batch_size=16, n_data=256, track=("loss",))

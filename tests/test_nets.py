@@ -193,3 +193,19 @@ def test_a_smooth_critic_has_a_smooth_input_gradient_where_leaky_relu_s_is_piece
         grads = torch.autograd.grad(critic(points).sum(), points)[0]
         change = (grads[1:] - grads[:-1]).abs().max().item() / grads.abs().max().item()
         assert (change == 0.0) == piecewise_constant, (act, change)
+
+
+def test_relu_activity_counts_dead_units_and_the_share_on_by_hand():
+    torch.manual_seed(0)
+    net = nets.MLP(2, 1, hidden=5, depth=2)
+    with torch.no_grad():
+        net[0].bias[0] = -100.0  # unit 0 of the first layer is off for every input below
+    inputs = torch.randn(300, 2)
+    first = torch.relu(inputs @ net[0].weight.T + net[0].bias)  # the same layers, written out
+    second = torch.relu(first @ net[2].weight.T + net[2].bias)
+    expected = [(int((h.max(0).values <= 0).sum()), (h > 0).float().mean().item()) for h in (first, second)]
+    assert nets.relu_activity(net, inputs) == expected
+    assert expected[0][0] >= 1
+    assert nets.relu_activity(nets.MLP(2, 1, depth=2, act="tanh"), inputs) == []  # ReLUs only
+    with pytest.raises(TypeError, match="Sequential"):
+        nets.relu_activity(nets.ConvGenerator(4, 8, 1, 8), torch.randn(3, 4))

@@ -788,7 +788,8 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
                    toy_name: str = "ring8", seeds: Sequence[int] = (0, 1, 2), steps: int = 1000,
                    batch_size: int = TOY_BATCH_SIZE, n_data: int = 20_000, n_samples: int = 2500,
                    device: str = "cpu", threads: int | None = 1, progress: bool = False,
-                   keep_samples: bool = False, workers: int = 1, **overrides: Any) -> list[dict[str, Any]]:
+                   keep_samples: bool = False, workers: int = 1, keep_models: bool = False,
+                   **overrides: Any) -> list[dict[str, Any]]:
     """Train each method with each seed on toy ``toy_name`` through :func:`genlib.train.fit`.
 
     ``methods`` are names in :data:`TOY_METHODS` or a mapping name -> (class, kwargs); ``overrides``
@@ -796,7 +797,8 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     ``lr_decay_steps=0``). Each run is seeded with its seed (weights, noise and a fresh dataset
     of ``n_data`` points). Returns one row per run: method, seed, modes (covered, out of
     ``total_modes``), hq (fraction of ``n_samples`` within 3 std of a mode) and seconds (training
-    time), and with ``keep_samples`` the scored samples. ``threads`` sets torch's CPU threads for the
+    time), with ``keep_samples`` the scored samples, and with ``keep_models`` model, the trained GAN on the CPU (in
+    eval mode, as it was scored). ``threads`` sets torch's CPU threads for the
     duration (None leaves them): these tiny MLPs are faster on one thread than on two, and far
     faster when the cores are shared. ``workers`` > 1 trains that many runs at once, each in its own
     process on one thread (see :func:`toy_runs`); the rows are the same.
@@ -805,13 +807,14 @@ def compare_on_toy(methods: Sequence[str] | Mapping[str, tuple[type[GAN], dict[s
     runs = [(name, seed) for name in table for seed in seeds]
     return in_call_order(toy_runs(runs, toy_name, steps, batch_size, table, n_data=n_data, n_samples=n_samples,
                                   device=device, threads=threads, progress=progress, keep_samples=keep_samples,
-                                  workers=workers, **overrides))
+                                  workers=workers, keep_models=keep_models, **overrides))
 
 
 def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_size: int = TOY_BATCH_SIZE,
              methods: Mapping[str, tuple[type[GAN], dict[str, Any]]] | None = None, *, n_data: int = 20_000,
              n_samples: int = 2500, device: str = "cpu", threads: int | None = 1, progress: bool = False,
-             keep_samples: bool = False, workers: int = 1, **overrides: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+             keep_samples: bool = False, workers: int = 1, keep_models: bool = False,
+             **overrides: Any) -> Iterator[tuple[int, dict[str, Any]]]:
     """The runs of :func:`compare_on_toy` one by one: yields ``(i, row)`` for each ``(method, seed)`` of
     ``runs`` as it finishes (in order on one worker), so a caller can save each row at once. ``methods``
     maps names to (class, kwargs) (default :data:`TOY_METHODS`); the other arguments are
@@ -821,7 +824,8 @@ def toy_runs(runs: Sequence[tuple[str, int]], toy_name: str, steps: int, batch_s
              f"{name} seed {seed}") for name, seed in runs]
     for i, row in coverage_runs(jobs, toy_name, steps, batch_size, workers=workers, progress=progress,
                                 cost=[TOY_METHOD_COST.get(name, 1.0) for name, _ in runs], threads=threads,
-                                n_data=n_data, n_samples=n_samples, device=device, keep_samples=keep_samples):
+                                n_data=n_data, n_samples=n_samples, device=device, keep_samples=keep_samples,
+                                keep_model=keep_models):
         yield i, {"method": runs[i][0], "seed": runs[i][1], **row}
 
 

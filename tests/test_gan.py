@@ -290,6 +290,11 @@ def test_compare_on_toy_rows_and_summary():
     assert all(0 <= r["modes"] <= 8 and 0 <= r["hq"] <= 1 and r["seconds"] > 0 for r in rows)
     summary = gan.summarize(rows)
     assert [s["method"] for s in summary] == ["GAN", "PacGAN"] and summary[0]["runs"] == 1
+    kept = gan.compare_on_toy(["GAN", "PacGAN"], "ring8", seeds=[0], steps=5, batch_size=32, n_data=256,
+                              n_samples=100, width=8, keep_models=True)
+    assert [(r["modes"], r["hq"]) for r in kept] == [(r["modes"], r["hq"]) for r in rows] and "model" not in rows[0]
+    assert [type(r["model"]) for r in kept] == [gan.GAN, gan.PacGAN]
+    assert not any(module.training for r in kept for module in r["model"].modules())  # scored in eval mode
 
 
 def test_toy_runs_apply_a_setting_over_the_decay_they_default_to():

@@ -387,6 +387,26 @@ def densest_disc(samples: Tensor, radius: float) -> tuple[float, Tensor]:
     return counts[best].item() / len(samples), samples[best].detach()
 
 
+def slope_norms(energy_fn: Callable[[Tensor], Tensor], points: Tensor) -> Tensor:
+    """``||grad U(x)||`` [n] at points [n, ...]: how steep the landscape is under each point (no graph kept)."""
+    return input_gradients(energy_fn, points).flatten(1).norm(dim=1).detach()
+
+
+def pit_depth(energy_fn: Callable[[Tensor], Tensor], centre: Tensor, radius: float, directions: int = 64) -> float:
+    """How much lower a 2-D point ``centre`` [2] lies than every point of the circle of ``radius`` around it:
+    ``min U(circle) - U(centre)`` over ``directions`` equally spaced points. Positive: the centre is the bottom of
+    a pit at that scale; negative: some direction leads downhill."""
+    if centre.shape != (2,):
+        raise ValueError(f"centre must be a 2-D point of shape (2,), got {tuple(centre.shape)}")
+    if not radius > 0 or directions < 3:
+        raise ValueError(f"need radius > 0 and directions >= 3, got {radius} and {directions}")
+    angles = torch.arange(directions, dtype=torch.float64) * (2 * math.pi / directions)
+    circle = centre.double() + radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    with torch.no_grad():
+        energies = energy_fn(torch.cat([centre.double()[None], circle]).to(centre.dtype)).double()
+    return (energies[1:].min() - energies[0]).item()
+
+
 def jsd_mutual_information(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
     """Jensen-Shannon MI lower-bound surrogate (Deep InfoMax, used by MEG): scalar from statistics [n], [m].
 
@@ -643,7 +663,7 @@ PENALTY_SETTINGS: dict[str, dict[str, Any]] = {
 
 AGGRESSIVE_G: dict[str, Any] = dict(optimizer="sgd", lr_g=0.03, critic_optimizer=CRITIC_ADAM)
 """A generator step large enough that the fakes crowd together (chapter 3 measures 43 % to 88 % of them in one
-disc the size of a mode, off the data; whether that spot is a pit was not measured)."""
+disc the size of a mode, off the data; after the last step that spot is no pit of the critic, which slopes there)."""
 
 ENTROPY_SETTINGS: dict[str, dict[str, Any]] = {
     "SGD 0.03, no entropy": dict(AGGRESSIVE_G),

@@ -741,3 +741,26 @@ def test_knn_entropy_finds_the_true_neighbours_of_a_tight_cluster_far_from_the_o
     fakes = torch.randn(2500, 2, generator=gen) * std + 1.36
     true_entropy = E.gaussian_entropy(torch.eye(2) * std**2)
     assert E.knn_entropy(fakes).item() == pytest.approx(true_entropy, abs=0.1)
+
+
+def test_pit_depth_on_closed_forms():
+    centre = torch.tensor([0.5, -1.0])
+    bowl = lambda x: ((x - centre) ** 2).sum(1)  # noqa: E731  a pit at the centre: depth r^2 in every direction
+    assert E.pit_depth(bowl, centre, 0.3) == pytest.approx(0.09, abs=1e-6)
+    slope = torch.tensor([3.0, 4.0])  # a plane rising along (3, 4): the circle's lowest point lies 5 r below
+    plane = lambda x: x @ slope  # noqa: E731
+    assert E.pit_depth(plane, centre, 0.2, directions=4000) == pytest.approx(-1.0, abs=1e-5)
+    assert E.pit_depth(lambda x: -bowl(x), centre, 0.3) == pytest.approx(-0.09, abs=1e-6)  # a peak
+    with pytest.raises(ValueError, match="2-D point"):
+        E.pit_depth(bowl, torch.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="radius"):
+        E.pit_depth(bowl, centre, 0.0)
+
+
+def test_slope_norms_against_the_gradient_by_hand():
+    points = torch.randn(5, 2, dtype=torch.float64)
+    weights = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    cubic = lambda x: (x @ weights.T).squeeze(1) ** 3  # noqa: E731  gradient 3 (w.x)^2 w
+    expected = 3 * (points @ weights.T).squeeze(1) ** 2 * weights.norm()
+    assert torch.allclose(E.slope_norms(cubic, points), expected)
+    assert not E.slope_norms(cubic, points).requires_grad

@@ -112,6 +112,22 @@ def smoothed_score(x: Tensor, weights: PerComponent, means: ComponentMeans, stds
     return torch.einsum("nk,nkd->nd", resp / var, mu[None] - x[:, None, :])
 
 
+def smoothed_mass_within(points: Tensor, weights: PerComponent, means: ComponentMeans, stds: PerComponent,
+                         sigma: float, radius: float) -> Tensor:
+    """``P(|x - c| <= radius)`` [n] for x from the mixture blurred by N(0, sigma^2 I), for each centre c of
+    points [n, d]: a weighted sum of non-central chi-square CDFs (each component is isotropic), in float64."""
+    from scipy.stats import ncx2  # only here: the rest of the module needs no scipy
+
+    centres = points.detach().double().cpu()
+    w, mu, s = _mixture(centres, weights, means, stds)
+    var = (s**2 + sigma**2).numpy()
+    if sigma < 0 or not radius > 0 or not (var > 0).all():
+        raise ValueError(f"need sigma >= 0, radius > 0 and positive variances, got {sigma}, {radius}, {var.tolist()}")
+    sq_dist = (centres[:, None, :] - mu[None]).pow(2).sum(-1).numpy()  # [n, k]
+    mass = ncx2.cdf(radius**2 / var, df=centres.shape[1], nc=sq_dist / var)
+    return torch.from_numpy(mass) @ w
+
+
 def data_smoothed_log_density(x: Tensor, data: Tensor, sigma: float, chunk: int = 8192) -> Tensor:
     """``log p_sigma(x)`` [n] (float64) of the data's empirical distribution blurred by N(0, sigma^2 I):
     ``log mean_j N(x; data_j, sigma^2 I)`` for x [n, ...] and data [N, ...] of the same shape, exact.

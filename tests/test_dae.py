@@ -504,3 +504,26 @@ def test_dde_energy_activation_defaults_to_softplus_for_vectors_and_leaky_relu_f
     smooth = dae.DDEGenerator((1, 28, 28), width=8, energy_act="silu")
     assert kinds(smooth.energy_real) == kinds(smooth.energy_fake) == {nn.SiLU}
     assert kinds(dae.make_energy((2,), 8, 2, "silu")) == {nn.SiLU}
+
+
+def test_smoothed_mass_within_against_one_dimensional_closed_form_and_monte_carlo():
+    normal = torch.distributions.Normal(0.0, 1.0)
+    weights, means, stds, sigma, radius = [0.3, 0.7], [[-1.0], [2.0]], [0.5, 1.5], 0.8, 0.6
+    centres = torch.tensor([[0.0], [2.5], [-4.0]])
+    by_hand = sum(w * (normal.cdf((c + radius - m[0]) / math.hypot(sd, sigma))
+                       - normal.cdf((c - radius - m[0]) / math.hypot(sd, sigma)))
+                  for w, m, sd in zip(weights, means, stds) for c in [centres[:, 0]])
+    got = dae.smoothed_mass_within(centres, weights, means, stds, sigma, radius)
+    assert torch.allclose(got, by_hand.double(), atol=1e-6)
+    # two dimensions, by sampling the blurred mixture
+    gen = torch.Generator().manual_seed(0)
+    w2, mu2, s2 = torch.tensor([0.2, 0.8]), torch.tensor([[-5.0, -5.0], [5.0, 5.0]]), torch.ones(2)
+    pick = torch.multinomial(w2, 400_000, replacement=True, generator=gen)
+    blurred = mu2[pick] + math.hypot(1.0, 2.0) * torch.randn(400_000, 2, generator=gen)
+    centre = torch.tensor([[-3.0, -4.0], [0.0, 0.0]])
+    monte_carlo = ((blurred[None] - centre[:, None]).norm(dim=2) <= 1.5).double().mean(1)
+    exact = dae.smoothed_mass_within(centre, w2, mu2, s2, 2.0, 1.5)
+    assert torch.allclose(exact, monte_carlo, atol=4 * (exact * (1 - exact) / 400_000).sqrt().max().item())
+    assert exact[0] > exact[1] > 0
+    with pytest.raises(ValueError, match="radius"):
+        dae.smoothed_mass_within(centre, w2, mu2, s2, 2.0, 0.0)

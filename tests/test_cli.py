@@ -203,6 +203,25 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     assert re.search(rf"^device={device.type} .* \| seed=0 \|", capsys.readouterr().out, re.M)
 
 
+def test_ema_flag_keeps_an_average_on_the_cpu_that_samples_and_zero_keeps_none(tmp_path, capsys):
+    cli.main(train_args(tmp_path / "ema", 20) + ["--ema", "0.9"])
+    cli.main(train_args(tmp_path / "plain", 20) + ["--ema", "0"])
+    kept, plain = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("ema", "plain"))
+    assert kept["ema_decay"] == 0.9 and kept["ema_updates"] == 20 and plain["ema_decay"] is None
+    averaged = {key: value for key, value in kept["model"].items() if key.startswith("ema.")}
+    assert averaged and not any(key.startswith("ema.") for key in plain["model"])
+    live = {key: value for key, value in kept["model"].items() if key.startswith("generator.")}  # IMLE's net
+    assert [key.removeprefix("generator.") for key in live] == [key.removeprefix("ema.") for key in averaged]
+    assert any(not torch.equal(value, live["generator." + key.removeprefix("ema.")])
+               for key, value in averaged.items())  # an average of the weights, not a copy
+    for name, decay in (("ema", 0.9), ("plain", 0.0)):
+        assert json.loads((tmp_path / name / "run.json").read_text())["config"]["ema"] == decay
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            cli.main(train_args(tmp_path / "bad", 1) + ["--ema", bad])
+    assert "must be a decay in [0, 1)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("graph", ["0", "1"])
 def test_run_json_says_from_which_step_a_cuda_graph_replayed_the_training(tmp_path, capsys, device, monkeypatch, graph):
     from genlib.train import CUDA_GRAPH_ENV, GRAPH_WARMUP_STEPS

@@ -261,6 +261,19 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
             raise ValueError(f"{out} holds the record of another run ({found}); use another --out")
 
 
+def check_ema_on_resume(out: Path, ema: float | None) -> None:
+    """Refuse an explicit ``--ema`` that the checkpoint in ``out`` was not trained with: resuming keeps the
+    checkpoint's average (or its absence), so another decay would be recorded for a run that did not have it."""
+    from genlib.train import CHECKPOINT
+
+    if ema is None or not (out / CHECKPOINT).exists():
+        return
+    saved = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False).get("ema_decay") or 0.0
+    if saved != ema:
+        raise ValueError(f"{out / CHECKPOINT} was trained with --ema {saved:g}; resume it with --ema {saved:g} "
+                         "or without --ema")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a family, checkpointing into ``--out`` and recording the run there."""
     from genlib import runtime, train, viz
@@ -271,6 +284,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit("error: --eval-samples must be 0 (no metrics) or at least 2")
     out, arguments = Path(args.out), run_arguments(vars(args))
     check_out(out, "train", arguments)
+    check_ema_on_resume(out, args.ema)
     dev = runtime.device(args.device)
     origin = provenance(dev)  # the commit and date the run started from, not those at its end
     runtime.use_fast_matmul(dev)
@@ -291,6 +305,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                         meta=arguments)
     wall = clock.now()["seconds"]
     origin["train_processes"] = clock.processes
+    origin["ema_decay"] = model.ema_decay if model.ema is not None else None  # what sampled, whatever the flags
     if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
         origin["cuda_graph_from_step"] = model.graph_captured_at
         print(f"steps from {model.graph_captured_at} on were replayed as a CUDA graph", flush=True)

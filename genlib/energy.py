@@ -388,19 +388,20 @@ def densest_disc(samples: Tensor, radius: float) -> tuple[float, Tensor]:
 
 
 def slope_norms(energy_fn: Callable[[Tensor], Tensor], points: Tensor) -> Tensor:
-    """``||grad U(x)||`` [n] at points [n, ...]: how steep the landscape is under each point (no graph kept)."""
+    """``||grad U(x)||`` [n] at points [n, ...]: how steep the landscape is under each point (no graph kept; like
+    :func:`genlib.gan.input_gradients`, right only for an energy without BatchNorm)."""
     return input_gradients(energy_fn, points).flatten(1).norm(dim=1).detach()
 
 
 def pit_depth(energy_fn: Callable[[Tensor], Tensor], centre: Tensor, radius: float, directions: int = 64) -> float:
-    """How much lower a 2-D point ``centre`` [2] lies than every point of the circle of ``radius`` around it:
-    ``min U(circle) - U(centre)`` over ``directions`` equally spaced points. Positive: the centre is the bottom of
-    a pit at that scale; negative: some direction leads downhill."""
+    """How much higher than a 2-D point ``centre`` [2] the lowest of ``directions`` equally spaced points on the
+    circle of ``radius`` around it lies: ``min U(circle) - U(centre)``. Positive: the centre lies in a pit at that
+    scale (the disc holds a point lower than its whole rim); negative: some point at that distance lies lower."""
     if centre.shape != (2,):
         raise ValueError(f"centre must be a 2-D point of shape (2,), got {tuple(centre.shape)}")
     if not radius > 0 or directions < 3:
         raise ValueError(f"need radius > 0 and directions >= 3, got {radius} and {directions}")
-    angles = torch.arange(directions, dtype=torch.float64) * (2 * math.pi / directions)
+    angles = torch.arange(directions, dtype=torch.float64, device=centre.device) * (2 * math.pi / directions)
     circle = centre.double() + radius * torch.stack([angles.cos(), angles.sin()], dim=1)
     with torch.no_grad():
         energies = energy_fn(torch.cat([centre.double()[None], circle]).to(centre.dtype)).double()

@@ -214,8 +214,18 @@ def test_ema_flag_keeps_an_average_on_the_cpu_that_samples_and_zero_keeps_none(t
     assert [key.removeprefix("generator.") for key in live] == [key.removeprefix("ema.") for key in averaged]
     assert any(not torch.equal(value, live["generator." + key.removeprefix("ema.")])
                for key, value in averaged.items())  # an average of the weights, not a copy
-    for name, decay in (("ema", 0.9), ("plain", 0.0)):
-        assert json.loads((tmp_path / name / "run.json").read_text())["config"]["ema"] == decay
+    for name, decay, kept_decay in (("ema", 0.9, 0.9), ("plain", 0.0, None)):
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert run["config"]["ema"] == decay and run["ema_decay"] == kept_decay
+    # resuming keeps the checkpoint's average: another --ema is refused, the same one or none goes on
+    for name, other in (("ema", "0"), ("ema", "0.99"), ("plain", "0.9")):
+        with pytest.raises(SystemExit):
+            cli.main(train_args(tmp_path / name, 30) + ["--ema", other])
+        assert "was trained with --ema" in capsys.readouterr().err
+    cli.main(train_args(tmp_path / "ema", 30))
+    resumed = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=False)
+    assert resumed["ema_decay"] == 0.9 and resumed["ema_updates"] == 30
+    assert json.loads((tmp_path / "ema" / "run.json").read_text())["ema_decay"] == 0.9
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(SystemExit):
             cli.main(train_args(tmp_path / "bad", 1) + ["--ema", bad])

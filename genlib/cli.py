@@ -268,7 +268,8 @@ def check_ema_on_resume(out: Path, ema: float | None) -> None:
 
     if ema is None or not (out / CHECKPOINT).exists():
         return
-    saved = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False).get("ema_decay") or 0.0
+    # mmap: only the small "ema_decay" entry is read here; fit loads the whole checkpoint once, to resume
+    saved = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True).get("ema_decay") or 0.0
     if saved != ema:
         raise ValueError(f"{out / CHECKPOINT} was trained with --ema {saved:g}; resume it with --ema {saved:g} "
                          "or without --ema")

@@ -78,16 +78,22 @@ def _mixture(x: Tensor, weights: PerComponent, means: ComponentMeans,
     return w / w.sum(), mu, s
 
 
+def _blurred_variances(stds: Tensor, sigma: float) -> Tensor:
+    """``s_j^2 + sigma^2`` [k]: each component's variance once N(0, sigma^2 I) noise is added, checked positive."""
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    var = stds**2 + sigma**2
+    if not bool((var > 0).all()):
+        raise ValueError(f"a component with std 0 needs sigma > 0 (its variance s_j^2 + sigma^2 is 0), "
+                         f"got stds {stds.tolist()} and sigma {sigma}")
+    return var
+
+
 def _component_log_probs(x: Tensor, weights: PerComponent, means: ComponentMeans,
                          stds: PerComponent, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
     """``log w_j + log N(x; mu_j, (s_j^2 + sigma^2) I)`` [n, k], with the means [k, d] and variances [k]."""
     w, mu, s = _mixture(x, weights, means, stds)
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    var = s**2 + sigma**2  # noise adds variance to every component
-    if not bool((var > 0).all()):
-        raise ValueError(f"a component with std 0 needs sigma > 0 (its variance s_j^2 + sigma^2 is 0), "
-                         f"got stds {s.tolist()} and sigma {sigma}")
+    var = _blurred_variances(s, sigma)
     sq_dist = (x[:, None, :] - mu[None]).pow(2).sum(-1)
     d = x.shape[1]
     return w.log() - sq_dist / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var), mu, var
@@ -118,11 +124,10 @@ def smoothed_mass_within(points: Tensor, weights: PerComponent, means: Component
     points [n, d]: a weighted sum of non-central chi-square CDFs (each component is isotropic), in float64."""
     from scipy.stats import ncx2  # only here: the rest of the module needs no scipy
 
+    check_positive("radius", radius)
     centres = points.detach().double().cpu()
     w, mu, s = _mixture(centres, weights, means, stds)
-    var = (s**2 + sigma**2).numpy()
-    if sigma < 0 or not radius > 0 or not (var > 0).all():
-        raise ValueError(f"need sigma >= 0, radius > 0 and positive variances, got {sigma}, {radius}, {var.tolist()}")
+    var = _blurred_variances(s, sigma).numpy()
     sq_dist = (centres[:, None, :] - mu[None]).pow(2).sum(-1).numpy()  # [n, k]
     mass = ncx2.cdf(radius**2 / var, df=centres.shape[1], nc=sq_dist / var)
     return torch.from_numpy(mass) @ w

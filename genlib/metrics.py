@@ -92,6 +92,13 @@ def _vector(name: str, v: Tensor, length: int) -> Tensor:
     return _matrix(name, v[None, :])[0]
 
 
+def _check_int(name: str, value: int, minimum: int) -> int:
+    """Check that ``value`` is an integer (not a bool) of at least ``minimum``; return it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_positive(name: str, value: float) -> float:
     """``value`` as a float; ValueError naming ``name`` unless it is a finite positive number."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -171,11 +178,9 @@ def coverage_by_chance(hit_probs: Tensor, n_samples: int) -> tuple[float, float,
     """
     k = hit_probs.shape[0] if isinstance(hit_probs, Tensor) and hit_probs.ndim == 1 else -1
     p = _vector("hit_probs", hit_probs, k)
-    if k == 0 or (p < 0).any() or p.sum() > 1 + 1e-12:
-        raise ValueError(f"hit_probs must be [k >= 1] probabilities summing to at most 1, got {hit_probs}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    n = int(n_samples)
+    if (p < 0).any() or p.sum() > 1 + 1e-12:
+        raise ValueError(f"hit_probs must be probabilities summing to at most 1, got {hit_probs}")
+    n = _check_int("n_samples", n_samples, 1)
     missed = (1 - p) ** n
     both_missed = (1 - p[:, None] - p[None, :]).clamp_min(0) ** n
     cov = both_missed - missed[:, None] * missed[None, :]  # cov of the 'missed' indicators
@@ -272,10 +277,8 @@ def kid(
     whole of both sets (every subset would give the same value, so one is computed).
     """
     a, b = _pair(feats_a, feats_b, ("feats_a", "feats_b"), min_rows=2)
-    if not isinstance(subsets, int) or subsets < 1:
-        raise ValueError(f"subsets must be a positive int, got {subsets!r}")
-    if not isinstance(subset_size, int) or subset_size < 2:
-        raise ValueError(f"subset_size must be an int >= 2, got {subset_size!r}")
+    _check_int("subsets", subsets, 1)
+    _check_int("subset_size", subset_size, 2)
     size = min(subset_size, len(a), len(b))
     if size == len(a) == len(b):
         subsets = 1

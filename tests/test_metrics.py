@@ -388,6 +388,7 @@ GOOD = torch.zeros(5, 2)
         lambda: M.coverage_by_chance(torch.tensor([[0.1]]), 10),
         lambda: M.coverage_by_chance(torch.tensor([0.1]), 0),
         lambda: M.coverage_by_chance(torch.tensor([0.1]), 2.5),
+        lambda: M.kid(GOOD, GOOD, subsets=True),
         lambda: M.frechet_distance(torch.zeros(1, 2), GOOD),
         lambda: M.frechet_distance(GOOD, torch.zeros(5, 3)),
         lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(2)),

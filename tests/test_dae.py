@@ -468,6 +468,26 @@ def test_dde_warmup_trains_both_energies_then_the_generator_on_schedule():
                               {"energy_fake", "generator"}, {"energy_fake", "generator"}]
 
 
+def test_dde_energy_only_trains_e_p_alone_on_the_same_sigma_schedule():
+    torch.manual_seed(0)
+    kwargs = dict(z_dim=2, width=8, depth=1, warmup=1, sigma=0.4, sigma_end=0.1, anneal_steps=2)
+    model = dae.DDEGenerator((2,), energy_only=True, **kwargs)
+    frozen = {name: [p.detach().clone() for p in getattr(model, name).parameters()]
+              for name in ("energy_fake", "generator")}
+    real_before = [p.detach().clone() for p in model.energy_real.parameters()]
+    sigmas = []
+    for _ in range(3):
+        losses = model.step(torch.randn(16, 2), torch.arange(16))
+        sigmas.append(model.sigma)
+    assert set(losses) == {"loss_real"}
+    assert all(torch.equal(a, b) for name, params in frozen.items()
+               for a, b in zip(params, getattr(model, name).parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(real_before, model.energy_real.parameters()))
+    assert sigmas == pytest.approx([0.4, 0.2, 0.1])  # geometric from 0.4 to 0.1 over 2 steps after 1 of warm-up
+    with pytest.raises(ValueError, match="train_real"):
+        dae.DDEGenerator((2,), energy_only=True, train_real=False, **kwargs)
+
+
 def test_score_model_chains_start_from_init_std_gaussians_or_uniform_pixels():
     torch.manual_seed(0)
     vec = dae.ScoreModel((2,), width=8, depth=1, sigma_max=3.0, sigma_min=0.1, n_sigmas=2)

@@ -1127,13 +1127,16 @@ class GLO(GenerativeModel):
         return self.sampling_net()(codes)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """n samples from a full-covariance Gaussian fitted to the codes, decoded (GLO's sampler)."""
+    def sample_codes(self, n: int) -> Tensor:
+        """n new codes [n, z_dim] from a full-covariance Gaussian fitted to the learned codes (GLO's sampler)."""
         codes = self.codes.weight.double()
         cov = torch.cov(codes.T) + 1e-6 * torch.eye(self.z_dim, dtype=torch.float64, device=codes.device)
         noise = torch.randn(n, self.z_dim, dtype=torch.float64, device=codes.device)
-        z = codes.mean(0) + noise @ torch.linalg.cholesky(cov).T
-        return self.decode(z.float())
+        return (codes.mean(0) + noise @ torch.linalg.cholesky(cov).T).float()
+
+    def sample(self, n: int) -> Tensor:
+        """n images [n, ...] decoded from :meth:`sample_codes`."""
+        return self.decode(self.sample_codes(n))
 
 
 class GLANN(GenerativeModel):
@@ -1185,10 +1188,13 @@ class GLANN(GenerativeModel):
         return self.mapper.step(self.glo.codes.weight[index].detach(), index)
 
     @torch.no_grad()
+    def sample_codes(self, n: int) -> Tensor:
+        """n codes T(z) [n, z_dim] for noise z ~ N(0, I) [n, noise_dim]."""
+        return self.sampling_net()(torch.randn(n, self.noise_dim, device=self.device))
+
     def sample(self, n: int) -> Tensor:
         """n images [n, ...] through the whole chain z -> T -> G."""
-        noise = torch.randn(n, self.noise_dim, device=self.device)
-        return self.glo.decode(self.sampling_net()(noise))
+        return self.glo.decode(self.sample_codes(n))
 
 
 # ======================================================================================

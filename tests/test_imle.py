@@ -758,6 +758,9 @@ def test_glann_sample_is_g_of_t_of_the_same_noise(trained_glo):
         by_hand = glo.generator(glann.mapper.generator(noise))
     assert samples.shape == (10, 1, 8, 8)
     torch.testing.assert_close(samples, by_hand, rtol=0, atol=0)
+    torch.manual_seed(13)
+    with torch.no_grad():
+        torch.testing.assert_close(glann.sample_codes(10), glann.mapper.generator(noise), rtol=0, atol=0)
 
 
 def test_pca_codes_equal_an_svd_of_the_centred_data_up_to_sign():
@@ -808,6 +811,10 @@ def test_glo_sample_is_a_gaussian_fitted_to_the_codes():
     # about 5 standard errors at n = 200,000 (a mean's is at most 1 / sqrt(n) = 2.2e-3, a covariance's about 3e-3)
     np.testing.assert_allclose(z.mean(0), want_mean, atol=0.015)
     np.testing.assert_allclose(np.cov(z, rowvar=False), want_cov, atol=0.015)
+    torch.manual_seed(17)
+    codes_drawn = glo.sample_codes(5)
+    torch.manual_seed(17)
+    torch.testing.assert_close(glo.sample(5), identity(codes_drawn), rtol=0, atol=0)  # sample decodes these codes
 
 
 def _bilinear_half_pixel(image, height, width):

@@ -154,8 +154,9 @@ class AdditiveCoupling(Coupling):
 class AffineCoupling(Coupling):
     """RealNVP: ``y = m x + (1 - m) (x exp(s) + t)`` with ``s = scale * tanh(s_raw)``; logdet = sum s.
 
-    The net outputs ``[s_raw, t]`` stacked on dim 1 (``[B, 2C, ...]``); ``scale`` is learned per
-    channel (init 1). The tanh bound keeps one layer from blowing up the volume early in training."""
+    The net outputs ``[s_raw, t]`` stacked on dim 1 (``[B, 2C, ...]``); ``scale`` is learned per channel
+    (per coordinate for vectors; init 1). The tanh bound keeps one layer from blowing up the volume early in
+    training."""
 
     def __init__(self, mask: Tensor, net: nn.Module, mask_as_input: bool = False):
         super().__init__(mask, net, mask_as_input)
@@ -230,9 +231,10 @@ class LogitTransform(Flow):
     ``alpha`` keeps dequantised pixels at 0 or 255 away from the logit's infinities. The pixel range [-1, 1]
     maps onto [logit(alpha), logit(1 - alpha)], and the whole real line comes from ``(-1 - e, 1 + e)``,
     ``e = 2 alpha / (1 - 2 alpha)``, so a flow on top puts some of its mass outside [-1, 1]. RealNVP used 0.05
-    on CIFAR-10 (e = 0.111); the default 1e-6 suits data with many pixels at 0 or 255 (half of Fashion-MNIST's
-    pixels are 0): with 0.05 that spike sits in a sliver of width 0.07 at logit(0.05), which the couplings must
-    model as a near-point mass (chapter 5 measures the difference)."""
+    on CIFAR-10, as logit(alpha + (1 - alpha) v) for v in [0, 1] (in this symmetric form 0.05 gives e = 0.111);
+    the default 1e-6 suits data with many pixels at 0 or 255 (half of Fashion-MNIST's pixels are 0): with 0.05
+    that spike sits in a sliver of width 0.07 at logit(0.05), which the couplings must model as a near-point mass
+    (chapter 5 measures the difference)."""
 
     def __init__(self, alpha: float = 1e-6):
         super().__init__()

@@ -285,10 +285,11 @@ def coverage_table(summaries: list[dict], key: str = "method", timing: str | Non
 
 
 def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", diverged: bool = False,
-                      columns: Mapping[str, str] | None = None) -> str:
+                      columns: Mapping[str, str] | None = None, hq_range: bool = False) -> str:
     """A recorded ``python -m genlib compare`` run for a notebook: its :meth:`~RecordedRun.header`, then per toy
     the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run,
-    with ``diverged`` the runs a non-finite loss stopped, and the mean of each field of ``columns``)."""
+    with ``diverged`` the runs a non-finite loss stopped, the mean of each field of ``columns``, and with
+    ``hq_range`` the hq min-max over the seeds)."""
     config, rows = run.run["config"], run.metrics["rows"]
     columns = dict(columns or {})
     blocks = [run.header()]
@@ -297,7 +298,7 @@ def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", dive
                                        means=("hq", *columns, *([timing] if timing else [])),
                                        sums=("diverged",) if diverged else ())
         blocks.append(f"-- {toy_name}, {config['setting']} setting, {config['steps']} steps, seeds {config['seeds']}\n"
-                      + coverage_table(summaries, timing=timing, columns=columns))
+                      + coverage_table(summaries, timing=timing, columns=columns, hq_range=hq_range))
     return "\n".join(blocks)
 
 

@@ -153,6 +153,8 @@ def test_comparison_report_prints_one_table_per_toy(tmp_path):
     assert lines[8].split() == ["GAN", "1", "20.0", "20-20", "0.100", "9"]
     untimed = results.comparison_report(results.load_run(tmp_path), timing=None).splitlines()
     assert untimed[5].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
+    ranged = results.comparison_report(results.load_run(tmp_path), timing=None, hq_range=True).splitlines()
+    assert ranged[4].endswith("hq min-max") and ranged[5].split() == ["GAN", "2", "7.0", "6-8", "0.400", "0.300-0.500"]
 
 
 def test_coverage_table_counts_diverged_runs_where_the_summary_has_them(tmp_path):

@@ -442,7 +442,8 @@ class GAN(GenerativeModel):
                 group["lr"] = self.base_lr[player] * fraction
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """``d_steps`` discriminator updates on reals ``x`` ``[B, *shape]``, then one generator update."""
+        """``d_steps`` discriminator updates on reals ``x`` ``[B, *shape]`` (all on this one real batch, fresh fakes
+        each), then one generator update."""
         self.schedule_lr()
         self.updates += 1
         for _ in range(self.d_steps):

@@ -8,6 +8,7 @@ figures compose; nothing here calls ``plt.show()``.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,7 +220,7 @@ def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, 
     for ax, (panel_title, samples, modes, lim) in zip(axes.flat, panels):
         scatter2d(samples, ax, lim, c="tab:blue", s=1, alpha=0.3)
         scatter2d(modes, ax, lim, c="red", s=8, alpha=1)
-        ax.set_title(panel_title, fontsize=9)
+        ax.set_title(textwrap.fill(panel_title, 36), fontsize=9)  # long method names would run into the next panel
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -337,8 +337,8 @@ class DDEGenerator(_Trainer):
     such a reduction): a wide blur lets the generator see distant modes, a narrow one resolves them;
     the energies follow it online. ``energy_act`` sets the energies' hidden activation (:func:`make_energy`:
     ``"auto"``: softplus for vectors, LeakyReLU for images). ``energy_only`` trains ``e_p`` alone (no ``e_q``, no
-    generator): its loss never involves the generator, so this learns the ``e_p`` a full run would, at the same
-    sigma schedule, at well under half the cost of a full step.
+    generator): its loss never involves the generator, so this learns an ``e_p`` from the same distribution as a
+    full run's (same sigma schedule; other random draws), at well under half the cost of a full step.
 
     **The sign.** ``KL(q_sigma || p_sigma) = E_{x ~ q_sigma}[log q_sigma(x) - log p_sigma(x)]
     = E_{z, eps}[e_q - e_p](G(z) + sigma eps) + C1 - C2``; the constants do not depend on G, so

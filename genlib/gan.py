@@ -527,8 +527,8 @@ class DRAGAN(GAN):
     """DRAGAN (Kodali et al., 2017): ``lambda * mean(||grad D(x_hat)|| - 1)^2`` at points near the data.
 
     ``x_hat`` from :func:`dragan_points` (``noise``: the reference code's one-sided uniform perturbation by
-    default, or the paper's Gaussian); lambda 10 as in the paper. The penalty keeps D smooth around real data,
-    removing the sharp gradients behind mode collapse.
+    default, or the paper's Gaussian); lambda 10 as in the paper. The paper's aim: keep D smooth around real
+    data, against the sharp gradients it blames for mode collapse (on chapter 2's ring it did not prevent one).
     """
 
     conv_norm = "layer"  # a per-sample gradient penalty needs per-sample outputs (no BatchNorm)

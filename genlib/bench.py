@@ -312,7 +312,6 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
     graphs = device.type == "cuda" if graphs is None else graphs
     data = torch.randint(0, 256, (max(4 * batch_size, 256), channels, resolution, resolution), dtype=torch.uint8)
     real = to_float(data[:batch_size].to(device))
-    index = torch.arange(batch_size, device=device)
     rows, graph_safe = [], []
     if resolution == 64 and channels == 3:
         reference = ReferenceDCGAN().to(device)
@@ -327,13 +326,15 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
             continue
         if graph_safe_only and not model.graph_safe:
             continue
-
-        ms = throughput_ms(lambda: train_step(model, real, index, amp=device.type == "cuda"), device, steps)
+        # A critic that wants fresh reals per update gets them; the rate still counts one batch per step.
+        reals = to_float(data[:batch_size * model.batches_per_step].to(device))
+        indices = torch.arange(len(reals), device=device)
+        ms = throughput_ms(lambda: train_step(model, reals, indices, amp=device.type == "cuda"), device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
-            graph_safe.append((name, model))
-    for name, model in graph_safe:
-        rows.append(graphed_step_row(model, name, real, index, steps))
+            graph_safe.append((name, model, reals, indices))
+    for name, model, reals, indices in graph_safe:
+        rows.append(graphed_step_row(model, name, reals, indices, steps))
         if rows[-1]["img_per_s"] is None:
             break
     if rows and rows[0]["model"].startswith("reference"):
@@ -357,18 +358,20 @@ def bench_small_batches(device: torch.device, steps: int) -> list[dict]:
 
 
 def graphed_step_row(model: GenerativeModel, name: str, real: torch.Tensor, index: torch.Tensor, steps: int) -> dict:
-    """The bench row of ``model``'s step replayed as a CUDA graph (:class:`genlib.train.StepGraph`, bf16 autocast),
-    captured after its warm-up steps; a failed capture gives a row with the error as its note instead of a rate."""
+    """The bench row of ``model``'s step (on reals ``real``: its ``batches_per_step`` batches, joined) replayed as
+    a CUDA graph (:class:`genlib.train.StepGraph`, bf16 autocast), captured after its warm-up steps; a failed
+    capture gives a row with the error as its note instead of a rate."""
     from genlib.train import GRAPH_WARMUP_STEPS, StepGraph
 
     graph = StepGraph(model, amp=True)
-    row = {"model": f"genlib {name} (CUDA graph)", "batch": len(real), "img_per_s": None}
+    batch = len(real) // model.batches_per_step  # the rate counts one batch per step, as the eager rows do
+    row = {"model": f"genlib {name} (CUDA graph)", "batch": batch, "img_per_s": None}
     try:
         for _ in range(GRAPH_WARMUP_STEPS + 1):
             graph(real, index)
     except RuntimeError as error:
         return row | {"note": str(error)}
-    row["img_per_s"] = len(real) / throughput_ms(lambda: graph(real, index), real.device, steps) * 1e3
+    row["img_per_s"] = batch / throughput_ms(lambda: graph(real, index), real.device, steps) * 1e3
     model.zero_grad(set_to_none=True)  # the grads live in the graph's memory pool: free it for the next family
     return row
 

@@ -57,7 +57,7 @@ from genlib import nets, runtime
 from genlib.gan import AutoEncoder, gradient_penalty, input_gradients, reconstruction_energy
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
-from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, fit
+from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, fit, split_batches
 from genlib.train import snapshot_recorder as train_snapshots
 
 Critic = Callable[[Tensor], Tensor]
@@ -507,6 +507,8 @@ class EnergyGAN(GenerativeModel):
       ``lr`` for both unless ``lr_u`` / ``lr_g`` are given. ``critic_optimizer`` overrides the
       critic's (keys of :func:`make_optimizer`: kind, lr, betas, momentum), e.g. to vary only the
       generator's momentum, the player whose fakes "roll into pits".
+    * ``fresh_reals`` (default True): each critic update gets its own real batch (the loop draws
+      ``critic_steps`` per step, as WGAN-GP's and MEG's loops draw one per critic iteration); False reuses one.
     * ``entropy``: weight w of ``-H(G(Z))`` in the generator loss, estimated per batch by
       :func:`knn_entropy` (``entropy_estimator='knn'``, neighbour ``knn_k``) or by MEG's
       :func:`jsd_mutual_information` with a statistics network T(x, z) ('mi', vectors only).
@@ -517,7 +519,7 @@ class EnergyGAN(GenerativeModel):
                  optimizer: str = "adam", lr: float = 1e-3, lr_u: float | None = None, lr_g: float | None = None,
                  betas: tuple[float, float] = (0.5, 0.9), momentum: float = 0.0,
                  critic_optimizer: Mapping[str, Any] | None = None, entropy: float = 0.0,
-                 entropy_estimator: str = "knn", knn_k: int = 1):
+                 entropy_estimator: str = "knn", knn_k: int = 1, fresh_reals: bool = True):
         super().__init__()
         _check_choice("penalty", penalty, PENALTIES)
         _check_choice("loss", loss, LOSSES)
@@ -526,6 +528,7 @@ class EnergyGAN(GenerativeModel):
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
         self.shape, self.z_dim = tuple(shape), z_dim
         self.penalty, self.lam, self.loss, self.critic_steps = penalty, lam, loss, critic_steps
+        self.batches_per_step = critic_steps if fresh_reals else 1  # fit draws a real batch per critic update
         self.entropy, self.entropy_estimator, self.knn_k = entropy, entropy_estimator, knn_k
         self.generator, self.critic = _make_nets(self.shape, z_dim, width, depth)
         opt = dict(kind=optimizer, betas=tuple(betas), momentum=momentum)
@@ -573,16 +576,16 @@ class EnergyGAN(GenerativeModel):
         return jsd_mutual_information(joint, marginal)
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """``critic_steps`` critic updates on reals x ``[B, *shape]`` (fresh fakes each), then one generator update.
-
-        All critic updates of a step reuse the step's one real batch (WGAN-GP's and MEG's loops draw fresh reals
-        for each), so with 5 critic steps the critic sees a fifth of the real batches theirs would."""
-        for _ in range(self.critic_steps):
+        """``critic_steps`` critic updates, each on fresh fakes and (with ``fresh_reals``) its own batch of the
+        ``batches_per_step`` that x joins, then one generator update on a batch's worth of fakes."""
+        batches = split_batches(x, self.batches_per_step)
+        for update in range(self.critic_steps):
+            real = batches[update % len(batches)]
             with torch.no_grad():
-                fake = self.generator(self.noise(len(x)))
-            u_losses = self.critic_losses(x, fake)
+                fake = self.generator(self.noise(len(real)))
+            u_losses = self.critic_losses(real, fake)
             _update(self.optimizers["u"], u_losses["loss_u"])
-        g_losses = self.generator_losses(len(x))
+        g_losses = self.generator_losses(len(real))
         players = ["g"]
         if "t" in self.optimizers:  # T maximises the MI estimate that G also maximises
             _backward(self.optimizers["t"], -g_losses["entropy"], retain_graph=True)
@@ -788,14 +791,15 @@ def build_energy(spec: Any) -> EnergyGAN:
 
     Images get DCGAN conv nets with a normalisation-free critic and ``lam = 10``, Adam (0.5, 0.9)
     (MEG's 64x64 setting); vectors get MLPs with ``lam = 0.1`` and 5 critic steps. ``--opt`` keys:
-    penalty, lam, loss, critic_steps, optimizer, beta1, beta2, momentum, entropy, entropy_estimator,
-    knn_k, depth.
+    penalty, lam, loss, critic_steps, fresh_reals, optimizer, beta1, beta2, momentum, entropy,
+    entropy_estimator, knn_k, depth.
     """
     image = len(spec.shape) == 3
     return EnergyGAN(
         tuple(spec.shape), spec.z_dim, spec.width, spec.option("depth", 3),
         penalty=spec.option("penalty", "r1"), lam=spec.option("lam", 10.0 if image else 0.1),
         loss=spec.option("loss", "wasserstein"), critic_steps=spec.option("critic_steps", 5),
+        fresh_reals=spec.option("fresh_reals", True),
         optimizer=spec.option("optimizer", "adam"), lr=spec.lr,
         betas=(spec.option("beta1", 0.5), spec.option("beta2", 0.9)), momentum=spec.option("momentum", 0.0),
         entropy=spec.option("entropy", 0.0), entropy_estimator=spec.option("entropy_estimator", "knn"),

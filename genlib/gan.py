@@ -40,7 +40,7 @@ from genlib import nets
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
 from genlib.runtime import in_call_order
-from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32
+from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, split_batches
 from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
@@ -341,8 +341,9 @@ class GAN(GenerativeModel):
 
     Subclasses change the game through hooks: :meth:`build_discriminator`, :meth:`logits`,
     :meth:`d_losses` (must return ``loss_d``), :meth:`g_losses` (must return ``loss_g``),
-    :meth:`generate` and :meth:`g_modules`. Each discriminator step reuses the real batch
-    with fresh fakes (the loop hands one batch per step). Adam for both players.
+    :meth:`generate` and :meth:`g_modules`. Each discriminator step takes fresh fakes and, with ``fresh_reals``
+    (the default), its own real batch: the loop draws ``d_steps`` batches per step, as WGAN-GP's loop draws one per
+    critic iteration (``fresh_reals=False`` reuses one). Adam for both players.
 
     The defaults are the 2-D toy setting measured to work within a few CPU-seconds (see
     :data:`TOY_METHODS`): 3-hidden-layer MLPs of width 64, BatchNorm in the generator (as in
@@ -359,7 +360,7 @@ class GAN(GenerativeModel):
                  lr_d: float = 2e-3, lr_g: float = 2e-3, beta1: float = 0.5, beta2: float = 0.999,
                  loss: str = "non_saturating", d_steps: int = 1, arch: str = "auto", g_act: str = "relu",
                  d_act: str = "leaky_relu", g_batchnorm: bool = True, lr_decay_steps: int = 0,
-                 lr_final: float = 0.05):
+                 lr_final: float = 0.05, fresh_reals: bool = True):
         super().__init__()
         if loss not in GENERATOR_LOSSES:
             raise ValueError(f"loss must be one of {GENERATOR_LOSSES}, got {loss!r}")
@@ -367,6 +368,7 @@ class GAN(GenerativeModel):
             raise ValueError(f"d_steps must be >= 1, got {d_steps}")
         self.shape, self.z_dim, self.width, self.depth = tuple(shape), z_dim, width, depth
         self.conv, self.loss, self.d_steps = _use_conv(arch, shape), loss, d_steps
+        self.batches_per_step = d_steps if fresh_reals else 1  # fit draws a real batch per D update
         self.g_act, self.d_act, self.g_batchnorm = g_act, d_act, g_batchnorm
         self.generator = self.build_generator()
         self.discriminator = self.build_discriminator()
@@ -442,16 +444,18 @@ class GAN(GenerativeModel):
                 group["lr"] = self.base_lr[player] * fraction
 
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """``d_steps`` discriminator updates on reals ``x`` ``[B, *shape]`` (all on this one real batch, fresh fakes
-        each), then one generator update."""
+        """``d_steps`` discriminator updates, each on fresh fakes and (with ``fresh_reals``, the default) its own
+        batch of the ``batches_per_step`` that ``x`` joins, then one generator update with the last batch."""
         self.schedule_lr()
         self.updates += 1
-        for _ in range(self.d_steps):
+        batches = split_batches(x, self.batches_per_step)
+        for update in range(self.d_steps):
+            real = batches[update % len(batches)]
             with torch.no_grad():
-                fake = self.generate(len(x))
-            d_losses = self.d_losses(x, fake)
+                fake = self.generate(len(real))
+            d_losses = self.d_losses(real, fake)
             self.update("d", d_losses["loss_d"])
-        g_losses = self.g_losses(x)
+        g_losses = self.g_losses(real)
         self.update("g", g_losses["loss_g"])
         return {**d_losses, **g_losses}
 

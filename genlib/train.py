@@ -75,6 +75,10 @@ class GenerativeModel(nn.Module):
     changes no Python state or hyperparameter between steps (a step counter kept in Python, a learning-rate
     schedule). A family that claims it is checked by tests/test_train.py."""
 
+    batches_per_step: int = 1
+    """How many batches :func:`fit` draws for one :meth:`step`, concatenated along dim 0: a family whose critic takes
+    several updates per step sets it so that each update sees fresh reals (:func:`split_batches` undoes it)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -372,6 +376,21 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def draw_batches(sampler: Iterator[Batch], count: int) -> Batch:
+    """The next ``count`` batches ``(x, index)`` of ``sampler``, each part concatenated along dim 0."""
+    if count == 1:
+        return next(sampler)
+    xs, indices = zip(*(next(sampler) for _ in range(count)))
+    return torch.cat(xs), torch.cat(indices)
+
+
+def split_batches(x: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """Reals ``x`` [count * B, ...] as the ``count`` batches [B, ...] that :func:`draw_batches` joined."""
+    if count < 1 or len(x) % count:
+        raise ValueError(f"{len(x)} reals do not split into {count} equal batches")
+    return x.split(len(x) // count)
+
+
 def train_step(model: GenerativeModel, x: torch.Tensor, index: torch.Tensor, amp: bool) -> dict[str, torch.Tensor]:
     """One training step as :func:`fit` takes it: ``model.step`` under :func:`autocast_context`, then the EMA
     update; returns the step's losses."""
@@ -562,7 +581,7 @@ def fit(
     stop = _DeferredStop(enabled=path is not None)
     try:
         for step in range(start + 1, steps + 1):
-            x, index = next(sampler)
+            x, index = draw_batches(sampler, model.batches_per_step)
             model.train()
             losses = train_step(model, x, index, amp) if graph is None else graph(x, index)
             pending.append({k: v.detach().float() for k, v in losses.items()})

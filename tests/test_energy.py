@@ -679,12 +679,20 @@ def test_densest_disc_counts_a_sample_at_exactly_the_radius():
     assert share == max(counts) / len(points) == 0.75 and centre.tolist() == [0.0, 0.0]
 
 
-def test_each_step_takes_critic_steps_critic_updates_and_one_generator_update():
+@pytest.mark.parametrize("fresh_reals", [True, False])
+def test_each_step_takes_critic_steps_critic_updates_and_one_generator_update(fresh_reals):
     torch.manual_seed(0)
-    model = E.EnergyGAN((2,), z_dim=2, width=8, depth=2, critic_steps=3)
-    model.step(torch.randn(16, 2), torch.arange(16))
+    model = E.EnergyGAN((2,), z_dim=2, width=8, depth=2, critic_steps=3, fresh_reals=fresh_reals)
+    x = torch.randn(16 * model.batches_per_step, 2)  # what fit hands over: batches_per_step batches of 16, joined
+    seen, critic_losses, generator_losses = [], model.critic_losses, model.generator_losses
+    model.critic_losses = lambda real, fake: (seen.append((real, len(fake))), critic_losses(real, fake))[1]
+    model.generator_losses = lambda n: (seen.append((None, n)), generator_losses(n))[1]
+    model.step(x, torch.arange(len(x)))
     assert {float(s["step"]) for s in model.optimizers["u"].state.values()} == {3.0}
     assert {float(s["step"]) for s in model.optimizers["g"].state.values()} == {1.0}
+    expected = list(x.split(16)) if fresh_reals else [x] * 3  # each critic update its own batch, or the one again
+    assert all(torch.equal(real, want) for (real, _), want in zip(seen, expected))
+    assert [n for _, n in seen] == [16, 16, 16, 16]  # 16 fakes per critic update, 16 for the generator
 
 
 def test_each_player_gets_its_own_learning_rate():

@@ -490,13 +490,25 @@ def test_minibatch_discrimination_matches_a_loop_over_pairs_with_l1_distances():
     np.testing.assert_allclose(out[:, 4:], expected, rtol=1e-10)
 
 
-def test_each_step_takes_d_steps_discriminator_updates_and_one_generator_update():
+@pytest.mark.parametrize("fresh_reals", [True, False])
+def test_each_step_takes_d_steps_discriminator_updates_and_one_generator_update(fresh_reals):
     torch.manual_seed(0)
-    model = gan.GAN(width=8, d_steps=3)
-    model.step(torch.randn(16, 2), torch.arange(16))
+    model = gan.GAN(width=8, d_steps=3, fresh_reals=fresh_reals)
+    assert model.batches_per_step == (3 if fresh_reals else 1)
+    x = torch.randn(16 * model.batches_per_step, 2)  # what fit hands over: batches_per_step batches of 16, joined
+    seen, d_losses, g_losses = [], model.d_losses, model.g_losses
+    model.d_losses = lambda real, fake: (seen.append((real, len(fake))), d_losses(real, fake))[1]
+    model.g_losses = lambda real: (seen.append((real, None)), g_losses(real))[1]
+    model.step(x, torch.arange(len(x)))
     d_steps = {float(s["step"]) for s in model.optimizers["d"].state.values()}
     g_steps = {float(s["step"]) for s in model.optimizers["g"].state.values()}
     assert d_steps == {3.0} and g_steps == {1.0}
+    # each D update on its own batch of 16 reals (or the one batch again), against 16 fakes; G with the last batch
+    expected = list(x.split(16)) if fresh_reals else [x] * 3
+    assert [n_fakes for _, n_fakes in seen[:3]] == [16] * 3
+    assert all(torch.equal(real, want) for (real, _), want in zip(seen, [*expected, expected[-1]]))
+    with pytest.raises(ValueError, match="equal batches"):
+        gan.GAN(width=8, d_steps=3).step(torch.randn(16, 2), torch.arange(16))  # 16 reals are no 3 batches
 
 
 # ----------------------------------------------------------------------------- each family uses its own ingredient

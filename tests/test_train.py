@@ -18,7 +18,8 @@ from genlib.cli import FAMILIES
 from genlib.data import BatchSampler
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
-                          TrainClock, TrainingInterrupted, at_least_fp32, first_non_finite, fit, train_step)
+                          TrainClock, TrainingInterrupted, at_least_fp32, first_non_finite, fit, split_batches,
+                          train_step)
 
 
 def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,37 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert resumed == full
     for a, b in zip(reference, parameters(second)):
         assert torch.equal(a, b)
+
+
+class Recorder(MomentMatcher):
+    """MomentMatcher that asks for ``batches_per_step`` batches per step and keeps what each step received."""
+
+    batches_per_step = 3
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+
+    def step(self, x, index):
+        self.received.append((x.clone(), index.clone()))
+        return super().step(x, index)
+
+
+def test_fit_hands_a_step_its_batches_per_step_batches_joined_and_resumes_exactly(tmp_path):
+    model, (_, sampler) = Recorder(), make_run()
+    fit(model, sampler, 2, run_dir=tmp_path, checkpoint_every=1, log_every=1, progress=False)
+    _, reference = make_run()
+    batches = [next(reference) for _ in range(9)]  # 3 steps' worth, drawn one batch at a time
+    for step, (x, index) in enumerate(model.received):
+        torch.testing.assert_close(x, torch.cat([b[0] for b in batches[3 * step:3 * step + 3]]), rtol=0, atol=0)
+        torch.testing.assert_close(index, torch.cat([b[1] for b in batches[3 * step:3 * step + 3]]), rtol=0, atol=0)
+    resumed, (_, sampler) = Recorder(), make_run()
+    fit(resumed, sampler, 3, run_dir=tmp_path, checkpoint_every=1, log_every=1, progress=False)
+    assert len(resumed.received) == 1  # only the third step ran, on the sampler's next three batches
+    torch.testing.assert_close(resumed.received[0][0], torch.cat([b[0] for b in batches[6:]]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="equal batches"):
+        split_batches(torch.zeros(10, 2), 3)
+    assert [len(part) for part in split_batches(torch.zeros(12, 2), 3)] == [4, 4, 4]
 
 
 def test_a_resumed_run_sums_the_training_time_of_its_processes(tmp_path, monkeypatch):
@@ -472,19 +504,17 @@ def graph_obstacles(model: GenerativeModel, x: torch.Tensor) -> tuple[list[str],
 
 
 def tiny_family(family: str, shape: tuple[int, ...], *options: str) -> tuple[GenerativeModel, torch.Tensor]:
-    """A family as the CLI builds it, at width 8 on random data of ``shape``, and a batch of 16 for it."""
+    """A family as the CLI builds it, at width 8 on random data of ``shape``, and what fit would hand one step of
+    it: ``batches_per_step`` batches of 16, joined."""
     from genlib.cli import TrainSpec, build_family, parse_options
 
     torch.manual_seed(0)
-    if len(shape) == 1:
-        data = torch.randn(64, *shape)
-        x = data[:16]
-    else:
-        data = torch.randint(0, 256, (64, *shape), dtype=torch.uint8)
-        x = data[:16].float() / 127.5 - 1
+    data = torch.randn(128, *shape) if len(shape) == 1 else torch.randint(0, 256, (128, *shape), dtype=torch.uint8)
     spec = TrainSpec(data, shape, torch.device("cpu"), z_dim=8, width=8, lr=1e-3, batch_size=16,
                      options=parse_options(list(options)))
-    return build_family(family, spec), x
+    model = build_family(family, spec)
+    x = data[:16 * model.batches_per_step]
+    return model, (x if len(shape) == 1 else x.float() / 127.5 - 1)
 
 
 GRAPH_CASES = [("gan", f"variant={variant}") for variant in ("gan", "dragan", "ebgan", "mrgan", "minibatch", "pacgan")]

@@ -864,10 +864,11 @@ def test_laplacian_pyramid_collapses_back_and_matches_scipy():
     np.testing.assert_allclose(two_level[-1][1, 2].numpy(), smaller, atol=1e-12)
 
 
-@pytest.mark.parametrize("margin", [None, "median"])
+@pytest.mark.parametrize("margin", [None, "median", "log"])
 def test_imlekl_step_minimises_kl_variant_loss_on_its_own_draws(margin):
     """The step's loss is kl_variant_loss with sign +1 on the same two fake batches (same RNG), and both equal
-    mean_i [min_j |a_i - x_j|^2 + relu(m - min_k |a_i - b_k|^2)] written out with numpy."""
+    mean_i [min_j |a_i - x_j|^2 + relu(m - min_k |a_i - b_k|^2)] written out with numpy (with ``log_repulsion`` w:
+    mean_i [min_j |a_i - x_j|^2 - w log(eps + min_k |a_i - b_k|^2)])."""
     import copy
 
     import numpy as np
@@ -885,17 +886,42 @@ def test_imlekl_step_minimises_kl_variant_loss_on_its_own_draws(margin):
     if margin == "median":  # the hinge is active for about half of the fakes
         margin = float(np.median(repel))
         assert 0 < (repel < margin).sum() < len(repel)
-    model.margin = margin
-    by_hand = (attract - repel).mean() if margin is None else (attract + np.maximum(margin - repel, 0)).mean()
+    if margin == "log":
+        model.log_repulsion = 0.5
+        by_hand = (attract - 0.5 * np.log(imle.LOG_REPULSION_EPS + repel)).mean()
+    else:
+        model.margin = margin
+        by_hand = (attract - repel).mean() if margin is None else (attract + np.maximum(margin - repel, 0)).mean()
     torch.manual_seed(19)
     losses = model.step(reals, torch.arange(24))
-    reference = imle.kl_variant_loss(fakes, other, reals, margin=margin, sign=1).item()
-    assert abs(losses["loss"].item() - reference) < 1e-5 * max(1.0, abs(reference))
+    if margin != "log":
+        reference = imle.kl_variant_loss(fakes, other, reals, margin=margin, sign=1).item()
+        assert abs(losses["loss"].item() - reference) < 1e-5 * max(1.0, abs(reference))
     assert abs(losses["loss"].item() - by_hand) < 1e-5 * max(1.0, abs(by_hand))
     assert abs(by_hand) > 1e-3  # so that sign -1 would have failed
     assert abs(losses["attract"].item() - attract.mean()) < 1e-5 and abs(losses["repel"].item() - repel.mean()) < 1e-5
     changed = [not torch.equal(p, q) for p, q in zip(model.generator.parameters(), before.parameters())]
     assert any(changed)  # the step also took its gradient step
+
+
+def test_log_repulsion_pushes_harder_as_fakes_meet_where_the_squared_one_fades():
+    """The push on a fake from its nearest other fake at distance d: 2 w d / (eps + d^2) for the log repulsion
+    (growing as d falls towards sqrt(eps)), 2 d for the raw squared one (vanishing); autograd against both."""
+    reals = torch.tensor([[5.0, 5.0]])
+    push = {}
+    for d in (0.5, 0.05):
+        other = torch.tensor([[d, 0.0]])
+        for name, weight in (("log", 0.5), ("squared", None)):
+            fake = torch.zeros(1, 2, requires_grad=True)
+            attract, repel = imle.kl_variant_terms(fake, other, reals)
+            repulsion_only = imle._kl_per_fake(torch.zeros_like(attract), repel, None, weight).sum()
+            (grad,) = torch.autograd.grad(repulsion_only, fake)
+            push[name, d] = float(grad.norm())
+        assert push["log", d] == pytest.approx(2 * 0.5 * d / (imle.LOG_REPULSION_EPS + d**2), rel=1e-5)
+        assert push["squared", d] == pytest.approx(2 * d, rel=1e-5)
+    assert push["log", 0.05] > 9 * push["log", 0.5] and push["squared", 0.05] < push["squared", 0.5] / 9
+    with pytest.raises(ValueError, match="log_repulsion"):
+        imle.IMLEKL(MLP(2, 2, hidden=4, depth=1), 2, log_repulsion=0.0)
 
 
 @pytest.mark.parametrize("margin", [None, 1e-3])

@@ -387,7 +387,8 @@ def draw_batches(sampler: Iterator[Batch], count: int) -> Batch:
 def split_batches(x: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """Reals ``x`` [count * B, ...] as the ``count`` batches [B, ...] that :func:`draw_batches` joined."""
     if count < 1 or len(x) % count:
-        raise ValueError(f"{len(x)} reals do not split into {count} equal batches")
+        raise ValueError(f"{len(x)} reals do not split into {count} equal batches (a step of this model takes "
+                         f"batches_per_step = {count} batches, joined along dim 0, as fit draws them)")
     return x.split(len(x) // count)
 
 

@@ -102,8 +102,8 @@ class TrainSpec:
             if name in skip:
                 continue
             if name not in defaults or name == "shape":
-                raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: "
-                                 f"{', '.join(sorted(set(defaults) - {'shape'}))}")
+                known = sorted(set(defaults) - {"shape", *FLAG_FIELDS})  # the flags' fields are set by the flags
+                raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: {', '.join(known)}")
             if name in FLAG_FIELDS:
                 raise ValueError(f"--opt {name} would override the flag --{name.replace('_', '-')}: use the flag")
             kwargs[name] = self.option(name, defaults[name])

@@ -670,8 +670,11 @@ def test_boolean_options_read_every_documented_spelling_in_any_case(text, expect
 def test_an_opt_named_shape_is_refused_where_the_class_has_a_shape_default():
     """GAN(shape=(2,)) has a shape default: --opt shape=... must still be refused (the data fixes the shape)."""
     spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"shape": "3"})
-    with pytest.raises(ValueError, match="unknown option 'shape' for GAN"):
+    with pytest.raises(ValueError, match="unknown option 'shape' for GAN") as refused:
         cli.build_family("gan", spec)
+    known = str(refused.value).split("known: ")[1].split(", ")
+    assert "d_steps" in known and "fresh_reals" in known  # the keys it reads, not those the flags set
+    assert not {"shape", "z_dim", "width"} & set(known)
 
 
 def test_the_gan_variant_option_picks_the_class_and_is_not_passed_to_it():

@@ -326,9 +326,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
             continue
         if graph_safe_only and not model.graph_safe:
             continue
-        # A critic that wants fresh reals per update gets them; the rate still counts one batch per step.
-        reals = to_float(data[:batch_size * model.batches_per_step].to(device))
-        indices = torch.arange(len(reals), device=device)
+        reals, indices = step_reals(model, data, batch_size, device)
         ms = throughput_ms(lambda: train_step(model, reals, indices, amp=device.type == "cuda"), device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
@@ -347,6 +345,15 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
 SMALL_BATCH = {"channels": 1, "resolution": 28, "batch": 64}
 """The full-scale Fashion-MNIST runs' images and batch (tools/record_full.sh): steps this small are bound by kernel
 launches, not by arithmetic."""
+
+
+def step_reals(model: GenerativeModel, data: torch.Tensor, batch_size: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What fit hands one step of ``model``: its ``batches_per_step`` batches of ``batch_size`` rows of uint8
+    ``data`` (cycled when it has fewer), in [-1, 1] on ``device``, and their indices. A critic that wants fresh reals
+    per update gets them; the bench's rates still count one batch per step."""
+    index = torch.arange(batch_size * model.batches_per_step) % len(data)
+    return to_float(data[index].to(device)), index.to(device)
 
 
 def bench_small_batches(device: torch.device, steps: int) -> list[dict]:

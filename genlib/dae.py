@@ -649,7 +649,11 @@ class DAE(ScoreModel):
 def build_dde(spec: Any) -> DDEGenerator:
     """``python -m genlib train dde``: DDE generator with the spec's shape, z_dim, width and lr
     (the paper used Adam 1e-3); options such as ``sigma``, ``gen_every``, ``warmup``."""
-    return spec.construct(DDEGenerator, shape=tuple(spec.shape), z_dim=spec.z_dim, width=spec.width, lr=spec.lr)
+    if spec.option("energy_only", False):
+        raise ValueError("--opt energy_only trains e_p alone and leaves the generator untrained, so a run would "
+                         "score noise; it is for probing e_p in Python (DDEGenerator(energy_only=True))")
+    return spec.construct(DDEGenerator, skip=("energy_only",), shape=tuple(spec.shape), z_dim=spec.z_dim,
+                          width=spec.width, lr=spec.lr)
 
 
 def build_score(spec: Any) -> ScoreModel:

@@ -641,8 +641,8 @@ def snapshot_recorder(model: EnergyGAN, every: int = 50, lim: float = 3.0, resol
 # Measured on ring8 (std 0.05), seed 0, one CPU thread, when the recipe was chosen: one critic step per
 # generator step with a critic learning rate twice the generator's (4e-3 / 2e-3) reached hq 0.47 after 600
 # steps in 4.9 s (chapter 3's replay of that setting now prints 0.41); the WGAN-GP/MEG toy recipe of 5
-# critic steps at equal rates (1e-3) reached 0.33 after 500 steps in 15 s. The tables use the cheaper
-# recipe; the CLI builder keeps 5 critic steps.
+# critic steps at equal rates (1e-3) reached 0.33 after 500 steps in 15 s (its critic steps then shared one real
+# batch). The tables use the cheaper recipe; the CLI builder keeps 5 critic steps.
 CRITIC_ADAM: dict[str, Any] = dict(kind="adam", betas=(0.5, 0.9), momentum=0.0)
 """The critic's optimiser in every toy setting that varies only the generator's."""
 

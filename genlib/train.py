@@ -596,7 +596,8 @@ def fit(
             if flush:
                 means = log_means(history, step, pending)
                 pending = []
-                rate = x.shape[0] * (step - start) / max(time.perf_counter() - began, 1e-9)
+                # one batch per step, as the bench and run records count, however many the step drew
+                rate = x.shape[0] // model.batches_per_step * (step - start) / max(time.perf_counter() - began, 1e-9)
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in means.items()}, "samples/s": f"{rate:.3g}"},
                                 refresh=False)
                 if path is not None and (step % checkpoint_every == 0 or step == steps):

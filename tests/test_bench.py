@@ -222,6 +222,21 @@ def test_a_failed_capture_ends_the_graph_rows(monkeypatch, narrow_families):
     assert len(rows) > 2  # the eager rows of every graph-safe family came first
 
 
+def test_step_reals_gives_a_step_all_its_batches_even_from_fewer_rows():
+    """A critic with 5 updates per step at batch 512 needs 2,560 reals; the bench's 2,048 rows are cycled, so the
+    step splits them into 5 equal batches (it used to get 2,048 and fail)."""
+    from genlib.energy import EnergyGAN
+    from genlib.train import split_batches
+
+    model = EnergyGAN((2,), z_dim=2, width=4, depth=1, critic_steps=5)  # the reals are only sliced, not used
+    data = torch.arange(2048, dtype=torch.uint8).repeat_interleave(16).view(2048, 1, 4, 4)
+    reals, index = bench.step_reals(model, data, 512, torch.device("cpu"))
+    assert reals.shape == (2560, 1, 4, 4) and [len(batch) for batch in split_batches(reals, 5)] == [512] * 5
+    assert index.tolist() == [i % 2048 for i in range(2560)] and reals.min() >= -1 and reals.max() <= 1
+    one_batch, _ = bench.step_reals(EnergyGAN((2,), z_dim=2, width=4, depth=1, critic_steps=1), data, 512, "cpu")
+    assert len(one_batch) == 512
+
+
 def test_throughput_is_the_mean_over_back_to_back_calls(monkeypatch):
     """Warm-up calls are not timed; the timed calls share one clock reading before and one after."""
     calls, clock = [], iter([2.0, 2.5])

@@ -248,6 +248,9 @@ def test_builders_convert_options_and_reject_unknown_ones():
     assert model.optimizers["g"].defaults["betas"] == (0.5, 0.9) and model.sigma == 0.3 and not model.train_real
     with pytest.raises(ValueError, match="unknown option 'nope'"):
         dae.build_score(toy_spec({"nope": "1"}))
+    with pytest.raises(ValueError, match="energy_only"):  # the CLI would score an untrained generator
+        dae.build_dde(toy_spec({"energy_only": "yes"}))
+    assert not dae.build_dde(toy_spec({"energy_only": "no"})).energy_only
 
 
 def test_dde_sigma_anneals_geometrically_after_warmup():

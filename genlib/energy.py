@@ -57,7 +57,7 @@ from genlib import nets, runtime
 from genlib.gan import AutoEncoder, gradient_penalty, input_gradients, reconstruction_energy
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
-from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, fit, split_batches
+from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, fit, update_batches
 from genlib.train import snapshot_recorder as train_snapshots
 
 Critic = Callable[[Tensor], Tensor]
@@ -578,9 +578,7 @@ class EnergyGAN(GenerativeModel):
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """``critic_steps`` critic updates, each on fresh fakes and (with ``fresh_reals``) its own batch of the
         ``batches_per_step`` that x joins, then one generator update on a batch's worth of fakes."""
-        batches = split_batches(x, self.batches_per_step)
-        for update in range(self.critic_steps):
-            real = batches[update % len(batches)]
+        for real in update_batches(x, self.batches_per_step, self.critic_steps):
             with torch.no_grad():
                 fake = self.generator(self.noise(len(real)))
             u_losses = self.critic_losses(real, fake)

@@ -40,7 +40,7 @@ from genlib import nets
 from genlib.evaluate import coverage_runs
 from genlib.results import summarize_coverage
 from genlib.runtime import in_call_order
-from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, split_batches
+from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, update_batches
 from genlib.train import snapshot_recorder as train_snapshots
 
 __all__ = [
@@ -448,9 +448,7 @@ class GAN(GenerativeModel):
         batch of the ``batches_per_step`` that ``x`` joins, then one generator update with the last batch."""
         self.schedule_lr()
         self.updates += 1
-        batches = split_batches(x, self.batches_per_step)
-        for update in range(self.d_steps):
-            real = batches[update % len(batches)]
+        for real in update_batches(x, self.batches_per_step, self.d_steps):
             with torch.no_grad():
                 fake = self.generate(len(real))
             d_losses = self.d_losses(real, fake)

@@ -77,7 +77,7 @@ class GenerativeModel(nn.Module):
 
     batches_per_step: int = 1
     """How many batches :func:`fit` draws for one :meth:`step`, concatenated along dim 0: a family whose critic takes
-    several updates per step sets it so that each update sees fresh reals (:func:`split_batches` undoes it)."""
+    several updates per step sets it so that each update sees fresh reals (:func:`update_batches` hands them out)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -390,6 +390,13 @@ def split_batches(x: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"{len(x)} reals do not split into {count} equal batches (a step of this model takes "
                          f"batches_per_step = {count} batches, joined along dim 0, as fit draws them)")
     return x.split(len(x) // count)
+
+
+def update_batches(x: torch.Tensor, batches: int, updates: int) -> list[torch.Tensor]:
+    """The real batch of each of a step's ``updates`` critic updates: the ``batches`` batches that ``x`` joins, in
+    turn (one each when a family draws a batch per update; the one batch again when ``batches`` is 1)."""
+    parts = split_batches(x, batches)
+    return [parts[update % len(parts)] for update in range(updates)]
 
 
 def train_step(model: GenerativeModel, x: torch.Tensor, index: torch.Tensor, amp: bool) -> dict[str, torch.Tensor]:

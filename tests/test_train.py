@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CUDA
 from genlib.cli import FAMILIES
-from genlib.data import BatchSampler
+from genlib.data import BatchSampler, to_float
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
                           TrainClock, TrainingInterrupted, at_least_fp32, first_non_finite, fit, split_batches,
@@ -514,7 +514,7 @@ def tiny_family(family: str, shape: tuple[int, ...], *options: str) -> tuple[Gen
                      options=parse_options(list(options)))
     model = build_family(family, spec)
     x = data[:16 * model.batches_per_step]
-    return model, (x if len(shape) == 1 else x.float() / 127.5 - 1)
+    return model, (x if len(shape) == 1 else to_float(x))
 
 
 GRAPH_CASES = [("gan", f"variant={variant}") for variant in ("gan", "dragan", "ebgan", "mrgan", "minibatch", "pacgan")]

@@ -703,9 +703,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m genlib`` and of the ``genlib`` script."""
     args = make_parser().parse_args(argv)
-    from genlib.runtime import DeviceUnavailableError, MissingAssetError, max_steps
+    from genlib.runtime import DeviceUnavailableError, MissingAssetError, configure_threads, max_steps
     from genlib.train import NonFiniteLossError, TrainingInterrupted
 
+    if os.environ.get("GENLIB_THREADS"):  # unset: torch's own default (OMP_NUM_THREADS, else the cores)
+        configure_threads()
     try:
         if args.func in (cmd_train, cmd_compare) and max_steps() is not None:
             raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "

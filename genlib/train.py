@@ -271,6 +271,7 @@ def save_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, s
     losses of the steps since the last logged window (a save between log steps, after an interrupt)."""
     state = model.checkpoint_state()
     state.update(step=step, history=history, sampler=sampler.state_dict(), rng=rng_state(model.device),
+                 batches_per_step=model.batches_per_step,
                  clock=(clock or TrainClock()).now(), meta=meta, pending=pending or [])
     save_atomic(state, path)
 
@@ -281,12 +282,19 @@ def load_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, c
     the pending losses of the window in progress).
 
     With ``meta``, a checkpoint saved with other ``meta`` (another run's in the same folder) is a ValueError
-    naming the differences, before anything is loaded."""
+    naming the differences, before anything is loaded; so is one whose run drew another number of batches per
+    step than ``model.batches_per_step`` (its sampler position would mean other batches)."""
     state = torch.load(path, map_location=model.device, weights_only=False)
     saved = state.get("meta")
     if meta is not None and saved is not None and saved != meta:
         raise ValueError(f"{path} is the checkpoint of another run ({differences(saved, meta)}); resume it with "
                          "its own settings, or train into another folder")
+    drawn = state.get("batches_per_step", 1)  # checkpoints from before the key drew one batch per step
+    if drawn != model.batches_per_step:
+        raise ValueError(f"{path} was saved by a run that drew {drawn} real batch(es) per step, and this model "
+                         f"draws {model.batches_per_step}: resume it with a model that draws as many (checkpoints made "
+                         "before fresh reals per critic update drew one, as fresh_reals=False does), or train into "
+                         "another folder")
     model.load_checkpoint_state(state)
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"], model.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -267,6 +268,17 @@ def test_train_reports_the_chapters_metrics_on_a_toy(tmp_path):
     assert 0 <= saved["high_quality_fraction"] <= 1 and saved["eval_samples"] == 400 and saved["samples_per_s"] > 0
     assert isinstance(saved["mmd2"], float)
     assert (tmp_path / "run" / "samples.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_genlib_threads_sets_the_thread_count_a_run_records(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("GENLIB_THREADS", "1" if before != 1 else "2")
+    try:
+        cli.main(train_args(tmp_path / "run", 2) + ["--eval-samples", "0"])
+        recorded = json.loads((tmp_path / "run" / "run.json").read_text())["torch_threads"]
+    finally:
+        torch.set_num_threads(before)
+    assert recorded == int(os.environ["GENLIB_THREADS"])
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,21 @@ def test_fit_hands_a_step_its_batches_per_step_batches_joined_and_resumes_exactl
     assert [len(part) for part in split_batches(torch.zeros(12, 2), 3)] == [4, 4, 4]
 
 
+def test_a_checkpoint_drawing_another_number_of_batches_per_step_is_refused(tmp_path):
+    fit(MomentMatcher(), make_run()[1], 2, run_dir=tmp_path, checkpoint_every=1, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert state["batches_per_step"] == 1
+    del state["batches_per_step"]  # as a checkpoint saved before the key: it drew one batch per step
+    torch.save(state, tmp_path / CHECKPOINT)
+    recorder, sampler = Recorder(), make_run()[1]
+    with pytest.raises(ValueError, match="drew 1 real batch.*this model draws 3.*fresh_reals=False"):
+        fit(recorder, sampler, 4, run_dir=tmp_path, progress=False)
+    assert recorder.received == []
+    resumed = MomentMatcher()
+    fit(resumed, make_run()[1], 3, run_dir=tmp_path, progress=False)
+    assert resumed.calls == 1  # one batch per step on both sides: resumed at step 2
+
+
 def test_a_resumed_run_sums_the_training_time_of_its_processes(tmp_path, monkeypatch):
     ticks = iter(range(0, 100, 5))  # a fake clock: every reading is 5 s after the one before
     monkeypatch.setattr(TrainClock, "read", staticmethod(lambda: float(next(ticks))))

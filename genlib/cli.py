@@ -243,6 +243,8 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
     :func:`run_arguments`): writing there would overwrite or mix up a recorded run."""
     from genlib.train import CHECKPOINT, differences
 
+    if out.exists() and not out.is_dir():  # found now, not at the first save after hours of training
+        raise ValueError(f"--out {out} is a file, not a folder; name a folder (it is made if missing)")
     if command != "train" and (out / CHECKPOINT).exists():
         raise ValueError(f"{out} holds a training checkpoint ({CHECKPOINT}); use another --out")
     record = out / "run.json"
@@ -397,17 +399,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
     check_out(out, "compare", arguments)
     state = torch.load(partial, weights_only=False) if partial.exists() else {
         "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
-    if state["arguments"] != arguments:  # the recorded command must be the one that made every run
-        raise ValueError(f"{partial} holds runs of another comparison ({state['origin']['command']}); "
-                         "rerun that command to finish it, or use another --out")
+    # the recorded command must be the one that made every run; the folder's spelling does not count
+    found = train.differences({k: v for k, v in state["arguments"].items() if k != "out"},
+                        {k: v for k, v in arguments.items() if k != "out"})
+    if found:
+        raise ValueError(f"{partial} holds runs of another comparison ({found}; made by "
+                         f"{state['origin']['command']}); rerun that command to finish it, or use another --out")
     order = [(toy_name, method, seed) for toy_name in toys for method in methods for seed in seeds]
     done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
     for toy_name in toys:
         todo = [(method, seed) for method in methods for seed in seeds if (toy_name, method, seed) not in done]
         for _, row in toy_runs(todo, toy_name):
-            samples = row.pop("samples")
-            if row["seed"] == seeds[0]:
-                state["samples"][toy_name, row["method"]] = samples
+            samples = row.pop("samples")  # None for a run that diverged
+            if samples is not None:
+                state["samples"][toy_name, row["method"], row["seed"]] = samples
             state["rows"].append({"toy": toy_name, **row})
             train.save_atomic(state, partial)
             print(f"[{len(state['rows'])}/{len(order)}] {toy_name} {row['method']} seed {row['seed']}: "
@@ -423,16 +428,25 @@ def cmd_compare(args: argparse.Namespace) -> None:
     report = "\n\n".join(f"{toy_name}\n{results.coverage_table(table, timing='cpu_seconds', columns=columns)}"
                          for toy_name, table in summary.items())
     print(report)
-    viz.save_scatter_panels([(f"{toy_name}: {method}", state["samples"][toy_name, method], toys[toy_name].modes,
+    viz.save_scatter_panels([(*first_samples(state["samples"], toy_name, method, seeds), toys[toy_name].modes,
                               viz.view_half_width(toys[toy_name].modes)) for toy_name in toys for method in methods],
                             out / "samples.png",
-                            title=f"seed {seeds[0]}: samples (blue) and the modes (red)")
+                            title="each method's first seed that did not diverge: samples (blue) and the modes (red)")
     (out / "train.log").write_text(f"setting {args.setting}: batch {batch_size}, {setting}\n\n{report}\n")
     config = arguments | {"batch_size": batch_size, "overrides": setting, "jobs": args.jobs}
     results.record_run(out, device="cpu", config=config, metrics={"rows": rows, "summary": summary},
                        wall_time_s=sum(row["seconds"] for row in rows), origin=state["origin"])
     partial.unlink()
     print(f"recorded comparison in {out}")
+
+
+def first_samples(samples: dict, toy_name: str, method: str, seeds: list[int]) -> tuple[str, torch.Tensor]:
+    """(panel title, samples [n, 2]) of ``method``'s first seed on ``toy_name`` that did not diverge; no samples,
+    and a title that says so, where every seed diverged."""
+    seed = next((seed for seed in seeds if (toy_name, method, seed) in samples), None)
+    if seed is None:
+        return f"{toy_name}: {method} (diverged on every seed)", torch.empty(0, 2)
+    return f"{toy_name}: {method} (seed {seed})", samples[toy_name, method, seed]
 
 
 def split_names(spec: str, known: list[str]) -> list[str]:
@@ -444,6 +458,8 @@ def split_names(spec: str, known: list[str]) -> list[str]:
                      if rest == name or rest.startswith(name + ",")), None)
         if name is None:
             raise ValueError(f"unknown method {rest.split(',')[0]!r}; known: {', '.join(known)}")
+        if name in names:
+            raise ValueError(f"method {name!r} is named twice: each would count twice in the summary")
         names.append(name)
         rest = rest[len(name) + 1:]
     return names
@@ -564,9 +580,10 @@ def _count(text: str) -> int:
 
 
 def _seed_list(text: str) -> str:
-    """argparse type of ``compare --seeds``: comma-separated non-negative integers (kept as the text)."""
-    for seed in text.split(","):
-        _count(seed)
+    """argparse type of ``compare --seeds``: comma-separated distinct non-negative integers (kept as the text)."""
+    seeds = [_count(seed) for seed in text.split(",")]
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is named twice in {text!r}: its run would count twice")
     return text
 
 

@@ -14,7 +14,6 @@ Files are searched for in ``root``, then ``$GENLIB_DATA`` (default ``~/.cache/ge
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import inspect
@@ -23,17 +22,18 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from genlib import runtime
 
 # --------------------------------------------------------------------------------------
 # 2-D toy distributions
@@ -400,7 +400,7 @@ def _try_download_idx(name: str, split: str) -> str:
             url, dest = IDX_URLS[name] + stem + ".gz", data_home() / name / f"{stem}.gz"
             print(f"downloading {url} -> {dest}", file=sys.stderr)
             with urllib.request.urlopen(url, timeout=30) as response:
-                _atomic_write(dest, lambda f: f.write(response.read()))
+                runtime.write_atomically(dest, lambda f: f.write(response.read()))
     except OSError as e:  # URLError and socket timeouts are OSErrors
         return f" (Downloading failed: {e}.)"
     return ""
@@ -499,9 +499,9 @@ def decode_folder(
     if cached is not None:
         return torch.from_numpy(cached)
     array = _decode_all(paths, resolution, crop_fraction, workers or os.cpu_count() or 1, progress)
-    _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, array))
+    runtime.write_atomically(stem.with_suffix(".npy"), lambda f: np.save(f, array))
     # The JSON is written last: it marks the .npy as complete.
-    _atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    runtime.write_atomically(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return torch.from_numpy(array)
 
 
@@ -585,21 +585,6 @@ def decode_image(path: str | os.PathLike[str], resolution: int, crop_fraction: f
     left, top = (w - side) // 2, (h - side) // 2
     square = rgb.crop((left, top, left + side, top + side))
     return np.asarray(square.resize((resolution, resolution), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace``, so that a
-    crash never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------

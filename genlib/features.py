@@ -245,9 +245,7 @@ def save_classifier(model: FashionClassifier, path_npz: str | os.PathLike[str], 
     arrays = {k: v.detach().cpu().contiguous().float().numpy() for k, v in model.state_dict().items()}
     # the architecture travels inside the weights file so the .npz alone can rebuild the model
     arrays["__config__"] = np.array(json.dumps(model.config))
-    tmp = path_npz.with_name(path_npz.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path_npz)  # atomic: a crash never leaves half a weights file
+    runtime.write_atomically(path_npz, lambda file: np.savez_compressed(file, **arrays))
     meta = {
         **info, "architecture": type(model).__name__, "config": model.config,
         "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,

@@ -100,11 +100,11 @@ def runnable(command: str) -> str:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON atomically (:func:`genlib.runtime.write_atomically`)."""
+    from genlib.runtime import write_atomically
+
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n"
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def _jsonable(value: object) -> object:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -83,6 +84,7 @@ class GenerativeModel(nn.Module):
         super().__init__()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.ema: nn.Module | None = None
+        self.ema_decay: float | None = None  # the EMA's decay; 0.0: none, as asked (fit's ema_decay=0), kept on resume
         self.graph_captured_at: int | None = None  # the step from which fit replayed a CUDA graph, if it did
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,7 +151,7 @@ class GenerativeModel(nn.Module):
     def checkpoint_state(self) -> dict:
         """Everything needed to resume: weights (with EMA) and optimiser states."""
         return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "ema_decay": self.ema_decay if self.ema is not None else None,
+                "ema_decay": self.ema_decay if self.ema is not None or self.ema_decay == 0.0 else None,
                 "ema_updates": int(self.ema_updates) if self.ema is not None else None}
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -163,6 +165,8 @@ class GenerativeModel(nn.Module):
         saved_ema = any(key.startswith("ema.") for key in weights)
         if saved_ema and self.ema is None:
             self.attach_ema(state.get("ema_decay") or 0.999)  # older checkpoints did not store the decay
+        if not saved_ema and self.ema is None and state.get("ema_decay") == 0.0:
+            self.ema_decay = 0.0  # a run told to keep no average still keeps none
         if self.ema is not None and not saved_ema:
             decay, self.ema = self.ema_decay, None
             self.load_state_dict(weights)
@@ -256,11 +260,8 @@ def set_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
 
 
 def save_atomic(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`genlib.runtime.write_atomically`: a crash never leaves a half-written file."""
+    runtime.write_atomically(path, lambda file: torch.save(obj, file))
 
 
 def save_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, step: int, history: History,
@@ -284,7 +285,10 @@ def load_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, c
     With ``meta``, a checkpoint saved with other ``meta`` (another run's in the same folder) is a ValueError
     naming the differences, before anything is loaded; so is one whose run drew another number of batches per
     step than ``model.batches_per_step`` (its sampler position would mean other batches)."""
-    state = torch.load(path, map_location=model.device, weights_only=False)
+    try:
+        state = torch.load(path, map_location=model.device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); move it aside to train from the start") from error
     saved = state.get("meta")
     if meta is not None and saved is not None and saved != meta:
         raise ValueError(f"{path} is the checkpoint of another run ({differences(saved, meta)}); resume it with "
@@ -355,6 +359,15 @@ def log_means(history: History, step: int, pending: list[dict[str, torch.Tensor]
     for name in [name for name in dict.fromkeys([*history, *means]) if name != "step"]:
         history.setdefault(name, [math.nan] * logged).append(means.get(name, math.nan))
     return means
+
+
+def unlog_last(history: History) -> None:
+    """Remove the last logged window from ``history`` (and a loss that only it reported)."""
+    history["step"].pop()
+    for name in [name for name in history if name != "step"]:
+        history[name].pop()
+        if all(math.isnan(value) for value in history[name]):
+            del history[name]
 
 
 def non_finite_error(step: int, losses: dict[str, float], path: Path | None,
@@ -551,8 +564,10 @@ def fit(
     ``checkpoint_every`` steps, and one stopped by Ctrl-C (SIGINT) or SIGTERM none, since it finishes the step in
     progress, saves it and raises :class:`TrainingInterrupted` (a second Ctrl-C stops at once). ``meta``, saved with
     every checkpoint, must match a resumed checkpoint's (see :func:`load_checkpoint`); resuming a checkpoint
-    already past ``steps`` is a ValueError. ``amp`` (bf16 autocast) and ``ema_decay``
-    default to on (0.999) on CUDA and off on the CPU. ``callback(step, model)`` runs every
+    already past ``steps`` is a ValueError. ``amp`` (bf16 autocast) defaults to on on CUDA and off on the CPU, and
+    so does an EMA (:func:`default_ema_decay`), except that a resumed run left to the default keeps its
+    checkpoint's average, or none if it was trained with ``ema_decay=0``; a decay given wins over the checkpoint's.
+    ``callback(step, model)`` runs every
     ``callback_every`` steps (e.g. to record snapshots for a figure). ``clock`` (a :class:`TrainClock`),
     if given, times the training, going on from a resumed checkpoint's: read it after the call. ``cuda_graph``
     replays the step as a CUDA graph (:class:`StepGraph`, for ``graph_safe`` families on CUDA; default: the
@@ -569,10 +584,10 @@ def fit(
     device = model.device
     on_cuda = device.type == "cuda"
     amp = on_cuda if amp is None else amp
-    if ema_decay is None and on_cuda and model.ema_source() is not None:
-        ema_decay = 0.999
-    if ema_decay and model.ema is None:
+    if ema_decay and model.ema is None:  # asked for: before a resume, so that it wins over the checkpoint's
         model.attach_ema(ema_decay)
+    elif ema_decay == 0.0 and model.ema is None:
+        model.ema_decay = 0.0  # saved with the checkpoints: a resume with the default keeps no average either
 
     path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
     if path is not None and not all(hasattr(sampler, name) for name in ("state_dict", "load_state_dict")):
@@ -589,6 +604,13 @@ def fit(
         if start > steps:
             raise ValueError(f"{path} is at step {start}, past the {steps} steps asked for: ask for at least "
                              f"{start}, or train into another folder")
+        if steps > start and pending and history["step"] and history["step"][-1] == start:
+            unlog_last(history)  # a shorter run's last window, cut by its end: it goes on to its log step
+    default_decay = default_ema_decay(device)
+    # the default after a resume: the checkpoint's average, or its refusal of one, holds; else the device's default
+    if ema_decay is None and default_decay and model.ema is None and model.ema_decay != 0.0 \
+            and model.ema_source() is not None:
+        model.attach_ema(default_decay)
 
     graph = StepGraph(model, amp) if use_cuda_graph(model, device, cuda_graph) else None
     model.graph_captured_at = None
@@ -603,21 +625,26 @@ def fit(
             pending.append({k: v.detach().float() for k, v in losses.items()})
             if callback is not None and callback_every and step % callback_every == 0:
                 callback(step, model)
-            flush = step % log_every == 0 or step == steps or (path is not None and step % checkpoint_every == 0)
-            if flush or stop.signum is not None:
+            log_now = step % log_every == 0 or step == steps
+            # a checkpoint between log steps saves the window in progress: the logged history is the same
+            save_now = path is not None and (step % checkpoint_every == 0 or step == steps)
+            if log_now or save_now or stop.signum is not None:
                 bad = first_non_finite(pending, step - len(pending) + 1)
                 if bad is not None:
                     raise non_finite_error(*bad, path, last_saved)
-            if flush:
+            window = pending
+            if log_now:
                 means = log_means(history, step, pending)
                 pending = []
                 # one batch per step, as the bench and run records count, however many the step drew
                 rate = x.shape[0] // model.batches_per_step * (step - start) / max(time.perf_counter() - began, 1e-9)
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in means.items()}, "samples/s": f"{rate:.3g}"},
                                 refresh=False)
-                if path is not None and (step % checkpoint_every == 0 or step == steps):
-                    save_checkpoint(path, model, sampler, step, history, clock, meta)
-                    last_saved = step
+            if save_now:
+                # the last window of a run that ends between log steps is kept raw too: a longer run reopens it
+                cut = log_now and step % log_every != 0
+                save_checkpoint(path, model, sampler, step, history, clock, meta, window if cut else pending)
+                last_saved = step
             if stop.signum is not None:  # before the bar writes again: a Ctrl-C may have closed its pipe
                 if last_saved != step:  # the window in progress is saved as it is: the history stays the same
                     save_checkpoint(path, model, sampler, step, history, clock, meta, pending)
@@ -633,6 +660,11 @@ def fit(
             model.graph_captured_at = start + graph.captured_at + 1
     model.eval()
     return history
+
+
+def default_ema_decay(device: torch.device) -> float | None:
+    """The EMA decay :func:`fit` keeps when not told: 0.999 on CUDA, where runs are long, none on the CPU."""
+    return 0.999 if device.type == "cuda" else None
 
 
 class _DeferredStop:

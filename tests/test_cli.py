@@ -208,7 +208,8 @@ def test_ema_flag_keeps_an_average_on_the_cpu_that_samples_and_zero_keeps_none(t
     cli.main(train_args(tmp_path / "ema", 20) + ["--ema", "0.9"])
     cli.main(train_args(tmp_path / "plain", 20) + ["--ema", "0"])
     kept, plain = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("ema", "plain"))
-    assert kept["ema_decay"] == 0.9 and kept["ema_updates"] == 20 and plain["ema_decay"] is None
+    # --ema 0 is saved as 0.0, not None: resumed on a GPU, whose default is an average, the run still keeps none
+    assert kept["ema_decay"] == 0.9 and kept["ema_updates"] == 20 and plain["ema_decay"] == 0.0
     averaged = {key: value for key, value in kept["model"].items() if key.startswith("ema.")}
     assert averaged and not any(key.startswith("ema.") for key in plain["model"])
     live = {key: value for key, value in kept["model"].items() if key.startswith("generator.")}  # IMLE's net
@@ -471,7 +472,44 @@ def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch
         cli.main(compare_args(tmp_path))
     with pytest.raises(SystemExit):
         cli.main(compare_args(tmp_path, "--steps", "6"))
-    assert "holds runs of another comparison" in capsys.readouterr().err
+    assert "holds runs of another comparison (steps: 5 there, 6 here" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "coverage_run", real)
+    cli.main(compare_args(f"{tmp_path}/./"))  # the folder spelled otherwise: the same comparison, finished
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["rows"]) == 4
+
+
+def test_compare_draws_each_method_s_first_seed_that_did_not_diverge(tmp_path, monkeypatch):
+    from genlib import evaluate, viz
+
+    real, panels = evaluate.coverage_run, []
+
+    def diverge(make_model, toy, seed, *args, desc, **kwargs):
+        row = real(make_model, toy, seed, *args, desc=desc, **kwargs)
+        if desc.startswith("PacGAN") or seed == 0:  # PacGAN on every seed, GAN on its first
+            row.update(samples=None, modes=0, hq=0.0, diverged=True)
+        return row
+
+    monkeypatch.setattr(evaluate, "coverage_run", diverge)
+    monkeypatch.setattr(viz, "save_scatter_panels", lambda drawn, path, **kwargs: panels.extend(drawn))
+    cli.main(compare_args(tmp_path))
+    assert [(title, len(samples)) for title, samples, _, _ in panels] == [
+        ("ring8: GAN (seed 1)", len(panels[0][1])), ("ring8: PacGAN (diverged on every seed)", 0)]
+    assert len(panels[0][1]) > 0 and (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [(["--seeds", "0,1,0"], "a seed is named twice"),
+                                            (["--methods", "GAN,PacGAN,GAN"], "named twice")])
+def test_compare_refuses_a_seed_or_method_named_twice(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        cli.main(compare_args(tmp_path) + extra)
+    assert message in capsys.readouterr().err and not (tmp_path / "partial.pt").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        cli.main(train_args(tmp_path / "afile", 3))
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [(["--methods", "GAN,WGAN"], "unknown method"),

@@ -191,6 +191,28 @@ def test_a_run_resumes_where_the_ema_default_differs_as_between_a_gpu_and_a_cpu(
         torch.testing.assert_close(have, want, rtol=0, atol=0)
 
 
+def test_a_resume_left_to_a_gpu_s_ema_default_keeps_the_checkpoint_s_decay_or_its_absence(tmp_path, monkeypatch):
+    """With the device's default decay 0.999 (as on CUDA), a run trained with 0.5 resumes with 0.5, one trained
+    with ema_decay=0 resumes with none, and one trained where the default was none starts one."""
+    import genlib.train as train_module
+
+    for name, trained_with, default_there in (("decay", 0.5, None), ("none", 0.0, None), ("cpu", None, None)):
+        monkeypatch.setattr(train_module, "default_ema_decay", lambda device, default=default_there: default)
+        model, sampler = make_run()
+        fit(model, sampler, 20, run_dir=tmp_path / name, log_every=10, ema_decay=trained_with, progress=False)
+    monkeypatch.setattr(train_module, "default_ema_decay", lambda device: 0.999)
+    resumed = {}
+    for name in ("decay", "none", "cpu"):
+        resumed[name], sampler = make_run()
+        fit(resumed[name], sampler, 30, run_dir=tmp_path / name, log_every=10, progress=False)
+    assert resumed["decay"].ema_decay == 0.5
+    assert resumed["none"].ema is None
+    assert resumed["cpu"].ema is not None and resumed["cpu"].ema_decay == 0.999
+    fresh, sampler = make_run()
+    fit(fresh, sampler, 10, log_every=10, progress=False)
+    assert fresh.ema_decay == 0.999
+
+
 def test_ema_follows_its_recursion_with_the_warm_up():
     model, sampler = make_run()
     model.attach_ema(0.8)
@@ -323,7 +345,7 @@ def test_checkpointing_from_a_sampler_without_state_is_refused_before_any_step(t
     assert model.calls == 5
 
 
-def test_checkpoints_are_written_atomically(tmp_path):
+def test_a_run_leaves_only_its_checkpoint_in_its_folder(tmp_path):
     model, sampler = make_run()
     fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
@@ -867,9 +889,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
     fit(model, sampler, 10, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
     real_save = torch.save
 
-    def crash_half_way(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:  # a few bytes land in the file, then the process "dies"
-            out.write(b"PK\x03\x04 half a checkpoint")
+    def crash_half_way(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")  # a few bytes land in the file, then the process "dies"
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_half_way)
@@ -878,10 +899,14 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
         fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 10
+    assert sorted(path.name for path in tmp_path.iterdir()) == [CHECKPOINT]  # the temporary file is gone too
+    (tmp_path / CHECKPOINT).write_bytes(b"PK\x03\x04 half a checkpoint")  # torn by something else
+    with pytest.raises(ValueError, match="cannot be read.*move it aside"):
+        fit(make_run()[0], make_run()[1], 20, run_dir=tmp_path, progress=False)
 
 
 def test_a_crash_loses_at_most_checkpoint_every_steps_whatever_log_every(tmp_path):
-    """Checkpoint steps that are not log steps still save (and log their window)."""
+    """Checkpoint steps that are not log steps still save, with the window in progress unlogged."""
     def crash(step, _model):
         raise RuntimeError("crash")
 
@@ -890,7 +915,19 @@ def test_a_crash_loses_at_most_checkpoint_every_steps_whatever_log_every(tmp_pat
         fit(model, sampler, 100, run_dir=tmp_path, checkpoint_every=10, log_every=50, progress=False,
             callback=crash, callback_every=25)
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
-    assert saved["step"] == 20 and saved["history"]["step"] == [10, 20]
+    assert saved["step"] == 20 and saved["history"]["step"] == [] and len(saved["pending"]) == 20
+
+
+def test_the_logged_history_does_not_depend_on_checkpoints_or_resumes(tmp_path):
+    """Windows of log_every steps, with or without run_dir, whatever checkpoint_every, resumed or not."""
+    plain = fit(make_run()[0], make_run()[1], 100, log_every=50, progress=False)
+    checkpointed = fit(make_run()[0], make_run()[1], 100, run_dir=tmp_path / "a", checkpoint_every=30, log_every=50,
+                       progress=False)
+    fit(make_run()[0], make_run()[1], 60, run_dir=tmp_path / "b", checkpoint_every=30, log_every=50, progress=False)
+    extended = fit(make_run()[0], make_run()[1], 100, run_dir=tmp_path / "b", checkpoint_every=30, log_every=50,
+                   progress=False)
+    assert plain["step"] == [50, 100]
+    assert checkpointed == plain and extended == plain
 
 
 @pytest.mark.usefixtures("python_sigint")

@@ -557,6 +557,17 @@ def _search_size(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate of 0 would train nothing, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -639,7 +650,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=64, help="training batch")
     train.add_argument("--z-dim", type=_positive_int, default=64, help="noise or code dimension")
     train.add_argument("--width", type=_positive_int, default=64, help="base channel width of conv nets / MLP width")
-    train.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate")
     train.add_argument("--seed", type=_count, default=0, help="seed of the data order, the nets and the noise")
     train.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, run.json, metrics.json, samples.png")

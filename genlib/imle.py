@@ -1151,6 +1151,13 @@ class GLO(GenerativeModel):
         return self.decode(self.sample_codes(n))
 
 
+class UnitSphere(nn.Module):
+    """Puts each row of x [B, d] on the unit sphere, where GLO keeps its codes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1)
+
+
 class GLANN(GenerativeModel):
     """GLANN: GLO, then IMLE in GLO's code space; samples go noise z -> T(z) -> G(T(z)) = x.
 
@@ -1168,18 +1175,22 @@ class GLANN(GenerativeModel):
     history, each key's entries belong to the log steps of its own stage. Defaults follow
     GLANN: 2x random codes per data point, exact flat L2 search re-run every ``refresh_every``
     mapper steps (the reference re-matches about once an epoch; 50 steps is about 3 epochs of 1,000 codes in
-    batches of 64 and 1/19 of one of 60,000), Adam 1e-3 (0.5, 0.999).
+    batches of 64 and 1/19 of one of 60,000), Adam 1e-3 (0.5, 0.999). With ``sphere`` the mapper ends in
+    :class:`UnitSphere`: its outputs, matched and trained as they are sampled, lie on GLO's sphere (the paper's
+    mapper has no such layer; chapter 1 measures why its codes otherwise come out short).
     """
 
     def __init__(self, glo: GLO, *, glo_steps: int = 0, noise_dim: int = 32, hidden: int = 128,
                  fakes_per_real: int = 2, refresh_every: int = 50, z_jitter: float = 0.01, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.5, 0.999)):
+                 betas: tuple[float, float] = (0.5, 0.999), sphere: bool = False):
         super().__init__()
         if glo_steps < 0:
             raise ValueError(f"glo_steps must be >= 0, got {glo_steps}")
         self.glo, self.glo_steps, self.noise_dim = glo, glo_steps, noise_dim
         codes = glo.latent_codes()
         mapper = MLP(noise_dim, glo.z_dim, hidden=hidden, depth=2, act="relu", norm="layer").to(codes.device)
+        if sphere:
+            mapper = nn.Sequential(mapper, UnitSphere())
         self.mapper = IMLE(mapper, noise_dim, fakes_per_real=fakes_per_real, refresh_every=refresh_every,
                            data=codes, z_jitter=z_jitter, lr=lr, betas=betas)
         # Every optimiser of both stages, so that a checkpoint resumes either stage exactly.
@@ -1259,6 +1270,6 @@ def _distance_for(spec: TrainSpec, option: str, name: str) -> str:
 
 def build_glann(spec: TrainSpec) -> GLANN:
     """GLANN for the CLI (GLO then latent IMLE in one run); ``--opt`` glo_steps (1000), noise_dim (32),
-    refresh_every (50), plus the GLO options."""
+    refresh_every (50), sphere (no: the mapper's outputs as they come), plus the GLO options."""
     return GLANN(build_glo(spec), glo_steps=spec.option("glo_steps", 1000), noise_dim=spec.option("noise_dim", 32),
-                 refresh_every=spec.option("refresh_every", 50))
+                 refresh_every=spec.option("refresh_every", 50), sphere=spec.option("sphere", False))

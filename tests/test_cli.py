@@ -505,6 +505,13 @@ def test_compare_refuses_a_seed_or_method_named_twice(tmp_path, capsys, extra, m
     assert message in capsys.readouterr().err and not (tmp_path / "partial.pt").exists()
 
 
+@pytest.mark.parametrize("lr", ["0", "-1e-3", "nan", "inf", "fast"])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused(tmp_path, capsys, lr):
+    with pytest.raises(SystemExit):
+        cli.main(train_args(tmp_path / "run", 3) + [f"--lr={lr}"])  # "=": argparse takes -1e-3 for a flag
+    assert "must be a positive number" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(SystemExit):

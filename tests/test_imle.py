@@ -746,6 +746,23 @@ def test_soft_assignment_equals_a_softmax_computed_by_hand():
     assert ((largest > 0.2) & (largest < 0.99)).sum() >= 3
 
 
+def test_a_sphere_glann_trains_and_samples_codes_of_norm_one(trained_glo):
+    from genlib.cli import TrainSpec
+
+    glo, images, _ = trained_glo
+    torch.manual_seed(3)
+    glann = imle.GLANN(glo, noise_dim=8, refresh_every=4, sphere=True)
+    history = fit(glann, BatchSampler(images, 32, "cpu", seed=0), 8, progress=False, log_every=4)
+    assert all(math.isfinite(value) for value in history["match_dist"])
+    torch.testing.assert_close(glann.sample_codes(50).norm(dim=1), torch.ones(50), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        raw = glann.mapper.generator[0](torch.randn(50, 8))  # the MLP before the projection
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(50), atol=1e-3)  # the layer does the work
+    spec = TrainSpec(images, (1, 8, 8), torch.device("cpu"), width=8, z_dim=glo.z_dim, options={"sphere": "yes"})
+    assert isinstance(imle.build_glann(spec).mapper.generator[-1], imle.UnitSphere)
+    assert not isinstance(imle.GLANN(glo, noise_dim=8).mapper.generator[-1], imle.UnitSphere)
+
+
 def test_glann_sample_is_g_of_t_of_the_same_noise(trained_glo):
     glo, _, _ = trained_glo
     torch.manual_seed(12)

@@ -42,7 +42,7 @@ def dry_run_commands() -> list[str]:
 def test_every_command_parses_and_records_under_results():
     commands = dry_run_commands()
     names = [line.split(":")[0] for line in script("--list").stdout.splitlines()]
-    assert len(commands) == len(names) == 10 and "bench" in names
+    assert len(commands) == len(names) == 11 and "bench" in names
     for command in commands:
         args = cli.make_parser().parse_args(genlib_arguments(command))
         assert args.out.startswith("results/") and args.out.endswith("TAG"), command

@@ -17,7 +17,8 @@ PYTHON="${GENLIB_PYTHON:-python}"
 
 # One run per line, "NAME ARGUMENTS", in the default order: the benchmark (re-measured at every call: the search
 # and the steps change between leases; beside a committed record it goes to results/bench-TAG-YYYYMMDD), then the
-# runs that open issues still wait for, each group shortest first (chapter 1's GLO, GLANN and IMLE; chapter 5's
+# runs that open issues still wait for, each group shortest first (chapter 1's GLO, GLANN (plain and with its
+# mapper on the sphere) and IMLE; chapter 5's
 # RealNVP; chapter 3's energy model; chapter 4's NCSN), then the
 # extras (chapter 4's DDE, chapter 2's PacGAN and DCGAN), so that a short lease records what matters most. Measured on
 # an H200: the DCGAN 151 s of training, the energy model 31-34 steps/s (~10 min; that log was not kept); the others
@@ -27,6 +28,7 @@ RUNS="\
 bench bench
 ch01_glo_fashion train glo --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt loss=lap1 --opt code_lr=1e-2
 ch01_glann_fashion train glann --data fashion-mnist --steps 25000 --lr 1e-3 --z-dim 64 --opt glo_steps=20000 --opt loss=lap1 --opt code_lr=1e-2
+ch01_glann_sphere_fashion train glann --data fashion-mnist --steps 25000 --lr 1e-3 --z-dim 64 --opt glo_steps=20000 --opt loss=lap1 --opt code_lr=1e-2 --opt sphere=yes
 ch01_imle_fashion train imle --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt fakes_per_real=10 --opt refresh_every=4690
 ch05_realnvp_fashion train realnvp --data fashion-mnist --steps 30000 --batch-size 64 --width 64 --lr 1e-3 --opt scales=3 --opt blocks=4 --opt decay_steps=30000
 ch03_energy_fashion train energy --data fashion-mnist --steps 20000 --batch-size 64 --z-dim 128 --lr 1e-4

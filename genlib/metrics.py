@@ -32,6 +32,7 @@ __all__ = [
     "one_nn_accuracies",
     "one_nn_accuracy",
     "pairwise_sq_dists",
+    "uniform_square_coverage",
     "wasserstein",
 ]
 
@@ -186,6 +187,18 @@ def coverage_by_chance(hit_probs: Tensor, n_samples: int) -> tuple[float, float,
     cov = both_missed - missed[:, None] * missed[None, :]  # cov of the 'missed' indicators
     cov.diagonal().copy_(missed * (1 - missed))
     return float(len(p) - missed.sum()), float(cov.sum().clamp_min(0).sqrt()), float(p.sum())
+
+
+def uniform_square_coverage(modes: Tensor, std: float, half_width: float, n_samples: int,
+                            threshold: float = 3.0) -> tuple[float, float, float]:
+    """:func:`coverage_by_chance` of ``n_samples`` points uniform on the square [-half_width, half_width]^2 around
+    2-D modes [k, 2] of component ``std``: one point lands within ``threshold`` std of a mode with chance
+    pi (threshold std)^2 / (2 half_width)^2, the disc's share of the square (every disc must lie inside it)."""
+    radius = threshold * std
+    if float(modes.abs().max()) + radius > half_width:
+        raise ValueError(f"a mode's disc of radius {radius:g} reaches beyond the square of half-width {half_width:g}")
+    hit = math.pi * radius ** 2 / (2 * half_width) ** 2
+    return coverage_by_chance(torch.full((len(modes),), hit), n_samples)
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:

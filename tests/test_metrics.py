@@ -145,7 +145,7 @@ def test_coverage_by_chance_matches_enumeration(hit_probs, n):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
-def test_coverage_by_chance_matches_uniform_noise_on_a_ring():
+def test_uniform_square_coverage_matches_uniform_noise_on_a_ring():
     """Uniform points over a square around 8 tight modes, scored by mode_coverage, over many draws."""
     gen = torch.Generator().manual_seed(0)
     std, half_width, n, draws = 0.1, 2.6, 200, 2000
@@ -154,11 +154,12 @@ def test_coverage_by_chance_matches_uniform_noise_on_a_ring():
     scores = [M.mode_coverage((torch.rand(n, 2, generator=gen, dtype=torch.float64) * 2 - 1) * half_width,
                               modes, std) for _ in range(draws)]
     covered = torch.tensor([c for c, _ in scores], dtype=torch.float64)
-    hit = math.pi * (3 * std) ** 2 / (2 * half_width) ** 2  # each mode's ball lies inside the square
-    mean, sd, hq = M.coverage_by_chance(torch.full((8,), hit), n)
+    mean, sd, hq = M.uniform_square_coverage(modes, std, half_width, n)
     assert abs(covered.mean().item() - mean) < 4 * sd / math.sqrt(draws)
     assert covered.std().item() == pytest.approx(sd, rel=0.08)
     assert sum(h for _, h in scores) / draws == pytest.approx(hq, rel=0.03)
+    with pytest.raises(ValueError, match="beyond the square"):  # a disc cut by the edge: the formula would be wrong
+        M.uniform_square_coverage(modes, std, 2.2, n)
 
 
 # ----------------------------------------------------------------------------- Fréchet distance

@@ -400,8 +400,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     state = torch.load(partial, weights_only=False) if partial.exists() else {
         "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
     # the recorded command must be the one that made every run; the folder's spelling does not count
-    found = train.differences({k: v for k, v in state["arguments"].items() if k != "out"},
-                        {k: v for k, v in arguments.items() if k != "out"})
+    found = train.differences(*({k: v for k, v in made.items() if k != "out"}
+                                for made in (state["arguments"], arguments)))
     if found:
         raise ValueError(f"{partial} holds runs of another comparison ({found}; made by "
                          f"{state['origin']['command']}); rerun that command to finish it, or use another --out")

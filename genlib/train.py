@@ -151,7 +151,7 @@ class GenerativeModel(nn.Module):
     def checkpoint_state(self) -> dict:
         """Everything needed to resume: weights (with EMA) and optimiser states."""
         return {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "ema_decay": self.ema_decay if self.ema is not None or self.ema_decay == 0.0 else None,
+                "ema_decay": self.ema_decay,  # None or 0.0 (declined) without an EMA: see __init__
                 "ema_updates": int(self.ema_updates) if self.ema is not None else None}
 
     def load_checkpoint_state(self, state: dict) -> None:

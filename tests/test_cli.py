@@ -497,6 +497,13 @@ def test_compare_draws_each_method_s_first_seed_that_did_not_diverge(tmp_path, m
     assert len(panels[0][1]) > 0 and (tmp_path / "run.json").exists()
 
 
+@pytest.mark.parametrize("lr", ["0", "-1e-3", "nan", "inf", "fast"])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused(tmp_path, capsys, lr):
+    with pytest.raises(SystemExit):
+        cli.main(train_args(tmp_path / "run", 3) + [f"--lr={lr}"])  # "=": argparse takes -1e-3 for a flag
+    assert "must be a positive number" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(SystemExit):

@@ -409,6 +409,20 @@ def pit_depth(energy_fn: Callable[[Tensor], Tensor], centre: Tensor, radius: flo
     return (energies[1:].min() - energies[0]).item()
 
 
+def landscape_summary(energy_fn: Callable[[Tensor], Tensor], reals: Tensor, fakes: Tensor, modes: Tensor,
+                      radii: Sequence[float] = (0.05, 0.15)) -> dict[str, Any]:
+    """Where a 2-D critic holds reals [n, 2] and fakes [m, 2] against mixture ``modes`` [k, 2]: gap
+    (E_fakes[U] - E_reals[U]), pits (per radius of ``radii``, how many mode centres lie in a pit at that scale,
+    :func:`pit_depth`), median_slope (median ``||grad U||`` at the reals) and fakes_radius (their mean norm)."""
+    if reals.dim() != 2 or reals.shape[1] != 2 or fakes.dim() != 2 or fakes.shape[1] != 2:
+        raise ValueError(f"reals and fakes must be [n, 2], got {tuple(reals.shape)} and {tuple(fakes.shape)}")
+    with torch.no_grad():
+        gap = (energy_fn(fakes).mean() - energy_fn(reals).mean()).item()
+    pits = [sum(pit_depth(energy_fn, mode, radius) > 0 for mode in modes) for radius in radii]
+    return {"gap": gap, "pits": pits, "median_slope": slope_norms(energy_fn, reals).median().item(),
+            "fakes_radius": fakes.norm(dim=1).mean().item()}
+
+
 def jsd_mutual_information(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
     """Jensen-Shannon MI lower-bound surrogate (Deep InfoMax, used by MEG): scalar from statistics [n], [m].
 

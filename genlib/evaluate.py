@@ -137,7 +137,8 @@ def evaluate_model(model: GenerativeModel, data_name: str, real: Tensor, n_sampl
 def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed: int, steps: int, batch_size: int,
                  n_data: int = 20_000, n_samples: int = 2500, device: str = "cpu", progress: bool = False,
                  desc: str = "", keep_samples: bool = False, track: Sequence[str] = (),
-                 keep_model: bool = False) -> dict[str, Any]:
+                 keep_model: bool = False, callback: Callable[[int, GenerativeModel], None] | None = None,
+                 callback_every: int = 0) -> dict[str, Any]:
     """One seeded run on a Gaussian-mixture ``toy``, scored by mode coverage (the chapters' toy tables).
 
     Seeds everything with ``seed``, draws a fresh dataset of ``n_data`` points, builds the model,
@@ -148,7 +149,9 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     (process CPU time, stable on a shared machine) and diverged (a non-finite loss stopped the run;
     then modes = hq = 0 and every count 0); with ``keep_samples``, also samples: the scored samples [n_samples, 2]
     on the CPU; with ``track`` (names of logged losses), also history: each one's window means {name: [floats]}
-    (empty lists for a diverged run); with ``keep_model``, also model: the trained model, moved to the CPU."""
+    (empty lists for a diverged run); with ``keep_model``, also model: the trained model, moved to the CPU.
+    ``callback`` / ``callback_every`` go to :func:`genlib.train.fit` (one that draws no random numbers leaves the run
+    unchanged)."""
     if toy.modes is None or toy.std is None:
         raise ValueError(f"toy {toy.name!r} is not a Gaussian mixture; mode coverage needs modes and std")
     runtime.seed_everything(seed)
@@ -158,7 +161,8 @@ def coverage_run(make_model: Callable[[], GenerativeModel], toy: gdata.Toy, seed
     began, cpu_began, diverged, samples = time.perf_counter(), time.process_time(), False, None
     history: dict[str, list[float]] = {name: [] for name in track}
     try:
-        logged = fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc)
+        logged = fit(model, sampler, steps, log_every=max(steps // 10, 1), progress=progress, desc=desc,
+                     callback=callback, callback_every=callback_every)
         samples = model.sample(n_samples).cpu()
         counts = metrics.mode_counts(samples, toy.modes, toy.std)
         missing = [name for name in track if name not in logged]

@@ -83,6 +83,19 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block, then put back the global random states :func:`seed_everything` sets (Python, NumPy, torch's
+    CPU and CUDA ones): a notebook cell that reseeds to rerun an experiment leaves later cells' draws unchanged."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file in its folder, flushed to disk, then renamed
     over ``path``: a crash, of the process or the machine, leaves the old file or the new one, never a torn one."""

@@ -225,6 +225,18 @@ def test_coverage_run_tracks_the_logged_losses_of_the_same_training():
     assert diverged["diverged"] and diverged["history"] == {"loss": []}
 
 
+def test_coverage_run_calls_back_mid_training_and_the_run_is_unchanged():
+    toy = data.toy("ring8", std=1.0)
+    seen = []
+    probed = evaluate.coverage_run(MeanShift, toy, seed=4, steps=12, batch_size=16, n_data=256, keep_samples=True,
+                                   callback=lambda step, model: seen.append((step, model.mu.detach().clone())),
+                                   callback_every=5)
+    plain = evaluate.coverage_run(MeanShift, toy, seed=4, steps=12, batch_size=16, n_data=256, keep_samples=True)
+    assert [step for step, _ in seen] == [5, 10]
+    assert not torch.equal(seen[0][1], seen[1][1])  # the model seen mid-run, not a copy of the end
+    assert torch.equal(probed["samples"], plain["samples"])  # a callback that draws nothing changes nothing
+
+
 def test_coverage_runs_train_on_the_threads_asked_for_and_restore_the_count():
     from genlib import runtime
     from genlib.gan import GAN

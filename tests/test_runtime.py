@@ -1,6 +1,7 @@
 """Run scale, device choice, seeding and the run description."""
 
 import concurrent.futures
+import contextlib
 import operator
 import random
 
@@ -115,6 +116,24 @@ def test_seed_everything_seeds_python_numpy_torch_and_the_returned_generator_wit
     assert random.random() == expected[0]
     assert np.array_equal(np.random.rand(2), expected[1]) and torch.equal(torch.rand(2), expected[2])
     assert torch.equal(torch.rand(2, generator=gen), expected[3])
+
+
+def test_preserved_rng_puts_back_python_numpy_and_torch_states_even_on_error():
+    def draws():
+        return random.random(), np.random.rand(2), torch.rand(2)
+
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    expected = draws()  # what the next draws are without the block
+    for failing in (False, True):
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        with contextlib.suppress(RuntimeError), runtime.preserved_rng():
+            runtime.seed_everything(11)
+            inside = draws()
+            if failing:
+                raise RuntimeError("the block failed")
+        after = draws()
+        assert after[0] == expected[0] and np.array_equal(after[1], expected[1]) and torch.equal(after[2], expected[2])
+        assert inside[0] != expected[0]  # the block did draw from reseeded generators
 
 
 def test_device_reads_genlib_device_and_an_explicit_name_wins(monkeypatch):

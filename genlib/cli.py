@@ -116,9 +116,12 @@ BOOLEAN_SPELLINGS = {"1": True, "true": True, "yes": True, "0": False, "false": 
 
 def option_value(text: str, default: Any) -> Any:
     """An ``--opt`` string converted to the type of ``default``: bools from 1/0, true/false, yes/no; tuples
-    from comma-separated floats (``betas=0.5,0.9``); a ``None`` default takes a float."""
+    from comma-separated floats, as many as the default has (``betas=0.5,0.9``); a ``None`` default takes a float."""
     if isinstance(default, tuple):
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
+        if len(values) != len(default):
+            raise ValueError(f"expected {len(default)} comma-separated numbers, got {text!r}")
+        return values
     if isinstance(default, bool):
         if text.lower() not in BOOLEAN_SPELLINGS:
             raise ValueError(f"expected a boolean, got {text!r}")
@@ -266,12 +269,15 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
 def check_ema_on_resume(out: Path, ema: float | None) -> None:
     """Refuse an explicit ``--ema`` that the checkpoint in ``out`` was not trained with: resuming keeps the
     checkpoint's average (or its absence), so another decay would be recorded for a run that did not have it."""
-    from genlib.train import CHECKPOINT
+    from genlib.train import CHECKPOINT, read_checkpoint
 
     if ema is None or not (out / CHECKPOINT).exists():
         return
-    # mmap: only the small "ema_decay" entry is read here; fit loads the whole checkpoint once, to resume
-    saved = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True).get("ema_decay") or 0.0
+    # mmap: only small entries are read here; fit loads the whole checkpoint once, to resume
+    state = read_checkpoint(out / CHECKPOINT, mmap=True)
+    saved = state.get("ema_decay")
+    if saved is None:  # checkpoints from before the key: fit's loader gives their average 0.999
+        saved = 0.999 if any(key.startswith("ema.") for key in state["model"]) else 0.0
     if saved != ema:
         raise ValueError(f"{out / CHECKPOINT} was trained with --ema {saved:g}; resume it with --ema {saved:g} "
                          "or without --ema")
@@ -351,7 +357,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     origin = provenance(dev)
     runtime.use_fast_matmul(dev)
     dataset, _, model = build_run(config, options, dev)
-    state = torch.load(checkpoint, map_location=dev, weights_only=False)
+    state = train.read_checkpoint(checkpoint, dev)
     try:
         model.load_checkpoint_state(state)
     except (RuntimeError, ValueError) as error:  # an option changed the architecture
@@ -734,9 +740,9 @@ def main(argv: list[str] | None = None) -> None:
     from genlib.runtime import DeviceUnavailableError, MissingAssetError, configure_threads, max_steps
     from genlib.train import NonFiniteLossError, TrainingInterrupted
 
-    if os.environ.get("GENLIB_THREADS"):  # unset: torch's own default (OMP_NUM_THREADS, else the cores)
-        configure_threads()
     try:
+        if os.environ.get("GENLIB_THREADS"):  # unset: torch's own default (OMP_NUM_THREADS, else the cores)
+            configure_threads()
         if args.func in (cmd_train, cmd_compare) and max_steps() is not None:
             raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "
                              "cut would be recorded as if it had run its --steps: unset it")

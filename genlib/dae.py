@@ -46,10 +46,11 @@ from genlib.metrics import check_positive, pairwise_sq_dists
 from genlib.train import GenerativeModel, at_least_fp32, count_step, mirror_step_count
 
 __all__ = [
-    "DAE", "DDEGenerator", "NoiseConditionalScore", "ScoreModel", "annealed_langevin", "build_dae", "build_dde",
-    "build_score", "denoiser_error", "dde_loss", "dsm_loss", "energy_denoiser", "geometric_sigmas", "langevin",
-    "gaussian_kl", "make_energy", "mixture_params", "mixture_weights_recovered", "optimal_denoiser",
-    "posterior_responsibilities", "smoothed_log_density", "smoothed_score",
+    "ConvScoreBody", "DAE", "DDEGenerator", "MLPScoreBody", "NoiseConditionalScore", "ScoreModel",
+    "annealed_langevin", "build_dae", "build_dde", "build_score", "data_smoothed_log_density", "denoiser_error",
+    "dde_loss", "dsm_loss", "energy_denoiser", "gaussian_kl", "generator_updates", "geometric_sigmas", "langevin",
+    "make_energy", "mixture_params", "mixture_weights_recovered", "optimal_denoiser", "posterior_responsibilities",
+    "smoothed_log_density", "smoothed_mass_within", "smoothed_score",
 ]
 
 ScoreFn = Callable[[Tensor, float], Tensor]
@@ -207,7 +208,8 @@ def denoiser_error(denoise: Callable[[Tensor], Tensor], x: Tensor, weights: PerC
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> Tensor:
-    """``n`` noise levels [n] from ``sigma_max`` down to ``sigma_min`` with a constant ratio."""
+    """``n`` noise levels [n] from ``sigma_max`` down to ``sigma_min`` with a constant ratio (n = 1: ``[sigma_min]``,
+    the level the samples end at)."""
     if not 0 < sigma_min <= sigma_max or n < 1:
         raise ValueError(f"need 0 < sigma_min <= sigma_max and n >= 1, got {sigma_min}, {sigma_max}, {n}")
     if n == 1:

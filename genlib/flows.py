@@ -352,7 +352,8 @@ class RealNVP(NormalizingFlow):
     parity 0 would transform none of the coordinates that no coupling has transformed yet (once all
     have been, none of those the previous coupling left unchanged); then it is 1. That happens where
     the permutation maps the mask onto itself: reversing an odd number of coordinates keeps even
-    positions even, and with a fixed parity they would never be transformed."""
+    positions even, and with a fixed parity they would never be transformed. A configuration that still leaves
+    an input coordinate untransformed (one coupling; a few random permutations over three layers) is refused."""
 
     def __init__(self, dim: int, n_layers: int = 8, hidden: int = 128, depth: int = 2, coupling: str = "affine",
                  mask: str = "alternating", permutation: str | None = None, act: str = "relu"):
@@ -378,6 +379,9 @@ class RealNVP(NormalizingFlow):
             if permutation and i < n_layers - 1:
                 layers.append(Permutation(dim, permutation, seed=i))
                 order = order[layers[-1].perm]
+        if untouched.any():  # such an output is a copy of its input: always a standard normal marginal
+            raise ValueError(f"input coordinates {untouched.nonzero().flatten().tolist()} pass through all {n_layers} "
+                             f"couplings unchanged (mask {mask!r}, permutation {permutation!r}); use more layers")
         super().__init__(layers, (dim,))
 
 

@@ -174,15 +174,19 @@ def check_dragan_noise(noise: str) -> None:
 
 
 def dragan_points(real: Tensor, scale: float = 0.5, noise: str = "uniform") -> Tensor:
-    """DRAGAN's penalty points [n, ...]: ``x + alpha * delta``, ``delta = scale * std(x) * u``, alpha ~ U[0, 1].
+    """DRAGAN's penalty points [n, ...] near the real batch ``real`` [n, ...], with ``sigma = scale * std(real)``.
 
-    ``noise="uniform"`` (``u ~ U[0, 1)``, one-sided: every point moves up in every coordinate) is the authors'
-    reference code (Kodali et al., 2017, github.com/kodalinaveen3/DRAGAN): perturb the real batch by noise scaled
-    by the batch's std (over all elements), then take a random point on the segment to it. ``noise="gaussian"``
-    (``u ~ N(0, I)``) is the paper's text, ``x + delta`` with ``delta ~ N(0, cI)``, symmetric around the data.
+    ``noise="uniform"`` is the authors' reference code (Kodali et al., 2017, github.com/kodalinaveen3/DRAGAN):
+    ``x + alpha * sigma * u``, ``u ~ U[0, 1)`` per element (one-sided: every point moves up in every coordinate),
+    ``alpha ~ U[0, 1]`` per sample, a random point on the segment to the perturbed point. ``noise="gaussian"`` is
+    the paper's text, ``x + delta`` with ``delta ~ N(0, c I)``, symmetric around the data; ``c = sigma^2`` keeps
+    the reference code's scale. ``std`` is over all elements of the batch.
     """
     check_dragan_noise(noise)
-    delta = scale * real.std() * (torch.rand_like(real) if noise == "uniform" else torch.randn_like(real))
+    sigma = scale * real.std()
+    if noise == "gaussian":
+        return real + sigma * torch.randn_like(real)
+    delta = sigma * torch.rand_like(real)  # drawn before alpha, as the recorded runs did
     alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     return real + alpha * delta
 
@@ -479,8 +483,8 @@ class UnrolledGAN(GAN):
     Reference toy setting: 5 unroll steps, D lr 1e-4, G lr 1e-3, beta1 0.5, 2x128 tanh MLPs (pass
     ``g_act='tanh', d_act='tanh'``); the defaults here are the shared toy nets, so that the comparison
     differs only in the unrolling (with tanh nets, 1000 steps at lr 2e-3, it covered 4 of 8 ring modes
-    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: about 5x the CPU time of a GAN step
-    for unroll 5 (chapter 2's recorded comparison).
+    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: 5.5x to 8x the CPU time of a GAN run
+    for unroll 5 (chapter 2's recorded tables).
     """
 
     conv_norm = "layer"  # functional_call would otherwise update BatchNorm statistics while unrolling
@@ -528,9 +532,10 @@ class UnrolledGAN(GAN):
 class DRAGAN(GAN):
     """DRAGAN (Kodali et al., 2017): ``lambda * mean(||grad D(x_hat)|| - 1)^2`` at points near the data.
 
-    ``x_hat`` from :func:`dragan_points` (``noise``: the reference code's one-sided uniform perturbation by
-    default, or the paper's Gaussian); lambda 10 as in the paper. The paper's aim: keep D smooth around real
-    data, against the sharp gradients it blames for mode collapse (on chapter 2's ring it did not prevent one).
+    ``x_hat`` from :func:`dragan_points` (``noise``: the reference code's one-sided uniform perturbation on a
+    segment by default, or the paper's Gaussian ``x + delta``); lambda 10 as in the paper. The paper's aim: keep D
+    smooth around real data, against the sharp gradients it blames for mode collapse (on chapter 2's ring it did not
+    prevent one).
     """
 
     conv_norm = "layer"  # a per-sample gradient penalty needs per-sample outputs (no BatchNorm)
@@ -772,7 +777,7 @@ ReLU units instead of tanh, a variation in which our vanilla GAN collapses onto 
 TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
     "GAN": (GAN, {}),
     "GAN (minimax)": (GAN, {"loss": "minimax"}),
-    "Unrolled": (UnrolledGAN, {"unroll": 5}),  # the paper's method; about 5x the cost of a GAN step
+    "Unrolled": (UnrolledGAN, {"unroll": 5}),  # the paper's method; 5.5x to 8x the cost of a GAN run
     "DRAGAN": (DRAGAN, {"penalty": 1.0}),  # lambda 1: chapter 2 measures the paper's 10 and its Gaussian noise
     "EBGAN": (EBGAN, {}),
     "MAD-GAN": (MADGAN, {"k": 4}),

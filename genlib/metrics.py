@@ -231,7 +231,10 @@ def _mean_cov(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """Fréchet distance of Gaussians fitted (unbiased covariance) to feats_a [n, f] and feats_b [m, f]."""
+    """Fréchet distance of Gaussians fitted (unbiased covariance) to feats_a [n, f] and feats_b [m, f].
+
+    With n or m <= f a fitted covariance is singular (rank below f): the distance is still defined, but biased
+    upwards far more than with many more samples than features (FID's practice: 10,000 or more for 2,048)."""
     a, b = _pair(feats_a, feats_b, ("feats_a", "feats_b"), min_rows=2)
     return frechet_distance_gaussians(*_mean_cov(a), *_mean_cov(b))
 

@@ -121,8 +121,9 @@ class ConvGenerator(nn.Module):
 class ConvEncoder(nn.Module):
     """DCGAN encoder / critic: image [n, channels, r, r] -> [n, out_dim].
 
-    At 64x64 with width 64 it is layer for layer the PyTorch-examples DCGAN discriminator (stride-2
-    convolutions doubling the channels from width to 8 width, then one convolution over the 4 x 4 map).
+    At 64x64 with width 64 it has the layers of the PyTorch-examples DCGAN discriminator (stride-2
+    convolutions doubling the channels from width to 8 width, then one convolution over the 4 x 4 map), except
+    that its first and last convolutions keep their biases (65 more parameters at 3 channels and out_dim 1).
     ``norm`` is ``'batch'``, ``'layer'`` (GroupNorm with one group, safe with gradient
     penalties, which assume each sample's output depends on that sample only) or ``'none'``; ``act`` names the
     hidden activation (:func:`activation`; DCGAN's LeakyReLU(0.2) by default)."""

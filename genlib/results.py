@@ -2,7 +2,7 @@
 
 A recorded run is a folder under ``results/`` holding small files only:
 ``run.json`` (command, config, git commit, device, torch version, threads, the machine's load, wall time, date),
-``metrics.json`` and optionally ``samples.png`` and ``log.txt``. Chapters display them
+``metrics.json`` and optionally ``samples.png`` and ``train.log``. Chapters display them
 beside the command that made them, so the book never shows a number nobody measured.
 """
 

@@ -49,11 +49,17 @@ def by_scale(small: T, full: T) -> T:
 def max_steps() -> int | None:
     """The cap ``GENLIB_MAX_STEPS`` puts on every :func:`genlib.train.fit` run (None when unset): it smoke-tests a
     notebook's full-scale path in minutes (``tools/smoke_full.py``); a capped run is not a result."""
-    value = os.environ.get("GENLIB_MAX_STEPS", "").strip()
+    return positive_int_env("GENLIB_MAX_STEPS")
+
+
+def positive_int_env(name: str) -> int | None:
+    """The environment variable ``name`` as a positive integer (None when unset or blank); anything else is a
+    ValueError naming the variable."""
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     if not (value.isascii() and value.isdecimal()) or int(value) < 1:
-        raise ValueError(f"GENLIB_MAX_STEPS must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -68,8 +74,14 @@ def device(name: str | None = None) -> torch.device:
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
             "use device='cpu' or install a CUDA build of torch"
         )
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"device {name!r} was requested but torch sees {torch.cuda.device_count()} "
+                                     f"CUDA GPU(s), numbered from 0")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError(f"device {name!r} was requested but this machine has no usable MPS "
+                                     "(Apple GPU); use device='cpu'")
     if chosen.type not in ("cuda", "cpu", "mps"):
-        raise ValueError(f"unsupported device type {chosen.type!r}; use 'cuda' or 'cpu'")
+        raise ValueError(f"unsupported device type {chosen.type!r}; use 'cuda', 'mps' or 'cpu'")
     return chosen
 
 
@@ -96,6 +108,13 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file in its folder, flushed to disk, then renamed
     over ``path``: a crash, of the process or the machine, leaves the old file or the new one, never a torn one."""
@@ -107,6 +126,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], A
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600); a plain open would not
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -122,7 +142,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], A
 
 def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads (``GENLIB_THREADS`` or all cores); return the number used."""
-    threads = threads or int(os.environ.get("GENLIB_THREADS", "0")) or os.cpu_count() or 1
+    threads = threads or positive_int_env("GENLIB_THREADS") or os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
 

@@ -277,18 +277,33 @@ def save_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, s
     save_atomic(state, path)
 
 
+class CheckpointPastEndError(ValueError):
+    """A checkpoint is already past the steps a run asks for (:func:`load_checkpoint`'s ``max_step``)."""
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The state :func:`save_checkpoint` wrote to ``path``, tensors on ``device`` (``mmap``: read lazily, for
+    a look at a few entries); a torn or foreign file is a ValueError that says what to do."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); move it aside to train from the start") from error
+
+
 def load_checkpoint(path: Path, model: GenerativeModel, sampler: BatchSampler, clock: TrainClock | None = None,
-                    meta: dict | None = None) -> tuple[int, History, list[dict[str, torch.Tensor]]]:
+                    meta: dict | None = None, max_step: int | None = None,
+                    ) -> tuple[int, History, list[dict[str, torch.Tensor]]]:
     """Restore what :func:`save_checkpoint` wrote (``clock`` goes on from the saved one); return (step, history,
     the pending losses of the window in progress).
 
-    With ``meta``, a checkpoint saved with other ``meta`` (another run's in the same folder) is a ValueError
-    naming the differences, before anything is loaded; so is one whose run drew another number of batches per
-    step than ``model.batches_per_step`` (its sampler position would mean other batches)."""
-    try:
-        state = torch.load(path, map_location=model.device, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} cannot be read ({error}); move it aside to train from the start") from error
+    Each of these is a ValueError before anything is loaded: with ``meta``, a checkpoint saved with other ``meta``
+    (another run's in the same folder; the message names the differences); one whose run drew another number of
+    batches per step than ``model.batches_per_step`` (its sampler position would mean other batches); with
+    ``max_step``, one already past that step."""
+    state = read_checkpoint(path, model.device)
+    if max_step is not None and state["step"] > max_step:
+        raise CheckpointPastEndError(f"{path} is at step {state['step']}, past the {max_step} steps asked for: ask "
+                                     f"for at least {state['step']}, or train into another folder")
     saved = state.get("meta")
     if meta is not None and saved is not None and saved != meta:
         raise ValueError(f"{path} is the checkpoint of another run ({differences(saved, meta)}); resume it with "
@@ -564,9 +579,11 @@ def fit(
     ``checkpoint_every`` steps, and one stopped by Ctrl-C (SIGINT) or SIGTERM none, since it finishes the step in
     progress, saves it and raises :class:`TrainingInterrupted` (a second Ctrl-C stops at once). ``meta``, saved with
     every checkpoint, must match a resumed checkpoint's (see :func:`load_checkpoint`); resuming a checkpoint
-    already past ``steps`` is a ValueError. ``amp`` (bf16 autocast) defaults to on on CUDA and off on the CPU, and
-    so does an EMA (:func:`default_ema_decay`), except that a resumed run left to the default keeps its
-    checkpoint's average, or none if it was trained with ``ema_decay=0``; a decay given wins over the checkpoint's.
+    already past ``steps`` is a :class:`CheckpointPastEndError` (a ValueError), raised before anything is loaded.
+    ``amp`` (bf16 autocast) defaults to on on CUDA and off on the CPU, and so does an EMA
+    (:func:`default_ema_decay`), except that a resumed run left to the default keeps its checkpoint's average, or
+    none if it was trained with ``ema_decay=0``; a decay given wins over the checkpoint's and over an average the
+    model already keeps, and ``ema_decay=0`` drops any.
     ``callback(step, model)`` runs every
     ``callback_every`` steps (e.g. to record snapshots for a figure). ``clock`` (a :class:`TrainClock`),
     if given, times the training, going on from a resumed checkpoint's: read it after the call. ``cuda_graph``
@@ -578,34 +595,41 @@ def fit(
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
     cap = runtime.max_steps()
-    if cap is not None and steps > cap:
+    cut = cap is not None and steps > cap
+    if cut:
         warnings.warn(f"GENLIB_MAX_STEPS={cap} cuts this run from {steps} steps to {cap}", stacklevel=2)
         steps = cap
     device = model.device
     on_cuda = device.type == "cuda"
     amp = on_cuda if amp is None else amp
-    if ema_decay and model.ema is None:  # asked for: before a resume, so that it wins over the checkpoint's
-        model.attach_ema(ema_decay)
-    elif ema_decay == 0.0 and model.ema is None:
-        model.ema_decay = 0.0  # saved with the checkpoints: a resume with the default keeps no average either
 
     path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+    # found now, not at the first checkpoint after checkpoint_every steps of training
     if path is not None and not all(hasattr(sampler, name) for name in ("state_dict", "load_state_dict")):
-        # found now, not at the first checkpoint after checkpoint_every steps of training
         raise TypeError(f"checkpoints need a sampler with state_dict() and load_state_dict() (a "
                         f"genlib.data.BatchSampler), so that a resumed run draws the batches it would have drawn; "
                         f"got a {type(sampler).__name__}: use one, or train without run_dir")
+    if path is not None and path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"run_dir {path.parent} is a file, not a folder: name a folder for the checkpoints")
     start, history, last_saved = 0, {"step": []}, None
     pending: list[dict[str, torch.Tensor]] = []
     clock = TrainClock() if clock is None else clock
     if path is not None and resume and path.exists():
-        start, history, pending = load_checkpoint(path, model, sampler, clock, meta)
+        try:
+            start, history, pending = load_checkpoint(path, model, sampler, clock, meta, max_step=steps)
+        except CheckpointPastEndError as error:
+            if cut:
+                raise CheckpointPastEndError(f"{error} (GENLIB_MAX_STEPS={cap} cut the steps asked for)") from None
+            raise
         last_saved = start
-        if start > steps:
-            raise ValueError(f"{path} is at step {start}, past the {steps} steps asked for: ask for at least "
-                             f"{start}, or train into another folder")
         if steps > start and pending and history["step"] and history["step"][-1] == start:
             unlog_last(history)  # a shorter run's last window, cut by its end: it goes on to its log step
+    if ema_decay == 0.0:  # declined: an average from a checkpoint or an earlier call is dropped too
+        model.ema, model.ema_decay = None, 0.0  # saved as 0.0: a resume with the default keeps none either
+    elif ema_decay and model.ema is None:
+        model.attach_ema(ema_decay)
+    elif ema_decay:
+        model.ema_decay = ema_decay  # a decay given wins over the checkpoint's or an earlier call's
     default_decay = default_ema_decay(device)
     # the default after a resume: the checkpoint's average, or its refusal of one, holds; else the device's default
     if ema_decay is None and default_decay and model.ema is None and model.ema_decay != 0.0 \

@@ -133,6 +133,9 @@ def test_option_values_take_the_type_of_their_default():
     assert spec.used == {"flag", "steps", "betas"}
     with pytest.raises(ValueError, match="boolean"):
         cli.option_value("maybe", False)
+    for wrong_length in ("0.5", "0.5,0.9,0.1"):  # Adam would fail later, with an IndexError or an unpacking error
+        with pytest.raises(ValueError, match="expected 2 comma-separated numbers"):
+            cli.option_value(wrong_length, (0.5, 0.9))
 
 
 def test_missing_dataset_folder_says_how_to_get_it(tmp_path):
@@ -232,6 +235,12 @@ def test_ema_flag_keeps_an_average_on_the_cpu_that_samples_and_zero_keeps_none(t
         with pytest.raises(SystemExit):
             cli.main(train_args(tmp_path / "bad", 1) + ["--ema", bad])
     assert "must be a decay in [0, 1)" in capsys.readouterr().err
+    torn = tmp_path / "torn"
+    cli.main(train_args(torn, 10))
+    (torn / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    with pytest.raises(SystemExit):  # --ema makes the CLI look into the checkpoint before fit does
+        cli.main(train_args(torn, 20) + ["--ema", "0.9"])
+    assert "cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("graph", ["0", "1"])

@@ -493,7 +493,7 @@ def ring8_scaled():
 def test_imle_covers_the_modes_of_ring8():
     data, modes, std = ring8_scaled()
     torch.manual_seed(0)
-    model = imle.IMLE(MLP(2, 2, hidden=32, depth=3, act="tanh"), 2, lr=1e-2)  # the reference toy's net and lr
+    model = imle.IMLE(MLP(2, 2, hidden=32, depth=3, act="tanh"), 2, lr=1e-2)  # the reference toy's net, wider; its lr
     history = fit(model, BatchSampler(data, 128, "cpu", seed=0), 500, progress=False, log_every=100)
     covered, _ = mode_coverage(model.sample(5000), modes, std)
     assert covered >= 6

@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import operator
+import os
 import random
 
 import numpy as np
@@ -36,6 +37,15 @@ def test_device_defaults_to_cpu_without_a_gpu(monkeypatch):
 def test_asking_for_an_absent_gpu_is_a_clear_error():
     with pytest.raises(runtime.DeviceUnavailableError, match="no CUDA GPU"):
         runtime.device("cuda")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_asking_for_an_absent_mps_or_gpu_index_is_a_clear_error():
+    with pytest.raises(runtime.DeviceUnavailableError, match="no usable MPS"):
+        runtime.device("mps")
+    if torch.cuda.is_available():
+        with pytest.raises(runtime.DeviceUnavailableError, match="numbered from 0"):
+            runtime.device(f"cuda:{torch.cuda.device_count()}")
 
 
 def test_unknown_device_type_is_rejected():
@@ -193,6 +203,10 @@ def test_configure_threads_reads_genlib_threads_and_an_explicit_count_wins(monke
     try:
         assert runtime.configure_threads() == 3 and torch.get_num_threads() == 3
         assert runtime.configure_threads(2) == 2 and torch.get_num_threads() == 2
+        for bad in ("abc", "-2", "0"):
+            monkeypatch.setenv("GENLIB_THREADS", bad)
+            with pytest.raises(ValueError, match="GENLIB_THREADS must be a positive integer"):
+                runtime.configure_threads()
     finally:
         torch.set_num_threads(before)
 
@@ -201,3 +215,24 @@ def test_cpu_fingerprint_names_the_instruction_set_torch_dispatches_to():
     fingerprint = runtime.cpu_fingerprint()
     assert f"ATen {torch.backends.cpu.get_cpu_capability()}" in fingerprint and torch.__version__ in fingerprint
     assert fingerprint == runtime.cpu_fingerprint()
+
+
+def test_write_atomically_replaces_whole_keeps_the_old_file_on_error_and_follows_the_umask(tmp_path):
+    target = tmp_path / "deep" / "record.json"
+    runtime.write_atomically(target, lambda file: file.write(b"first"))
+    assert target.read_bytes() == b"first"
+
+    def torn(file):
+        file.write(b"half of the se")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        runtime.write_atomically(target, torn)
+    assert target.read_bytes() == b"first" and sorted(p.name for p in target.parent.iterdir()) == ["record.json"]
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600)):  # as open() would create it under that umask
+        previous = os.umask(mask)
+        try:
+            runtime.write_atomically(target, lambda file: file.write(b"second"))
+        finally:
+            os.umask(previous)
+        assert target.read_bytes() == b"second" and target.stat().st_mode & 0o777 == mode

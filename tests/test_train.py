@@ -213,11 +213,26 @@ def test_a_resume_left_to_a_gpu_s_ema_default_keeps_the_checkpoint_s_decay_or_it
     assert fresh.ema_decay == 0.999
 
 
+def test_a_decay_given_wins_over_a_checkpoint_s_and_an_earlier_call_s_and_zero_drops_any(tmp_path):
+    model, sampler = make_run()
+    fit(model, sampler, 10, run_dir=tmp_path, log_every=10, ema_decay=0.9, progress=False)
+    declined, sampler = make_run()  # the checkpoint keeps an average; ema_decay=0 drops it
+    fit(declined, sampler, 20, run_dir=tmp_path, log_every=10, ema_decay=0.0, progress=False)
+    assert declined.ema is None and declined.ema_decay == 0.0
+    assert declined.sampling_net() is declined.generator  # samples from the live weights
+    again, sampler = make_run()
+    fit(again, sampler, 5, ema_decay=0.5, progress=False)
+    fit(again, sampler, 10, ema_decay=0.9, progress=False)  # a second call with another decay: it wins
+    assert again.ema_decay == 0.9
+    fit(again, sampler, 15, ema_decay=0.0, progress=False)
+    assert again.ema is None
+
+
 def test_ema_follows_its_recursion_with_the_warm_up():
     model, sampler = make_run()
     model.attach_ema(0.8)
     expected = [p.detach().clone() for p in model.generator.parameters()]
-    for t in range(40):  # the decay (1 + t) / (10 + t) reaches 0.8 at t = 32
+    for t in range(40):  # the decay (1 + t) / (10 + t) reaches 0.8 at t = 35
         model.step(*next(sampler))
         model.update_ema()
         decay = min(0.8, (1 + t) / (10 + t))
@@ -328,11 +343,31 @@ def test_a_checkpoint_of_another_run_or_past_the_steps_asked_for_is_refused(tmp_
     other, sampler2 = make_run()
     with pytest.raises(ValueError, match="another run .*data: 'ring8' there, 'grid25' here"):
         fit(other, sampler2, 30, run_dir=tmp_path, progress=False, meta={"data": "grid25", "lr": 0.1})
+    before, sampler_before = parameters(other), sampler2.state_dict()
     with pytest.raises(ValueError, match="at step 20, past the 10 steps"):
         fit(other, sampler2, 10, run_dir=tmp_path, progress=False, meta={"data": "ring8", "lr": 0.1})
-    assert other.calls == 0
+    assert other.calls == 0  # refused before loading: the model and the sampler are as they were
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters(other)))
+    assert str(sampler2.state_dict()) == str(sampler_before)
     fit(other, sampler2, 30, run_dir=tmp_path, checkpoint_every=10, progress=False, meta={"data": "ring8", "lr": 0.1})
     assert other.calls == 10
+
+
+def test_a_checkpoint_past_steps_cut_by_genlib_max_steps_names_the_cut(tmp_path, monkeypatch):
+    model, sampler = make_run()
+    fit(model, sampler, 20, run_dir=tmp_path, progress=False)
+    monkeypatch.setenv("GENLIB_MAX_STEPS", "7")
+    other, sampler = make_run()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"past the 7 steps .*GENLIB_MAX_STEPS=7 cut"):
+        fit(other, sampler, 30, run_dir=tmp_path, progress=False)
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_any_step(tmp_path):
+    model, sampler = make_run()
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        fit(model, sampler, 5, run_dir=tmp_path / "taken", checkpoint_every=2, progress=False)
+    assert model.calls == 0
 
 
 def test_checkpointing_from_a_sampler_without_state_is_refused_before_any_step(tmp_path):

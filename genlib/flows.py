@@ -853,7 +853,7 @@ def build_autoregressive(spec: TrainSpec) -> AutoregressiveModel:
 
 
 def build_autoencoder(spec: TrainSpec) -> Autoencoder:
-    """Autoencoder with ``z_dim`` codes and width ``width``."""
+    """Autoencoder with ``z_dim`` codes and width ``width``; it takes no ``--opt`` keys."""
     return Autoencoder(spec.shape, spec.z_dim, spec.width, spec.lr)
 
 

@@ -550,3 +550,56 @@ def test_smoothed_mass_within_against_one_dimensional_closed_form_and_monte_carl
     assert exact[0] > exact[1] > 0
     with pytest.raises(ValueError, match="radius"):
         dae.smoothed_mass_within(centre, w2, mu2, s2, 2.0, 0.0)
+
+
+def test_posterior_responsibilities_are_bayes_rule_on_the_blurred_components():
+    weights, means, stds, sigma = [0.3, 0.7], [[-1.0], [2.0]], [0.5, 1.0], 0.4
+    x = torch.tensor([[-2.0], [0.0], [0.6], [3.0]], dtype=torch.float64)
+    joint = torch.stack([w * torch.distributions.Normal(m[0], math.sqrt(s**2 + sigma**2)).log_prob(x[:, 0]).exp()
+                         for w, m, s in zip(weights, means, stds)], dim=1)  # w_j N(x; m_j, s_j^2 + sigma^2)
+    expected = joint / joint.sum(1, keepdim=True)
+    got = dae.posterior_responsibilities(x, weights, means, stds, sigma)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-9)  # genlib works in float32
+
+
+def test_denoiser_error_is_the_mean_distance_to_the_optimal_denoiser():
+    weights, means, stds, sigma = [0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [0.3, 0.3], 0.5
+    points = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    offsets = torch.randn(50, 2, generator=torch.Generator().manual_seed(1))
+    shifted = lambda v: dae.optimal_denoiser(v, weights, means, stds, sigma) + offsets  # noqa: E731
+    error = dae.denoiser_error(shifted, points, weights, means, stds, sigma)
+    assert error == pytest.approx(offsets.norm(dim=1).mean().item(), rel=1e-6)
+
+
+def test_dsm_loss_matches_the_formula_by_hand_with_the_same_noise():
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sigma = torch.rand(300, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.2
+    score = lambda v, sg: -v / (1 + sg[:, None] ** 2)  # noqa: E731  any score; not the exact one
+    torch.manual_seed(4)
+    loss = dae.dsm_loss(score, x, sigma).item()
+    torch.manual_seed(4)
+    eps = torch.randn_like(x)
+    noisy = x + sigma[:, None] * eps
+    by_hand = (sigma**2 / 2 * (score(noisy, sigma) + (noisy - x) / sigma[:, None] ** 2).pow(2).sum(1)).mean()
+    assert loss == pytest.approx(by_hand.item(), rel=1e-10)
+
+
+def test_annealed_langevin_ends_at_the_last_level_s_stationary_variance_for_its_step():
+    """Gaussian data N(0, s^2): p_sigma = N(0, v), v = s^2 + sigma^2, and unadjusted Langevin with step delta has the
+    stationary variance v / (1 - delta / 4v). At the last level the step is eps * sigma_L^2 / sigma_L^2 = eps, so a
+    large eps inflates the variance by a known factor (1.43 here; a step scaled by sigma instead of sigma^2, or
+    multiplied instead of divided, lands elsewhere)."""
+    s, sigmas, eps = 0.5, [2.0, 1.0, 0.5], 0.6
+    score = lambda v, sg: -v / (s**2 + sg**2)  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(20_000, 1, generator=gen, dtype=torch.float64) * 2
+    x = dae.annealed_langevin(score, x0, sigmas, eps, 200, denoise=False, generator=gen)
+    v = s**2 + sigmas[-1] ** 2
+    assert x.var().item() == pytest.approx(v / (1 - eps / (4 * v)), rel=0.04)  # 0.714; no inflation: 0.5
+
+
+def test_dde_blur_adds_noise_of_the_current_sigma():
+    model = dae.DDEGenerator((2,), sigma=0.3)
+    torch.manual_seed(0)
+    noise = model.blur(torch.zeros(20_000, 2))
+    assert noise.mean().abs().max().item() < 0.01 and noise.std().item() == pytest.approx(0.3, rel=0.02)

@@ -383,6 +383,15 @@ def test_vector_vae_samples_are_draws_of_its_gaussian_likelihood_not_its_means()
     torch.testing.assert_close(samples.std(0), std, atol=0, rtol=5 / (2 * n) ** 0.5)
 
 
+def test_autoencoder_step_reports_the_summed_squared_reconstruction_error_by_hand():
+    torch.manual_seed(0)
+    ae = fl.Autoencoder((3,), z_dim=2, width=8)
+    x = torch.randn(16, 3)
+    with torch.no_grad():
+        by_hand = ((ae.decode(ae.encoder(x)) - x) ** 2).sum(1).mean().item()  # before the step's update
+    assert ae.step(x, torch.arange(len(x)))["recon"].item() == pytest.approx(by_hand, rel=1e-6)
+
+
 def test_vector_autoencoder_samples_from_the_gaussian_fitted_to_its_codes():
     """With momentum 1 one step stores the batch's code mean and covariance (numpy, independently); with an
     identity decoder the samples then follow that Gaussian."""

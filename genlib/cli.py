@@ -269,15 +269,12 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
 def check_ema_on_resume(out: Path, ema: float | None) -> None:
     """Refuse an explicit ``--ema`` that the checkpoint in ``out`` was not trained with: resuming keeps the
     checkpoint's average (or its absence), so another decay would be recorded for a run that did not have it."""
-    from genlib.train import CHECKPOINT, read_checkpoint
+    from genlib.train import CHECKPOINT, read_checkpoint, saved_ema_decay
 
     if ema is None or not (out / CHECKPOINT).exists():
         return
     # mmap: only small entries are read here; fit loads the whole checkpoint once, to resume
-    state = read_checkpoint(out / CHECKPOINT, mmap=True)
-    saved = state.get("ema_decay")
-    if saved is None:  # checkpoints from before the key: fit's loader gives their average 0.999
-        saved = 0.999 if any(key.startswith("ema.") for key in state["model"]) else 0.0
+    saved = saved_ema_decay(read_checkpoint(out / CHECKPOINT, mmap=True)) or 0.0
     if saved != ema:
         raise ValueError(f"{out / CHECKPOINT} was trained with --ema {saved:g}; resume it with --ema {saved:g} "
                          "or without --ema")

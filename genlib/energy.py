@@ -409,17 +409,23 @@ def pit_depth(energy_fn: Callable[[Tensor], Tensor], centre: Tensor, radius: flo
     return (energies[1:].min() - energies[0]).item()
 
 
+def modes_in_pits(energy_fn: Callable[[Tensor], Tensor], modes: Tensor, radii: Sequence[float]) -> list[int]:
+    """Per radius of ``radii``: how many of the 2-D mode centres [k, 2] lie in a pit of U at that scale
+    (:func:`pit_depth` > 0)."""
+    return [sum(pit_depth(energy_fn, mode, radius) > 0 for mode in modes) for radius in radii]
+
+
 def landscape_summary(energy_fn: Callable[[Tensor], Tensor], reals: Tensor, fakes: Tensor, modes: Tensor,
                       radii: Sequence[float] = (0.05, 0.15)) -> dict[str, Any]:
     """Where a 2-D critic holds reals [n, 2] and fakes [m, 2] against mixture ``modes`` [k, 2]: gap
-    (E_fakes[U] - E_reals[U]), pits (per radius of ``radii``, how many mode centres lie in a pit at that scale,
-    :func:`pit_depth`), median_slope (median ``||grad U||`` at the reals) and fakes_radius (their mean norm)."""
+    (E_fakes[U] - E_reals[U]), pits (:func:`modes_in_pits` at ``radii``), median_slope (median ``||grad U||`` at
+    the reals) and fakes_radius (their mean norm)."""
     if reals.dim() != 2 or reals.shape[1] != 2 or fakes.dim() != 2 or fakes.shape[1] != 2:
         raise ValueError(f"reals and fakes must be [n, 2], got {tuple(reals.shape)} and {tuple(fakes.shape)}")
     with torch.no_grad():
         gap = (energy_fn(fakes).mean() - energy_fn(reals).mean()).item()
-    pits = [sum(pit_depth(energy_fn, mode, radius) > 0 for mode in modes) for radius in radii]
-    return {"gap": gap, "pits": pits, "median_slope": slope_norms(energy_fn, reals).median().item(),
+    return {"gap": gap, "pits": modes_in_pits(energy_fn, modes, radii),
+            "median_slope": slope_norms(energy_fn, reals).median().item(),
             "fakes_radius": fakes.norm(dim=1).mean().item()}
 
 

@@ -164,7 +164,7 @@ class GenerativeModel(nn.Module):
         weights = state["model"]
         saved_ema = any(key.startswith("ema.") for key in weights)
         if saved_ema and self.ema is None:
-            self.attach_ema(state.get("ema_decay") or 0.999)  # older checkpoints did not store the decay
+            self.attach_ema(saved_ema_decay(state))
         if not saved_ema and self.ema is None and state.get("ema_decay") == 0.0:
             self.ema_decay = 0.0  # a run told to keep no average still keeps none
         if self.ema is not None and not saved_ema:
@@ -187,6 +187,15 @@ class GenerativeModel(nn.Module):
                 elif isinstance(group["lr"], torch.Tensor):
                     group["lr"] = group["lr"].item()
             place_step_counts(optimizer)
+
+
+def saved_ema_decay(state: dict) -> float | None:
+    """The decay a checkpoint's state resumes its average with: the stored one, or 0.999 where weights of an
+    average were saved without it (older checkpoints); None or 0.0 (declined) for a run without one."""
+    decay = state.get("ema_decay")
+    if decay is None and any(key.startswith("ema.") for key in state["model"]):
+        return 0.999
+    return decay
 
 
 def mirror_step_count(module: nn.Module, buffer: str, attribute: str) -> None:

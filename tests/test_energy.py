@@ -783,7 +783,7 @@ def test_landscape_summary_on_a_bowl_by_hand():
     assert summary["gap"] == pytest.approx((0.25 + 16) / 2 - (1 + 4 + 9) / 3)
     # the origin is a pit at both radii; (0.01, 0) only at the large one: its 0.005-circle dips towards the origin,
     # its 0.5-circle lies wholly above it; (1, 1) is on the bowl's slope at both
-    assert summary["pits"] == [1, 2]
+    assert summary["pits"] == [1, 2] == E.modes_in_pits(bowl, modes, (0.005, 0.5))
     assert summary["median_slope"] == pytest.approx(4.0)  # slopes 2, 4, 6
     assert summary["fakes_radius"] == pytest.approx((0.5 + 4) / 2)
     with pytest.raises(ValueError, match=r"\[n, 2\]"):

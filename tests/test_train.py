@@ -1012,3 +1012,12 @@ def test_a_checkpoint_without_an_ema_update_count_resumes_warmed_up_and_one_with
     older, _ = make_run()
     older.load_checkpoint_state(state)
     assert int(older.ema_updates) == 10**6
+
+
+def test_saved_ema_decay_reads_the_stored_decay_and_gives_older_averaged_checkpoints_0_999():
+    from genlib.train import saved_ema_decay
+
+    averaged, plain = {"ema.0.weight": torch.zeros(1), "generator.0.weight": torch.zeros(1)}, {"g.w": torch.zeros(1)}
+    assert saved_ema_decay({"model": averaged, "ema_decay": 0.9}) == 0.9
+    assert saved_ema_decay({"model": averaged}) == 0.999  # saved before checkpoints stored the decay
+    assert saved_ema_decay({"model": plain, "ema_decay": 0.0}) == 0.0 and saved_ema_decay({"model": plain}) is None

@@ -777,14 +777,14 @@ def test_slope_norms_against_the_gradient_by_hand():
 def test_landscape_summary_on_a_bowl_by_hand():
     bowl = lambda x: (x**2).sum(1)  # noqa: E731  U = |x|^2: one pit, at the origin; slope 2 |x|
     reals = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]], dtype=torch.float64)
-    fakes = torch.tensor([[0.0, 0.5], [4.0, 0.0]], dtype=torch.float64)
+    fakes = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)  # row norms 5, 1; column norms 3, 4.1
     modes = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.01, 0.0]], dtype=torch.float64)
     summary = E.landscape_summary(bowl, reals, fakes, modes, radii=(0.005, 0.5))
-    assert summary["gap"] == pytest.approx((0.25 + 16) / 2 - (1 + 4 + 9) / 3)
+    assert summary["gap"] == pytest.approx((25 + 1) / 2 - (1 + 4 + 9) / 3)
     # the origin is a pit at both radii; (0.01, 0) only at the large one: its 0.005-circle dips towards the origin,
     # its 0.5-circle lies wholly above it; (1, 1) is on the bowl's slope at both
     assert summary["pits"] == [1, 2] == E.modes_in_pits(bowl, modes, (0.005, 0.5))
     assert summary["median_slope"] == pytest.approx(4.0)  # slopes 2, 4, 6
-    assert summary["fakes_radius"] == pytest.approx((0.5 + 4) / 2)
+    assert summary["fakes_radius"] == pytest.approx((5 + 1) / 2)
     with pytest.raises(ValueError, match=r"\[n, 2\]"):
         E.landscape_summary(bowl, reals[:, :1], fakes, modes)

@@ -113,6 +113,24 @@ def test_dde_loss_equals_hand_computation_for_a_quadratic_energy():
     assert dae.dde_loss(Quadratic(a, b), x, noisy, sigma).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_dde_loss_sums_the_squared_error_over_the_coordinates_of_each_point():
+    """In 3-D, with e(x) = -x.A x / 2 + b.x (grad e = -A x + b, A not diagonal): half the mean over points of the
+    sum over coordinates of (x~ + sigma^2 grad e(x~) - x)^2, written out in plain Python."""
+    sigma = 0.6
+    a = [[1.5, 0.4, -0.3], [0.4, 0.8, 0.2], [-0.3, 0.2, 1.1]]
+    b = [0.3, -0.5, 0.9]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    noisy = x + 0.5 * torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    a_t, b_t = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    energy = lambda v: -0.5 * ((v @ a_t) * v).sum(1) + v @ b_t  # noqa: E731
+    total = 0.0
+    for xi, ni in zip(x.tolist(), noisy.tolist()):
+        grad = [-sum(a[k][m] * ni[m] for m in range(3)) + b[k] for k in range(3)]
+        total += sum((ni[k] + sigma**2 * grad[k] - xi[k]) ** 2 for k in range(3))
+    assert dae.dde_loss(energy, x, noisy, sigma).item() == pytest.approx(0.5 * total / 4, rel=1e-12)
+
+
 def test_dde_minimiser_is_the_log_density_of_the_noisy_data():
     # data N(mu, s^2), noise sigma: the best quadratic energy is log N(mu, s^2 + sigma^2) + const
     mu, s, sigma = 0.8, 0.5, 0.4
@@ -499,6 +517,19 @@ def test_score_model_chains_start_from_init_std_gaussians_or_uniform_pixels():
     assert vec.initial_points(40_000).std().item() == pytest.approx(0.5, rel=0.02)
     img = dae.ScoreModel((1, 4, 4), width=8).initial_points(2_000)
     assert img.min() >= -1 and img.max() <= 1 and img.std().item() == pytest.approx(1 / math.sqrt(3), rel=0.02)
+
+
+def test_score_model_langevin_step_defaults_to_a_fifth_of_the_smallest_noise_variance(monkeypatch):
+    model = dae.ScoreModel((2,), width=8, depth=1, sigma_max=3.0, sigma_min=0.1, n_sigmas=4, steps_per_level=1)
+    smallest = min(float(s) for s in model.sigmas)  # the last level the chains anneal to
+    assert model.eps == pytest.approx(0.2 * smallest**2, rel=1e-6)
+    assert dae.ScoreModel((2,), width=8, depth=1, eps=0.003).eps == 0.003
+    used = []
+    annealed = dae.annealed_langevin
+    monkeypatch.setattr(dae, "annealed_langevin", lambda *args: used.append(args[3]) or annealed(*args))
+    model.sample(3)
+    model.sample(3, eps=0.007)
+    assert used == [model.eps, 0.007]  # sample() runs with the default unless given another
 
 
 def test_data_smoothed_log_density_is_the_equal_weight_mixture_of_zero_width_components():

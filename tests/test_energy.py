@@ -149,6 +149,31 @@ def test_penalty_dispatch_picks_each_penalty():
         E.penalty("r2", critic, real, fake)
 
 
+def test_critic_objective_reports_the_mean_energies_of_each_batch_and_their_gap():
+    """Batches of unequal size (2 reals, 3 fakes) so that a sum, a pooled mean or swapped batches all show.
+    U = x . a with a = (1, 2): reals give U = [0, 0.4], fakes [1, 2, 1.5]; R1 = ||a||^2 = 5 everywhere."""
+    critic = Linear([1.0, 2.0])
+    real = torch.tensor([[0.0, 0.0], [0.2, 0.1]], dtype=torch.float64)
+    fake = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    out = E.critic_objective(critic, real, fake, penalty_kind="r1", lam=0.1)
+    assert out["u_real"].item() == pytest.approx(0.2)
+    assert out["u_fake"].item() == pytest.approx(1.5)
+    assert out["gap"].item() == pytest.approx(1.5 - 0.2)
+    assert out["penalty"].item() == pytest.approx(5.0)
+    assert out["loss_u"].item() == pytest.approx(0.2 - 1.5 + 0.1 * 5.0)
+    # Only loss_u is minimised: its gradient in a is mean(real) - mean(fake) + lam * 2a; the rest are logs.
+    (grad_a,) = torch.autograd.grad(out["loss_u"], critic.a)
+    expected = real.mean(0) - fake.mean(0) + 0.1 * 2 * critic.a.detach()
+    torch.testing.assert_close(grad_a, expected)
+    assert not any(out[key].requires_grad for key in ("penalty", "gap", "u_real", "u_fake"))
+    # the same keys for a plain function critic on one coordinate, without a penalty
+    out = E.critic_objective(lambda x: x[:, 0], torch.tensor([[0.0], [0.4]]), torch.tensor([[1.0]]),
+                             penalty_kind="none", lam=0.0)
+    assert (out["u_real"].item(), out["u_fake"].item()) == (pytest.approx(0.2), pytest.approx(1.0))
+    assert out["gap"].item() == pytest.approx(0.8) and out["penalty"].item() == 0.0
+    assert out["loss_u"].item() == pytest.approx(0.2 - 1.0)
+
+
 # ---- the 1-D optimal critic --------------------------------------------------------------------
 
 

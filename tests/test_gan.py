@@ -415,26 +415,34 @@ def test_mrgan_generator_loss_adds_reconstruction_and_mode_terms_by_hand():
     assert losses["loss_g"].item() == pytest.approx(math.log(2) + 0.2 * rec + 0.4 * mode)
 
 
-def test_dragan_points_are_a_uniform_fraction_of_a_uniform_perturbation():
-    """x_hat - x = alpha * scale * std(x) * u with alpha, u ~ U[0, 1): the ratio is a product of two independent
-    uniforms, whose CDF is t - t log t (kills dropping alpha: the ratio would be uniform)."""
-    torch.manual_seed(0)
-    real = torch.randn(4000, 3, dtype=torch.float64)
-    ratio = ((gan.dragan_points(real, 0.5) - real) / (0.5 * real.std()))[:, 0].numpy()  # one column: i.i.d. rows
-    ks = stats.kstest(ratio, lambda t: np.clip(t, 1e-300, 1) - np.clip(t, 1e-300, 1) * np.log(np.clip(t, 1e-300, 1)))
-    assert ks.pvalue > 1e-3
-    assert ratio.mean() == pytest.approx(0.25, abs=0.02)  # E[alpha u] = 1/4 (1/2 without alpha)
+def product_of_uniforms_cdf(t: np.ndarray) -> np.ndarray:
+    """CDF of alpha * u with alpha, u ~ U[0, 1) independent: t - t log t on [0, 1]."""
+    t = np.clip(t, 1e-300, 1.0)
+    return t - t * np.log(t)
 
 
-def test_gaussian_dragan_points_are_the_papers_gaussian_perturbation():
-    """The paper's noise: x_hat - x = scale * std(x) * g, g ~ N(0, 1), symmetric around the data, with no segment
-    fraction (a factor alpha ~ U[0, 1) would shrink the variance to 1/3 and fail the KS test)."""
+@pytest.mark.parametrize("noise", ["uniform", "gaussian"])
+@pytest.mark.parametrize("spread", [(0.3, 0.3), (3.0, 0.3)])
+def test_dragan_noise_scales_with_the_std_of_the_whole_batch(noise, spread):
+    """x_hat - x = sigma * r with sigma = scale * std over all elements (numpy here). Uniform (reference code): r =
+    alpha * u, alpha, u ~ U[0, 1), a product of two uniforms (dropping alpha would make r uniform). Gaussian (the
+    paper): r ~ N(0, 1) with no segment fraction (alpha would shrink its variance to 1/3). Data of std far from 1 tell
+    sigma from scale or scale * var; columns of std 3 and 0.3 tell it from a per-column std (each column is tested on
+    its own: the uniform noise shares alpha across a row). scale = 0.7 is not the default 0.5."""
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(4000, 2, dtype=torch.float64, generator=gen) * torch.tensor(spread, dtype=torch.float64) + 1.0
+    sigma = 0.7 * np.std(real.numpy(), ddof=1)
     torch.manual_seed(0)
-    real = torch.randn(4000, 3, dtype=torch.float64)
-    ratio = ((gan.dragan_points(real, 0.5, noise="gaussian") - real) / (0.5 * real.std()))[:, 0].numpy()
-    assert stats.kstest(ratio, stats.norm.cdf).pvalue > 1e-3
-    assert ratio.var() == pytest.approx(1.0, abs=0.08)
-    assert (ratio < 0).mean() == pytest.approx(0.5, abs=0.03)  # the reference code's uniform noise has none
+    ratio = ((gan.dragan_points(real, 0.7, noise=noise) - real) / sigma).numpy()
+    for column in ratio.T:
+        if noise == "uniform":  # E[alpha u] = 1/4
+            assert column.min() >= 0 and column.max() <= 1
+            assert stats.kstest(column, product_of_uniforms_cdf).pvalue > 1e-3
+            assert column.mean() == pytest.approx(0.25, abs=0.02)
+        else:
+            assert stats.kstest(column, stats.norm.cdf).pvalue > 1e-3
+            assert column.var() == pytest.approx(1.0, abs=0.08)
+            assert (column < 0).mean() == pytest.approx(0.5, abs=0.03)  # symmetric: the uniform noise has none
     with pytest.raises(ValueError, match="noise must be"):
         gan.DRAGAN(noise="laplace")
 

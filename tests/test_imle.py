@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage, stats
 
 from genlib import imle
 from genlib.data import BatchSampler, load_images, to_float, toy, toy_dataset
@@ -781,8 +783,6 @@ def test_glann_sample_is_g_of_t_of_the_same_noise(trained_glo):
 
 
 def test_pca_codes_equal_an_svd_of_the_centred_data_up_to_sign():
-    import numpy as np
-
     g = torch.Generator().manual_seed(14)
     # 40 images of 6x6 with a decaying spectrum (not a flat one), so the top axes are well defined
     scales = torch.tensor([2.0**-k for k in range(36)])
@@ -809,7 +809,6 @@ def test_pca_codes_equal_an_svd_of_the_centred_data_up_to_sign():
 def test_glo_sample_is_a_gaussian_fitted_to_the_codes():
     """GLO.sample with an identity generator returns the codes it draws: their mean and covariance must be the
     learned codes' (computed independently with numpy), including the correlations."""
-    import numpy as np
     from torch import nn
 
     g = torch.Generator().manual_seed(15)
@@ -836,7 +835,6 @@ def test_glo_sample_is_a_gaussian_fitted_to_the_codes():
 
 def _bilinear_half_pixel(image, height, width):
     """Independent bilinear resize of a 2-D numpy array with half-pixel centres (align_corners=False)."""
-    import numpy as np
 
     def weights(n_in, n_out):
         src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
@@ -852,9 +850,7 @@ def _bilinear_half_pixel(image, height, width):
 
 
 def test_laplacian_pyramid_collapses_back_and_matches_scipy():
-    import numpy as np
     import torch.nn.functional as F
-    from scipy import ndimage
 
     lap = imle.LaplacianPyramidL1(levels=3)
     g = torch.Generator().manual_seed(17)
@@ -888,7 +884,6 @@ def test_imlekl_step_minimises_kl_variant_loss_on_its_own_draws(margin):
     mean_i [min_j |a_i - x_j|^2 - w log(eps + min_k |a_i - b_k|^2)])."""
     import copy
 
-    import numpy as np
 
     torch.manual_seed(18)
     reals = torch.randn(24, 2) * 0.3
@@ -1071,3 +1066,81 @@ def test_kl_variant_gradient_flows_into_fakes_a_only_and_matches_a_brute_force_c
     torch.testing.assert_close(grad_a, expected)
     value = ((a0 - x[to_real]).pow(2).sum(1) + (margin - repel).clamp_min(0)).mean()
     torch.testing.assert_close(loss.detach(), value)
+
+
+# ----------------------------------------------------------------------------- reported values and draws
+
+
+@pytest.mark.parametrize("loss", ["l2", "l1"])
+def test_glo_step_reports_the_mean_per_image_loss_of_the_batch_codes_before_its_update(loss):
+    torch.manual_seed(23)
+    images = torch.rand(20, 1, 8, 8) * 2 - 1
+    glo = imle.GLO(ConvGenerator(4, resolution=8, channels=1, width=8, norm="layer"), 20, 4, loss=loss)
+    index = torch.tensor([5, 0, 17, 9, 12, 3])  # not the first rows: the codes must be the batch's own
+    with torch.no_grad():  # the codes and generator the step starts from
+        diff = glo.generator(glo.codes.weight[index]) - images[index]
+        by_hand = (diff**2 if loss == "l2" else diff.abs()).sum(dim=(1, 2, 3)).mean().item()
+    reported = glo.step(images[index], index)["loss"].item()
+    assert reported == pytest.approx(by_hand, rel=1e-6)
+    with torch.no_grad():  # the step did move: a loss recomputed after it would differ
+        after = glo.generator(glo.codes.weight[index]) - images[index]
+        after = (after**2 if loss == "l2" else after.abs()).sum(dim=(1, 2, 3)).mean().item()
+    assert after != pytest.approx(by_hand, rel=1e-6)
+
+
+class _RecordingGenerator(torch.nn.Module):
+    """A linear generator that keeps a copy of every batch of codes it is given."""
+
+    def __init__(self, z_dim: int, out: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(z_dim, out)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.seen.append(z.detach().clone())
+        return self.linear(z)
+
+
+def test_imle_trains_on_its_cached_codes_jittered_by_the_default_0_01_times_standard_normal_noise():
+    torch.manual_seed(24)
+    data = torch.randn(1000, 2)
+    generator = _RecordingGenerator(4, 2)
+    model = imle.IMLE(generator, 4, fakes_per_real=2, refresh_every=2, data=data)
+    index = torch.randperm(1000)
+    model.step(data[index], index)  # step 0 refreshes the cache, then trains on the cached codes
+    assert len(generator.seen) == 2 and not model.matched_z.eq(0).all()
+    # the class docstring promises codes + z_jitter N(0, I), z_jitter 0.01 by default
+    noise = ((generator.seen[-1] - model.matched_z[index]).double() / 0.01).flatten().numpy()
+    assert len(noise) == 4000
+    assert stats.kstest(noise, "norm").pvalue > 1e-3  # a uniform draw or another scale fails by far
+    assert abs(noise.mean()) < 4 / math.sqrt(4000) and abs(noise.std() - 1) < 4 / math.sqrt(2 * 4000)
+
+
+def test_lap1_is_the_level_weighted_l1_of_independently_built_pyramids_of_both_images():
+    """sum_j 2^(e j) sum_{c, pixels} |L^j(x) - L^j(y)|, each image's pyramid built by hand with scipy (blur with
+    edge replication, every other pixel, half-pixel bilinear up), for e = +2 (the default) and e = -1."""
+    taps = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    kernel = np.outer(taps, taps)
+
+    def pyramid(image, levels):
+        bands, current = [], image
+        for _ in range(levels - 1):
+            smaller = ndimage.convolve(current, kernel, mode="nearest")[::2, ::2]
+            bands.append(current - _bilinear_half_pixel(smaller, *current.shape))
+            current = smaller
+        return bands + [current]
+
+    g = torch.Generator().manual_seed(25)
+    x, y = (torch.rand(2, 2, 16, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    for exponent in (2.0, -1.0):
+        lap = imle.LaplacianPyramidL1(levels=3, level_exponent=exponent)  # 16x12, 8x6, 4x3
+        by_hand = [
+            sum(2.0 ** (exponent * j) * np.abs(bx - by).sum()
+                for c in range(2)
+                for j, (bx, by) in enumerate(zip(pyramid(x[i, c].numpy(), 3), pyramid(y[i, c].numpy(), 3))))
+            for i in range(2)]
+        np.testing.assert_allclose(lap(x, y).numpy(), by_hand, rtol=1e-12)
+        # the band-pass levels carry a share of it, so a loss of the residual alone would fail above
+        residual = sum(2.0 ** (exponent * 2) * np.abs(pyramid(x[0, c].numpy(), 3)[-1]
+                                                     - pyramid(y[0, c].numpy(), 3)[-1]).sum() for c in range(2))
+        assert residual < 0.9 * by_hand[0]

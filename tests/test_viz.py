@@ -51,6 +51,30 @@ def test_frame_slider_labels_follow_the_slider():
     assert caption.index == 0 and len(stack.children) == 2
 
 
+def browser_links(box) -> set[tuple[tuple[str, str], tuple[str, str]]]:
+    """The two-way links (source, target) among the widgets of ``box``, by name, as the static book embeds them
+    (every live widget's state, links included, with model references 'IPY_MODEL_<id>')."""
+    import ipywidgets as widgets
+
+    names = {f"IPY_MODEL_{child.model_id}": type(child).__name__ for child in box.children}
+    links = set()
+    for model in widgets.Widget.get_manager_state()["state"].values():
+        if model["model_name"] == "LinkModel":
+            (source, source_trait), (target, target_trait) = model["state"]["source"], model["state"]["target"]
+            if source in names and target in names:
+                links.add(((names[source], source_trait), (names[target], target_trait)))
+    return links
+
+
+@pytest.mark.parametrize("labels", [None, ["sigma=1", "sigma=0.1"]])
+def test_frame_slider_embeds_a_browser_link_from_the_slider_value_to_the_shown_picture_and_caption(labels):
+    box = viz.frame_slider(lambda i, ax: ax.plot([0, i]), frames=2, labels=labels)
+    expected = {(("IntSlider", "value"), ("Stack", "selected_index"))}
+    if labels is not None:
+        expected.add((("IntSlider", "value"), ("Dropdown", "index")))
+    assert browser_links(box) == expected  # jslink: a Python-side observe would not work in the static book
+
+
 def test_show_pngs_puts_each_saved_picture_in_its_own_titled_panel(tmp_path):
     rng = np.random.default_rng(0)
     pictures = [rng.random((6, 5, 3)).astype(np.float32), rng.random((4, 7, 3)).astype(np.float32)]

@@ -198,7 +198,7 @@ def uniform_square_coverage(modes: Tensor, std: float, half_width: float, n_samp
     if float(modes.abs().max()) + radius > half_width:
         raise ValueError(f"a mode's disc of radius {radius:g} reaches beyond the square of half-width {half_width:g}")
     hit = math.pi * radius ** 2 / (2 * half_width) ** 2
-    return coverage_by_chance(torch.full((len(modes),), hit), n_samples)
+    return coverage_by_chance(torch.full((len(modes),), hit, dtype=torch.float64), n_samples)
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:

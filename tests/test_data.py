@@ -128,6 +128,60 @@ def test_mixture_sample_moments_match_closed_form():
     assert torch.allclose(torch.cov(x.T), cov, atol=0.12)
 
 
+def test_checkerboard_samples_fill_each_dark_square_at_the_density_log_prob_gives():
+    t = data.toy("checkerboard")
+    n = 32_000
+    x = t.sample(n, gen(4)).double().numpy()
+    # the 64 unit squares of [-4, 4]^2 (each dark 2 x 2 cell holds four): expected counts n * density * area
+    counts, _, _ = np.histogram2d(x[:, 0], x[:, 1], bins=8, range=[[-4, 4], [-4, 4]])
+    centres = torch.cartesian_prod(*[torch.arange(-3.5, 4.0, dtype=torch.float64)] * 2)
+    expected = n * t.log_prob(centres).exp().view(8, 8).numpy()
+    assert set(np.unique(expected)) == {0.0, n / 32}
+    assert (counts[expected == 0] == 0).all()
+    np.testing.assert_allclose(counts[expected > 0], n / 32, atol=4 * math.sqrt(n / 32))  # binomial s.e. ~ 31
+
+
+def test_moons_without_noise_lie_on_scikit_learns_two_half_circles_centred_at_zero():
+    x = data.toy("moons", noise=0.0).sample(20_000, gen(0)).double()
+    # make_moons's outer (cos t, sin t) and inner (1 - cos t, 1/2 - sin t), t in [0, pi], have mean (1/2, 1/4):
+    # the toy subtracts it and doubles, so the data are centred
+    assert x.mean(0).abs().max() < 0.05  # s.e. ~ 0.012
+    y = x / 2 + torch.tensor([0.5, 0.25], dtype=torch.float64)
+    outer = ((y.norm(dim=1) - 1).abs() < 1e-5) & (y[:, 1] >= -1e-6)
+    centre = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    inner = (((y - centre).norm(dim=1) - 1).abs() < 1e-5) & (y[:, 1] <= 0.5 + 1e-6)
+    assert (outer | inner).all()
+    assert abs(outer.double().mean().item() - 0.5) < 0.02
+
+
+def test_swissroll_lies_on_the_spiral_of_make_swiss_roll_scaled_with_its_noise():
+    x = data.toy("swissroll", noise=0.0).sample(5000, gen(0)).double() / 0.2
+    # make_swiss_roll: t = 1.5 pi (1 + 2 u) with u uniform, point t (cos t, sin t): radius t, angle t mod 2 pi
+    r = x.norm(dim=1)
+    assert r.min() >= 1.5 * math.pi - 1e-4 and r.max() <= 4.5 * math.pi + 1e-4
+    gap = torch.remainder(torch.atan2(x[:, 1], x[:, 0]) - r, 2 * math.pi)
+    assert ((gap < 1e-4) | (gap > 2 * math.pi - 1e-4)).all()
+    quartiles = torch.quantile(r, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    np.testing.assert_allclose(quartiles.numpy(), math.pi * np.array([2.25, 3.0, 3.75]), atol=0.15)
+    # noise N(0, 1) is added before scaling by 0.2: a point's distance from the (scaled) curve is |0.2 z|,
+    # whose median is 0.2 * 0.674 (the arms are 2 pi * 0.2 apart, far beyond the noise)
+    noisy = data.toy("swissroll").sample(1000, gen(1)).double()
+    t = torch.linspace(1.5 * math.pi, 4.5 * math.pi, 5000, dtype=torch.float64)
+    curve = 0.2 * torch.stack([t * t.cos(), t * t.sin()], dim=1)
+    distance = torch.cdist(noisy, curve).min(dim=1).values
+    assert distance.median().item() == pytest.approx(0.2 * 0.6745, rel=0.15)  # s.e. of the median ~ 4 %
+
+
+def test_rings_without_noise_put_a_quarter_of_the_points_on_each_full_circle():
+    radii = torch.tensor([0.75, 1.5, 2.25, 3.0], dtype=torch.float64)
+    x = data.toy("rings", noise=0.0).sample(8000, gen(0)).double()
+    off = (x.norm(dim=1)[:, None] - radii).abs()
+    assert off.min(dim=1).values.max() < 1e-5
+    quadrant = 2 * (x[:, 0] < 0).long() + (x[:, 1] < 0).long()  # the angle is uniform on the whole circle
+    for counts in (torch.bincount(off.argmin(dim=1), minlength=4), torch.bincount(quadrant, minlength=4)):
+        assert counts.min() > 2000 - 160 and counts.max() < 2000 + 160  # binomial s.e. ~ 39
+
+
 def test_log_prob_without_closed_form_says_so():
     with pytest.raises(NotImplementedError, match="moons.*closed-form"):
         data.toy("moons").log_prob(torch.zeros(3, 2))
@@ -140,6 +194,10 @@ def test_digits():
     d = data.load_images("digits")
     assert d.images.shape == (1797, 1, 8, 8) and d.images.dtype == torch.uint8
     assert d.images.max() == 255 and d.images.min() == 0
+    from sklearn.datasets import load_digits
+
+    # each 0..16 intensity becomes the nearest integer to it * 255 / 16
+    assert np.abs(d.images[:, 0].numpy() - load_digits().images * 255 / 16).max() <= 0.5
     assert d.labels.dtype == torch.int64 and set(d.labels.tolist()) == set(range(10))
 
 

@@ -31,6 +31,49 @@ def test_augment_keeps_shape_and_range() -> None:
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
 
 
+def test_augment_flips_horizontally_and_shifts_by_up_to_two_pixels_each_way() -> None:
+    base = torch.rand(28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1  # no symmetry: one origin each
+    out = features._augment(base.expand(1000, 1, 28, 28).clone(), torch.Generator().manual_seed(0))
+    # by hand: every left-right flip (or none) and every shift by -2..2 rows and columns, padded with black (-1)
+    candidates = []
+    for image in (base, base.flip(-1)):
+        padded = np.pad(image.numpy(), 2, constant_values=-1.0)
+        candidates += [padded[dy:dy + 28, dx:dx + 28] for dy in range(5) for dx in range(5)]
+    match = (out[:, 0, None] == torch.from_numpy(np.stack(candidates))[None]).flatten(2).all(2)  # [1000, 50]
+    assert (match.sum(1) == 1).all()  # each output is one flip-and-shift of the input
+    assert match.any(0).all()  # and all 50 of them occur (each has chance 1/50 per image)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 100])
+def test_batched_applies_the_network_to_every_image_once_in_order(batch_size) -> None:
+    images = torch.randint(0, 256, (7, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    out = features._batched(lambda x: seen.append(len(x)) or 3 * x.flatten(1), images, batch_size, torch.device("cpu"))
+    expected = 3 * (images.double() / 127.5 - 1).flatten(1)  # uint8 -> [-1, 1], then the network
+    torch.testing.assert_close(out, expected.float())
+    assert sum(seen) == 7 and max(seen) == min(batch_size, 7)
+    with pytest.raises(ValueError, match="batch_size"):
+        features._batched(lambda x: x, images, 0, torch.device("cpu"))
+
+
+def test_evaluate_classifier_reports_accuracy_and_mean_cross_entropy_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), linear, torch.nn.Dropout(0.5)).train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (10, 1, 2, 2), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    got = features.evaluate_classifier(model, images, labels, batch_size=4)
+    assert model.training  # the caller's mode is restored
+    # by hand, with dropout off (eval mode): logits of the [-1, 1] pixels, softmax cross-entropy averaged over images
+    x = images.double().numpy().reshape(10, 4) / 127.5 - 1
+    logits = x @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = {"accuracy": np.mean(logits.argmax(1) == labels.numpy()),
+                "loss": -np.mean(log_probs[np.arange(10), labels.numpy()])}
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
 def test_committed_classifier_is_accurate() -> None:
     data = pytest.importorskip("genlib.data")
     try:
@@ -184,6 +227,9 @@ def test_vgg16_random_weights_load_strictly_and_give_the_documented_features(tmp
     torch.testing.assert_close(feats[:, :64 * 28 * 28], h.flatten(1) / (64 * 28 * 28), rtol=1e-4, atol=1e-7)
     model = features.load_vgg16(path, "cpu")
     assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():  # non-square: each pool halves height and width separately, rounding down
+        wide = model.perceptual(torch.zeros(1, 1, 20, 28))
+    assert wide.shape[1] == features.vgg16_feature_dim(20, 28) == 64 * 560 + 128 * 140 + 256 * 35 + 512 * 6
     x = torch.zeros(1, 3, 16, 16, requires_grad=True)
     model.perceptual(x).sum().backward()  # differentiable in the image, for use inside a loss
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -160,6 +160,11 @@ def test_uniform_square_coverage_matches_uniform_noise_on_a_ring():
     assert sum(h for _, h in scores) / draws == pytest.approx(hq, rel=0.03)
     with pytest.raises(ValueError, match="beyond the square"):  # a disc cut by the edge: the formula would be wrong
         M.uniform_square_coverage(modes, std, 2.2, n)
+    # a disc that only touches the edge still lies inside (2 + 3 * 0.25 == 2.75 exactly): one mode, hit pi r^2 / (2h)^2
+    hit = math.pi * 0.75**2 / 5.5**2
+    missed = (1 - hit) ** n
+    edge = M.uniform_square_coverage(torch.tensor([[2.0, -2.0]]), 0.25, 2.75, n)
+    assert edge == pytest.approx((1 - missed, math.sqrt(missed * (1 - missed)), hit), rel=1e-12)  # float64 throughout
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -273,6 +278,19 @@ def test_kid_std_is_the_population_std_of_the_subset_scores():
     assert abs(np.std(scores, ddof=0) - np.std(scores, ddof=1)) > 1e-3 * np.std(scores, ddof=0)  # the two differ
 
 
+@pytest.mark.parametrize("n_a, n_b, subset_size", [(24, 10, 1000), (10, 24, 8)])
+def test_kid_draws_as_many_rows_from_each_set_as_the_smaller_set_and_the_subset_size_allow(n_a, n_b, subset_size):
+    # documented: min(subset_size, n, m) rows of each set, a permutation of a's rows then one of b's
+    rng = _rng(22)
+    a, b = _t(rng.normal(size=(n_a, 3))), _t(rng.normal(size=(n_b, 3)) + 0.5)
+    mean, _ = M.kid(a, b, subsets=1, subset_size=subset_size, generator=torch.Generator().manual_seed(2))
+    size = min(subset_size, n_a, n_b)
+    replay = torch.Generator().manual_seed(2)
+    rows_a, rows_b = torch.randperm(n_a, generator=replay)[:size], torch.randperm(n_b, generator=replay)[:size]
+    expected = _ref_unbiased_mmd2(a[rows_a].numpy(), b[rows_b].numpy(), lambda u, v: (u @ v / 3 + 1) ** 3)
+    assert mean == pytest.approx(expected, rel=1e-10)
+
+
 # ----------------------------------------------------------------------------- 1-NN and Wasserstein
 
 
@@ -331,6 +349,15 @@ def test_wasserstein_matches_brute_force_permutations_in_2d():
     assert M.wasserstein(_t(x), _t(y)) == pytest.approx(best, rel=1e-9)
 
 
+def test_wasserstein_admits_exactly_the_sample_cap(monkeypatch):
+    # the cap is inclusive; a small stand-in cap keeps the exact assignment instant
+    monkeypatch.setattr(M, "WASSERSTEIN_MAX_SAMPLES", 4)
+    x = _t(np.arange(4.0)[:, None])
+    assert M.wasserstein(x, x + 1.0) == pytest.approx(1.0)  # every point moves by 1
+    with pytest.raises(ValueError, match="cap 4"):
+        M.wasserstein(_t(np.arange(5.0)[:, None]), _t(np.arange(5.0)[:, None]))
+
+
 # ----------------------------------------------------------------------------- Inception and Mode Score
 
 
@@ -350,6 +377,15 @@ def test_inception_score_matches_numpy_with_splits():
     assert M.inception_score(_t(p)) == pytest.approx(_ref_is(p), rel=1e-10)
     split_ref = np.mean([_ref_is(p[:10]), _ref_is(p[10:20]), _ref_is(p[20:])])
     assert M.inception_score(_t(p).float(), splits=3) == pytest.approx(split_ref, rel=1e-5)
+
+
+def test_inception_score_splits_rows_as_numpy_array_split_does_down_to_one_row_each():
+    p = _rng(23).dirichlet(np.full(4, 0.5), size=10)
+    # 10 rows in 3 splits: chunks of 4, 3 and 3 (near-equal), not 4, 4 and 2
+    expected = np.mean([_ref_is(part) for part in np.array_split(p, 3)])
+    assert M.inception_score(_t(p), splits=3) == pytest.approx(expected, rel=1e-10)
+    # one row per split: each row is its own marginal, so every KL is 0 and every score exactly 1
+    assert M.inception_score(_t(p), splits=10) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_mode_score_matches_numpy():
@@ -397,6 +433,7 @@ GOOD = torch.zeros(5, 2)
         lambda: M.mmd2(GOOD, torch.zeros(1, 2), bandwidth=1.0),
         lambda: M.mmd2(GOOD, GOOD, bandwidth=0.0),
         lambda: M.mmd2(GOOD, GOOD),  # all points coincide: the median heuristic gives 0
+        lambda: M.median_bandwidth(GOOD, GOOD),
         lambda: M.kid(GOOD, GOOD, subset_size=1),
         lambda: M.kid(GOOD, GOOD, subsets=0),
         lambda: M.one_nn_accuracy(GOOD, torch.zeros(4, 3)),
@@ -404,6 +441,7 @@ GOOD = torch.zeros(5, 2)
         lambda: M.wasserstein(*[torch.zeros(M.WASSERSTEIN_MAX_SAMPLES + 1, 1)] * 2),
         lambda: M.inception_score(torch.tensor([[2.0, -1.0]])),
         lambda: M.inception_score(torch.tensor([[0.2, 0.2]])),
+        lambda: M.inception_score(torch.tensor([[0.5, 0.49]])),  # 1 % short of a distribution
         lambda: M.inception_score(torch.eye(3), splits=4),
         lambda: M.mode_score(torch.eye(3), torch.eye(2)),
     ],

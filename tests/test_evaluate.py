@@ -131,6 +131,7 @@ def test_held_out_subset_is_fixed_and_bounded():
     first, again = evaluate.held_out_subset(rows, 10, seed=3), evaluate.held_out_subset(rows, 10, seed=3)
     assert torch.equal(first, again) and len(first.unique()) == 10
     assert torch.equal(evaluate.held_out_subset(rows, 500), rows)
+    assert torch.equal(evaluate.held_out_subset(rows, 100), rows)  # as many as there are: all, in their order
 
 
 class Exploding(GenerativeModel):
@@ -235,6 +236,15 @@ def test_coverage_run_calls_back_mid_training_and_the_run_is_unchanged():
     assert [step for step, _ in seen] == [5, 10]
     assert not torch.equal(seen[0][1], seen[1][1])  # the model seen mid-run, not a copy of the end
     assert torch.equal(probed["samples"], plain["samples"])  # a callback that draws nothing changes nothing
+
+
+def test_coverage_run_reports_wall_and_process_cpu_seconds_each_from_its_own_clock(monkeypatch):
+    """Wall time and CPU time part on a shared machine; the compare tables print the CPU time."""
+    wall, cpu = iter([100.0, 107.0]), iter([20.0, 22.5])  # fake clocks: one reading at the start, one at the end
+    monkeypatch.setattr(evaluate, "time", SimpleNamespace(perf_counter=lambda: next(wall),
+                                                          process_time=lambda: next(cpu)))
+    row = evaluate.coverage_run(MeanShift, data.toy("ring8"), seed=0, steps=2, batch_size=8, n_data=64, n_samples=50)
+    assert row["seconds"] == 7.0 and row["cpu_seconds"] == 2.5
 
 
 def test_coverage_runs_train_on_the_threads_asked_for_and_restore_the_count():

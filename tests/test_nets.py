@@ -16,7 +16,7 @@ def test_conv_stages(resolution, expected):
     assert (base, stages) == expected and base * 2**stages == resolution
 
 
-@pytest.mark.parametrize("resolution", [7, 9, 44, 300])
+@pytest.mark.parametrize("resolution", [7, 9, 44, 300, 512])
 def test_bad_resolutions_are_rejected(resolution):
     with pytest.raises(ValueError, match="resolution"):
         nets.conv_stages(resolution)
@@ -111,6 +111,19 @@ def test_a_normed_generator_has_no_conv_biases_like_the_reference_dcgan():
     channels = [16, 64, 32, 16, 8, 3]
     expected = sum(16 * a * b for a, b in zip(channels[:-1], channels[1:])) + 2 * sum(channels[1:-1])
     assert nets.count_parameters(gen) == expected
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_a_critic_has_biases_on_its_first_and_last_convolutions_and_on_the_others_only_without_a_norm(norm):
+    """As the DCGAN discriminator plus the 65 biases its docstring names; a bias before a norm is cancelled."""
+    critic = nets.ConvCritic(64, 3, width=8, norm=norm)
+    channels = [3, 8, 16, 32, 64, 1]  # stride-2 convolutions from width 8 to 8 * width, then 4x4 -> 1 score
+    weights = sum(16 * a * b for a, b in zip(channels[:-1], channels[1:]))
+    inner = sum(channels[2:-1])  # the channels of the three convolutions between the first and the last
+    expected = weights + channels[1] + channels[-1] + (2 * inner if norm == "batch" else inner)  # norm: scale + shift
+    assert nets.count_parameters(critic) == expected
+    convolutions = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.bias is not None for m in convolutions] == [True] + [norm == "none"] * 3 + [True]
 
 
 def test_generator_output_goes_through_tanh_only_when_asked():

@@ -22,6 +22,8 @@ def test_record_and_load_a_run(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r" / "run.json").read_text())["device"] == "cpu"
     assert back.run["cpu"] == runtime.cpu_fingerprint()  # CPU numbers reproduce only on a like CPU
     assert not list((tmp_path / "r").glob("*.tmp"))
+    (tmp_path / "r" / "metrics.json").unlink()  # a run recorded before its metrics: read with none
+    assert results.load_run(tmp_path / "r").metrics == {} and results.load_run(tmp_path / "r").run == back.run
 
 
 def test_a_record_says_how_many_threads_ran_and_how_busy_the_machine_was(tmp_path, monkeypatch):
@@ -184,13 +186,13 @@ def _record(folder, device: str, date: str, fd: float) -> None:
 
 def test_gpu_runs_finds_gpu_recordings_of_a_name_oldest_first(tmp_path):
     _record(tmp_path / "ch02_dcgan_fashion_cpu", "cpu", "2026-01-01", 30.0)       # a CPU run is not full scale
-    _record(tmp_path / "ch02_dcgan_fashion_h200", "cuda", "2026-03-01", 9.0)
-    _record(tmp_path / "ch02_dcgan_fashion_a100", "cuda", "2026-02-01", 10.0)
+    _record(tmp_path / "ch02_dcgan_fashion_h200", "cuda", "2026-02-01", 9.0)   # named after the a100, made first
+    _record(tmp_path / "ch02_dcgan_fashion_a100", "cuda", "2026-03-01", 10.0)
     _record(tmp_path / "ch02_dcgan_fashion_more_h100", "cuda", "2026-04-01", 1.0)  # another name's run, same prefix
     (tmp_path / "ch02_dcgan_fashion_empty").mkdir()                                 # an interrupted run: no run.json
     runs = results.gpu_runs("ch02_dcgan_fashion", tmp_path)
     names = [run.path.name for run in runs]
-    assert names == ["ch02_dcgan_fashion_a100", "ch02_dcgan_fashion_h200"]
+    assert names == ["ch02_dcgan_fashion_h200", "ch02_dcgan_fashion_a100"]
     report = results.full_scale_report(["ch02_dcgan_fashion", "ch04_dde_fashion"], tmp_path)
     assert "fd      : 9" in report and "fd      : 10" in report and "fd      : 30" not in report
     assert "ch04_dde_fashion: no full-scale run recorded on a GPU yet" in report
@@ -224,6 +226,21 @@ def test_write_json_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         results.write_json(path, {"fd": 2.0})
     assert json.loads(path.read_text()) == {"fd": 1.0}  # the old record is whole, not half-replaced
+
+
+def test_a_record_stores_tensors_paths_and_numpy_scalars_as_plain_json(tmp_path):
+    import numpy as np
+
+    metrics = {"curve": torch.tensor([[1.0, 2.5], [0.0, -1.0]]), "modes": torch.tensor(7), "grid": tmp_path / "g.png",
+               "steps": np.int64(3), "hq": np.float32(0.5)}
+    run = results.record_run(tmp_path / "r", device="cpu", config={"out": tmp_path / "r"}, metrics=metrics,
+                             wall_time_s=1.0, command="x")
+    back = results.load_run(run.path)
+    assert back.metrics == {"curve": [[1.0, 2.5], [0.0, -1.0]], "modes": 7, "grid": str(tmp_path / "g.png"),
+                            "steps": 3, "hq": 0.5}
+    assert back.run["config"] == {"out": str(tmp_path / "r")}
+    with pytest.raises(TypeError, match="cannot store set in a run record"):
+        results.write_json(tmp_path / "bad.json", {"seeds": {1, 2}})
 
 
 def test_write_json_sorts_keys_so_records_diff_cleanly(tmp_path):

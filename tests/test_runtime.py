@@ -18,6 +18,9 @@ def test_scale_defaults_to_small_and_reads_the_environment(monkeypatch):
     assert runtime.scale() == "small" and runtime.by_scale(1, 2) == 1
     monkeypatch.setenv("GENLIB_SCALE", "FULL")
     assert runtime.scale() == "full" and runtime.by_scale(1, 2) == 2
+    for blank in ("", "  "):  # set but empty, as `GENLIB_SCALE= cmd` leaves it: the default
+        monkeypatch.setenv("GENLIB_SCALE", blank)
+        assert runtime.scale() == "small"
 
 
 def test_bad_scale_is_a_clear_error(monkeypatch):
@@ -62,6 +65,10 @@ def test_seeding_makes_all_generators_repeat():
     assert torch.equal(first[2], second[2])
     with pytest.raises(ValueError):
         runtime.seed_everything(-1)
+    torch.manual_seed(0)
+    expected = torch.rand(2)
+    runtime.seed_everything(0)  # 0 is a seed like any other
+    assert torch.equal(torch.rand(2), expected)
 
 
 def test_describe_states_scale_device_and_seed(monkeypatch):

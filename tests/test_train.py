@@ -19,7 +19,7 @@ from genlib.data import BatchSampler, to_float
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
                           TrainClock, TrainingInterrupted, at_least_fp32, first_non_finite, fit, split_batches,
-                          train_step)
+                          train_step, update_batches)
 
 
 def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -125,6 +125,10 @@ def test_fit_hands_a_step_its_batches_per_step_batches_joined_and_resumes_exactl
     with pytest.raises(ValueError, match="equal batches"):
         split_batches(torch.zeros(10, 2), 3)
     assert [len(part) for part in split_batches(torch.zeros(12, 2), 3)] == [4, 4, 4]
+    # five critic updates on three joined batches take them in turn; on one batch, that batch each time
+    joined = torch.arange(12.0)[:, None]
+    assert [part[0, 0].item() for part in update_batches(joined, 3, 5)] == [0.0, 4.0, 8.0, 0.0, 4.0]
+    assert all(torch.equal(part, joined) for part in update_batches(joined, 1, 3))
 
 
 def test_a_checkpoint_drawing_another_number_of_batches_per_step_is_refused(tmp_path):
@@ -157,6 +161,9 @@ def test_a_resumed_run_sums_the_training_time_of_its_processes(tmp_path, monkeyp
     model, sampler = make_run()
     fit(model, sampler, 40, run_dir=tmp_path, checkpoint_every=20, log_every=20, progress=False, clock=clock)
     assert clock.processes == 3 and clock.now()["seconds"] == 10.0 + 5.0
+    older = TrainClock()  # a checkpoint from before clocks: its time is unknown, not zero
+    older.resume(None)
+    assert math.isnan(older.now()["seconds"]) and older.processes == 2
 
 
 def test_resume_with_ema_restores_the_average(tmp_path):
@@ -240,6 +247,7 @@ def test_ema_follows_its_recursion_with_the_warm_up():
     for e, p in zip(expected, model.ema.parameters()):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
     assert model.sampling_net() is model.ema and int(model.ema_updates) == 40
+    assert not any(p.requires_grad for p in model.ema.parameters())  # a loss through it must not reach it
 
 
 def test_a_short_run_samples_from_its_trained_weights_not_its_initialisation():
@@ -253,10 +261,11 @@ def test_a_short_run_samples_from_its_trained_weights_not_its_initialisation():
     assert lag < 0.5 * trained
 
 
-def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("log_every", [5, 50])  # 50: the checkpoint at step 30 is not a log step
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, log_every):
     model, sampler = make_run(explode_at=27)
     with pytest.raises(NonFiniteLossError, match=r"step 27 .*step 20\) is kept in .*checkpoint\.pt"):
-        fit(model, sampler, 100, run_dir=tmp_path, checkpoint_every=10, log_every=5, progress=False)
+        fit(model, sampler, 100, run_dir=tmp_path, checkpoint_every=10, log_every=log_every, progress=False)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
     assert state["step"] == 20
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -392,6 +401,23 @@ def test_finished_run_is_not_trained_again(tmp_path):
     again, sampler2 = make_run()
     history = fit(again, sampler2, 20, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
     assert again.calls == 0 and history["step"] == [10, 20]
+    # a run that ended between log steps keeps its short last window when called again for as many steps
+    short = fit(make_run()[0], make_run()[1], 15, run_dir=tmp_path / "short", log_every=10, progress=False)
+    again, sampler2 = make_run()
+    assert fit(again, sampler2, 15, run_dir=tmp_path / "short", log_every=10, progress=False) == short
+    assert again.calls == 0 and short["step"] == [10, 15]
+
+
+def test_resume_false_trains_from_the_start_and_overwrites_the_checkpoint(tmp_path):
+    model, sampler = make_run()
+    fit(model, sampler, 20, run_dir=tmp_path, checkpoint_every=10, log_every=10, progress=False)
+    restarted, sampler = make_run(seed=1)
+    history = fit(restarted, sampler, 30, run_dir=tmp_path, log_every=10, resume=False, progress=False)
+    assert restarted.calls == 30 and history["step"] == [10, 20, 30]
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 30
+    reference, sampler = make_run(seed=1)  # the same run without a folder: nothing of the old checkpoint in it
+    assert fit(reference, sampler, 30, log_every=10, progress=False) == history
+    assert all(torch.equal(a, b) for a, b in zip(parameters(reference), parameters(restarted)))
 
 
 def test_callback_and_bad_arguments():
@@ -413,7 +439,8 @@ def test_max_steps_cuts_a_run_short_with_a_warning_and_leaves_shorter_runs_alone
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(model, sampler, 6, log_every=5, progress=False)
-    assert model.calls == 6
+        fit(model, sampler, 7, log_every=5, progress=False)  # exactly the cap: nothing is cut
+    assert model.calls == 6 + 7
 
 
 class UpdateThenLook(GenerativeModel):
@@ -445,6 +472,25 @@ def test_under_autocast_a_forward_after_an_optimizer_step_sees_the_new_weights(d
     torch.testing.assert_close(losses["after"], expected.detach(), rtol=2e-2, atol=0.0)
 
 
+class AutocastProbe(GenerativeModel):
+    """Reports, as a loss, whether its linear layer ran in bf16 (as it does under autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def step(self, x, index):
+        return {"bf16": torch.tensor(float(self.layer(x).dtype == torch.bfloat16), device=x.device)}
+
+
+def test_fit_autocasts_to_bf16_by_default_on_cuda_only_and_on_the_cpu_when_asked(device):
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    batch = (x, torch.arange(8, device=device))
+    for amp, expected in ((None, device.type == "cuda"), (True, True), (False, False)):
+        history = fit(AutocastProbe().to(device), iter([batch]), 1, amp=amp, progress=False)
+        assert history["bf16"] == [float(expected)], amp
+
+
 def test_at_least_fp32_lifts_narrow_floats_and_leaves_wider_ones():
     value = torch.tensor([1.0 / 3.0], dtype=torch.float64)
     assert at_least_fp32(value.bfloat16()).dtype == torch.float32
@@ -458,6 +504,17 @@ def test_ema_requires_a_source():
 
     with pytest.raises(ValueError, match="ema_source"):
         NoSource().attach_ema(0.9)
+
+
+def test_an_ema_decay_outside_the_open_unit_interval_is_refused():
+    """A decay of 1 would freeze the average at the random initialisation once warmed up; 0 means no average."""
+    model, _ = make_run()
+    for decay in (1.0, 0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"EMA decay must be in \(0, 1\)"):
+            model.attach_ema(decay)
+        assert model.ema is None
+    model.attach_ema(0.9999)
+    assert model.ema_decay == 0.9999
 
 
 def test_evaluating_switches_to_eval_and_restores_the_mode_even_on_error():
@@ -481,6 +538,29 @@ def test_evaluating_switches_to_eval_and_restores_the_mode_even_on_error():
     except RuntimeError:
         pass
     assert net.training
+
+
+class ModeRecorder(MomentMatcher):
+    """MomentMatcher that notes, at every step, whether it and its generator were in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def step(self, x, index):
+        self.modes.append(self.training and self.generator.training)
+        return super().step(x, index)
+
+
+def test_fit_trains_in_training_mode_and_hands_the_model_back_in_eval_mode():
+    """Every step trains in training mode, even after a callback (or an earlier fit) left the model in eval mode;
+    fit ends in eval mode, as sampling wants it (batch-norm statistics fixed)."""
+    torch.manual_seed(0)
+    model, (_, sampler) = ModeRecorder(), make_run()
+    model.eval()  # as a previous fit leaves it
+    fit(model, sampler, 4, progress=False, callback=lambda step, m: m.eval(), callback_every=3)  # after step 3
+    assert model.modes == [True] * 4
+    assert not any(module.training for module in model.modules())
 
 
 class TwoStage(MomentMatcher):
@@ -894,6 +974,23 @@ def test_checkpoint_rng_state_holds_the_models_cuda_generator_only(monkeypatch):
     assert calls == [("set", torch.device("cuda"), 4)]
 
 
+def test_a_saved_rng_state_brings_back_the_python_numpy_and_torch_draws():
+    """A resumed step that draws from any of the three generators draws what the uninterrupted run drew."""
+    import random
+
+    import numpy as np
+
+    from genlib import train
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    state = train.rng_state("cpu")
+    expected = (random.random(), np.random.rand(3), torch.rand(3))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)  # another process's generators
+    train.set_rng_state(state, "cpu")
+    assert random.random() == expected[0]
+    assert np.array_equal(np.random.rand(3), expected[1]) and torch.equal(torch.rand(3), expected[2])
+
+
 class Recording(MomentMatcher):
     """MomentMatcher that keeps every step's losses as Python floats (an independent record)."""
 
@@ -917,6 +1014,24 @@ def test_logged_values_are_the_means_of_each_window_of_steps():
     for name in ("loss", "fake_mean"):
         expected = [sum(step[name] for step in window) / len(window) for window in windows]
         assert history[name] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+class Bf16Losses(GenerativeModel):
+    """Reports the bf16 losses 256 and 258 in turn (bf16 has no 257: its steps are 2 apart there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.calls = 0
+
+    def step(self, x, index):
+        self.calls += 1
+        return {"loss": torch.tensor(256.0 if self.calls % 2 else 258.0, dtype=torch.bfloat16)}
+
+
+def test_window_means_of_bf16_losses_are_taken_in_fp32():
+    history = fit(Bf16Losses(), iter([(torch.zeros(4, 2), torch.arange(4))] * 4), 4, log_every=2, progress=False)
+    assert history["loss"] == [257.0, 257.0]  # a mean taken in bf16 would round to 256
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -1000,6 +1115,9 @@ def test_the_ema_copies_the_live_buffers():
 def test_a_checkpoint_without_an_ema_update_count_resumes_warmed_up_and_one_with_it_resumes_its_count():
     model, sampler = make_run()
     model.attach_ema(0.9)
+    fresh, _ = make_run()
+    fresh.load_checkpoint_state(model.checkpoint_state())  # saved before any update: the warm-up is all ahead
+    assert int(fresh.ema_updates) == 0
     for _ in range(3):
         model.step(*next(sampler))
         model.update_ema()

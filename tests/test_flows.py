@@ -168,6 +168,9 @@ def test_logit_transform_default_alpha_is_one_in_a_million_by_hand():
     by_hand = 2 * math.log((1 - 2e-6) / 2 / (1e-6 * (1 - 1e-6))) + math.log((1 - 2e-6) / 2 / 0.25)
     assert logdet.item() == pytest.approx(by_hand, abs=1e-9)
     torch.testing.assert_close(layer.inverse(y), x, rtol=0, atol=1e-9)
+    for alpha in (0.0, 0.5, 0.7):  # at alpha >= 1/2 the squeeze 1 - 2 alpha is no longer positive
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\)"):
+            fl.LogitTransform(alpha)
 
 
 def test_identity_initialised_flow_is_the_standard_normal():
@@ -428,6 +431,27 @@ def test_image_flow_shapes_and_scales():
         fl.RealNVPImage((1, 28, 28), n_scales=4)
     flow = fl.RealNVPImage((1, 28, 28), n_scales=3, width=4, blocks=1)
     assert flow.sample(2).shape == (2, 1, 28, 28)
+    # the docstring's layout: a logit, 3 checkerboard + 3 channel couplings per scale but the last, which has 4
+    # checkerboard couplings; the active channels double at each squeeze-and-factor-out (1 -> 4 -> 2 -> 8 -> 4)
+    kinds = [(type(layer).__name__, getattr(layer, "level", None), getattr(layer, "active", None))
+             for layer in flow.layers]
+    expected = [("LogitTransform", None, None)]
+    for level, (board, channels) in enumerate([(1, 4), (2, 8), (4, None)]):
+        expected += [("Squeezed", level, board)] * (3 if channels else 4)
+        expected += [("Squeezed", level + 1, channels)] * 3 if channels else []
+    assert kinds == expected
+    boards = [layer.layer.mask for layer in flow.layers[1:4]]  # parities alternate: every pixel is transformed
+    assert torch.equal(boards[0] + boards[1], torch.ones_like(boards[0])) and torch.equal(boards[0], boards[2])
+
+
+def test_residual_block_adds_its_body_to_its_input():
+    block = fl.ResidualBlock(3)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x + block.body(x))
+        nn.init.zeros_(block.body[-1].weight)
+        nn.init.zeros_(block.body[-1].bias)
+        torch.testing.assert_close(block(x), x)  # a zeroed last conv leaves the identity: deep nets start trainable
 
 
 def spec_for(data: torch.Tensor, **options: str) -> TrainSpec:
@@ -779,3 +803,35 @@ def test_gaussian_image_vae_samples_are_its_means_clamped_to_the_pixel_range():
     vae = fl.VAE((1, 2, 2), z_dim=1, likelihood="gaussian", encoder=nn.Linear(4, 2), decoder=decoder)
     expected = torch.tensor([-1.0, 0.2, 0.5, 1.0]).reshape(1, 1, 2, 2).expand(3, 1, 2, 2)
     torch.testing.assert_close(vae.sample(3), expected)
+
+
+def test_gaussian_mixture_conditionals_are_the_mixture_density_by_hand():
+    """Fixed MADE outputs [logits, means, log-stds] per coordinate: log p(v_i | v_<i) =
+    log sum_k softmax(logits)_k N(v_i; mean_k, exp(log_std_k)^2), written out with math."""
+    model = fl.AutoregressiveModel((2,), "gmm", hidden=8, components=2)
+    params = torch.tensor([[[0.3, -1.0], [-0.2, 0.5],      # logits of the 2 components, per coordinate
+                            [0.0, 1.0], [2.0, -1.5],      # means
+                            [0.0, -0.7], [0.4, 0.2]]],    # log-stds
+                          dtype=torch.float64)  # [1, 3 K, D]
+    v = torch.tensor([[0.4, -0.8]], dtype=torch.float64)
+    want = 0.0
+    for i in range(2):
+        logits, means, log_stds = params[0, 0:2, i], params[0, 2:4, i], params[0, 4:6, i]
+        weights = [math.exp(w) / sum(math.exp(u) for u in logits.tolist()) for w in logits.tolist()]
+        want += math.log(sum(w * math.exp(-0.5 * ((v[0, i].item() - m) / math.exp(s)) ** 2)
+                             / (math.exp(s) * math.sqrt(2 * math.pi))
+                             for w, m, s in zip(weights, means.tolist(), log_stds.tolist())))
+    assert model._conditionals(params).log_prob(v).sum().item() == pytest.approx(want, rel=1e-12)
+
+
+def test_vector_vae_samples_decode_prior_draws():
+    """A decoder whose mean is z itself (log-std log 0.5): samples are z + 0.5 e with z ~ N(0, 1), std sqrt(1.25)."""
+    decoder = nn.Linear(1, 4)
+    with torch.no_grad():
+        decoder.weight.copy_(torch.tensor([[1.0], [0.0], [0.0], [0.0]]))
+        decoder.bias.copy_(torch.tensor([0.0, 0.0, math.log(0.5), math.log(0.5)]))
+    vae = fl.VAE((2,), z_dim=1, likelihood="gaussian", encoder=nn.Linear(2, 2), decoder=decoder)
+    torch.manual_seed(0)
+    samples = vae.sample(40_000)
+    n = len(samples)
+    torch.testing.assert_close(samples.std(0), torch.tensor([1.25**0.5, 0.5]), atol=0, rtol=5 / (2 * n) ** 0.5)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -201,6 +202,7 @@ def test_geometric_sigmas_and_weights_recovered():
     sigmas = dae.geometric_sigmas(2.0, 0.02, 5)
     assert sigmas[0].item() == pytest.approx(2.0) and sigmas[-1].item() == pytest.approx(0.02)
     assert torch.allclose(sigmas[1:] / sigmas[:-1], torch.full((4,), 0.1 ** 0.5), rtol=1e-5)
+    assert dae.geometric_sigmas(2.0, 0.02, 1).tolist() == pytest.approx([0.02])  # one level: where samples end
     modes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     samples = torch.tensor([[1.0, 0.0], [9.0, 1.0], [8.0, -1.0], [0.5, 0.5]])
     assert dae.mixture_weights_recovered(samples, modes).tolist() == [0.5, 0.5, 0.0]
@@ -461,10 +463,13 @@ def test_closed_forms_normalise_the_mixture_weights():
 @pytest.mark.parametrize("shape", [(2,), (1, 4, 4)])
 def test_noise_conditional_score_divides_the_body_output_by_sigma(shape):
     net = dae.NoiseConditionalScore(shape, width=8, depth=1)
-    net.body.forward = lambda x, log_sigma: torch.ones_like(x)  # body output 1: the score must be 1 / sigma
+    seen = []
+    # body output 1: the score must be 1 / sigma; the body is conditioned on log sigma
+    net.body.forward = lambda x, log_sigma: seen.append(log_sigma) or torch.ones_like(x)
     sigma = torch.tensor([0.1, 0.5, 2.0])
     out = net(torch.zeros(3, *shape), sigma)
     torch.testing.assert_close(out, (1 / sigma).view(-1, *[1] * len(shape)).expand(3, *shape))
+    torch.testing.assert_close(seen[0], torch.tensor([math.log(0.1), math.log(0.5), math.log(2.0)]))
     torch.testing.assert_close(net(torch.zeros(3, *shape), 0.25), torch.full((3, *shape), 4.0))
 
 
@@ -634,3 +639,137 @@ def test_dde_blur_adds_noise_of_the_current_sigma():
     torch.manual_seed(0)
     noise = model.blur(torch.zeros(20_000, 2))
     assert noise.mean().abs().max().item() < 0.01 and noise.std().item() == pytest.approx(0.3, rel=0.02)
+
+
+class Scale(nn.Module):
+    """Generator z -> s z with one learnable scale s."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(s))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.s * z
+
+
+class CentredGaussianLogDensity(nn.Module):
+    """The exact energy log N(x; 0, var) of 1-D points [n, 1] -> [n]."""
+
+    def __init__(self, var: float):
+        super().__init__()
+        self.var = var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.distributions.Normal(0.0, math.sqrt(self.var)).log_prob(x).squeeze(1)
+
+
+def test_dde_generator_loss_is_the_blurred_kl_and_its_gradient_flows_through_both_energies():
+    """Data N(0, 1), generator s z, exact energies: the loss at blurred fakes is KL(q_sigma || p_sigma) itself, and
+    its gradient in s is the full d KL / ds. A scale, unlike a shift, sees e_q's share: E[grad log q . dx/ds] is not 0
+    here, so a generator loss that detached e_q would get the sign wrong (+0.48 instead of -0.50); one that skipped
+    the blur would report 0.21 instead of 0.10."""
+    s, sigma = 0.6, 0.5
+    model = dae.DDEGenerator((1,), z_dim=1, width=8, depth=1, sigma=sigma)
+    model.generator = Scale(s)
+    model.energy_real = CentredGaussianLogDensity(1 + sigma**2)
+    model.energy_fake = CentredGaussianLogDensity(s**2 + sigma**2)  # frozen at the current s
+    torch.manual_seed(0)
+    loss = model.generator_loss(400_000)
+    (grad,) = torch.autograd.grad(loss, model.generator.s)
+    # closed form, differentiated by autograd: KL(N(0, s^2 + sigma^2) || N(0, 1 + sigma^2)) in 1-D
+    scale = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    var_q, var_p = scale**2 + sigma**2, 1 + sigma**2
+    kl = 0.5 * torch.log(var_p / var_q) + var_q / (2 * var_p) - 0.5
+    (kl_grad,) = torch.autograd.grad(kl, scale)
+    assert loss.item() == pytest.approx(kl.item(), abs=0.01)  # Monte Carlo standard error about 5e-4
+    assert grad.item() == pytest.approx(kl_grad.item(), abs=0.02)  # about 2e-3
+
+
+def test_dde_energies_fit_clean_data_blurred_at_the_current_sigma_and_e_q_fits_the_generators_fakes(monkeypatch):
+    # halfway through the annealing sigma is sqrt(0.8 * 0.2) = 0.4: the loss must use it, not the starting 0.8
+    model = dae.DDEGenerator((1,), z_dim=2, width=8, depth=1, sigma=0.8, sigma_end=0.2, anneal_steps=2)
+    model._iteration = 1
+    x = torch.tensor([[0.5], [-1.0], [2.0]])
+    a, b = 1.7, -0.4
+    torch.manual_seed(0)
+    loss = model.energy_loss(Quadratic(a, b), x)
+    torch.manual_seed(0)
+    noisy = x + 0.4 * torch.randn_like(x)
+    denoised = noisy + 0.4**2 * (-a * noisy + b)  # grad e = -a x + b; the target is the clean x
+    assert loss.item() == pytest.approx(0.5 * (denoised - x).pow(2).mean().item(), rel=1e-6)
+    # in a step, e_p is fitted on the data and e_q on fakes of the generator as it was before the step
+    model = dae.DDEGenerator((2,), z_dim=2, width=8, depth=1, gen_every=1)
+    before = copy.deepcopy(model.generator)
+    fitted, draws = {}, []
+    fit_energy, noise = model.fit_energy, model.noise
+
+    def recording_fit(player, energy, samples):
+        fitted[player] = samples.detach().clone()
+        return fit_energy(player, energy, samples)
+
+    monkeypatch.setattr(model, "fit_energy", recording_fit)
+    monkeypatch.setattr(model, "noise", lambda n: draws.append(noise(n)) or draws[-1])
+    torch.manual_seed(1)
+    data = torch.randn(16, 2)
+    model.step(data, torch.arange(16))
+    assert torch.equal(fitted["real"], data)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted["fake"], before(draws[0]))
+
+
+def test_dae_loss_is_the_squared_error_of_its_denoiser_summed_per_point_and_averaged():
+    """mean_i ||r(x_i + sigma eps_i) - x_i||^2 with r(v) = v + sigma^2 s(v, sigma), on the same noise; written out, and
+    as 2 sigma^2 times the DSM loss at the one level (r - x = sigma (eps + sigma s))."""
+    sigma = 0.3
+    model = dae.DAE((3,), sigma=sigma, width=8, depth=1)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss = model.loss(x).item()
+    torch.manual_seed(1)
+    noisy = x + sigma * torch.randn_like(x)
+    with torch.no_grad():
+        denoised = noisy + sigma**2 * model.score(noisy, torch.full((64,), sigma))
+    assert loss == pytest.approx((denoised - x).pow(2).sum(1).mean().item(), rel=1e-5)
+    torch.manual_seed(1)
+    assert loss == pytest.approx(2 * sigma**2 * dae.dsm_loss(model.score, x, torch.full((64,), sigma)).item(), rel=1e-5)
+
+
+def test_score_model_trains_on_every_noise_level_equally_often(monkeypatch):
+    from scipy import stats
+
+    model = dae.ScoreModel((2,), width=8, depth=1, sigma_max=3.0, sigma_min=0.1, n_sigmas=4)
+    seen = []
+    monkeypatch.setattr(dae, "dsm_loss", lambda score, x, sigma: seen.append(sigma) or x.sum())
+    torch.manual_seed(0)
+    model.loss(torch.zeros(4000, 2))
+    levels = torch.tensor([3.0 * (0.1 / 3.0) ** (k / 3) for k in range(4)])  # geometric from 3 to 0.1
+    counts = [(seen[0] - level).abs().lt(1e-5).sum().item() for level in levels]
+    assert sum(counts) == 4000  # no other levels
+    assert stats.chisquare(counts).pvalue > 1e-3  # uniform: the smallest level is not left out
+
+
+@pytest.mark.parametrize("final_denoise", [True, False])
+def test_score_model_sample_ends_with_a_tweedie_step_only_when_asked(final_denoise):
+    # with no Langevin steps the chains stay where they started, then (if asked) the exact denoiser at sigma_min
+    model = dae.ScoreModel((2,), width=8, depth=1, sigma_max=2.0, sigma_min=MIX_2D["sigma"], n_sigmas=3,
+                           steps_per_level=0, final_denoise=final_denoise, init_std=3.0)
+    model.score = ExactMixtureScore()
+    torch.manual_seed(0)
+    start = model.initial_points(100)
+    torch.manual_seed(0)
+    out = model.sample(100)
+    args = (MIX_2D["weights"], MIX_2D["means"], MIX_2D["stds"], MIX_2D["sigma"])
+    torch.testing.assert_close(out, dae.optimal_denoiser(start, *args) if final_denoise else start, atol=1e-5,
+                               rtol=0)
+
+
+def test_dde_generator_steps_with_lr_g_and_the_energies_with_lr():
+    # Adam's first update is lr * g / (|g| + eps): every parameter with a gradient moves by about its lr
+    torch.manual_seed(0)
+    model = dae.DDEGenerator((2,), z_dim=2, width=8, depth=1, lr=1e-3, lr_g=4e-4, gen_every=1)
+    nets = ("generator", "energy_real", "energy_fake")
+    before = {name: [p.detach().clone() for p in getattr(model, name).parameters()] for name in nets}
+    model.step(torch.randn(32, 2), torch.arange(32))
+    for name, lr in zip(nets, (4e-4, 1e-3, 1e-3)):
+        moved = max((p - q).abs().max().item() for p, q in zip(getattr(model, name).parameters(), before[name]))
+        assert moved == pytest.approx(lr, rel=1e-3), name

@@ -3,6 +3,7 @@ and IMLE / GLO / GLANN trained through genlib.train.fit."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -1144,3 +1145,114 @@ def test_lap1_is_the_level_weighted_l1_of_independently_built_pyramids_of_both_i
         residual = sum(2.0 ** (exponent * 2) * np.abs(pyramid(x[0, c].numpy(), 3)[-1]
                                                      - pyramid(y[0, c].numpy(), 3)[-1]).sum() for c in range(2))
         assert residual < 0.9 * by_hand[0]
+
+
+def _pairwise(cost, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """cost(q_i, k_j) [M, N] (float64) for a per-pair cost, evaluated on every (query, key) pair."""
+    m, n = len(queries), len(keys)
+    values = cost(queries.repeat_interleave(n, 0), keys.repeat(m, *[1] * (keys.ndim - 1)))
+    return values.double().view(m, n)
+
+
+@pytest.mark.parametrize("distance, with_features", [("l2", False), ("lap1", False), ("l2", True), ("lap1", True)])
+def test_imle_step_matches_each_real_to_the_nearest_of_ten_fresh_fakes_each_and_trains_on_that_pair(
+        distance, with_features):
+    """A per-batch step draws 10 codes per real by default and matches in squared L2 between features when a feature
+    map is given, else under ``distance``; it trains under ``distance`` (squared L2 between features for 'l2'). With
+    no jitter the step's loss is the matched pairs' training cost, brute-forced here over the recorded pool."""
+    torch.manual_seed(26)
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    projection = torch.randn(64, 5)
+
+    def feature_map(x):
+        return x.flatten(1) @ projection
+
+    generator = ConvGenerator(4, resolution=8, channels=1, width=8, norm="layer")
+    model = imle.IMLE(generator, 4, z_jitter=0.0, distance=distance,
+                      match_features=feature_map if with_features else None)
+    before = copy.deepcopy(generator)
+    pools, noise = [], model.noise
+    model.noise = lambda n: pools.append(noise(n)) or pools[-1]
+    losses = model.step(images, torch.arange(6))
+    (pool,) = pools
+    assert pool.shape == (60, 4)
+    with torch.no_grad():
+        fakes = before(pool)
+    sq_l2 = lambda a, b: (a.double() - b.double()).flatten(1).pow(2).sum(1)  # noqa: E731
+    lap1 = _pairwise(imle.LaplacianPyramidL1(), images, fakes)
+    if with_features:
+        matching = _pairwise(sq_l2, feature_map(images), feature_map(fakes))
+    else:
+        matching = lap1 if distance == "lap1" else _pairwise(sq_l2, images, fakes)
+    training = lap1 if distance == "lap1" else matching
+    nearest = matching.argmin(1)
+    assert losses["match_dist"].item() == pytest.approx(matching.min(1).values.mean().item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(training[torch.arange(6), nearest].mean().item(), rel=1e-5)
+
+
+def test_glann_matches_two_fresh_fakes_per_trained_glo_code_and_pulls_them_onto_the_batch_codes():
+    """After ``glo_steps`` GLO steps the mapper's data are GLO's codes as trained (not as they started); a refresh
+    draws 2 codes per data point, matches each code to its nearest T(z) (brute force here), and with no jitter the
+    step's loss is the batch's matched distance; the next refresh comes 50 mapper steps later."""
+    images = to_float(load_images("digits").images[:16])
+    torch.manual_seed(27)
+    glo = imle.GLO(ConvGenerator(4, resolution=8, channels=1, width=8, norm="layer"), 16, 4)
+    glann = imle.GLANN(glo, glo_steps=2, noise_dim=3, z_jitter=0.0)
+    start = glo.latent_codes()
+    pools, noise = [], glann.mapper.noise
+    glann.mapper.noise = lambda n: pools.append(noise(n)) or pools[-1]
+    index = torch.tensor([3, 0, 7, 12, 9, 5, 14, 1])
+    for _ in range(2):
+        glann.step(images[index], index)
+    codes = glo.latent_codes()
+    assert not torch.allclose(codes[index], start[index], atol=1e-3)  # GLO did move the batch's codes
+    mapper = copy.deepcopy(glann.mapper.generator)
+    losses = glann.step(images[index], index)
+    (pool,) = pools
+    assert pool.shape == (32, 3)
+    with torch.no_grad():
+        nearest = (codes.double()[:, None] - mapper(pool).double()[None]).pow(2).sum(-1).min(1).values
+    torch.testing.assert_close(glann.mapper.matched_dist, nearest, rtol=1e-10, atol=1e-12)
+    assert losses["match_dist"].item() == pytest.approx(nearest[index].mean().item(), rel=1e-6)
+    assert losses["loss"].item() == pytest.approx(nearest[index].mean().item(), rel=1e-5)
+    for _ in range(49):
+        glann.step(images[index], index)
+    assert len(pools) == 1
+    glann.step(images[index], index)
+    assert len(pools) == 2
+
+
+def test_glo_step_moves_the_batch_codes_by_one_adam_step_at_the_code_lr_then_back_onto_the_sphere():
+    """Adam's first update is -lr g / (|g| + eps) (its bias-corrected moments are g and g^2), with GLO's default code
+    lr 1e-2 and g the autograd gradient of the batch loss in the codes; other rows stay put. Initial codes (here
+    given off the sphere) start on it."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(28)
+    images = torch.rand(10, 1, 8, 8) * 2 - 1
+    start = 3 * torch.randn(10, 4)
+    glo = imle.GLO(ConvGenerator(4, resolution=8, channels=1, width=8, norm="layer"), 10, 4, init_codes=start)
+    torch.testing.assert_close(glo.latent_codes(), start / start.norm(dim=1, keepdim=True))
+    generator = copy.deepcopy(glo.generator)
+    codes = glo.latent_codes().requires_grad_(True)
+    index = torch.tensor([4, 1, 8])
+    (grad,) = torch.autograd.grad(imle.squared_l2(generator(codes[index]), images[index]).mean(), codes)
+    glo.step(images[index], index)
+    expected = codes.detach().clone()
+    expected[index] = F.normalize(expected[index] - 1e-2 * grad[index] / (grad[index].abs() + 1e-8), dim=1)
+    torch.testing.assert_close(glo.latent_codes(), expected, rtol=0, atol=1e-6)
+
+
+def test_cli_builders_default_to_the_options_their_docstrings_give():
+    from genlib.cli import TrainSpec
+
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(29))
+    spec = TrainSpec(images, (1, 8, 8), torch.device("cpu"), z_dim=4, width=8, lr=2e-4)
+    model = imle.build_imle(spec)
+    assert (model.fakes_per_real, model.refresh_every, model.z_jitter) == (10, 1, 0.01) and model.data is None
+    glo = imle.build_glo(spec)
+    assert glo.optimizers["codes"].defaults["lr"] == pytest.approx(10 * 2e-4)
+    assert glo.optimizers["generator"].defaults["lr"] == 2e-4
+    glann = imle.build_glann(spec)
+    assert (glann.glo_steps, glann.noise_dim, glann.mapper.refresh_every) == (1000, 32, 50)
+    assert not isinstance(glann.mapper.generator[-1], imle.UnitSphere)

@@ -142,9 +142,11 @@ def test_penalty_dispatch_picks_each_penalty():
         out = E.critic_objective(critic, real, fake, penalty_kind=kind, lam=0.1)
         assert out["penalty"].item() == pytest.approx(value)
         assert out["loss_u"].item() == pytest.approx(linear_loss + 0.1 * value)
-        model = E.EnergyGAN((2,), width=8, depth=1, penalty=kind, lam=0.1)
+        model = E.EnergyGAN((2,), width=8, depth=1, penalty=kind, lam=0.3)  # its own lam, not the default 0.1
         model.critic = critic
-        assert model.critic_losses(real, fake)["penalty"].item() == pytest.approx(value)
+        losses = model.critic_losses(real, fake)
+        assert losses["penalty"].item() == pytest.approx(value)
+        assert losses["loss_u"].item() == pytest.approx(linear_loss + 0.3 * value)
     with pytest.raises(ValueError, match="penalty must be one of"):
         E.penalty("r2", critic, real, fake)
 
@@ -302,10 +304,11 @@ def test_optimal_critic_slope_rejects_bad_input():
 def test_trained_critic_follows_the_closed_form_slope_and_the_sign_convention():
     gen = torch.Generator().manual_seed(0)
     real, fake = torch.randn(50_000, generator=gen), 1.0 + torch.randn(50_000, generator=gen)
-    critic = E.fit_critic_1d(real, fake, lam=0.5, steps=200, seed=0)
+    # lam 2, not the default 0.5 (the chapter's): a critic trained with the default would be 4x too steep
+    critic = E.fit_critic_1d(real, fake, lam=2.0, steps=200, seed=0)
     x = torch.linspace(-1.0, 2.0, 31)
     closed = E.optimal_critic_slope_1d(x, lambda t: torch.exp(-t**2 / 2) / math.sqrt(2 * math.pi),
-                                       lambda t: torch.special.ndtr(t), lambda t: torch.special.ndtr(t - 1), 0.5)
+                                       lambda t: torch.special.ndtr(t), lambda t: torch.special.ndtr(t - 1), 2.0)
     slope = E.energy_slope(critic, x)
     assert (slope - closed).abs().max() < 0.1 * closed.abs().max()
     with torch.no_grad():
@@ -515,6 +518,11 @@ def test_generator_loss_with_entropy_matches_hand_computed_value_and_gradient():
     assert losses["energy_g"].item() == pytest.approx(21 / 4)
     assert losses["entropy"].item() == pytest.approx(entropy, rel=1e-6)
     assert losses["loss_g"].item() == pytest.approx(21 / 4 - w * entropy, rel=1e-6)
+    # knn_k = 2: second-nearest distances (2, sqrt 5, sqrt 5, 4), H = psi(4) - psi(2) + log V_2 + (1/2) log 40
+    second = E.EnergyGAN((2,), width=8, depth=2, entropy=w, knn_k=2)
+    second.generator, second.critic = FixedPoints(points), Quadratic()
+    assert second.generator_losses(4)["entropy"].item() == pytest.approx(5 / 6 + math.log(math.pi) + math.log(40) / 2,
+                                                                          rel=1e-6)
     # d/dx_a: x_a / 2 from the energy; from H, (1/2) sum_i (x_i - x_n(i)) / r_i^2 ([a = i] - [a = n(i)]).
     (grad,) = torch.autograd.grad(losses["loss_g"], model.generator.points)
     neighbour = [1, 0, 0, 1]
@@ -598,6 +606,8 @@ def test_build_energy_defaults_and_options():
     assert isinstance(split.optimizers["u"], torch.optim.Adam)
     assert split.optimizers["u"].param_groups[0]["betas"] == (0.5, 0.9)
     assert split.optimizers["g"].param_groups[0]["momentum"] == 0.9
+    rmsprop = E.EnergyGAN((2,), width=8, optimizer="rmsprop")  # R1's reference optimiser, for both players
+    assert all(type(opt) is torch.optim.RMSprop for opt in rmsprop.optimizers.values())
     with pytest.raises(ValueError, match="unknown option.*lamda"):
         build_family("energy", TrainSpec(torch.randn(8, 2), (2,), torch.device("cpu"), options={"lamda": "1"}))
     with pytest.raises(ValueError, match="penalty"):
@@ -646,6 +656,20 @@ def test_critic_fit_rejects_unknown_options_and_a_non_positive_margin():
         with pytest.raises(ValueError, match="margin loss needs margin m > 0"):
             E.CriticFit(critic, fake, lam=0.0, penalty_kind="none", loss="margin", margin=margin)
     E.CriticFit(critic, fake, lam=0.0, loss="wasserstein", margin=0.0)  # the margin is unused by other losses
+
+
+def test_critic_fit_step_minimises_its_margin_loss_plus_lam_times_r1():
+    """U = x . a, a = (1, 2): reals give U = [0, 0.4], every fixed fake 1.5, R1 = ||a||^2 = 5. With m = 3 and lam =
+    0.2, loss_u = 0.2 + relu(3 - 1.5) + 0.2 * 5 = 2.7; its gradient in a, mean(real) - mean(fake) + 0.4 a =
+    (-0.5, 0.6), makes Adam's first step move each coordinate by lr against its sign."""
+    critic = Linear([1.0, 2.0])
+    fake = torch.tensor([[1.0, 0.25]], dtype=torch.float64).expand(4, 2).clone()
+    model = E.CriticFit(critic, fake, lam=0.2, penalty_kind="r1", loss="margin", lr=1e-3, margin=3.0)
+    real = torch.tensor([[0.0, 0.0], [0.2, 0.1]], dtype=torch.float64)
+    losses = model.step(real, torch.arange(2))
+    assert losses["loss_u"].item() == pytest.approx(0.2 + 1.5 + 0.2 * 5)
+    assert losses["penalty"].item() == pytest.approx(5.0) and losses["gap"].item() == pytest.approx(1.3)
+    torch.testing.assert_close(critic.a.detach(), torch.tensor([1.0 + 1e-3, 2.0 - 1e-3], dtype=torch.float64))
 
 
 def test_margin_bounds_a_non_negative_energy_that_the_linear_loss_blows_up():
@@ -759,6 +783,10 @@ def test_statistics_network_ascends_the_mutual_information_estimate():
     model.optimizers["t"].step = capture
     model.step(torch.randn(32, 2), torch.arange(32))
     joint, marginal = inputs[-2:]  # T runs twice per step: matched pairs, then shuffled codes
+    # the product of the marginals: the same fakes, each with another fake's code (unshuffled, T could tell nothing)
+    torch.testing.assert_close(marginal[:, :2], joint[:, :2])
+    torch.testing.assert_close(marginal[:, 2:].sort(0).values, joint[:, 2:].sort(0).values)
+    assert (marginal[:, 2:] != joint[:, 2:]).any(1).float().mean() > 0.5
     mi = E.jsd_mutual_information(old_t(joint), old_t(marginal))
     names = [name for name, _ in old_t.named_parameters()]
     expected = torch.autograd.grad(-mi, list(old_t.parameters()))
@@ -801,15 +829,17 @@ def test_slope_norms_against_the_gradient_by_hand():
 
 def test_landscape_summary_on_a_bowl_by_hand():
     bowl = lambda x: (x**2).sum(1)  # noqa: E731  U = |x|^2: one pit, at the origin; slope 2 |x|
-    reals = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]], dtype=torch.float64)
+    reals = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-5.0, 0.0]], dtype=torch.float64)
     fakes = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)  # row norms 5, 1; column norms 3, 4.1
     modes = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.01, 0.0]], dtype=torch.float64)
     summary = E.landscape_summary(bowl, reals, fakes, modes, radii=(0.005, 0.5))
-    assert summary["gap"] == pytest.approx((25 + 1) / 2 - (1 + 4 + 9) / 3)
+    assert summary["gap"] == pytest.approx((25 + 1) / 2 - (1 + 4 + 25) / 3)
     # the origin is a pit at both radii; (0.01, 0) only at the large one: its 0.005-circle dips towards the origin,
     # its 0.5-circle lies wholly above it; (1, 1) is on the bowl's slope at both
     assert summary["pits"] == [1, 2] == E.modes_in_pits(bowl, modes, (0.005, 0.5))
-    assert summary["median_slope"] == pytest.approx(4.0)  # slopes 2, 4, 6
+    assert summary["median_slope"] == pytest.approx(4.0)  # slopes 2, 4, 10 (mean 5.33)
+    # a dead critic's flat U digs no pit anywhere: its rim lies no higher than its centre
+    assert E.modes_in_pits(lambda x: x.new_zeros(len(x)), modes, (0.005, 0.5)) == [0, 0]
     assert summary["fakes_radius"] == pytest.approx((5 + 1) / 2)
     with pytest.raises(ValueError, match=r"\[n, 2\]"):
         E.landscape_summary(bowl, reals[:, :1], fakes, modes)

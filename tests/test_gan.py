@@ -383,36 +383,52 @@ class HalfAndCode(nn.Module):
 
 
 def test_ebgan_losses_are_the_hinge_and_pulling_away_terms_by_hand():
-    model = gan.EBGAN(margin=1.0, pt_weight=0.5, width=8)
+    model = gan.EBGAN(margin=2.0, pt_weight=0.5, width=8)
     model.discriminator = HalfAndCode()
     real = torch.tensor([[2.0, 0.0], [0.0, 1.0]])   # energies 4/8 = 0.5 and 1/8 = 0.125
-    fake = torch.tensor([[1.0, 1.0], [3.0, 1.0]])   # energies 2/8 = 0.25 and 10/8 = 1.25 (above the margin)
+    fake = torch.tensor([[1.0, 1.0], [3.0, 1.0]])   # energies 2/8 = 0.25 and 10/8 = 1.25
     losses = model.d_losses(real, fake)
-    # mean real energy 0.3125, plus the hinge mean(relu(1 - 0.25), relu(1 - 1.25)) = 0.375
-    assert losses["loss_d"].item() == pytest.approx(0.3125 + 0.375)
+    # mean real energy 0.3125, plus the hinge mean(relu(2 - 0.25), relu(2 - 1.25)) = 1.25
+    assert losses["loss_d"].item() == pytest.approx(0.3125 + 1.25)
     assert losses["energy_real"].item() == pytest.approx(0.3125)
-    model.generate = lambda n: fake[:n]
+    leaf = fake.clone().requires_grad_(True)
+    model.generate = lambda n: leaf[:n]
     # the codes (1, 1) and (3, 1) have cos^2 = (4 / (sqrt(2) sqrt(10)))^2 = 0.8 for both ordered pairs
     g_losses = model.g_losses(real)
     assert g_losses["pt"].item() == pytest.approx(0.8)
     assert g_losses["loss_g"].item() == pytest.approx((0.25 + 1.25) / 2 + 0.5 * 0.8)
+    # The pulling-away term must push the generator too: its gradient is autograd's of the formulas written out.
+    (grad,) = torch.autograd.grad(g_losses["loss_g"], leaf)
+    by_hand = fake.clone().requires_grad_(True)
+    energy = (by_hand / 2 - by_hand).pow(2).mean(1).mean()
+    (expected,) = torch.autograd.grad(energy + 0.5 * F.cosine_similarity(by_hand[0], by_hand[1], dim=0) ** 2, by_hand)
+    torch.testing.assert_close(grad, expected)
+    # chapter 2's toy table runs EBGAN on its defaults: margin 1 (fake 1.25 lies above it) and the paper's weight 0.1
+    default = gan.EBGAN(width=8)
+    default.discriminator, default.generate = HalfAndCode(), (lambda n: fake[:n])
+    assert default.d_losses(real, fake)["loss_d"].item() == pytest.approx(0.3125 + (0.75 + 0.0) / 2)
+    assert default.g_losses(real)["loss_g"].item() == pytest.approx((0.25 + 1.25) / 2 + 0.1 * 0.8)
 
 
-def test_mrgan_generator_loss_adds_reconstruction_and_mode_terms_by_hand():
-    model = gan.MRGAN(lambda_rec=0.2, lambda_mode=0.4, width=8)
+@pytest.mark.parametrize("kind", gan.GENERATOR_LOSSES)
+def test_mrgan_generator_loss_adds_reconstruction_and_mode_terms_by_hand(kind):
+    """The adversarial term follows ``loss`` (minimax at logit 0: log(1 - 1/2) = -log 2); the mode term stays
+    non-saturating whatever ``loss`` is."""
+    model = gan.MRGAN(lambda_rec=0.2, lambda_mode=0.4, width=8, loss=kind)
     model.encoder = nn.Identity()
     model.generator = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         model.generator.weight.copy_(2 * torch.eye(2))            # G(E(x)) = 2x: the error is x itself
     model.logits = lambda x: x.sum(1)                          # D's logit: the sum of the coordinates
-    fakes = torch.tensor([[0.0, 0.0], [1.0, -1.0]])             # logits 0 and 0: adversarial loss log 2
+    fakes = torch.tensor([[0.0, 0.0], [1.0, -1.0]])             # logits 0 and 0
     model.generate = lambda n: fakes[:n]
     real = torch.tensor([[1.0, 0.0], [0.5, 0.5]])              # reconstructions (2, 0), (1, 1): logits 2 and 2
     losses = model.g_losses(real)
     rec = (1.0 + 0.5) / 2                                      # squared errors summed per sample: 1 and 0.5
     mode = math.log1p(math.exp(-2.0))                          # -log sigmoid(2), the non-saturating form
     assert losses["recon"].item() == pytest.approx(rec)
-    assert losses["loss_g"].item() == pytest.approx(math.log(2) + 0.2 * rec + 0.4 * mode)
+    adversarial = math.log(2) if kind == "non_saturating" else -math.log(2)
+    assert losses["loss_g"].item() == pytest.approx(adversarial + 0.2 * rec + 0.4 * mode)
 
 
 def product_of_uniforms_cdf(t: np.ndarray) -> np.ndarray:
@@ -443,8 +459,27 @@ def test_dragan_noise_scales_with_the_std_of_the_whole_batch(noise, spread):
             assert stats.kstest(column, stats.norm.cdf).pvalue > 1e-3
             assert column.var() == pytest.approx(1.0, abs=0.08)
             assert (column < 0).mean() == pytest.approx(0.5, abs=0.03)  # symmetric: the uniform noise has none
+    # One alpha per sample moves its coordinates together: corr(alpha u_1, alpha u_2) = (E[a^2] E[u]^2 - E[a]^2 E[u]^2)
+    # / (E[a^2] E[u^2] - E[a]^2 E[u]^2) = (1/12 - 1/16) / (1/9 - 1/16) = 3/7; an alpha per element would give 0.
+    correlation = np.corrcoef(ratio.T)[0, 1]
+    assert correlation == pytest.approx(3 / 7 if noise == "uniform" else 0.0, abs=0.06)
     with pytest.raises(ValueError, match="noise must be"):
         gan.DRAGAN(noise="laplace")
+
+
+def test_vanilla_discriminator_loss_labels_the_first_batch_real_by_hand():
+    """loss_d = mean softplus(-D(real)) + mean softplus(D(fake)): swapped batches give another number (unequal sizes
+    and a D that tells them apart)."""
+    model = gan.GAN(width=8)
+    model.discriminator = linear = nn.Linear(2, 1)
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(40, 2, generator=gen) + 1.0, torch.randn(24, 2, generator=gen) - 1.0
+    with torch.no_grad():
+        r, f = linear(real).squeeze(-1).double(), linear(fake).squeeze(-1).double()
+        by_hand = (torch.nn.functional.softplus(-r).mean() + torch.nn.functional.softplus(f).mean()).item()
+        swapped = (torch.nn.functional.softplus(-f).mean() + torch.nn.functional.softplus(r).mean()).item()
+    assert abs(by_hand - swapped) > 0.1
+    assert model.d_losses(real, fake)["loss_d"].item() == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_dragan_loss_is_bce_plus_lambda_times_the_closed_form_penalty():
@@ -518,19 +553,48 @@ def test_each_step_takes_d_steps_discriminator_updates_and_one_generator_update(
         gan.GAN(width=8, d_steps=3).step(torch.randn(16, 2), torch.arange(16))  # 16 reals are no 3 batches
 
 
+@pytest.mark.parametrize("variant", list(gan.VARIANTS))
+def test_each_players_optimiser_holds_exactly_its_own_networks(variant):
+    """D's optimiser trains the discriminator, G's the generator and, for MRGAN, the encoder E beside it: an encoder
+    left out of every optimiser would keep its random weights, and the reconstruction term would train G alone."""
+    model = gan.VARIANTS[variant](width=8)
+
+    def held(player):
+        return [id(p) for group in model.optimizers[player].param_groups for p in group["params"]]
+
+    def ids(*modules):
+        return {id(p) for module in modules for p in module.parameters()}
+
+    own_g = ids(model.generator, model.encoder) if variant == "mrgan" else ids(model.generator)
+    assert sorted(held("d")) == sorted(ids(model.discriminator))
+    assert sorted(held("g")) == sorted(own_g)
+    assert not ids(model.discriminator) & own_g
+
+
 # ----------------------------------------------------------------------------- each family uses its own ingredient
 
 
+@pytest.mark.parametrize("family", ["gan", "dragan", "unrolled"])
 @pytest.mark.parametrize("kind", gan.GENERATOR_LOSSES)
-def test_the_generator_step_uses_the_chosen_loss(kind):
+def test_the_generator_step_uses_the_chosen_loss(kind, family):
     """g_losses on fixed fakes is log(1 - sigmoid(l)) for 'minimax' and -log sigmoid(l) otherwise (by hand), and the
-    two differ: a family that ignored ``loss`` would make every "GAN (minimax)" run a non-saturating one."""
+    two differ: a family that ignored ``loss`` would make every "GAN (minimax)" run a non-saturating one. The unrolled
+    GAN's logits l come from D after its look-ahead: ``unroll`` steps of torch's Adam on a copy, on the same batch."""
     torch.manual_seed(0)
-    model = gan.GAN(width=8, loss=kind)
+    model = gan.VARIANTS[family](width=8, loss=kind)
     fakes = 3 * torch.randn(32, 2)
     model.generate = lambda n: fakes[:n]
+    judge = model.discriminator
+    if family == "unrolled":
+        judge = copy.deepcopy(model.discriminator)
+        opt = torch.optim.Adam(judge.parameters(), **{k: v for k, v in model.optimizers["d"].defaults.items()
+                                                       if k in ("lr", "betas", "eps")})
+        for _ in range(model.unroll):
+            opt.zero_grad()
+            gan.discriminator_bce(judge(torch.zeros(32, 2)).squeeze(-1), judge(fakes).squeeze(-1)).backward()
+            opt.step()
     with torch.no_grad():
-        logits = model.discriminator(fakes).squeeze(-1).double()
+        logits = judge(fakes).squeeze(-1).double()
     by_hand = {"minimax": torch.log(1 - torch.sigmoid(logits)).mean().item(),
                "non_saturating": -torch.log(torch.sigmoid(logits)).mean().item()}
     assert abs(by_hand["minimax"] - by_hand["non_saturating"]) > 0.1  # the check can tell the two apart
@@ -554,9 +618,11 @@ class RecordingSquareCritic(nn.Module):
 def test_dragan_penalises_points_drawn_with_its_own_noise(noise):
     """DRAGAN's penalty points (the critic's third input) move off the data one-sidedly for 'uniform' and
     symmetrically for 'gaussian', and the reported penalty is mean(||x_hat|| - 1)^2 at exactly those points (the
-    square critic's gradient is x_hat): a family that dropped ``noise`` would run the paper's variant as uniform."""
+    square critic's gradient is x_hat): a family that dropped ``noise`` would run the paper's variant as uniform.
+    On its defaults (the paper's: lambda 10, sigma = 0.5 std) loss_d = BCE + 10 penalty, and the points lie within
+    0.5 std of the data (uniform: alpha u reaches nearly 1) or spread 0.5 std around it (gaussian)."""
     torch.manual_seed(0)
-    model = gan.DRAGAN(penalty=2.0, noise=noise, width=8)
+    model = gan.DRAGAN(noise=noise, width=8)
     critic = RecordingSquareCritic()
     model.discriminator = critic
     real, fake = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, 2, dtype=torch.float64)
@@ -570,6 +636,13 @@ def test_dragan_penalises_points_drawn_with_its_own_noise(noise):
         assert below == pytest.approx(0.5, abs=0.03)
     penalty = ((points.norm(dim=1) - 1) ** 2).mean().item()
     assert losses["penalty"].item() == pytest.approx(penalty, rel=1e-10)
+    bce = (F.softplus(-real.pow(2).sum(1) / 2).mean() + F.softplus(fake.pow(2).sum(1) / 2).mean()).item()
+    assert losses["loss_d"].item() == pytest.approx(bce + 10 * penalty, rel=1e-10)
+    ratio = (points - real) / (0.5 * real.std())
+    if noise == "uniform":
+        assert 0.9 < ratio.max().item() <= 1.0
+    else:
+        assert ratio.std().item() == pytest.approx(1.0, abs=0.05)
 
 
 @pytest.mark.parametrize("shape,pack", [((2,), 4), ((1, 8, 8), 3)])
@@ -636,17 +709,21 @@ def test_madgan_samples_pick_every_generator_uniformly():
 @pytest.mark.parametrize("unroll, second_order", [(1, False), (4, False), (4, True)])
 def test_unrolling_k_steps_matches_k_torch_adam_steps(unroll, second_order):
     """unroll = k equals k torch.optim.Adam steps on a copy of D (same real and fake batch each step, Adam state
-    carried over from a real step, so the state is used), whether or not the generator's gradient flows through."""
+    carried over from real steps, so the state is used), whether or not the generator's gradient flows through. The
+    look-ahead steps at the rate D has decayed to (the toy tables decay it over the run), not the initial one."""
     torch.manual_seed(0)
-    model = gan.UnrolledGAN(unroll=unroll, second_order=second_order, width=16, lr_d=1e-2)
+    model = gan.UnrolledGAN(unroll=unroll, second_order=second_order, width=16, lr_d=1e-2, lr_decay_steps=2)
     real = torch.randn(32, 2)
-    model.step(real, torch.arange(32))  # gives D's Adam a non-trivial state
+    for _ in range(2):  # gives D's Adam a non-trivial state, and its rate decays to 1e-2 * (1 - 0.95 / 2)
+        model.step(real, torch.arange(32))
+    lr = model.optimizers["d"].param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-2 * (1 - 0.95 / 2))
     fake = model.generate(32).detach()
     unrolled = model.unrolled_parameters(real, fake)
     disc = copy.deepcopy(model.discriminator)
     opt = torch.optim.Adam(disc.parameters(), **{k: v for k, v in model.optimizers["d"].defaults.items()
                                                   if k in ("lr", "betas", "eps")})
-    opt.load_state_dict(model.optimizers["d"].state_dict())
+    opt.load_state_dict(model.optimizers["d"].state_dict())  # the state and the decayed rate
     before = {name: p.detach().clone() for name, p in disc.named_parameters()}
     for _ in range(unroll):
         opt.zero_grad()
@@ -655,5 +732,6 @@ def test_unrolling_k_steps_matches_k_torch_adam_steps(unroll, second_order):
     # atol: the unrolled step divides by sqrt(v + eps^2), Adam by sqrt(v) + eps (differs where |grad| ~ eps)
     for name, p in disc.named_parameters():
         torch.testing.assert_close(unrolled[name].detach(), p.detach(), atol=2e-5, rtol=1e-5)
-    # steps of lr 1e-2 move D well beyond that tolerance, so fewer steps would not match
-    assert max((p.detach() - before[name]).abs().max().item() for name, p in disc.named_parameters()) > 1e-2 * 0.5
+    # steps of lr 5e-3 move D well beyond that tolerance, so fewer steps (or steps at 1e-2) would not match
+    assert opt.param_groups[0]["lr"] == lr
+    assert max((p.detach() - before[name]).abs().max().item() for name, p in disc.named_parameters()) > lr * 0.5

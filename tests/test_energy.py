@@ -794,13 +794,13 @@ def test_statistics_network_ascends_the_mutual_information_estimate():
         torch.testing.assert_close(stepped[name], grad)
 
 
-def test_knn_entropy_finds_the_true_neighbours_of_a_tight_cluster_far_from_the_origin():
-    """A collapsed generator: 2,500 fakes with std 1e-3 around (1.36, 1.36). The GEMM form of the distances
-    cancels there, so neighbours must come from exact differences."""
+@pytest.mark.parametrize("dtype, std, centre", [(torch.float32, 1e-3, 1.36), (torch.float64, 1e-3, 1e5)])
+def test_knn_entropy_finds_the_true_neighbours_of_a_tight_cluster_far_from_the_origin(dtype, std, centre):
+    """A collapsed generator: 2,500 fakes with a tiny std far from the origin. The GEMM form of the distances
+    cancels there (in float64 too, around 1e5), so neighbours must come from exact differences."""
     gen = torch.Generator().manual_seed(0)
-    std = 1e-3
-    fakes = torch.randn(2500, 2, generator=gen) * std + 1.36
-    true_entropy = E.gaussian_entropy(torch.eye(2) * std**2)
+    fakes = torch.randn(2500, 2, generator=gen, dtype=dtype) * std + centre
+    true_entropy = E.gaussian_entropy(torch.eye(2, dtype=torch.float64) * std**2)
     assert E.knn_entropy(fakes).item() == pytest.approx(true_entropy, abs=0.1)
 
 

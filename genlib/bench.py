@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -525,6 +525,12 @@ def parse_nn_size(text: str) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
+def _section(name: str, run: Callable[..., Any], *args: Any) -> Any:
+    """``run(*args)`` after a line naming the section: the tables print only at the end, minutes later."""
+    print(f"bench: {name} ...", flush=True)
+    return run(*args)
+
+
 def main(device: str | None = None, out: str | Path = "results/bench", quick: bool = False,
          nn_sizes: list[tuple[int, int, int]] | None = None, batch_size: int | None = None,
          repeats: int | None = None) -> dict:
@@ -535,6 +541,8 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
     from genlib.runtime import device as pick_device
     from genlib.runtime import use_fast_matmul
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # now: a path that cannot be a folder fails before the benchmark
     dev = pick_device(device)
     use_fast_matmul(dev)
     cuda = dev.type == "cuda"
@@ -549,24 +557,24 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
     if min(batch, repeats) < 1:
         raise ValueError(f"batch_size and repeats must be >= 1, got {batch} and {repeats}")
     cpu_before, began = _cpu_times(), time.perf_counter()
+    # the most work; on a tie the larger d, where the bound is hardest to meet
+    swept = max(nn_sizes, key=lambda size: (size[0] * size[1] * size[2], size[2]))
     report = {"provenance": {**provenance(dev), "torch_threads": torch.get_num_threads()},
-              "nearest_neighbors": bench_nearest_neighbors(dev, nn_sizes, repeats),
-              # the most work; on a tie the larger d, where the bound is hardest to meet
-              "candidate_sweep": bench_candidates(dev, max(nn_sizes, key=lambda size: (size[0] * size[1] * size[2],
-                                                                                       size[2])), keeps, repeats),
-              "training": bench_training(dev, resolution, batch, repeats),
+              "nearest_neighbors": _section("nearest-neighbour search", bench_nearest_neighbors, dev, nn_sizes,
+                                            repeats),
+              "candidate_sweep": _section("candidates of the first pass", bench_candidates, dev, swept, keeps, repeats),
+              "training": _section("training steps", bench_training, dev, resolution, batch, repeats),
               "training_resolution": resolution, "repeats": repeats}
     failed_capture = any(row["model"].endswith("(CUDA graph)") and row["img_per_s"] is None
                          for row in report["training"])
     if cuda and not quick and not failed_capture:  # where replayed graphs matter: launch-bound steps
-        report["small_batch_training"] = bench_small_batches(dev, repeats)
-    profile_nearest_neighbors(dev, report["nearest_neighbors"])
+        report["small_batch_training"] = _section("small-batch training", bench_small_batches, dev, repeats)
+    _section("profile of the search", profile_nearest_neighbors, dev, report["nearest_neighbors"])
     # Other processes on the same machine slow every number down: record who used the CPU during the run.
     report["provenance"]["cpu_share"] = cpu_share(cpu_before, _cpu_times())
     report["provenance"]["wall_s"] = round(time.perf_counter() - began, 1)
     text = render_markdown(report)
     print(text)
-    out = Path(out)
     write_json(out / "bench.json", report)
     (out / "bench.md").write_text(text)
     return report

@@ -13,13 +13,12 @@ import contextlib
 import functools
 import importlib
 import inspect
-import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +49,9 @@ FLAG_FIELDS = ("z_dim", "width", "lr", "batch_size")
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")
 SPLIT_SETS = ("fashion-mnist", "mnist", "cifar10")  # the image sets with a test split
+DATA_FLAGS: dict[str, tuple[tuple[str, ...], int]] = {"resolution": (("folder",), 64), "toy_points": (TOYS, 50_000)}
+"""Data flags (``train`` field -> (the ``--data`` they apply to, default)): elsewhere they do nothing, so they
+neither define a run there nor pass without a warning."""
 
 
 @dataclass
@@ -95,14 +97,16 @@ class TrainSpec:
 
     def construct(self, cls: type, skip: tuple[str, ...] = (), **fixed: Any) -> Any:
         """``cls(**fixed, **options)``: every ``--opt`` not in ``skip`` must be a keyword argument of ``cls``
-        (or of the classes it passes ``**kw`` on to) and is converted to the type of its default."""
+        (or of the classes it passes ``**kw`` on to) and is converted to the type of its default. ``skip``: the
+        options the builder reads itself: its own (GAN's ``variant``), or ones it keeps from ``cls`` (refused)."""
         defaults = constructor_defaults(cls)
         kwargs = dict(fixed)
         for name in self.options:
             if name in skip:
                 continue
             if name not in defaults or name == "shape":
-                known = sorted(set(defaults) - {"shape", *FLAG_FIELDS})  # the flags' fields are set by the flags
+                # the flags' fields are set by the flags; a skipped name is known unless the builder keeps it from cls
+                known = sorted((set(defaults) ^ set(skip)) - {"shape", *FLAG_FIELDS})
                 raise ValueError(f"unknown option {name!r} for {cls.__name__}; known: {', '.join(known)}")
             if name in FLAG_FIELDS:
                 raise ValueError(f"--opt {name} would override the flag --{name.replace('_', '-')}: use the flag")
@@ -189,8 +193,9 @@ def build_family(name: str, spec: TrainSpec, warn_ignored: bool = False) -> Gene
     model = getattr(importlib.import_module(module_name), function)(spec)
     unread = sorted(set(spec.options) - spec.used)
     if unread:
-        raise ValueError(f"unknown option(s) {', '.join(unread)} for family {name!r} "
-                         f"(the options are listed in the docstring of {module_name}.{function})")
+        data = f"images {spec.shape}" if len(spec.shape) == 3 else f"vectors {spec.shape}"  # an option may be for one
+        raise ValueError(f"unknown option(s) {', '.join(unread)} for family {name!r} on {data} (the options, some "
+                         f"for images only or vectors only, are listed in the docstring of {module_name}.{function})")
     for flag, value in (spec.ignored_flags() if warn_ignored else {}).items():
         print(f"warning: family {name!r} does not use --{flag.replace('_', '-')} (set to {value}); it has no effect",
               file=sys.stderr, flush=True)
@@ -216,12 +221,28 @@ RUN_DEFINING = ("family", "data", "resolution", "toy_points", "batch_size", "z_d
 is refused (``--steps`` may grow; evaluation, logging, the device and the data's ``--root`` may change)."""
 
 
-def run_arguments(config: dict) -> dict:
-    """The :data:`RUN_DEFINING` arguments of a ``train`` config (``vars(args)`` or a run.json's), ``--opt`` as a
-    dict so that its order does not matter, its values in :func:`canonical_option` form so that their spelling
+def run_arguments(config: dict, keys: Sequence[str] = RUN_DEFINING) -> dict:
+    """The ``keys`` arguments (default :data:`RUN_DEFINING`) of a config (``vars(args)`` or a run.json's), ``--opt``
+    as a dict so that its order does not matter, its values in :func:`canonical_option` form so that their spelling
     does not."""
     return {key: {name: canonical_option(value) for name, value in parse_options(config.get(key) or []).items()}
-            if key == "opt" else config.get(key) for key in RUN_DEFINING}
+            if key == "opt" else applied(config, key) for key in keys}
+
+
+def applied(config: dict, key: str) -> Any:
+    """``config[key]`` (None if absent), or the default of a :data:`DATA_FLAGS` flag that ``config``'s data does not
+    use (its value there changes nothing)."""
+    datasets, default = DATA_FLAGS.get(key, ((), None))
+    return default if key in DATA_FLAGS and config.get("data") not in datasets else config.get(key)
+
+
+def warn_unused_data_flags(args: argparse.Namespace) -> None:
+    """A warning for each :data:`DATA_FLAGS` flag set away from its default that ``--data`` does not use."""
+    for name, (datasets, default) in DATA_FLAGS.items():
+        value = getattr(args, name, default)
+        if value != default and args.data not in datasets:
+            print(f"warning: --data {args.data} does not use --{name.replace('_', '-')} (set to {value}); "
+                  "it has no effect", file=sys.stderr, flush=True)
 
 
 def canonical_option(value: str) -> float | str | tuple:
@@ -241,29 +262,39 @@ def canonical_option(value: str) -> float | str | tuple:
 
 
 def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
-    """Refuse an ``--out`` folder that holds another command's record, a train run's checkpoint (for the other
-    commands), or the record of a ``train``/``compare`` run with other ``arguments`` (``train``: see
-    :func:`run_arguments`): writing there would overwrite or mix up a recorded run."""
+    """Make the ``--out`` folder (:func:`make_out`), and refuse one that holds another command's record, a train run's
+    checkpoint (for the other commands), or the record of a ``train``/``compare``/``evaluate`` run with other
+    ``arguments`` (compared in :func:`run_arguments` form): writing there would overwrite or mix up a recorded run."""
+    from genlib.results import read_json
     from genlib.train import CHECKPOINT, differences
 
-    if out.exists() and not out.is_dir():  # found now, not at the first save after hours of training
-        raise ValueError(f"--out {out} is a file, not a folder; name a folder (it is made if missing)")
+    make_out(out)
     if command != "train" and (out / CHECKPOINT).exists():
         raise ValueError(f"{out} holds a training checkpoint ({CHECKPOINT}); use another --out")
     record = out / "run.json"
     if not record.is_file():
         return
-    run = json.loads(record.read_text())
+    run = read_json(record)
     config = run.get("config", {})
     if config.get("command") != command:
         raise ValueError(f"{out} holds the record of another command ({run.get('command')}); use another --out")
     if arguments is not None:
-        recorded = run_arguments(config) if command == "train" else config
         # a key the record lacks is an argument added since it was made (compare's --family): not a difference
         compared = [key for key in arguments if key != "out" and key in config]
-        found = differences({key: recorded[key] for key in compared}, {key: arguments[key] for key in compared})
+        found = differences(run_arguments(config, compared), {key: arguments[key] for key in compared})
         if found:
             raise ValueError(f"{out} holds the record of another run ({found}); use another --out")
+
+
+def make_out(out: Path) -> None:
+    """Make the ``--out`` folder (and its parents) now, not at the first save after hours of work; a path that
+    cannot be a folder is a clear error."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; name a folder (it is made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be made as a folder: {error.strerror or error}") from None
 
 
 def check_ema_on_resume(out: Path, ema: float | None) -> None:
@@ -283,14 +314,19 @@ def check_ema_on_resume(out: Path, ema: float | None) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a family, checkpointing into ``--out`` and recording the run there."""
     from genlib import runtime, train, viz
-    from genlib.evaluate import evaluate_model
+    from genlib.evaluate import check_inception_weights, evaluate_model
     from genlib.results import provenance, record_run
 
     if args.eval_samples == 1:
         raise SystemExit("error: --eval-samples must be 0 (no metrics) or at least 2")
+    if args.root:
+        args.root = _absolute(args.root)
     out, arguments = Path(args.out), run_arguments(vars(args))
     check_out(out, "train", arguments)
     check_ema_on_resume(out, args.ema)
+    warn_unused_data_flags(args)
+    if args.eval_samples and args.data not in TOYS:
+        check_inception_weights()  # now, not after hours of training
     dev = runtime.device(args.device)
     origin = provenance(dev)  # the commit and date the run started from, not those at its end
     runtime.use_fast_matmul(dev)
@@ -311,7 +347,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                         meta=arguments)
     wall = clock.now()["seconds"]
     origin["train_processes"] = clock.processes
-    origin["ema_decay"] = model.ema_decay if model.ema is not None else None  # what sampled, whatever the flags
+    origin["ema_decay"] = sampling_ema_decay(model)  # what sampled, whatever the flags
     if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
         origin["cuda_graph_from_step"] = model.graph_captured_at
         print(f"steps from {model.graph_captured_at} on were replayed as a CUDA graph", flush=True)
@@ -337,18 +373,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Score the checkpoint of a recorded ``train`` run again, with some options replaced (e.g. the sampler's)."""
     from genlib import runtime, train
-    from genlib.evaluate import evaluate_model
+    from genlib.evaluate import check_inception_weights, evaluate_model
     from genlib.results import load_run, provenance, record_run
 
     if args.eval_samples < 2:
         raise SystemExit("error: --eval-samples must be at least 2")
-    check_out(Path(args.out), "evaluate")  # refuses the run folder itself too: it holds a train record
-    source = load_run(args.run)
-    checkpoint = Path(args.run) / train.CHECKPOINT
+    out, run = Path(args.out), Path(args.run)
+    arguments = {"source_run": str(run), "opt": args.opt, "seed": args.seed, "eval_samples": args.eval_samples}
+    # refuses the run folder itself too (it holds a train record), and another evaluation's folder
+    check_out(out, "evaluate", run_arguments(arguments, tuple(arguments)))
+    checkpoint = run / train.CHECKPOINT
+    if checkpoint.is_file() and not (run / "run.json").is_file():
+        raise ValueError(f"{run} holds an unfinished run ({train.CHECKPOINT} but no run.json): rerun its train "
+                         "command to finish it, then evaluate it")
+    source = load_run(run)
     if source.run["config"].get("command") != "train" or not checkpoint.is_file():
         raise FileNotFoundError(f"{args.run} is not a `genlib train` run with its {train.CHECKPOINT} "
                                 "(checkpoints are not committed: rerun the run's command to make one)")
-    config = source.run["config"]
+    config = source.run["config"] | ({"root": _absolute(args.root)} if args.root else {})
+    if config["data"] not in TOYS:
+        check_inception_weights()  # now, not after sampling
     options = parse_options(config["opt"]) | parse_options(args.opt)
     dev = runtime.device(args.device)
     origin = provenance(dev)
@@ -358,22 +402,34 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     try:
         model.load_checkpoint_state(state)
     except (RuntimeError, ValueError) as error:  # an option changed the architecture
-        raise ValueError(f"the checkpoint does not fit the model built with {options}: {error}") from error
+        changed = " ".join(f"--opt {option}" for option in args.opt) or "the code, since the run was recorded,"
+        first_line = str(error).strip().splitlines()[0].rstrip(":")  # torch lists every mismatched tensor
+        raise ValueError(f"{changed} changes the architecture of the recorded run: its checkpoint does not fit "
+                         f"the model ({first_line})") from None
     model.eval()
     runtime.seed_everything(args.seed)
     print(f"{args.run}: step {state['step']} | {runtime.describe(args.seed, dev, show_scale=False)}", flush=True)
     began = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples.png").unlink(missing_ok=True)  # a grid of an earlier evaluation must not stay beside these
     metrics = evaluate_model(model, config["data"], dataset, args.eval_samples, held_out_for(model, config), args.seed,
                              grid_to=out / "samples.png", progress=True)
     wall = time.perf_counter() - began
     print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
-    record = {"command": "evaluate", "source_run": str(args.run), "source_command": source.command,
-              "source_commit": source.run["git_commit"], "checkpoint_step": state["step"], "opt": args.opt,
-              "seed": args.seed, "eval_samples": args.eval_samples}
+    record = {"command": "evaluate", **arguments, "source_command": source.command,
+              "source_commit": source.run["git_commit"], "checkpoint_step": state["step"],
+              "ema_decay": sampling_ema_decay(model)} | ({"root": config["root"]} if args.root else {})
     record_run(out, device=dev, config=record, metrics=metrics, wall_time_s=wall, origin=origin)
     print(f"recorded evaluation in {out} ({wall:.0f} s)")
+
+
+def sampling_ema_decay(model: GenerativeModel) -> float | None:
+    """The decay of the weight average that draws ``model``'s samples, None when its own weights do."""
+    return model.ema_decay if model.ema is not None else None
+
+
+def _absolute(root: str) -> str:
+    """A data ``--root`` as an absolute path: a record read from another folder still finds the data."""
+    return str(Path(root).expanduser().resolve())
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -400,6 +456,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     partial = out / "partial.pt"
     arguments = {k: v for k, v in vars(args).items() if k not in ("func", "jobs")}  # jobs cannot change a row
     check_out(out, "compare", arguments)
+    if (out / "run.json").is_file() and not partial.exists():  # check_out found this very comparison there
+        print(f"{out} already holds this comparison, recorded: nothing to rerun (use another --out for a new one)")
+        return
     state = torch.load(partial, weights_only=False) if partial.exists() else {
         "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
     # the recorded command must be the one that made every run; the folder's spelling does not count
@@ -412,6 +471,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     done = {(row["toy"], row["method"], row["seed"]) for row in state["rows"]}
     for toy_name in toys:
         todo = [(method, seed) for method in methods for seed in seeds if (toy_name, method, seed) not in done]
+        if todo and args.jobs > 1:  # the runs' bars are off on several processes: say what is under way
+            print(f"{toy_name}: training {len(todo)} runs on {min(args.jobs, len(todo))} processes (a line as each "
+                  "finishes)", flush=True)
         for _, row in toy_runs(todo, toy_name):
             samples = row.pop("samples")  # None for a run that diverged
             if samples is not None:
@@ -530,6 +592,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     """Decode a dataset once into its uint8 cache and report its size."""
     from genlib import data
 
+    warn_unused_data_flags(args)
     kwargs = {"resolution": args.resolution} if args.data == "folder" else {}
     images = data.load_images(args.data, split=args.split, root=args.root, **kwargs).images
     print(f"{args.data}: {tuple(images.shape)} uint8, {images.numel() / 2**20:.1f} MiB")
@@ -546,6 +609,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Run the benchmarks on the chosen device and write a JSON plus a table."""
     from genlib import bench
 
+    make_out(Path(args.out))  # now, not after the whole benchmark
     bench.main(device=args.device, out=args.out, quick=args.quick, nn_sizes=args.nn_size or None,
                batch_size=args.batch_size, repeats=args.repeats)
 
@@ -593,9 +657,20 @@ def _count(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; a margin below keeps seed + 1 (held-out data) in range
+
+
+def _seed(text: str) -> int:
+    """argparse type of a seed: an integer in 0..:data:`MAX_SEED`."""
+    value = _count(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a seed from 0 to 2**63 - 1, got {text!r}")
+    return value
+
+
 def _seed_list(text: str) -> str:
-    """argparse type of ``compare --seeds``: comma-separated distinct non-negative integers (kept as the text)."""
-    seeds = [_count(seed) for seed in text.split(",")]
+    """argparse type of ``compare --seeds``: comma-separated distinct seeds (:func:`_seed`; kept as the text)."""
+    seeds = [_seed(seed) for seed in text.split(",")]
     if len(set(seeds)) < len(seeds):
         raise argparse.ArgumentTypeError(f"a seed is named twice in {text!r}: its run would count twice")
     return text
@@ -638,7 +713,7 @@ def make_parser() -> argparse.ArgumentParser:
     from genlib.energy import TOY_TABLES
     from genlib.gan import TOY_SETTINGS
 
-    parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
 
@@ -646,15 +721,17 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("family", choices=sorted(FAMILIES), help="model family")
     train.add_argument("--data", required=True, choices=TOYS + IMAGE_SETS, help="dataset or 2-D toy")
     train.add_argument("--root", help="dataset folder (CelebA's img_align_celeba, an image folder, ...)")
-    train.add_argument("--resolution", type=_positive_int, default=64, help="image size for --data folder")
-    train.add_argument("--toy-points", type=_positive_int, default=50_000, help="size of a 2-D toy training set")
+    train.add_argument("--resolution", type=_positive_int, default=DATA_FLAGS["resolution"][1],
+                       help="image size (--data folder only)")
+    train.add_argument("--toy-points", type=_positive_int, default=DATA_FLAGS["toy_points"][1],
+                       help="size of a 2-D toy training set (toys only)")
     train.add_argument("--steps", type=_positive_int, default=2000,
                        help="training steps in all (a rerun with more steps goes on from the checkpoint)")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="training batch")
     train.add_argument("--z-dim", type=_positive_int, default=64, help="noise or code dimension")
     train.add_argument("--width", type=_positive_int, default=64, help="base channel width of conv nets / MLP width")
     train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate")
-    train.add_argument("--seed", type=_count, default=0, help="seed of the data order, the nets and the noise")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of the data order, the nets and the noise")
     train.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, run.json, metrics.json, samples.png")
     train.add_argument("--checkpoint-every", type=_positive_int, default=1000,
@@ -678,9 +755,12 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                           help="option replacing the run's (repeatable), e.g. steps_per_level=100")
     evaluate.add_argument("--eval-samples", type=_positive_int, default=1000, help="samples for the metrics")
-    evaluate.add_argument("--seed", type=_count, default=0, help="seed of the sampling")
+    evaluate.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
     evaluate.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
-    evaluate.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png")
+    evaluate.add_argument("--root", help="dataset folder, replacing the run's (data moved since it was recorded)")
+    evaluate.add_argument("--out", required=True,
+                          help="folder for run.json, metrics.json and (image data) samples.png; a folder holding "
+                               "another evaluation is refused")
     evaluate.set_defaults(func=cmd_evaluate)
 
     compare = commands.add_parser("compare", help="train GAN variants (chapter 2) or energy-GAN settings (chapter 3) "
@@ -692,27 +772,30 @@ def make_parser() -> argparse.ArgumentParser:
                          help="comma-separated names of genlib.gan.TOY_METHODS (or of the energy table's rows), or all")
     compare.add_argument("--toys", default="ring8,grid25", help="comma-separated Gaussian-mixture toys")
     compare.add_argument("--seeds", type=_seed_list, default="0,1,2", help="comma-separated seeds")
-    compare.add_argument("--steps", type=_positive_int, default=3000)
+    compare.add_argument("--steps", type=_positive_int, default=3000, help="training steps of each run")
     compare.add_argument("--setting", choices=list(TOY_SETTINGS) + list(TOY_TABLES),
                          help="gan: genlib.gan.TOY_SETTINGS (batch size and network/optimiser settings; default "
                               "collapse); energy: a table of genlib.energy.TOY_TABLES (default "
                               f"{next(iter(TOY_TABLES))})")
-    compare.add_argument("--toy-std", type=float, help="energy: the toys' component std (default: each toy's own)")
+    compare.add_argument("--toy-std", type=_positive_float,
+                         help="energy: the toys' component std (default: each toy's own)")
     compare.add_argument("--jobs", type=_positive_int, default=1,
                          help="runs trained at once, each in its own process on one thread (at most the cores)")
     compare.add_argument("--out", required=True, help="folder for run.json, metrics.json, samples.png, train.log")
     compare.set_defaults(func=cmd_compare)
 
     prepare = commands.add_parser("prepare", help="decode an image dataset once into its uint8 cache")
-    prepare.add_argument("data", choices=IMAGE_SETS)
-    prepare.add_argument("--root")
-    prepare.add_argument("--split", default="train")
-    prepare.add_argument("--resolution", type=int, default=64)
+    prepare.add_argument("data", choices=IMAGE_SETS, help="image dataset")
+    prepare.add_argument("--root", help="dataset folder (CelebA's img_align_celeba, an image folder, ...)")
+    prepare.add_argument("--split", choices=("train", "test"), default="train",
+                         help=f"test: only {', '.join(SPLIT_SETS)} have one")
+    prepare.add_argument("--resolution", type=_positive_int, default=DATA_FLAGS["resolution"][1],
+                         help="image size (--data folder only)")
     prepare.set_defaults(func=cmd_prepare)
 
     classifier = commands.add_parser("classifier", help="train the offline Fashion-MNIST feature classifier")
-    classifier.add_argument("--epochs", type=int, default=6, help="6 made the committed asset")
-    classifier.add_argument("--seed", type=int, default=0)
+    classifier.add_argument("--epochs", type=_positive_int, default=6, help="6 made the committed asset")
+    classifier.add_argument("--seed", type=_seed, default=0, help="seed of the weights, augmentation and data order")
     classifier.add_argument("--out", help="folder for the weights (default: genlib/assets)")
     classifier.set_defaults(func=cmd_classifier)
 
@@ -744,14 +827,22 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("error: GENLIB_MAX_STEPS is set; it cuts training short for smoke tests, and a run it "
                              "cut would be recorded as if it had run its --steps: unset it")
         args.func(args)
-    except (FileNotFoundError, ValueError, DeviceUnavailableError, MissingAssetError, NonFiniteLossError) as error:
+    except (OSError, ValueError, DeviceUnavailableError, MissingAssetError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
     except TrainingInterrupted as stopped:  # the same command resumes it: say so, without a traceback
-        with contextlib.suppress(OSError):  # stderr may be a pipe whose reader the same Ctrl-C ended
-            print(f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, saved in "
-                  f"{stopped.path}: rerun the same command to resume", file=sys.stderr, flush=True)
-        # die by the signal, as an uncaught one would: a calling shell loop stops too (an exit status would not)
-        signal.signal(stopped.signum, signal.SIG_DFL)
-        os.kill(os.getpid(), stopped.signum)
-        raise SystemExit(128 + stopped.signum) from None  # where the signal does not end the process
+        _die_by(stopped.signum, f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, saved "
+                                f"in {stopped.path}: rerun the same command to resume")
+    except KeyboardInterrupt:  # outside a training loop (compare's runs, train's evaluation): what is saved stays
+        _die_by(signal.SIGINT, "interrupted: what was saved stays (a run's checkpoint, a comparison's finished runs); "
+                               "rerun the same command to go on")
+
+
+def _die_by(signum: int, message: str) -> None:
+    """Print ``message`` and end the process by signal ``signum``, as an uncaught one would: a calling shell loop
+    stops too (an exit status would not)."""
+    with contextlib.suppress(OSError):  # stderr may be a pipe whose reader the same Ctrl-C ended
+        print(message, file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum) from None  # where the signal does not end the process

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from genlib import nets
-from genlib.metrics import check_positive, pairwise_sq_dists
+from genlib.metrics import check_counts, check_positive, pairwise_sq_dists
 from genlib.train import GenerativeModel, at_least_fp32, count_step, mirror_step_count
 
 __all__ = [
@@ -363,6 +363,7 @@ class DDEGenerator(_Trainer):
         super().__init__()
         if gen_every < 1 or warmup < 0:
             raise ValueError(f"gen_every must be >= 1 and warmup >= 0, got {gen_every}, {warmup}")
+        check_counts(1, depth=depth)
         self.shape, self.z_dim = tuple(shape), z_dim
         self.sigma_start = float(sigma if sigma is not None else (0.6 if _is_image(shape) else 0.2))
         self.sigma_end = self.sigma_start if sigma_end is None else float(sigma_end)
@@ -580,6 +581,7 @@ class ScoreModel(_Trainer):
                  steps_per_level: int = 50, final_denoise: bool = True, init_std: float | None = None,
                  act: str = "silu", arch: str = "auto"):
         super().__init__()
+        check_counts(1, depth=depth)
         self.shape = tuple(shape)
         self.score = NoiseConditionalScore(self.shape, width, depth, act, arch)
         self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, n_sigmas))

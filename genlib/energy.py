@@ -56,6 +56,7 @@ from genlib import data as gdata
 from genlib import nets, runtime
 from genlib.gan import AutoEncoder, gradient_penalty, input_gradients, reconstruction_energy
 from genlib.evaluate import coverage_runs
+from genlib.metrics import check_counts
 from genlib.results import summarize_coverage
 from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, fit, update_batches
 from genlib.train import snapshot_recorder as train_snapshots
@@ -545,6 +546,7 @@ class EnergyGAN(GenerativeModel):
         _check_choice("penalty", penalty, PENALTIES)
         _check_choice("loss", loss, LOSSES)
         _check_choice("entropy_estimator", entropy_estimator, ENTROPY_ESTIMATORS)
+        check_counts(1, depth=depth)
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
         self.shape, self.z_dim = tuple(shape), z_dim

@@ -17,6 +17,8 @@ This room only glues :mod:`genlib.metrics` (pure functions) to models and featur
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -79,27 +81,44 @@ def toy_metrics(fake: Tensor, toy_name: str, seed: int = 0) -> dict[str, float]:
 
 
 def image_metrics(fake: Tensor, real: Tensor, device: torch.device | str | None = None,
-                  seed: int = 0) -> dict[str, float | str]:
+                  seed: int = 0, progress: bool = False) -> dict[str, float | str]:
     """Fréchet distance and KID between generated ``fake [n, C, H, W]`` ([-1, 1] floats) and ``real``
     (uint8 or [-1, 1], same image shape), in the features of :func:`feature_network_for`; plus ``fid``, the
-    Fréchet distance in Inception-v3 features, when those weights are available (never otherwise)."""
+    Fréchet distance in Inception-v3 features, when those weights are available (never otherwise); ``progress``:
+    a bar while extracting features."""
     if fake.shape[1:] != real.shape[1:]:
         raise ValueError(f"fake images {tuple(fake.shape[1:])} and real images {tuple(real.shape[1:])} differ in shape")
     name = feature_network_for(tuple(real.shape[1:]))
     fake = fake.clamp(-1, 1)
-    real_feats, fake_feats = _features_of(name, real, fake, device)
+    check_inception_weights()
+    real_feats, fake_feats = _features_of(name, real, fake, device, progress)
     kid_mean, kid_std = metrics.kid(real_feats, fake_feats, generator=torch.Generator().manual_seed(seed))
     out = {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats),
            "kid": kid_mean, "kid_std": kid_std}
     if features.inception_features_available():
-        out["fid"] = metrics.frechet_distance(*_features_of("inception", real, fake, device))
+        out["fid"] = metrics.frechet_distance(*_features_of("inception", real, fake, device, progress))
     return out
 
 
-def _features_of(name: str, real: Tensor, fake: Tensor, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
-    """The features [n, d] of ``real`` and of ``fake`` in the extractor registered as ``name``."""
+def check_inception_weights() -> None:
+    """Refuse ``$GENLIB_INCEPTION_WEIGHTS`` naming no file: set, it asks for the FID, which must not then be left out
+    of the metrics without a word."""
+    path = os.environ.get(features.INCEPTION_ENV, "")
+    if path and not Path(path).expanduser().is_file():
+        raise runtime.MissingAssetError(f"${features.INCEPTION_ENV}={path!r} is not a file; name Inception-v3's "
+                                        "weights file, or unset it to score without the FID")
+
+
+def _features_of(name: str, real: Tensor, fake: Tensor, device: torch.device | str | None,
+                 progress: bool = False) -> tuple[Tensor, Tensor]:
+    """The features [n, d] of ``real`` and of ``fake`` in the extractor registered as ``name`` (``progress``: with a
+    bar for each)."""
     extract = features.feature_extractor(name)
-    return extract(real, device=device), extract(fake, device=device)
+    feats = []
+    for which, images in (("real", real), ("fake", fake)):
+        with features.progress_bars(f"{name} features, {which}") if progress else contextlib.nullcontext():
+            feats.append(extract(images, device=device))
+    return feats[0], feats[1]
 
 
 def held_out_subset(images: Tensor, n: int, seed: int = 0) -> Tensor:
@@ -117,8 +136,8 @@ def evaluate_model(model: GenerativeModel, data_name: str, real: Tensor, n_sampl
     ``real`` holds real data to compare samples with (uint8 images ``[N, C, H, W]``, the CLI passes the
     training set, as FID usually does; or toy points);
     ``held_out`` (test-split images or points) feeds ``model.evaluate`` when the family has a likelihood;
-    ``grid_to``: a png path for an 8x8 grid of the first scored images (no extra sampling); ``progress``: a bar
-    while sampling."""
+    ``grid_to``: a png path for an 8x8 grid of the first scored images (no extra sampling); ``progress``: bars
+    while sampling and extracting features, a line before the held-out likelihood."""
     fake, rate = draw_samples(model, n_samples, progress=progress)
     if grid_to is not None and fake.dim() == 4:
         from genlib import viz
@@ -128,8 +147,10 @@ def evaluate_model(model: GenerativeModel, data_name: str, real: Tensor, n_sampl
     if real.dim() == 2:
         out.update(toy_metrics(fake, data_name, seed))
     else:
-        out.update(image_metrics(fake, held_out_subset(real, n_samples, seed), model.device, seed))
+        out.update(image_metrics(fake, held_out_subset(real, n_samples, seed), model.device, seed, progress=progress))
     if hasattr(model, "evaluate") and held_out is not None:
+        if progress:  # the likelihood of a whole test split takes minutes on a CPU, with no bar of its own
+            print(f"held-out likelihood of {len(held_out)} samples ...", flush=True)
         out.update({f"held_out_{k}": v for k, v in model.evaluate(held_out).items()})
     return out
 

@@ -30,7 +30,9 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -69,16 +71,35 @@ def as_unit_range(images: Tensor) -> Tensor:
     return images.float()
 
 
+_BAR_NAME: ContextVar[str | None] = ContextVar("feature_progress_bar", default=None)
+
+
+@contextmanager
+def progress_bars(name: str) -> Iterator[None]:
+    """Within the block, each batched feature extraction shows a progress bar called ``name`` (10,000 images take
+    an hour on a CPU; outside such a block extraction stays silent, as the notebooks need)."""
+    token = _BAR_NAME.set(name)
+    try:
+        yield
+    finally:
+        _BAR_NAME.reset(token)
+
+
 def _batched(fn: Callable[[Tensor], Tensor], images: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Apply ``fn`` to ``images`` in batches on ``device`` (converted to [-1, 1]); concatenate on the CPU."""
+    """Apply ``fn`` to ``images`` in batches on ``device`` (converted to [-1, 1]); concatenate on the CPU; with a bar
+    inside :func:`progress_bars`."""
+    from tqdm.auto import tqdm
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=len(images), desc=_BAR_NAME.get(), unit="image", disable=_BAR_NAME.get() is None,
+                               dynamic_ncols=True, mininterval=0.5) as bar:
         for start in range(0, len(images), batch_size):
             # convert per batch so a large uint8 set is never held as float all at once
             x = as_unit_range(images[start:start + batch_size].to(device))
             outs.append(fn(x).float().cpu())
+            bar.update(len(x))
     return torch.cat(outs) if outs else torch.empty(0)
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genlib.data import to_float
+from genlib.metrics import check_counts
 from genlib.nets import MLP, ConvEncoder, ConvGenerator, stage_widths
 from genlib.train import GenerativeModel
 
@@ -359,6 +360,7 @@ class RealNVP(NormalizingFlow):
                  mask: str = "alternating", permutation: str | None = None, act: str = "relu"):
         if dim < 2:
             raise ValueError(f"a coupling flow needs dim >= 2, got {dim}")
+        check_counts(1, n_layers=n_layers, hidden=hidden, depth=depth)
         make_mask = choose("mask", mask, {"alternating": alternating_mask, "half": half_mask})
         layer_class = choose("coupling", coupling, {"affine": AffineCoupling, "additive": AdditiveCoupling})
         outputs = 2 if coupling == "affine" else 1
@@ -653,6 +655,7 @@ class AutoregressiveModel(GenerativeModel):
     def __init__(self, shape: Sequence[int], likelihood: str = "bernoulli", hidden: int = 256, depth: int = 2,
                  components: int = 8, lr: float = 1e-3):
         super().__init__()
+        check_counts(1, hidden=hidden, depth=depth, components=components)
         k = choose("likelihood", likelihood, {"bernoulli": 1, "gmm": 3 * components})
         self.shape, self.likelihood, self.dims = tuple(shape), likelihood, math.prod(shape)
         self.made = MADE(self.dims, k, hidden, depth)
@@ -834,9 +837,9 @@ def max_scales(shape: Sequence[int], cap: int = 5) -> int:
 def build_realnvp(spec: TrainSpec) -> FlowModel:
     """RealNVP from a :class:`genlib.cli.TrainSpec`: vector flow for ``(dim,)``, multiscale for images.
 
-    Options: ``layers`` (vector couplings, 8), ``scales`` (default the most possible, up to 5),
-    ``blocks`` (residual blocks per conditioner, 2), ``alpha`` (the logit's squeeze, 1e-6), ``clip`` (gradient
-    norm, 100), ``decay_steps`` (cosine learning-rate decay, 0 = constant)."""
+    Options: vectors only: ``layers`` (couplings, 8); images only: ``scales`` (default the most possible, up to 5),
+    ``blocks`` (residual blocks per conditioner, 2), ``alpha`` (the logit's squeeze, 1e-6); both: ``clip``
+    (gradient norm, 100), ``decay_steps`` (cosine learning-rate decay, 0 = constant)."""
     if _is_image(spec):
         flow = RealNVPImage(spec.shape, spec.option("scales", max_scales(spec.shape)), spec.width,
                             spec.option("blocks", 2), spec.option("alpha", 1e-6))

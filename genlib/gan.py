@@ -38,6 +38,7 @@ from torch.func import functional_call
 
 from genlib import nets
 from genlib.evaluate import coverage_runs
+from genlib.metrics import check_counts
 from genlib.results import summarize_coverage
 from genlib.runtime import in_call_order
 from genlib.train import GenerativeModel, SnapshotRecorder, at_least_fp32, update_batches
@@ -370,6 +371,10 @@ class GAN(GenerativeModel):
             raise ValueError(f"loss must be one of {GENERATOR_LOSSES}, got {loss!r}")
         if d_steps < 1:
             raise ValueError(f"d_steps must be >= 1, got {d_steps}")
+        check_counts(1, depth=depth)
+        if lr_decay_steps < 0 or not 0 <= lr_final <= 1:
+            raise ValueError(f"lr_decay_steps must be >= 0 (0: no decay) and lr_final a fraction in [0, 1], got "
+                             f"{lr_decay_steps} and {lr_final}")
         self.shape, self.z_dim, self.width, self.depth = tuple(shape), z_dim, width, depth
         self.conv, self.loss, self.d_steps = _use_conv(arch, shape), loss, d_steps
         self.batches_per_step = d_steps if fresh_reals else 1  # fit draws a real batch per D update

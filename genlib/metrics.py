@@ -100,6 +100,12 @@ def _check_int(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
+def check_counts(minimum: int, **values: int) -> None:
+    """ValueError naming the first keyword that is not an integer >= ``minimum``, e.g. ``check_counts(1, depth=0)``."""
+    for name, value in values.items():
+        _check_int(name, value, minimum)
+
+
 def check_positive(name: str, value: float) -> float:
     """``value`` as a float; ValueError naming ``name`` unless it is a finite positive number."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)

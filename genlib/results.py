@@ -210,8 +210,17 @@ def load_run(path: str | Path) -> RecordedRun:
         raise FileNotFoundError(f"{run_file} does not exist: no recorded run at {path} "
                                 "(recorded runs are made with `python -m genlib train ... --out DIR`)")
     metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    return RecordedRun(path, json.loads(run_file.read_text()), metrics)
+    metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    return RecordedRun(path, read_json(run_file), metrics)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a file that is not JSON is a ValueError naming it (a bare decoder message
+    does not say which file is broken)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); remove or repair it") from None
 
 
 def gpu_runs(name: str, root: str | Path = REPO_ROOT / "results") -> list[RecordedRun]:

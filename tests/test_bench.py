@@ -89,7 +89,7 @@ def test_a_failing_profiler_is_recorded_not_raised(monkeypatch):
     assert "### 1 x 2 x 3: the profiler failed (RuntimeError: no CUPTI here)" in section
 
 
-def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, device, monkeypatch):
+def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, device, monkeypatch, capsys):
     """No timed call runs under the profiler; bench.md gains the settled column and the profile section."""
     calls = []
     timeit, profile_call = bench.timeit, bench.profile_call
@@ -106,6 +106,9 @@ def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, dev
     monkeypatch.setattr(bench, "bench_training", lambda *args, **kwargs: [])  # CUDA adds keyword arguments
     bench.main(device=str(device), out=tmp_path, nn_sizes=[(8, 16, 4), (40, 64, 32)], repeats=1)
     assert calls == ["time"] * (6 + 4) + ["profile"] * 2  # 3 per size, then the 4 candidate counts
+    sections = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench: ")]
+    assert sections[:3] == ["bench: nearest-neighbour search ...", "bench: candidates of the first pass ...",
+                            "bench: training steps ..."] and sections[-1] == "bench: profile of the search ..."
     saved = json.loads((tmp_path / "bench.json").read_text())
     text = (tmp_path / "bench.md").read_text()
     assert text == bench.render_markdown(saved)

@@ -46,6 +46,13 @@ def test_help_lists_the_commands():
     (["bench", "--batch-size", "many"], "must be a positive integer"),
     (["compare", "--out", "x", "--setting", "kind"], "invalid choice: 'kind'"),
     (["compare", "--out", "x", "--steps", "0"], "must be a positive integer"),
+    (["compare", "--out", "x", "--toy-std", "nan"], "must be a positive number, got 'nan'"),
+    (["compare", "--out", "x", "--toy-std", "inf"], "must be a positive number, got 'inf'"),
+    (["compare", "--out", "x", "--toy-std", "0"], "must be a positive number, got '0'"),
+    (["train", "gan", "--data", "ring8", "--out", "x", "--seed", "99999999999999999999"],
+     "argument --seed: must be a seed from 0 to 2**63 - 1"),
+    (["compare", "--out", "x", "--seeds", "0,99999999999999999999"], "must be a seed from 0 to 2**63 - 1"),
+    (["prepare", "digits", "--split", "valid"], "invalid choice: 'valid'"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
     """In-process (the subprocess of test_help_lists_the_commands covers ``python -m genlib`` itself)."""
@@ -434,17 +441,32 @@ def test_compare_records_every_run_and_its_summary(tmp_path):
     assert "PacGAN" in (tmp_path / "train.log").read_text() and not (tmp_path / "partial.pt").exists()
 
 
-def test_compare_in_parallel_records_the_same_rows_in_the_same_order(tmp_path):
+def test_compare_in_parallel_records_the_same_rows_in_the_same_order(tmp_path, capsys):
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     cli.main(compare_args(serial))
+    assert "processes" not in capsys.readouterr().out  # one process shows each run's bar
     cli.main(compare_args(parallel, "--jobs", "2"))
+    assert "ring8: training 4 runs on 2 processes (a line as each finishes)" in capsys.readouterr().out
     rows = {out: json.loads((out / "metrics.json").read_text())["rows"] for out in (serial, parallel)}
     keys = ("toy", "method", "seed", "modes", "hq")
     assert [[row[k] for k in keys] for row in rows[parallel]] == [[row[k] for k in keys] for row in rows[serial]]
     assert json.loads((parallel / "run.json").read_text())["config"]["jobs"] == 2
 
 
-def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def signal_deaths(monkeypatch) -> list:
+    """What main's death by a signal did (the handler reset, the signal sent), instead of ending the test process."""
+    killed = []
+    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: killed.append(signum))
+    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: killed.append(handler))
+    return killed
+
+
+def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch, capsys, signal_deaths):
+    """A Ctrl-C between runs: one line, no traceback; the rerun trains only the runs not yet saved, and a rerun of
+    the finished comparison trains none."""
+    import signal
+
     from genlib import evaluate
 
     calls = []
@@ -457,16 +479,24 @@ def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
         return real(*args, desc=desc, **kwargs)
 
     monkeypatch.setattr(evaluate, "coverage_run", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exited:
         cli.main(compare_args(tmp_path))
+    assert exited.value.code == 130 and signal_deaths[-2:] == [signal.SIG_DFL, signal.SIGINT]
+    err = capsys.readouterr().err
+    assert "interrupted: " in err and "rerun the same command to go on" in err and "Traceback" not in err
     assert (tmp_path / "partial.pt").exists() and not (tmp_path / "run.json").exists()
     monkeypatch.setattr(evaluate, "coverage_run", real)
     cli.main(compare_args(tmp_path))
     rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]
     assert len(rows) == 4 and calls == ["GAN seed 0", "GAN seed 1", "PacGAN seed 0"]
+    recorded = (tmp_path / "run.json").read_bytes()
+    monkeypatch.setattr(evaluate, "coverage_run", crash_on_third)  # a run trained now would crash
+    cli.main(compare_args(tmp_path, "--jobs", "2"))  # --jobs does not change a row
+    assert "already holds this comparison" in capsys.readouterr().out
+    assert (tmp_path / "run.json").read_bytes() == recorded
 
 
-def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch, capsys):
+def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch, capsys, signal_deaths):
     from genlib import evaluate
 
     real = evaluate.coverage_run
@@ -477,7 +507,7 @@ def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch
         return real(make_model, toy, seed, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "coverage_run", crash_after_seed_0)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):  # by SIGINT, after a line
         cli.main(compare_args(tmp_path))
     with pytest.raises(SystemExit):
         cli.main(compare_args(tmp_path, "--steps", "6"))
@@ -595,6 +625,7 @@ def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path):
     run = json.loads((tmp_path / "again" / "run.json").read_text())
     assert run["config"]["source_run"] == str(tmp_path / "run") and run["config"]["checkpoint_step"] == 30
     assert run["config"]["source_command"] == json.loads((tmp_path / "run" / "run.json").read_text())["command"]
+    assert run["config"]["ema_decay"] is None  # what drew the samples: the CPU run kept no average
     # the same numbers from the checkpoint loaded by hand and sampled with 3 steps per level
     model = dae.ScoreModel((2,), width=32, lr=1e-3, steps_per_level=5)
     model.load_checkpoint_state(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False))
@@ -603,15 +634,24 @@ def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path):
     assert by_hand == {k: saved[k] for k in by_hand}
     runtime.seed_everything(4)
     assert evaluate_module.toy_metrics(model.sample(300), "ring8", seed=4)["mmd2"] != saved["mmd2"]  # 5 steps
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / "samples.png").write_bytes(b"an image grid of an earlier evaluation")
     cli.main(evaluate + ["--out", str(tmp_path / "third")])
+    assert json.loads((tmp_path / "third" / "metrics.json").read_text())["mmd2"] == saved["mmd2"]
+    assert not (tmp_path / "third" / "samples.png").exists()  # a toy evaluation draws no grid, and keeps none
+    cli.main(evaluate + ["--out", str(tmp_path / "third")])  # the same evaluation again: the same numbers
     assert json.loads((tmp_path / "third" / "metrics.json").read_text())["mmd2"] == saved["mmd2"]
 
 
 def test_evaluate_names_what_it_cannot_use(tmp_path, capsys):
     cli.main(score_run(tmp_path / "run"))
+    capsys.readouterr()  # the training's bar
     with pytest.raises(SystemExit):
         cli.main(["evaluate", str(tmp_path / "run"), "--opt", "depth=5", "--out", str(tmp_path / "x")])
-    assert "does not fit the model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --opt depth=5 changes the architecture of the recorded run: its checkpoint does not "
+                          "fit the model (Error(s) in loading state_dict for ScoreModel)")
+    assert len(err.splitlines()) == 1  # not torch's list of every mismatched tensor
     (tmp_path / "run" / "checkpoint.pt").unlink()
     with pytest.raises(SystemExit):
         cli.main(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
@@ -643,7 +683,8 @@ def test_an_out_folder_of_another_run_is_refused_and_never_overwritten(tmp_path,
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
 
 
-def test_an_interrupted_train_says_how_to_resume_and_dies_by_the_signal(tmp_path, capsys, monkeypatch):
+def test_an_interrupted_train_says_how_to_resume_and_dies_by_the_signal(tmp_path, capsys, monkeypatch,
+                                                                        signal_deaths):
     import signal
 
     from genlib import train
@@ -651,14 +692,29 @@ def test_an_interrupted_train_says_how_to_resume_and_dies_by_the_signal(tmp_path
     def interrupted(*args, **kwargs):
         raise train.TrainingInterrupted(7, tmp_path / "checkpoint.pt", signal.SIGINT)
 
-    killed = []
     monkeypatch.setattr(train, "fit", interrupted)
-    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: killed.append(signum))  # the test process lives on
-    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: killed.append(handler))
     with pytest.raises(SystemExit) as exited:
         cli.main(train_args(tmp_path, 20))
-    assert killed == [signal.SIG_DFL, signal.SIGINT] and exited.value.code == 130
+    assert signal_deaths == [signal.SIG_DFL, signal.SIGINT] and exited.value.code == 130
     assert "stopped by SIGINT after step 7, saved in" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_in_train_s_evaluation_is_one_line_that_says_to_rerun(tmp_path, capsys, monkeypatch, signal_deaths):
+    import signal
+
+    from genlib import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_model", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(train_args(tmp_path, 2))
+    # the last two: fit's own handlers (installed and put back) come before
+    assert signal_deaths[-2:] == [signal.SIG_DFL, signal.SIGINT] and exited.value.code == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command to go on" in err and "Traceback" not in err
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "run.json").exists()
 
 
 def test_glann_warns_when_every_step_is_a_glo_step(tmp_path, capsys):
@@ -766,8 +822,7 @@ def test_an_option_value_may_hold_an_equals_sign():
 
 @pytest.mark.parametrize("flag, value, key", [
     ("--lr", "1e-3", "lr"), ("--z-dim", "3", "z_dim"), ("--width", "9", "width"), ("--batch-size", "7", "batch_size"),
-    ("--toy-points", "100", "toy_points"), ("--resolution", "32", "resolution"), ("--seed", "1", "seed"),
-    ("--opt", "lam=1", "opt")])
+    ("--toy-points", "100", "toy_points"), ("--seed", "1", "seed"), ("--opt", "lam=1", "opt")])
 def test_a_train_record_with_another_run_defining_flag_is_refused(tmp_path, flag, value, key):
     write_record(tmp_path, {**gan_flags(tmp_path), "func": None, "command": "train"})
     cli.check_out(tmp_path, "train", cli.run_arguments(gan_flags(tmp_path, "--steps", "9")))
@@ -807,3 +862,179 @@ def test_a_string_option_with_an_auto_default_reaches_the_model():
     spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"energy_act": "silu"})
     model = dae.build_dde(spec)
     assert {type(m) for m in model.energy_real.modules() if isinstance(m, (nn.Softplus, nn.SiLU))} == {nn.SiLU}
+
+
+def test_a_data_flag_defines_a_run_only_where_the_data_uses_it_and_elsewhere_is_named_in_a_warning(tmp_path, capsys):
+    folder = gan_flags(tmp_path, "--data", "folder")
+    write_record(tmp_path, {**folder, "func": None, "command": "train"})
+    cli.check_out(tmp_path, "train", cli.run_arguments(gan_flags(tmp_path, "--data", "folder", "--toy-points", "9")))
+    with pytest.raises(ValueError, match=r"another run \(resolution: 64 there, 32 here\)"):
+        cli.check_out(tmp_path, "train", cli.run_arguments(gan_flags(tmp_path, "--data", "folder", "--resolution",
+                                                                     "32")))
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    write_record(toy, {**gan_flags(toy), "func": None, "command": "train"})
+    cli.check_out(toy, "train", cli.run_arguments(gan_flags(toy, "--resolution", "32")))
+    assert capsys.readouterr().err == ""
+    cli.warn_unused_data_flags(cli.make_parser().parse_args(["prepare", "digits", "--resolution", "16"]))
+    cli.warn_unused_data_flags(cli.make_parser().parse_args(["prepare", "folder", "--resolution", "16"]))
+    cli.warn_unused_data_flags(cli.make_parser().parse_args(["train", "gan", "--data", "ring8", "--out", "x",
+                                                             "--resolution", "32", "--toy-points", "9"]))
+    cli.warn_unused_data_flags(cli.make_parser().parse_args(["train", "gan", "--data", "digits", "--out", "x",
+                                                             "--toy-points", "9"]))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --data digits does not use --resolution (set to 16); it has no effect",
+        "warning: --data ring8 does not use --resolution (set to 32); it has no effect",
+        "warning: --data digits does not use --toy-points (set to 9); it has no effect"]
+
+
+@pytest.mark.parametrize("command", [["train", "gan", "--data", "ring8", "--steps", "3"],
+                                     ["compare", "--toys", "ring8", "--steps", "3"],
+                                     ["evaluate", "somerun"]])
+def test_an_out_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    from genlib import evaluate, results, train
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began")
+
+    for module, name in ((train, "fit"), (evaluate, "coverage_run"), (results, "load_run")):
+        monkeypatch.setattr(module, name, no_work)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*command, "--out", str(tmp_path / "afile" / "sub")])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'afile' / 'sub'} cannot be made as a folder: " \
+                                      "Not a directory\n"
+
+
+def test_bench_refuses_an_out_that_is_a_file_before_benchmarking(tmp_path, capsys, monkeypatch):
+    from genlib import bench
+
+    monkeypatch.setattr(bench, "bench_nearest_neighbors", lambda *args: pytest.fail("the benchmark ran"))
+    (tmp_path / "afile").write_text("not a folder")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["bench", "--quick", "--device", "cpu", "--out", str(out)])
+        assert exited.value.code == 1 and str(out) in capsys.readouterr().err
+    with pytest.raises(OSError):  # the library call too, before its first section
+        bench.main(device="cpu", out=tmp_path / "afile", quick=True)
+
+
+def evaluation_record(folder, **changes) -> None:
+    """A run.json of ``evaluate`` in ``folder``: of run ``somerun``, seed 0, 20 samples, with ``changes``."""
+    write_record(folder, {"command": "evaluate", "source_run": "somerun", "opt": ["a=1", "b=2"], "seed": 0,
+                          "eval_samples": 20, **changes})
+
+
+@pytest.mark.parametrize("changes, message", [({"source_run": "other"}, "source_run: 'other' there, 'somerun' here"),
+                                              ({"seed": 3}, "seed: 3 there, 0 here"),
+                                              ({"eval_samples": 7}, "eval_samples: 7 there, 20 here"),
+                                              ({"opt": ["a=1"]}, "opt: ")])
+def test_evaluate_refuses_the_folder_of_another_evaluation(tmp_path, capsys, changes, message):
+    evaluation_record(tmp_path, **changes)
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "somerun", "--opt", "b=2", "--opt", "a=1.0", "--eval-samples", "20",
+                  "--out", str(tmp_path)])
+    assert f"another run ({message}" in capsys.readouterr().err
+
+
+def test_evaluate_takes_the_folder_of_the_same_evaluation_in_any_spelling_of_its_options(tmp_path, capsys):
+    evaluation_record(tmp_path)
+    with pytest.raises(SystemExit):  # past the folder check: the run is missing
+        cli.main(["evaluate", "somerun", "--opt", "b=2", "--opt", "a=1.0", "--eval-samples", "20",
+                  "--out", str(tmp_path)])
+    assert "no recorded run at somerun" in capsys.readouterr().err
+
+
+def test_an_unfinished_run_is_named_as_such_by_evaluate(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'run'} holds an unfinished run (checkpoint.pt but no "
+                                       "run.json): rerun its train command to finish it, then evaluate it\n")
+
+
+def test_inception_weights_named_but_missing_are_an_error_before_training(tmp_path, capsys, monkeypatch):
+    from genlib import train
+
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: pytest.fail("training began"))
+    monkeypatch.setenv("GENLIB_INCEPTION_WEIGHTS", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "gan", "--data", "digits", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert f"$GENLIB_INCEPTION_WEIGHTS='{tmp_path / 'missing.pt'}' is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, option, message", [
+    ("gan", "depth=0", "depth must be an integer >= 1"), ("gan", "depth=-1", "depth must be an integer >= 1"),
+    ("gan", "lr_decay_steps=-5", "lr_decay_steps must be >= 0"), ("gan", "lr_final=-1", "lr_final a fraction"),
+    ("gan", "lr_final=1.5", "lr_final a fraction"), ("energy", "depth=0", "depth must be an integer >= 1"),
+    ("dde", "depth=0", "depth must be an integer >= 1"), ("score", "depth=0", "depth must be an integer >= 1"),
+    ("dae", "depth=-1", "depth must be an integer >= 1"),
+    ("autoregressive", "hidden=0", "hidden must be an integer >= 1"),
+    ("realnvp", "layers=0", "n_layers must be an integer >= 1")])
+def test_a_numeric_option_out_of_range_is_refused_by_the_constructor(family, option, message):
+    key, value = option.split("=")
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={key: value})
+    with pytest.raises(ValueError, match=message):
+        cli.build_family(family, spec)
+
+
+@pytest.mark.parametrize("family, option, listed, unlisted", [("gan", "pack", "variant", None),
+                                                              ("dde", "foo", "sigma", "energy_only")])
+def test_the_known_options_of_an_unknown_one_are_those_the_builder_takes(family, option, listed, unlisted):
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={option: "2"})
+    with pytest.raises(ValueError, match=f"unknown option '{option}'") as raised:
+        cli.build_family(family, spec)
+    known = str(raised.value).split("known: ")[1].split(", ")
+    assert listed in known and unlisted not in known
+
+
+def test_an_option_for_other_data_says_which_data_this_is():
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"scales": "3"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) scales for family 'realnvp' on vectors \(2,\) .*"
+                                         "some for images only or vectors only"):
+        cli.build_family("realnvp", spec)
+
+
+def test_a_corrupt_record_is_named(tmp_path):
+    from genlib import results
+
+    (tmp_path / "run.json").write_text('{\n  "command": "train",\n')
+    for read in (lambda: cli.check_out(tmp_path, "train"), lambda: results.load_run(tmp_path)):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'run.json'))} is not valid JSON"):
+            read()
+
+
+def test_help_shows_every_option_s_meaning_and_no_markup(capsys):
+    for command, expected in ((["compare"], ["training steps of each run (default: 3000)"]),
+                              (["prepare"], ["{train,test}", "image size (--data folder only)", "dataset folder"]),
+                              (["classifier"], ["seed of the weights"]), ([], ["python -m genlib {prepare"])):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(phrase in text for phrase in expected) and "``" not in text, command
+
+
+def test_a_relative_root_is_recorded_absolute_and_evaluate_can_replace_it(fake_celeba, tmp_path, monkeypatch):
+    """A run trained from one folder is evaluated from another; after the data moved, --root says where it is."""
+    import shutil
+
+    monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
+    shutil.copytree(fake_celeba, tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    cli.main(["train", "gan", "--data", "folder", "--root", "images", "--resolution", "8", "--steps", "1",
+              "--batch-size", "4", "--width", "8", "--z-dim", "4", "--eval-samples", "0", "--sample-every", "0",
+              "--device", "cpu", "--out", "run"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["root"] == str(tmp_path / "images")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    evaluate = ["evaluate", "../run", "--eval-samples", "4", "--device", "cpu"]
+    cli.main([*evaluate, "--out", "first"])
+    (tmp_path / "images").rename(tmp_path / "moved")
+    cli.main([*evaluate, "--root", "../moved", "--out", "second"])
+    first, second = (json.loads((tmp_path / "elsewhere" / out / "metrics.json").read_text())
+                     for out in ("first", "second"))
+    assert second.pop("samples_per_s") > 0 and first.pop("samples_per_s") > 0 and second == first  # a timing
+    assert json.loads((tmp_path / "elsewhere" / "second" / "run.json").read_text())["config"]["root"] == str(
+        tmp_path / "moved")

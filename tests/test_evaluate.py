@@ -118,12 +118,15 @@ def test_feature_network_follows_the_image_shape():
         evaluate.image_metrics(torch.zeros(4, 1, 28, 28), torch.zeros(4, 3, 64, 64, dtype=torch.uint8))
 
 
-def test_held_out_likelihood_is_the_flows_own_evaluation():
+def test_held_out_likelihood_is_the_flows_own_evaluation(capsys):
     torch.manual_seed(0)
     model = FlowModel(RealNVP(dim=2, n_layers=2, hidden=16))
     held_out = data.toy_dataset("moons", 300, seed=1)
     out = evaluate.evaluate_model(model, "moons", held_out, n_samples=200, held_out=held_out)
     assert out["held_out_nll"] == pytest.approx(model.evaluate(held_out)["nll"], rel=1e-6)
+    assert capsys.readouterr().out == ""
+    evaluate.evaluate_model(model, "moons", held_out, n_samples=200, held_out=held_out, progress=True)
+    assert "held-out likelihood of 300 samples ..." in capsys.readouterr().out  # it has no bar of its own
 
 
 def test_held_out_subset_is_fixed_and_bounded():
@@ -329,7 +332,7 @@ def test_held_out_likelihood_is_computed_on_the_held_out_set_not_the_training_se
 def test_image_metrics_compare_with_a_seeded_subset_of_as_many_real_images_as_samples(monkeypatch):
     seen = {}
 
-    def record(fake, real, device=None, seed=0):
+    def record(fake, real, device=None, seed=0, progress=False):
         seen.update(fake=fake, real=real, seed=seed)
         return {"fd": 0.0}
 
@@ -347,3 +350,24 @@ def test_held_out_subset_is_the_seeded_permutation_s_first_rows():
         expected = rows[torch.randperm(100, generator=torch.Generator().manual_seed(seed))[:10]]
         assert torch.equal(evaluate.held_out_subset(rows, 10, seed=seed), expected)
     assert not torch.equal(evaluate.held_out_subset(rows, 10, seed=3), evaluate.held_out_subset(rows, 10, seed=4))
+
+
+def test_inception_weights_named_but_missing_are_an_error_not_a_silent_absence_of_fid(tmp_path, monkeypatch):
+    from genlib.runtime import MissingAssetError
+
+    monkeypatch.setenv(features.INCEPTION_ENV, str(tmp_path / "missing.pt"))
+    images = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(MissingAssetError, match=f"{features.INCEPTION_ENV}=.*missing.pt' is not a file"):
+        evaluate.image_metrics(images.float(), images)
+    monkeypatch.setenv(features.INCEPTION_ENV, "")  # unset: no FID, no error
+    evaluate.check_inception_weights()
+
+
+def test_image_metrics_show_the_feature_extraction_only_with_progress(capsys):
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    quiet = evaluate.image_metrics(images.float() / 127.5 - 1, images)
+    assert capsys.readouterr().err == ""
+    shown = evaluate.image_metrics(images.float() / 127.5 - 1, images, progress=True)
+    err = capsys.readouterr().err
+    assert "fashion-classifier features, real" in err and "fashion-classifier features, fake" in err
+    assert shown == quiet

@@ -371,3 +371,14 @@ def test_vgg16_perceptual_features_are_the_four_documented_relu_layers() -> None
         expected.append(h.flatten(1) / h[0].numel())
     with torch.no_grad():
         torch.testing.assert_close(model.perceptual(x), torch.cat(expected, 1), rtol=1e-4, atol=1e-8)
+
+
+def test_batched_extraction_shows_a_bar_only_inside_progress_bars(capsys) -> None:
+    images, flat = torch.zeros(5, 1, 4, 4, dtype=torch.uint8), (lambda x: x.flatten(1))
+    silent = features._batched(flat, images, 2, torch.device("cpu"))
+    assert capsys.readouterr().err == ""  # the notebooks' extractions print nothing
+    with features.progress_bars("test features"):
+        shown = features._batched(flat, images, 2, torch.device("cpu"))
+    assert "test features" in capsys.readouterr().err and torch.equal(shown, silent)
+    features._batched(flat, images, 2, torch.device("cpu"))
+    assert capsys.readouterr().err == ""  # the block's end turns the bars off again

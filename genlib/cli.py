@@ -92,7 +92,7 @@ class TrainSpec:
         try:
             return option_value(self.options[name], default)
         except ValueError as error:
-            kind = "a number" if default is None else type(default).__name__
+            kind = "number" if default is None else type(default).__name__
             raise ValueError(f"--opt {name}={self.options[name]!r} is not a valid {kind}: {error}") from None
 
     def construct(self, cls: type, skip: tuple[str, ...] = (), **fixed: Any) -> Any:

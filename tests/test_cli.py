@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from genlib import cli, dae
+from genlib.runtime import DeviceUnavailableError, MissingAssetError
+from genlib.train import NonFiniteLossError
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -52,6 +54,8 @@ def test_help_lists_the_commands():
     (["train", "gan", "--data", "ring8", "--out", "x", "--seed", "99999999999999999999"],
      "argument --seed: must be a seed from 0 to 2**63 - 1"),
     (["compare", "--out", "x", "--seeds", "0,99999999999999999999"], "must be a seed from 0 to 2**63 - 1"),
+    (["train", "gan", "--data", "ring8", "--out", "x", "--seed", str(2**63)], "must be a seed from 0 to 2**63 - 1"),
+    (["compare", "--out", "x", "--seeds", "0,00"], "a seed is named twice"),  # one seed, spelt two ways
     (["prepare", "digits", "--split", "valid"], "invalid choice: 'valid'"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
@@ -82,13 +86,16 @@ def test_help_shows_the_defaults(capsys):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 2000)" in text and "(default: 10000)" in text and "(default: 0)" in text
-    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
 
 
 def test_an_option_value_error_names_the_option_and_a_flag_cannot_be_overridden():
     spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"glo_steps": "abc"})
     with pytest.raises(ValueError, match="--opt glo_steps='abc' is not a valid int"):
         cli.build_family("glann", spec)
+    spec = cli.TrainSpec(torch.zeros(1, 2), (2,), torch.device("cpu"), options={"sigma": "abc"})
+    with pytest.raises(ValueError, match=r"--opt sigma='abc' is not a valid number:"):  # a None default takes one
+        spec.option("sigma", None)
     spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"width": "32"})
     with pytest.raises(ValueError, match="--opt width would override the flag --width"):
         cli.build_family("gan", spec)
@@ -103,7 +110,8 @@ def test_an_option_named_like_a_flag_a_family_does_not_take_is_unknown():
 @pytest.mark.parametrize("family, ignored", [("realnvp", ["z-dim"]), ("score", ["z-dim"]), ("dae", ["z-dim"]),
                                              ("autoregressive", ["z-dim", "width"]), ("vae", []), ("gan", [])])
 def test_a_flag_the_family_ignores_is_named_in_a_warning(family, ignored, capsys):
-    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), z_dim=3, width=8, lr=1e-3)
+    # --batch-size always counts (the sampler reads it): never named, though no builder reads it
+    spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), z_dim=3, width=8, lr=1e-3, batch_size=7)
     repr(spec)  # reads every field, before the builder: not a use
     cli.build_family(family, spec, warn_ignored=True)
     warned = capsys.readouterr().err
@@ -822,13 +830,105 @@ def test_an_option_value_may_hold_an_equals_sign():
 
 @pytest.mark.parametrize("flag, value, key", [
     ("--lr", "1e-3", "lr"), ("--z-dim", "3", "z_dim"), ("--width", "9", "width"), ("--batch-size", "7", "batch_size"),
-    ("--toy-points", "100", "toy_points"), ("--seed", "1", "seed"), ("--opt", "lam=1", "opt")])
+    ("--toy-points", "100", "toy_points"), ("--seed", "1", "seed"), ("--opt", "lam=1", "opt"),
+    ("--data", "moons", "data")])
 def test_a_train_record_with_another_run_defining_flag_is_refused(tmp_path, flag, value, key):
     write_record(tmp_path, {**gan_flags(tmp_path), "func": None, "command": "train"})
     cli.check_out(tmp_path, "train", cli.run_arguments(gan_flags(tmp_path, "--steps", "9")))
     other = gan_flags(tmp_path, flag, value)
     with pytest.raises(ValueError, match=rf"another run \({key}: "):
         cli.check_out(tmp_path, "train", cli.run_arguments(other))
+
+
+def test_a_train_record_of_another_family_is_refused_and_a_new_out_is_made_with_its_parents(tmp_path):
+    write_record(tmp_path, {**gan_flags(tmp_path), "func": None, "command": "train"})
+    imle = vars(cli.make_parser().parse_args(["train", "imle", "--data", "ring8", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match=r"another run \(family: 'gan' there, 'imle' here\)"):
+        cli.check_out(tmp_path, "train", cli.run_arguments(imle))
+    new = tmp_path / "runs" / "gan"  # --out runs/gan before runs/ exists
+    cli.check_out(new, "train", cli.run_arguments(gan_flags(new)))
+    assert new.is_dir()
+
+
+def test_the_largest_seed_is_2_63_minus_1_so_the_held_out_seed_is_still_one_torch_takes():
+    top = 2**63 - 1
+    assert gan_flags("x", "--seed", str(top))["seed"] == top
+    assert cli.make_parser().parse_args(["compare", "--out", "x", "--seeds", f"0,{top}"]).seeds == f"0,{top}"
+    torch.Generator().manual_seed(top + 1)  # load_held_out's seed + 1: torch takes up to 2**64 - 1
+
+
+def test_held_out_toy_points_are_fresh_draws_read_only_for_a_model_with_a_likelihood():
+    class WithLikelihood:
+        def evaluate(self, x):
+            return x
+
+    config = {"data": "ring8", "root": None, "toy_points": 500, "seed": 3}
+    trained = cli.load_training_data("ring8", None, 64, 500, 3)
+    held_out = cli.held_out_for(WithLikelihood(), config)
+    assert held_out.shape == trained.shape
+    assert not (held_out[:, None] == trained[None]).all(-1).any()  # not one training point among them
+    assert cli.held_out_for(object(), config) is None  # no likelihood to score them with: not even drawn
+    assert cli.load_held_out("digits", None, 500, 3) is None  # no test split
+
+
+def test_an_older_checkpoint_without_a_stored_decay_resumes_only_with_the_average_it_kept(tmp_path):
+    # before the decay was stored: averaged weights (ema.*) mean 0.999, none mean no average, i.e. --ema 0
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    for folder, model in ((plain, {"net.w": torch.zeros(2)}),
+                          (averaged, {"net.w": torch.zeros(2), "ema.w": torch.zeros(2)})):
+        folder.mkdir()
+        torch.save({"step": 5, "model": model}, folder / "checkpoint.pt")
+    for folder, kept, other in ((plain, 0.0, 0.999), (averaged, 0.999, 0.0)):
+        cli.check_ema_on_resume(folder, kept)
+        cli.check_ema_on_resume(folder, None)
+        with pytest.raises(ValueError, match=f"was trained with --ema {kept:g}"):
+            cli.check_ema_on_resume(folder, other)
+
+
+@pytest.mark.parametrize("error", [NonFiniteLossError, DeviceUnavailableError, MissingAssetError, ValueError,
+                                   OSError])
+def test_a_failure_main_expects_is_one_error_line_and_exit_status_1(tmp_path, capsys, monkeypatch, error):
+    # a loss gone NaN, say: its message says what to do, and a traceback would bury it
+    from genlib import train
+
+    def fail(*args, **kwargs):
+        raise error("the loss is nan at step 3")
+
+    monkeypatch.setattr(train, "fit", fail)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(train_args(tmp_path / "run", 5))
+    assert exited.value.code == 1 and capsys.readouterr().err.endswith("error: the loss is nan at step 3\n")
+
+
+class TrainingBegan(Exception):
+    """Raised by :func:`stop_at_fit`'s stand-in for genlib.train.fit: every check before training passed."""
+
+
+def stop_at_fit(monkeypatch) -> None:
+    from genlib import train
+
+    def began(*args, **kwargs):
+        raise TrainingBegan
+
+    monkeypatch.setattr(train, "fit", began)
+
+
+def test_train_names_a_flag_its_family_ignores_and_evaluate_whose_user_set_none_does_not(tmp_path, capsys):
+    cli.main(["train", "realnvp", "--data", "ring8", "--toy-points", "64", "--z-dim", "3", "--steps", "1",
+              "--width", "8", "--eval-samples", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert "warning: family 'realnvp' does not use --z-dim (set to 3); it has no effect" in capsys.readouterr().err
+    cli.main(["evaluate", str(tmp_path / "run"), "--eval-samples", "4", "--device", "cpu", "--out",
+              str(tmp_path / "again")])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_train_refuses_the_record_of_another_run_even_without_its_checkpoint(tmp_path, capsys, monkeypatch):
+    # the checkpoint deleted to save space, say: the record alone still says whose folder this is
+    write_record(tmp_path, {**gan_flags(tmp_path, "--seed", "1"), "func": None, "command": "train"})
+    stop_at_fit(monkeypatch)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "gan", "--data", "ring8", "--device", "cpu", "--out", str(tmp_path)])
+    assert "another run (seed: 1 there, 0 here)" in capsys.readouterr().err
 
 
 def test_a_record_of_another_command_is_refused_with_or_without_arguments(tmp_path):
@@ -963,6 +1063,12 @@ def test_inception_weights_named_but_missing_are_an_error_before_training(tmp_pa
     with pytest.raises(SystemExit):
         cli.main(["train", "gan", "--data", "digits", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert f"$GENLIB_INCEPTION_WEIGHTS='{tmp_path / 'missing.pt'}' is not a file" in capsys.readouterr().err
+    # --eval-samples 0 asks for no FID: the missing weights do not stop the run
+    monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
+    stop_at_fit(monkeypatch)
+    with pytest.raises(TrainingBegan):
+        cli.main(["train", "gan", "--data", "digits", "--width", "8", "--eval-samples", "0", "--device", "cpu",
+                  "--out", str(tmp_path / "plain")])
 
 
 @pytest.mark.parametrize("family, option, message", [

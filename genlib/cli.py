@@ -231,8 +231,11 @@ def run_arguments(config: dict, keys: Sequence[str] = RUN_DEFINING) -> dict:
 
 def applied(config: dict, key: str) -> Any:
     """``config[key]`` (None if absent), or the default of a :data:`DATA_FLAGS` flag that ``config``'s data does not
-    use (its value there changes nothing)."""
+    use (its value there changes nothing); evaluate's ``source_run`` as an absolute path (relative to the working
+    folder)."""
     datasets, default = DATA_FLAGS.get(key, ((), None))
+    if key == "source_run" and config.get(key):  # evaluate's run folder: t1, t1/ and its absolute path are one
+        return _absolute(config[key])
     return default if key in DATA_FLAGS and config.get("data") not in datasets else config.get(key)
 
 
@@ -399,6 +402,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     runtime.use_fast_matmul(dev)
     dataset, _, model = build_run(config, options, dev)
     state = train.read_checkpoint(checkpoint, dev)
+    if state["step"] != config["steps"]:  # a rerun with more --steps was stopped: the record is of fewer
+        raise ValueError(f"{run} holds an unfinished run (its checkpoint is at step {state['step']}, its record at "
+                         f"{config['steps']}): rerun its train command to finish it, then evaluate it")
     try:
         model.load_checkpoint_state(state)
     except (RuntimeError, ValueError) as error:  # an option changed the architecture
@@ -416,8 +422,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - began
     print("  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
     record = {"command": "evaluate", **arguments, "source_command": source.command,
-              "source_commit": source.run["git_commit"], "checkpoint_step": state["step"],
-              "ema_decay": sampling_ema_decay(model)} | ({"root": config["root"]} if args.root else {})
+              "source_commit": source.run["git_commit"], "checkpoint_step": state["step"]} | (
+              {"root": config["root"]} if args.root else {})
+    origin["ema_decay"] = sampling_ema_decay(model)  # where train's run.json has it
     record_run(out, device=dev, config=record, metrics=metrics, wall_time_s=wall, origin=origin)
     print(f"recorded evaluation in {out} ({wall:.0f} s)")
 
@@ -602,6 +609,8 @@ def cmd_classifier(args: argparse.Namespace) -> None:
     """Train the Fashion-MNIST feature classifier used by the metrics and save it as an asset."""
     from genlib import features
 
+    if args.out:
+        make_out(Path(args.out))  # now, not after training
     features.main_train_classifier(out_dir=args.out, epochs=args.epochs, seed=args.seed)
 
 

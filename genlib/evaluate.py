@@ -107,6 +107,9 @@ def check_inception_weights() -> None:
     if path and not Path(path).expanduser().is_file():
         raise runtime.MissingAssetError(f"${features.INCEPTION_ENV}={path!r} is not a file; name Inception-v3's "
                                         "weights file, or unset it to score without the FID")
+    if path and not features.inception_features_available():
+        raise runtime.MissingAssetError(f"${features.INCEPTION_ENV} is set but torchvision does not import here: "
+                                        "install it to score the FID, or unset the variable")
 
 
 def _features_of(name: str, real: Tensor, fake: Tensor, device: torch.device | str | None,

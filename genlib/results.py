@@ -218,9 +218,12 @@ def read_json(path: Path) -> dict:
     """The JSON object in ``path``; a file that is not JSON is a ValueError naming it (a bare decoder message
     does not say which file is broken)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); remove or repair it") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a record (an object); remove or repair it")
+    return value
 
 
 def gpu_runs(name: str, root: str | Path = REPO_ROOT / "results") -> list[RecordedRun]:

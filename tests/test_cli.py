@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -621,7 +622,7 @@ def score_run(out) -> list[str]:
             "--checkpoint-every", "10", "--out", str(out), "--device", "cpu"]
 
 
-def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path):
+def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path, monkeypatch):
     from genlib import dae, runtime
     from genlib import evaluate as evaluate_module
 
@@ -633,7 +634,7 @@ def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path):
     run = json.loads((tmp_path / "again" / "run.json").read_text())
     assert run["config"]["source_run"] == str(tmp_path / "run") and run["config"]["checkpoint_step"] == 30
     assert run["config"]["source_command"] == json.loads((tmp_path / "run" / "run.json").read_text())["command"]
-    assert run["config"]["ema_decay"] is None  # what drew the samples: the CPU run kept no average
+    assert run["ema_decay"] is None and "ema_decay" not in run["config"]  # as train's: the CPU run kept no average
     # the same numbers from the checkpoint loaded by hand and sampled with 3 steps per level
     model = dae.ScoreModel((2,), width=32, lr=1e-3, steps_per_level=5)
     model.load_checkpoint_state(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False))
@@ -649,6 +650,24 @@ def test_evaluate_rescores_the_checkpoint_with_the_replaced_option(tmp_path):
     assert not (tmp_path / "third" / "samples.png").exists()  # a toy evaluation draws no grid, and keeps none
     cli.main(evaluate + ["--out", str(tmp_path / "third")])  # the same evaluation again: the same numbers
     assert json.loads((tmp_path / "third" / "metrics.json").read_text())["mmd2"] == saved["mmd2"]
+    # the run folder named another way is the same run, from this working folder or another
+    monkeypatch.chdir(tmp_path)
+    cli.main(["evaluate", "run/", *evaluate[2:], "--out", "third"])
+    assert json.loads((tmp_path / "third" / "metrics.json").read_text())["mmd2"] == saved["mmd2"]
+
+
+def test_evaluate_refuses_a_run_whose_longer_rerun_was_stopped(tmp_path, capsys):
+    """The record says 20 steps, the checkpoint holds 30: a rerun with more --steps that was interrupted."""
+    cli.main(score_run(tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    record["config"]["steps"] = 20
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(tmp_path / "run"), "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'run'} holds an unfinished run (its checkpoint is at step "
+                                       "30, its record at 20): rerun its train command to finish it, then evaluate "
+                                       "it\n")
 
 
 def test_evaluate_names_what_it_cannot_use(tmp_path, capsys):
@@ -1026,7 +1045,9 @@ def evaluation_record(folder, **changes) -> None:
                           "eval_samples": 20, **changes})
 
 
-@pytest.mark.parametrize("changes, message", [({"source_run": "other"}, "source_run: 'other' there, 'somerun' here"),
+@pytest.mark.parametrize("changes, message", [({"source_run": "other"},
+                                               f"source_run: '{Path('other').resolve()}' there, "
+                                               f"'{Path('somerun').resolve()}' here"),
                                               ({"seed": 3}, "seed: 3 there, 0 here"),
                                               ({"eval_samples": 7}, "eval_samples: 7 there, 20 here"),
                                               ({"opt": ["a=1"]}, "opt: ")])
@@ -1106,10 +1127,21 @@ def test_an_option_for_other_data_says_which_data_this_is():
 def test_a_corrupt_record_is_named(tmp_path):
     from genlib import results
 
-    (tmp_path / "run.json").write_text('{\n  "command": "train",\n')
-    for read in (lambda: cli.check_out(tmp_path, "train"), lambda: results.load_run(tmp_path)):
-        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'run.json'))} is not valid JSON"):
-            read()
+    for text, problem in (('{\n  "command": "train",\n', "is not valid JSON"), ("[1]", "holds a JSON list")):
+        (tmp_path / "run.json").write_text(text)
+        for read in (lambda: cli.check_out(tmp_path, "train"), lambda: results.load_run(tmp_path)):
+            with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'run.json'))} {problem}"):
+                read()
+
+
+def test_classifier_makes_its_out_before_training(tmp_path, capsys, monkeypatch):
+    from genlib import features
+
+    monkeypatch.setattr(features, "main_train_classifier", lambda **kwargs: pytest.fail("training began"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        cli.main(["classifier", "--out", str(tmp_path / "afile" / "sub")])
+    assert "cannot be made as a folder" in capsys.readouterr().err
 
 
 def test_help_shows_every_option_s_meaning_and_no_markup(capsys):

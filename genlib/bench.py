@@ -539,10 +539,10 @@ def main(device: str | None = None, out: str | Path = "results/bench", quick: bo
     ``nn_sizes`` (list of (M, N, d)), ``batch_size`` and ``repeats`` (timed calls per measurement: the median of
     the search's, the mean of back-to-back training steps) replace the preset's values when given."""
     from genlib.runtime import device as pick_device
+    from genlib.runtime import make_folder
     from genlib.runtime import use_fast_matmul
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)  # now: a path that cannot be a folder fails before the benchmark
+    out = make_folder(out, "out")  # now: a path that cannot be a folder fails before the benchmark
     dev = pick_device(device)
     use_fast_matmul(dev)
     cuda = dev.type == "cuda"

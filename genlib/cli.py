@@ -225,18 +225,20 @@ def run_arguments(config: dict, keys: Sequence[str] = RUN_DEFINING) -> dict:
     """The ``keys`` arguments (default :data:`RUN_DEFINING`) of a config (``vars(args)`` or a run.json's), ``--opt``
     as a dict so that its order does not matter, its values in :func:`canonical_option` form so that their spelling
     does not."""
-    return {key: {name: canonical_option(value) for name, value in parse_options(config.get(key) or []).items()}
-            if key == "opt" else applied(config, key) for key in keys}
+    return {key: canonical_argument(config, key) for key in keys}
 
 
-def applied(config: dict, key: str) -> Any:
-    """``config[key]`` (None if absent), or the default of a :data:`DATA_FLAGS` flag that ``config``'s data does not
-    use (its value there changes nothing); evaluate's ``source_run`` as an absolute path (relative to the working
-    folder)."""
-    datasets, default = DATA_FLAGS.get(key, ((), None))
-    if key == "source_run" and config.get(key):  # evaluate's run folder: t1, t1/ and its absolute path are one
-        return _absolute(config[key])
-    return default if key in DATA_FLAGS and config.get("data") not in datasets else config.get(key)
+def canonical_argument(config: dict, key: str) -> Any:
+    """``config[key]`` (None if absent) as compared between runs: ``--opt`` a dict of :func:`canonical_option`
+    values; a :data:`DATA_FLAGS` flag that ``config``'s data does not use, its default (its value changes nothing
+    there); evaluate's ``source_run`` an absolute path (``t1``, ``t1/`` and its absolute path name one run)."""
+    value = config.get(key)
+    if key == "opt":
+        return {name: canonical_option(option) for name, option in parse_options(value or []).items()}
+    if key in DATA_FLAGS:
+        datasets, default = DATA_FLAGS[key]
+        return value if config.get("data") in datasets else default
+    return _absolute(value) if key == "source_run" and value else value
 
 
 def warn_unused_data_flags(args: argparse.Namespace) -> None:
@@ -265,13 +267,15 @@ def canonical_option(value: str) -> float | str | tuple:
 
 
 def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
-    """Make the ``--out`` folder (:func:`make_out`), and refuse one that holds another command's record, a train run's
-    checkpoint (for the other commands), or the record of a ``train``/``compare``/``evaluate`` run with other
-    ``arguments`` (compared in :func:`run_arguments` form): writing there would overwrite or mix up a recorded run."""
+    """Make the ``--out`` folder (:func:`genlib.runtime.make_folder`), and refuse one that holds another command's
+    record, a train run's checkpoint (for the other commands), or the record of a ``train``/``compare``/``evaluate``
+    run with other ``arguments`` (compared in :func:`run_arguments` form): writing there would overwrite or mix up a
+    recorded run."""
     from genlib.results import read_json
+    from genlib.runtime import make_folder
     from genlib.train import CHECKPOINT, differences
 
-    make_out(out)
+    make_folder(out, "--out")
     if command != "train" and (out / CHECKPOINT).exists():
         raise ValueError(f"{out} holds a training checkpoint ({CHECKPOINT}); use another --out")
     record = out / "run.json"
@@ -287,17 +291,6 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
         found = differences(run_arguments(config, compared), {key: arguments[key] for key in compared})
         if found:
             raise ValueError(f"{out} holds the record of another run ({found}); use another --out")
-
-
-def make_out(out: Path) -> None:
-    """Make the ``--out`` folder (and its parents) now, not at the first save after hours of work; a path that
-    cannot be a folder is a clear error."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; name a folder (it is made if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--out {out} cannot be made as a folder: {error.strerror or error}") from None
 
 
 def check_ema_on_resume(out: Path, ema: float | None) -> None:
@@ -317,7 +310,8 @@ def check_ema_on_resume(out: Path, ema: float | None) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a family, checkpointing into ``--out`` and recording the run there."""
     from genlib import runtime, train, viz
-    from genlib.evaluate import check_inception_weights, evaluate_model
+    from genlib.evaluate import evaluate_model
+    from genlib.features import check_inception_weights
     from genlib.results import provenance, record_run
 
     if args.eval_samples == 1:
@@ -376,7 +370,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Score the checkpoint of a recorded ``train`` run again, with some options replaced (e.g. the sampler's)."""
     from genlib import runtime, train
-    from genlib.evaluate import check_inception_weights, evaluate_model
+    from genlib.evaluate import evaluate_model
+    from genlib.features import check_inception_weights
     from genlib.results import load_run, provenance, record_run
 
     if args.eval_samples < 2:
@@ -387,8 +382,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_out(out, "evaluate", run_arguments(arguments, tuple(arguments)))
     checkpoint = run / train.CHECKPOINT
     if checkpoint.is_file() and not (run / "run.json").is_file():
-        raise ValueError(f"{run} holds an unfinished run ({train.CHECKPOINT} but no run.json): rerun its train "
-                         "command to finish it, then evaluate it")
+        raise unfinished_run(run, f"{train.CHECKPOINT} but no run.json")
     source = load_run(run)
     if source.run["config"].get("command") != "train" or not checkpoint.is_file():
         raise FileNotFoundError(f"{args.run} is not a `genlib train` run with its {train.CHECKPOINT} "
@@ -403,8 +397,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     dataset, _, model = build_run(config, options, dev)
     state = train.read_checkpoint(checkpoint, dev)
     if state["step"] != config["steps"]:  # a rerun with more --steps was stopped: the record is of fewer
-        raise ValueError(f"{run} holds an unfinished run (its checkpoint is at step {state['step']}, its record at "
-                         f"{config['steps']}): rerun its train command to finish it, then evaluate it")
+        raise unfinished_run(run, f"its checkpoint is at step {state['step']}, its record at {config['steps']}")
     try:
         model.load_checkpoint_state(state)
     except (RuntimeError, ValueError) as error:  # an option changed the architecture
@@ -429,14 +422,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"recorded evaluation in {out} ({wall:.0f} s)")
 
 
+def unfinished_run(run: Path, why: str) -> ValueError:
+    """The error for evaluating a run whose training has not finished (``why``: what shows it)."""
+    return ValueError(f"{run} holds an unfinished run ({why}): rerun its train command to finish it, then evaluate it")
+
+
 def sampling_ema_decay(model: GenerativeModel) -> float | None:
     """The decay of the weight average that draws ``model``'s samples, None when its own weights do."""
     return model.ema_decay if model.ema is not None else None
 
 
-def _absolute(root: str) -> str:
-    """A data ``--root`` as an absolute path: a record read from another folder still finds the data."""
-    return str(Path(root).expanduser().resolve())
+def _absolute(path: str) -> str:
+    """A path as an absolute one (a data ``--root``, a run folder): a record read from another folder still finds
+    it."""
+    return str(Path(path).expanduser().resolve())
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -608,9 +607,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_classifier(args: argparse.Namespace) -> None:
     """Train the Fashion-MNIST feature classifier used by the metrics and save it as an asset."""
     from genlib import features
+    from genlib.runtime import make_folder
 
     if args.out:
-        make_out(Path(args.out))  # now, not after training
+        make_folder(args.out, "--out")  # now, not after training
     features.main_train_classifier(out_dir=args.out, epochs=args.epochs, seed=args.seed)
 
 
@@ -618,7 +618,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Run the benchmarks on the chosen device and write a JSON plus a table."""
     from genlib import bench
 
-    make_out(Path(args.out))  # now, not after the whole benchmark
     bench.main(device=args.device, out=args.out, quick=args.quick, nn_sizes=args.nn_size or None,
                batch_size=args.batch_size, repeats=args.repeats)
 

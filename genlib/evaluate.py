@@ -18,7 +18,6 @@ This room only glues :mod:`genlib.metrics` (pure functions) to models and featur
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -90,7 +89,7 @@ def image_metrics(fake: Tensor, real: Tensor, device: torch.device | str | None 
         raise ValueError(f"fake images {tuple(fake.shape[1:])} and real images {tuple(real.shape[1:])} differ in shape")
     name = feature_network_for(tuple(real.shape[1:]))
     fake = fake.clamp(-1, 1)
-    check_inception_weights()
+    features.check_inception_weights()
     real_feats, fake_feats = _features_of(name, real, fake, device, progress)
     kid_mean, kid_std = metrics.kid(real_feats, fake_feats, generator=torch.Generator().manual_seed(seed))
     out = {"features": name, "fd": metrics.frechet_distance(real_feats, fake_feats),
@@ -98,18 +97,6 @@ def image_metrics(fake: Tensor, real: Tensor, device: torch.device | str | None 
     if features.inception_features_available():
         out["fid"] = metrics.frechet_distance(*_features_of("inception", real, fake, device, progress))
     return out
-
-
-def check_inception_weights() -> None:
-    """Refuse ``$GENLIB_INCEPTION_WEIGHTS`` naming no file: set, it asks for the FID, which must not then be left out
-    of the metrics without a word."""
-    path = os.environ.get(features.INCEPTION_ENV, "")
-    if path and not Path(path).expanduser().is_file():
-        raise runtime.MissingAssetError(f"${features.INCEPTION_ENV}={path!r} is not a file; name Inception-v3's "
-                                        "weights file, or unset it to score without the FID")
-    if path and not features.inception_features_available():
-        raise runtime.MissingAssetError(f"${features.INCEPTION_ENV} is set but torchvision does not import here: "
-                                        "install it to score the FID, or unset the variable")
 
 
 def _features_of(name: str, real: Tensor, fake: Tensor, device: torch.device | str | None,

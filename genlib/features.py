@@ -518,6 +518,18 @@ def _weights_file(env: str) -> Path | None:
     return Path(path).expanduser() if path and Path(path).expanduser().is_file() else None
 
 
+def check_inception_weights() -> None:
+    """Refuse ``$GENLIB_INCEPTION_WEIGHTS`` set where the FID cannot be computed (no such file, or torchvision does
+    not import): set, it asks for the FID, which must not then be left out of the metrics without a word."""
+    path = os.environ.get(INCEPTION_ENV, "")
+    if path and _weights_file(INCEPTION_ENV) is None:
+        raise runtime.MissingAssetError(f"${INCEPTION_ENV}={path!r} is not a file; name Inception-v3's weights file, "
+                                        "or unset it to score without the FID")
+    if path and not _torchvision_available():
+        raise runtime.MissingAssetError(f"${INCEPTION_ENV} is set but torchvision does not import here: install it to "
+                                        "score the FID, or unset the variable")
+
+
 def inception_features_available() -> bool:
     """True when torchvision imports and ``$GENLIB_INCEPTION_WEIGHTS`` names an existing file."""
     return _weights_file(INCEPTION_ENV) is not None and _torchvision_available()

@@ -63,6 +63,19 @@ def positive_int_env(name: str) -> int | None:
     return int(value)
 
 
+def make_folder(path: str | os.PathLike[str], name: str) -> Path:
+    """Make the folder ``path`` (and its parents) now, not at the first save after hours of work; a path that cannot
+    be a folder is a ValueError labelled ``name`` (e.g. ``--out``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file, not a folder; name a folder (it is made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{name} {path} cannot be made as a folder: {error.strerror or error}") from None
+    return path
+
+
 def device(name: str | None = None) -> torch.device:
     """Pick the device: ``name`` if given (``'cuda'``, ``'cpu'``, ``'cuda:1'``), else
     ``GENLIB_DEVICE``, else CUDA when available, else CPU. Asking for an absent GPU is an error."""

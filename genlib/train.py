@@ -618,8 +618,8 @@ def fit(
         raise TypeError(f"checkpoints need a sampler with state_dict() and load_state_dict() (a "
                         f"genlib.data.BatchSampler), so that a resumed run draws the batches it would have drawn; "
                         f"got a {type(sampler).__name__}: use one, or train without run_dir")
-    if path is not None and path.parent.exists() and not path.parent.is_dir():
-        raise ValueError(f"run_dir {path.parent} is a file, not a folder: name a folder for the checkpoints")
+    if path is not None:
+        runtime.make_folder(path.parent, "run_dir")
     start, history, last_saved = 0, {"step": []}, None
     pending: list[dict[str, torch.Tensor]] = []
     clock = TrainClock() if clock is None else clock

@@ -360,15 +360,15 @@ def test_inception_weights_named_but_missing_are_an_error_not_a_silent_absence_o
     with pytest.raises(MissingAssetError, match=f"{features.INCEPTION_ENV}=.*missing.pt' is not a file"):
         evaluate.image_metrics(images.float(), images)
     monkeypatch.setenv(features.INCEPTION_ENV, "")  # unset: no FID, no error
-    evaluate.check_inception_weights()
+    features.check_inception_weights()
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"not read")
     monkeypatch.setenv(features.INCEPTION_ENV, str(weights))  # a file, but the FID also needs torchvision
     monkeypatch.setattr(features, "_torchvision_available", lambda: False)
     with pytest.raises(MissingAssetError, match="torchvision does not import here"):
-        evaluate.check_inception_weights()
+        features.check_inception_weights()
     monkeypatch.setattr(features, "_torchvision_available", lambda: True)
-    evaluate.check_inception_weights()
+    features.check_inception_weights()
 
 
 def test_image_metrics_show_the_feature_extraction_only_with_progress(capsys):

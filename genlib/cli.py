@@ -229,12 +229,15 @@ def run_arguments(config: dict, keys: Sequence[str] = RUN_DEFINING) -> dict:
 
 
 def canonical_argument(config: dict, key: str) -> Any:
-    """``config[key]`` (None if absent) as compared between runs: ``--opt`` a dict of :func:`canonical_option`
-    values; a :data:`DATA_FLAGS` flag that ``config``'s data does not use, its default (its value changes nothing
-    there); evaluate's ``source_run`` an absolute path (``t1``, ``t1/`` and its absolute path name one run)."""
+    """``config[key]`` (None if absent) as compared between runs: ``--opt`` (key=value pairs, or a checkpoint's
+    dict of values in any spelling) a dict of :func:`canonical_option` values; a :data:`DATA_FLAGS` flag that
+    ``config``'s data does not use, its default (its value changes nothing there); evaluate's ``source_run`` an
+    absolute path (``t1``, ``t1/`` and its absolute path name one run)."""
     value = config.get(key)
-    if key == "opt":
-        return {name: canonical_option(option) for name, option in parse_options(value or []).items()}
+    if key == "opt":  # a list of key=value pairs, or a checkpoint's meta: a dict, older ones in other spellings
+        options = value if isinstance(value, dict) else parse_options(value or [])
+        return {name: canonical_option(option) if isinstance(option, str) else option
+                for name, option in options.items()}
     if key in DATA_FLAGS:
         datasets, default = DATA_FLAGS[key]
         return value if config.get("data") in datasets else default
@@ -293,18 +296,24 @@ def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
             raise ValueError(f"{out} holds the record of another run ({found}); use another --out")
 
 
-def check_ema_on_resume(out: Path, ema: float | None) -> None:
-    """Refuse an explicit ``--ema`` that the checkpoint in ``out`` was not trained with: resuming keeps the
-    checkpoint's average (or its absence), so another decay would be recorded for a run that did not have it."""
+def check_resume(out: Path, arguments: dict, ema: float | None) -> dict:
+    """The meta that :func:`genlib.train.fit` is to compare the checkpoint in ``out`` with: the checkpoint's own
+    where it names this run (``arguments``) in an older spelling (a data flag its data does not use, an ``--opt``
+    value as written), so that a run saved before the canonical forms still resumes; else ``arguments``. Refuses
+    an explicit ``--ema`` the checkpoint was not trained with: resuming keeps the checkpoint's average (or its
+    absence), so another decay would be recorded for a run that did not have it."""
     from genlib.train import CHECKPOINT, read_checkpoint, saved_ema_decay
 
-    if ema is None or not (out / CHECKPOINT).exists():
-        return
+    if not (out / CHECKPOINT).exists():
+        return arguments
     # mmap: only small entries are read here; fit loads the whole checkpoint once, to resume
-    saved = saved_ema_decay(read_checkpoint(out / CHECKPOINT, mmap=True)) or 0.0
-    if saved != ema:
+    state = read_checkpoint(out / CHECKPOINT, mmap=True)
+    saved = saved_ema_decay(state) or 0.0
+    if ema is not None and saved != ema:
         raise ValueError(f"{out / CHECKPOINT} was trained with --ema {saved:g}; resume it with --ema {saved:g} "
                          "or without --ema")
+    meta = state.get("meta")
+    return meta if meta is not None and run_arguments(meta) == arguments else arguments
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -320,7 +329,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.root = _absolute(args.root)
     out, arguments = Path(args.out), run_arguments(vars(args))
     check_out(out, "train", arguments)
-    check_ema_on_resume(out, args.ema)
+    meta = check_resume(out, arguments, args.ema)
     warn_unused_data_flags(args)
     if args.eval_samples and args.data not in TOYS:
         check_inception_weights()  # now, not after hours of training
@@ -341,7 +350,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                         log_every=args.log_every, desc=f"{args.family}/{args.data}",
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
                         callback_every=args.sample_every, clock=clock, ema_decay=args.ema,
-                        meta=arguments)
+                        meta=meta)
     wall = clock.now()["seconds"]
     origin["train_processes"] = clock.processes
     origin["ema_decay"] = sampling_ema_decay(model)  # what sampled, whatever the flags

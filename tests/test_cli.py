@@ -223,6 +223,23 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     assert re.search(rf"^device={device.type} .* \| seed=0 \|", capsys.readouterr().out, re.M)
 
 
+def test_a_checkpoint_saved_before_the_canonical_forms_resumes_and_another_runs_is_still_refused(tmp_path, capsys):
+    # until 2026-11-30 a checkpoint's meta kept a data flag its data does not use as set, and --opt values as
+    # floats or as written; such a checkpoint names the same run and resumes, keeping its meta
+    out, flags = tmp_path / "run", ["--resolution", "32", "--opt", "z_jitter=1e-2", "--opt", "distance=l2"]
+    cli.main(train_args(out, 10) + flags)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    older = {**state["meta"], "resolution": 32, "opt": {"z_jitter": 0.01, "distance": "l2"}}
+    torch.save({**state, "meta": older}, out / "checkpoint.pt")
+    cli.main(train_args(out, 20) + flags)
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 20 and resumed["meta"] == older
+    torch.save({**resumed, "meta": {**older, "opt": {"z_jitter": 0.02, "distance": "l2"}}}, out / "checkpoint.pt")
+    with pytest.raises(SystemExit):
+        cli.main(train_args(out, 30) + flags)
+    assert "another run (opt: {'z_jitter': 0.02, 'distance': 'l2'} there" in capsys.readouterr().err
+
+
 def test_ema_flag_keeps_an_average_on_the_cpu_that_samples_and_zero_keeps_none(tmp_path, capsys):
     cli.main(train_args(tmp_path / "ema", 20) + ["--ema", "0.9"])
     cli.main(train_args(tmp_path / "plain", 20) + ["--ema", "0"])
@@ -898,10 +915,10 @@ def test_an_older_checkpoint_without_a_stored_decay_resumes_only_with_the_averag
         folder.mkdir()
         torch.save({"step": 5, "model": model}, folder / "checkpoint.pt")
     for folder, kept, other in ((plain, 0.0, 0.999), (averaged, 0.999, 0.0)):
-        cli.check_ema_on_resume(folder, kept)
-        cli.check_ema_on_resume(folder, None)
+        assert cli.check_resume(folder, {"seed": 0}, kept) == {"seed": 0}  # no meta: the arguments
+        cli.check_resume(folder, {}, None)
         with pytest.raises(ValueError, match=f"was trained with --ema {kept:g}"):
-            cli.check_ema_on_resume(folder, other)
+            cli.check_resume(folder, {}, other)
 
 
 @pytest.mark.parametrize("error", [NonFiniteLossError, DeviceUnavailableError, MissingAssetError, ValueError,

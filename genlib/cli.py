@@ -641,37 +641,31 @@ def _search_size(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _checked(text: str, convert: Callable[[str], Any], accept: Callable[[Any], bool], wanted: str) -> Any:
+    """The argparse-type core: ``convert(text)`` where it parses and ``accept`` takes it, else an error that says
+    the value must be ``wanted``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (a learning rate of 0 would train nothing, silently)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    return _checked(text, float, lambda value: math.isfinite(value) and value > 0, "a positive number")
 
 
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _checked(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def _count(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+    return _checked(text, int, lambda value: value >= 0, "a non-negative integer")
 
 
 MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; a margin below keeps seed + 1 (held-out data) in range
@@ -679,10 +673,7 @@ MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; a margin below keeps se
 
 def _seed(text: str) -> int:
     """argparse type of a seed: an integer in 0..:data:`MAX_SEED`."""
-    value = _count(text)
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be a seed from 0 to 2**63 - 1, got {text!r}")
-    return value
+    return _checked(text, int, lambda value: 0 <= value <= MAX_SEED, "a seed from 0 to 2**63 - 1")
 
 
 def _seed_list(text: str) -> str:
@@ -695,13 +686,7 @@ def _seed_list(text: str) -> str:
 
 def _ema_decay(text: str) -> float:
     """argparse type of ``--ema``: a decay in [0, 1), 0 for no average."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a decay in [0, 1) (0: no average), got {text!r}")
-    return value
+    return _checked(text, float, lambda value: 0 <= value < 1, "a decay in [0, 1) (0: no average)")
 
 
 def _device(text: str) -> str:

@@ -308,24 +308,13 @@ def _make_generator(z_dim: int, shape: Sequence[int], width: int, depth: int, ac
     return nets.MLP(z_dim, math.prod(shape), width, depth, act)
 
 
-class _Trainer(GenerativeModel):
-    """Shared plumbing of this chapter's families: Adam per player and a masked backward."""
-
-    def update(self, player: str, loss: Tensor) -> None:
-        """One optimiser step of ``player`` on ``loss``, leaving every other network's ``.grad`` untouched."""
-        optimizer = self.optimizers[player]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=[p for group in optimizer.param_groups for p in group["params"]])
-        optimizer.step()
-
-
 def generator_updates(steps: int, warmup: int, gen_every: int) -> int:
     """How many of a :class:`DDEGenerator`'s training steps 1..steps update the generator: those after the
     ``warmup`` steps whose number ``gen_every`` divides."""
     return steps // gen_every - min(warmup, steps) // gen_every
 
 
-class DDEGenerator(_Trainer):
+class DDEGenerator(GenerativeModel):
     """A generator trained with denoising density estimators (Bigdeli et al., 2020).
 
     Two scalar energies learn the noisy densities by denoising (:func:`dde_loss`): ``energy_real``
@@ -563,7 +552,7 @@ def dsm_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: Tensor
     return 0.5 * _squared_norm(sigma_b * score(x + sigma_b * eps, sigma) + eps).mean()
 
 
-class ScoreModel(_Trainer):
+class ScoreModel(GenerativeModel):
     """Annealed denoising score matching (Song & Ermon, 2019): a :class:`NoiseConditionalScore` trained on
     ``n_sigmas`` geometric noise levels at once (each sample gets a random level), sampled by
     :func:`annealed_langevin` with ``eps`` (default ``0.2 sigma_min^2``), ``steps_per_level`` and an

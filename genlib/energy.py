@@ -295,7 +295,7 @@ class CriticFit(GenerativeModel):
         """One critic update on reals x [B, d] against B fixed fakes."""
         losses = critic_objective(self.critic, x, self.sample(len(x)), self.loss, self.penalty_kind, self.lam,
                                   self.margin)
-        _update(self.optimizers["u"], losses["loss_u"])
+        self.update("u", losses["loss_u"])
         return losses
 
 
@@ -504,19 +504,6 @@ def make_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float, betas: 
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
-def _backward(optimizer: torch.optim.Optimizer, loss: Tensor, retain_graph: bool = False) -> None:
-    """Fresh gradients of ``loss`` for ``optimizer``'s own parameters only."""
-    optimizer.zero_grad(set_to_none=True)
-    # inputs= leaves the other player's .grad alone and skips computing it.
-    loss.backward(inputs=[p for group in optimizer.param_groups for p in group["params"]], retain_graph=retain_graph)
-
-
-def _update(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-    """One step of ``optimizer`` on ``loss``, touching only the gradients of its own parameters."""
-    _backward(optimizer, loss)
-    optimizer.step()
-
-
 class EnergyGAN(GenerativeModel):
     """GAN in the energy view: ``critic_steps`` "dig pits" updates of U, then one "jump in" update of G.
 
@@ -605,13 +592,13 @@ class EnergyGAN(GenerativeModel):
             with torch.no_grad():
                 fake = self.generator(self.noise(len(real)))
             u_losses = self.critic_losses(real, fake)
-            _update(self.optimizers["u"], u_losses["loss_u"])
+            self.update("u", u_losses["loss_u"])
         g_losses = self.generator_losses(len(real))
         players = ["g"]
         if "t" in self.optimizers:  # T maximises the MI estimate that G also maximises
-            _backward(self.optimizers["t"], -g_losses["entropy"], retain_graph=True)
+            self.backward("t", -g_losses["entropy"], retain_graph=True)
             players.append("t")
-        _backward(self.optimizers["g"], g_losses["loss_g"])
+        self.backward("g", g_losses["loss_g"])
         for name in players:  # step only now: both backward passes needed the old weights
             self.optimizers[name].step()
         return {**u_losses, **{k: v.detach() for k, v in g_losses.items()}}

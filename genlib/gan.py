@@ -432,14 +432,6 @@ class GAN(GenerativeModel):
         """Generator losses for a fresh fake batch the size of ``real``; ``loss_g`` is minimised."""
         return {"loss_g": generator_loss(self.logits(self.generate(len(real))), self.loss)}
 
-    def update(self, player: str, loss: Tensor) -> None:
-        """One optimiser step of ``player`` ('d' or 'g') on ``loss``, touching only that player's gradients."""
-        optimizer = self.optimizers[player]
-        optimizer.zero_grad(set_to_none=True)
-        # inputs= keeps the other player's .grad untouched and skips its weight gradients.
-        loss.backward(inputs=[p for group in optimizer.param_groups for p in group["params"]])
-        optimizer.step()
-
     def schedule_lr(self) -> None:
         """Linear decay of both learning rates to ``lr_final`` times their start over ``lr_decay_steps`` steps.
 

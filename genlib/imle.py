@@ -771,15 +771,6 @@ def smoothed_nll(reals: Tensor, fakes: Tensor, sigma: float) -> Tensor:
 # ======================================================================================
 
 
-def _descend(optimizers: list[torch.optim.Optimizer], loss: Tensor) -> None:
-    """One gradient step of ``loss`` with every optimiser in ``optimizers``."""
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for optimizer in optimizers:
-        optimizer.step()
-
-
 class _FromNoise(GenerativeModel):
     """Shared by IMLE and IMLEKL: a generator z [n, z_dim] -> x [n, ...] fed with z ~ N(0, I), one Adam."""
 
@@ -863,7 +854,7 @@ class IMLE(_FromNoise):
         codes, match_dist = self._matched_codes(x, index)
         fake = self.generator(codes + self.z_jitter * torch.randn_like(codes))
         loss = self._loss(fake, x).mean()
-        _descend([self.optimizers["generator"]], loss)
+        self.update("generator", loss)
         count_step(self, "steps_done", "_steps_done")
         return {"loss": loss.detach(), "match_dist": match_dist.float()}
 
@@ -1018,7 +1009,7 @@ class IMLEKL(_FromNoise):
             other = self.generator(self.noise(self.n_other or len(x)))
         attract, repel = kl_variant_terms(fakes, other, x)
         loss = _kl_per_fake(attract, repel, self.margin, self.log_repulsion).mean()
-        _descend([self.optimizers["generator"]], loss)
+        self.update("generator", loss)
         return {"loss": loss.detach(), "attract": attract.detach().mean(), "repel": repel.detach().mean()}
 
 
@@ -1123,7 +1114,7 @@ class GLO(GenerativeModel):
         per-pair loss)."""
         codes = self.codes.weight[index].detach().requires_grad_(True)  # a leaf: backward fills codes.grad
         loss = self.loss_fn(self.generator(codes), x).mean()
-        _descend([self.optimizers["generator"]], loss)
+        self.update("generator", loss, leaves=[codes])
         self.optimizers["codes"].step(index, codes.grad)
         with torch.no_grad():
             self.codes.weight[index] = F.normalize(self.codes.weight[index], dim=1)

@@ -1,9 +1,9 @@
 """The one training loop, and the one contract every model family implements.
 
-A family is a :class:`GenerativeModel`: it builds its networks and its optimisers
-(``self.optimizers``, a dict) in ``__init__``, takes one full training step on a batch in
-:meth:`GenerativeModel.step` (forward, backward, every optimiser step it needs, e.g. the
-critic's and then the generator's) and returns its losses, and draws samples with
+A family is a :class:`GenerativeModel`: it builds its networks and its optimisers (``self.optimizers``, a dict)
+in ``__init__``, takes one full training step on a batch in :meth:`GenerativeModel.step` (forward, backward, every
+optimiser step it needs, e.g. the critic's and then the generator's; :meth:`GenerativeModel.update` is one player's
+step, touching no other player's gradients) and returns its losses, and draws samples with
 :meth:`GenerativeModel.sample`. :func:`fit` never special-cases a family; it adds what
 every run needs: a progress bar, a loss history, atomic periodic checkpoints with exact
 resume, a guard against non-finite losses, bf16 autocast and an EMA of the generator on CUDA, and (for a
@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +95,20 @@ class GenerativeModel(nn.Module):
     def sample(self, n: int) -> torch.Tensor:
         """Draw ``n`` samples [n, ...] on the model's device."""
         raise NotImplementedError
+
+    def backward(self, player: str, loss: torch.Tensor, retain_graph: bool = False,
+                 leaves: Sequence[torch.Tensor] = ()) -> None:
+        """Fresh gradients of scalar ``loss`` for the parameters of ``self.optimizers[player]`` and the tensors
+        ``leaves``, and for nothing else: another player's ``.grad`` is left alone and not even computed."""
+        optimizer = self.optimizers[player]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=[*(p for group in optimizer.param_groups for p in group["params"]), *leaves],
+                      retain_graph=retain_graph)
+
+    def update(self, player: str, loss: torch.Tensor, leaves: Sequence[torch.Tensor] = ()) -> None:
+        """One step of ``self.optimizers[player]`` on scalar ``loss`` (gradients as in :meth:`backward`)."""
+        self.backward(player, loss, leaves=leaves)
+        self.optimizers[player].step()
 
     def ema_source(self) -> nn.Module | None:
         """The sub-network whose weights an EMA averages (usually the generator); None for no EMA."""

@@ -41,7 +41,7 @@ def test_help_lists_the_commands():
     (["train", "gan", "--data", "ring8", "--out", "x", "--z-dim", "-1"], "must be a positive integer"),
     (["train", "gan", "--data", "ring8", "--out", "x", "--sample-every", "-1"], "must be a non-negative integer"),
     (["train", "gan", "--data", "ring8", "--out", "x", "--device", "gpu"], "unknown device 'gpu'"),
-    (["compare", "--out", "x", "--seeds", "0,a"], "must be a non-negative integer, got 'a'"),
+    (["compare", "--out", "x", "--seeds", "0,a"], "must be a seed from 0 to 2**63 - 1, got 'a'"),
     (["frobnicate"], "invalid choice"),
     (["bench", "--nn-size", "1024x4096"], "a search size is MxNxD"),
     (["bench", "--nn-size", "0x8x8"], "a search size is MxNxD"),

@@ -902,6 +902,35 @@ def test_a_mirrored_step_count_follows_its_buffer_when_a_parent_loads_a_state_di
     assert count_step(counted, "steps", "_steps") == 8 == int(counted.steps) and twin[1]._steps == 11
 
 
+class TwoPlayers(GenerativeModel):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 1), nn.Linear(3, 1)
+        self.optimizers = {"a": torch.optim.SGD(self.a.parameters(), lr=0.1),
+                           "b": torch.optim.SGD(self.b.parameters(), lr=0.1)}
+
+
+def test_a_players_update_steps_its_own_parameters_on_fresh_gradients_and_leaves_the_others_alone():
+    torch.manual_seed(0)
+    model, x = TwoPlayers(), torch.randn(5, 3)
+    leaf = torch.randn(5, 1, requires_grad=True)  # a GLO code batch, say
+    loss = lambda: (model.a(x) * model.b(x) * leaf).sum()
+    expected_a = torch.autograd.grad(loss(), [model.a.weight, leaf])
+    before_a, before_b = model.a.weight.detach().clone(), model.b.weight.detach().clone()
+    model.a.weight.grad = torch.ones_like(model.a.weight)  # a stale gradient: replaced, not added to
+    model.b.weight.grad = marker = torch.full_like(model.b.weight, 7.0)
+    model.update("a", loss(), leaves=[leaf])
+    assert torch.allclose(model.a.weight.grad, expected_a[0]) and torch.allclose(leaf.grad, expected_a[1])
+    assert torch.allclose(model.a.weight, before_a - 0.1 * expected_a[0])
+    assert model.b.weight.grad is marker and torch.equal(marker, torch.full_like(marker, 7.0))
+    assert torch.equal(model.b.weight, before_b)
+    shared = loss()  # retain_graph: a second player's backward through the same graph
+    model.backward("b", shared, retain_graph=True)
+    model.backward("a", shared)
+    expected_b = torch.autograd.grad(loss(), model.b.weight)[0]
+    assert torch.allclose(model.b.weight.grad, expected_b) and torch.equal(model.b.weight, before_b)  # no step
+
+
 SYNCING_STEP = """
 import torch
 from torch import nn

@@ -617,23 +617,10 @@ def fit(
     """
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
-    cap = runtime.max_steps()
-    cut = cap is not None and steps > cap
-    if cut:
-        warnings.warn(f"GENLIB_MAX_STEPS={cap} cuts this run from {steps} steps to {cap}", stacklevel=2)
-        steps = cap
+    steps, cap = capped_steps(steps)
     device = model.device
-    on_cuda = device.type == "cuda"
-    amp = on_cuda if amp is None else amp
-
-    path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
-    # found now, not at the first checkpoint after checkpoint_every steps of training
-    if path is not None and not all(hasattr(sampler, name) for name in ("state_dict", "load_state_dict")):
-        raise TypeError(f"checkpoints need a sampler with state_dict() and load_state_dict() (a "
-                        f"genlib.data.BatchSampler), so that a resumed run draws the batches it would have drawn; "
-                        f"got a {type(sampler).__name__}: use one, or train without run_dir")
-    if path is not None:
-        runtime.make_folder(path.parent, "run_dir")
+    amp = device.type == "cuda" if amp is None else amp
+    path = checkpoint_path(run_dir, sampler)
     start, history, last_saved = 0, {"step": []}, None
     pending: list[dict[str, torch.Tensor]] = []
     clock = TrainClock() if clock is None else clock
@@ -641,24 +628,13 @@ def fit(
         try:
             start, history, pending = load_checkpoint(path, model, sampler, clock, meta, max_step=steps)
         except CheckpointPastEndError as error:
-            if cut:
+            if cap is not None:
                 raise CheckpointPastEndError(f"{error} (GENLIB_MAX_STEPS={cap} cut the steps asked for)") from None
             raise
         last_saved = start
         if steps > start and pending and history["step"] and history["step"][-1] == start:
             unlog_last(history)  # a shorter run's last window, cut by its end: it goes on to its log step
-    if ema_decay == 0.0:  # declined: an average from a checkpoint or an earlier call is dropped too
-        model.ema, model.ema_decay = None, 0.0  # saved as 0.0: a resume with the default keeps none either
-    elif ema_decay and model.ema is None:
-        model.attach_ema(ema_decay)
-    elif ema_decay:
-        model.ema_decay = ema_decay  # a decay given wins over the checkpoint's or an earlier call's
-    default_decay = default_ema_decay(device)
-    # the default after a resume: the checkpoint's average, or its refusal of one, holds; else the device's default
-    if ema_decay is None and default_decay and model.ema is None and model.ema_decay != 0.0 \
-            and model.ema_source() is not None:
-        model.attach_ema(default_decay)
-
+    settle_ema(model, ema_decay)
     graph = StepGraph(model, amp) if use_cuda_graph(model, device, cuda_graph) else None
     model.graph_captured_at = None
     bar = _progress_bar(start, steps, desc or type(model).__name__, progress)
@@ -689,8 +665,9 @@ def fit(
                                 refresh=False)
             if save_now:
                 # the last window of a run that ends between log steps is kept raw too: a longer run reopens it
-                cut = log_now and step % log_every != 0
-                save_checkpoint(path, model, sampler, step, history, clock, meta, window if cut else pending)
+                ends_mid_window = log_now and step % log_every != 0
+                save_checkpoint(path, model, sampler, step, history, clock, meta,
+                                window if ends_mid_window else pending)
                 last_saved = step
             if stop.signum is not None:  # before the bar writes again: a Ctrl-C may have closed its pipe
                 if last_saved != step:  # the window in progress is saved as it is: the history stays the same
@@ -707,6 +684,44 @@ def fit(
             model.graph_captured_at = start + graph.captured_at + 1
     model.eval()
     return history
+
+
+def capped_steps(steps: int) -> tuple[int, int | None]:
+    """``steps`` cut to ``GENLIB_MAX_STEPS`` (:func:`genlib.runtime.max_steps`), with a warning, and the cap where
+    it cut them (else None)."""
+    cap = runtime.max_steps()
+    if cap is None or steps <= cap:
+        return steps, None
+    warnings.warn(f"GENLIB_MAX_STEPS={cap} cuts this run from {steps} steps to {cap}", stacklevel=3)
+    return cap, cap
+
+
+def checkpoint_path(run_dir: str | Path | None, sampler: Iterator[Batch]) -> Path | None:
+    """Where :func:`fit` keeps its checkpoint (None without ``run_dir``), ``run_dir`` made. A TypeError now, not
+    at the first checkpoint after hours of training, for a sampler that cannot save its place."""
+    if run_dir is None:
+        return None
+    if not all(hasattr(sampler, name) for name in ("state_dict", "load_state_dict")):
+        raise TypeError(f"checkpoints need a sampler with state_dict() and load_state_dict() (a "
+                        f"genlib.data.BatchSampler), so that a resumed run draws the batches it would have drawn; "
+                        f"got a {type(sampler).__name__}: use one, or train without run_dir")
+    return runtime.make_folder(Path(run_dir), "run_dir") / CHECKPOINT
+
+
+def settle_ema(model: GenerativeModel, ema_decay: float | None) -> None:
+    """The average :func:`fit` trains ``model`` with: ``ema_decay`` 0 drops any (from a checkpoint or an earlier
+    call); a decay given wins over the checkpoint's or an earlier call's; None keeps a resumed checkpoint's
+    average, or its refusal of one, and otherwise attaches the device's default (:func:`default_ema_decay`)."""
+    if ema_decay == 0.0:
+        model.ema, model.ema_decay = None, 0.0  # saved as 0.0: a resume with the default keeps none either
+    elif ema_decay and model.ema is None:
+        model.attach_ema(ema_decay)
+    elif ema_decay:
+        model.ema_decay = ema_decay
+    elif model.ema is None and model.ema_decay != 0.0 and model.ema_source() is not None:
+        default = default_ema_decay(model.device)
+        if default:
+            model.attach_ema(default)
 
 
 def default_ema_decay(device: torch.device) -> float | None:

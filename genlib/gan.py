@@ -527,7 +527,8 @@ class UnrolledGAN(GAN):
 
 
 class DRAGAN(GAN):
-    """DRAGAN (Kodali et al., 2017): ``lambda * mean(||grad D(x_hat)|| - 1)^2`` at points near the data.
+    """DRAGAN (Kodali et al., 2017): ``lambda * mean(||grad logit(x_hat)|| - 1)^2`` at points near the data (the
+    gradient of D's logit; the paper writes D).
 
     ``x_hat`` from :func:`dragan_points` (``noise``: the reference code's one-sided uniform perturbation on a
     segment by default, or the paper's Gaussian ``x + delta``); lambda 10 as in the paper. The paper's aim: keep D

@@ -170,6 +170,17 @@ GENLIB_MODULES = r"(?:imle|gan|energy|dae|flows|metrics|g?data|features|evaluate
 GENLIB_CALL = re.compile(rf"\bgenlib\.{GENLIB_MODULES}\.[a-z_]\w*|\b{GENLIB_MODULES}\.[a-z_]\w*\(")
 
 
+EXERCISES = re.compile(r"^## (?:[\d.]+ )?Exercises$", re.M)
+SUMMARY = re.compile(r"^## (?:[\d.]+ )?Summary$", re.M)
+
+
+def exercise_cells(nb) -> list:
+    """The cells from the one with the exercises' heading to the one with the summary's (which may share a cell)."""
+    first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and EXERCISES.search(c.source))
+    last = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and SUMMARY.search(c.source))
+    return nb.cells[first:last + 1]
+
+
 def test_follows_the_chapter_template(notebook):
     """Title first, then the set-up cell; a widget; at least 3 exercises with hidden solutions, one of them
     checked by a genlib function; the reproducibility footer last (CONTRIBUTING.md, 'The template')."""
@@ -179,8 +190,13 @@ def test_follows_the_chapter_template(notebook):
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     solutions = SOLUTION.findall(markdown)
     assert len(solutions) >= 3, f"{path.name}: {len(solutions)} exercises with a dropdown solution, want >= 3"
-    exercises = markdown[markdown.rfind("xercise", 0, markdown.find(":::{admonition} Solution")):]
+    cells = exercise_cells(nb)
+    exercises = "\n".join(c.source for c in cells if c.cell_type == "markdown")
+    exercises = exercises[EXERCISES.search(exercises).start():SUMMARY.search(exercises).start()]
+    assert len(SOLUTION.findall(exercises)) >= 3, f"{path.name}: fewer than 3 solutions in the exercises section"
     assert GENLIB_CALL.search(exercises), f"{path.name}: no exercise is checked by a genlib function"
+    shown = [c.id for c in cells if c.cell_type == "code" and "hide-cell" not in tags(c)]
+    assert not shown, f"{path.name}: exercise check cells {shown} show their answers (tag them hide-cell)"
     widgets = [c for c in code_cells(nb) if "frame_slider(" in c.source
                and any(tool.WIDGET_MIME in o.get("data", {}) for o in c.outputs)]
     assert widgets, f"{path.name}: no interactive widget (genlib.viz.frame_slider) with saved output"

@@ -209,7 +209,8 @@ def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str | Path, li
 def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, float]], path: str | Path,
                         columns: int | None = None, title: str | None = None) -> None:
     """Write a PNG of 2-D sample panels: each ``(title, samples [n, 2], modes [k, 2], lim)`` is one
-    square axis with the samples (blue) under the mixture's modes (red), ``columns`` panels a row (default:
+    square axis with the samples (blue) and the mixture's modes (red rings, which leave the samples on a mode
+    visible), ``columns`` panels a row (default:
     as square a grid as the panels allow), under the figure's ``title`` if given."""
     columns = columns or math.ceil(math.sqrt(len(panels)))
     rows = -(-len(panels) // columns)
@@ -219,7 +220,7 @@ def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, 
         ax.axis("off")
     for ax, (panel_title, samples, modes, lim) in zip(axes.flat, panels):
         scatter2d(samples, ax, lim, c="tab:blue", s=1, alpha=0.3)
-        scatter2d(modes, ax, lim, c="red", s=8, alpha=1)
+        scatter2d(modes, ax, lim, facecolors="none", edgecolors="red", s=60, linewidths=0.6, alpha=1, zorder=3)
         ax.set_title(textwrap.fill(panel_title, 36), fontsize=9)  # long method names would run into the next panel
     if title:
         fig.suptitle(title, fontsize=10)

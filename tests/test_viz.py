@@ -236,3 +236,18 @@ def test_read_image_grid_refuses_a_picture_that_is_not_such_a_grid(tmp_path):
     plt.imsave(tmp_path / "odd.png", np.zeros((30, 31, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="not a grid of 8 square images"):
         viz.read_image_grid(tmp_path / "odd.png")
+
+
+def test_scatter_panels_leave_the_samples_on_a_mode_visible_under_its_marker(tmp_path):
+    # a good run puts most samples on the modes: the marker must not hide them (opaque dots hid about half)
+    torch.manual_seed(0)
+    modes = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.0, 1.0]])
+    samples = modes.repeat(200, 1) + 0.05 * torch.randn(600, 2)  # the grid toy's std, in its view
+
+    def blue_pixels(shown_modes: torch.Tensor) -> int:
+        viz.save_scatter_panels([("run", samples, shown_modes, 4.6)], tmp_path / "p.png")
+        rgb = plt.imread(tmp_path / "p.png")[..., :3]
+        return int(((rgb[..., 2] > rgb[..., 0] + 0.15) & (rgb[..., 2] > 0.5)).sum())
+
+    unmarked = blue_pixels(torch.full((1, 2), 50.0))  # the marker far outside the view
+    assert blue_pixels(modes) >= 0.85 * unmarked > 0

@@ -287,8 +287,8 @@ def dde_loss(energy: Callable[[Tensor], Tensor], x: Tensor, x_noisy: Tensor, sig
 def make_energy(shape: Sequence[int], width: int = 128, depth: int = 3, act: str = "auto") -> nn.Module:
     """Scalar energy ``[n, *shape]`` -> [n]: an MLP for vectors (default softplus: its input gradient, the
     score, must vary smoothly, so no ReLU), the DCGAN critic without normalisation for images (default its
-    LeakyReLU, as in the DDE paper's code, whose input gradient is piecewise constant); another ``act`` names
-    the activation for either."""
+    LeakyReLU, as in the DDE code's stacked-MNIST critic, whose input gradient is piecewise constant); another
+    ``act`` names the activation for either."""
     if act == "auto":
         act = "leaky_relu" if _is_image(shape) else "softplus"
     if _is_image(shape):
@@ -553,10 +553,10 @@ def dsm_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: Tensor
 
 
 class ScoreModel(GenerativeModel):
-    """Annealed denoising score matching (Song & Ermon, 2019): a :class:`NoiseConditionalScore` trained on
+    """Noise-conditional score network (Song & Ermon, 2019): a :class:`NoiseConditionalScore` trained on
     ``n_sigmas`` geometric noise levels at once (each sample gets a random level), sampled by
     :func:`annealed_langevin` with ``eps`` (default ``0.2 sigma_min^2``), ``steps_per_level`` and an
-    optional final denoising step.
+    optional final denoising step (NCSNv2's; on by default).
 
     Chains start from ``U[-1, 1]`` for images (the pixel range: NCSN's and NCSNv2's reference code start from
     uniform noise on theirs) and from ``init_std * N(0, I)`` for vectors (default ``sigma_max``: wide enough to

@@ -269,18 +269,24 @@ def canonical_option(value: str) -> float | str | tuple:
     return number if math.isfinite(number) else value
 
 
+PARTIAL = "partial.pt"
+"""The file in which ``compare`` keeps its finished runs until the comparison is recorded."""
+
+
 def check_out(out: Path, command: str, arguments: dict | None = None) -> None:
     """Make the ``--out`` folder (:func:`genlib.runtime.make_folder`), and refuse one that holds another command's
-    record, a train run's checkpoint (for the other commands), or the record of a ``train``/``compare``/``evaluate``
-    run with other ``arguments`` (compared in :func:`run_arguments` form): writing there would overwrite or mix up a
-    recorded run."""
+    record, another command's work in progress (a train run's checkpoint, an unfinished comparison's
+    :data:`PARTIAL`), or the record of a ``train``/``compare``/``evaluate`` run with other ``arguments`` (compared
+    in :func:`run_arguments` form): writing there would overwrite or mix up a recorded run."""
     from genlib.results import read_json
     from genlib.runtime import make_folder
     from genlib.train import CHECKPOINT, differences
 
     make_folder(out, "--out")
-    if command != "train" and (out / CHECKPOINT).exists():
-        raise ValueError(f"{out} holds a training checkpoint ({CHECKPOINT}); use another --out")
+    for name, owner, what in ((CHECKPOINT, "train", "a training checkpoint"), (PARTIAL, "compare",
+                                                                             "an unfinished comparison")):
+        if command != owner and (out / name).exists():
+            raise ValueError(f"{out} holds {what} ({name}); use another --out")
     record = out / "run.json"
     if not record.is_file():
         return
@@ -451,8 +457,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """Train GAN variants (``--family gan``) or energy-GAN settings (``--family energy``) x seeds on
     Gaussian-mixture toys and record the mode-coverage table.
 
-    Each finished run is saved at once in ``OUT/partial.pt``; a rerun with the same ``--out`` skips the
-    runs already there, so a crash loses at most the runs in progress. ``--jobs N`` trains N runs at once
+    Each finished run is saved at once in ``OUT/partial.pt`` (:data:`PARTIAL`); a rerun with the same ``--out``
+    skips the runs already there, so a crash loses at most the runs in progress. ``--jobs N`` trains N runs at once
     in separate processes (one thread each); every run is seeded by itself, so the rows do not depend on N.
     run.json's ``wall_time_s`` is the runs' training time added up: with N jobs the clock ran about 1/N of it."""
     from genlib import data as gdata
@@ -468,7 +474,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise ValueError(f"toy(s) {', '.join(not_mixtures)} have no modes to cover; use ring8 or grid25")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     out = Path(args.out)
-    partial = out / "partial.pt"
+    partial = out / PARTIAL
     arguments = {k: v for k, v in vars(args).items() if k not in ("func", "jobs")}  # jobs cannot change a row
     check_out(out, "compare", arguments)
     if (out / "run.json").is_file() and not partial.exists():  # check_out found this very comparison there

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from genlib.data import to_float
 from genlib.metrics import check_counts
 from genlib.nets import MLP, ConvEncoder, ConvGenerator, stage_widths
-from genlib.train import GenerativeModel
+from genlib.train import GenerativeModel, evaluating
 
 if TYPE_CHECKING:
     from genlib.cli import TrainSpec
@@ -530,7 +530,7 @@ class FlowModel(GenerativeModel):
             x = x.float()
             return -flow.log_prob(dequantize(x) if self.discrete else x)
 
-    def report(self, nll: Tensor) -> dict[str, Tensor]:
+    def report(self, nll: Tensor | float) -> dict[str, Tensor | float]:
         """The logged quantities for a mean ``nll``: itself, plus bits/dim for discrete data."""
         out = {"nll": nll}
         if self.discrete:
@@ -552,12 +552,7 @@ class FlowModel(GenerativeModel):
     def evaluate(self, data: Tensor, batch_size: int = 500) -> dict[str, float]:
         """Mean ``nll`` (and ``bits_per_dim``) over a whole dataset (uint8 images or float vectors)."""
         net = self.sampling_net().eval()
-        total, count = 0.0, 0
-        for chunk in data.split(batch_size):
-            chunk = chunk.to(self.device)
-            x = to_float(chunk) if chunk.dtype == torch.uint8 else chunk.float()
-            total, count = total + float(self.nll(x, net).sum()), count + len(chunk)
-        return {k: float(v) for k, v in self.report(torch.tensor(total / count)).items()}
+        return self.report(dataset_mean(lambda x: self.nll(x, net), data, self.device, batch_size))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
@@ -567,6 +562,19 @@ class FlowModel(GenerativeModel):
 
     def ema_source(self) -> nn.Module:
         return self.flow
+
+
+@torch.no_grad()
+def dataset_mean(per_sample: Callable[[Tensor], Tensor], data: Tensor, device: torch.device,
+                 batch_size: int = 500) -> float:
+    """The mean over ``data`` [N, ...] of ``per_sample(x)`` [B], taken in batches on ``device``, each batch as
+    floats (uint8 images mapped to [-1, 1] by :func:`~genlib.data.to_float`): a held-out score of a whole set."""
+    total, count = 0.0, 0
+    for chunk in data.split(batch_size):
+        chunk = chunk.to(device)
+        x = to_float(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        total, count = total + float(per_sample(x).sum()), count + len(chunk)
+    return total / count
 
 
 def independent_pixels_log_prob(train: Tensor, test: Tensor, levels: int = 256, smoothing: float = 1.0) -> Tensor:
@@ -676,13 +684,23 @@ class AutoregressiveModel(GenerativeModel):
         """Exact ``log p(v)`` ``[B]`` of prepared vectors ``v [B, D]`` (a probability for binary v)."""
         return self._conditionals(self.made(v)).log_prob(v).sum(1)
 
+    def report(self, nll: Tensor | float) -> dict[str, Tensor | float]:
+        """The logged quantities for a mean ``nll``: itself, plus bits/dim for binary data."""
+        out = {"nll": nll}
+        if self.likelihood == "bernoulli":
+            out["bits_per_dim"] = discrete_bits_per_dim(-nll, self.dims)
+        return out
+
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         nll = -self.log_prob(self.prepare(x)).mean()
         self.update("made", nll)
-        out = {"nll": nll.detach()}
-        if self.likelihood == "bernoulli":
-            out["bits_per_dim"] = discrete_bits_per_dim(-out["nll"], self.dims)
-        return out
+        return self.report(nll.detach())
+
+    @torch.no_grad()
+    def evaluate(self, data: Tensor, batch_size: int = 500) -> dict[str, float]:
+        """Mean held-out ``nll`` (and ``bits_per_dim`` for binary data) over a whole dataset (uint8 images, binarised
+        as in training, or float vectors)."""
+        return self.report(dataset_mean(lambda x: -self.log_prob(self.prepare(x)), data, self.device, batch_size))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
@@ -789,15 +807,26 @@ class VAE(GenerativeModel):
         recon = sum_per_sample(self.decode(z).log_prob(v.repeat(samples, *[1] * (v.dim() - 1))))
         return recon.reshape(samples, -1).mean(0) - kl
 
+    def report(self, neg_elbo: Tensor | float) -> dict[str, Tensor | float]:
+        """The logged quantities for a mean ``neg_elbo``: itself, plus the bits/dim bound for images."""
+        out = {"neg_elbo": neg_elbo}
+        if self.likelihood == "bernoulli":
+            out["bits_per_dim"] = discrete_bits_per_dim(-neg_elbo, self.dims)
+        elif self.images:
+            out["bits_per_dim"] = bits_per_dim(-neg_elbo, self.dims)
+        return out
+
     def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         neg_elbo = -self.elbo(self.prepare(x)).mean()
         self.update("vae", neg_elbo)
-        out = {"neg_elbo": neg_elbo.detach()}
-        if self.likelihood == "bernoulli":
-            out["bits_per_dim"] = discrete_bits_per_dim(-out["neg_elbo"], self.dims)
-        elif self.images:
-            out["bits_per_dim"] = bits_per_dim(-out["neg_elbo"], self.dims)
-        return out
+        return self.report(neg_elbo.detach())
+
+    @torch.no_grad()
+    def evaluate(self, data: Tensor, batch_size: int = 500) -> dict[str, float]:
+        """Mean held-out ``neg_elbo`` (one draw of z per sample) and the bits/dim bound for images, over a whole
+        dataset (uint8 images or float vectors), in eval mode."""
+        with evaluating(self):
+            return self.report(dataset_mean(lambda x: -self.elbo(self.prepare(x)), data, self.device, batch_size))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

@@ -727,6 +727,18 @@ def test_an_out_folder_of_another_run_is_refused_and_never_overwritten(tmp_path,
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_unfinished_comparison_s_folder_is_refused_to_train_and_evaluate(tmp_path, command):
+    # its finished runs live in partial.pt until the comparison is recorded: a run recorded there would strand them
+    out = tmp_path / "compare"
+    out.mkdir()
+    (out / cli.PARTIAL).write_bytes(b"finished runs")
+    with pytest.raises(ValueError, match=r"holds an unfinished comparison \(partial.pt\)"):
+        cli.check_out(out, command)
+    cli.check_out(out, "compare")  # the comparison itself goes on there
+    assert (out / cli.PARTIAL).read_bytes() == b"finished runs"
+
+
 def test_an_interrupted_train_says_how_to_resume_and_dies_by_the_signal(tmp_path, capsys, monkeypatch,
                                                                         signal_deaths):
     import signal

@@ -835,3 +835,36 @@ def test_vector_vae_samples_decode_prior_draws():
     samples = vae.sample(40_000)
     n = len(samples)
     torch.testing.assert_close(samples.std(0), torch.tensor([1.25**0.5, 0.5]), atol=0, rtol=5 / (2 * n) ** 0.5)
+
+
+def test_autoregressive_evaluate_scores_binarised_uint8_images_chunk_by_chunk():
+    # pixel >= 128 is a 1 (binarize's mid-grey); the held-out nll is the mean of -log P over the images, computed
+    # here in one pass on the images binarised by hand, against evaluate's batches of 7 of the uint8 images
+    torch.manual_seed(0)
+    model = fl.AutoregressiveModel((1, 2, 3), "bernoulli", hidden=32)
+    perturbed(model.made, 0.5)
+    images = torch.randint(0, 256, (40, 1, 2, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        nll = -model.log_prob((images >= 128).float().flatten(1)).mean().item()
+    result = model.evaluate(images, batch_size=7)
+    assert result["nll"] == pytest.approx(nll, rel=1e-6)
+    assert result["bits_per_dim"] == pytest.approx(nll / (6 * math.log(2)), rel=1e-6)
+    for parameter in model.made.parameters():  # fair coins: every image costs exactly 6 bits
+        nn.init.zeros_(parameter)
+    assert model.evaluate(images)["bits_per_dim"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_vae_evaluate_is_the_mean_negative_elbo_in_eval_mode_and_restores_the_mode():
+    torch.manual_seed(0)
+    model = fl.VAE((1, 8, 8), z_dim=4, width=8, likelihood="bernoulli")
+    images = IMAGES[:20]
+    model.train()
+    torch.manual_seed(5)
+    result = model.evaluate(images, batch_size=50)  # one batch: the same draws of z as the one call below
+    assert model.training  # the mode it had
+    model.eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        neg_elbo = -model.elbo((images >= 128).float()).mean().item()
+    assert result["neg_elbo"] == pytest.approx(neg_elbo, rel=1e-6)
+    assert result["bits_per_dim"] == pytest.approx(neg_elbo / (64 * math.log(2)), rel=1e-6)

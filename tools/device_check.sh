@@ -121,7 +121,7 @@ for log in "$OUT"/*.log; do [[ "$log" == "$OUT/device.log" || "$log" == "$OUT/te
 if (( ${#recorded[@]} + ${#logs[@]} )); then
   from_out=()
   (( ${#logs[@]} )) && from_out=(-C "$OUT" "${logs[@]#"$OUT"/}")
-  tar czf "$OUT/results.tgz" --exclude=checkpoint.pt --exclude="*.pt.tmp" --exclude=progress --exclude=partial.pt \
+  tar czf "$OUT/results.tgz" --exclude=checkpoint.pt --exclude="*.tmp" --exclude=progress --exclude=partial.pt \
     "${recorded[@]}" \
     "${from_out[@]}" && rm -f "${logs[@]}"
 fi

@@ -773,3 +773,14 @@ def test_dde_generator_steps_with_lr_g_and_the_energies_with_lr():
     for name, lr in zip(nets, (4e-4, 1e-3, 1e-3)):
         moved = max((p - q).abs().max().item() for p, q in zip(getattr(model, name).parameters(), before[name]))
         assert moved == pytest.approx(lr, rel=1e-3), name
+
+
+def test_the_optimal_denoiser_maps_a_blurred_gaussian_to_one_of_std_s2_over_root_s2_plus_sigma2():
+    # chapter 4's final-step claim: for data N(mu, s^2), r* maps p_sigma = N(mu, s^2 + sigma^2) to a Gaussian of
+    # std s^2 / sqrt(s^2 + sigma^2): a shrinkage towards mu by s^2 / (s^2 + sigma^2), checked on exact draws
+    for s, sigma in ((1.0, 1.0), (0.1, 0.05)):
+        noisy = 3.0 + (s**2 + sigma**2) ** 0.5 * torch.randn(400_000, 1, generator=torch.Generator().manual_seed(0),
+                                                             dtype=torch.float64)
+        denoised = dae.optimal_denoiser(noisy, [1.0], [[3.0]], [s], sigma)
+        assert denoised.std().item() == pytest.approx(s**2 / (s**2 + sigma**2) ** 0.5, rel=5e-3)  # 4 std errors
+        assert denoised.mean().item() == pytest.approx(3.0, abs=5e-3 * s)

@@ -1256,3 +1256,17 @@ def test_cli_builders_default_to_the_options_their_docstrings_give():
     glann = imle.build_glann(spec)
     assert (glann.glo_steps, glann.noise_dim, glann.mapper.refresh_every) == (1000, 32, 50)
     assert not isinstance(glann.mapper.generator[-1], imle.UnitSphere)
+
+
+def test_the_smoothed_nll_pulls_each_fake_by_its_responsibility_weighted_pull_towards_the_reals():
+    # chapter 1's eq. imle-resp: d L_sigma / d G(z_j) = (1/M) sum_i w_ij (G(z_j) - x_i) / sigma^2, w a softmax over j
+    torch.manual_seed(0)
+    reals, sigma = torch.randn(6, 3, dtype=torch.float64), 0.7
+    fakes = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(imle.smoothed_nll(reals, fakes, sigma), fakes)
+    with torch.no_grad():
+        sq = ((reals[:, None, :] - fakes[None, :, :]) ** 2).sum(-1)  # [M, N] by broadcasting
+        weights = (-sq / (2 * sigma**2)).exp()
+        weights = weights / weights.sum(1, keepdim=True)
+        expected = (weights[:, :, None] * (fakes[None] - reals[:, None])).sum(0) / (len(reals) * sigma**2)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)

@@ -650,13 +650,40 @@ class MADE(nn.Sequential):
         return super().forward(x).reshape(len(x), self.k, self.dim)
 
 
-class AutoregressiveModel(GenerativeModel):
+class ScoredModel(GenerativeModel):
+    """A family whose training loss is the batch mean of a per-sample score, :meth:`sample_losses` (``-log p``, or
+    the negative ELBO), minimised by its one optimiser ``self.optimizers[self.player]`` and named by ``report``:
+    :meth:`evaluate` takes the same score over a held-out set."""
+
+    player: str = ""
+    """The key of the family's one optimiser (and so of its state in checkpoints)."""
+
+    def sample_losses(self, x: Tensor) -> Tensor:
+        """The per-sample training loss [B] of data ``x`` [B, ...] (floats, as the sampler hands them)."""
+        raise NotImplementedError
+
+    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
+        loss = self.sample_losses(x).mean()
+        self.update(self.player, loss)
+        return self.report(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, data: Tensor, batch_size: int = 500) -> dict[str, float]:
+        """The mean of :meth:`sample_losses` over a whole dataset (uint8 images or float vectors), in eval mode, as
+        ``report`` names it (with bits/dim where defined)."""
+        with evaluating(self):
+            return self.report(dataset_mean(self.sample_losses, data, self.device, batch_size))
+
+
+class AutoregressiveModel(ScoredModel):
     """An autoregressive family member: a :class:`MADE` with a per-coordinate likelihood.
 
     ``bernoulli``: binarised images (:func:`binarize`), ``p(x_i | x_<i)`` Bernoulli; samples are
     returned as images in {-1, 1}. ``gmm``: real vectors (2-D toys), ``p(x_i | x_<i)`` a mixture of
     ``components`` Gaussians. Reports ``nll`` (nats) and, for binary data, ``bits_per_dim = nll / (D ln 2)``.
     Sampling needs D sequential passes: the price of the chain rule the source points out."""
+
+    player = "made"
 
     def __init__(self, shape: Sequence[int], likelihood: str = "bernoulli", hidden: int = 256, depth: int = 2,
                  components: int = 8, lr: float = 1e-3):
@@ -665,7 +692,7 @@ class AutoregressiveModel(GenerativeModel):
         k = choose("likelihood", likelihood, {"bernoulli": 1, "gmm": 3 * components})
         self.shape, self.likelihood, self.dims = tuple(shape), likelihood, math.prod(shape)
         self.made = MADE(self.dims, k, hidden, depth)
-        self.optimizers = {"made": torch.optim.Adam(self.made.parameters(), lr=lr)}
+        self.optimizers = {self.player: torch.optim.Adam(self.made.parameters(), lr=lr)}
 
     def prepare(self, x: Tensor) -> Tensor:
         """Data ``[B, *shape]`` -> the modelled vectors ``[B, D]`` (binarised for ``bernoulli``)."""
@@ -691,16 +718,10 @@ class AutoregressiveModel(GenerativeModel):
             out["bits_per_dim"] = discrete_bits_per_dim(-nll, self.dims)
         return out
 
-    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        nll = -self.log_prob(self.prepare(x)).mean()
-        self.update("made", nll)
-        return self.report(nll.detach())
+    def sample_losses(self, x: Tensor) -> Tensor:
+        """``-log p`` [B] of data ``x`` (binarised first for ``bernoulli``)."""
+        return -self.log_prob(self.prepare(x))
 
-    @torch.no_grad()
-    def evaluate(self, data: Tensor, batch_size: int = 500) -> dict[str, float]:
-        """Mean held-out ``nll`` (and ``bits_per_dim`` for binary data) over a whole dataset (uint8 images, binarised
-        as in training, or float vectors)."""
-        return self.report(dataset_mean(lambda x: -self.log_prob(self.prepare(x)), data, self.device, batch_size))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
@@ -763,13 +784,15 @@ class Autoencoder(GenerativeModel):
         return self.decode(codes)
 
 
-class VAE(GenerativeModel):
+class VAE(ScoredModel):
     """Variational autoencoder: ``ELBO(x) = E_q(z|x) log p(x|z) - KL(q(z|x) || N(0, I)) <= log p(x)``.
 
     ``likelihood``: ``bernoulli`` (binarised images, pixel logits) or ``gaussian`` (mean and log-std per
     coordinate; 8-bit images are dequantised first, as for the flows, so bits/dim are comparable).
     Reports ``neg_elbo`` (nats) and for images the ``bits_per_dim`` upper bound. ``encoder``
     (``x -> [mu, log_var]``, ``[B, 2 z]``) and ``decoder`` (``z -> [B, k * C, ...]``) may be given."""
+
+    player = "vae"
 
     def __init__(self, shape: Sequence[int], z_dim: int = 16, width: int = 64, likelihood: str = "bernoulli",
                  lr: float = 1e-3, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
@@ -782,7 +805,7 @@ class VAE(GenerativeModel):
                                        "none")
             encoder, decoder = encoder if encoder is not None else enc, decoder if decoder is not None else dec
         self.encoder, self.decoder = encoder, decoder
-        self.optimizers = {"vae": torch.optim.Adam(self.parameters(), lr=lr)}
+        self.optimizers = {self.player: torch.optim.Adam(self.parameters(), lr=lr)}
 
     def prepare(self, x: Tensor) -> Tensor:
         """Data -> what is modelled: binarised, dequantised (8-bit images, gaussian) or as is (vectors)."""
@@ -816,17 +839,10 @@ class VAE(GenerativeModel):
             out["bits_per_dim"] = bits_per_dim(-neg_elbo, self.dims)
         return out
 
-    def step(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
-        neg_elbo = -self.elbo(self.prepare(x)).mean()
-        self.update("vae", neg_elbo)
-        return self.report(neg_elbo.detach())
+    def sample_losses(self, x: Tensor) -> Tensor:
+        """The negative ELBO [B] of data ``x`` (prepared as in training; one draw of z per sample)."""
+        return -self.elbo(self.prepare(x))
 
-    @torch.no_grad()
-    def evaluate(self, data: Tensor, batch_size: int = 500) -> dict[str, float]:
-        """Mean held-out ``neg_elbo`` (one draw of z per sample) and the bits/dim bound for images, over a whole
-        dataset (uint8 images or float vectors), in eval mode."""
-        with evaluating(self):
-            return self.report(dataset_mean(lambda x: -self.elbo(self.prepare(x)), data, self.device, batch_size))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from genlib import runtime
 from genlib.data import to_float
 from genlib.results import provenance, write_json
 
@@ -301,11 +302,11 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
                    graphs: bool | None = None, graph_safe_only: bool = False) -> list[dict]:
     """Images/s of the reference DCGAN step (at 64x64) and of each registered family's ``step`` on
     ``channels`` x ``resolution`` x ``resolution`` images (``vs_reference``: images/s over the reference's, in the
-    same run; genlib steps run under bf16 autocast on CUDA, the reference in fp32 eager; each rate is the mean over
-    ``steps`` back-to-back steps, :func:`throughput_ms`). With ``graphs`` (default:
-    on CUDA) each graph-safe family also gets a row of its step replayed as a CUDA graph, after every eager row: a
-    failed capture may leave the CUDA generator unusable, so it ends the graph rows; ``graph_safe_only`` keeps only
-    those families."""
+    same run; genlib steps run under bf16 autocast where fit would, :func:`genlib.runtime.native_bf16`, the
+    reference in fp32 eager; each rate is the mean over ``steps`` back-to-back steps, :func:`throughput_ms`).
+    With ``graphs`` (default: on CUDA) each graph-safe family also gets a row of its step replayed as a CUDA graph,
+    after every eager row: a failed capture may leave the CUDA generator unusable, so it ends the graph rows;
+    ``graph_safe_only`` keeps only those families."""
     from genlib.cli import FAMILIES, TrainSpec, build_family
     from genlib.train import train_step
 
@@ -327,7 +328,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         if graph_safe_only and not model.graph_safe:
             continue
         reals, indices = step_reals(model, data, batch_size, device)
-        ms = throughput_ms(lambda: train_step(model, reals, indices, amp=device.type == "cuda"), device, steps)
+        ms = throughput_ms(lambda: train_step(model, reals, indices, amp=runtime.native_bf16(device)), device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
             graph_safe.append((name, model, reals, indices))
@@ -366,11 +367,11 @@ def bench_small_batches(device: torch.device, steps: int) -> list[dict]:
 
 def graphed_step_row(model: GenerativeModel, name: str, real: torch.Tensor, index: torch.Tensor, steps: int) -> dict:
     """The bench row of ``model``'s step (on reals ``real``: its ``batches_per_step`` batches, joined) replayed as
-    a CUDA graph (:class:`genlib.train.StepGraph`, bf16 autocast), captured after its warm-up steps; a failed
+    a CUDA graph (:class:`genlib.train.StepGraph`, autocast as in fit), captured after its warm-up steps; a failed
     capture gives a row with the error as its note instead of a rate."""
     from genlib.train import GRAPH_WARMUP_STEPS, StepGraph
 
-    graph = StepGraph(model, amp=True)
+    graph = StepGraph(model, amp=runtime.native_bf16(model.device))
     batch = len(real) // model.batches_per_step  # the rate counts one batch per step, as the eager rows do
     row = {"model": f"genlib {name} (CUDA graph)", "batch": batch, "img_per_s": None}
     try:

@@ -1094,7 +1094,8 @@ class GLO(GenerativeModel):
                  init_codes: Tensor | None = None):
         super().__init__()
         self.generator, self.z_dim = generator, z_dim
-        self.codes = nn.Embedding(n_data, z_dim)
+        # the codes start where the generator lives, so that a model built around a GPU generator trains there
+        self.codes = nn.Embedding(n_data, z_dim, device=next(generator.parameters()).device)
         with torch.no_grad():
             start = torch.randn(n_data, z_dim) if init_codes is None else init_codes
             if start.shape != (n_data, z_dim):

@@ -181,6 +181,14 @@ def use_fast_matmul(dev: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def native_bf16(dev: torch.device) -> bool:
+    """Whether ``dev`` computes bf16 natively: a CUDA GPU of compute capability 8.0 or later (Ampere on).
+
+    Older GPUs (a Colab T4 is 7.5) only emulate bf16, slowly and without cuDNN convolutions, although
+    ``torch.cuda.is_bf16_supported()`` says yes by default; the CPU's autocast is not faster than fp32 here."""
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
 def device_name(dev: torch.device) -> str:
     """A human name for ``dev``: the GPU model, or the CPU with its core count."""
     if dev.type == "cuda":

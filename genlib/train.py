@@ -603,7 +603,8 @@ def fit(
     progress, saves it and raises :class:`TrainingInterrupted` (a second Ctrl-C stops at once). ``meta``, saved with
     every checkpoint, must match a resumed checkpoint's (see :func:`load_checkpoint`); resuming a checkpoint
     already past ``steps`` is a :class:`CheckpointPastEndError` (a ValueError), raised before anything is loaded.
-    ``amp`` (bf16 autocast) defaults to on on CUDA and off on the CPU, and so does an EMA
+    ``amp`` (bf16 autocast) defaults to on where bf16 is native (:func:`genlib.runtime.native_bf16`: CUDA GPUs
+    from Ampere on) and off on the CPU and older GPUs; an EMA defaults to on on CUDA and off on the CPU
     (:func:`default_ema_decay`), except that a resumed run left to the default keeps its checkpoint's average, or
     none if it was trained with ``ema_decay=0``; a decay given wins over the checkpoint's and over an average the
     model already keeps, and ``ema_decay=0`` drops any.
@@ -619,7 +620,7 @@ def fit(
         raise ValueError("steps must be >= 0 and log_every, checkpoint_every >= 1")
     steps, cap = capped_steps(steps)
     device = model.device
-    amp = device.type == "cuda" if amp is None else amp
+    amp = runtime.native_bf16(device) if amp is None else amp
     path = checkpoint_path(run_dir, sampler)
     start, history, last_saved = 0, {"step": []}, None
     pending: list[dict[str, torch.Tensor]] = []

@@ -625,6 +625,16 @@ def test_glo_accepts_lap1_pca_init_and_validates():
         imle.GLO(ConvGenerator(6, resolution=8, channels=1, width=8), 32, 6, loss="huber")
 
 
+def test_glo_keeps_its_codes_where_its_generator_lives(device):
+    """A GLO built around a generator already on ``device`` trains there without a ``.to``; "meta" stands in for a
+    GPU on machines without one (codes left on the CPU would be indexed by a batch index on the GPU)."""
+    for where in (torch.device("meta"), device):
+        glo = imle.GLO(ConvGenerator(6, resolution=8, channels=1, width=8).to(where), 32, 6)
+        assert glo.codes.weight.device == where and glo.device == where
+    images = torch.rand(8, 1, 8, 8, device=device) * 2 - 1
+    assert torch.isfinite(glo.step(images, torch.arange(8, device=device))["loss"])
+
+
 def test_glann_on_a_trained_glo_trains_with_fit_and_samples_images(trained_glo):
     glo, images, _ = trained_glo
     codes_before = glo.latent_codes()

@@ -243,3 +243,12 @@ def test_write_atomically_replaces_whole_keeps_the_old_file_on_error_and_follows
         finally:
             os.umask(previous)
         assert target.read_bytes() == b"second" and target.stat().st_mode & 0o777 == mode
+
+
+def test_native_bf16_needs_a_cuda_gpu_of_compute_capability_8_or_later(monkeypatch):
+    capability = {"value": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability["value"])
+    for value, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True), ((6, 1), False)):
+        capability["value"] = value
+        assert runtime.native_bf16(torch.device("cuda")) is expected, value
+    assert runtime.native_bf16(torch.device("cpu")) is False

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CUDA
+from genlib import runtime
 from genlib.cli import FAMILIES
 from genlib.data import BatchSampler, to_float
 from genlib.gan import VARIANTS
@@ -483,12 +484,20 @@ class AutocastProbe(GenerativeModel):
         return {"bf16": torch.tensor(float(self.layer(x).dtype == torch.bfloat16), device=x.device)}
 
 
-def test_fit_autocasts_to_bf16_by_default_on_cuda_only_and_on_the_cpu_when_asked(device):
+def test_fit_autocasts_to_bf16_by_default_on_ampere_gpus_only_and_on_the_cpu_when_asked(device):
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(device)
     batch = (x, torch.arange(8, device=device))
-    for amp, expected in ((None, device.type == "cuda"), (True, True), (False, False)):
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    for amp, expected in ((None, native), (True, True), (False, False)):
         history = fit(AutocastProbe().to(device), iter([batch]), 1, amp=amp, progress=False)
         assert history["bf16"] == [float(expected)], amp
+
+
+def test_fit_takes_its_autocast_default_from_native_bf16(monkeypatch):
+    batch = (torch.randn(8, 4), torch.arange(8))
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "native_bf16", lambda dev, native=native: native)
+        assert fit(AutocastProbe(), iter([batch]), 1, progress=False)["bf16"] == [float(native)]
 
 
 def test_at_least_fp32_lifts_narrow_floats_and_leaves_wider_ones():

@@ -137,7 +137,7 @@ def bench_nearest_neighbors(device: torch.device, sizes: list[tuple[int, int, in
         ours = nearest_neighbors(queries, keys, stats=stats)[1]
         settled = settled_counts(stats, device)
         exact = reference_nearest(queries, keys)
-        low = torch.bfloat16 if device.type == "cuda" else torch.float32
+        low = torch.bfloat16 if runtime.native_bf16(device) else torch.float32
         q_low, k_low = queries.to(low), keys.to(low)
         genlib_ms = timeit(lambda: nearest_neighbors(queries, keys), device, repeats)
         cdist_ms = timeit(lambda: torch.cdist(queries, keys).argmin(1), device, repeats)

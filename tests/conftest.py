@@ -42,6 +42,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def default_matmul_flags():
+    """Tests that train through the CLI or the bench turn on TF32 and cuDNN autotuning for the whole process
+    (:func:`genlib.runtime.use_fast_matmul`); put the previous flags back, so that every later test on a GPU runs
+    with the kernels it was written for, whatever ran before it."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

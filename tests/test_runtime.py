@@ -252,3 +252,12 @@ def test_native_bf16_needs_a_cuda_gpu_of_compute_capability_8_or_later(monkeypat
         capability["value"] = value
         assert runtime.native_bf16(torch.device("cuda")) is expected, value
     assert runtime.native_bf16(torch.device("cpu")) is False
+
+
+def test_use_fast_matmul_turns_on_tf32_and_cudnn_autotuning_for_cuda_only():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    matmul.allow_tf32 = cudnn.allow_tf32 = cudnn.benchmark = False  # conftest puts the flags back afterwards
+    runtime.use_fast_matmul(torch.device("cpu"))
+    assert (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark) == (False, False, False)
+    runtime.use_fast_matmul(torch.device("cuda"))
+    assert (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark) == (True, True, True)

@@ -9,8 +9,9 @@ wider networks, the full datasets, more samples to score. This runs them all in 
 reports every cell that raised and the slowest cells. The committed notebooks are never touched: the executed
 copies go to ``--out``. It runs on whatever device torch finds (``GENLIB_DEVICE`` chooses); exit status 1 if a
 cell raised, timed out or killed its kernel (a dead kernel ends that notebook; the next one runs). Expected
-errors, which also make the status 1: a figure that draws the snapshots a run records every so many steps (an
-IndexError) finds too few of them in a run cut short.
+errors, which also make the status 1: a cell that reads a run's log at a fixed step, or the snapshots it records
+every so many steps, finds too few of them in a run cut short (a KeyError, an IndexError, max() of an empty
+sequence). On a CPU everything lives on one device, so a tensor left off the GPU shows only in a run on the GPU.
 """
 
 from __future__ import annotations

@@ -340,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.eval_samples and args.data not in TOYS:
         check_inception_weights()  # now, not after hours of training
     dev = runtime.device(args.device)
-    origin = provenance(dev)  # the commit and date the run started from, not those at its end
+    origin = provenance(dev)  # the commit and date this process started from, not those at its end
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
     run_line = runtime.describe(args.seed, dev, show_scale=False)
@@ -358,7 +358,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                         callback_every=args.sample_every, clock=clock, ema_decay=args.ema,
                         meta=meta)
     wall = clock.now()["seconds"]
-    origin["train_processes"] = clock.processes
+    # a resumed run: origin is this last process's; its earlier processes' devices come from the checkpoint
+    origin["train_processes"], origin["train_devices"] = clock.processes, clock.now()["devices"]
     origin["ema_decay"] = sampling_ema_decay(model)  # what sampled, whatever the flags
     if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
         origin["cuda_graph_from_step"] = model.graph_captured_at

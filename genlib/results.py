@@ -138,12 +138,14 @@ class RecordedRun:
 
     def header(self) -> str:
         """Three lines: the command, where it ran (device, torch, commit; torch's threads and the 1-minute load
-        average at the start and end where the record has them), and its wall time and date (and the
+        average at the start and end where the record has them; a resumed run's: its last process's, with every
+        process's device named when they differ), and its wall time and date (and the
         ``GENLIB_SCALE`` it ran under, unless a ``python -m genlib`` command, whose flags set every size, made it)."""
         run = self.run
-        processes = run.get("train_processes", 1)
+        processes, devices = run.get("train_processes", 1), run.get("train_devices", [])
+        mixed = f" on {', '.join(devices)}" if len(set(devices)) > 1 else ""  # e.g. started on a GPU, ended on a CPU
         when = (f"wall time {run.get('wall_time_s', float('nan')):.0f} s"
-                + (f" (over {processes} resumed processes)" if processes > 1 else "") + f" | {run['date']}")
+                + (f" (over {processes} resumed processes{mixed})" if processes > 1 else "") + f" | {run['date']}")
         made_by_cli = "command" in run.get("config", {})  # the CLI keeps its subcommand in the config
         return "\n".join([f"command : {self.command}",
                           f"device  : {run['device_name']} | torch {run['torch_version']} | "

@@ -353,13 +353,15 @@ def differences(there: dict, here: dict) -> str:
 
 @dataclass
 class TrainClock:
-    """Training seconds summed over every process that trained a run (a run resumed on another machine, say)
-    and the number of those processes; ``now()`` is what a checkpoint stores, and what :func:`fit`'s caller
-    reads after training."""
+    """Training seconds summed over every process that trained a run (a run resumed on another machine, say),
+    the number of those processes and the device each trained on; ``now()`` is what a checkpoint stores, and what
+    :func:`fit`'s caller reads after training."""
 
     seconds_before: float = 0.0
     processes: int = 1
     began: float = field(default_factory=lambda: TrainClock.read())
+    devices_before: list[str] = field(default_factory=list)  # the earlier processes' devices, oldest first
+    device: str = "unrecorded"  # this process's (fit sets it)
 
     @staticmethod
     def read() -> float:
@@ -367,13 +369,17 @@ class TrainClock:
         return time.perf_counter()
 
     def resume(self, saved: dict | None) -> None:
-        """Go on from ``saved``, a checkpoint's ``now()`` (None for a checkpoint older than clocks: unknown time)."""
+        """Go on from ``saved``, a checkpoint's ``now()`` (None for a checkpoint older than clocks: unknown time;
+        one without devices names each earlier process's device 'unrecorded')."""
         saved = saved or {"seconds": float("nan"), "processes": 1}
         self.seconds_before, self.processes = saved["seconds"], saved["processes"] + 1
+        self.devices_before = list(saved.get("devices", ["unrecorded"] * saved["processes"]))
 
     def now(self) -> dict:
-        """What a checkpoint stores: {'seconds': training seconds so far, 'processes': how many trained it}."""
-        return {"seconds": self.seconds_before + TrainClock.read() - self.began, "processes": self.processes}
+        """What a checkpoint stores: {'seconds': training seconds so far, 'processes': how many trained it,
+        'devices': the device of each, oldest first}."""
+        return {"seconds": self.seconds_before + TrainClock.read() - self.began, "processes": self.processes,
+                "devices": [*self.devices_before, self.device]}
 
 
 def first_non_finite(pending: list[dict[str, torch.Tensor]], first_step: int) -> tuple[int, dict[str, float]] | None:
@@ -625,6 +631,7 @@ def fit(
     start, history, last_saved = 0, {"step": []}, None
     pending: list[dict[str, torch.Tensor]] = []
     clock = TrainClock() if clock is None else clock
+    clock.device = runtime.device_name(device)
     if path is not None and resume and path.exists():
         try:
             start, history, pending = load_checkpoint(path, model, sampler, clock, meta, max_step=steps)

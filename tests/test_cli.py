@@ -214,6 +214,7 @@ def test_train_records_the_run_and_resumes_exactly(tmp_path, capsys, device):
     # no upper bound here, since a loaded machine may stall between the last checkpoint and the end).
     resumed = json.loads((tmp_path / "split" / "run.json").read_text())
     assert run["train_processes"] == 1 and resumed["train_processes"] == 2 == split["clock"]["processes"]
+    assert resumed["train_devices"] == [run["device_name"]] * 2 == split["clock"]["devices"]
     assert first_clock["processes"] == 1 and 0 < first_clock["seconds"] < split["clock"]["seconds"]
     assert split["clock"]["seconds"] <= resumed["wall_time_s"] + 0.005
     assert "final_loss" in json.loads((tmp_path / "straight" / "metrics.json").read_text())

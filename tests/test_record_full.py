@@ -130,9 +130,9 @@ fi
 """
 
 
-def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadline(tmp_path):
-    """A run still going at the deadline is stopped, and the checkpoint it saves on the way out comes back in parts
-    to resume from."""
+def stopped_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """device_check.sh with 18 s for ch02_dcgan_fashion, run by :data:`FAKE_PYTHON` so that it outlives the deadline
+    (``env`` adds variables); (result, its $OUT)."""
     root, out = tmp_path / "repo", tmp_path / "out"
     (root / "tools").mkdir(parents=True)
     out.mkdir()
@@ -142,9 +142,16 @@ def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadlin
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "GENLIB_PYTHON": str(python), "OUT": str(out), "GENLIB_RUN_TAG": "x",
-           "MIN_RUN_SECONDS": "1", "TEST_SECONDS": "1000"}
+           "MIN_RUN_SECONDS": "1", "TEST_SECONDS": "1000", **env}
     result = subprocess.run(["bash", str(root / "tools" / "device_check.sh"), "18", "ch02_dcgan_fashion"],
                             capture_output=True, text=True, timeout=60, env=env)
+    return result, out
+
+
+def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadline(tmp_path):
+    """A run still going at the deadline is stopped, and the checkpoint it saves on the way out comes back in parts
+    to resume from."""
+    result, out = stopped_run(tmp_path)
     assert result.returncode == 0, result.stderr
     log = (out / "device.log").read_text()
     assert "ch02_dcgan_fashion exit 124" in log and "== ch03_energy_fashion" not in log
@@ -156,3 +163,35 @@ def test_device_check_brings_back_the_checkpoint_of_a_run_stopped_at_its_deadlin
     checkpoint = unpacked / "results" / "ch02_dcgan_fashion_x" / "checkpoint.pt"
     # the save on the way out was waited for
     assert checkpoint.read_text() == "weights of results/ch02_dcgan_fashion_x at the deadline"
+
+
+def test_device_check_leaves_behind_checkpoints_too_large_to_come_back(tmp_path):
+    """Files come back 8 at most, 64 MiB in all: checkpoints over RESUME_MAX_MIB stay, and the log says so."""
+    result, out = stopped_run(tmp_path, RESUME_MAX_MIB="0")
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("resume.tgz.part-*"))
+    assert "too large to bring back (at most 0 MiB), so these runs must start again" in (out / "device.log").read_text()
+
+
+def test_device_check_unpacks_the_staged_xz_files_where_genlib_looks(tmp_path):
+    """--prepare stages Fashion-MNIST as .xz (what travels has 64 MiB in all); on the GPU machine the files are
+    unpacked into $UNPACKED/fashion-mnist and GENLIB_DATA points there."""
+    import lzma
+
+    root, seen = tmp_path / "repo", tmp_path / "seen"
+    (root / "tools").mkdir(parents=True)
+    (root / ".device" / "fashion-mnist").mkdir(parents=True)
+    for name in ("device_check.sh", "record_full.sh"):
+        (root / "tools" / name).write_text((ROOT / "tools" / name).read_text())
+    labels = bytes(range(200))
+    (root / ".device" / "fashion-mnist" / "t10k-labels-idx1-ubyte.xz").write_bytes(lzma.compress(labels))
+    python = tmp_path / "python"  # the real python, noting where GENLIB_DATA points when torch is first asked
+    python.write_text(f'#!/bin/bash\necho "GENLIB_DATA=$GENLIB_DATA" >> {seen}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "GENLIB_PYTHON": str(python), "OUT": str(tmp_path / "out"),
+           "GENLIB_RUN_TAG": "no-such-tag", "UNPACKED": str(tmp_path / "data")}
+    result = subprocess.run(["bash", str(root / "tools" / "device_check.sh"), "0"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "fashion-mnist" / "t10k-labels-idx1-ubyte").read_bytes() == labels
+    assert f"GENLIB_DATA={tmp_path / 'data'}" in seen.read_text().splitlines()

@@ -272,3 +272,8 @@ def test_header_mentions_resumed_processes_only_when_there_were_several(tmp_path
     resumed = results.RecordedRun(run.path, run.run | {"train_processes": 3})
     assert resumed.header().splitlines()[2] == (f"scale   : {run.run['scale']} | wall time 12 s "
                                                f"(over 3 resumed processes) | {run.run['date']}")
+    same = results.RecordedRun(run.path, run.run | {"train_processes": 2, "train_devices": ["NVIDIA H200"] * 2})
+    assert "(over 2 resumed processes) |" in same.header()
+    mixed = results.RecordedRun(run.path, run.run | {"train_processes": 2,
+                                                     "train_devices": ["NVIDIA H200", "CPU (x86_64, 2 cores)"]})
+    assert "(over 2 resumed processes on NVIDIA H200, CPU (x86_64, 2 cores)) |" in mixed.header()

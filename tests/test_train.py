@@ -828,6 +828,26 @@ def test_a_checkpoint_keeps_this_process_s_optimizer_mode(tmp_path):
     assert graphed.optimizers["g"].param_groups[0]["lr"] is rate and float(rate) == 0.5
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    """Every tensor of a GPU run's checkpoint is tagged cuda:0, and it holds the CUDA generator's state; a CPU-only
+    machine reads it (map_location), ignores that state and resumes. The tags are faked at save time."""
+    import torch.serialization
+
+    model, sampler = make_run()
+    fit(model, sampler, 4, run_dir=tmp_path, checkpoint_every=4, log_every=4, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, tmp_path / CHECKPOINT)
+    if not torch.cuda.is_available():  # the emulation is real: a plain load asks for the GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    resumed, sampler = make_run()
+    history = fit(resumed, sampler, 8, run_dir=tmp_path, checkpoint_every=4, log_every=4, progress=False)
+    assert history["step"] == [4, 8] and resumed.device.type == "cpu"
+    assert all(value.device.type == "cpu" for value in resumed.state_dict().values())
+
 
 class DeviceMatcher(GenerativeModel):
     """:class:`MomentMatcher` with its noise on the model's device and a graph-safe step."""

@@ -589,7 +589,7 @@ def independent_pixels_log_prob(train: Tensor, test: Tensor, levels: int = 256, 
     if min(train_flat.min(), test_flat.min()) < 0 or max(train_flat.max(), test_flat.max()) >= levels:
         raise ValueError(f"pixel values must be integers in [0, {levels})")
     dims = train_flat.shape[1]
-    pixels = torch.arange(dims)
+    pixels = torch.arange(dims, device=train_flat.device)
     counts = torch.bincount((pixels * levels + train_flat).flatten(), minlength=dims * levels).view(dims, levels)
     log_probs = (counts + smoothing).double().log() - math.log(len(train_flat) + levels * smoothing)
     return log_probs[pixels, test_flat].sum(1)
@@ -602,7 +602,7 @@ def gaussian_log_density(train: Tensor, test: Tensor, ridge: float = 1e-6) -> Te
     chunks = train_flat.split(8192)  # float64 a chunk at a time: 60,000 images at once would be 376 MB
     mean = sum(chunk.double().sum(0) for chunk in chunks) / len(train_flat)
     cov = sum(centred.T @ centred for centred in (chunk.double() - mean for chunk in chunks))
-    cov = cov / len(train_flat) + ridge * torch.eye(len(mean), dtype=torch.float64)
+    cov = cov / len(train_flat) + ridge * torch.eye(len(mean), dtype=torch.float64, device=mean.device)
     return torch.distributions.MultivariateNormal(mean, covariance_matrix=cov).log_prob(test_flat)
 
 

@@ -683,7 +683,7 @@ def test_flow_step_clips_the_gradient_norm():
     torch.testing.assert_close(clipped, raw * clip / raw.norm(), rtol=1e-4, atol=1e-7)
 
 
-def test_independent_pixels_log_prob_counts_each_pixel_by_hand():
+def test_independent_pixels_log_prob_counts_each_pixel_by_hand(device):
     train = torch.tensor([[[0, 1], [2, 2]], [[0, 2], [2, 0]], [[1, 1], [2, 0]]])  # 3 images of 4 pixels, levels 0..2
     test = torch.tensor([[[0, 1], [2, 0]], [[2, 2], [0, 1]]])
     smoothing, levels = 0.5, 3
@@ -694,8 +694,8 @@ def test_independent_pixels_log_prob_counts_each_pixel_by_hand():
             count = int((train.flatten(1)[:, pixel] == value).sum())
             log_p += math.log((count + smoothing) / (len(train) + levels * smoothing))
         want.append(log_p)
-    have = fl.independent_pixels_log_prob(train, test, levels=levels, smoothing=smoothing)
-    torch.testing.assert_close(have, torch.tensor(want, dtype=torch.float64))
+    have = fl.independent_pixels_log_prob(train.to(device), test.to(device), levels=levels, smoothing=smoothing)
+    torch.testing.assert_close(have.cpu(), torch.tensor(want, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"integers in \[0, 3\)"):
         fl.independent_pixels_log_prob(train, test + 1, levels=3)
 
@@ -708,7 +708,7 @@ def test_independent_pixels_dequantised_density_gives_the_same_bits_per_dim():
     torch.testing.assert_close(fl.bits_per_dim(log_density, 6), fl.discrete_bits_per_dim(log_mass, 6))
 
 
-def test_gaussian_log_density_matches_scipy():
+def test_gaussian_log_density_matches_scipy(device):
     from scipy.stats import multivariate_normal
 
     gen = torch.Generator().manual_seed(0)
@@ -716,8 +716,8 @@ def test_gaussian_log_density_matches_scipy():
     test = torch.randn(7, 1, 5, generator=gen)
     data = train.double().numpy()
     reference = multivariate_normal(data.mean(0), np.cov(data.T, bias=True) + 1e-6 * np.eye(5))
-    np.testing.assert_allclose(fl.gaussian_log_density(train, test).numpy(), reference.logpdf(test.flatten(1).numpy()),
-                               rtol=1e-9)
+    have = fl.gaussian_log_density(train.to(device), test.to(device)).cpu()
+    np.testing.assert_allclose(have.numpy(), reference.logpdf(test.flatten(1).numpy()), rtol=1e-9)
 
 
 def test_masks_follow_their_definitions_element_by_element():

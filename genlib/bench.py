@@ -318,6 +318,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         reference = ReferenceDCGAN().to(device)
         ms = throughput_ms(lambda: reference.step(real), device, steps)
         rows.append({"model": "reference DCGAN (fp32 eager)", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
+    amp = runtime.native_bf16(device)  # as fit would train
     for name in sorted(FAMILIES):
         spec = TrainSpec(data.to(device), tuple(data.shape[1:]), device, batch_size=batch_size, z_dim=100)
         try:
@@ -328,7 +329,7 @@ def bench_training(device: torch.device, resolution: int, batch_size: int, steps
         if graph_safe_only and not model.graph_safe:
             continue
         reals, indices = step_reals(model, data, batch_size, device)
-        ms = throughput_ms(lambda: train_step(model, reals, indices, amp=runtime.native_bf16(device)), device, steps)
+        ms = throughput_ms(lambda: train_step(model, reals, indices, amp=amp), device, steps)
         rows.append({"model": f"genlib {name}", "batch": batch_size, "img_per_s": batch_size / ms * 1e3})
         if graphs and model.graph_safe:
             graph_safe.append((name, model, reals, indices))

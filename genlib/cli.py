@@ -357,9 +357,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                         callback=sample_grid_writer(out) if len(dataset.shape) == 4 else None,
                         callback_every=args.sample_every, clock=clock, ema_decay=args.ema,
                         meta=meta)
-    wall = clock.now()["seconds"]
+    trained = clock.now()
+    wall = trained["seconds"]
     # a resumed run: origin is this last process's; its earlier processes' devices come from the checkpoint
-    origin["train_processes"], origin["train_devices"] = clock.processes, clock.now()["devices"]
+    origin["train_processes"], origin["train_devices"] = trained["processes"], trained["devices"]
     origin["ema_decay"] = sampling_ema_decay(model)  # what sampled, whatever the flags
     if model.graph_captured_at is not None:  # GENLIB_CUDA_GRAPH=1 (see genlib.train.StepGraph)
         origin["cuda_graph_from_step"] = model.graph_captured_at

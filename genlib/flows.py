@@ -722,7 +722,6 @@ class AutoregressiveModel(ScoredModel):
         """``-log p`` [B] of data ``x`` (binarised first for ``bernoulli``)."""
         return -self.log_prob(self.prepare(x))
 
-
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         v = torch.zeros(n, self.dims, device=self.device)
@@ -842,7 +841,6 @@ class VAE(ScoredModel):
     def sample_losses(self, x: Tensor) -> Tensor:
         """The negative ELBO [B] of data ``x`` (prepared as in training; one draw of z per sample)."""
         return -self.elbo(self.prepare(x))
-
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

@@ -358,10 +358,14 @@ class TrainClock:
     :func:`fit`'s caller reads after training."""
 
     seconds_before: float = 0.0
-    processes: int = 1
     began: float = field(default_factory=lambda: TrainClock.read())
     devices_before: list[str] = field(default_factory=list)  # the earlier processes' devices, oldest first
     device: str = "unrecorded"  # this process's (fit sets it)
+
+    @property
+    def processes(self) -> int:
+        """How many processes trained the run, this one included."""
+        return len(self.devices_before) + 1
 
     @staticmethod
     def read() -> float:
@@ -372,7 +376,7 @@ class TrainClock:
         """Go on from ``saved``, a checkpoint's ``now()`` (None for a checkpoint older than clocks: unknown time;
         one without devices names each earlier process's device 'unrecorded')."""
         saved = saved or {"seconds": float("nan"), "processes": 1}
-        self.seconds_before, self.processes = saved["seconds"], saved["processes"] + 1
+        self.seconds_before = saved["seconds"]
         self.devices_before = list(saved.get("devices", ["unrecorded"] * saved["processes"]))
 
     def now(self) -> dict:

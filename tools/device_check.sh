@@ -80,8 +80,6 @@ if compgen -G "$STAGE/fashion-mnist/*.xz" > /dev/null; then  # unpacked where ge
 for path in map(pathlib.Path, sys.argv[2:]):
     (pathlib.Path(sys.argv[1]) / path.stem).write_bytes(lzma.decompress(path.read_bytes()))' \
     "$UNPACKED/fashion-mnist" "$STAGE"/fashion-mnist/*.xz && export GENLIB_DATA="$UNPACKED"
-elif [[ -d "$STAGE/fashion-mnist" ]]; then
-  export GENLIB_DATA="$STAGE"
 fi
 if compgen -G "$STAGE/*.whl" > /dev/null; then
   "$GENLIB_PYTHON" -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STAGE"/*.whl

@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -249,21 +250,28 @@ def full_scale_report(names: list[str], root: str | Path = REPO_ROOT / "results"
 
 def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq", "seconds"),
                        sums: tuple[str, ...] = ()) -> list[dict]:
-    """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max ``modes``,
-    ``total_modes``, min / max ``hq``, the mean of each field in ``means`` (as ``<field>_mean``, over the runs where
-    it is present and not NaN, e.g. not a diverged run's stability fields, nor an older recording's; NaN if none)
-    and the sum of each in ``sums``."""
+    """Per value of ``key`` (a method or setting) over its seeds: runs, mean / min / max / standard error of
+    ``modes``, ``total_modes``, min / max / standard error of ``hq`` (see :func:`standard_error`), the mean of
+    each field in ``means`` (as ``<field>_mean``, over the runs where it is present and not NaN, e.g. not a diverged
+    run's stability fields, nor an older recording's; NaN if none) and the sum of each in ``sums``."""
     out = []
     for name in dict.fromkeys(row[key] for row in rows):
         runs = [row for row in rows if row[key] == name]
         modes, hq = [row["modes"] for row in runs], [row["hq"] for row in runs]
         summary = {key: name, "runs": len(runs), "modes_mean": sum(modes) / len(runs), "modes_min": min(modes),
-                   "modes_max": max(modes), "total_modes": runs[0]["total_modes"], "hq_min": min(hq), "hq_max": max(hq)}
+                   "modes_max": max(modes), "modes_se": standard_error(modes), "total_modes": runs[0]["total_modes"],
+                   "hq_min": min(hq), "hq_max": max(hq), "hq_se": standard_error(hq)}
         summary.update({f"{field}_mean": _mean_of_numbers([row.get(field, math.nan) for row in runs])
                         for field in means})
         summary.update({field: sum(row[field] for row in runs) for field in sums})
         out.append(summary)
     return out
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values``: their sample standard deviation (n - 1) over sqrt(n); NaN for
+    fewer than two values, whose spread says nothing."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else math.nan
 
 
 def _mean_of_numbers(values: list[float]) -> float:
@@ -273,9 +281,10 @@ def _mean_of_numbers(values: list[float]) -> float:
 
 
 def coverage_table(summaries: list[dict], key: str = "method", timing: str | None = None,
-                   columns: Mapping[str, str] | None = None, hq_range: bool = False) -> str:
+                   columns: Mapping[str, str] | None = None, hq_range: bool = False, errors: bool = False) -> str:
     """A fixed-width text table of :func:`summarize_coverage` rows: runs, modes (mean, min-max) and mean hq
-    fraction (with ``hq_range`` also its min-max over the runs); the diverged runs where the summaries count them;
+    fraction (with ``hq_range`` also its min-max over the runs; with ``errors`` each mean followed by its standard
+    error over the runs, ``s.e.``); the diverged runs where the summaries count them;
     the mean of each field of ``columns`` (field -> header, e.g. :data:`genlib.energy.STABILITY_COLUMNS`; 3
     significant digits); with ``timing`` (a field averaged by the summary, e.g. ``"cpu_seconds"``) also its mean per
     run (timings: keep them out of checked outputs unless they are read from a record)."""
@@ -284,13 +293,17 @@ def coverage_table(summaries: list[dict], key: str = "method", timing: str | Non
     timing_header = f"{timing} per run" if timing else ""
     diverged = bool(summaries) and "diverged" in summaries[0]
     columns = dict(columns or {})
-    lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s} {'min-max':>7s} {'hq fraction':>11s}"
-             + (f" {'hq min-max':>11s}" if hq_range else "") + (" diverged" if diverged else "")
+    error_header = f" {'s.e.':>5s}" if errors else ""
+    lines = [f"{key:{width}s} {'runs':>4s} {f'modes (of {total})':>14s}{error_header} {'min-max':>7s}"
+             + f" {'hq fraction':>11s}{error_header}" + (f" {'hq min-max':>11s}" if hq_range else "")
+             + (" diverged" if diverged else "")
              + "".join(f" {header}" for header in columns.values())
              + (f" {timing_header}" if timing else "")]
     for row in summaries:
-        line = (f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f} "
-                f"{row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}")
+        line = (f"{str(row[key]):{width}s} {row['runs']:4d} {row['modes_mean']:14.1f}"
+                + (f" {row['modes_se']:5.1f}" if errors else "")
+                + f" {row['modes_min']:3d}-{row['modes_max']:<3d} {row['hq_mean']:11.3f}"
+                + (f" {row['hq_se']:5.3f}" if errors else ""))
         line += f" {row['hq_min']:5.3f}-{row['hq_max']:<5.3f}" if hq_range else ""
         line += f" {row['diverged']:8d}" if diverged else ""
         line += "".join(f" {row[f'{field}_mean']:{len(header)}.3g}" for field, header in columns.items())
@@ -299,11 +312,11 @@ def coverage_table(summaries: list[dict], key: str = "method", timing: str | Non
 
 
 def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", diverged: bool = False,
-                      columns: Mapping[str, str] | None = None, hq_range: bool = False) -> str:
+                      columns: Mapping[str, str] | None = None, hq_range: bool = False, errors: bool = False) -> str:
     """A recorded ``python -m genlib compare`` run for a notebook: its :meth:`~RecordedRun.header`, then per toy
     the setting, steps and seeds and the :func:`coverage_table` of its rows (with the mean ``timing`` per run,
-    with ``diverged`` the runs a non-finite loss stopped, the mean of each field of ``columns``, and with
-    ``hq_range`` the hq min-max over the seeds)."""
+    with ``diverged`` the runs a non-finite loss stopped, the mean of each field of ``columns``, with
+    ``hq_range`` the hq min-max over the seeds and with ``errors`` the standard errors of the means)."""
     config, rows = run.run["config"], run.metrics["rows"]
     columns = dict(columns or {})
     blocks = [run.header()]
@@ -312,7 +325,7 @@ def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", dive
                                        means=("hq", *columns, *([timing] if timing else [])),
                                        sums=("diverged",) if diverged else ())
         blocks.append(f"-- {toy_name}, {config['setting']} setting, {config['steps']} steps, seeds {config['seeds']}\n"
-                      + coverage_table(summaries, timing=timing, columns=columns, hq_range=hq_range))
+                      + coverage_table(summaries, timing=timing, columns=columns, hq_range=hq_range, errors=errors))
     return "\n".join(blocks)
 
 

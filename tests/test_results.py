@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,9 +91,18 @@ def test_summarize_coverage_groups_seeds_by_key():
             {"method": "b", "modes": 2, "total_modes": 8, "hq": 0.1, "seconds": 3.0, "diverged": 1},
             {"method": "a", "modes": 6, "total_modes": 8, "hq": 0.3, "seconds": 2.0, "diverged": 1}]
     first, second = results.summarize_coverage(rows, "method", sums=("diverged",))
-    assert first == {"method": "a", "runs": 2, "modes_mean": 7.0, "modes_min": 6, "modes_max": 8, "total_modes": 8,
-                     "hq_min": 0.3, "hq_max": 0.5, "hq_mean": 0.4, "seconds_mean": 1.5, "diverged": 1}
+    # standard errors by hand: modes 8 and 6 have sample std sqrt(2), hq 0.5 and 0.3 have 0.1 * sqrt(2)
+    assert first == pytest.approx({"method": "a", "runs": 2, "modes_mean": 7.0, "modes_min": 6, "modes_max": 8,
+                                   "modes_se": 1.0, "total_modes": 8, "hq_min": 0.3, "hq_max": 0.5, "hq_se": 0.1,
+                                   "hq_mean": 0.4, "seconds_mean": 1.5, "diverged": 1})
     assert second["method"] == "b" and second["runs"] == 1 and second["diverged"] == 1
+    assert math.isnan(second["modes_se"]) and math.isnan(second["hq_se"])   # one run has no spread
+
+
+def test_standard_error_against_numpy():
+    values = [3.0, 7.5, 1.25, 9.0, 4.0]
+    assert results.standard_error(values) == pytest.approx(np.std(values, ddof=1) / np.sqrt(len(values)))
+    assert results.standard_error([2.0, 2.0]) == 0.0 and math.isnan(results.standard_error([2.0]))
 
 
 def test_coverage_table_prints_one_aligned_line_per_summary():
@@ -109,6 +119,11 @@ def test_coverage_table_prints_one_aligned_line_per_summary():
     ranged = results.coverage_table(summaries, hq_range=True).splitlines()
     assert ranged[0].split()[-2:] == ["hq", "min-max"] and len(ranged[0]) == len(ranged[1]) == len(ranged[2])
     assert ranged[1].split()[-2:] == ["0.400", "0.300-0.500"] and ranged[2].split()[-1] == "0.250-0.250"
+    errors = results.coverage_table(summaries, errors=True).splitlines()
+    assert errors[0].split()[4:] == ["8)", "s.e.", "min-max", "hq", "fraction", "s.e."]
+    assert errors[1].split() == ["GAN", "2", "7.0", "1.0", "6-8", "0.400", "0.100"]
+    assert errors[2].split() == ["Unrolled", "1", "3.0", "nan", "3-3", "0.250", "nan"]
+    assert len(errors[0]) == len(errors[1]) == len(errors[2])
 
 
 def test_coverage_table_shows_extra_columns_averaged_over_the_runs_that_have_them(tmp_path):
@@ -157,6 +172,8 @@ def test_comparison_report_prints_one_table_per_toy(tmp_path):
     assert untimed[5].split() == ["GAN", "2", "7.0", "6-8", "0.400"]
     ranged = results.comparison_report(results.load_run(tmp_path), timing=None, hq_range=True).splitlines()
     assert ranged[4].endswith("hq min-max") and ranged[5].split() == ["GAN", "2", "7.0", "6-8", "0.400", "0.300-0.500"]
+    with_errors = results.comparison_report(results.load_run(tmp_path), timing=None, errors=True).splitlines()
+    assert with_errors[5].split() == ["GAN", "2", "7.0", "1.0", "6-8", "0.400", "0.100"]
 
 
 def test_coverage_table_counts_diverged_runs_where_the_summary_has_them(tmp_path):

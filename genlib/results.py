@@ -26,12 +26,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def git_commit(root: Path = REPO_ROOT) -> str:
-    """The current git commit (with ``-dirty`` if the tree has changes), or ``'unknown'`` outside git."""
+def git_commit(root: Path = REPO_ROOT, own_folder: str | Path | None = None) -> str:
+    """The current git commit (with ``-dirty`` if the tree has changes), or ``'unknown'`` outside git.
+    Changes inside ``own_folder`` (a run's --out, whose older record a rerun replaces) are no change of the code."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        excluded = []
+        if own_folder is not None and Path(own_folder).resolve().is_relative_to(Path(root).resolve()):
+            excluded = [".", f":(exclude){Path(own_folder).resolve().relative_to(Path(root).resolve())}"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *excluded], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -52,8 +56,10 @@ def load_average() -> list[float] | None:
         return None
 
 
-def provenance(device: torch.device | str, command: list[str] | str | None = None) -> dict:
-    """Who, what and where of a run: command line, git commit, device, the host's CPU (its
+def provenance(device: torch.device | str, command: list[str] | str | None = None,
+               out: str | Path | None = None) -> dict:
+    """Who, what and where of a run: command line, git commit (changes inside the run's ``out`` folder aside,
+    see :func:`git_commit`), device, the host's CPU (its
     :func:`genlib.runtime.cpu_fingerprint`: CPU numbers are reproducible only on a like CPU), versions, threads,
     load, host, date."""
     from genlib import __version__
@@ -66,7 +72,7 @@ def provenance(device: torch.device | str, command: list[str] | str | None = Non
         command = shlex.join(command)
     return {
         "command": command,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(own_folder=out),
         "genlib_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -144,7 +144,8 @@ class RecordedRun:
         return png if png.exists() else None
 
     def header(self) -> str:
-        """Three lines: the command, where it ran (device, torch, commit; torch's threads and the 1-minute load
+        """Three lines: the command, where it ran (device, torch, commit; on a CPU the CPU's fingerprint, where the
+        record has it, since CPU numbers repeat only on a like CPU; torch's threads and the 1-minute load
         average at the start and end where the record has them; a resumed run's: its last process's, with every
         process's device named when they differ), and its wall time and date (and the
         ``GENLIB_SCALE`` it ran under, unless a ``python -m genlib`` command, whose flags set every size, made it)."""
@@ -154,8 +155,10 @@ class RecordedRun:
         when = (f"wall time {run.get('wall_time_s', float('nan')):.0f} s"
                 + (f" (over {processes} resumed processes{mixed})" if processes > 1 else "") + f" | {run['date']}")
         made_by_cli = "command" in run.get("config", {})  # the CLI keeps its subcommand in the config
+        # the fingerprint ends with torch's version; older records and GPU runs name torch alone
+        machine = run["cpu"] if run.get("device") == "cpu" and run.get("cpu") else f"torch {run['torch_version']}"
         return "\n".join([f"command : {self.command}",
-                          f"device  : {run['device_name']} | torch {run['torch_version']} | "
+                          f"device  : {run['device_name']} | {machine} | "
                           f"commit {short_commit(run['git_commit'])}{_machine_load(run)}",
                           f"run     : {when}" if made_by_cli else f"scale   : {run['scale']} | {when}"])
 

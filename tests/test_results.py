@@ -309,6 +309,17 @@ def test_summarize_coverage_sums_count_every_diverged_run():
     assert results.summarize_coverage(as_bools, "method", means=(), sums=("diverged",))[0]["diverged"] == 3
 
 
+def test_header_names_the_cpu_a_cpu_run_ran_on(tmp_path):
+    run = results.record_run(tmp_path / "r", device="cpu", config={}, metrics={}, wall_time_s=1.0, command="x")
+    assert run.run["cpu"] == runtime.cpu_fingerprint()
+    device_line = run.header().splitlines()[1]
+    assert device_line.startswith(f"device  : {run.run['device_name']} | {runtime.cpu_fingerprint()} | commit ")
+    older = results.RecordedRun(run.path, {k: v for k, v in run.run.items() if k != "cpu"})  # before fingerprints
+    assert older.header().splitlines()[1].startswith(f"device  : {run.run['device_name']} | torch {torch.__version__} |")
+    gpu = results.RecordedRun(run.path, run.run | {"device": "cuda", "device_name": "NVIDIA H200"})  # host CPU: moot
+    assert gpu.header().splitlines()[1].startswith(f"device  : NVIDIA H200 | torch {torch.__version__} | commit ")
+
+
 def test_header_mentions_resumed_processes_only_when_there_were_several(tmp_path):
     run = results.record_run(tmp_path / "r", device="cpu", config={"steps": 3}, metrics={}, wall_time_s=12.3,
                              command="x")

@@ -315,7 +315,8 @@ def test_header_names_the_cpu_a_cpu_run_ran_on(tmp_path):
     device_line = run.header().splitlines()[1]
     assert device_line.startswith(f"device  : {run.run['device_name']} | {runtime.cpu_fingerprint()} | commit ")
     older = results.RecordedRun(run.path, {k: v for k, v in run.run.items() if k != "cpu"})  # before fingerprints
-    assert older.header().splitlines()[1].startswith(f"device  : {run.run['device_name']} | torch {torch.__version__} |")
+    older_line = older.header().splitlines()[1]
+    assert older_line.startswith(f"device  : {run.run['device_name']} | torch {torch.__version__} |")
     gpu = results.RecordedRun(run.path, run.run | {"device": "cuda", "device_name": "NVIDIA H200"})  # host CPU: moot
     assert gpu.header().splitlines()[1].startswith(f"device  : NVIDIA H200 | torch {torch.__version__} | commit ")
 

@@ -340,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.eval_samples and args.data not in TOYS:
         check_inception_weights()  # now, not after hours of training
     dev = runtime.device(args.device)
-    origin = provenance(dev, out=out)  # the commit and date this process started from, not those at its end
+    origin = provenance(dev)  # the commit and date this process started from, not those at its end
     runtime.use_fast_matmul(dev)
     runtime.seed_everything(args.seed)
     run_line = runtime.describe(args.seed, dev, show_scale=False)
@@ -409,7 +409,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         check_inception_weights()  # now, not after sampling
     options = parse_options(config["opt"]) | parse_options(args.opt)
     dev = runtime.device(args.device)
-    origin = provenance(dev, out=args.out)
+    origin = provenance(dev)
     runtime.use_fast_matmul(dev)
     dataset, _, model = build_run(config, options, dev)
     state = train.read_checkpoint(checkpoint, dev)
@@ -483,7 +483,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"{out} already holds this comparison, recorded: nothing to rerun (use another --out for a new one)")
         return
     state = torch.load(partial, weights_only=False) if partial.exists() else {
-        "origin": results.provenance("cpu", out=out), "arguments": arguments, "rows": [], "samples": {}}
+        "origin": results.provenance("cpu"), "arguments": arguments, "rows": [], "samples": {}}
     # the recorded command must be the one that made every run; the folder's spelling does not count
     found = train.differences(*({k: v for k, v in made.items() if k != "out"}
                                 for made in (state["arguments"], arguments)))

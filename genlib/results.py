@@ -26,18 +26,20 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def git_commit(root: Path = REPO_ROOT, own_folder: str | Path | None = None) -> str:
-    """The current git commit (with ``-dirty`` if the tree has changes), or ``'unknown'`` outside git.
-    Changes inside ``own_folder`` (a run's --out, whose older record a rerun replaces) are no change of the code."""
+RECORDS = "results"
+"""The folder of recorded runs under the repository root: data, not code, so no change there makes a run's commit
+"-dirty" (a rerun replaces its own older record there, and a batch of reruns the records made before it)."""
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """The current git commit (with ``-dirty`` if tracked files outside :data:`RECORDS` changed), or ``'unknown'``
+    outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
-        excluded = []
-        if own_folder is not None and Path(own_folder).resolve().is_relative_to(Path(root).resolve()):
-            excluded = [".", f":(exclude){Path(own_folder).resolve().relative_to(Path(root).resolve())}"]
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *excluded], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){RECORDS}"], cwd=root, capture_output=True, text=True, timeout=10)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -56,10 +58,8 @@ def load_average() -> list[float] | None:
         return None
 
 
-def provenance(device: torch.device | str, command: list[str] | str | None = None,
-               out: str | Path | None = None) -> dict:
-    """Who, what and where of a run: command line, git commit (changes inside the run's ``out`` folder aside,
-    see :func:`git_commit`), device, the host's CPU (its
+def provenance(device: torch.device | str, command: list[str] | str | None = None) -> dict:
+    """Who, what and where of a run: command line, git commit (:func:`git_commit`), device, the host's CPU (its
     :func:`genlib.runtime.cpu_fingerprint`: CPU numbers are reproducible only on a like CPU), versions, threads,
     load, host, date."""
     from genlib import __version__
@@ -72,7 +72,7 @@ def provenance(device: torch.device | str, command: list[str] | str | None = Non
         command = shlex.join(command)
     return {
         "command": command,
-        "git_commit": git_commit(own_folder=out),
+        "git_commit": git_commit(),
         "genlib_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -77,31 +77,29 @@ def test_git_commit_outside_a_repository(tmp_path):
     assert results.git_commit(tmp_path) == "unknown"
 
 
-def test_git_commit_is_dirty_for_code_changes_but_not_for_the_runs_own_folder(tmp_path):
+def test_git_commit_is_dirty_for_code_changes_but_not_for_records(tmp_path):
     import subprocess
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
 
-    (tmp_path / "results" / "run").mkdir(parents=True)
-    (tmp_path / "results" / "run" / "metrics.json").write_text("{}")
-    (tmp_path / "results" / "other").mkdir()
-    (tmp_path / "results" / "other" / "metrics.json").write_text("{}")
+    for run in ("run", "other"):
+        (tmp_path / results.RECORDS / run).mkdir(parents=True)
+        (tmp_path / results.RECORDS / run / "metrics.json").write_text("{}")
     (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results.py").write_text("y = 1\n")   # a file named like the folder is code all the same
     git("init", "-q"); git("add", "."); git("commit", "-qm", "c")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    own = tmp_path / "results" / "run"
     assert results.git_commit(tmp_path) == head
-    (own / "metrics.json").unlink()                    # a rerun replaces its own older record
+    (tmp_path / results.RECORDS / "run" / "metrics.json").unlink()          # a rerun replaces its older record
+    (tmp_path / results.RECORDS / "other" / "metrics.json").write_text("{1}")  # and an earlier rerun's
+    assert results.git_commit(tmp_path) == head
+    (tmp_path / "results.py").write_text("y = 2\n")
     assert results.git_commit(tmp_path) == head + "-dirty"
-    assert results.git_commit(tmp_path, own_folder=own) == head
-    assert results.git_commit(tmp_path, own_folder="/elsewhere/run") == head + "-dirty"   # outside: no exclusion
-    (tmp_path / "results" / "other" / "metrics.json").write_text("{1}")   # another record is not the run's own
-    assert results.git_commit(tmp_path, own_folder=own) == head + "-dirty"
-    git("checkout", "--", "results/other")
-    (tmp_path / "code.py").write_text("x = 2\n")       # nor is the code
-    assert results.git_commit(tmp_path, own_folder=own) == head + "-dirty"
+    git("checkout", "--", "results.py")
+    (tmp_path / "code.py").unlink()
+    assert results.git_commit(tmp_path) == head + "-dirty"
 
 
 def test_footer_states_what_was_run(monkeypatch):

@@ -227,7 +227,8 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
 
     ``cost`` (one number per call) hands the costly calls out first, so no worker idles at the end while one
     long call finishes. Processes are spawned, not forked: a fork inherits the parent's OpenMP state, which
-    can hang torch. Stopping early (an error, Ctrl-C) cancels the calls not yet started."""
+    can hang torch. Stopping early (an error, Ctrl-C, closing the iterator) cancels the calls not yet started and
+    ends the running ones with their processes, so no orphaned worker trains on in the background."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers == 1 or len(calls) <= 1:  # a pool would only add the processes' start-up
@@ -246,7 +247,14 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
             for future in concurrent.futures.as_completed(futures):
                 yield futures[future], future.result()
         except BaseException:
+            # shutdown alone lets a running call finish (minutes of training) in a worker that outlives us;
+            # Python 3.14 has pool.terminate_workers(), earlier ones only the private process table
+            running = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
+            for process in running:
+                process.terminate()
+            for process in running:
+                process.join()
             raise
 
 

@@ -94,6 +94,17 @@ def test_parallel_map_passes_errors_on_and_rejects_no_workers():
         list(runtime.parallel_map(operator.add, [(1, 2)], workers=0))
 
 
+def test_parallel_map_stopped_early_leaves_no_worker_running():
+    import multiprocessing
+    import time
+
+    began = time.perf_counter()
+    finished = runtime.parallel_map(time.sleep, [(0.0,), (60.0,), (60.0,)], workers=2)
+    assert next(finished) == (0, None)
+    finished.close()  # as an error or Ctrl-C in the caller would: the 60 s call is running, the other waiting
+    assert multiprocessing.active_children() == [] and time.perf_counter() - began < 30
+
+
 def test_in_call_order_sorts_results_by_call():
     assert runtime.in_call_order(iter([(2, "c"), (0, "a"), (1, "b")])) == ["a", "b", "c"]
 

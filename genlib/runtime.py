@@ -11,6 +11,8 @@ import contextlib
 import os
 import platform
 import random
+import signal
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -240,8 +242,8 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
 
     order = sorted(range(len(calls)), key=lambda i: -cost[i]) if cost is not None else range(len(calls))
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
-                                                initargs=(1,)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(function, *calls[i]): i for i in order}
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -256,6 +258,20 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
             for process in running:
                 process.join()
             raise
+
+
+def _start_worker(parent: int) -> None:
+    """Set up a :func:`parallel_map` worker: one torch thread, and (on Linux) death with its parent process, so that
+    a parent killed outright (SIGKILL, or a SIGTERM it does not handle) leaves no worker training on; the parent
+    keeps every finished result, so the worker has nothing to save."""
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def in_call_order(finished: Iterator[tuple[int, T]]) -> list[T]:

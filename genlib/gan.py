@@ -480,7 +480,7 @@ class UnrolledGAN(GAN):
     Reference toy setting: 5 unroll steps, D lr 1e-4, G lr 1e-3, beta1 0.5, 2x128 tanh MLPs (pass
     ``g_act='tanh', d_act='tanh'``); the defaults here are the shared toy nets, so that the comparison
     differs only in the unrolling (with tanh nets, 1000 steps at lr 2e-3, it covered 4 of 8 ring modes
-    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: 5.5x to 8x the CPU time of a GAN run
+    on each of 3 seeds; with the shared nets 7 of 8 on seed 0). Cost: about 6x to 8x the CPU time of a GAN run
     for unroll 5 (chapter 2's recorded tables).
     """
 
@@ -775,7 +775,7 @@ ReLU units instead of tanh, a variation in which our vanilla GAN collapses onto 
 TOY_METHODS: dict[str, tuple[type[GAN], dict[str, Any]]] = {
     "GAN": (GAN, {}),
     "GAN (minimax)": (GAN, {"loss": "minimax"}),
-    "Unrolled": (UnrolledGAN, {"unroll": 5}),  # the paper's method; 5.5x to 8x the cost of a GAN run
+    "Unrolled": (UnrolledGAN, {"unroll": 5}),  # the paper's method; about 6x to 8x the cost of a GAN run
     "DRAGAN": (DRAGAN, {"penalty": 1.0}),  # lambda 1: chapter 2 measures the paper's 10 and its Gaussian noise
     "EBGAN": (EBGAN, {}),
     "MAD-GAN": (MADGAN, {"k": 4}),

@@ -277,6 +277,14 @@ def summarize_coverage(rows: list[dict], key: str, means: tuple[str, ...] = ("hq
     return out
 
 
+def runs_by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    """A comparison's rows grouped by ``method`` (in order of first appearance), each group in seed order."""
+    grouped: dict[str, list[dict]] = {method: [] for method in dict.fromkeys(row["method"] for row in rows)}
+    for row in sorted(rows, key=lambda row: row["seed"]):
+        grouped[row["method"]].append(row)
+    return grouped
+
+
 def standard_error(values: list[float]) -> float:
     """The standard error of the mean of ``values``: their sample standard deviation (n - 1) over sqrt(n); NaN for
     fewer than two values, whose spread says nothing."""

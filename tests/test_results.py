@@ -124,6 +124,14 @@ def test_summarize_coverage_groups_seeds_by_key():
     assert math.isnan(second["modes_se"]) and math.isnan(second["hq_se"])   # one run has no spread
 
 
+def test_runs_by_method_groups_rows_in_seed_order():
+    rows = [{"method": m, "seed": seed} for m, seed in (("b", 2), ("a", 1), ("b", 0), ("a", 0), ("b", 1))]
+    grouped = results.runs_by_method(rows)
+    assert list(grouped) == ["b", "a"]   # methods as they first appear
+    assert [[row["seed"] for row in group] for group in grouped.values()] == [[0, 1, 2], [0, 1]]
+    assert all(row["method"] == method for method, group in grouped.items() for row in group)
+
+
 def test_standard_error_against_numpy():
     values = [3.0, 7.5, 1.25, 9.0, 4.0]
     assert results.standard_error(values) == pytest.approx(np.std(values, ddof=1) / np.sqrt(len(values)))

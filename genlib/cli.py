@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -827,6 +828,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m genlib`` and of the ``genlib`` script."""
     args = make_parser().parse_args(argv)
+    with _terminate_as_interrupt():
+        stopped = _run(args)
+    if stopped is not None:  # outside the handler's scope: the death by the signal must not be caught again
+        _die_by(*stopped)
+
+
+def _run(args: argparse.Namespace) -> tuple[int, str] | None:
+    """Run the parsed command; None when it finished, else ``(signal, message)`` of a clean stop by a signal."""
     from genlib.runtime import DeviceUnavailableError, MissingAssetError, configure_threads, max_steps
     from genlib.train import NonFiniteLossError, TrainingInterrupted
 
@@ -841,11 +850,40 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
     except TrainingInterrupted as stopped:  # the same command resumes it: say so, without a traceback
-        _die_by(stopped.signum, f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, saved "
-                                f"in {stopped.path}: rerun the same command to resume")
-    except KeyboardInterrupt:  # outside a training loop (compare's runs, train's evaluation): what is saved stays
-        _die_by(signal.SIGINT, "interrupted: what was saved stays (a run's checkpoint, a comparison's finished runs); "
-                               "rerun the same command to go on")
+        return stopped.signum, (f"stopped by {signal.Signals(stopped.signum).name} after step {stopped.step}, "
+                                f"saved in {stopped.path}: rerun the same command to resume")
+    except KeyboardInterrupt as stopped:  # outside a training loop (compare's runs, train's evaluation): what is
+        signum = getattr(stopped, "signum", signal.SIGINT)  # saved stays
+        return signum, (f"stopped by {signal.Signals(signum).name}: what was saved stays (a run's checkpoint, a "
+                        "comparison's finished runs); rerun the same command to go on")
+    return None
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM outside :func:`genlib.train.fit`'s loop, raised like Ctrl-C's KeyboardInterrupt so that the same
+    clean-up runs (:func:`genlib.runtime.parallel_map` ends its workers) and the same message is printed."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    """SIGTERM's handler while a command runs."""
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` for the duration (fit installs its own, deferring, handler inside);
+    a SIGTERM ignored or handled outside Python stays as it was."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _die_by(signum: int, message: str) -> None:

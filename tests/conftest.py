@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -103,3 +104,21 @@ def built_book(book_build) -> Path:
     if book_build.returncode != 0:
         pytest.fail(f"the -W book build failed:\n{book_build.log[-5000:]}", pytrace=False)
     return book_build.html
+
+
+def workers_of(parent: int) -> list[int]:
+    """The pids of the spawned worker processes whose parent is ``parent`` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:  # the field after the state: ppid
+                if b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                    found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    with contextlib.suppress(OSError):
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    return False

@@ -510,7 +510,7 @@ def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch, 
         cli.main(compare_args(tmp_path))
     assert exited.value.code == 130 and signal_deaths[-2:] == [signal.SIG_DFL, signal.SIGINT]
     err = capsys.readouterr().err
-    assert "interrupted: " in err and "rerun the same command to go on" in err and "Traceback" not in err
+    assert "stopped by SIGINT: " in err and "rerun the same command to go on" in err and "Traceback" not in err
     assert (tmp_path / "partial.pt").exists() and not (tmp_path / "run.json").exists()
     monkeypatch.setattr(evaluate, "coverage_run", real)
     cli.main(compare_args(tmp_path))
@@ -521,6 +521,36 @@ def test_compare_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch, 
     cli.main(compare_args(tmp_path, "--jobs", "2"))  # --jobs does not change a row
     assert "already holds this comparison" in capsys.readouterr().out
     assert (tmp_path / "run.json").read_bytes() == recorded
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_a_sigterm_to_a_parallel_compare_ends_its_workers_and_says_to_rerun(tmp_path):
+    """``kill PID`` (a lease's end, a scheduler) stops a ``--jobs 2`` comparison as Ctrl-C does: the running
+    workers end, the finished runs stay, one line says to rerun, and the process dies by the signal."""
+    import signal
+    import time
+
+    from conftest import running, workers_of
+
+    env = {key: value for key, value in os.environ.items() if key != "GENLIB_MAX_STEPS"}
+    args = [arg if arg != "5" else "1000000" for arg in compare_args(tmp_path, "--jobs", "2")]  # hours of steps
+    parent = subprocess.Popen([sys.executable, "-m", "genlib", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "training 4 runs on 2 processes" in parent.stdout.readline()
+        deadline = time.monotonic() + 60
+        while len(workers_of(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the workers import torch and take their first calls
+        workers = workers_of(parent.pid)
+        assert len(workers) == 2
+        parent.send_signal(signal.SIGTERM)
+        err = parent.communicate(timeout=60)[1]
+    finally:
+        parent.kill()
+    assert parent.returncode == -signal.SIGTERM
+    assert "stopped by SIGTERM: what was saved stays" in err and "Traceback" not in err
+    assert not any(map(running, workers)) and not (tmp_path / "run.json").exists()
 
 
 def test_compare_refuses_to_mix_runs_of_another_comparison(tmp_path, monkeypatch, capsys, signal_deaths):
@@ -752,7 +782,7 @@ def test_an_interrupted_train_says_how_to_resume_and_dies_by_the_signal(tmp_path
     monkeypatch.setattr(train, "fit", interrupted)
     with pytest.raises(SystemExit) as exited:
         cli.main(train_args(tmp_path, 20))
-    assert signal_deaths == [signal.SIG_DFL, signal.SIGINT] and exited.value.code == 130
+    assert signal_deaths[-2:] == [signal.SIG_DFL, signal.SIGINT] and exited.value.code == 130
     assert "stopped by SIGINT after step 7, saved in" in capsys.readouterr().err
 
 

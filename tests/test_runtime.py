@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import running, workers_of
 from genlib import runtime
 
 
@@ -107,24 +108,6 @@ def test_parallel_map_stopped_early_leaves_no_worker_running():
     assert multiprocessing.active_children() == [] and time.perf_counter() - began < 30
 
 
-def _workers_of(parent: int) -> list[int]:
-    """The pids of the spawned worker processes whose parent is ``parent`` (Linux's /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:  # the field after the state: ppid
-                if b"spawn_main" in (stat.parent / "cmdline").read_bytes():
-                    found.append(int(stat.parent.name))
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie waiting to be reaped."""
-    with contextlib.suppress(OSError):
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_parallel_map_workers_die_with_a_parent_killed_outright():
     import signal
@@ -136,18 +119,18 @@ def test_parallel_map_workers_die_with_a_parent_killed_outright():
                               env={**os.environ, "PYTHONPATH": str(Path(runtime.__file__).parents[1])})
     try:
         deadline = time.monotonic() + 60
-        while len(_workers_of(parent.pid)) < 2 and time.monotonic() < deadline:
+        while len(workers_of(parent.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(3)  # the workers import torch and run their initializer before taking a call
-        workers = _workers_of(parent.pid)
+        workers = workers_of(parent.pid)
         assert len(workers) == 2
     finally:
         parent.send_signal(signal.SIGKILL)  # no handler, no cleanup: as the OOM killer or `kill -9` would
         parent.wait()
     deadline = time.monotonic() + 20
-    while any(map(_running, workers)) and time.monotonic() < deadline:
+    while any(map(running, workers)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(map(_running, workers))
+    assert not any(map(running, workers))
 
 
 def test_in_call_order_sorts_results_by_call():

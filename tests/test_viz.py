@@ -175,6 +175,21 @@ def test_scatter_panels_fill_rows_of_columns_and_hide_only_the_unused_axes(tmp_p
         close(fig)
 
 
+def test_palette_png_is_smaller_and_looks_the_same(tmp_path):
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    viz.scatter2d(torch.randn(2500, 2), ax, 3.0, c="tab:blue", s=1, alpha=0.3)
+    fig.savefig(tmp_path / "full.png", format="png", dpi=110)
+    viz.save_palette_png(fig, tmp_path / "palette.png", dpi=110)
+    plt.close(fig)
+    full = np.asarray(Image.open(tmp_path / "full.png").convert("RGB"), dtype=float)
+    palette = Image.open(tmp_path / "palette.png")
+    assert palette.mode == "P" and len(palette.getcolors()) <= 256
+    assert np.abs(np.asarray(palette.convert("RGB"), dtype=float) - full).mean() < 1.0  # of 255 per channel
+    assert (tmp_path / "palette.png").stat().st_size < 0.6 * (tmp_path / "full.png").stat().st_size
+
+
 def test_shared_colour_scale_spans_every_panel_s_values_unless_told():
     _, axes = plt.subplots(1, 3)
     for ax, shift in zip(axes, (0.0, 3.0, -2.0)):

@@ -768,7 +768,7 @@ TOY_SETTINGS: dict[str, tuple[int, dict[str, Any]]] = {
 """Chapter 2's toy settings by name: (batch size, constructor overrides on top of GAN's defaults).
 
 ``tuned``: genlib's toy defaults (3 x 64 MLPs, BatchNorm in G, Adam 2e-3, linear decay), kind to the vanilla GAN;
-``tuned-no-decay`` and ``tuned-narrow`` (2 x 32 MLPs) change one thing each.
+``tuned-no-decay`` turns the learning-rate decay off; ``tuned-narrow`` makes the nets smaller (2 x 32 MLPs, not 3 x 64).
 ``unrolled-notebook``: the unrolled-GAN authors' toy notebook (Metz et al., 2017): 2 x 128 tanh MLPs, z 256,
 batch 512, Adam with beta1 0.5, D 1e-4 and G 1e-3, no BatchNorm, no decay. ``collapse``: the same setting with
 ReLU units instead of tanh, a variation in which our vanilla GAN collapses onto 0-1 ring modes."""

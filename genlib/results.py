@@ -347,11 +347,15 @@ def comparison_report(run: RecordedRun, timing: str | None = "cpu_seconds", dive
 
 
 def footer(seed: int, began: float, device: torch.device | str = "cpu") -> str:
-    """The reproducibility footer of a chapter: scale, device, seed, versions, commit and wall time.
+    """The reproducibility footer of a chapter: scale, device (on a CPU with the model and instruction set that
+    decide its rounding, :func:`genlib.runtime.cpu_fingerprint`), seed, versions, commit and wall time.
 
     ``began`` is a ``time.perf_counter()`` reading taken at the top of the notebook."""
+    from genlib.runtime import cpu_fingerprint
+
     info = provenance(device, command="")
-    return (f"scale={info['scale']} | device={info['device']} [{info['device_name']}] | seed={seed} | "
+    machine = info["device_name"] + (f"; {cpu_fingerprint(with_torch=False)}" if info["device"] == "cpu" else "")
+    return (f"scale={info['scale']} | device={info['device']} [{machine}] | seed={seed} | "
             f"genlib {info['genlib_version']} (commit {short_commit(info['git_commit'])}) | "
             f"torch {info['torch_version']} | "
             f"wall time {time.perf_counter() - began:.0f} s")

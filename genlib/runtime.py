@@ -198,16 +198,18 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def cpu_fingerprint() -> str:
-    """What decides the CPU's floating-point rounding in torch: the processor's model name and the instruction set
-    ATen dispatches to (AVX2, AVX512, ...). Two machines that differ here train the same seed to other numbers."""
+def cpu_fingerprint(with_torch: bool = True) -> str:
+    """What decides the CPU's floating-point rounding in torch: the processor's model name, the instruction set
+    ATen dispatches to (AVX2, AVX512, ...) and (unless ``with_torch`` is False) torch's version. Two machines that
+    differ here train the same seed to other numbers."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{model} | ATen {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
+    machine = f"{model} | ATen {torch.backends.cpu.get_cpu_capability()}"
+    return f"{machine} | torch {torch.__version__}" if with_torch else machine
 
 
 def describe(seed: int, dev: torch.device | None = None, show_scale: bool = True) -> str:

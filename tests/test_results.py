@@ -109,6 +109,9 @@ def test_footer_states_what_was_run(monkeypatch):
     line = results.footer(4, time.perf_counter() - 12.4)
     assert line.startswith("scale=small | device=cpu") and "seed=4" in line and line.endswith("wall time 12 s")
     assert torch.__version__ in line
+    machine = f"[{runtime.device_name(torch.device('cpu'))}; {runtime.cpu_fingerprint(with_torch=False)}]"
+    assert machine in line  # which CPU rounded the page's numbers
+    assert runtime.cpu_fingerprint() == f"{runtime.cpu_fingerprint(with_torch=False)} | torch {torch.__version__}"
 
 
 def test_summarize_coverage_groups_seeds_by_key():

@@ -231,7 +231,7 @@ def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, 
 
 def save_palette_png(fig: plt.Figure, path: str | Path, dpi: int, colors: int = 256) -> None:
     """Write ``fig`` as a PNG of at most ``colors`` palette colours: a plot of flat colours loses nothing visible, and
-    the file (kept in the repository, embedded in the book) is about a third of the full-colour one."""
+    the file (kept in the repository, embedded in the book) is a quarter to a third of the full-colour one."""
     import io
 
     from PIL import Image

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import running, workers_of
 from genlib import cli, dae
 from genlib.runtime import DeviceUnavailableError, MissingAssetError
 from genlib.train import NonFiniteLossError
@@ -446,8 +447,8 @@ def test_bench_number_format_and_cpu_share_by_hand():
     assert bench.cpu_share(None, after) is None
 
 
-def compare_args(out, *extra: str) -> list[str]:
-    return ["compare", "--methods", "GAN,PacGAN", "--toys", "ring8", "--seeds", "0,1", "--steps", "5",
+def compare_args(out, *extra: str, steps: int = 5) -> list[str]:
+    return ["compare", "--methods", "GAN,PacGAN", "--toys", "ring8", "--seeds", "0,1", "--steps", str(steps),
             "--setting", "tuned", "--out", str(out), *extra]
 
 
@@ -530,10 +531,8 @@ def test_a_sigterm_to_a_parallel_compare_ends_its_workers_and_says_to_rerun(tmp_
     import signal
     import time
 
-    from conftest import running, workers_of
-
     env = {key: value for key, value in os.environ.items() if key != "GENLIB_MAX_STEPS"}
-    args = [arg if arg != "5" else "1000000" for arg in compare_args(tmp_path, "--jobs", "2")]  # hours of steps
+    args = compare_args(tmp_path, "--jobs", "2", steps=1_000_000)  # hours of training: it is still running
     parent = subprocess.Popen([sys.executable, "-m", "genlib", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -254,11 +254,14 @@ def parallel_map(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], w
             # shutdown alone lets a running call finish (minutes of training) in a worker that outlives us;
             # Python 3.14 has pool.terminate_workers(), earlier ones only the private process table
             running = list((getattr(pool, "_processes", None) or {}).values())
+            manager = getattr(pool, "_executor_manager_thread", None)
             pool.shutdown(wait=False, cancel_futures=True)
             for process in running:
                 process.terminate()
             for process in running:
                 process.join()
+            if manager is not None:  # it reaps the same processes; until it is done one may still look alive
+                manager.join(timeout=30)
             raise
 
 

@@ -101,11 +101,12 @@ def test_parallel_map_stopped_early_leaves_no_worker_running():
     import multiprocessing
     import time
 
-    began = time.perf_counter()
-    finished = runtime.parallel_map(time.sleep, [(0.0,), (60.0,), (60.0,)], workers=2)
-    assert next(finished) == (0, None)
-    finished.close()  # as an error or Ctrl-C in the caller would: the 60 s call is running, the other waiting
-    assert multiprocessing.active_children() == [] and time.perf_counter() - began < 30
+    for attempt in range(3):  # a race (the pool's own thread reaping the same workers) failed 1 time in 5
+        began = time.perf_counter()
+        finished = runtime.parallel_map(time.sleep, [(0.0,), (60.0,), (60.0,)], workers=2)
+        assert next(finished) == (0, None)
+        finished.close()  # as an error or Ctrl-C in the caller would: the 60 s call is running, the other waiting
+        assert multiprocessing.active_children() == [] and time.perf_counter() - began < 30, attempt
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")

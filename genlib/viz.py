@@ -229,18 +229,36 @@ def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, 
     plt.close(fig)
 
 
-def save_palette_png(fig: plt.Figure, path: str | Path, dpi: int, colors: int = 256) -> None:
-    """Write ``fig`` as a PNG of at most ``colors`` palette colours: a plot of flat colours loses nothing visible, and
-    the file (kept in the repository, embedded in the book) is a quarter to a third of the full-colour one."""
+def save_palette_png(fig: plt.Figure, path: str | Path, dpi: int) -> None:
+    """Write ``fig`` at ``dpi`` as the :func:`palette_png` of its PNG."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    Path(path).write_bytes(palette_png(buffer.getvalue()))
+
+
+def palette_png(png: bytes, max_error: int = 16) -> bytes:
+    """PNG bytes re-encoded with 256 palette colours (no dither), or ``png`` as it is when it already has a palette or
+    when that would move some pixel's channel by more than ``max_error`` of 255 (smooth colour ramps would band).
+
+    A plot of flat colours loses nothing visible, and the file (kept in the repository, embedded in the book) is a
+    quarter to a third of the full-colour one."""
     import io
 
     from PIL import Image
 
+    image = Image.open(io.BytesIO(png))
+    if image.mode == "P":
+        return png
+    full = image.convert("RGB")  # figures have an opaque background: alpha carries nothing
+    reduced = full.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    error = np.abs(np.asarray(reduced.convert("RGB"), dtype=np.int16) - np.asarray(full, dtype=np.int16)).max()
+    if error > max_error:
+        return png
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    full = Image.open(buffer).convert("RGB")  # the figure's background is opaque: alpha carries nothing
-    full.quantize(colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, format="png",
-                                                                                         optimize=True)
+    reduced.save(buffer, format="png", optimize=True)
+    return buffer.getvalue()
 
 
 def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None, keys: Sequence[str] | None = None,
@@ -259,7 +277,8 @@ def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None,
 
 
 def figure_png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = (4.0, 4.0), dpi: int = 72) -> bytes:
-    """Render ``draw(ax)`` into PNG bytes of ``figsize`` inches at ``dpi`` (the figure is closed, never shown)."""
+    """Render ``draw(ax)`` into :func:`palette_png` bytes of ``figsize`` inches at ``dpi`` (the figure is closed, never
+    shown)."""
     import io
 
     fig, ax = plt.subplots(figsize=figsize)
@@ -268,7 +287,7 @@ def figure_png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    return buffer.getvalue()
+    return palette_png(buffer.getvalue())
 
 
 def frame_slider(draw: Callable[[int, plt.Axes], None], frames: int, description: str = "frame",

@@ -96,6 +96,44 @@ def test_widget_state_is_saved_with_stable_ids(notebook):
         f"{path.name}: widget ids are not the stable ones; re-run tools/execute_notebooks.py"
 
 
+def test_figures_are_stored_compact(notebook):
+    path, nb = notebook
+    again = copy.deepcopy(nb)
+    tool.compact_images(again)
+    assert json.dumps(again, sort_keys=True) == json.dumps(nb, sort_keys=True), \
+        f"{path.name}: a figure is not the compact PNG; re-run tools/execute_notebooks.py (--cleanup-only will do)"
+
+
+def test_tool_compacts_outputs_and_slider_frames_but_leaves_what_would_band():
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=60)
+    plt.close(fig)
+    plot = base64.b64encode(buffer.getvalue()).decode()
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buffer, format="png")
+    noise = base64.b64encode(buffer.getvalue()).decode()
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("plot", outputs=[nbformat.v4.new_output(
+        "display_data", data={"image/png": image}) for image in (plot, noise)]))
+    frame = {"model_name": "ImageModel", "state": {"format": "png"},
+             "buffers": [{"data": plot, "encoding": "base64", "path": ["value"]}]}
+    nb.metadata["widgets"] = {tool.WIDGET_STATE: {"state": {"c" * 32: frame}}}
+    tool.compact_images(nb)
+    frame = nb.metadata["widgets"][tool.WIDGET_STATE]["state"]["c" * 32]  # the notebook holds a copy
+    stored = [o.data["image/png"] for o in nb.cells[0].outputs] + [frame["buffers"][0]["data"]]
+    modes = [Image.open(io.BytesIO(base64.b64decode(image))).mode for image in stored]
+    assert modes == ["P", "RGB", "P"] and stored[1] == noise and len(stored[0]) < len(plot)
+
+
 def test_tool_renames_widget_ids_deterministically():
     nb = nbformat.v4.new_notebook()
     ids = ["a" * 32, "b" * 32]

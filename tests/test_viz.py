@@ -1,5 +1,7 @@
 """Image grids and the browser-linked frame slider."""
 
+import io
+
 import matplotlib
 
 matplotlib.use("agg")
@@ -188,6 +190,37 @@ def test_palette_png_is_smaller_and_looks_the_same(tmp_path):
     assert palette.mode == "P" and len(palette.getcolors()) <= 256
     assert np.abs(np.asarray(palette.convert("RGB"), dtype=float) - full).mean() < 1.0  # of 255 per channel
     assert (tmp_path / "palette.png").stat().st_size < 0.6 * (tmp_path / "full.png").stat().st_size
+    again = (tmp_path / "palette.png").read_bytes()
+    assert viz.palette_png(again) == again  # already a palette: left alone, so re-compacting changes nothing
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 array [h, w, 3]."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def test_palette_png_keeps_full_colour_where_a_palette_would_band():
+    from PIL import Image
+
+    noise = png_of(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8))  # no 256 colours fit it
+    assert viz.palette_png(noise) == noise
+    assert Image.open(io.BytesIO(viz.palette_png(noise, max_error=255))).mode == "P"  # a looser bound lets it through
+    flat = png_of(np.repeat(np.repeat(np.arange(12, dtype=np.uint8).reshape(3, 4, 1) * 20, 30, 0), 30, 1)
+                  .repeat(3, -1))  # 12 flat grey blocks
+    compact = viz.palette_png(flat)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(compact)).convert("RGB")),
+                          np.asarray(Image.open(io.BytesIO(flat)).convert("RGB")))
+
+
+def test_figure_png_returns_palette_bytes_of_the_drawing():
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(viz.figure_png(lambda ax: ax.plot([0, 1], [0, 1]), (2.0, 2.0), dpi=50)))
+    assert image.mode == "P" and image.size == (100, 100)
 
 
 def test_shared_colour_scale_spans_every_panel_s_values_unless_told():
@@ -221,8 +254,6 @@ def test_energy_surface_names_reals_and_fakes_in_a_legend():
 
 
 def test_figure_png_frames_keep_one_size_whatever_their_titles():
-    import io
-
     sizes = {plt.imread(io.BytesIO(viz.figure_png(lambda ax, t=title: ax.set_title(t), (3.0, 2.0), dpi=50))).shape
              for title in ("a", "a much longer title that reaches past the axes on both sides")}
     assert sizes == {(100, 150, 4)}

@@ -6,7 +6,8 @@
 What it guarantees, so that re-running an unchanged notebook gives an (almost) empty diff:
 run at GENLIB_SCALE=small on the CPU; the Colab set-up cell rewritten from the one template
 below (repository URL read from _config.yml); widget state saved with widget ids renamed to
-stable ones; no timing or execution metadata; kernelspec python3; execution counts 1, 2, ...
+stable ones; no timing or execution metadata; kernelspec python3; execution counts 1, 2, ...;
+figures stored as 256-colour PNGs where no pixel moves by more than 16 of 255 levels (genlib.viz.palette_png).
 The machine's :func:`genlib.runtime.cpu_fingerprint` goes into the notebook's metadata (``genlib.executed_on``):
 trained numbers depend on the CPU's rounding, and the test suite's header says when this machine differs.
 """
@@ -14,6 +15,7 @@ trained numbers depend on the CPU's rounding, and the test suite's header says w
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from genlib import __version__  # noqa: E402
 from genlib.runtime import cpu_fingerprint  # noqa: E402
+from genlib.viz import palette_png  # noqa: E402
 
 SETUP_TAG = "colab-setup"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
@@ -137,6 +140,27 @@ def coalesce_streams(nb: nbformat.NotebookNode) -> None:
             cell.outputs = joined
 
 
+def compact_images(nb: nbformat.NotebookNode) -> None:
+    """Re-encode every PNG output and slider frame as :func:`genlib.viz.palette_png`: a quarter of the bytes in the
+    repository's history and the book, with full colour kept where a palette would band."""
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                output.data["image/png"] = compact_base64(output.data["image/png"])
+    for model in nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {}).values():
+        if model.get("model_name") == "ImageModel" and model.get("state", {}).get("format") == "png":
+            for buffer in model.get("buffers", []):
+                if buffer.get("encoding") == "base64":
+                    buffer["data"] = compact_base64(buffer["data"])
+
+
+def compact_base64(data: str) -> str:
+    """:func:`genlib.viz.palette_png` of base64 PNG text (as notebooks store images), as base64 text."""
+    png = base64.b64decode(data)
+    compact = palette_png(png)
+    return data if compact is png else base64.b64encode(compact).decode("ascii")
+
+
 def execute(path: Path, timeout: int, run: bool = True) -> tuple[nbformat.NotebookNode, float]:
     """Execute one notebook (or, with ``run=False``, only redo the clean-up); return it, cleaned up and not yet
     written, and the wall time."""
@@ -153,6 +177,7 @@ def execute(path: Path, timeout: int, run: bool = True) -> tuple[nbformat.Notebo
         nb.metadata["genlib"] = {"executed_on": cpu_fingerprint()}
     clean_metadata(nb)
     coalesce_streams(nb)
+    compact_images(nb)
     stable_widget_ids(nb, path.stem)
     nbformat.validate(nb)
     return nb, elapsed
@@ -163,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: chapters/*.ipynb)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     parser.add_argument("--cleanup-only", action="store_true",
-                        help="do not execute: only redo the metadata clean-up and widget ids of committed outputs")
+                        help="do not execute: only redo the clean-up (metadata, widget ids, figures) of the outputs")
     args = parser.parse_args(argv)
     os.environ["GENLIB_SCALE"] = "small"
     os.environ.pop("MPLBACKEND", None)

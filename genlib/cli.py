@@ -49,7 +49,7 @@ FLAG_FIELDS = ("z_dim", "width", "lr", "batch_size")
 """TrainSpec fields that ``train``'s own flags set: an ``--opt`` of the same name is refused, not silently preferred."""
 TOYS = ("ring8", "grid25", "moons", "swissroll", "checkerboard", "rings")
 IMAGE_SETS = ("digits", "fashion-mnist", "mnist", "cifar10", "celeba64", "folder")
-SPLIT_SETS = ("fashion-mnist", "mnist", "cifar10")  # the image sets with a test split
+SPLIT_SETS = ("fashion-mnist", "mnist", "cifar10", "celeba64")  # the image sets with a test split
 DATA_FLAGS: dict[str, tuple[tuple[str, ...], int]] = {"resolution": (("folder",), 64), "toy_points": (TOYS, 50_000)}
 """Data flags (``train`` field -> (the ``--data`` they apply to, default)): elsewhere they do nothing, so they
 neither define a run there nor pass without a warning."""
@@ -798,8 +798,8 @@ def make_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="decode an image dataset once into its uint8 cache")
     prepare.add_argument("data", choices=IMAGE_SETS, help="image dataset")
     prepare.add_argument("--root", help="dataset folder (CelebA's img_align_celeba, an image folder, ...)")
-    prepare.add_argument("--split", choices=("train", "test"), default="train",
-                         help=f"test: only {', '.join(SPLIT_SETS)} have one")
+    prepare.add_argument("--split", choices=("train", "valid", "test"), default="train",
+                         help=f"test: only {', '.join(SPLIT_SETS)} have one; valid: celeba64 alone")
     prepare.add_argument("--resolution", type=_positive_int, default=DATA_FLAGS["resolution"][1],
                          help="image size (--data folder only)")
     prepare.set_defaults(func=cmd_prepare)

@@ -215,6 +215,8 @@ def toy_dataset(name: str, n: int, seed: int = 0, **kw: Any) -> Tensor:
 SYSTEM_DATA = Path("/usr/share/datasets")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 CELEBA_CROP = 140 / 178  # the usual 140x140 centre crop of the 178x218 aligned faces
+CELEBA_PARTITION = {"train": (1, 162_770), "valid": (162_771, 182_637), "test": (182_638, 202_599)}
+"""CelebA's recommended partition (its list_eval_partition.txt) as ranges of image numbers: 000001.jpg is the first."""
 CACHE_VERSION = 1
 
 IDX_FILES = {
@@ -288,8 +290,9 @@ def load_images(
 ) -> ImageData:
     """Load image dataset ``name`` as uint8 ``[N, C, H, W]`` (see the module docstring for names).
 
-    ``split`` is ``'train'`` or ``'test'`` for mnist, fashion-mnist and cifar10; digits, celeba64
-    and folder have no split and only accept ``'train'`` (all images). ``resolution``, ``cache_dir``,
+    ``split`` is ``'train'`` or ``'test'`` for mnist, fashion-mnist and cifar10, and also ``'valid'`` for celeba64
+    (CelebA's own partition, :data:`CELEBA_PARTITION`); digits and folder have no split and only accept ``'train'``
+    (all images). ``resolution``, ``cache_dir``,
     ``workers`` and ``progress`` concern decoded folders (``celeba64`` is always 64x64);
     ``download`` lets mnist/fashion-mnist be fetched into ``$GENLIB_DATA`` when missing.
     """
@@ -441,8 +444,9 @@ def _pickle_field(content: dict, key: str, path: Path) -> Any:
 
 
 def _load_celeba64(split: str, root: str | os.PathLike[str] | None, **opts: Any) -> ImageData:
-    """CelebA aligned faces: 140x140 centre crop of each 178x218 JPEG, resized to 64x64 RGB."""
-    _check_split("celeba64", split, ["train"])
+    """CelebA aligned faces of one part of :data:`CELEBA_PARTITION`: 140x140 centre crop of each 178x218 JPEG,
+    resized to 64x64 RGB (the whole folder is decoded and cached once; a split is a slice of it)."""
+    _check_split("celeba64", split, list(CELEBA_PARTITION))
     dirs = [] if root is None else [Path(root).expanduser() / "img_align_celeba"]
     if root is not None and Path(root).name == "img_align_celeba":
         dirs.insert(0, Path(root).expanduser())
@@ -450,7 +454,26 @@ def _load_celeba64(split: str, root: str | os.PathLike[str] | None, **opts: Any)
     folder = next((d for d in dirs if d.is_dir()), None)
     if folder is None:
         raise _not_found("celeba64", dirs)
-    return ImageData(decode_folder(folder, 64, CELEBA_CROP, tag="celeba64", **opts), None, "celeba64")
+    first, last = CELEBA_PARTITION[split]
+    rows = [i for i, number in enumerate(celeba_numbers(folder)) if first <= number <= last]
+    if not rows:
+        raise ValueError(f"{folder} holds no image of CelebA's {split} split (numbers {first:06d} to {last:06d})")
+    images = decode_folder(folder, 64, CELEBA_CROP, tag="celeba64", **opts)
+    # CelebA's zero-padded names sort by number, so a split is one slice of the cache: no copy of 2 GB
+    contiguous = rows == list(range(rows[0], rows[-1] + 1))
+    return ImageData(images[rows[0]:rows[-1] + 1] if contiguous else images[rows], None, "celeba64")
+
+
+def celeba_numbers(folder: Path) -> list[int]:
+    """The CelebA image number of each file :func:`list_images` finds under ``folder`` (000001.jpg is 1), in its order;
+    a file named otherwise is an error, since the split could not place it."""
+    numbers = []
+    for path in list_images(folder):
+        if not path.stem.isdigit() or not 1 <= int(path.stem) <= CELEBA_PARTITION["test"][1]:
+            raise ValueError(f"{path}: not a CelebA image name (000001.jpg to {CELEBA_PARTITION['test'][1]:06d}.jpg), "
+                             "so no split can place it; train on other images with --data folder")
+        numbers.append(int(path.stem))
+    return numbers
 
 
 def _load_image_folder(split: str, root: str | os.PathLike[str] | None, resolution: int, **opts: Any) -> ImageData:

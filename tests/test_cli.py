@@ -328,7 +328,8 @@ def test_genlib_threads_sets_the_thread_count_a_run_records(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def fake_celeba(tmp_path_factory):
-    """A CelebA-like folder: 24 random 178x218 JPEG 'faces' under img_align_celeba/."""
+    """A CelebA-like folder: 24 random 178x218 JPEG 'faces' under img_align_celeba/, 20 of CelebA's training split
+    (000001.jpg on) and 4 of its test split (182638.jpg on), the held-out images of a run with a likelihood."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("celeba")
@@ -337,7 +338,7 @@ def fake_celeba(tmp_path_factory):
     rng = torch.Generator().manual_seed(0)
     for i in range(24):
         pixels = torch.randint(0, 256, (218, 178, 3), generator=rng, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+        Image.fromarray(pixels).save(folder / f"{i + 1 if i < 20 else 182_638 + i - 20:06d}.jpg", quality=90)
     return root
 
 
@@ -366,6 +367,7 @@ def test_every_family_trains_at_64px_on_a_celeba_folder(family, fake_celeba, tmp
               "--sample-every", "2", *TINY_OPTIONS.get(family, [])])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["features"] == "efficientnet-lite0" and saved["fd"] >= 0 and saved["eval_samples"] == 8
+    assert ("held_out_bits_per_dim" in saved) == (family in ("realnvp", "vae"))  # the likelihoods, on the test split
     assert (out / "samples.png").exists() and (out / "checkpoint.pt").exists()
     assert sorted(p.name for p in (out / "progress").iterdir()) == ["step_0000002.png"]
     run = json.loads((out / "run.json").read_text())

@@ -316,11 +316,12 @@ def fake_face(i: int) -> Image.Image:
 
 @pytest.fixture
 def faces(tmp_path) -> Path:
-    """tmp/img_align_celeba with 3 PNG faces and 3 JPEG faces in a subfolder (sorted = index order)."""
+    """tmp/img_align_celeba with 3 PNG faces and 3 JPEG faces in a subfolder (sorted = index order), named as CelebA's
+    first six (000001 to 000006)."""
     folder = tmp_path / "img_align_celeba"
     (folder / "sub").mkdir(parents=True)
     for i in range(6):
-        path = folder / f"{i}.png" if i < 3 else folder / "sub" / f"{i}.jpg"
+        path = folder / f"{i + 1:06d}.png" if i < 3 else folder / "sub" / f"{i + 1:06d}.jpg"
         fake_face(i).save(path, quality=95, subsampling=0) if i >= 3 else fake_face(i).save(path)
     (folder / "notes.txt").write_text("not an image")
     return tmp_path
@@ -359,9 +360,45 @@ def test_celeba64_centre_crop_and_cache(faces, monkeypatch):
 
     # A new file changes the key: decode again (and the root may be the image folder itself).
     monkeypatch.setattr(data, "_decode_all", decode_all)
-    fake_face(6).save(faces / "img_align_celeba" / "6.png")
+    fake_face(6).save(faces / "img_align_celeba" / "000007.png")
     again = data.load_images("celeba64", root=faces / "img_align_celeba", cache_dir=cache, workers=1, progress=False)
     assert len(again) == 7 and torch.equal(again.images[:3], d.images[:3])
+
+
+def test_celeba64_splits_follow_celeba_s_own_partition(tmp_path):
+    """Each split holds the images whose numbers lie in its part of CelebA's partition, in the folder's order, and
+    equals those rows of the whole decoded folder (a slice when contiguous, a gather when a subfolder breaks the
+    order)."""
+    folder = tmp_path / "img_align_celeba"
+    (folder / "sub").mkdir(parents=True)
+    numbers = {"000001": 0, "162770": 1, "162771": 2, "182637": 3, "182638": 4, "202599": 5, "sub/000002": 6}
+    for name, i in numbers.items():
+        fake_face(i).save(folder / f"{name}.png")
+    kw = dict(root=tmp_path, cache_dir=tmp_path / "c", workers=1, progress=False)
+    whole = data.decode_folder(folder, 64, data.CELEBA_CROP, tag="celeba64", cache_dir=tmp_path / "c", progress=False)
+    order = sorted(numbers, key=lambda name: str(folder / name))  # list_images' order
+    assert data.celeba_numbers(folder) == [int(name.split("/")[-1]) for name in order]
+    expected = {"train": ["000001", "162770", "sub/000002"], "valid": ["162771", "182637"],
+                "test": ["182638", "202599"]}
+    for split, names in expected.items():
+        images = data.load_images("celeba64", split=split, **kw).images
+        assert torch.equal(images, whole[[order.index(name) for name in names]]), split
+    assert sum(last - first + 1 for first, last in data.CELEBA_PARTITION.values()) == 202_599  # CelebA's size
+
+
+def test_celeba64_refuses_names_no_split_can_place_and_empty_splits(tmp_path):
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    fake_face(0).save(folder / "000001.png")
+    with pytest.raises(ValueError, match="holds no image of CelebA's test split"):
+        data.load_images("celeba64", split="test", root=tmp_path, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="has splits"):
+        data.load_images("celeba64", split="dev", root=tmp_path, cache_dir=tmp_path / "c", progress=False)
+    for wrong in ("face.png", "000000.png", "202600.png"):
+        fake_face(1).save(folder / wrong)
+        with pytest.raises(ValueError, match=f"{wrong}: not a CelebA image name.*--data folder"):
+            data.load_images("celeba64", root=tmp_path, cache_dir=tmp_path / "c", progress=False)
+        (folder / wrong).unlink()
 
 
 def test_parallel_decoding_matches_serial(faces):
@@ -393,7 +430,7 @@ def test_empty_folder_is_named(tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_corrupt_image_is_named(faces, workers):
-    bad = faces / "img_align_celeba" / "sub" / "4.jpg"
+    bad = faces / "img_align_celeba" / "sub" / "000005.jpg"
     bad.write_bytes(bad.read_bytes()[:300])  # truncated JPEG
     with pytest.raises(ValueError, match=f"cannot decode image {bad}"):
         data.load_images("celeba64", root=faces, cache_dir=faces / "c", workers=workers, progress=False)

@@ -58,13 +58,21 @@ def test_help_lists_the_commands():
     (["compare", "--out", "x", "--seeds", "0,99999999999999999999"], "must be a seed from 0 to 2**63 - 1"),
     (["train", "gan", "--data", "ring8", "--out", "x", "--seed", str(2**63)], "must be a seed from 0 to 2**63 - 1"),
     (["compare", "--out", "x", "--seeds", "0,00"], "a seed is named twice"),  # one seed, spelt two ways
-    (["prepare", "digits", "--split", "valid"], "invalid choice: 'valid'"),
+    (["prepare", "digits", "--split", "dev"], "invalid choice: 'dev'"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
     """In-process (the subprocess of test_help_lists_the_commands covers ``python -m genlib`` itself)."""
     with pytest.raises(SystemExit) as exited:
         cli.main(args)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_split_the_dataset_lacks_is_one_error_line(capsys):
+    """``valid`` passes the parser (celeba64 has one); digits, which has no such split, refuses it by name."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["prepare", "digits", "--split", "valid"])
+    message = "error: dataset 'digits' has splits ['train'], got 'valid'"
+    assert exited.value.code == 1 and message in capsys.readouterr().err
 
 
 def test_one_evaluation_sample_is_rejected_before_training(tmp_path):
@@ -1207,7 +1215,8 @@ def test_classifier_makes_its_out_before_training(tmp_path, capsys, monkeypatch)
 
 def test_help_shows_every_option_s_meaning_and_no_markup(capsys):
     for command, expected in ((["compare"], ["training steps of each run (default: 3000)"]),
-                              (["prepare"], ["{train,test}", "image size (--data folder only)", "dataset folder"]),
+                              (["prepare"], ["{train,valid,test}", "valid: celeba64 alone",
+                                             "image size (--data folder only)", "dataset folder"]),
                               (["classifier"], ["seed of the weights"]), ([], ["python -m genlib {prepare"])):
         with pytest.raises(SystemExit):
             cli.main([*command, "--help"])

@@ -455,20 +455,21 @@ def _load_celeba64(split: str, root: str | os.PathLike[str] | None, **opts: Any)
     if folder is None:
         raise _not_found("celeba64", dirs)
     first, last = CELEBA_PARTITION[split]
-    rows = [i for i, number in enumerate(celeba_numbers(folder)) if first <= number <= last]
+    paths = list_images(folder)  # listed once: 202,599 files
+    rows = [i for i, number in enumerate(celeba_numbers(paths)) if first <= number <= last]
     if not rows:
         raise ValueError(f"{folder} holds no image of CelebA's {split} split (numbers {first:06d} to {last:06d})")
-    images = decode_folder(folder, 64, CELEBA_CROP, tag="celeba64", **opts)
+    images = decode_folder(folder, 64, CELEBA_CROP, tag="celeba64", paths=paths, **opts)
     # CelebA's zero-padded names sort by number, so a split is one slice of the cache: no copy of 2 GB
     contiguous = rows == list(range(rows[0], rows[-1] + 1))
     return ImageData(images[rows[0]:rows[-1] + 1] if contiguous else images[rows], None, "celeba64")
 
 
-def celeba_numbers(folder: Path) -> list[int]:
-    """The CelebA image number of each file :func:`list_images` finds under ``folder`` (000001.jpg is 1), in its order;
-    a file named otherwise is an error, since the split could not place it."""
+def celeba_numbers(paths: Sequence[Path]) -> list[int]:
+    """The CelebA image number of each image file (000001.jpg is 1), in order; a file named otherwise is an error,
+    since the split could not place it."""
     numbers = []
-    for path in list_images(folder):
+    for path in paths:
         if not path.stem.isdigit() or not 1 <= int(path.stem) <= CELEBA_PARTITION["test"][1]:
             raise ValueError(f"{path}: not a CelebA image name (000001.jpg to {CELEBA_PARTITION['test'][1]:06d}.jpg), "
                              "so no split can place it; train on other images with --data folder")
@@ -503,9 +504,11 @@ def decode_folder(
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     progress: bool = True,
+    paths: Sequence[Path] | None = None,
 ) -> Tensor:
     """All images under ``folder`` as uint8 ``[N, 3, resolution, resolution]``, each cropped to
-    its central square of side ``crop_fraction * min(width, height)`` and resized.
+    its central square of side ``crop_fraction * min(width, height)`` and resized (``paths``: the
+    folder's :func:`list_images`, when the caller has listed it already).
 
     The result is cached as ``.npy`` + ``.json`` in ``cache_dir`` (default ``$GENLIB_DATA/cache``),
     keyed by the folder, its file names and sizes, the resolution and the crop; a later call with
@@ -513,7 +516,7 @@ def decode_folder(
     """
     if resolution < 1 or not 0 < crop_fraction <= 1:
         raise ValueError(f"need resolution >= 1 and 0 < crop_fraction <= 1, got {resolution}, {crop_fraction}")
-    paths = list_images(folder)
+    paths = list(paths) if paths is not None else list_images(folder)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
     meta = _cache_meta(folder, paths, resolution, crop_fraction)

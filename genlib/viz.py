@@ -231,11 +231,16 @@ def save_scatter_panels(panels: Sequence[tuple[str, torch.Tensor, torch.Tensor, 
 
 def save_palette_png(fig: plt.Figure, path: str | Path, dpi: int) -> None:
     """Write ``fig`` at ``dpi`` as the :func:`palette_png` of its PNG."""
+    Path(path).write_bytes(figure_palette_png(fig, dpi))
+
+
+def figure_palette_png(fig: plt.Figure, dpi: int) -> bytes:
+    """``fig`` rendered at ``dpi`` as :func:`palette_png` bytes."""
     import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    Path(path).write_bytes(palette_png(buffer.getvalue()))
+    return palette_png(buffer.getvalue())
 
 
 def palette_png(png: bytes, max_error: int = 16) -> bytes:
@@ -279,15 +284,12 @@ def loss_curves(history: dict[str, Sequence[float]], ax: plt.Axes | None = None,
 def figure_png(draw: Callable[[plt.Axes], None], figsize: tuple[float, float] = (4.0, 4.0), dpi: int = 72) -> bytes:
     """Render ``draw(ax)`` into :func:`palette_png` bytes of ``figsize`` inches at ``dpi`` (the figure is closed, never
     shown)."""
-    import io
-
     fig, ax = plt.subplots(figsize=figsize)
     draw(ax)
     fig.tight_layout()  # not bbox_inches="tight": a slider's frames must keep one size, whatever their titles
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    png = figure_palette_png(fig, dpi)
     plt.close(fig)
-    return palette_png(buffer.getvalue())
+    return png
 
 
 def frame_slider(draw: Callable[[int, plt.Axes], None], frames: int, description: str = "frame",

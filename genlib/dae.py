@@ -322,7 +322,8 @@ class DDEGenerator(GenerativeModel):
     ``G(z) + sigma eps`` (so ``e_q = log q_sigma + C2``). Each :meth:`step` (1) updates ``e_p``
     (after warm-up only with ``train_real``), (2) updates ``e_q`` on fresh fakes, and (3) every
     ``gen_every`` steps after warm-up updates G to minimise ``mean[e_q(G(z) + eps) - e_p(G(z) + eps)]``;
-    the first ``warmup`` steps train the two energies alone (no generator step).
+    the first ``warmup`` steps train the two energies alone (no generator step). ``sigma`` defaults to
+    the DDE code's levels: 0.2 for vectors, 0.6 for images on the [-1, 1] pixel range.
     With ``sigma_end`` (which then needs ``anneal_steps >= 1``) the noise level decays geometrically
     from ``sigma`` to ``sigma_end`` over ``anneal_steps`` steps after warm-up (the authors' code offers
     such a reduction): a wide blur lets the generator see distant modes, a narrow one resolves them;

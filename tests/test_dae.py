@@ -14,7 +14,7 @@ from torch import nn
 
 from genlib import dae
 from genlib.cli import TrainSpec
-from genlib.data import BatchSampler, gaussian_mixture
+from genlib.data import BatchSampler, Toy, gaussian_mixture, toy
 from genlib.train import fit
 
 # The 1-D example of REFERENCES.md and a 2-D mixture with unequal weights and widths.
@@ -263,6 +263,14 @@ def test_every_family_trains_through_fit_and_samples(family, make_spec):
     assert samples.shape == (5, *spec.shape) and torch.isfinite(samples).all()
 
 
+def test_score_builder_gives_images_ncsn_s_noise_ladder_on_the_minus_one_to_one_pixel_range():
+    # documented: sigma 2 -> 0.02 (NCSN's 1 -> 0.01 on [0, 1] pixels, doubled) and 100 steps per level
+    model = dae.build_score(image_spec())
+    assert model.sigmas[0].item() == pytest.approx(2.0) and model.sigmas[-1].item() == pytest.approx(0.02)
+    assert model.steps_per_level == 100
+    assert dae.build_score(toy_spec()).sigmas[0].item() == pytest.approx(5.0)  # vectors keep the class default
+
+
 def test_builders_convert_options_and_reject_unknown_ones():
     model = dae.build_dde(toy_spec({"betas": "0.5,0.9", "sigma": "0.3", "train_real": "no"}))
     assert model.optimizers["g"].defaults["betas"] == (0.5, 0.9) and model.sigma == 0.3 and not model.train_real
@@ -350,6 +358,18 @@ def test_dde_generator_rejects_a_sigma_end_without_a_schedule():
         dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, anneal_steps=-1)
     with pytest.raises(ValueError, match="must be > 0"):
         dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, sigma_end=0.0, anneal_steps=5)
+    with pytest.raises(ValueError, match="must be > 0"):
+        dae.DDEGenerator((2,), width=8, depth=1, sigma=0.0, sigma_end=0.1, anneal_steps=5)
+    with pytest.raises(ValueError, match="gen_every must be >= 1"):
+        dae.DDEGenerator((2,), width=8, depth=1, gen_every=0)
+    with pytest.raises(ValueError, match="warmup >= 0"):
+        dae.DDEGenerator((2,), width=8, depth=1, warmup=-1)
+    # the documented default levels (the DDE code's), and the shortest schedule: one step from sigma to sigma_end
+    assert dae.DDEGenerator((2,), width=8, depth=1).sigma == 0.2
+    assert dae.DDEGenerator((1, 8, 8), width=8).sigma == 0.6
+    model = dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, sigma_end=0.1, anneal_steps=1)
+    model._iteration = 5
+    assert model.sigma == pytest.approx(0.1)
     # still accepted: no annealing at all, or a sigma_end equal to sigma, which stays at sigma throughout
     for kwargs in ({}, {"sigma_end": 0.5}, {"sigma_end": 0.5, "anneal_steps": 7}):
         model = dae.DDEGenerator((2,), width=8, depth=1, sigma=0.5, warmup=2, **kwargs)
@@ -377,6 +397,42 @@ def test_mixture_closed_forms_reject_bad_parameters():
     # a zero weight is allowed (that component simply drops out)
     assert torch.allclose(dae.smoothed_log_density(x, [0.0, 1.0], means, [0.5, 0.5], 0.1),
                           dae.smoothed_log_density(x, [1.0], means[1:], [0.5], 0.1))
+
+
+def test_mixture_closed_forms_check_each_shape():
+    x, means, half = torch.zeros(3, 1), [[-1.0], [1.0]], [0.5, 0.5]
+    for bad in ((torch.zeros(3), [[0.0]]), (x, [0.0, 1.0]), (torch.zeros(3, 2), means)):  # x 1-D, means 1-D, d differs
+        with pytest.raises(ValueError, match=r"need x \[n, d\] and means \[k, d\]"):
+            dae.smoothed_log_density(bad[0], [1.0] * len(bad[1]), bad[1], [0.5] * len(bad[1]), 0.1)
+    for weights, stds in (([1.0], half), (half, [0.5])):  # one of the two a component short
+        with pytest.raises(ValueError, match=r"weights and stds must have shape \[2\]"):
+            dae.smoothed_score(x, weights, means, stds, 0.1)
+
+
+def test_mixture_params_read_a_toy_s_mixture_and_give_equal_weights_when_it_has_none():
+    weights, means, stds = dae.mixture_params(toy("ring8"))
+    assert weights.tolist() == pytest.approx([1 / 8] * 8)
+    assert means.shape == (8, 2) and stds.tolist() == pytest.approx([toy("ring8").std] * 8)
+    modes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    unweighted = Toy("four", draw=lambda n, generator: torch.zeros(n, 2), modes=modes, std=0.1)
+    assert dae.mixture_params(unweighted)[0].tolist() == pytest.approx([0.25] * 4)
+    for partial in (Toy("no std", draw=unweighted.draw, modes=modes), Toy("no modes", unweighted.draw, std=0.1)):
+        with pytest.raises(ValueError, match="not a Gaussian mixture"):
+            dae.mixture_params(partial)
+
+
+def test_geometric_sigmas_accept_equal_ends_and_reject_bad_ones():
+    assert dae.geometric_sigmas(0.3, 0.3, 3).tolist() == pytest.approx([0.3] * 3)
+    for sigma_max, sigma_min, n in ((1.0, 0.0, 3), (0.5, 1.0, 3), (1.0, 0.1, 0)):
+        with pytest.raises(ValueError, match="need 0 < sigma_min <= sigma_max and n >= 1"):
+            dae.geometric_sigmas(sigma_max, sigma_min, n)
+
+
+def test_langevin_with_no_steps_or_a_zero_step_size_returns_its_start():
+    x0 = torch.randn(5, 2)
+    for step_size, n_steps in ((0.1, 0), (0.0, 4)):
+        out = dae.langevin(lambda v: -v, x0, step_size, n_steps)
+        assert torch.equal(out, x0) and out is not x0
 
 
 def test_langevin_samplers_reject_empty_ladders_and_negative_step_counts():
@@ -420,6 +476,8 @@ def test_gaussian_kl_rejects_bad_input():
     with pytest.raises(ValueError, match="stds must be > 0"):
         dae.gaussian_kl(torch.zeros(2), 0.0, torch.zeros(2), 1.0)
     with pytest.raises(ValueError, match="stds must be > 0"):
+        dae.gaussian_kl(torch.zeros(2), 1.0, torch.zeros(2), 0.0)
+    with pytest.raises(ValueError, match="stds must be > 0"):
         dae.gaussian_kl(torch.zeros(2), 1.0, torch.zeros(2), torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="same d"):
         dae.gaussian_kl(torch.zeros(2), 1.0, torch.zeros(3), 1.0)
@@ -428,6 +486,10 @@ def test_gaussian_kl_rejects_bad_input():
     with pytest.raises(ValueError, match="std_q must be a scalar or broadcast"):  # one std per coordinate
         dae.gaussian_kl(torch.zeros(3), torch.ones(3), torch.zeros(3), 1.0)
     assert dae.gaussian_kl(torch.zeros(4, 3), torch.ones(4), torch.zeros(3), 2.0).shape == (4,)
+    # the same with the batch on p's side: one std per Gaussian p, against the 1-D closed form summed over d
+    kl = dae.gaussian_kl(torch.zeros(3), 1.0, torch.arange(12.0).view(4, 3), torch.full((4,), 2.0))
+    per_coordinate = math.log(2.0) + (1.0 + torch.arange(12.0).view(4, 3) ** 2) / 8 - 0.5
+    torch.testing.assert_close(kl, per_coordinate.sum(1))
 
 
 def test_smoothed_gaussians_kl_by_monte_carlo_with_exact_energies_is_the_closed_form():
@@ -553,6 +615,23 @@ def test_data_smoothed_log_density_is_the_equal_weight_mixture_of_zero_width_com
         dae.data_smoothed_log_density(x, data, 0.0)
     with pytest.raises(ValueError, match="one shape"):
         dae.data_smoothed_log_density(x, data[:, :5], 0.7)
+
+
+def test_score_network_body_is_a_u_net_for_images_unless_mlp_is_asked_for():
+    assert isinstance(dae.NoiseConditionalScore((1, 8, 8), width=8).body, dae.ConvScoreBody)
+    assert isinstance(dae.NoiseConditionalScore((1, 8, 8), width=8, arch="mlp").body, dae.MLPScoreBody)
+    assert isinstance(dae.NoiseConditionalScore((2,), width=8).body, dae.MLPScoreBody)
+    for shape, arch in (((2,), "conv"), ((1, 8, 8), "unet")):
+        with pytest.raises(ValueError, match="arch must be"):
+            dae.NoiseConditionalScore(shape, width=8, arch=arch)
+    for height, width in ((6, 8), (8, 6)):  # one side alone is off
+        with pytest.raises(ValueError, match="divisible by 4"):
+            dae.ConvScoreBody(1, width=8)(torch.zeros(2, 1, height, width), torch.zeros(2))
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 28, 28)])
+def test_dde_energy_is_one_number_per_sample(shape):
+    assert dae.make_energy(shape, width=8, depth=2)(torch.zeros(5, *shape)).shape == (5,)
 
 
 def test_dde_energy_activation_defaults_to_softplus_for_vectors_and_leaky_relu_for_images():

@@ -338,6 +338,14 @@ def test_knn_entropy_matches_gaussian_entropy():
     assert E.knn_entropy(3 * x).item() == pytest.approx(E.knn_entropy(x).item() + 2 * math.log(3), abs=1e-4)
 
 
+def test_knn_entropy_needs_a_neighbour_rank_below_the_sample_count():
+    samples = torch.randn(5, 2)
+    assert math.isfinite(E.knn_entropy(samples, k=4).item())  # the farthest other sample
+    for k in (0, 5):
+        with pytest.raises(ValueError, match="need 1 <= k < number of samples"):
+            E.knn_entropy(samples, k=k)
+
+
 def test_knn_entropy_is_differentiable_and_rises_when_samples_spread():
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     (grad,) = torch.autograd.grad(E.knn_entropy(x), x)
@@ -812,6 +820,10 @@ def test_pit_depth_on_closed_forms():
     plane = lambda x: x @ slope  # noqa: E731
     assert E.pit_depth(plane, centre, 0.2, directions=4000) == pytest.approx(-1.0, abs=1e-5)
     assert E.pit_depth(lambda x: -bowl(x), centre, 0.3) == pytest.approx(-0.09, abs=1e-6)  # a peak
+    # few directions: exactly the points at angles 2 pi i / n (an odd n is not symmetric about the centre)
+    for n in (3, 4, 5):
+        lowest = min(math.cos(2 * math.pi * i / n) * 3.0 + math.sin(2 * math.pi * i / n) * 4.0 for i in range(n))
+        assert E.pit_depth(plane, centre, 0.2, directions=n) == pytest.approx(0.2 * lowest, abs=1e-6)
     with pytest.raises(ValueError, match="2-D point"):
         E.pit_depth(bowl, torch.zeros(3), 0.1)
     with pytest.raises(ValueError, match="radius"):

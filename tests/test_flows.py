@@ -288,6 +288,9 @@ def test_dequantized_pixels_stay_in_their_own_cell_even_for_noise_just_below_one
         v = fl.dequantize(image, noise=u)
         assert v.dtype == dtype and (v >= -1).all() and (v < 1).all()
         assert torch.equal(torch.floor((v + 1) * 128), k)  # cell [k / 128 - 1, (k + 1) / 128 - 1) holds pixel k
+    # values a little outside [-1, 1] (a resampled image, say) belong to the end pixels' cells
+    v = fl.dequantize(torch.tensor([-1.3, 1.2], dtype=dtype), noise=torch.full((2,), 0.5, dtype=dtype))
+    assert v.tolist() == [0.5 / 128 - 1, 255.5 / 128 - 1]
 
 
 def test_linear_gaussian_vae_elbo_bounds_the_exact_log_likelihood():

@@ -138,7 +138,8 @@ def _coverage_brute_force(hit_probs: list[float], n: int) -> tuple[float, float,
     return first, math.sqrt(second - first**2), sum(hit_probs)
 
 
-@pytest.mark.parametrize("hit_probs, n", [([0.3], 1), ([0.2, 0.5], 3), ([0.1, 0.25, 0.05], 5), ([0.5, 0.5], 4)])
+@pytest.mark.parametrize("hit_probs, n", [([0.3], 1), ([0.2, 0.5], 3), ([0.1, 0.25, 0.05], 5), ([0.5, 0.5], 4),
+                                          ([0.0, 0.4], 3)])  # a mode no point can reach
 def test_coverage_by_chance_matches_enumeration(hit_probs, n):
     expected = _coverage_brute_force(hit_probs, n)
     got = M.coverage_by_chance(torch.tensor(hit_probs, dtype=torch.float64), n)
@@ -239,6 +240,15 @@ def test_mmd2_median_heuristic_matches_loop():
     assert M.mmd2(_t(x), _t(y)) > M.mmd2(_t(x[:6]), _t(x[6:]))
 
 
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_mmd2_with_the_median_heuristic_does_not_change_when_both_sets_are_scaled(scale):
+    # the bandwidth is a distance of the data, so it scales with them and the kernel matrix stays the same
+    rng = _rng(24)
+    x, y = rng.normal(size=(12, 2)), rng.normal(size=(10, 2)) + 1.0
+    assert M.mmd2(_t(scale * x), _t(scale * y)) == pytest.approx(M.mmd2(_t(x), _t(y)), rel=1e-9)
+    assert M.median_bandwidth(_t(scale * x), _t(scale * y)) == pytest.approx(scale * M.median_bandwidth(_t(x), _t(y)))
+
+
 def test_kid_matches_polynomial_loop():
     rng = _rng(10)
     a, b = rng.normal(size=(25, 4)), rng.normal(size=(25, 4)) + 0.3
@@ -276,6 +286,30 @@ def test_kid_std_is_the_population_std_of_the_subset_scores():
     assert mean == pytest.approx(np.mean(scores), rel=1e-12)
     assert std == pytest.approx(np.std(scores, ddof=0), rel=1e-10)
     assert abs(np.std(scores, ddof=0) - np.std(scores, ddof=1)) > 1e-3 * np.std(scores, ddof=0)  # the two differ
+
+
+def test_two_rows_per_set_are_enough_for_the_two_sample_statistics():
+    # the least that defines a covariance, an unbiased U-statistic and a pairwise median; one row is refused
+    rng = _rng(25)
+    x, y = rng.normal(size=(2, 1)), rng.normal(size=(2, 1)) + 1.0  # 1-D: two rows give a non-singular variance
+    fd = (x.mean() - y.mean()) ** 2 + (x.std(ddof=1) - y.std(ddof=1)) ** 2  # 1-D Gaussians' closed form
+    assert M.frechet_distance(_t(x), _t(y)) == pytest.approx(fd, rel=1e-6)
+    gauss = lambda a, b: math.exp(-np.sum((a - b) ** 2) / 2)  # noqa: E731
+    assert M.mmd2(_t(x), _t(y), bandwidth=1.0) == pytest.approx(_ref_unbiased_mmd2(x, y, gauss), rel=1e-10)
+    z = np.concatenate([x, y])
+    pairs = [np.linalg.norm(z[i] - z[j]) for i in range(4) for j in range(i + 1, 4)]
+    assert M.median_bandwidth(_t(x), _t(y)) == pytest.approx(np.median(pairs), rel=1e-12)
+    for statistic in (M.frechet_distance, M.mmd2, M.median_bandwidth, M.kid):
+        with pytest.raises(ValueError, match="at least 2"):
+            statistic(_t(x[:1]), _t(y))
+
+
+def test_kid_of_two_rows_each_is_the_exact_mmd2_without_a_generator():
+    # the smallest allowed subset (2 rows) and the default random stream: the one subset is the whole of both sets
+    rng = _rng(23)
+    a, b = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)) + 0.5
+    expected = _ref_unbiased_mmd2(a, b, lambda u, v: (u @ v / 3 + 1) ** 3)
+    assert M.kid(_t(a), _t(b), subsets=4, subset_size=2) == (pytest.approx(expected, rel=1e-10), 0.0)
 
 
 @pytest.mark.parametrize("n_a, n_b, subset_size", [(24, 10, 1000), (10, 24, 8)])
@@ -419,17 +453,21 @@ GOOD = torch.zeros(5, 2)
         lambda: M.pairwise_sq_dists(np.zeros((5, 2)), GOOD),
         lambda: M.mode_coverage(GOOD, torch.zeros(3, 3), std=1.0),
         lambda: M.mode_coverage(GOOD, GOOD, std=0.0),
+        lambda: M.mode_coverage(GOOD, GOOD, std=True),  # a bool is not a number here
+        lambda: M.mode_coverage(GOOD, GOOD, std="1"),
         lambda: M.mode_coverage(GOOD, GOOD, std=1.0, threshold=-1.0),
         lambda: M.coverage_by_chance(torch.tensor([0.5, 0.6]), 10),
         lambda: M.coverage_by_chance(torch.tensor([-0.1, 0.5]), 10),
         lambda: M.coverage_by_chance(torch.tensor([[0.1]]), 10),
         lambda: M.coverage_by_chance(torch.tensor([0.1]), 0),
         lambda: M.coverage_by_chance(torch.tensor([0.1]), 2.5),
+        lambda: M.coverage_by_chance([0.1, 0.2], 10),  # a list, not a tensor
         lambda: M.kid(GOOD, GOOD, subsets=True),
         lambda: M.frechet_distance(torch.zeros(1, 2), GOOD),
         lambda: M.frechet_distance(GOOD, torch.zeros(5, 3)),
         lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(2)),
         lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2), torch.eye(2)),
+        lambda: M.frechet_distance_gaussians(torch.zeros(2), torch.eye(2), torch.zeros(2), torch.zeros(3, 2)),
         lambda: M.mmd2(GOOD, torch.zeros(1, 2), bandwidth=1.0),
         lambda: M.mmd2(GOOD, GOOD, bandwidth=0.0),
         lambda: M.mmd2(GOOD, GOOD),  # all points coincide: the median heuristic gives 0
@@ -449,6 +487,15 @@ GOOD = torch.zeros(5, 2)
 def test_bad_inputs_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_a_bad_input_s_error_names_the_argument():
+    with pytest.raises(ValueError, match="^a must be 2-D"):
+        M.pairwise_sq_dists(torch.zeros(5), GOOD)
+    with pytest.raises(ValueError, match="^b must be 2-D"):
+        M.pairwise_sq_dists(GOOD, torch.zeros(5))
+    with pytest.raises(ValueError, match="^feats_b needs at least 2 row"):
+        M.frechet_distance(GOOD, torch.zeros(1, 2))
 
 
 # ----------------------------------------------------------------------------- devices

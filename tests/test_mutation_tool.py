@@ -1,0 +1,71 @@
+"""tools/mutation_test.py: finds the mutants a test command misses, and always puts the module back."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "mutation_test.py"
+
+MODULE = '''\
+def clamp_positive(x, floor=-7):
+    """x if it is positive, else floor."""
+    if x > 0:
+        return x
+    if x is None:
+        raise ValueError(f"need a number, got {x + 1}")
+    return floor - 0
+'''
+
+
+def run_tool(tmp_path: Path, command: str, *extra: str) -> subprocess.CompletedProcess:
+    """The tool on tmp_path/clamp.py with ``command`` as its test."""
+    return subprocess.run([sys.executable, str(TOOL), "clamp.py", command, "--repo", str(tmp_path), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def check_command(*cases: tuple[float, float]) -> str:
+    """A test command asserting clamp_positive(x) == expected for each case."""
+    asserts = "; ".join(f"assert clamp.clamp_positive({x}) == {expected}" for x, expected in cases)
+    return f'{sys.executable} -c "import clamp; {asserts}"'
+
+
+def test_lists_operator_comparison_and_number_mutants_but_not_messages_or_defaults(tmp_path):
+    (tmp_path / "clamp.py").write_text(MODULE)
+    listed = run_tool(tmp_path, "true", "--list").stdout.splitlines()
+    changes = sorted(line.split(" ", 2)[2] for line in listed[:-1])
+    # x > 0 (two ways), x is None, floor - 0 (two ways); the raise's f-string (x + 1) and the default -7 are skipped
+    assert changes == sorted(["Gt->GtE", "0->1", "Is->IsNot", "Sub->Add", "0->1"])
+    assert listed[-1] == "5 mutants" and all(line.startswith("clamp.py:") for line in listed[:-1])
+
+
+def test_a_weak_test_lets_mutants_survive_and_a_strong_one_kills_them(tmp_path):
+    (tmp_path / "clamp.py").write_text(MODULE)
+    weak = run_tool(tmp_path, check_command((2, 2), (-1, -7)))
+    assert weak.returncode == 1
+    survivors = weak.stdout.split("survived\n")[1].split()
+    # x >= 0 and x > 1 agree with x > 0 on 2 and -1; so do floor - 0 and floor + 0 (an equivalent mutant)
+    assert "3 of 5 survived" in weak.stdout
+    assert survivors.count("Gt->GtE") == 1 and survivors.count("0->1") == 1 and survivors.count("Sub->Add") == 1
+    strong = run_tool(tmp_path, check_command((2, 2), (-1, -7), (0, -7), (1, 1)), "--only", "clamp_positive",
+                      "--lines", "3")
+    assert strong.returncode == 0 and "0 of 2 survived" in strong.stdout
+    assert (tmp_path / "clamp.py").read_text() == MODULE
+
+
+def test_a_sigterm_mid_run_puts_the_module_back(tmp_path):
+    (tmp_path / "clamp.py").write_text(MODULE)
+    started = tmp_path / "started"
+    tool = subprocess.Popen([sys.executable, str(TOOL), "clamp.py", f"touch {started}; sleep 30",
+                             "--repo", str(tmp_path)], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "clamp.py").read_text() != MODULE  # a mutant is in place while its test runs
+    tool.send_signal(signal.SIGTERM)
+    assert tool.wait(timeout=60) == 143
+    assert (tmp_path / "clamp.py").read_text() == MODULE

@@ -484,9 +484,8 @@ def _lower_bound(approx: Tensor, q_norm: Tensor, q_resid: Tensor, k_norm_max: Te
     """
     gamma = 2 * (d + 4) * FP32_UNIT * (TENSOR_CORE_SAFETY if tensor_cores else 1)
     gamma = gamma / (1 - gamma)
-    a = q_norm.double()[:, None]
-    gemm_error = a * (2 * gamma * k_norm_max) + (a + k_norm_max).square_() * (
-        _norm_growth(min(d, NORM_CHUNK)) - 1 + 8 * FP32_UNIT)
+    a, b = q_norm.double()[:, None], k_norm_max.double()  # b in float64 too: 2 gamma b in fp32 would round
+    gemm_error = a * (2 * gamma * b) + (a + b).square_() * (_norm_growth(min(d, NORM_CHUNK)) - 1 + 8 * FP32_UNIT)
     r = (q_resid.double()[:, None] + k_resid_max).mul_(1 + 4 * FP64_UNIT)
     # (1 - 4u) and (1 + 4u) keep each float64 rounding below on the safe side.
     near = torch.sub(approx.double(), gemm_error).clamp_(min=0).sqrt_().mul_(1 - 4 * FP64_UNIT).sub_(r).clamp_(min=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -393,6 +394,10 @@ def test_densest_disc_matches_a_brute_force_count():
     brute = max(int(((x - c).norm(dim=1) <= 0.5).sum()) for c in x) / len(x)
     assert share == pytest.approx(brute)
     assert E.densest_disc(torch.zeros(10, 2), 1e-3)[0] == 1.0  # a collapsed set: every sample in one disc
+    share, centre = E.densest_disc(torch.tensor([[0.5, -2.0]]), 0.1)  # one sample is its own densest disc
+    assert share == 1.0 and centre.tolist() == [0.5, -2.0]
+    with pytest.raises(ValueError, match=r"non-empty \[n, d\]"):
+        E.densest_disc(torch.zeros(0, 2), 1.0)
     with pytest.raises(ValueError, match="radius must be > 0"):
         E.densest_disc(x, 0.0)
     with pytest.raises(ValueError, match=r"non-empty \[n, d\]"):
@@ -821,9 +826,10 @@ def test_pit_depth_on_closed_forms():
     assert E.pit_depth(plane, centre, 0.2, directions=4000) == pytest.approx(-1.0, abs=1e-5)
     assert E.pit_depth(lambda x: -bowl(x), centre, 0.3) == pytest.approx(-0.09, abs=1e-6)  # a peak
     # few directions: exactly the points at angles 2 pi i / n (an odd n is not symmetric about the centre)
-    for n in (3, 4, 5):
-        lowest = min(math.cos(2 * math.pi * i / n) * 3.0 + math.sin(2 * math.pi * i / n) * 4.0 for i in range(n))
-        assert E.pit_depth(plane, centre, 0.2, directions=n) == pytest.approx(0.2 * lowest, abs=1e-6)
+    for (a, b), n in itertools.product([(3.0, 4.0), (-1.0, 0.0)], (3, 4, 5)):  # (-1, 0): lowest at angle 0
+        lowest = min(math.cos(2 * math.pi * i / n) * a + math.sin(2 * math.pi * i / n) * b for i in range(n))
+        tilted = lambda x: x @ torch.tensor([a, b])  # noqa: E731
+        assert E.pit_depth(tilted, centre, 0.2, directions=n) == pytest.approx(0.2 * lowest, abs=1e-6)
     with pytest.raises(ValueError, match="2-D point"):
         E.pit_depth(bowl, torch.zeros(3), 0.1)
     with pytest.raises(ValueError, match="radius"):

@@ -4,6 +4,8 @@ and IMLE / GLO / GLANN trained through genlib.train.fit."""
 from __future__ import annotations
 
 import copy
+import decimal
+import itertools
 import math
 import warnings
 
@@ -105,6 +107,45 @@ def test_lower_bound_holds_for_every_pair_and_is_tight(precision, dtype):
     # ... and tight enough to be of use: close to the nearest distance, closer with a finer precision
     slack = 1 - lower.gather(1, exact.argmin(1, keepdim=True)).squeeze(1) / exact.min(1).values
     assert (slack < {"fp32": 1e-3, "tf32": 0.03, "bf16": 0.2}[precision]).all()
+
+
+def documented_lower_bound(approx, a, q_resid, b, k_resid, d, tensor_cores, margin=8) -> decimal.Decimal:
+    """_lower_bound's docstring formula in 60-digit decimal arithmetic (its own float64 safety factors left out):
+    ``max(0, sqrt(approx - e) - r)^2 (1 - 8 (d + 4) u64)`` with ``e = 2 gamma a b + (g + margin u) (a + b)^2``."""
+    D = decimal.Decimal  # noqa: N806
+    u, u64 = D(2) ** -24, D(2) ** -53
+    gamma = 2 * (d + 4) * u * (D(imle.TENSOR_CORE_SAFETY) if tensor_cores else 1)
+    gamma = gamma / (1 - gamma)
+    terms = min(d, imle.NORM_CHUNK) + 6
+    g = terms * u / (1 - terms * u)
+    a, b, approx = D(a), D(b), D(approx)
+    e = 2 * gamma * a * b + (g + margin * u) * (a + b) ** 2
+    r = D(q_resid) + D(k_resid)
+    near = max(D(0), (approx - e).sqrt() - r) if approx > e else D(0)
+    return near**2 * (1 - 8 * (d + 4) * u64)
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+@pytest.mark.parametrize("d", [96, 30_000])
+def test_lower_bound_is_its_documented_formula_and_never_above_it(d, tensor_cores):
+    """Every error term of the certificate, checked against its formula computed independently. The docstring's
+    8 u holds 4 u for the fp32 copies and additions and 4 u of room for the float64 arithmetic of the bound, so the
+    code must lie between the formula with 4 u (the least that is rigorous) and with 8 u (up to round-off). A large
+    d makes the O(gamma^2) terms visible; approx spans values just above the error e to far above it."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(6, generator=g, dtype=torch.float64) * 2 + 0.5
+    q_resid = torch.rand(6, generator=g, dtype=torch.float64) * 1e-3
+    b, k_resid = torch.tensor(1.7, dtype=torch.float64), torch.tensor(4e-4, dtype=torch.float64)
+    approx = (a[:, None] + b) ** 2 * torch.logspace(-6, 0, 9, dtype=torch.float64)  # [6, 9]: e is ~1e-5..1e-2 of it
+    with decimal.localcontext(decimal.Context(prec=60)):
+        got = imle._lower_bound(approx.float(), a.float(), q_resid.float(), b.float(), k_resid.float(), d,
+                                tensor_cores=tensor_cores)
+        for i, j in itertools.product(range(6), range(9)):
+            args = (float(approx.float()[i, j]), float(a.float()[i]), float(q_resid.float()[i]), float(b.float()),
+                    float(k_resid.float()), d, tensor_cores)
+            assert decimal.Decimal(got[i, j].item()) <= documented_lower_bound(*args, margin=4)
+            assert got[i, j].item() >= float(documented_lower_bound(*args)) * (1 - 1e-9)
+    assert (got == 0).any() and (got > 0).any()  # both regimes: e swamps approx, and a useful bound
 
 
 def tf32_nearest_or_tie(value: float) -> tuple[float, float]:
@@ -338,11 +379,20 @@ def test_nearest_neighbors_is_exact_under_the_new_precision_api_and_restores_it(
     (torch.tensor([[0.0, math.nan]]), torch.zeros(4, 2), {}, ValueError),
     (torch.zeros(3, 2), torch.zeros(4, 2), {"chunk_size": 0}, ValueError),
     (torch.zeros(3, 2), torch.zeros(4, 2), {"precision": "fp8"}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(4, 2), {"candidates": 0}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(4, 2), {"candidates": True}, ValueError),
+    (torch.zeros(3, 2), torch.zeros(4, 2), {"candidates": 2.0}, ValueError),
     ([[0.0, 0.0]], torch.zeros(4, 2), {}, TypeError),
 ])
 def test_nearest_neighbors_validates_inputs(queries, keys, kw, error):
     with pytest.raises(error):
         imle.nearest_neighbors(queries, keys, **kw)
+
+
+def test_match_by_pairs_finds_the_nearest_key_of_a_single_query():
+    keys = torch.tensor([[0.0, 0.0], [2.0, 1.0], [1.0, 1.0]])
+    distance, index = imle.match(torch.tensor([[1.2, 0.9]]), keys, imle.l1_distance)
+    assert index.tolist() == [2] and distance.tolist() == pytest.approx([0.3])
 
 
 def test_match_by_pairs_agrees_with_the_gemm_search():

@@ -206,6 +206,9 @@ def test_madgan_discriminator_has_k_plus_1_classes_and_generators_take_turns():
 def test_pacgan_packs_consecutive_samples():
     model = gan.PacGAN(pack=4, width=16)
     assert model.logits(torch.randn(10, 2)).shape == (2,)  # 10 -> two packs of 4, the rest dropped
+    assert model.logits(torch.randn(5, 2)).shape == (1,)  # one pack is enough
+    with pytest.raises(ValueError, match="cannot make one pack of 4"):
+        model.logits(torch.randn(3, 2))
     images = gan.PacGAN(pack=2, width=4, shape=(1, 8, 8))
     assert images.logits(torch.randn(6, 1, 8, 8)).shape == (3,)
 

@@ -292,9 +292,8 @@ def load_images(
 
     ``split`` is ``'train'`` or ``'test'`` for mnist, fashion-mnist and cifar10, and also ``'valid'`` for celeba64
     (CelebA's own partition, :data:`CELEBA_PARTITION`); digits and folder have no split and only accept ``'train'``
-    (all images). ``resolution``, ``cache_dir``,
-    ``workers`` and ``progress`` concern decoded folders (``celeba64`` is always 64x64);
-    ``download`` lets mnist/fashion-mnist be fetched into ``$GENLIB_DATA`` when missing.
+    (all images). ``resolution``, ``cache_dir``, ``workers`` and ``progress`` concern decoded folders (``celeba64``
+    is always 64x64); ``download`` lets mnist/fashion-mnist be fetched into ``$GENLIB_DATA`` when missing.
     """
     folder_opts = dict(cache_dir=cache_dir, workers=workers, progress=progress)
     loaders: dict[str, Callable[[], ImageData]] = {
@@ -468,12 +467,12 @@ def _load_celeba64(split: str, root: str | os.PathLike[str] | None, **opts: Any)
 def celeba_numbers(paths: Sequence[Path]) -> list[int]:
     """The CelebA image number of each image file (000001.jpg is 1), in order; a file named otherwise is an error,
     since the split could not place it."""
-    numbers = []
-    for path in paths:
-        if not path.stem.isdigit() or not 1 <= int(path.stem) <= CELEBA_PARTITION["test"][1]:
-            raise ValueError(f"{path}: not a CelebA image name (000001.jpg to {CELEBA_PARTITION['test'][1]:06d}.jpg), "
+    last = CELEBA_PARTITION["test"][1]
+    numbers = [int(path.stem) if path.stem.isdigit() else 0 for path in paths]
+    for path, number in zip(paths, numbers):
+        if not 1 <= number <= last:
+            raise ValueError(f"{path}: not a CelebA image name (000001.jpg to {last:06d}.jpg), "
                              "so no split can place it; train on other images with --data folder")
-        numbers.append(int(path.stem))
     return numbers
 
 

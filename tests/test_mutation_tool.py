@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "mutation_test.py"
@@ -34,6 +37,14 @@ def check_command(*cases: tuple[float, float]) -> str:
     return f'{sys.executable} -c "import clamp; {asserts}"'
 
 
+def running(pid: str) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed orphan waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_lists_operator_comparison_and_number_mutants_but_not_messages_or_defaults(tmp_path):
     (tmp_path / "clamp.py").write_text(MODULE)
     listed = run_tool(tmp_path, "true", "--list").stdout.splitlines()
@@ -57,15 +68,32 @@ def test_a_weak_test_lets_mutants_survive_and_a_strong_one_kills_them(tmp_path):
     assert (tmp_path / "clamp.py").read_text() == MODULE
 
 
-def test_a_sigterm_mid_run_puts_the_module_back(tmp_path):
+def test_a_sigterm_mid_run_puts_the_module_back_and_keeps_the_results_so_far(tmp_path):
     (tmp_path / "clamp.py").write_text(MODULE)
-    started = tmp_path / "started"
-    tool = subprocess.Popen([sys.executable, str(TOOL), "clamp.py", f"touch {started}; sleep 30",
-                             "--repo", str(tmp_path)], stdout=subprocess.DEVNULL)
+    first, started, saved = tmp_path / "first", tmp_path / "started", tmp_path / "results.json"
+    # the first mutant's test fails at once; the second one's hangs until the tool is stopped
+    command = f"if [ -e {first} ]; then touch {started}; sleep 30; else touch {first}; false; fi"
+    tool = subprocess.Popen([sys.executable, str(TOOL), "clamp.py", command, "--repo", str(tmp_path),
+                             "--json", str(saved)], stdout=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not started.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert (tmp_path / "clamp.py").read_text() != MODULE  # a mutant is in place while its test runs
     tool.send_signal(signal.SIGTERM)
     assert tool.wait(timeout=60) == 143
+    assert (tmp_path / "clamp.py").read_text() == MODULE
+    assert [r["status"] for r in json.loads(saved.read_text())] == ["killed"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_timeout_kills_the_whole_test_process_group(tmp_path):
+    (tmp_path / "clamp.py").write_text(MODULE)
+    pids = tmp_path / "pids"
+    # the shell starts a long sleep of its own: a timeout must end it too, not only the shell
+    run = run_tool(tmp_path, f"sleep 300 & echo $! >> {pids}; wait", "--lines", "3", "--timeout", "1",
+                   "--json", str(tmp_path / "results.json"))
+    assert "0 of 2 survived" in run.stdout
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in saved] == ["killed", "killed"] and all(r["seconds"] < 60 for r in saved)
+    assert not any(map(running, pids.read_text().split()))
     assert (tmp_path / "clamp.py").read_text() == MODULE

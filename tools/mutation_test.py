@@ -19,6 +19,7 @@ import argparse
 import ast
 import copy
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -155,9 +156,28 @@ def selected(mutants: list[Mutant], only: str, lines: str) -> list[Mutant]:
     return mutants
 
 
+def run_command(command: str, repo: Path, timeout: float) -> int | str:
+    """Exit status of the shell line ``command`` run in ``repo``, or ``'timeout'``. It runs in a process group of
+    its own, killed whole on a timeout or an interruption: killing only the shell would leave the test process (a
+    mutant's endless loop, say) running."""
+    process = subprocess.Popen(command, shell=True, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the shell and whatever it left behind
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
 def run_mutants(module: Path, command: str, repo: Path, mutants: list[Mutant], tree: ast.AST,
-                timeout: float) -> list[dict]:
-    """Run ``command`` once per mutant with the module rewritten; the original text is always put back."""
+                timeout: float, json_path: Path | None = None) -> list[dict]:
+    """Run ``command`` once per mutant with the module rewritten; the original text is always put back. The
+    results so far are rewritten to ``json_path`` after every mutant, so a stopped run keeps them."""
     original = module.read_text()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` restores the module
     results = []
@@ -165,15 +185,13 @@ def run_mutants(module: Path, command: str, repo: Path, mutants: list[Mutant], t
         for number, mutant in enumerate(mutants, 1):
             module.write_text(mutated_source(tree, mutant))
             start = time.time()
-            try:
-                code = subprocess.run(command, shell=True, cwd=repo, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                code = "timeout"
+            code = run_command(command, repo, timeout)
             status = "SURVIVED" if code == 0 else "killed"
             results.append({**asdict(mutant), "status": status, "seconds": round(time.time() - start, 1)})
             print(f"[{number}/{len(mutants)}] {status} {module.name}:{mutant.line} {mutant.scope} {mutant.change}"
                   f" ({time.time() - start:.0f} s)", flush=True)
+            if json_path:
+                json_path.write_text(json.dumps(results, indent=1) + "\n")
     finally:
         module.write_text(original)
         signal.signal(signal.SIGTERM, previous)
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", default="", help="comma-separated line numbers")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run of the command")
-    parser.add_argument("--json", type=Path, help="write every mutant's result here")
+    parser.add_argument("--json", type=Path, help="write the results here, updated after every mutant")
     args = parser.parse_args(argv)
     module = args.repo / args.module
     tree = ast.parse(module.read_text())
@@ -199,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.module}:{mutant.line} {mutant.scope} {mutant.change}")
         print(f"{len(mutants)} mutants")
         return 0
-    results = run_mutants(module, args.command, args.repo, mutants, tree, args.timeout)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    results = run_mutants(module, args.command, args.repo, mutants, tree, args.timeout, args.json)
     survivors = [r for r in results if r["status"] == "SURVIVED"]
     print(f"\n{len(survivors)} of {len(results)} survived")
     for r in survivors:

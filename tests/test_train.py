@@ -20,7 +20,7 @@ from genlib.data import BatchSampler, to_float
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
                           TrainClock, TrainingInterrupted, at_least_fp32, draw_batches, first_non_finite, fit,
-                          split_batches, train_step, update_batches)
+                          make_capturable, place_step_counts, split_batches, train_step, update_batches)
 
 
 def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -919,6 +919,38 @@ def test_cuda_graph_fit_resumes_and_records_where_it_replayed(tmp_path):
     assert len(set(history["loss"])) == len(history["loss"]) == 4 and all(map(math.isfinite, history["loss"]))
     resumed, history = run(18)
     assert resumed.graph_captured_at == 12 + GRAPH_WARMUP_STEPS + 1 and len(history["loss"]) == 6
+
+
+def optimizer_with_step_counts(kind: type[torch.optim.Optimizer], **options) -> torch.optim.Optimizer:
+    """An optimiser over one parameter on the 'meta' device whose step count starts on the CPU: a second device,
+    so that where counts go is visible without a GPU."""
+    param = nn.Parameter(torch.empty(3, device="meta"))
+    optimizer = kind([param], lr=0.1, **options)
+    optimizer.state[param]["step"] = torch.tensor(4.0)
+    return optimizer
+
+
+def step_count_device(optimizer: torch.optim.Optimizer) -> str:
+    """Device type of the one parameter's step count."""
+    return next(iter(optimizer.state.values()))["step"].device.type
+
+
+@pytest.mark.parametrize("capturable, fused, where", [(True, None, "meta"), (False, True, "meta"),
+                                                      (False, None, "cpu"), (False, False, "cpu")])
+def test_step_counts_go_to_the_parameter_s_device_only_in_capturable_or_fused_groups(capturable, fused, where):
+    optimizer = optimizer_with_step_counts(torch.optim.Adam, capturable=capturable)
+    optimizer.param_groups[0]["fused"] = fused  # set after construction: fused Adam refuses meta parameters
+    place_step_counts(optimizer)
+    assert step_count_device(optimizer) == where
+
+
+def test_make_capturable_switches_only_optimisers_that_have_the_mode():
+    adam = optimizer_with_step_counts(torch.optim.Adam)
+    make_capturable(adam)
+    assert adam.param_groups[0]["capturable"] is True and step_count_device(adam) == "meta"
+    plain = optimizer_with_step_counts(torch.optim.SGD)  # no capturable mode: its counts stay where they are
+    make_capturable(plain)
+    assert "capturable" not in plain.param_groups[0] and step_count_device(plain) == "cpu"
 
 
 def test_a_mirrored_step_count_follows_its_buffer_when_a_parent_loads_a_state_dict_and_steps_with_it():

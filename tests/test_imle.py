@@ -465,6 +465,13 @@ def test_smoothed_likelihood_rejects_a_sigma_that_is_not_positive_and_finite(fn,
 # ----------------------------------------------------------------------------- Lap1
 
 
+@pytest.mark.parametrize("side", [4, 5, 7, 8, 12, 15, 16, 28, 31, 32, 63, 64, 65, 128, 256])
+def test_default_pyramid_levels_are_the_most_up_to_5_whose_coarsest_side_is_at_least_4(side):
+    # level L (1-based) is the image downsampled L - 1 times, each time to ceil(side / 2)
+    coarsest = [math.ceil(side / 2 ** (level - 1)) for level in range(1, 6)]
+    assert imle.default_pyramid_levels(side) == max([1] + [level for level in range(1, 6) if coarsest[level - 1] >= 4])
+
+
 @pytest.mark.parametrize("exponent", [None, -2.0, 0.0])
 def test_lap1_zero_symmetric_and_closed_form_for_a_constant_shift(exponent):
     lap = imle.LaplacianPyramidL1() if exponent is None else imle.LaplacianPyramidL1(level_exponent=exponent)
@@ -863,8 +870,11 @@ def test_pca_codes_equal_an_svd_of_the_centred_data_up_to_sign():
         np.testing.assert_allclose(sign * got[:, k], expected[:, k], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)  # on the unit sphere
     torch.testing.assert_close(imle.pca_codes(images, z_dim, block=7), codes)  # the covariance over blocks of rows
+    assert imle.pca_codes(images, 36).shape == (40, 36)  # as many axes as the data has dimensions
     with pytest.raises(ValueError):
-        imle.pca_codes(images, 41)
+        imle.pca_codes(images, 37)
+    with pytest.raises(ValueError):
+        imle.pca_codes(images[:20], 21)  # or rows
 
 
 def test_glo_sample_is_a_gaussian_fitted_to_the_codes():

@@ -25,6 +25,9 @@ def test_record_and_load_a_run(tmp_path, monkeypatch):
     assert not list((tmp_path / "r").glob("*.tmp"))
     (tmp_path / "r" / "metrics.json").unlink()  # a run recorded before its metrics: read with none
     assert results.load_run(tmp_path / "r").metrics == {} and results.load_run(tmp_path / "r").run == back.run
+    assert back.samples_png is None  # no picture yet: the chapters show none rather than a broken link
+    (tmp_path / "r" / "samples.png").write_bytes(b"\x89PNG")
+    assert back.samples_png == tmp_path / "r" / "samples.png"
 
 
 def test_a_record_says_how_many_threads_ran_and_how_busy_the_machine_was(tmp_path, monkeypatch):

@@ -904,6 +904,28 @@ def test_glo_sample_is_a_gaussian_fitted_to_the_codes():
     torch.testing.assert_close(glo.sample(5), identity(codes_drawn), rtol=0, atol=0)  # sample decodes these codes
 
 
+def test_glo_samples_codes_even_when_they_span_fewer_dimensions_than_z_dim():
+    # two codes in 3-d: their covariance has rank 1, and the sampler's small diagonal jitter keeps it factorable
+    start = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    glo = imle.GLO(torch.nn.Linear(3, 3), 2, 3, init_codes=start)
+    torch.manual_seed(18)
+    drawn = glo.sample_codes(1000).double()
+    line = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / math.sqrt(2)  # the direction the codes differ in
+    off_line = drawn - drawn.mean(0) - ((drawn - drawn.mean(0)) @ line)[:, None] * line
+    assert off_line.std(0).max() < 0.01 < (drawn @ line).std()  # the jitter's 1e-3 across, the codes' spread along
+
+
+@pytest.mark.parametrize("option", ["fakes_per_real", "refresh_every", "refresh_batch"])
+def test_imle_rejects_each_count_below_one_and_accepts_a_one_dimensional_code(option):
+    with pytest.raises(ValueError, match=option):
+        imle.IMLE(MLP(2, 2, hidden=4, depth=1), 2, **{option: 0})
+    one = imle.IMLE(MLP(2, 2, hidden=4, depth=1), 2, **{option: 1})  # one is enough
+    assert getattr(one, option) == 1
+    assert imle.IMLE(MLP(1, 2, hidden=4, depth=1), 1).sample(3).shape == (3, 2)
+    with pytest.raises(ValueError, match="z_dim"):
+        imle.IMLE(MLP(1, 2, hidden=4, depth=1), 0)
+
+
 def _bilinear_half_pixel(image, height, width):
     """Independent bilinear resize of a 2-D numpy array with half-pixel centres (align_corners=False)."""
 

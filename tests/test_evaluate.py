@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from genlib import data, evaluate, features, metrics
+from genlib import data, evaluate, features, metrics, viz
 from genlib.flows import FlowModel, RealNVP
 from genlib.train import GenerativeModel
 
@@ -64,6 +65,7 @@ def test_draw_samples_concatenates_batches_in_order():
     assert torch.equal(samples, ROWS) and rate > 0
     model = ReplayOnCuda(torch.cat([ROWS[:5], ROWS]))  # on CUDA the first batch is the discarded warm-up
     assert torch.equal(evaluate.draw_samples(model, 23, batch_size=5)[0], ROWS)
+    assert torch.equal(evaluate.draw_samples(Replay(ROWS), 1)[0], ROWS[:1])  # one sample is enough
     with pytest.raises(ValueError, match="positive"):
         evaluate.draw_samples(Replay(ROWS), 0)
 
@@ -124,9 +126,25 @@ def test_held_out_likelihood_is_the_flows_own_evaluation(capsys):
     held_out = data.toy_dataset("moons", 300, seed=1)
     out = evaluate.evaluate_model(model, "moons", held_out, n_samples=200, held_out=held_out)
     assert out["held_out_nll"] == pytest.approx(model.evaluate(held_out)["nll"], rel=1e-6)
+    # no held-out set, or a family without a likelihood: no held_out_* numbers, and no error
+    assert not [key for key in evaluate.evaluate_model(model, "moons", held_out, n_samples=200)
+                if key.startswith("held_out")]
+    assert not [key for key in evaluate.evaluate_model(Replay(held_out), "moons", held_out, n_samples=200,
+                                                       held_out=held_out) if key.startswith("held_out")]
     assert capsys.readouterr().out == ""
     evaluate.evaluate_model(model, "moons", held_out, n_samples=200, held_out=held_out, progress=True)
     assert "held-out likelihood of 300 samples ..." in capsys.readouterr().out  # it has no bar of its own
+
+
+def test_the_sample_grid_shows_the_first_64_scored_images_and_toys_get_none(fashion, tmp_path):
+    images = fashion[:100]
+    evaluate.evaluate_model(Replay(images), "fashion-mnist", fashion[100:200], n_samples=100,
+                            grid_to=tmp_path / "grid.png")
+    viz.save_image_grid(data.to_float(images[:64]), tmp_path / "expected.png")
+    assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "expected.png").read_bytes()
+    points = data.toy_dataset("moons", 200, seed=1)
+    evaluate.evaluate_model(Replay(points), "moons", points, n_samples=200, grid_to=tmp_path / "toy.png")
+    assert not (tmp_path / "toy.png").exists()  # a toy run's picture is a scatter plot, drawn elsewhere
 
 
 def test_held_out_subset_is_fixed_and_bounded():
@@ -195,8 +213,9 @@ def test_coverage_run_is_reproducible_by_seed_and_scores_like_mode_coverage():
     nearest = distances.argmin(1)[distances.min(1).values <= 3 * toy.std]
     assert first["mode_counts"] == [int((nearest == k).sum()) for k in range(8)]
     assert sum(first["mode_counts"]) == round(first["hq"] * 500)
-    with pytest.raises(ValueError, match="not a Gaussian mixture"):
-        evaluate.coverage_run(MeanShift, data.toy("moons"), seed=0, steps=1, batch_size=4)
+    for not_a_mixture in (data.toy("moons"), dataclasses.replace(toy, std=None), dataclasses.replace(toy, modes=None)):
+        with pytest.raises(ValueError, match="not a Gaussian mixture"):  # coverage needs both modes and their std
+            evaluate.coverage_run(MeanShift, not_a_mixture, seed=0, steps=1, batch_size=4)
 
 
 def test_coverage_run_keeps_the_trained_model_that_drew_the_samples():
@@ -221,6 +240,8 @@ def test_coverage_run_tracks_the_logged_losses_of_the_same_training():
     dataset = toy.sample(256, torch.Generator().manual_seed(3))
     logged = fit(MeanShift(), data.BatchSampler(dataset, 16, "cpu", seed=3), 20, log_every=2, progress=False)
     assert len(row["history"]["loss"]) == 10 and row["history"]["loss"] == logged["loss"]
+    short = evaluate.coverage_run(MeanShift, toy, seed=3, steps=3, batch_size=16, n_data=64, track=("loss",))
+    assert len(short["history"]["loss"]) == 3  # under 10 steps every step is its own window
     assert "history" not in evaluate.coverage_run(MeanShift, toy, seed=3, steps=2, batch_size=16, n_data=64)
     with pytest.raises(ValueError, match="cannot track gap: the run logged loss"):
         evaluate.coverage_run(MeanShift, toy, seed=3, steps=2, batch_size=16, n_data=64, track=("gap",))

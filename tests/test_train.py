@@ -433,8 +433,21 @@ def test_callback_and_bad_arguments():
     seen = []
     fit(model, sampler, 12, log_every=4, progress=False, callback=lambda s, m: seen.append(s), callback_every=5)
     assert seen == [5, 10]
-    with pytest.raises(ValueError):
-        fit(model, sampler, 10, log_every=0)
+    for bad in ({"log_every": 0}, {"checkpoint_every": 0}, {"steps": -1}):
+        with pytest.raises(ValueError, match="steps must be >= 0"):
+            fit(model, sampler, **{"steps": 10, **bad})
+    before = parameters(model)
+    history = fit(model, sampler, 0, progress=False)  # nothing to do is not an error
+    assert history["step"] == [] and all(map(torch.equal, parameters(model), before))
+
+
+def test_fit_shows_a_progress_bar_only_when_asked(capsys):
+    model, sampler = make_run()
+    fit(model, sampler, 3, progress=False)
+    assert capsys.readouterr().err == ""
+    fit(model, sampler, 3, progress=True, desc="moments")
+    bar = capsys.readouterr().err
+    assert "moments" in bar and "3/3" in bar
 
 
 def test_max_steps_cuts_a_run_short_with_a_warning_and_leaves_shorter_runs_alone(monkeypatch):

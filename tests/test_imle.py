@@ -506,6 +506,23 @@ def test_lap1_is_differentiable_and_validates_shapes():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError):
         imle.LaplacianPyramidL1()(torch.zeros(2, 64), torch.zeros(2, 64))
+    y = torch.rand(2, 1, 8, 8)
+    one_level = imle.LaplacianPyramidL1(levels=1)(x, y)  # the low-pass residual alone is the image: pixel L1
+    torch.testing.assert_close(one_level, (x - y).abs().flatten(1).sum(1))
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        imle.LaplacianPyramidL1(levels=0)
+    assert imle.LaplacianPyramidL1().state_dict() == {}  # its fixed kernel stays out of checkpoints
+
+
+def test_pixel_feature_l1_sums_or_averages_the_pixel_term_and_weights_the_feature_term():
+    x, y = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    def features(images):  # any map to [B, D]
+        return images.flatten(1)[:, :5] * 3.0
+
+    pixel_sum, feature_sum = (x - y).abs().flatten(1).sum(1), 3.0 * (x - y).abs().flatten(1)[:, :5].sum(1)
+    torch.testing.assert_close(imle.PixelFeatureL1(features, 0.5)(x, y), pixel_sum + 0.5 * feature_sum)
+    torch.testing.assert_close(imle.PixelFeatureL1(features, 2.0, pixel_mean=True)(x, y),
+                               pixel_sum / 16 + 2.0 * feature_sum)
 
 
 # ----------------------------------------------------------------------------- KL variant
@@ -572,6 +589,12 @@ def test_imle_refresh_matches_exactly_and_resumes(tmp_path):
     ref_dist, ref_index = brute_force(data, fakes)
     assert torch.equal(model.matched_z, codes[ref_index])
     torch.testing.assert_close(model.matched_dist, ref_dist, rtol=1e-12, atol=0.0)
+    # reals next to the first and last fakes of the chunks: every chunk's every fake is a candidate
+    edges = torch.tensor([0, 6, 7, 13, 119])
+    at_edges = imle.IMLE(model.generator, 3, fakes_per_real=3, refresh_every=5, data=fakes[edges] + 1e-4,
+                         refresh_batch=7)
+    at_edges.refresh(codes)
+    assert torch.equal(at_edges.matched_z, codes[edges])
     # in a feature space the reals' features are filled block by block (7 rows at a time): the same exact match
     projection = torch.tensor([[1.0, 0.0, 2.0, -0.5, 4.0], [0.0, 1.0, 0.25, 2.0, -1.0]])  # exact products, any blocking
     featured = imle.IMLE(model.generator, 3, fakes_per_real=3, refresh_every=5, data=data, refresh_batch=7,
@@ -913,6 +936,13 @@ def test_glo_samples_codes_even_when_they_span_fewer_dimensions_than_z_dim():
     line = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / math.sqrt(2)  # the direction the codes differ in
     off_line = drawn - drawn.mean(0) - ((drawn - drawn.mean(0)) @ line)[:, None] * line
     assert off_line.std(0).max() < 0.01 < (drawn @ line).std()  # the jitter's 1e-3 across, the codes' spread along
+
+
+def test_imle_refreshing_every_few_steps_needs_the_dataset_as_floats():
+    for data in (None, torch.zeros(10, 2, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="needs the whole dataset as a float tensor"):
+            imle.IMLE(MLP(2, 2, hidden=4, depth=1), 2, refresh_every=2, data=data)
+    assert imle.IMLE(MLP(2, 2, hidden=4, depth=1), 2, refresh_every=2, data=torch.zeros(10, 2)).refresh_every == 2
 
 
 @pytest.mark.parametrize("option", ["fakes_per_real", "refresh_every", "refresh_batch"])

@@ -185,6 +185,33 @@ def test_rings_without_noise_put_a_quarter_of_the_points_on_each_full_circle():
 def test_log_prob_without_closed_form_says_so():
     with pytest.raises(NotImplementedError, match="moons.*closed-form"):
         data.toy("moons").log_prob(torch.zeros(3, 2))
+    for points in (torch.zeros(3, 3), torch.zeros(2), torch.zeros(3, 2, 1)):  # each half of the shape check
+        with pytest.raises(ValueError, match=r"points of shape \[n, 2\]"):
+            data.toy("ring8").log_prob(points)
+
+
+@pytest.mark.parametrize("modes, std, weights, error", [
+    ([[0.0, 0.0, 0.0]], 1.0, None, "modes"), ([0.0, 0.0], 1.0, None, "modes"), (torch.zeros(0, 2), 1.0, None, "modes"),
+    ([[0.0, 0.0]], 0.0, None, "std"), ([[0.0, 0.0]], -1.0, None, "std"),
+    ([[0.0, 0.0], [1.0, 1.0]], 1.0, [1.0], "weights"), ([[0.0, 0.0], [1.0, 1.0]], 1.0, [2.0, -1.0], "weights"),
+    ([[0.0, 0.0], [1.0, 1.0]], 1.0, [0.0, 0.0], "weights")])
+def test_a_gaussian_mixture_rejects_each_bad_argument_on_its_own(modes, std, weights, error):
+    with pytest.raises(ValueError, match=error):
+        data.gaussian_mixture(modes, std, weights)
+
+
+@pytest.mark.parametrize("resolution, crop_fraction", [(0, 0.5), (8, 0.0), (8, 1.5)])
+def test_decode_folder_checks_its_resolution_and_crop_before_looking_for_images(tmp_path, resolution, crop_fraction):
+    with pytest.raises(ValueError, match="need resolution >= 1 and 0 < crop_fraction <= 1"):
+        data.decode_folder(tmp_path, resolution, crop_fraction, progress=False)
+
+
+def test_a_gaussian_mixture_accepts_one_mode_and_zero_weights_beside_positive_ones():
+    one = data.gaussian_mixture([[1.0, -1.0]], 0.5)
+    assert torch.equal(one.weights, torch.ones(1))
+    skewed = data.gaussian_mixture([[0.0, 0.0], [5.0, 5.0]], 0.1, weights=[0.0, 3.0])
+    assert torch.equal(skewed.weights, torch.tensor([0.0, 1.0]))
+    assert (skewed.sample(100, torch.Generator().manual_seed(0)).mean(0) > 4).all()  # all from the second mode
 
 
 # ---- digits, IDX, CIFAR-10 ------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from genlib.cli import FAMILIES
 from genlib.data import BatchSampler, to_float
 from genlib.gan import VARIANTS
 from genlib.train import (CHECKPOINT, GRAPH_WARMUP_STEPS, GenerativeModel, NonFiniteLossError, StepGraph,
-                          TrainClock, TrainingInterrupted, at_least_fp32, draw_batches, first_non_finite, fit,
-                          make_capturable, place_step_counts, split_batches, train_step, update_batches)
+                          TrainClock, TrainingInterrupted, at_least_fp32, default_ema_decay, draw_batches,
+                          first_non_finite, fit, make_capturable, place_step_counts, split_batches, train_step,
+                          update_batches)
 
 
 def moment_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,10 @@ def test_fit_hands_a_step_its_batches_per_step_batches_joined_and_resumes_exactl
     fit(resumed, sampler, 3, run_dir=tmp_path, checkpoint_every=1, log_every=1, progress=False)
     assert len(resumed.received) == 1  # only the third step ran, on the sampler's next three batches
     torch.testing.assert_close(resumed.received[0][0], torch.cat([b[0] for b in batches[6:]]), rtol=0, atol=0)
+    for count in (1, 2):  # the one-batch shortcut, and the smallest join
+        x, index = draw_batches(iter(batches), count)
+        assert torch.equal(x, torch.cat([b[0] for b in batches[:count]]))
+        assert torch.equal(index, torch.cat([b[1] for b in batches[:count]]))
     with pytest.raises(ValueError, match="equal batches"):
         split_batches(torch.zeros(10, 2), 3)
     assert [len(part) for part in split_batches(torch.zeros(12, 2), 3)] == [4, 4, 4]
@@ -439,6 +444,11 @@ def test_callback_and_bad_arguments():
     before = parameters(model)
     history = fit(model, sampler, 0, progress=False)  # nothing to do is not an error
     assert history["step"] == [] and all(map(torch.equal, parameters(model), before))
+
+
+def test_the_default_ema_decay_is_0_999_on_cuda_and_none_on_the_cpu():
+    # named devices only: no GPU is needed to ask what a CUDA run would keep
+    assert default_ema_decay(torch.device("cuda")) == 0.999 and default_ema_decay(torch.device("cpu")) is None
 
 
 def test_fit_shows_a_progress_bar_only_when_asked(capsys):

@@ -200,6 +200,13 @@ def test_a_gaussian_mixture_rejects_each_bad_argument_on_its_own(modes, std, wei
         data.gaussian_mixture(modes, std, weights)
 
 
+@pytest.mark.parametrize("images", [torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.uint8)])
+def test_image_data_holds_only_uint8_images_with_four_dimensions(images):
+    with pytest.raises(ValueError, match=r"images must be uint8 \[N, C, H, W\]"):
+        data.ImageData(images, None, "bad")
+    assert data.ImageData(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), None, "good").images.shape == (2, 1, 4, 4)
+
+
 @pytest.mark.parametrize("resolution, crop_fraction", [(0, 0.5), (8, 0.0), (8, 1.5)])
 def test_decode_folder_checks_its_resolution_and_crop_before_looking_for_images(tmp_path, resolution, crop_fraction):
     with pytest.raises(ValueError, match="need resolution >= 1 and 0 < crop_fraction <= 1"):

@@ -738,3 +738,58 @@ def test_unrolling_k_steps_matches_k_torch_adam_steps(unroll, second_order):
     # steps of lr 5e-3 move D well beyond that tolerance, so fewer steps (or steps at 1e-2) would not match
     assert opt.param_groups[0]["lr"] == lr
     assert max((p.detach() - before[name]).abs().max().item() for name, p in disc.named_parameters()) > lr * 0.5
+
+
+# ---- construction checks and flags, one by one (found by mutation testing) ------------------------------------------
+
+
+@pytest.mark.parametrize("options, error", [({"lr_decay_steps": -1}, "lr_decay_steps"), ({"lr_final": 1.5}, "lr_final"),
+                                            ({"lr_final": -0.1}, "lr_final"), ({"depth": 0}, "depth"),
+                                            ({"d_steps": 0}, "d_steps")])
+def test_gan_rejects_each_bad_setting_on_its_own(options, error):
+    with pytest.raises(ValueError, match=error):
+        gan.GAN(width=4, **options)
+
+
+def test_gan_accepts_the_edges_of_its_settings():
+    for options in ({"lr_final": 0.0}, {"lr_final": 1.0}, {"depth": 1}, {"d_steps": 1}):
+        assert gan.GAN(width=4, **options).sample(3).shape == (3, 2)
+    assert gan.MADGAN(k=2, width=4).sample(3).shape == (3, 2)  # two generators are enough
+    assert gan.PacGAN(pack=1, width=4).logits(torch.randn(3, 2)).shape == (3,)  # a pack of one is a plain GAN
+    with pytest.raises(ValueError, match="k >= 2"):
+        gan.MADGAN(k=1, width=4)
+    with pytest.raises(ValueError, match="pack must be >= 1"):
+        gan.PacGAN(pack=0, width=4)
+
+
+def test_a_one_step_decay_reaches_its_final_rate_after_one_update():
+    model = gan.GAN(width=4, lr_d=1e-3, lr_g=2e-3, lr_decay_steps=1, lr_final=0.1)
+    for _ in range(2):
+        model.step(torch.randn(8, 2), torch.arange(8))
+    assert model.optimizers["d"].param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert model.optimizers["g"].param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_only_families_with_a_fixed_step_may_be_replayed_as_a_cuda_graph():
+    # a graph replays recorded kernels: a learning rate set from Python, or a host read, would be frozen or fail
+    assert gan.GAN(width=4).graph_safe
+    assert not gan.GAN(width=4, lr_decay_steps=10).graph_safe
+    assert not gan.UnrolledGAN(width=4).graph_safe  # reads D's step count on the host
+    assert not gan.MADGAN(width=4).graph_safe  # routes rows with nonzero: a data-dependent shape
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_a_multihead_generator_path_is_as_deep_as_a_single_generator(depth):
+    def linear_layers(module):
+        return [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+
+    multi = gan.make_multihead_generator(3, 4, (2,), 8, depth, conv=False)
+    single = gan.make_generator(4, (2,), 8, depth, False)
+    assert all(len(linear_layers(head)) == 2 for head in multi.heads)  # two-layer heads on a shared trunk
+    assert len(linear_layers(multi.trunk)) + 2 == len(linear_layers(single)) == depth + 1
+
+
+def test_minibatch_discrimination_starts_its_projection_at_the_asked_scale():
+    torch.manual_seed(0)
+    layer = gan.MinibatchDiscrimination(64, kernels=16, kernel_dim=8, init_std=0.3)
+    assert layer.T.shape == (64, 128) and layer.T.std().item() == pytest.approx(0.3, rel=0.05)  # 8,192 draws

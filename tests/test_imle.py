@@ -1055,8 +1055,10 @@ def test_log_repulsion_pushes_harder_as_fakes_meet_where_the_squared_one_fades()
         assert push["log", d] == pytest.approx(2 * 0.5 * d / (imle.LOG_REPULSION_EPS + d**2), rel=1e-5)
         assert push["squared", d] == pytest.approx(2 * d, rel=1e-5)
     assert push["log", 0.05] > 9 * push["log", 0.5] and push["squared", 0.05] < push["squared", 0.5] / 9
-    with pytest.raises(ValueError, match="log_repulsion"):
-        imle.IMLEKL(MLP(2, 2, hidden=4, depth=1), 2, log_repulsion=0.0)
+    for weight in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="log_repulsion"):
+            imle.IMLEKL(MLP(2, 2, hidden=4, depth=1), 2, log_repulsion=weight)
+    assert imle.IMLEKL(MLP(2, 2, hidden=4, depth=1), 2, log_repulsion=0.01).log_repulsion == 0.01  # any weight > 0
 
 
 @pytest.mark.parametrize("margin", [None, 1e-3])

@@ -546,6 +546,14 @@ def test_sampler_validates():
         data.BatchSampler(torch.zeros(0, 2), batch_size=1)
     with pytest.raises(ValueError, match="labels"):
         data.BatchSampler(torch.zeros(5, 2), batch_size=2, labels=torch.zeros(4))
+    for bad_batch in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            data.BatchSampler(torch.zeros(5, 2), batch_size=bad_batch)
+    with pytest.raises(ValueError, match="non-empty"):
+        data.BatchSampler(torch.tensor(3.0), batch_size=1)  # a scalar has no rows
+    # the edges that are fine: one row, batches of one, the whole set, 1-D data (a batch of scalars)
+    assert next(data.BatchSampler(torch.full((1, 2), 7.0), batch_size=1))[0].tolist() == [[7.0, 7.0]]
+    assert sorted(next(data.BatchSampler(torch.arange(5.0), batch_size=5))[0].tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_ring8_modes_sit_at_angles_2_pi_k_over_8_from_the_x_axis():

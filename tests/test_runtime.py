@@ -301,3 +301,14 @@ def test_use_fast_matmul_turns_on_tf32_and_cudnn_autotuning_for_cuda_only():
     assert (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark) == (False, False, False)
     runtime.use_fast_matmul(torch.device("cuda"))
     assert (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark) == (True, True, True)
+
+
+def test_make_folder_makes_missing_parents_keeps_an_existing_folder_and_refuses_a_file(tmp_path):
+    nested = tmp_path / "a" / "b"
+    assert runtime.make_folder(nested, "--out") == nested and nested.is_dir()
+    (nested / "kept.txt").write_text("x")
+    assert runtime.make_folder(str(nested), "--out") == nested and (nested / "kept.txt").exists()  # made already
+    with pytest.raises(ValueError, match="--out .*kept.txt is a file, not a folder"):
+        runtime.make_folder(nested / "kept.txt", "--out")
+    with pytest.raises(ValueError, match="run_dir .* cannot be made as a folder"):
+        runtime.make_folder(nested / "kept.txt" / "below", "run_dir")  # a file in the way of its parents

@@ -312,3 +312,8 @@ def test_make_folder_makes_missing_parents_keeps_an_existing_folder_and_refuses_
         runtime.make_folder(nested / "kept.txt", "--out")
     with pytest.raises(ValueError, match="run_dir .* cannot be made as a folder"):
         runtime.make_folder(nested / "kept.txt" / "below", "run_dir")  # a file in the way of its parents
+
+
+def test_a_single_call_runs_in_this_process_whatever_the_worker_count():
+    # a pool would only add the processes' start-up
+    assert list(runtime.parallel_map(os.getpid, [()], workers=4)) == [(0, os.getpid())]

@@ -254,6 +254,8 @@ def test_configure_threads_reads_genlib_threads_and_an_explicit_count_wins(monke
             monkeypatch.setenv("GENLIB_THREADS", bad)
             with pytest.raises(ValueError, match="GENLIB_THREADS must be a positive integer"):
                 runtime.configure_threads()
+        monkeypatch.setenv("GENLIB_THREADS", "1")  # the smallest count is a count
+        assert runtime.configure_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 

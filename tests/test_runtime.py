@@ -319,3 +319,7 @@ def test_make_folder_makes_missing_parents_keeps_an_existing_folder_and_refuses_
 def test_a_single_call_runs_in_this_process_whatever_the_worker_count():
     # a pool would only add the processes' start-up
     assert list(runtime.parallel_map(os.getpid, [()], workers=4)) == [(0, os.getpid())]
+
+
+def test_workers_run_with_one_torch_thread_each():
+    assert [threads for _, threads in runtime.parallel_map(torch.get_num_threads, [()] * 2, workers=2)] == [1, 1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import json
 import os
@@ -167,10 +168,8 @@ def run_command(command: str, repo: Path, timeout: float) -> int | str:
     except subprocess.TimeoutExpired:
         return "timeout"
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the shell and whatever it left behind
-        except ProcessLookupError:
-            pass
         process.wait()
 
 
@@ -178,6 +177,9 @@ def run_mutants(module: Path, command: str, repo: Path, mutants: list[Mutant], t
                 timeout: float, json_path: Path | None = None) -> list[dict]:
     """Run ``command`` once per mutant with the module rewritten; the original text is always put back. The
     results so far are rewritten to ``json_path`` after every mutant, so a stopped run keeps them."""
+    if json_path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from genlib.runtime import write_atomically  # imports torch: only when results are saved
     original = module.read_text()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` restores the module
     results = []
@@ -190,8 +192,8 @@ def run_mutants(module: Path, command: str, repo: Path, mutants: list[Mutant], t
             results.append({**asdict(mutant), "status": status, "seconds": round(time.time() - start, 1)})
             print(f"[{number}/{len(mutants)}] {status} {module.name}:{mutant.line} {mutant.scope} {mutant.change}"
                   f" ({time.time() - start:.0f} s)", flush=True)
-            if json_path:
-                json_path.write_text(json.dumps(results, indent=1) + "\n")
+            if json_path:  # atomically: a SIGTERM mid-write must not leave a torn file
+                write_atomically(json_path, lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()))
     finally:
         module.write_text(original)
         signal.signal(signal.SIGTERM, previous)

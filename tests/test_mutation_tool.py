@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import running
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "mutation_test.py"
@@ -35,14 +36,6 @@ def check_command(*cases: tuple[float, float]) -> str:
     """A test command asserting clamp_positive(x) == expected for each case."""
     asserts = "; ".join(f"assert clamp.clamp_positive({x}) == {expected}" for x, expected in cases)
     return f'{sys.executable} -c "import clamp; {asserts}"'
-
-
-def running(pid: str) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (a killed orphan waits for init to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_lists_operator_comparison_and_number_mutants_but_not_messages_or_defaults(tmp_path):

@@ -194,7 +194,7 @@ def _epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Tensor, 
         loss.backward()
         opt.step()
         sched.step()
-        total_loss += float(loss) * len(idx)
+        total_loss += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == yb).sum())
         seen += len(idx)
         if bar is not None:

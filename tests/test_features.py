@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from genlib import features
+from genlib import data, features
+from genlib.data import ImageData
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {504, 967, 968}  # coffee mug, espresso, cup
@@ -95,6 +97,7 @@ def test_committed_classifier_is_accurate() -> None:
 def test_asset_provenance_records_the_command() -> None:
     meta = json.loads(features.CLASSIFIER_NPZ.with_suffix(".json").read_text())
     assert meta["command"] == f"python -m genlib classifier --epochs {meta['epochs']} --seed {meta['seed']}"
+    assert (meta["epochs"], meta["seed"]) == (features.DEFAULT_EPOCHS, 0)  # the asset is what the defaults make
     assert meta["test_accuracy"] >= 0.88 and meta["parameters"] < 300_000
     assert features.CLASSIFIER_NPZ.stat().st_size < 1.5 * 2**20
 
@@ -115,6 +118,94 @@ def test_save_load_round_trip_is_exact(tmp_path) -> None:
     assert meta["parameters"] == features.count_parameters(model) and meta["config"]["width"] == 4
     with np.load(path) as arrays:
         assert all(arrays[k].dtype == np.float32 for k in arrays.files if k != "__config__")
+
+
+def _grey_levels(n: int, seed: int) -> ImageData:
+    """A stand-in for Fashion-MNIST: ``n`` uint8 [n, 1, 28, 28] images whose class k (0..9) is a flat grey of
+    level 20 k + 30 with noise of +-8, so that flips and shifts keep the class and a small net learns it quickly."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    noise = torch.randint(-8, 9, (n, 1, 28, 28), generator=g)
+    return ImageData((labels[:, None, None, None] * 20 + 30 + noise).to(torch.uint8), labels, "grey-levels")
+
+
+@pytest.fixture
+def grey_fashion(monkeypatch) -> dict[str, ImageData]:
+    """Fashion-MNIST replaced by :func:`_grey_levels` (600 train, 200 test images) for the classifier's training."""
+    splits = {"train": _grey_levels(600, 0), "test": _grey_levels(200, 1)}
+    monkeypatch.setattr(data, "load_images", lambda name, split: splits[split])
+    return splits
+
+
+def test_epoch_reports_the_mean_loss_and_accuracy_over_all_images() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), linear)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is, so the epoch's means are exact
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (20, 1, 2, 2), dtype=torch.uint8, generator=g), torch.randint(0, 3, (20,), generator=g)
+
+    class Bar:
+        updates, postfix = 0, {}
+
+        def update(self, n):
+            self.updates += n
+
+        def set_postfix(self, **postfix):
+            self.postfix = postfix
+
+    bar = Bar()
+    loss, accuracy = features._epoch(model, opt, sched, x, y, 7, torch.Generator().manual_seed(2), False, bar)
+    # by hand over all 20 images (batches of 7, 7 and 6, weighted by their sizes)
+    pixels = x.double().numpy().reshape(20, 4) / 127.5 - 1
+    logits = pixels @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected_loss = -np.mean(log_probs[np.arange(20), y.numpy()])
+    expected_accuracy = np.mean(logits.argmax(1) == y.numpy())
+    assert (loss, accuracy) == pytest.approx((expected_loss, expected_accuracy), rel=1e-5)
+    assert bar.updates == 3 and bar.postfix == {"loss": f"{expected_loss:.3f}", "acc": f"{expected_accuracy:.3f}"}
+
+
+def test_train_fashion_classifier_learns_reproducibly_and_reports_its_run(grey_fashion) -> None:
+    def train():
+        return features.train_fashion_classifier(epochs=3, batch_size=30, seed=3, device="cpu", progress=False)
+
+    started = time.perf_counter()
+    model, info = train()
+    assert 0 < info["train_seconds"] <= time.perf_counter() - started + 0.1
+    assert not model.training
+    test = grey_fashion["test"]
+    expected = features.evaluate_classifier(model, test.images, test.labels)
+    assert info["test_accuracy"] == round(expected["accuracy"], 5) >= 0.9
+    assert info["test_loss"] == round(expected["loss"], 5)
+    assert (info["n_train"], info["n_test"], info["epochs"], info["batch_size"], info["seed"]) == (600, 200, 3, 30, 3)
+    assert [row["epoch"] for row in info["history"]] == [1, 2, 3]
+    assert info["history"][-1]["train_loss"] < info["history"][0]["train_loss"]
+    assert info["augment"].startswith("random horizontal flip")
+    again, _ = train()  # the seed fixes the order, the augmentation and the initial weights
+    assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())
+    _, other_seed = features.train_fashion_classifier(epochs=1, batch_size=50, seed=4, device="cpu",
+                                                      progress=False, augment=False)
+    assert other_seed["augment"] == "none" and len(other_seed["history"]) == 1
+    with pytest.raises(ValueError, match="epochs"):
+        features.train_fashion_classifier(epochs=0)
+
+
+def test_train_fashion_classifier_progress_bar_counts_every_step(grey_fashion, capsys) -> None:
+    features.train_fashion_classifier(epochs=2, batch_size=64, device="cpu", progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("fashion classifier: 100%") and "20/20" in line for line in bar)  # 2 x ceil(600/64)
+
+
+def test_main_train_classifier_writes_an_asset_that_loads_and_scores_as_recorded(grey_fashion, tmp_path) -> None:
+    npz = features.main_train_classifier(out_dir=str(tmp_path), epochs=1, seed=2, progress=False)
+    assert npz == tmp_path / features.CLASSIFIER_NPZ.name
+    meta = json.loads(npz.with_suffix(".json").read_text())
+    assert meta["command"] == "python -m genlib classifier --epochs 1 --seed 2"
+    test = grey_fashion["test"]
+    rescored = features.evaluate_classifier(features.load_classifier(npz, "cpu"), test.images, test.labels)
+    assert meta["test_accuracy"] == round(rescored["accuracy"], 5)
 
 
 def test_missing_asset_gives_clear_error(tmp_path, monkeypatch) -> None:
@@ -213,6 +304,8 @@ def test_vgg16_random_weights_load_strictly_and_give_the_documented_features(tmp
     torch.manual_seed(0)
     state = features.VGG16Features().state_dict()
     assert len(state) == 26  # 13 convolutions, weight and bias each, as in torchvision's vgg16().features
+    # VGG16 has 138,357,544 parameters, 123,642,856 of them in its three fully connected layers
+    assert features.count_parameters(features.VGG16Features()) == 138_357_544 - 123_642_856
     path = tmp_path / "vgg16.pth"
     torch.save(state | {"classifier.6.bias": torch.zeros(3)}, path)  # torchvision's head is ignored
     monkeypatch.setenv(features.VGG16_ENV, str(path))
@@ -336,6 +429,14 @@ def test_conv2d_same_centres_its_taps_as_tensorflow_does(size, kernel, stride, r
 def test_efficientnet_batchnorms_use_tensorflow_epsilon(lite0) -> None:
     norms = [m for m in lite0.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) == 49 and all(m.eps == 1e-3 for m in norms)  # the checkpoint was trained with TF's 1e-3
+    assert all(m.momentum == pytest.approx(1 - 0.99) for m in norms)  # TF's decay 0.99 is PyTorch's momentum 0.01
+
+
+@pytest.mark.parametrize("size, side", [(224, 7), (100, 4), (33, 2)])
+def test_efficientnet_feature_map_is_the_input_over_32_rounded_up(lite0, size, side) -> None:
+    # five stride-2 'SAME' stages (stem, stages 2, 3, 4 and 6) each give ceil(size / 2)
+    with torch.no_grad():
+        assert lite0.feature_map(torch.zeros(1, 3, size, size)).shape == (1, 1280, side, side)
 
 
 def test_augment_pads_shifts_with_black_background() -> None:

@@ -430,6 +430,7 @@ def test_layerwise_states_run_from_data_to_latent_and_back():
 
 def test_image_flow_shapes_and_scales():
     assert [fl.max_scales(s) for s in [(1, 28, 28), (3, 64, 64), (3, 32, 32), (1, 8, 8)]] == [3, 5, 4, 2]
+    assert fl.max_scales((3, 128, 128)) == 5 and fl.max_scales((3, 128, 128), cap=6) == 6  # the cap holds
     with pytest.raises(ValueError, match="squeezed"):
         fl.RealNVPImage((1, 28, 28), n_scales=4)
     flow = fl.RealNVPImage((1, 28, 28), n_scales=3, width=4, blocks=1)
@@ -780,6 +781,17 @@ def test_each_likelihood_family_step_reports_and_lowers_its_negative_log_likelih
     with torch.no_grad():
         after = sum(objective().item() for _ in range(20)) / 20  # the VAE's is an estimate: average a few
     assert after < before - 0.05 * abs(before)
+
+
+def test_vae_builds_only_the_network_it_is_not_given():
+    encoder, decoder = nn.Linear(4, 6), nn.Linear(3, 4)  # z_dim 3: the encoder gives [mu, log_var]
+    with_encoder = fl.VAE((4,), z_dim=3, width=8, likelihood="bernoulli", encoder=encoder)
+    with_decoder = fl.VAE((4,), z_dim=3, width=8, likelihood="bernoulli", decoder=decoder)
+    assert with_encoder.encoder is encoder and with_encoder.decoder is not None
+    assert with_decoder.decoder is decoder and with_decoder.encoder is not None
+    x = torch.rand(5, 4)
+    for vae in (with_encoder, with_decoder):
+        assert vae.elbo(vae.prepare(x)).shape == (5,)
 
 
 def test_vae_kl_term_sums_over_every_latent_coordinate():

@@ -56,6 +56,7 @@ def test_batched_applies_the_network_to_every_image_once_in_order(batch_size) ->
     assert sum(seen) == 7 and max(seen) == min(batch_size, 7)
     with pytest.raises(ValueError, match="batch_size"):
         features._batched(lambda x: x, images, 0, torch.device("cpu"))
+    assert features._batched(lambda x: x, images[:0], batch_size, torch.device("cpu")).numel() == 0
 
 
 def test_evaluate_classifier_reports_accuracy_and_mean_cross_entropy_in_eval_mode() -> None:
@@ -199,8 +200,9 @@ def test_train_fashion_classifier_progress_bar_counts_every_step(grey_fashion, c
 
 
 def test_main_train_classifier_writes_an_asset_that_loads_and_scores_as_recorded(grey_fashion, tmp_path) -> None:
-    npz = features.main_train_classifier(out_dir=str(tmp_path), epochs=1, seed=2, progress=False)
-    assert npz == tmp_path / features.CLASSIFIER_NPZ.name
+    out_dir = tmp_path / "new" / "assets"  # made, parents too
+    npz = features.main_train_classifier(out_dir=str(out_dir), epochs=1, seed=2, progress=False)
+    assert npz == out_dir / features.CLASSIFIER_NPZ.name
     meta = json.loads(npz.with_suffix(".json").read_text())
     assert meta["command"] == "python -m genlib classifier --epochs 1 --seed 2"
     test = grey_fashion["test"]
@@ -323,6 +325,9 @@ def test_vgg16_random_weights_load_strictly_and_give_the_documented_features(tmp
     with torch.no_grad():  # non-square: each pool halves height and width separately, rounding down
         wide = model.perceptual(torch.zeros(1, 1, 20, 28))
     assert wide.shape[1] == features.vgg16_feature_dim(20, 28) == 64 * 560 + 128 * 140 + 256 * 35 + 512 * 6
+    for bad in (torch.zeros(1, 2, 16, 16), torch.zeros(3, 16, 16)):  # two channels; no batch dimension
+        with pytest.raises(ValueError, match="1 or 3"):
+            model.perceptual(bad)
     x = torch.zeros(1, 3, 16, 16, requires_grad=True)
     model.perceptual(x).sum().backward()  # differentiable in the image, for use inside a loss
     assert x.grad is not None and x.grad.abs().sum() > 0

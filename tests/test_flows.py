@@ -492,6 +492,32 @@ def test_every_family_trains_through_fit_and_samples(name):
         assert samples.abs().max() <= 1
 
 
+def test_realnvp_builder_passes_clip_and_decay_options():
+    default = fl.build_realnvp(spec_for(POINTS, layers="2"))
+    assert default.clip == 100.0 and default.decay_steps is None and not default.discrete
+    tuned = fl.build_realnvp(spec_for(IMAGES, blocks="1", clip="5", decay_steps="10"))
+    assert tuned.clip == 5.0 and tuned.decay_steps == 10 and tuned.discrete
+
+
+def test_smallest_autoregressive_model_is_accepted():
+    model = fl.AutoregressiveModel((3,), "gmm", hidden=1, depth=1, components=1)
+    assert model.sample_losses(torch.randn(4, 3)).shape == (4,)
+    with pytest.raises(ValueError, match="depth"):
+        fl.AutoregressiveModel((3,), "gmm", hidden=1, depth=0, components=1)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 8, 8)])
+def test_autoencoder_and_gaussian_vae_handle_three_coordinates_or_channels(shape):
+    torch.manual_seed(0)
+    ae = fl.Autoencoder(shape, z_dim=2, width=8)
+    vae = fl.VAE(shape, z_dim=2, width=8, likelihood="gaussian")
+    assert ae.sample(4).shape == vae.sample(4).shape == (4, *shape)
+    p_x = vae.decode(torch.randn(4, 2))
+    assert p_x.mean.shape == p_x.stddev.shape == (4, *shape)
+    if len(shape) == 3:  # images: the autoencoder's decoder ends in tanh, whatever the code
+        assert ae.decode(1e3 * torch.randn(4, 2)).abs().max() <= 1
+
+
 def test_flow_evaluate_reports_nll_and_bits_per_dim_of_a_dataset():
     """The keys only: the values are checked against a closed form in the uint8 test below."""
     model = fl.build_realnvp(spec_for(IMAGES, blocks="1"))

@@ -431,6 +431,17 @@ def test_conv2d_same_centres_its_taps_as_tensorflow_does(size, kernel, stride, r
     assert torch.equal(out, x[:, :, rows][:, :, :, rows])
 
 
+def test_conv2d_same_pads_height_and_width_each_by_its_own_size() -> None:
+    # 4 rows need 1 padding row (at the bottom), 5 columns need 2 (one each side): taps as in the test above
+    conv = features.Conv2dSame(1, 1, (3, 3), (2, 2), padding=0, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0
+        x = torch.arange(20, dtype=torch.float32).view(1, 1, 4, 5)
+        assert torch.equal(conv(x), x[:, :, [1, 3]][:, :, :, [0, 2, 4]])
+        assert torch.equal(conv(x.transpose(2, 3)), x.transpose(2, 3)[:, :, [0, 2, 4]][:, :, :, [1, 3]])
+
+
 def test_efficientnet_batchnorms_use_tensorflow_epsilon(lite0) -> None:
     norms = [m for m in lite0.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) == 49 and all(m.eps == 1e-3 for m in norms)  # the checkpoint was trained with TF's 1e-3

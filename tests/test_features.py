@@ -267,6 +267,16 @@ def test_inception_unavailable_raises_clear_error(monkeypatch) -> None:
         features.inception_features(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
+def test_inception_is_available_with_torchvision_and_a_weights_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(features, "_torchvision_available", lambda: True)
+    monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
+    assert not features.inception_features_available()
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not read")
+    monkeypatch.setenv(features.INCEPTION_ENV, str(weights))
+    assert features.inception_features_available()
+
+
 def test_inception_needs_torchvision_even_with_a_file(tmp_path, monkeypatch) -> None:
     try:
         import torchvision  # noqa: F401

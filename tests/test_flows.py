@@ -325,13 +325,14 @@ def test_autoregressive_probabilities_sum_to_one_over_all_binary_images():
     assert total == pytest.approx(1.0, abs=1e-5)
 
 
-def test_made_is_autoregressive():
-    made = perturbed(fl.MADE(5, k=3, hidden=16), 0.5)
+@pytest.mark.parametrize("dim", [2, 5])
+def test_made_is_autoregressive(dim):
+    made = perturbed(fl.MADE(dim, k=3, hidden=16), 0.5)
     # a path can be switched off by dead ReLUs at one input, so take the union over a few seeded inputs
-    inputs = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
-    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: made(v[None])[0], v) for v in inputs])  # [20,3,5,5]
+    inputs = torch.randn(20, dim, generator=torch.Generator().manual_seed(0))
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: made(v[None])[0], v) for v in inputs])  # [20,3,D,D]
     dependence = jac.abs().sum((0, 1)) > 0  # [output coordinate, input coordinate]
-    assert torch.equal(dependence, torch.ones(5, 5).tril(-1).bool())  # output i sees exactly x_<i
+    assert torch.equal(dependence, torch.ones(dim, dim).tril(-1).bool())  # output i sees exactly x_<i
 
 
 def test_made_with_few_hidden_units_connects_every_output_to_most_of_its_past():
@@ -431,6 +432,10 @@ def test_layerwise_states_run_from_data_to_latent_and_back():
 def test_image_flow_shapes_and_scales():
     assert [fl.max_scales(s) for s in [(1, 28, 28), (3, 64, 64), (3, 32, 32), (1, 8, 8)]] == [3, 5, 4, 2]
     assert fl.max_scales((3, 128, 128)) == 5 and fl.max_scales((3, 128, 128), cap=6) == 6  # the cap holds
+    assert fl.max_scales((1, 8, 64)) == fl.max_scales((1, 64, 8)) == 2  # the shorter side decides
+    for shape in [(1, 12, 16), (1, 16, 12)]:  # 4 scales squeeze 3 times: both sides must divide by 8
+        with pytest.raises(ValueError, match="squeezed 3 times"):
+            fl.RealNVPImage(shape, n_scales=4)
     with pytest.raises(ValueError, match="squeezed"):
         fl.RealNVPImage((1, 28, 28), n_scales=4)
     flow = fl.RealNVPImage((1, 28, 28), n_scales=3, width=4, blocks=1)
@@ -490,6 +495,37 @@ def test_every_family_trains_through_fit_and_samples(name):
     assert samples.shape == (4, *data.shape[1:]) and torch.isfinite(samples).all()
     if data.dtype == torch.uint8:
         assert samples.abs().max() <= 1
+
+
+def test_image_flow_masks_alternate_and_conditioner_widths_stop_growing_at_four_times():
+    flow = fl.RealNVPImage((1, 32, 32), n_scales=4, width=2, blocks=1)
+    couplings = [layer for layer in flow.layers if isinstance(layer, fl.Squeezed)]
+    for first, second in zip(couplings, couplings[1:]):
+        if (first.level, first.active) == (second.level, second.active):  # the same stage: complementary masks
+            assert torch.equal(first.layer.mask + second.layer.mask, torch.ones_like(first.layer.mask))
+    widths = {layer.level: layer.layer.net[0].out_channels for layer in couplings}
+    assert widths == {0: 2, 1: 4, 2: 8, 3: 8}  # doubling per scale, capped at 4 x width
+
+
+def test_autoregressive_model_has_one_output_per_coordinate_and_parameter():
+    assert fl.AutoregressiveModel((1, 2, 2), "bernoulli", hidden=4).made(torch.zeros(1, 4)).shape == (1, 1, 4)
+    gmm = fl.AutoregressiveModel((3,), "gmm", hidden=4, components=2)
+    assert gmm.made(torch.zeros(1, 3)).shape == (1, 3 * 2, 3)  # a logit, a mean and a log-std per component
+
+
+def test_bernoulli_vae_reports_bits_per_dim_of_its_negative_elbo():
+    vae = fl.VAE((1, 8, 8), z_dim=1, width=4, likelihood="bernoulli")
+    report = vae.report(torch.tensor(10.0))
+    torch.testing.assert_close(report["bits_per_dim"], torch.tensor(10.0 / (64 * math.log(2))))
+
+
+def test_realnvp_builder_defaults_are_the_documented_ones():
+    vector = fl.build_realnvp(spec_for(POINTS)).flow
+    assert sum(isinstance(layer, fl.Coupling) for layer in vector.layers) == 8
+    image = fl.build_realnvp(spec_for(IMAGES)).flow  # 8 x 8: two scales
+    assert isinstance(image.layers[0], fl.LogitTransform) and image.layers[0].alpha == 1e-6
+    assert {layer.level for layer in image.layers[1:]} == {0, 1}
+    assert {sum(isinstance(m, fl.ResidualBlock) for m in layer.layer.net) for layer in image.layers[1:]} == {2}
 
 
 def test_realnvp_builder_passes_clip_and_decay_options():

@@ -333,6 +333,7 @@ def test_made_is_autoregressive(dim):
     jac = torch.stack([torch.autograd.functional.jacobian(lambda v: made(v[None])[0], v) for v in inputs])  # [20,3,D,D]
     dependence = jac.abs().sum((0, 1)) > 0  # [output coordinate, input coordinate]
     assert torch.equal(dependence, torch.ones(dim, dim).tril(-1).bool())  # output i sees exactly x_<i
+    assert made[0].mask.sum(1).max() == dim - 1  # no hidden unit sees x_D, which no output may depend on
 
 
 def test_made_with_few_hidden_units_connects_every_output_to_most_of_its_past():
@@ -513,10 +514,12 @@ def test_autoregressive_model_has_one_output_per_coordinate_and_parameter():
     assert gmm.made(torch.zeros(1, 3)).shape == (1, 3 * 2, 3)  # a logit, a mean and a log-std per component
 
 
-def test_bernoulli_vae_reports_bits_per_dim_of_its_negative_elbo():
-    vae = fl.VAE((1, 8, 8), z_dim=1, width=4, likelihood="bernoulli")
-    report = vae.report(torch.tensor(10.0))
-    torch.testing.assert_close(report["bits_per_dim"], torch.tensor(10.0 / (64 * math.log(2))))
+def test_image_vaes_report_bits_per_dim_of_their_negative_elbo():
+    bernoulli = fl.VAE((1, 8, 8), z_dim=1, width=4, likelihood="bernoulli").report(torch.tensor(10.0))
+    torch.testing.assert_close(bernoulli["bits_per_dim"], torch.tensor(10.0 / (64 * math.log(2))))
+    # dequantised pixels on [-1, 1): each of the 256 cells has width 2 / 256
+    gaussian = fl.VAE((1, 8, 8), z_dim=1, width=4, likelihood="gaussian").report(torch.tensor(10.0))
+    torch.testing.assert_close(gaussian["bits_per_dim"], torch.tensor((10.0 + 64 * math.log(128)) / (64 * math.log(2))))
 
 
 def test_realnvp_builder_defaults_are_the_documented_ones():

@@ -34,7 +34,8 @@ def test_frame_slider_links_slider_to_pictures_in_the_browser():
 
     box = viz.frame_slider(lambda i, ax: ax.plot([0, i]), frames=3)
     slider, stack = box.children
-    assert isinstance(slider, widgets.IntSlider) and slider.max == 2
+    assert isinstance(slider, widgets.IntSlider) and (slider.min, slider.value, slider.max) == (0, 0, 2)
+    assert stack.selected_index == 0 and slider.continuous_update  # the first frame, and frames follow the drag
     assert len(stack.children) == 3 and all(p.value[:4] == b"\x89PNG" for p in stack.children)
     assert stack.children[0].value != stack.children[2].value
 
@@ -88,7 +89,7 @@ def test_show_pngs_puts_each_saved_picture_in_its_own_titled_panel(tmp_path):
     for ax, path in zip(axes, paths):
         assert ax.get_xticks().size == 0 and ax.get_yticks().size == 0
         np.testing.assert_array_equal(ax.images[0].get_array(), plt.imread(path))
-    assert axes[0].figure.get_size_inches().tolist() == [9.0, 4.5]
+    assert axes[0].figure.get_size_inches().tolist() == [9.0, 4.5] and len(axes[0].figure.axes) == 2
     assert viz.show_pngs([(paths[0], "wide")], figsize=(12, 8))[0].figure.get_size_inches().tolist() == [12, 8]
     plt.close("all")
     with pytest.raises(ValueError, match="at least one"):
@@ -250,6 +251,8 @@ def test_energy_surface_names_reals_and_fakes_in_a_legend():
     ax = viz.energy_surface(lambda p: p.pow(2).sum(1), 1.0, n=5, real=points, fake=points + 0.5)
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["real", "fake"]
     assert viz.energy_surface(lambda p: p.pow(2).sum(1), 1.0, n=5).get_legend() is None
+    only_reals = viz.energy_surface(lambda p: p.pow(2).sum(1), 1.0, n=5, real=points)
+    assert [text.get_text() for text in only_reals.get_legend().get_texts()] == ["real"]
     plt.close("all")
 
 
@@ -282,6 +285,40 @@ def test_read_image_grid_refuses_a_picture_that_is_not_such_a_grid(tmp_path):
     plt.imsave(tmp_path / "odd.png", np.zeros((30, 31, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="not a grid of 8 square images"):
         viz.read_image_grid(tmp_path / "odd.png")
+
+
+def test_read_image_grid_refuses_tiles_no_wider_than_their_margin(tmp_path):
+    plt.imsave(tmp_path / "margins.png", np.zeros((9, 9, 3), dtype=np.uint8))  # 8 tiles of 1 pixel a row: margin only
+    with pytest.raises(ValueError, match="not a grid"):
+        viz.read_image_grid(tmp_path / "margins.png")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_show_images_shows_grey_in_a_grey_map_and_colour_as_it_is_on_the_byte_scale(channels):
+    images = torch.randint(0, 256, (4, channels, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shown = viz.show_images(images, nrow=2, title="four").images[0]
+    grid = viz.image_grid(images, nrow=2)
+    np.testing.assert_array_equal(shown.get_array(), grid[..., 0] if channels == 1 else grid)
+    assert shown.get_clim() == (0, 255) and shown.axes.get_title() == "four" and not shown.axes.axison
+    if channels == 1:
+        assert shown.get_cmap().name == "gray"
+    plt.close("all")
+
+
+def test_palette_png_accepts_a_palette_exactly_as_far_off_as_allowed():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buffer, format="png")
+    png = buffer.getvalue()
+    full = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    reduced = Image.open(io.BytesIO(png)).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE,
+                                                                 dither=Image.Dither.NONE)
+    error = int(np.abs(np.asarray(reduced.convert("RGB"), dtype=np.int16) - full).max())  # the palette's worst pixel
+    assert error > 0
+    assert Image.open(io.BytesIO(viz.palette_png(png, max_error=error))).mode == "P"
+    assert viz.palette_png(png, max_error=error - 1) == png
 
 
 def test_scatter_panels_leave_the_samples_on_a_mode_visible_under_its_marker(tmp_path):

@@ -279,6 +279,8 @@ def test_read_image_grid_gives_back_the_saved_images(tmp_path, channels, count, 
     assert back.shape == (rows * nrow, channels, 9, 9) and back.dtype == torch.uint8
     assert torch.equal(back[:count], images)
     assert (back[count:] == 255).all()  # the unused tiles of the last row are margin colour
+    picture = plt.imread(tmp_path / "grid.png")
+    assert picture.shape[-1] == 3 or (picture[..., 3] == 1).all()  # opaque: no grey level leaks into an alpha
 
 
 def test_read_image_grid_refuses_a_picture_that_is_not_such_a_grid(tmp_path):

@@ -59,6 +59,16 @@ def test_batched_applies_the_network_to_every_image_once_in_order(batch_size) ->
     assert features._batched(lambda x: x, images[:0], batch_size, torch.device("cpu")).numel() == 0
 
 
+def linear_classifier_scores(linear: torch.nn.Linear, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """By hand in float64: accuracy and mean softmax cross-entropy of ``linear`` on the flattened [-1, 1] pixels of
+    uint8 ``images``."""
+    pixels = images.double().numpy().reshape(len(images), -1) / 127.5 - 1
+    logits = pixels @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return {"accuracy": float(np.mean(logits.argmax(1) == labels.numpy())),
+            "loss": float(-np.mean(log_probs[np.arange(len(images)), labels.numpy()]))}
+
+
 def test_evaluate_classifier_reports_accuracy_and_mean_cross_entropy_in_eval_mode() -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(4, 3)
@@ -68,13 +78,8 @@ def test_evaluate_classifier_reports_accuracy_and_mean_cross_entropy_in_eval_mod
     labels = torch.randint(0, 3, (10,), generator=g)
     got = features.evaluate_classifier(model, images, labels, batch_size=4)
     assert model.training  # the caller's mode is restored
-    # by hand, with dropout off (eval mode): logits of the [-1, 1] pixels, softmax cross-entropy averaged over images
-    x = images.double().numpy().reshape(10, 4) / 127.5 - 1
-    logits = x @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
-    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    expected = {"accuracy": np.mean(logits.argmax(1) == labels.numpy()),
-                "loss": -np.mean(log_probs[np.arange(10), labels.numpy()])}
-    assert got == pytest.approx(expected, rel=1e-5)
+    # by hand, with dropout off (eval mode)
+    assert got == pytest.approx(linear_classifier_scores(linear, images, labels), rel=1e-5)
 
 
 def test_committed_classifier_is_accurate() -> None:
@@ -158,14 +163,9 @@ def test_epoch_reports_the_mean_loss_and_accuracy_over_all_images() -> None:
 
     bar = Bar()
     loss, accuracy = features._epoch(model, opt, sched, x, y, 7, torch.Generator().manual_seed(2), False, bar)
-    # by hand over all 20 images (batches of 7, 7 and 6, weighted by their sizes)
-    pixels = x.double().numpy().reshape(20, 4) / 127.5 - 1
-    logits = pixels @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
-    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    expected_loss = -np.mean(log_probs[np.arange(20), y.numpy()])
-    expected_accuracy = np.mean(logits.argmax(1) == y.numpy())
-    assert (loss, accuracy) == pytest.approx((expected_loss, expected_accuracy), rel=1e-5)
-    assert bar.updates == 3 and bar.postfix == {"loss": f"{expected_loss:.3f}", "acc": f"{expected_accuracy:.3f}"}
+    expected = linear_classifier_scores(linear, x, y)  # over all 20 images: batches of 7, 7 and 6, weighted by size
+    assert (loss, accuracy) == pytest.approx((expected["loss"], expected["accuracy"]), rel=1e-5)
+    assert bar.updates == 3 and bar.postfix == {"loss": f"{expected['loss']:.3f}", "acc": f"{expected['accuracy']:.3f}"}
 
 
 def test_train_fashion_classifier_learns_reproducibly_and_reports_its_run(grey_fashion) -> None:

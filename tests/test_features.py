@@ -127,12 +127,14 @@ def test_save_load_round_trip_is_exact(tmp_path) -> None:
 
 
 def _grey_levels(n: int, seed: int) -> ImageData:
-    """A stand-in for Fashion-MNIST: ``n`` uint8 [n, 1, 28, 28] images whose class k (0..9) is a flat grey of
-    level 20 k + 30 with noise of +-8, so that flips and shifts keep the class and a small net learns it quickly."""
+    """A stand-in for Fashion-MNIST: ``n`` uint8 [n, 1, 28, 28] images whose class k (0..4 of the 10 labels) is a
+    flat grey of level 45 k + 30 with noise of +-8, so that flips and shifts keep the class and a small net learns
+    it in a few steps (ten training seeds tried all reach test accuracy 1; ten classes 20 levels apart left some
+    at 0.9)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
+    labels = torch.randint(0, 5, (n,), generator=g)
     noise = torch.randint(-8, 9, (n, 1, 28, 28), generator=g)
-    return ImageData((labels[:, None, None, None] * 20 + 30 + noise).to(torch.uint8), labels, "grey-levels")
+    return ImageData((labels[:, None, None, None] * 45 + 30 + noise).to(torch.uint8), labels, "grey-levels")
 
 
 @pytest.fixture

@@ -520,7 +520,8 @@ class EnergyGAN(GenerativeModel):
       ``critic_steps`` per step, as WGAN-GP's and MEG's loops draw one per critic iteration); False reuses one.
     * ``entropy``: weight w of ``-H(G(Z))`` in the generator loss, estimated per batch by
       :func:`knn_entropy` (``entropy_estimator='knn'``, neighbour ``knn_k``) or by MEG's
-      :func:`jsd_mutual_information` with a statistics network T(x, z) ('mi', vectors only).
+      :func:`jsd_mutual_information` with a statistics network T(x, z) ('mi', vectors only; an MLP with two
+      hidden layers of ``width``).
     """
 
     def __init__(self, shape: Sequence[int] = (2,), z_dim: int = 2, width: int = 128, depth: int = 3, *,

@@ -611,6 +611,12 @@ def test_compare_on_toy_and_summarize():
 def test_build_energy_defaults_and_options():
     toy = E.build_energy(TrainSpec(torch.randn(64, 2), (2,), torch.device("cpu"), z_dim=2, width=16))
     assert toy.penalty == "r1" and toy.lam == 0.1 and toy.critic_steps == 5
+    assert toy.batches_per_step == 5 and toy.entropy == 0 and toy.knn_k == 1  # fresh reals, no entropy term
+    reference = E.EnergyGAN((2,), z_dim=2, width=16, depth=3)  # the builder's default depth
+    assert {k: v.shape for k, v in toy.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert all(opt.param_groups[0]["betas"] == (0.5, 0.9) for opt in toy.optimizers.values())
+    sgd = E.build_energy(TrainSpec(torch.randn(8, 2), (2,), torch.device("cpu"), options={"optimizer": "sgd"}))
+    assert all(opt.param_groups[0]["momentum"] == 0.0 for opt in sgd.optimizers.values())
     image = E.build_energy(TrainSpec(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), (1, 8, 8), torch.device("cpu"),
                                      z_dim=4, width=4, options={"optimizer": "sgd", "momentum": "0.5"}))
     assert image.lam == 10.0 and isinstance(image.optimizers["g"], torch.optim.SGD)
@@ -625,6 +631,55 @@ def test_build_energy_defaults_and_options():
         build_family("energy", TrainSpec(torch.randn(8, 2), (2,), torch.device("cpu"), options={"lamda": "1"}))
     with pytest.raises(ValueError, match="penalty"):
         E.EnergyGAN((2,), penalty="r2")
+    for shape in [(1, 8, 16), (8, 8)]:  # images must be square (C, H, H); vectors are (d,)
+        with pytest.raises(ValueError, match="square images"):
+            E.EnergyGAN(shape, width=4)
+    assert E.EnergyGAN((2,), width=8).graph_safe and not E.EnergyGAN((2,), width=8, entropy=0.3).graph_safe
+
+
+def test_toy_setting_labels_say_what_the_settings_do():
+    """The chapter's tables print each setting's label: the generator's optimiser, rate, beta1, momentum and
+    entropy weight in it are those the setting builds (and the critic keeps the base Adam (0.5, 0.9))."""
+    def built(settings: dict, name: str) -> E.EnergyGAN:
+        return E.EnergyGAN((2,), **{**E.TOY_DEFAULTS, "width": 8, **settings[name]})
+
+    for name in E.OPTIMIZER_SETTINGS:
+        model = built(E.OPTIMIZER_SETTINGS, name)
+        critic, generator = (model.optimizers[player].param_groups[0] for player in "ug")
+        assert type(model.optimizers["u"]) is torch.optim.Adam and critic["betas"] == (0.5, 0.9), name
+        assert critic["lr"] == E.TOY_DEFAULTS["lr_u"], name
+        if name.startswith("G: Adam beta1="):
+            assert type(model.optimizers["g"]) is torch.optim.Adam, name
+            assert generator["betas"] == (float(name.split("=")[1]), 0.9), name
+        else:
+            assert type(model.optimizers["g"]) is torch.optim.SGD and generator["lr"] == 1e-3, name
+            assert generator["momentum"] == (0.9 if "momentum 0.9" in name else 0.0), name
+    for name in E.ENTROPY_SETTINGS:
+        model = built(E.ENTROPY_SETTINGS, name)
+        generator = model.optimizers["g"]
+        assert type(model.optimizers["u"]) is torch.optim.Adam, name
+        if name.startswith("SGD 0.03"):
+            assert type(generator) is torch.optim.SGD and generator.param_groups[0]["lr"] == 0.03, name
+        else:
+            assert type(generator) is torch.optim.Adam, name
+        assert model.entropy == (float(name.split("w=")[1]) if "w=" in name else 0.0), name
+
+
+def test_toy_runs_pass_the_toy_std_on(monkeypatch):
+    """``toy_std`` overrides the toy's own std (None keeps it); rows carry their setting, seed and gap fields."""
+    seen = []
+
+    def fake_coverage_runs(jobs, toy_name, steps, batch_size, toy_options, **kw):
+        seen.append(toy_options)
+        for i, _ in enumerate(jobs):
+            yield i, {"modes": i, "history": {"gap": [1.0, -1.0]}}
+
+    monkeypatch.setattr(E, "coverage_runs", fake_coverage_runs)
+    runs = [("a", 3), ("b", 4)]
+    rows = [row for _, row in E.toy_runs(runs, "ring8", 5, 8, {"a": {}, "b": {}}, toy_std=0.3)]
+    assert [(r["setting"], r["seed"], r["modes"], r["gap_flips"]) for r in rows] == [("a", 3, 0, 1.0), ("b", 4, 1, 1.0)]
+    list(E.toy_runs(runs, "ring8", 5, 8, {"a": {}, "b": {}}, toy_std=None))
+    assert seen == [{"std": 0.3}, {}]
 
 
 # ---- margin loss with a non-negative autoencoder energy ------------------------------------------
@@ -783,6 +838,8 @@ def test_statistics_network_ascends_the_mutual_information_estimate():
     -MI at T's old weights on the very inputs T saw (captured), recomputed on a copy of T."""
     torch.manual_seed(0)
     model = E.EnergyGAN((2,), z_dim=2, width=8, depth=2, critic_steps=1, entropy=0.5, entropy_estimator="mi")
+    linear = [m for m in model.statistics.modules() if isinstance(m, nn.Linear)]  # two hidden layers of width 8
+    assert [(m.in_features, m.out_features) for m in linear] == [(4, 8), (8, 8), (8, 1)]
     old_t = copy.deepcopy(model.statistics)
     inputs, stepped = [], {}
     forward = model.statistics.forward

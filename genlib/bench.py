@@ -387,7 +387,7 @@ def graphed_step_row(model: GenerativeModel, name: str, real: torch.Tensor, inde
 
 def format_number(value: float | int | str | dict[str, int] | None) -> str:
     """A table cell: floats with 3 significant digits (trailing zeros kept), from 1000 up as whole numbers
-    (never 1.5e+03); a fraction just below 1 keeps the digits that show it is not 1 (0.9996, not 1.00);
+    (never 1.5e+03); a fraction just below 1 in size keeps the digits that show it is not 1 (0.9996, not 1.00);
     counts per pass (``settled``) as 'tf32 3400 / fp32-wide 684', nonzero ones only, in PASS_ORDER."""
     if value is None:
         return ""
@@ -401,7 +401,7 @@ def format_number(value: float | int | str | dict[str, int] | None) -> str:
         return f"{value:.0f}"
     text = f"{value:#.3g}"
     digits = 3
-    while abs(value) < 1 and float(text) == 1 and digits < 12:
+    while abs(value) < 1 and abs(float(text)) == 1 and digits < 12:
         digits += 1
         text = f"{value:#.{digits}g}"
     return text.rstrip(".")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -104,7 +106,9 @@ def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, dev
     monkeypatch.setattr(bench, "timeit", timed)
     monkeypatch.setattr(bench, "profile_call", lambda *args: calls.append("profile") or profile_call(*args))
     monkeypatch.setattr(bench, "bench_training", lambda *args, **kwargs: [])  # CUDA adds keyword arguments
+    began = time.perf_counter()
     bench.main(device=str(device), out=tmp_path, nn_sizes=[(8, 16, 4), (40, 64, 32)], repeats=1)
+    elapsed = time.perf_counter() - began
     assert calls == ["time"] * (6 + 4) + ["profile"] * 2  # 3 per size, then the 4 candidate counts
     sections = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench: ")]
     assert sections[:3] == ["bench: nearest-neighbour search ...", "bench: candidates of the first pass ...",
@@ -112,6 +116,7 @@ def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, dev
     saved = json.loads((tmp_path / "bench.json").read_text())
     text = (tmp_path / "bench.md").read_text()
     assert text == bench.render_markdown(saved)
+    assert 0 <= saved["provenance"]["wall_s"] <= elapsed + 0.05
     settled = bench.format_number(saved["nearest_neighbors"][1]["settled"])
     assert "| settled | reranked_per_query | brute_force_queries |" in text and f"| {settled} |" in text
     assert settled.split()[0] in bench.PASS_ORDER
@@ -225,6 +230,24 @@ def test_a_failed_capture_ends_the_graph_rows(monkeypatch, narrow_families):
     assert len(rows) > 2  # the eager rows of every graph-safe family came first
 
 
+def test_the_reference_row_comes_only_at_64px_rgb_and_the_cpu_gets_no_graph_rows(monkeypatch, narrow_families):
+    """The plain-PyTorch DCGAN is a 64x64x3 network: the bench times it (and rates every row against it) only at
+    that size. Graph rows are a CUDA default; an empty table (no graph-safe family) is no error."""
+    from genlib import cli
+
+    families = dict(cli.FAMILIES)
+    monkeypatch.setattr(cli, "FAMILIES", {name: families[name] for name in ("gan", "score")})  # graph-safe both
+    rgb64 = bench.bench_training(torch.device("cpu"), 64, 2, 1)
+    assert [row["model"] for row in rgb64] == ["reference DCGAN (fp32 eager)", "genlib gan", "genlib score"]
+    assert rgb64[2]["vs_reference"] == pytest.approx(rgb64[2]["img_per_s"] / rgb64[0]["img_per_s"])
+    for resolution, channels in [(64, 1), (32, 3)]:
+        rows = bench.bench_training(torch.device("cpu"), resolution, 2, 1, channels=channels)
+        assert [row["model"] for row in rows] == ["genlib gan", "genlib score"], (resolution, channels)
+        assert not any("vs_reference" in row for row in rows)
+    monkeypatch.setattr(cli, "FAMILIES", {"vae": families["vae"]})  # not graph-safe
+    assert bench.bench_training(torch.device("cpu"), 28, 2, 1, channels=1, graph_safe_only=True) == []
+
+
 def test_step_reals_gives_a_step_all_its_batches_even_from_fewer_rows():
     """A critic with 5 updates per step at batch 512 needs 2,560 reals; the bench's 2,048 rows are cycled, so the
     step splits them into 5 equal batches (it used to get 2,048 and fail)."""
@@ -254,11 +277,22 @@ def test_timeit_is_the_median_of_the_timed_calls_after_untimed_warmups(monkeypat
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     assert bench.timeit(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2) == 250.0
     assert len(calls) == 5  # 2 warm-ups + 3 timed calls, and only the timed ones read the clock
+    clock = iter([0.0, 0.5, 1.0, 1.125, 2.0, 2.25, 3.0, 4.0, 5.0, 5.375])  # 500, 125, 250, 1000 and 375 ms
+    assert bench.timeit(lambda: None, torch.device("cpu"), repeats=5, warmup=0) == 375.0
 
 
 def test_table_numbers_that_round_to_1000_or_more_are_whole_numbers():
     assert [bench.format_number(v) for v in (1000.0, -1000.0, 999.7, 999.4, 100.0, 250.0, 12.0)] == \
         ["1000", "-1000", "1000", "999", "100", "250", "12.0"]
+    assert bench.format_number(999.5) == "1000"  # the boundary: it rounds up to 1000 (1.00e+03 in 3 digits)
+    assert bench.format_number(1.0) == "1.00"
+    # just below 1 in size: as many digits as show it is not 1, and no more
+    assert [bench.format_number(v) for v in (0.9996, 0.99996, 0.95, -0.9996)] == ["0.9996", "0.99996", "0.950",
+                                                                                   "-0.9996"]
+
+
+def test_profiler_microseconds_are_milliseconds_to_a_tenth_of_a_microsecond():
+    assert bench._ms(1234.56789) == 1.2346 and bench._ms(0.04) == 0.0 and bench._ms(0.06) == 0.0001
 
 
 def test_markdown_table_puts_the_given_columns_first_then_the_rest_in_order_of_appearance():
@@ -273,6 +307,32 @@ def test_cpu_share_clips_this_process_to_the_busy_time_and_is_none_without_elaps
     after = {"counters": [100, 0, 0, 100, 0, 0, 0, 0], "own_ticks": 150}  # os.times rounds: more than the busy ticks
     assert bench.cpu_share(before, after) == {"this_process": 0.5, "other_processes": 0.0, "idle": 0.5, "steal": 0.0}
     assert bench.cpu_share(before, before) is None
+    assert bench.cpu_share(None, after) is None and bench.cpu_share(before, None) is None  # no /proc/stat
+
+
+@pytest.mark.skipif(bench._cpu_times() is None, reason="needs Linux's /proc/stat")
+def test_this_process_s_cpu_time_is_counted_in_the_machine_s_ticks():
+    """Spend 0.3 s of this process's CPU time between two snapshots: its share of all cores' ticks is then far from
+    0 (30 ticks of 100 per second), and the four shares make up the whole."""
+    before = bench._cpu_times()
+    start = sum(os.times()[:2])
+    while sum(os.times()[:2]) - start < 0.3:
+        pass
+    after, own = bench._cpu_times(), os.times()
+    share = bench.cpu_share(before, after)
+    assert share["this_process"] > 0.005 and sum(share.values()) == pytest.approx(1, abs=0.01)
+    assert own.system > 0.05  # importing torch alone costs more: user and system time are both counted
+    assert after["own_ticks"] / os.sysconf("SC_CLK_TCK") == pytest.approx(own.user + own.system, abs=0.02)
+
+
+def test_cpu_share_counts_every_kind_of_tick():
+    """/proc/stat's eight counters: user, nice, system, idle, iowait, irq, softirq, steal; busy = all but idle,
+    iowait and steal. Shares by hand out of 360 ticks: this process 5, other busy 190 - 5, idle 40 + 50, steal 80."""
+    before = {"counters": [1] * 8, "own_ticks": 2}
+    after = {"counters": [11, 21, 31, 41, 51, 61, 71, 81], "own_ticks": 7}
+    share = bench.cpu_share(before, after)
+    assert share == {"this_process": round(5 / 360, 3), "other_processes": round(185 / 360, 3),
+                     "idle": round(90 / 360, 3), "steal": round(80 / 360, 3)}
 
 
 @pytest.mark.parametrize("text", ["1x2x3x4", "8x16", "8x16x", "axbxc", "8x-1x4"])
@@ -283,6 +343,7 @@ def test_parse_nn_size_wants_exactly_three_positive_integers(text):
 
 def test_parse_nn_size_reads_either_case_of_x():
     assert bench.parse_nn_size("8x16x4") == (8, 16, 4) and bench.parse_nn_size("3X5X7") == (3, 5, 7)
+    assert bench.parse_nn_size("1x1x1") == (1, 1, 1)
 
 
 def test_top_operators_are_the_largest_positive_self_times_largest_first():
@@ -290,7 +351,12 @@ def test_top_operators_are_the_largest_positive_self_times_largest_first():
     event = lambda key, us: SimpleNamespace(key=key, count=2, self_cpu_time_total=us, device_type=cpu,
                                             is_user_annotation=False)
     events = [event("a", 5.0), event("zero", 0.0), event("c", 30.0), event("d", 10.0), event("b", 7.0)]
-    assert bench.top_operators(events, cuda=False) == [
+    annotation = SimpleNamespace(key="nn.gemm", count=1, self_cpu_time_total=90.0, device_type=cpu,
+                                 is_user_annotation=True)
+    kernel = SimpleNamespace(key="gemm_kernel", count=1, self_cpu_time_total=80.0,
+                             device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=False)
+    # genlib's ranges and device kernels are no operators
+    assert bench.top_operators(events + [annotation, kernel], cuda=False) == [
         {"name": "c", "calls": 2, "self_ms": 0.03}, {"name": "d", "calls": 2, "self_ms": 0.01},
         {"name": "b", "calls": 2, "self_ms": 0.007}, {"name": "a", "calls": 2, "self_ms": 0.005}]
     assert [row["name"] for row in bench._top(events, lambda e: e.self_cpu_time_total, 2)] == ["c", "d"]
@@ -299,7 +365,11 @@ def test_top_operators_are_the_largest_positive_self_times_largest_first():
 def test_phase_times_add_up_every_entry_of_a_range():
     cpu = torch.autograd.DeviceType.CPU
     event = lambda name, us: SimpleNamespace(name=name, cpu_time_total=us, device_type=cpu, is_user_annotation=True)
-    phases = bench.phase_times([event("nn.gemm", 1500.0), event("nn.topk", 250.0), event("nn.gemm", 2500.0)], False)
+    operator = SimpleNamespace(name="aten::mm", cpu_time_total=900.0, device_type=cpu, is_user_annotation=False)
+    on_device = SimpleNamespace(name="nn.gemm", cpu_time_total=700.0, device_type=torch.autograd.DeviceType.CUDA,
+                                is_user_annotation=True)  # the GPU-side copy of a range: its host entry counts
+    events = [event("nn.gemm", 1500.0), operator, event("nn.topk", 250.0), on_device, event("nn.gemm", 2500.0)]
+    phases = bench.phase_times(events, False)
     assert phases == [{"name": "nn.gemm", "calls": 2, "cpu_ms": 4.0}, {"name": "nn.topk", "calls": 1, "cpu_ms": 0.25}]
 
 
@@ -335,3 +405,8 @@ def test_the_reference_search_is_the_direct_float64_argmin_with_the_lowest_index
     gap = direct[1, 20:40].sort().values.diff().min()
     assert expected[0] == 7 and expected[1] == 39 and (rounding > 100 * gap) == (offset > 0)  # the case has teeth
     assert torch.equal(bench.reference_nearest(queries.to(device), keys.to(device)).cpu(), expected)
+
+
+def test_the_reference_search_finds_a_zero_query_s_zero_keys():
+    """All at the origin the rounding slack is 0: the keys exactly at the minimum must still be shortlisted."""
+    assert bench.reference_nearest(torch.zeros(2, 3), torch.zeros(4, 3)).tolist() == [0, 0]  # a four-way tie

@@ -74,6 +74,12 @@ def test_profile_breaks_one_search_call_into_phases(device):
         assert any("addmm" in op["name"] for op in profile["ops"])
 
 
+def test_a_profile_s_wall_time_is_that_of_the_one_call_in_milliseconds(monkeypatch):
+    clock = iter([10.0, 10.25])  # the call's start and end: 250 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.profile_call(lambda: None, torch.device("cpu"))["wall_ms"] == 250.0
+
+
 def test_phase_ranges_are_a_shared_no_op_outside_the_profiler():
     assert imle._phase("nn.gemm") is imle._NO_PHASE
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
@@ -248,6 +254,21 @@ def test_the_reference_row_comes_only_at_64px_rgb_and_the_cpu_gets_no_graph_rows
     assert bench.bench_training(torch.device("cpu"), 28, 2, 1, channels=1, graph_safe_only=True) == []
 
 
+def test_the_reference_dcgan_is_the_pytorch_example_s():
+    """z 100 -> 3x64x64 -> one logit, with 64 feature maps: parameters counted here from the layer table (4x4 kernels
+    without bias; BatchNorm's weight and bias on every inner layer but the critic's first)."""
+    reference = bench.ReferenceDCGAN()
+    widths = [100, 512, 256, 128, 64, 3]
+    convs = sum(16 * c_in * c_out for c_in, c_out in zip(widths, widths[1:]))
+    count = lambda net: sum(p.numel() for p in net.parameters())
+    assert count(reference.generator) == convs + 2 * sum(widths[1:-1])
+    assert count(reference.discriminator) == convs - 16 * 100 * 512 + 16 * 512 + 2 * sum(widths[1:-2])
+    fake = reference.generator(torch.randn(2, 100, 1, 1))
+    assert fake.shape == (2, 3, 64, 64) and reference.discriminator(fake).shape == (2, 1)
+    slopes = {m.negative_slope for m in reference.discriminator if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.2} and reference.opt_g.param_groups[0]["lr"] == reference.opt_d.param_groups[0]["lr"] == 2e-4
+
+
 def test_step_reals_gives_a_step_all_its_batches_even_from_fewer_rows():
     """A critic with 5 updates per step at batch 512 needs 2,560 reals; the bench's 2,048 rows are cycled, so the
     step splits them into 5 equal batches (it used to get 2,048 and fail)."""
@@ -360,6 +381,12 @@ def test_top_operators_are_the_largest_positive_self_times_largest_first():
         {"name": "c", "calls": 2, "self_ms": 0.03}, {"name": "d", "calls": 2, "self_ms": 0.01},
         {"name": "b", "calls": 2, "self_ms": 0.007}, {"name": "a", "calls": 2, "self_ms": 0.005}]
     assert [row["name"] for row in bench._top(events, lambda e: e.self_cpu_time_total, 2)] == ["c", "d"]
+    for entry, device_us in zip(events, [40.0, 0.0, 0.0, 20.0, 1.0]):  # on CUDA ranked by device time, CPU beside it
+        entry.self_device_time_total = device_us
+    assert bench.top_operators(events + [annotation, kernel], cuda=True) == [
+        {"name": "a", "calls": 2, "self_ms": 0.04, "self_cpu_ms": 0.005},
+        {"name": "d", "calls": 2, "self_ms": 0.02, "self_cpu_ms": 0.01},
+        {"name": "b", "calls": 2, "self_ms": 0.001, "self_cpu_ms": 0.007}]
 
 
 def test_phase_times_add_up_every_entry_of_a_range():
@@ -371,6 +398,10 @@ def test_phase_times_add_up_every_entry_of_a_range():
     events = [event("nn.gemm", 1500.0), operator, event("nn.topk", 250.0), on_device, event("nn.gemm", 2500.0)]
     phases = bench.phase_times(events, False)
     assert phases == [{"name": "nn.gemm", "calls": 2, "cpu_ms": 4.0}, {"name": "nn.topk", "calls": 1, "cpu_ms": 0.25}]
+    for entry, device_us in zip(events, [300.0, 0.0, 50.0, 0.0, 200.0]):  # on CUDA: the kernels run inside each
+        entry.device_time_total = device_us
+    assert bench.phase_times(events, True) == [{"name": "nn.gemm", "calls": 2, "cpu_ms": 4.0, "device_ms": 0.5},
+                                               {"name": "nn.topk", "calls": 1, "cpu_ms": 0.25, "device_ms": 0.05}]
 
 
 def test_search_row_rates_from_the_timings_by_hand(monkeypatch):

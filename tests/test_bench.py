@@ -329,6 +329,8 @@ def test_cpu_share_clips_this_process_to_the_busy_time_and_is_none_without_elaps
     after = {"counters": [100, 0, 0, 100, 0, 0, 0, 0], "own_ticks": 150}  # os.times rounds: more than the busy ticks
     assert bench.cpu_share(before, after) == {"this_process": 0.5, "other_processes": 0.0, "idle": 0.5, "steal": 0.0}
     assert bench.cpu_share(before, before) is None
+    one_tick = {"counters": [0, 0, 0, 1, 0, 0, 0, 0], "own_ticks": 0}
+    assert bench.cpu_share(before, one_tick) == {"this_process": 0.0, "other_processes": 0.0, "idle": 1.0, "steal": 0.0}
     assert bench.cpu_share(None, after) is None and bench.cpu_share(before, None) is None  # no /proc/stat
 
 
@@ -355,6 +357,8 @@ def test_cpu_share_counts_every_kind_of_tick():
     share = bench.cpu_share(before, after)
     assert share == {"this_process": round(5 / 360, 3), "other_processes": round(185 / 360, 3),
                      "idle": round(90 / 360, 3), "steal": round(80 / 360, 3)}
+    clipped = bench.cpu_share(before, {**after, "own_ticks": 1000})  # never more than all 190 busy ticks
+    assert clipped["this_process"] == round(190 / 360, 3) and clipped["other_processes"] == 0.0
 
 
 @pytest.mark.parametrize("text", ["1x2x3x4", "8x16", "8x16x", "axbxc", "8x-1x4"])

@@ -274,10 +274,10 @@ def test_ema_flag_keeps_an_average_on_the_cpu_that_samples_and_zero_keeps_none(t
     resumed = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=False)
     assert resumed["ema_decay"] == 0.9 and resumed["ema_updates"] == 30
     assert json.loads((tmp_path / "ema" / "run.json").read_text())["ema_decay"] == 0.9
-    for bad in ("1", "-0.1", "x"):
-        with pytest.raises(SystemExit):
+    for bad in ("1", "-0.1", "x"):  # each refused by the parser itself (exit 2), not later by the model
+        with pytest.raises(SystemExit) as exited:
             cli.main(train_args(tmp_path / "bad", 1) + ["--ema", bad])
-    assert "must be a decay in [0, 1)" in capsys.readouterr().err
+        assert exited.value.code == 2 and "must be a decay in [0, 1)" in capsys.readouterr().err
     torn = tmp_path / "torn"
     cli.main(train_args(torn, 10))
     (torn / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
@@ -1195,6 +1195,10 @@ def test_an_option_for_other_data_says_which_data_this_is():
     spec = cli.TrainSpec(torch.randn(32, 2), (2,), torch.device("cpu"), width=8, options={"scales": "3"})
     with pytest.raises(ValueError, match=r"unknown option\(s\) scales for family 'realnvp' on vectors \(2,\) .*"
                                          "some for images only or vectors only"):
+        cli.build_family("realnvp", spec)
+    spec = cli.TrainSpec(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), (1, 8, 8), torch.device("cpu"), width=8,
+                         options={"layers": "3"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) layers for family 'realnvp' on images \(1, 8, 8\)"):
         cli.build_family("realnvp", spec)
 
 

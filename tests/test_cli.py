@@ -599,6 +599,7 @@ def test_compare_draws_each_method_s_first_seed_that_did_not_diverge(tmp_path, m
     cli.main(compare_args(tmp_path))
     assert [(title, len(samples)) for title, samples, _, _ in panels] == [
         ("ring8: GAN (seed 1)", len(panels[0][1])), ("ring8: PacGAN (diverged on every seed)", 0)]
+    assert panels[1][1].shape == (0, 2)  # an empty panel of 2-D points, drawn as the others
     assert len(panels[0][1]) > 0 and (tmp_path / "run.json").exists()
 
 

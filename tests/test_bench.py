@@ -264,8 +264,13 @@ def test_the_reference_dcgan_is_the_pytorch_example_s():
     count = lambda net: sum(p.numel() for p in net.parameters())
     assert count(reference.generator) == convs + 2 * sum(widths[1:-1])
     assert count(reference.discriminator) == convs - 16 * 100 * 512 + 16 * 512 + 2 * sum(widths[1:-2])
-    fake = reference.generator(torch.randn(2, 100, 1, 1))
-    assert fake.shape == (2, 3, 64, 64) and reference.discriminator(fake).shape == (2, 1)
+    sizes = []  # the spatial size after each (transposed) convolution: doubling from 4, halving down to 4, then 1
+    x = torch.randn(2, 100, 1, 1)
+    for layer in [*reference.generator, *reference.discriminator]:
+        x = layer(x)
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            sizes.append(x.shape[-1])
+    assert sizes == [4, 8, 16, 32, 64, 32, 16, 8, 4, 1] and x.shape == (2, 1)
     slopes = {m.negative_slope for m in reference.discriminator if isinstance(m, torch.nn.LeakyReLU)}
     assert slopes == {0.2} and reference.opt_g.param_groups[0]["lr"] == reference.opt_d.param_groups[0]["lr"] == 2e-4
 

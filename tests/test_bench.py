@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
@@ -244,9 +245,16 @@ def test_the_reference_row_comes_only_at_64px_rgb_and_the_cpu_gets_no_graph_rows
 
     families = dict(cli.FAMILIES)
     monkeypatch.setattr(cli, "FAMILIES", {name: families[name] for name in ("gan", "score")})  # graph-safe both
+    timings = itertools.chain([8.0], itertools.repeat(2.0))  # stand-in clock: the reference's step first
+
+    def throughput_ms(fn, device, steps):
+        fn()  # each step still runs once
+        return next(timings)
+
+    monkeypatch.setattr(bench, "throughput_ms", throughput_ms)
     rgb64 = bench.bench_training(torch.device("cpu"), 64, 2, 1)
     assert [row["model"] for row in rgb64] == ["reference DCGAN (fp32 eager)", "genlib gan", "genlib score"]
-    assert rgb64[2]["vs_reference"] == pytest.approx(rgb64[2]["img_per_s"] / rgb64[0]["img_per_s"])
+    assert [(row["img_per_s"], row["vs_reference"]) for row in rgb64] == [(250.0, 1.0), (1000.0, 4.0), (1000.0, 4.0)]
     for resolution, channels in [(64, 1), (32, 3)]:
         rows = bench.bench_training(torch.device("cpu"), resolution, 2, 1, channels=channels)
         assert [row["model"] for row in rows] == ["genlib gan", "genlib score"], (resolution, channels)
@@ -273,6 +281,26 @@ def test_the_reference_dcgan_is_the_pytorch_example_s():
     assert sizes == [4, 8, 16, 32, 64, 32, 16, 8, 4, 1] and x.shape == (2, 1)
     slopes = {m.negative_slope for m in reference.discriminator if isinstance(m, torch.nn.LeakyReLU)}
     assert slopes == {0.2} and reference.opt_g.param_groups[0]["lr"] == reference.opt_d.param_groups[0]["lr"] == 2e-4
+
+
+def test_the_reference_critic_descends_the_example_s_loss():
+    """The gradient the reference's D optimiser steps on equals autograd's of BCE(D(real), 1) + BCE(D(fake), 0),
+    recomputed on a copy from the same fakes."""
+    torch.manual_seed(0)
+    reference = bench.ReferenceDCGAN(nz=8, ngf=4, ndf=4)
+    copy = bench.ReferenceDCGAN(nz=8, ngf=4, ndf=4)
+    copy.load_state_dict(reference.state_dict())
+    real = torch.rand(3, 3, 64, 64) * 2 - 1
+    stepped = []
+    reference.opt_d.step = lambda: stepped.extend(p.grad.clone() for p in reference.discriminator.parameters())
+    torch.manual_seed(1)
+    reference.step(real)
+    torch.manual_seed(1)
+    fake = copy.generator(torch.randn(3, 8, 1, 1)).detach()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    loss = bce(copy.discriminator(real), torch.ones(3, 1)) + bce(copy.discriminator(fake), torch.zeros(3, 1))
+    for mine, theirs in zip(stepped, torch.autograd.grad(loss, list(copy.discriminator.parameters())), strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_step_reals_gives_a_step_all_its_batches_even_from_fewer_rows():

@@ -6,8 +6,11 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from torch import nn
 
 from conftest import running, workers_of
 from genlib import cli, dae
+from genlib.features import INCEPTION_ENV
 from genlib.runtime import DeviceUnavailableError, MissingAssetError
 from genlib.train import NonFiniteLossError
 
@@ -1007,13 +1011,37 @@ def stop_at_fit(monkeypatch) -> None:
     monkeypatch.setattr(train, "fit", began)
 
 
-def test_train_names_a_flag_its_family_ignores_and_evaluate_whose_user_set_none_does_not(tmp_path, capsys):
+def test_train_names_a_flag_its_family_ignores_and_evaluate_whose_user_set_none_does_not(tmp_path, capsys,
+                                                                                         monkeypatch):
     cli.main(["train", "realnvp", "--data", "ring8", "--toy-points", "64", "--z-dim", "3", "--steps", "1",
               "--width", "8", "--eval-samples", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert "warning: family 'realnvp' does not use --z-dim (set to 3); it has no effect" in capsys.readouterr().err
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "missing.pth"))  # a toy run is scored without Inception
+    began = time.perf_counter()
     cli.main(["evaluate", str(tmp_path / "run"), "--eval-samples", "2", "--device", "cpu", "--out",
               str(tmp_path / "again")])  # 2: the fewest samples an evaluation takes
+    elapsed = time.perf_counter() - began
     assert "warning" not in capsys.readouterr().err
+    assert 0 < json.loads((tmp_path / "again" / "run.json").read_text())["wall_time_s"] <= elapsed
+
+
+def test_sigterm_raises_terminated_only_where_python_may_and_no_one_else_handles_it():
+    def handler_inside() -> object:
+        with cli._terminate_as_interrupt():
+            return signal.getsignal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert handler_inside() is cli._raise_terminated and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        seen = []  # outside the main thread Python cannot install a handler: the context leaves it alone
+        thread = threading.Thread(target=lambda: seen.append(handler_inside()))
+        thread.start()
+        thread.join()
+        assert seen == [signal.SIG_DFL]
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a supervisor may leave it
+        assert handler_inside() is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_train_refuses_the_record_of_another_run_even_without_its_checkpoint(tmp_path, capsys, monkeypatch):

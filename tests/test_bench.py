@@ -28,6 +28,23 @@ def crowded_inputs(m: int, n: int, d: int, device: torch.device) -> tuple[torch.
     return queries.to(device), keys.to(device)
 
 
+def stand_in_clock(monkeypatch, *seconds: float) -> None:
+    """``time.perf_counter`` returns ``seconds`` in turn (past them StopIteration: a reading no test expected)."""
+    readings = iter(seconds)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(readings))
+
+
+def stand_in_throughput(monkeypatch, *ms: float) -> None:
+    """``bench.throughput_ms`` runs each step once and says it took ``ms`` in turn, the last one from then on."""
+    timings = itertools.chain(ms, itertools.repeat(ms[-1]))
+
+    def throughput_ms(fn, device, steps):
+        fn()
+        return next(timings)
+
+    monkeypatch.setattr(bench, "throughput_ms", throughput_ms)
+
+
 @pytest.mark.parametrize("crowded", [False, True])
 def test_rows_count_the_queries_each_pass_settled(device, monkeypatch, crowded):
     if crowded:
@@ -76,8 +93,7 @@ def test_profile_breaks_one_search_call_into_phases(device):
 
 
 def test_a_profile_s_wall_time_is_that_of_the_one_call_in_milliseconds(monkeypatch):
-    clock = iter([10.0, 10.25])  # the call's start and end: 250 ms
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    stand_in_clock(monkeypatch, 10.0, 10.25)  # the call's start and end: 250 ms
     assert bench.profile_call(lambda: None, torch.device("cpu"))["wall_ms"] == 250.0
 
 
@@ -182,7 +198,7 @@ def test_a_graph_safe_family_gets_a_replayed_step_row_or_a_note_why_not(monkeypa
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(train.StepGraph, "capture", (lambda self, packed_step: packed_step) if captures else failing)
-    monkeypatch.setattr(bench, "throughput_ms", lambda fn, device, steps: (fn(), 4.0)[1])  # 4 ms a replay
+    stand_in_throughput(monkeypatch, 4.0)  # 4 ms a replay
     data = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     model = build_family("score", TrainSpec(data, (3, 32, 32), torch.device("cpu"), width=8, batch_size=8))
     real, index = data[:8].float() / 127.5 - 1, torch.arange(8)
@@ -245,13 +261,7 @@ def test_the_reference_row_comes_only_at_64px_rgb_and_the_cpu_gets_no_graph_rows
 
     families = dict(cli.FAMILIES)
     monkeypatch.setattr(cli, "FAMILIES", {name: families[name] for name in ("gan", "score")})  # graph-safe both
-    timings = itertools.chain([8.0], itertools.repeat(2.0))  # stand-in clock: the reference's step first
-
-    def throughput_ms(fn, device, steps):
-        fn()  # each step still runs once
-        return next(timings)
-
-    monkeypatch.setattr(bench, "throughput_ms", throughput_ms)
+    stand_in_throughput(monkeypatch, 8.0, 2.0)  # the reference's step first, then each family's
     rgb64 = bench.bench_training(torch.device("cpu"), 64, 2, 1)
     assert [row["model"] for row in rgb64] == ["reference DCGAN (fp32 eager)", "genlib gan", "genlib score"]
     assert [(row["img_per_s"], row["vs_reference"]) for row in rgb64] == [(250.0, 1.0), (1000.0, 4.0), (1000.0, 4.0)]
@@ -320,19 +330,18 @@ def test_step_reals_gives_a_step_all_its_batches_even_from_fewer_rows():
 
 def test_throughput_is_the_mean_over_back_to_back_calls(monkeypatch):
     """Warm-up calls are not timed; the timed calls share one clock reading before and one after."""
-    calls, clock = [], iter([2.0, 2.5])
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    calls = []
+    stand_in_clock(monkeypatch, 2.0, 2.5)
     assert bench.throughput_ms(lambda: calls.append(1), torch.device("cpu"), calls=4, warmup=2) == 125.0
     assert len(calls) == 6
 
 
 def test_timeit_is_the_median_of_the_timed_calls_after_untimed_warmups(monkeypatch):
     calls = []
-    clock = iter([0.0, 0.5, 1.0, 1.125, 2.0, 2.25])  # timed calls of 500, 125 and 250 ms
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    stand_in_clock(monkeypatch, 0.0, 0.5, 1.0, 1.125, 2.0, 2.25)  # timed calls of 500, 125 and 250 ms
     assert bench.timeit(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2) == 250.0
     assert len(calls) == 5  # 2 warm-ups + 3 timed calls, and only the timed ones read the clock
-    clock = iter([0.0, 0.5, 1.0, 1.125, 2.0, 2.25, 3.0, 4.0, 5.0, 5.375])  # 500, 125, 250, 1000 and 375 ms
+    stand_in_clock(monkeypatch, 0.0, 0.5, 1.0, 1.125, 2.0, 2.25, 3.0, 4.0, 5.0, 5.375)  # 500, 125, 250, 1000, 375 ms
     assert bench.timeit(lambda: None, torch.device("cpu"), repeats=5, warmup=0) == 375.0
 
 

@@ -1017,12 +1017,20 @@ def test_train_names_a_flag_its_family_ignores_and_evaluate_whose_user_set_none_
               "--width", "8", "--eval-samples", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert "warning: family 'realnvp' does not use --z-dim (set to 3); it has no effect" in capsys.readouterr().err
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "missing.pth"))  # a toy run is scored without Inception
+    from genlib import evaluate
+    evaluate_model = evaluate.evaluate_model
+
+    def slow_evaluate_model(*args, **kwargs):  # a fast machine scores 2 toy samples in under the 0.01 s recorded
+        time.sleep(0.05)
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", slow_evaluate_model)
     began = time.perf_counter()
     cli.main(["evaluate", str(tmp_path / "run"), "--eval-samples", "2", "--device", "cpu", "--out",
               str(tmp_path / "again")])  # 2: the fewest samples an evaluation takes
     elapsed = time.perf_counter() - began
     assert "warning" not in capsys.readouterr().err
-    assert 0 < json.loads((tmp_path / "again" / "run.json").read_text())["wall_time_s"] <= elapsed
+    assert 0.05 <= json.loads((tmp_path / "again" / "run.json").read_text())["wall_time_s"] <= elapsed + 0.005
 
 
 def test_sigterm_raises_terminated_only_where_python_may_and_no_one_else_handles_it():

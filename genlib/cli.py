@@ -722,6 +722,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m genlib``."""
     from genlib.energy import TOY_TABLES
+    from genlib.features import DEFAULT_EPOCHS
     from genlib.gan import TOY_SETTINGS
 
     parser = argparse.ArgumentParser(prog="python -m genlib", description=__doc__.split("\n\n")[0].replace("``", ""))
@@ -805,8 +806,10 @@ def make_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_prepare)
 
     classifier = commands.add_parser("classifier", help="train the offline Fashion-MNIST feature classifier")
-    classifier.add_argument("--epochs", type=_positive_int, default=6, help="6 made the committed asset")
-    classifier.add_argument("--seed", type=_seed, default=0, help="seed of the weights, augmentation and data order")
+    classifier.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+                            help=f"training epochs ({DEFAULT_EPOCHS}, the default, made the committed asset)")
+    classifier.add_argument("--seed", type=_seed, default=0,
+                            help="seed of the weights, augmentation and data order (0, the default, made the asset)")
     classifier.add_argument("--out", help="folder for the weights (default: genlib/assets)")
     classifier.set_defaults(func=cmd_classifier)
 

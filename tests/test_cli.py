@@ -40,6 +40,10 @@ def test_help_lists_the_commands():
     (["train", "nosuchfamily", "--data", "ring8", "--out", "x"], "invalid choice: 'nosuchfamily'"),
     (["train", "imle", "--data", "nosuchdata", "--out", "x"], "invalid choice: 'nosuchdata'"),
     (["train", "imle", "--data", "ring8"], "the following arguments are required: --out"),
+    (["train", "imle", "--out", "x"], "the following arguments are required: --data"),
+    (["evaluate", "x"], "the following arguments are required: --out"),
+    (["compare"], "the following arguments are required: --out"),
+    ([], "the following arguments are required: COMMAND"),
     (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "ten"], "must be a positive integer, got 'ten'"),
     (["train", "imle", "--data", "ring8", "--out", "x", "--steps", "0"], "must be a positive integer, got '0'"),
     (["train", "gan", "--data", "ring8", "--out", "x", "--width", "0"], "must be a positive integer"),
@@ -69,6 +73,14 @@ def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(args)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_classifier_defaults_are_the_committed_asset_s_settings():
+    from genlib import features
+
+    asset = json.loads(features.CLASSIFIER_NPZ.with_suffix(".json").read_text())
+    args = cli.make_parser().parse_args(["classifier"])
+    assert (args.epochs, args.seed, args.out) == (asset["epochs"], asset["seed"], None)
 
 
 def test_a_split_the_dataset_lacks_is_one_error_line(capsys):
@@ -362,12 +374,16 @@ TINY_OPTIONS = {"score": ["--opt", "n_sigmas=2", "--opt", "steps_per_level=2"],
 IMAGE_FAMILIES = sorted(set(cli.FAMILIES) - {"autoregressive"})
 
 
-def test_autoregressive_family_trains_on_small_images(tmp_path):
+def test_autoregressive_family_trains_on_small_images(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
     out = tmp_path / "run"
     cli.main(["train", "autoregressive", "--data", "digits", "--steps", "2", "--batch-size", "8", "--width", "16",
               "--eval-samples", "8", "--device", "cpu", "--out", str(out)])
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["features"] == "efficientnet-lite0" and saved["fd"] >= 0 and (out / "samples.png").exists()
+    assert saved["features"] == "efficientnet-lite0" and saved["fd"] >= 0
+    assert "sampling" in capsys.readouterr().err  # the evaluation's own progress bar
+    assert plt.imread(out / "samples.png").shape[:2] == (8 * (8 + 1) + 1,) * 2  # 8x8 digits, 8 a row, 1 px margins
 
 
 @pytest.mark.parametrize("family", IMAGE_FAMILIES)
@@ -818,10 +834,20 @@ def test_a_ctrl_c_in_train_s_evaluation_is_one_line_that_says_to_rerun(tmp_path,
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "run.json").exists()
 
 
-def test_glann_warns_when_every_step_is_a_glo_step(tmp_path, capsys):
-    cli.main(["train", "glann", "--data", "ring8", "--toy-points", "256", "--steps", "4", "--batch-size", "32",
-              "--width", "8", "--eval-samples", "0", "--opt", "glo_steps=4", "--out", str(tmp_path)])
+def test_glann_warns_when_every_step_is_a_glo_step(tmp_path, capsys, monkeypatch):
+    """The warning; the metrics are the losses that ran, and the picture has 2000 samples over 2000 data points."""
+    from genlib import viz
+
+    scattered = []
+    monkeypatch.setattr(viz, "save_scatter", lambda samples, data, path: scattered.append((len(samples), len(data))))
+    cli.main(["train", "glann", "--data", "ring8", "--toy-points", "2048", "--steps", "4", "--batch-size", "32",
+              "--width", "8", "--eval-samples", "0", "--opt", "glo_steps=4", "--log-every", "2", "--out",
+              str(tmp_path)])
     assert "all 4 steps are GLO steps (glo_steps=4)" in capsys.readouterr().err
+    step, loss = (tmp_path / "train.log").read_text().splitlines()[-2].split()  # the last logged loss, to 3 places
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert step == "4" and metrics == pytest.approx({"final_glo_loss": float(loss)}, abs=1e-3)
+    assert scattered == [(2000, 2000)]
 
 
 def test_compare_takes_each_family_s_own_default_setting_and_refuses_another_comparison_s_folder(tmp_path, capsys):

@@ -366,6 +366,12 @@ def fake_celeba(tmp_path_factory):
     return root
 
 
+def test_prepare_decodes_a_folder_at_its_resolution(fake_celeba, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
+    cli.main(["prepare", "folder", "--root", str(fake_celeba / "img_align_celeba"), "--resolution", "16"])
+    assert capsys.readouterr().out == f"folder: (24, 3, 16, 16) uint8, {24 * 3 * 16 * 16 / 2**20:.1f} MiB\n"
+
+
 # Langevin sampling runs the score network n_sigmas x steps_per_level times: a few will do here.
 TINY_OPTIONS = {"score": ["--opt", "n_sigmas=2", "--opt", "steps_per_level=2"],
                 "dae": ["--opt", "steps_per_level=2"]}
@@ -502,7 +508,8 @@ def test_compare_records_every_run_and_its_summary(tmp_path):
 def test_compare_in_parallel_records_the_same_rows_in_the_same_order(tmp_path, capsys):
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     cli.main(compare_args(serial))
-    assert "processes" not in capsys.readouterr().out  # one process shows each run's bar
+    shown = capsys.readouterr()
+    assert "processes" not in shown.out and "PacGAN seed 1: 100%" in shown.err  # one process shows each run's bar
     cli.main(compare_args(parallel, "--jobs", "2"))
     assert "ring8: training 4 runs on 2 processes (a line as each finishes)" in capsys.readouterr().out
     rows = {out: json.loads((out / "metrics.json").read_text())["rows"] for out in (serial, parallel)}
@@ -689,9 +696,11 @@ def test_a_two_stage_run_logs_and_reports_both_stages(tmp_path):
               "--log-every", "2", "--eval-samples", "8", "--device", "cpu", "--opt", "glo_steps=3", "--out", str(out)])
     saved = json.loads((out / "metrics.json").read_text())
     assert all(math.isfinite(saved[k]) for k in ("final_glo_loss", "final_loss", "final_match_dist"))
-    rows = [line.split() for line in (out / "train.log").read_text().splitlines()[2:-1]]
+    table = (out / "train.log").read_text().splitlines()[1:-1]
+    rows = [line.split() for line in table[1:]]
     assert [row[0] for row in rows] == ["2", "4", "6"]
     assert [len(row) for row in rows] == [2, 4, 3]  # step 4's window holds both stages; blanks elsewhere
+    assert {len(line) for line in table} == {len(table[0])}  # a blank is as wide as a number: the columns line up
 
 
 def score_run(out) -> list[str]:
@@ -1289,16 +1298,21 @@ def test_help_shows_every_option_s_meaning_and_no_markup(capsys):
     for command, expected in ((["compare"], ["training steps of each run (default: 3000)"]),
                               (["prepare"], ["{train,valid,test}", "valid: celeba64 alone",
                                              "image size (--data folder only)", "dataset folder"]),
-                              (["classifier"], ["seed of the weights"]), ([], ["python -m genlib {prepare"])):
+                              (["classifier"], ["seed of the weights"]), ([], ["python -m genlib {prepare"]),
+                              (["bench"], ["small sizes (CPU smoke run)", "(default: results/bench)"])):
         with pytest.raises(SystemExit):
             cli.main([*command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert all(phrase in text for phrase in expected) and "``" not in text, command
+        # an unset option (--device), a flag (--quick) and a repeatable one (--nn-size) show no default
+        assert not re.search(r"\(default: (None|False|\[\])\)", text), command
 
 
 def test_a_relative_root_is_recorded_absolute_and_evaluate_can_replace_it(fake_celeba, tmp_path, monkeypatch):
     """A run trained from one folder is evaluated from another; after the data moved, --root says where it is."""
     import shutil
+
+    import matplotlib.pyplot as plt
 
     monkeypatch.setenv("GENLIB_DATA", str(tmp_path / "cache"))
     shutil.copytree(fake_celeba, tmp_path / "images")
@@ -1307,6 +1321,7 @@ def test_a_relative_root_is_recorded_absolute_and_evaluate_can_replace_it(fake_c
               "--batch-size", "4", "--width", "8", "--z-dim", "4", "--eval-samples", "0", "--sample-every", "0",
               "--device", "cpu", "--out", "run"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["root"] == str(tmp_path / "images")
+    assert plt.imread(tmp_path / "run" / "samples.png").shape[:2] == (8 * (8 + 1) + 1,) * 2  # 8x8 px: --resolution
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     evaluate = ["evaluate", "../run", "--eval-samples", "4", "--device", "cpu"]

@@ -54,6 +54,16 @@ def test_asking_for_an_absent_mps_or_gpu_index_is_a_clear_error():
             runtime.device(f"cuda:{torch.cuda.device_count()}")
 
 
+def test_a_gpu_index_is_checked_against_the_gpus_torch_sees(monkeypatch):
+    """On any machine: a stand-in torch that sees two GPUs takes cuda, cuda:0 and cuda:1, and refuses cuda:2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [runtime.device(name) for name in ("cuda", "cuda:0", "cuda:1")] == [
+        torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1)]
+    with pytest.raises(runtime.DeviceUnavailableError, match=r"'cuda:2' .* sees 2 CUDA GPU\(s\), numbered from 0"):
+        runtime.device("cuda:2")
+
+
 def test_unknown_device_type_is_rejected():
     with pytest.raises((ValueError, RuntimeError)):
         runtime.device("tpu")
@@ -79,6 +89,8 @@ def test_describe_states_scale_device_and_seed(monkeypatch):
     line = runtime.describe(3, torch.device("cpu"))
     assert line.startswith("scale=small | device=cpu") and "seed=3" in line and torch.__version__ in line
     assert runtime.describe(3, torch.device("cpu"), show_scale=False) == line.removeprefix("scale=small | ")
+    monkeypatch.setenv("GENLIB_DEVICE", "tpu")  # the default device, were it asked for, would be an error
+    assert runtime.describe(3, torch.device("cpu")) == line  # the device given is the one described
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -110,28 +122,36 @@ def test_parallel_map_stopped_early_leaves_no_worker_running():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_parallel_map_workers_die_with_a_parent_killed_outright():
+def test_parallel_map_workers_die_with_a_parent_killed_outright(tmp_path):
     import signal
     import subprocess
     import time
 
-    script = "import time\nfrom genlib import runtime\nlist(runtime.parallel_map(time.sleep, [(60.0,)] * 2, workers=2))"
+    # each call marks its start, so the parent is killed with both workers inside a call: a worker still starting
+    # up dies with its parent anyway (its start-up pipe closes), whatever the death signal
+    calls = [(f"import pathlib, time; pathlib.Path({str(tmp_path / str(i))!r}).touch(); time.sleep(60)",)
+             for i in range(2)]
+    script = f"from genlib import runtime\nlist(runtime.parallel_map(exec, {calls!r}, workers=2))"
     parent = subprocess.Popen([sys.executable, "-c", script],
                               env={**os.environ, "PYTHONPATH": str(Path(runtime.__file__).parents[1])})
+    workers = []
     try:
-        deadline = time.monotonic() + 60
-        while len(workers_of(parent.pid)) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(3)  # the workers import torch and run their initializer before taking a call
         workers = workers_of(parent.pid)
-        assert len(workers) == 2
-    finally:
+        assert len(workers) == 2 and len(list(tmp_path.iterdir())) == 2
         parent.send_signal(signal.SIGKILL)  # no handler, no cleanup: as the OOM killer or `kill -9` would
         parent.wait()
-    deadline = time.monotonic() + 20
-    while any(map(running, workers)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(map(running, workers))
+        deadline = time.monotonic() + 20
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(running, workers))
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in filter(running, workers):  # a failed run leaves no sleeper behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_in_call_order_sorts_results_by_call():
@@ -173,6 +193,9 @@ def test_seed_everything_seeds_python_numpy_torch_and_the_returned_generator_wit
     assert random.random() == expected[0]
     assert np.array_equal(np.random.rand(2), expected[1]) and torch.equal(torch.rand(2), expected[2])
     assert torch.equal(torch.rand(2, generator=gen), expected[3])
+    for seed in (1000, 2**32 + 1000):  # NumPy takes seeds below 2**32: a larger one wraps round
+        runtime.seed_everything(seed)
+        assert np.array_equal(np.random.rand(2), np.random.RandomState(1000).rand(2)), seed
 
 
 def test_preserved_rng_puts_back_python_numpy_and_torch_states_even_on_error():
@@ -256,6 +279,11 @@ def test_configure_threads_reads_genlib_threads_and_an_explicit_count_wins(monke
                 runtime.configure_threads()
         monkeypatch.setenv("GENLIB_THREADS", "1")  # the smallest count is a count
         assert runtime.configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("GENLIB_THREADS")
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        assert runtime.configure_threads() == 4
+        monkeypatch.setattr(os, "cpu_count", lambda: None)  # the count is unknown: one thread, not torch's choice
+        assert runtime.configure_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -266,8 +294,31 @@ def test_cpu_fingerprint_names_the_instruction_set_torch_dispatches_to():
     assert fingerprint == runtime.cpu_fingerprint()
 
 
+@pytest.mark.parametrize("cpuinfo, processor, model", [
+    ("processor\t: 0\nmodel name\t: Stand-in CPU: rev 2 @ 3.00GHz\n", "", "Stand-in CPU: rev 2 @ 3.00GHz"),
+    (None, "", "stand-in-machine"),  # no /proc/cpuinfo, nor a processor name: the machine's type
+    (None, "Stand-in", "Stand-in"),
+])
+def test_cpu_fingerprint_reads_the_model_name_else_the_processor_else_the_machine(cpuinfo, processor, model,
+                                                                                 monkeypatch):
+    class StandInPath:
+        def __init__(self, path: str):
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self) -> str:
+            if cpuinfo is None:
+                raise FileNotFoundError("/proc/cpuinfo")
+            return cpuinfo
+
+    monkeypatch.setattr(runtime, "Path", StandInPath)
+    monkeypatch.setattr(runtime.platform, "processor", lambda: processor)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "stand-in-machine")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert runtime.cpu_fingerprint(with_torch=False) == f"{model} | ATen {capability}"
+
+
 def test_write_atomically_replaces_whole_keeps_the_old_file_on_error_and_follows_the_umask(tmp_path):
-    target = tmp_path / "deep" / "record.json"
+    target = tmp_path / "deep" / "deeper" / "record.json"
     runtime.write_atomically(target, lambda file: file.write(b"first"))
     assert target.read_bytes() == b"first"
 

@@ -19,6 +19,7 @@ seconds-long smoke run; ``nn_sizes``, ``batch_size`` and ``repeats`` set any of 
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -196,6 +197,8 @@ def profile_call(fn: Callable[[], object], device: torch.device) -> dict:
     """One call of ``fn`` under torch.profiler: ``wall_ms`` (of the call, profiler overhead included),
     ``phases`` (:func:`phase_times`), ``ops`` (:func:`top_operators`) and, on CUDA, ``device_ms`` (kernel
     time, all streams) and ``kernels``; or ``{'error': why}`` when profiling fails, so the bench goes on."""
+    if not profiler_marks_ranges():
+        return {"error": f"torch {torch.__version__}'s profiler does not mark record_function ranges; torch 2.5+ does"}
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -216,6 +219,14 @@ def profile_call(fn: Callable[[], object], device: torch.device) -> dict:
         return report
     except Exception as error:  # no CUPTI, another torch's event fields: the timings stand without a profile
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def profiler_marks_ranges() -> bool:
+    """Whether this torch's profiler events say which are ``record_function`` ranges (``is_user_annotation``,
+    torch 2.5+): the phases and operator tables are told apart by it."""
+    from torch.autograd.profiler_util import FunctionEvent
+
+    return "is_user_annotation" in inspect.signature(FunctionEvent.__init__).parameters
 
 
 def _is_host(event: FunctionEvent | FunctionEventAvg) -> bool:

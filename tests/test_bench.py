@@ -71,6 +71,28 @@ def test_settled_cell_lists_the_nonzero_counts_in_pass_order():
         assert names == sorted(names, key=bench.PASS_ORDER.index)
 
 
+needs_marked_ranges = pytest.mark.skipif(not bench.profiler_marks_ranges(),
+                                         reason="this torch's profiler does not mark record_function ranges (2.5+)")
+
+
+def test_the_range_check_agrees_with_the_events_this_torch_records():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("nn.test"):
+            torch.ones(2).sum()
+    events = prof.events()
+    assert all(hasattr(event, "is_user_annotation") == bench.profiler_marks_ranges() for event in events)
+    if bench.profiler_marks_ranges():
+        assert [event.name for event in events if event.is_user_annotation] == ["nn.test"]
+
+
+def test_a_profiler_without_marked_ranges_is_named_not_raised(monkeypatch):
+    monkeypatch.setattr(bench, "profiler_marks_ranges", lambda: False)
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    error = bench.profile_call(lambda: None, torch.device("cpu"))["error"]
+    assert error == "torch 2.4.1's profiler does not mark record_function ranges; torch 2.5+ does"
+
+
+@needs_marked_ranges
 def test_profile_breaks_one_search_call_into_phases(device):
     rows = bench.bench_nearest_neighbors(device, [(64, 256, 128)], repeats=1)
     bench.profile_nearest_neighbors(device, rows)
@@ -92,6 +114,7 @@ def test_profile_breaks_one_search_call_into_phases(device):
         assert any("addmm" in op["name"] for op in profile["ops"])
 
 
+@needs_marked_ranges
 def test_a_profile_s_wall_time_is_that_of_the_one_call_in_milliseconds(monkeypatch):
     stand_in_clock(monkeypatch, 10.0, 10.25)  # the call's start and end: 250 ms
     assert bench.profile_call(lambda: None, torch.device("cpu"))["wall_ms"] == 250.0
@@ -108,12 +131,14 @@ def test_a_failing_profiler_is_recorded_not_raised(monkeypatch):
         raise RuntimeError("no CUPTI here")
 
     monkeypatch.setattr(torch.profiler, "profile", broken)
+    monkeypatch.setattr(bench, "profiler_marks_ranges", lambda: True)
     profile = bench.profile_call(lambda: None, torch.device("cpu"))
     assert profile == {"error": "RuntimeError: no CUPTI here"}
     section = bench.render_profiles([{"M": 1, "N": 2, "d": 3, "profile": profile}])
     assert "### 1 x 2 x 3: the profiler failed (RuntimeError: no CUPTI here)" in section
 
 
+@needs_marked_ranges
 def test_bench_profiles_after_every_timing_and_writes_the_sections(tmp_path, device, monkeypatch, capsys):
     """No timed call runs under the profiler; bench.md gains the settled column and the profile section."""
     calls = []

@@ -49,3 +49,12 @@ def test_a_kernel_that_dies_ends_its_notebook_with_an_error_and_the_next_noteboo
     assert result.returncode == 1 and "ERROR in code cell #2: DeadKernelError" in result.stdout, result.stdout
     assert nbformat.read(tmp_path / "out" / "dies.ipynb", as_version=4).cells[0].outputs[0]["text"] == "alive\n"
     assert nbformat.read(tmp_path / "out" / "next.ipynb", as_version=4).cells[0].outputs[0]["text"] == "next ran\n"
+
+
+def test_small_scale_runs_uncut_and_a_clean_notebook_exits_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENLIB_MAX_STEPS", "7")  # one left in the caller's environment must not cut the runs
+    cells = ["import os\nprint(os.environ['GENLIB_SCALE'], os.environ.get('GENLIB_MAX_STEPS'))"]
+    result = smoke(write_notebook(tmp_path / "toy.ipynb", cells), "--scale", "small", "--out", tmp_path / "out")
+    assert result.returncode == 0 and "toy.ipynb: running at small scale ..." in result.stdout, result.stdout
+    executed = nbformat.read(tmp_path / "out" / "toy.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "small None\n"

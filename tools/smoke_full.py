@@ -2,6 +2,7 @@
 
     python tools/smoke_full.py                            # every chapter, 20 steps per training run
     python tools/smoke_full.py chapters/02_gan_js.ipynb --max-steps 5 --out /tmp/smoke
+    python tools/smoke_full.py --scale small              # as CI runs them, uncut: another environment's errors
 
 A reader who turns "small" into "full" on a Colab GPU runs code paths that CI (GENLIB_SCALE=small) never does:
 wider networks, the full datasets, more samples to score. This runs them all in minutes, with
@@ -12,6 +13,8 @@ cell raised, timed out or killed its kernel (a dead kernel ends that notebook; t
 errors, which also make the status 1: a cell that reads a run's log at a fixed step, or the snapshots it records
 every so many steps, finds too few of them in a run cut short (a KeyError, an IndexError, max() of an empty
 sequence). On a CPU everything lives on one device, so a tensor left off the GPU shows only in a run on the GPU.
+``--scale small`` runs the chapters as CI does, nothing cut, to find the cells another environment breaks
+(tools/check_min_versions.sh runs it under the oldest packages requirements.txt allows).
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ def smoke(path: Path, out: Path, timeout: int) -> tuple[list[tuple[int, str]], l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks (default: chapters/*.ipynb)")
-    parser.add_argument("--max-steps", type=int, default=20, help="steps each training run is cut to")
+    parser.add_argument("--max-steps", type=int, default=20, help="steps each training run is cut to (full scale)")
+    parser.add_argument("--scale", choices=("full", "small"), default="full",
+                        help="GENLIB_SCALE to run at; small runs every training run uncut")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     parser.add_argument("--out", type=Path, default=ROOT / "_build" / "smoke-full",
                         help="folder for the executed copies")
@@ -85,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
-    os.environ["GENLIB_SCALE"] = "full"
-    os.environ["GENLIB_MAX_STEPS"] = str(args.max_steps)
+    os.environ["GENLIB_SCALE"] = args.scale
+    if args.scale == "full":
+        os.environ["GENLIB_MAX_STEPS"] = str(args.max_steps)
+        how = f"at full scale, training cut to {args.max_steps} steps"
+    else:
+        os.environ.pop("GENLIB_MAX_STEPS", None)
+        how = "at small scale"
     failed = False
     for path in args.notebooks or sorted((ROOT / "chapters").glob("*.ipynb")):
-        print(f"{path.name}: running at full scale, training cut to {args.max_steps} steps ...", flush=True)
+        print(f"{path.name}: running {how} ...", flush=True)
         errors, times, total = smoke(path.resolve(), args.out, args.timeout)
         print(f"  {total:.0f} s; slowest cells: "
               + "; ".join(f"#{number} {seconds:.0f} s ({line})" for seconds, number, line in times[:args.slowest]))

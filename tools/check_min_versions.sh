@@ -22,9 +22,7 @@ fi
 rm -rf "$VENV"  # made anew each time: an older run's packages would satisfy the bounds without being the oldest
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q uv
-UV=("$VENV/bin/uv" pip install --python "$VENV/bin/python")
-"${UV[@]}" -q --resolution lowest-direct -r "$ROOT/requirements.txt"
-"${UV[@]}" -q --no-deps --no-build-isolation -e "$ROOT"
+"$VENV/bin/uv" pip install --python "$VENV/bin/python" -q --resolution lowest-direct -r "$ROOT/requirements.txt"
 "$VENV/bin/python" - <<'EOF'
 from importlib.metadata import version
 names = ["torch", "numpy", "scipy", "matplotlib", "pillow", "scikit-learn", "scikit-image", "ipywidgets", "ipykernel",
@@ -32,11 +30,10 @@ names = ["torch", "numpy", "scipy", "matplotlib", "pillow", "scikit-learn", "sci
 print("[min-versions] " + ", ".join(f"{name} {version(name)}" for name in names))
 EOF
 
-cd "$ROOT"
-export GENLIB_SCALE=small OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
-# Everything in tests/ (the -W book build and the browser check too), not the chapters' strict nbval outputs.
-"$VENV/bin/python" -m pytest -p no:cacheprovider -o addopts="-ra" -n "${GENLIB_TEST_WORKERS:-2}" --dist loadscope \
-  -q tests "$@"
-if [ -n "$NOTEBOOKS" ]; then  # the kernel is this venv's python (no kernelspec installed: the native one)
-  "$VENV/bin/python" tools/smoke_full.py --scale small --out "$ROOT/_build/min-versions"
+# The suite's own command in this venv: its set-up adds the system packages, the vendored JavaScript, genlib and
+# the kernel, and pip leaves the oldest versions alone (they satisfy the bounds). Everything in tests/ (the -W book
+# build and the browser check too), not the chapters' strict nbval outputs (addopts holds --nbval).
+GENLIB_VENV="$VENV" bash "$ROOT/tools/run_tests.sh" -p no:cacheprovider -o addopts="-ra" -q tests "$@"
+if [ -n "$NOTEBOOKS" ]; then
+  "$VENV/bin/python" "$ROOT/tools/smoke_full.py" --scale small --out "$ROOT/_build/min-versions"
 fi

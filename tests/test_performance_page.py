@@ -1,13 +1,13 @@
 """book/performance.md cannot drift from the recorded benchmarks.
 
 The page includes the tables of each recorded run (results/bench-cpu, results/bench-cpu-20261129,
-results/bench-cpu-20261130, results/bench-h200)
+results/bench-cpu-20261130, results/bench-cpu-20261203, results/bench-h200)
 from its bench.md; bench.md must be exactly what genlib.bench renders from the committed bench.json, and the
 provenance that the page states in words (command, device, threads, versions, load, commit) must be the JSON's.
 The numbers that the prose quotes about the H200 run are parsed back and checked against its bench.json (and the
 full-scale DCGAN run's run.json and metrics.json); numbers there that are not genlib bench's must come from
-the page's own design-document and targets sections; those quoted about the second and third CPU runs are their
-bench.json's.
+the page's own design-document and targets sections; those quoted about the second, third and fourth CPU runs are
+their bench.json's.
 Numbers follow bench.format_number: 3 significant digits, whole numbers from 1000 up (the prose adds thousands
 separators).
 """
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "book" / "performance.md"
 RESULTS = ROOT / "results"
 RUNS = {"bench-cpu": "A CPU run", "bench-cpu-20261129": "A second CPU run, at the default sizes",
-        "bench-cpu-20261130": "A third CPU run, on another machine", "bench-h200": "A GPU run (NVIDIA H200)"}
+        "bench-cpu-20261130": "A third CPU run, on another machine",
+        "bench-cpu-20261203": "A fourth CPU run, on an AMD EPYC machine", "bench-h200": "A GPU run (NVIDIA H200)"}
 """Each recorded run's folder under results/ and the heading of its section on the page."""
 GPU_RUN = "bench-h200"
 DCGAN_RUN = RESULTS / "ch02_dcgan_fashion_h200"
@@ -332,11 +333,12 @@ def test_the_emulation_since_the_change_is_chapter_ones():
 
 
 def test_chapter_one_quotes_the_cpu_runs_ratios():
-    """Chapter 1's prose gives the CPU search's time over the bare GEMM and over cdist as ranges, for the first CPU
-    run and for the third (the Intel machine that executed the chapter's previous outputs): they must be the recorded
-    runs', at 2 decimals, and the chapter's outputs now come from another CPU, as its prose says."""
+    """Chapter 1's prose gives the CPU search's time over the bare GEMM and over cdist as ranges, for the fourth CPU
+    run (the AMD EPYC machine that executed the chapter) and the third (the Intel machine that executed its previous
+    outputs): they must be the recorded runs', at 2 decimals, and the chapter's code must show those two runs."""
     chapter = json.loads((ROOT / "chapters" / "01_imle.ipynb").read_text(encoding="utf-8"))
     prose = flat(" ".join("".join(c["source"]) for c in chapter["cells"] if c["cell_type"] == "markdown"))
+    code = " ".join("".join(c["source"]) for c in chapter["cells"] if c["cell_type"] == "code")
 
     def ranges(run: str) -> tuple[str, str]:
         rows = load(run)[1]["nearest_neighbors"]
@@ -344,15 +346,18 @@ def test_chapter_one_quotes_the_cpu_runs_ratios():
         over_cdist = sorted(row["genlib_ms"] / row["cdist_ms"] for row in rows)
         return (f"{over_gemm[0]:.2f} to {over_gemm[-1]:.2f}", f"{over_cdist[0]:.2f} to {over_cdist[-1]:.2f}")
 
-    (gemm, cdist), (gemm_now, cdist_now) = ranges("bench-cpu"), ranges("bench-cpu-20261130")
-    assert (f"In the first CPU run the exact search takes {gemm} times the bare GEMM and {cdist} times `torch.cdist`; "
-            f"on the Intel machine, at the default sizes, it takes {gemm_now} times the bare GEMM and {cdist_now} "
+    (gemm, cdist), (gemm_intel, cdist_intel) = ranges("bench-cpu-20261203"), ranges("bench-cpu-20261130")
+    assert (f"On the AMD EPYC machine the exact search takes {gemm} times the bare GEMM and {cdist} times "
+            f"`torch.cdist`; on the Intel machine it takes {gemm_intel} times the bare GEMM and {cdist_intel} "
             "times `torch.cdist`") in prose
-    assert (f"On the first recorded 2-core CPU that is {gemm} times the bare GEMM, about as fast as `torch.cdist` "
-            f"({cdist} times its time), which gives no guarantee; on the faster Intel Xeon machine that executed the "
-            f"previous version of this page, {gemm_now} times the GEMM and {cdist_now} times `cdist`") in prose
+    assert (f"On the 2-core AMD EPYC CPU that executed this page that is {gemm} times the bare GEMM, about as fast "
+            f"as `torch.cdist` ({cdist} times its time), which gives no guarantee; on the faster Intel Xeon machine "
+            f"that executed the previous version of this page, {gemm_intel} times the GEMM and {cdist_intel} times "
+            "`cdist`") in prose
+    assert 'for folder in ("bench-cpu-20261203", "bench-cpu-20261130", "bench-h200"):' in code
     executed_on = chapter["metadata"]["genlib"]["executed_on"]
-    assert load("bench-cpu-20261130")[1]["provenance"]["cpu"].startswith("Intel") and executed_on.startswith("AMD EPYC")
+    cpus = {run: load(run)[1]["provenance"]["cpu"] for run in ("bench-cpu-20261130", "bench-cpu-20261203")}
+    assert cpus["bench-cpu-20261130"].startswith("Intel") and cpus["bench-cpu-20261203"] == executed_on
     assert "the AMD EPYC virtual CPU with AVX-512 that executed this version" in prose
 
 
@@ -446,3 +451,80 @@ def test_the_third_cpu_runs_figures_quoted_are_the_jsons():
         first_order[i], first_order[j] = b, a
     assert first_order == order["third"]
     assert f"GLO and GLANN ({f(ratio['third']['glo'])} and {f(ratio['third']['glann'])})" in words
+
+
+def test_the_fourth_cpu_runs_figures_quoted_are_the_jsons():
+    """What the page says about the fourth CPU run: that it ran on the CPU that executed the chapters, its GEMM and
+    DCGAN rates against the Intel run's and the earlier AMD runs', its largest search, the ranges of its search over
+    the GEMM and cdist, the profiled key rounding against the Intel run's, and the training ratios."""
+    page, fourth = load("bench-cpu-20261203")
+    (_, first), (_, second), (_, third) = load("bench-cpu"), load("bench-cpu-20261129"), load("bench-cpu-20261130")
+    words = flat(section(page, RUNS["bench-cpu-20261203"]))
+    f = bench.format_number
+    executed_on = {json.loads(path.read_text(encoding="utf-8"))["metadata"]["genlib"]["executed_on"]
+                   for path in sorted((ROOT / "chapters").glob("*.ipynb"))}
+    assert executed_on == {fourth["provenance"]["cpu"]} and fourth["provenance"]["cpu"].startswith("AMD EPYC")
+    assert third["provenance"]["cpu"].startswith("Intel")
+
+    def span(report: dict, key) -> str:
+        values = sorted(key(row) for row in report["nearest_neighbors"])
+        return f"{f(values[0])} to {f(values[-1])}"
+
+    tflops = lambda row: row["gemm_tflops"]  # noqa: E731
+    rate = {run: {(row["M"], row["N"], row["d"]): row["gemm_tflops"] for row in report["nearest_neighbors"]}
+            for run, report in (("third", third), ("fourth", fourth))}
+    assert set(rate["third"]) == set(rate["fourth"])
+    size_by_size = sorted(rate["third"][size] / rate["fourth"][size] for size in rate["fourth"])
+    assert (f"by about {size_by_size[0]:.1f} to {size_by_size[-1]:.1f} times at the GEMM" in words
+            and f"the bare fp32 GEMM ran at {span(fourth, tflops)} TFLOPS, against {span(third, tflops)} on the "
+                f"Intel machine ({f(size_by_size[0])} to {f(size_by_size[-1])} times as fast there, size by size)"
+            in words)
+    dcgan = {run: report["training"][0] for run, report in (("third", third), ("fourth", fourth))}
+    assert all(row["model"] == "reference DCGAN (fp32 eager)" for row in dcgan.values())
+    assert (f"the reference DCGAN step at {f(dcgan['fourth']['img_per_s'])} img/s, against "
+            f"{f(dcgan['third']['img_per_s'])} there "
+            f"({f(dcgan['third']['img_per_s'] / dcgan['fourth']['img_per_s'])} times)") in words
+    assert f"The two earlier AMD runs measured {span(first, tflops)} and {span(second, tflops)} TFLOPS" in words
+    amd = [row["gemm_tflops"] for report in (first, second, fourth) for row in report["nearest_neighbors"]]
+    assert max(amd) / min(amd) > size_by_size[-1]  # "varies from day to day by more than between the vendors"
+    search = {(row["M"], row["N"], row["d"]): row for row in fourth["nearest_neighbors"]}
+    largest = search[4096, 4096, 12288]
+    assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
+            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and {int(f(largest['cdist_ms'])):,} ms "
+            f"for `cdist`; {largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
+    assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] == 0 for row in search.values())
+    over_gemm, over_cdist = lambda row: row["genlib_over_gemm"], lambda row: row["genlib_ms"] / row["cdist_ms"]
+    assert (f"the search took {span(fourth, over_gemm)} times the bare GEMM and {span(fourth, over_cdist)} times "
+            "`cdist`, which was faster only at the smallest size") in words
+    assert [size for size, row in search.items() if row["cdist_ms"] < row["genlib_ms"]] == [(1024, 1024, 3072)]
+
+    def profiled(report: dict) -> tuple[dict, dict]:
+        row = next(row for row in report["nearest_neighbors"] if (row["M"], row["N"], row["d"]) == (4096, 4096, 12288))
+        return ({phase["name"]: phase["cpu_ms"] for phase in row["profile"]["phases"]},
+                {op["name"]: op["self_ms"] for op in row["profile"]["ops"]})
+
+    (phases, ops), (intel_phases, intel_ops) = profiled(fourth), profiled(third)
+    assert (f"took {f(phases['nn.round_keys'])} ms, against {f(intel_phases['nn.round_keys'])} ms on the Intel "
+            f"machine ({f(phases['nn.round_keys'] / intel_phases['nn.round_keys'])} times), while the GEMM took "
+            f"{int(f(phases['nn.gemm'])):,} ms against {int(f(intel_phases['nn.gemm'])):,} ms "
+            f"({f(phases['nn.gemm'] / intel_phases['nn.gemm'])} times); `aten::sub` alone took "
+            f"{f(ops['aten::sub'])} ms of self time, against {f(intel_ops['aten::sub'])} ms") in words
+    assert f"a new {4096 * 12288 * 4 / 1e6:.0f} MB copy" in words
+    ratio = {run: {row["model"].removeprefix("genlib "): row["vs_reference"] for row in report["training"]}
+             for run, report in (("first", first), ("third", third), ("fourth", fourth))}
+    assert (f"`genlib gan` ran at {f(ratio['fourth']['gan'])} times its rate ({f(ratio['third']['gan'])} on the "
+            f"Intel machine) and the autoencoder at {f(ratio['fourth']['autoencoder'])} "
+            f"({f(ratio['third']['autoencoder'])} there)") in words
+    assert (f"IMLE and DDE ran faster than the reference here ({f(ratio['fourth']['imle'])} and "
+            f"{f(ratio['fourth']['dde'])}, in that order), slower on the Intel machine ({f(ratio['third']['imle'])} "
+            f"and {f(ratio['third']['dde'])})") in words
+    order = {run: sorted(r, key=r.get, reverse=True) for run, r in ratio.items()}
+    reference = "reference DCGAN (fp32 eager)"
+    others = lambda names: [name for name in names if name not in ("imle", "dde", "dae", "score")]  # noqa: E731
+    assert others(order["third"]) == others(order["fourth"])  # the order but for the two changes named
+    for name in ("dae", "score"):  # the pair sits in the same two places in both orders
+        assert order["fourth"].index(name) in {order["third"].index("dae"), order["third"].index("score")}
+    assert order["fourth"].index("imle") + 1 == order["fourth"].index("dde") == order["fourth"].index(reference) - 1
+    assert all(order["third"].index(name) > order["third"].index(reference) for name in ("imle", "dde"))
+    pair = lambda names: [name for name in names if name in ("dae", "score")]  # noqa: E731
+    assert pair(order["fourth"]) == pair(order["first"]) != pair(order["third"])

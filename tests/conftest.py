@@ -29,7 +29,8 @@ def pytest_report_header(config) -> list[str]:
         made_on = json.loads(path.read_text()).get("metadata", {}).get("genlib", {}).get("executed_on")
         if made_on != here:
             lines.append(f"WARNING {path.name}'s outputs were made on {made_on or 'an unrecorded CPU'}: strict nbval "
-                         "may fail here; re-execute it with tools/execute_notebooks.py and re-read its text")
+                         "may fail here; re-execute it with tools/execute_notebooks.py and re-read its text "
+                         "(tools/output_drift.py lists what changed and where the text quotes it)")
     return lines
 
 

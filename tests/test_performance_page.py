@@ -486,7 +486,7 @@ def test_the_fourth_cpu_runs_figures_quoted_are_the_jsons():
             f"({f(dcgan['third']['img_per_s'] / dcgan['fourth']['img_per_s'])} times)") in words
     assert f"The two earlier AMD runs measured {span(first, tflops)} and {span(second, tflops)} TFLOPS" in words
     amd = [row["gemm_tflops"] for report in (first, second, fourth) for row in report["nearest_neighbors"]]
-    assert max(amd) / min(amd) > size_by_size[-1]  # "varies from run to run by more than it differs between the vendors"
+    assert max(amd) / min(amd) > size_by_size[-1]  # "varies from run to run by more than it differs between vendors"
     search = {(row["M"], row["N"], row["d"]): row for row in fourth["nearest_neighbors"]}
     largest = search[4096, 4096, 12288]
     assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "

@@ -54,12 +54,14 @@ def test_unchanged_code_changed_code_ignored_cells_and_numbers_printed_again():
 
 
 def test_quotes_find_a_number_as_prose_writes_it_and_nothing_that_merely_contains_it():
-    changed = [tool.Drift(0, "", "", ("1024", "-0.272", "0.21", "7"))]
+    changed = [tool.Drift(0, "", "", ("1024", "-0.272", "0.21", "7", "0.187"))]
     text = chapter(new_markdown_cell("All 1,024 queries; the gap was \N{MINUS SIGN}0.272 at the end."),
                    new_markdown_cell("hq 0.215, 10.21, 0.21.5 and v0.21 are other numbers; 7 is too short to look for"),
-                   new_markdown_cell("The live table has hq 0.21, on 7 seeds."))
+                   new_markdown_cell("The live table has hq 0.21, on 7 seeds."),
+                   new_markdown_cell("PacGAN puts 19 % of its samples on a mode (18.7% to one decimal), not 19."))
     found = tool.quotes(text, changed, width=5)
-    assert [(quote.cell, quote.number) for quote in found] == [(0, "-0.272"), (0, "1024"), (2, "0.21")]
+    assert [(quote.cell, quote.number) for quote in found] == [(0, "-0.272"), (0, "1024"), (2, "0.21"),
+                                                               (3, "0.187"), (3, "0.187")]
     assert found[1].context == "All 1,024 quer"
 
 

@@ -5,10 +5,11 @@
 
 CONTRIBUTING asks, after a re-execution (a new machine, a changed model), to re-read each chapter's text against its
 new outputs. This lists, per chapter, every printed line whose numbers changed (old -> new) and every markdown cell
-of the working tree that still contains one of the old numbers, with its context: a checklist for that reading, not
-a replacement (a number quoted in another form, 21.9 % for 0.219, or a ranking or per-seed story that changed
-without its digits, is not found). Cells tagged ``nbval-ignore-output`` (figures, widgets, the footer's wall time)
-are left out. Exit status 1 when the text quotes a changed number, else 0.
+of the working tree that still contains one of the old numbers (also a printed fraction quoted as a percentage), with
+its context: a checklist for that reading, not a replacement (a number the text derives, such as a difference of two
+printed ones, or a ranking or per-seed story that changed without its digits, is not found). Cells tagged
+``nbval-ignore-output`` (figures, widgets, the footer's wall time) are left out. Exit status 1 when the text quotes a
+changed number, else 0.
 """
 
 from __future__ import annotations
@@ -105,15 +106,22 @@ def drifts(old: nbformat.NotebookNode, new: nbformat.NotebookNode) -> list[Drift
     return found
 
 
-def spellings(number: str) -> set[str]:
-    """The ways prose writes a printed number: as printed, with or without thousands separators, and with a
-    typographic minus."""
+def patterns(number: str) -> list[str]:
+    """Regular expressions for the ways prose writes a printed number: as printed, with or without thousands
+    separators, with a typographic minus, and a fraction printed with 3 or more decimals (0.187) as a percentage
+    (18.7 % or 19 %)."""
     plain = number.replace(",", "")
+    sign, unsigned = plain[:len(plain) - len(plain.lstrip("+-"))], plain.lstrip("+-")
+    whole, dot, decimals = unsigned.partition(".")
     forms = {number, plain}
-    whole, dot, decimals = plain.lstrip("+-").partition(".")
     if whole.isdigit() and len(whole) > 3:
-        forms.add(plain[:len(plain) - len(plain.lstrip("+-"))] + f"{int(whole):,}" + dot + decimals)
-    return forms | {form.replace("-", "\N{MINUS SIGN}", 1) for form in forms if form.startswith("-")}
+        forms.add(sign + f"{int(whole):,}" + dot + decimals)
+    forms |= {form.replace("-", "\N{MINUS SIGN}", 1) for form in forms if form.startswith("-")}
+    found = [rf"(?<![\w.,]){re.escape(form)}(?![\w]|[.,]\d)" for form in sorted(forms)]
+    if whole == "0" and len(decimals) >= 3 and decimals.isdigit():
+        percent = 100 * float(unsigned)
+        found += [rf"(?<![\w.,]){re.escape(f'{percent:.{places}f}')}\s?%" for places in (1, 0)]
+    return found
 
 
 def quotes(nb: nbformat.NotebookNode, changed: list[Drift], width: int = 70) -> list[Quote]:
@@ -127,8 +135,8 @@ def quotes(nb: nbformat.NotebookNode, changed: list[Drift], width: int = 70) -> 
             continue
         text = " ".join(cell.source.split())
         for number in wanted:
-            for form in spellings(number):
-                for match in re.finditer(rf"(?<![\w.,]){re.escape(form)}(?![\w]|[.,]\d)", text):
+            for pattern in patterns(number):
+                for match in re.finditer(pattern, text):
                     start, end = max(0, match.start() - width), match.end() + width
                     found.append(Quote(index, number, text[start:end]))
     return sorted(set(found))

@@ -68,6 +68,21 @@ def includes(text: str) -> list[tuple[str, str]]:
     return re.findall(r"```\{include\} (\S+)\n((?::[\w-]+: .*\n)*)```", text)
 
 
+def span(report: dict, key) -> str:
+    """'low to high' of ``key(row)`` over a report's search rows, as bench.format_number writes each."""
+    values = sorted(key(row) for row in report["nearest_neighbors"])
+    return f"{bench.format_number(values[0])} to {bench.format_number(values[-1])}"
+
+
+def largest_search(report: dict) -> str:
+    """The sentence the page writes about a CPU run's 4096 x 4096 x 12,288 search (thousands separated)."""
+    f = bench.format_number
+    row = next(row for row in report["nearest_neighbors"] if (row["M"], row["N"], row["d"]) == (4096, 4096, 12288))
+    return (f"the search took {int(f(row['genlib_ms'])):,} ms against {int(f(row['gemm_bound_ms'])):,} ms for the "
+            f"bare GEMM ({f(row['genlib_over_gemm'])} times) and {int(f(row['cdist_ms'])):,} ms for `cdist`; "
+            f"{row['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass")
+
+
 @pytest.mark.parametrize("run", RUNS)
 def test_committed_table_is_rendered_from_the_committed_json(run):
     _, report = load(run)
@@ -369,11 +384,7 @@ def test_the_second_cpu_runs_figures_quoted_are_the_jsons():
     words = flat(section(page, RUNS["bench-cpu-20261129"]))
     f = bench.format_number
     search = {(row["M"], row["N"], row["d"]): row for row in second["nearest_neighbors"]}
-    largest = search[4096, 4096, 12288]
-    assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
-            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and "
-            f"{int(f(largest['cdist_ms'])):,} ms for `cdist`; "
-            f"{largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
+    assert largest_search(second) in words
     assert all(row["brute_force_queries"] == 0 for row in search.values())
     below = search[1024, 1024, 3072]
     assert below["genlib_over_gemm"] < 1 and (
@@ -401,10 +412,6 @@ def test_the_third_cpu_runs_figures_quoted_are_the_jsons():
     words = flat(section(page, RUNS["bench-cpu-20261130"]))
     f = bench.format_number
 
-    def span(report: dict, key) -> str:
-        values = sorted(key(row) for row in report["nearest_neighbors"])
-        return f"{f(values[0])} to {f(values[-1])}"
-
     tflops = lambda row: row["gemm_tflops"]  # noqa: E731
     rate = {run: {(row["M"], row["N"], row["d"]): row["gemm_tflops"] for row in report["nearest_neighbors"]}
             for run, report in (("first", first), ("second", second), ("third", third))}
@@ -422,10 +429,7 @@ def test_the_third_cpu_runs_figures_quoted_are_the_jsons():
     assert (f"The reference DCGAN step ran at {f(dcgan['third']['img_per_s'])} img/s, against "
             f"{f(dcgan['second']['img_per_s'])} in the second run") in words
     search = {(row["M"], row["N"], row["d"]): row for row in third["nearest_neighbors"]}
-    largest = search[4096, 4096, 12288]
-    assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
-            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and {int(f(largest['cdist_ms'])):,} ms "
-            f"for `cdist`; {largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
+    assert largest_search(third) in words
     assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] == 0 for row in search.values())
     over_gemm, over_cdist = lambda row: row["genlib_over_gemm"], lambda row: row["genlib_ms"] / row["cdist_ms"]
     assert (f"the search took {span(third, over_gemm)} times the bare GEMM ({span(second, over_gemm)} in the second "
@@ -466,10 +470,6 @@ def test_the_fourth_cpu_runs_figures_quoted_are_the_jsons():
     assert executed_on == {fourth["provenance"]["cpu"]} and fourth["provenance"]["cpu"].startswith("AMD EPYC")
     assert third["provenance"]["cpu"].startswith("Intel")
 
-    def span(report: dict, key) -> str:
-        values = sorted(key(row) for row in report["nearest_neighbors"])
-        return f"{f(values[0])} to {f(values[-1])}"
-
     tflops = lambda row: row["gemm_tflops"]  # noqa: E731
     rate = {run: {(row["M"], row["N"], row["d"]): row["gemm_tflops"] for row in report["nearest_neighbors"]}
             for run, report in (("third", third), ("fourth", fourth))}
@@ -488,10 +488,7 @@ def test_the_fourth_cpu_runs_figures_quoted_are_the_jsons():
     amd = [row["gemm_tflops"] for report in (first, second, fourth) for row in report["nearest_neighbors"]]
     assert max(amd) / min(amd) > size_by_size[-1]  # "varies from run to run by more than it differs between vendors"
     search = {(row["M"], row["N"], row["d"]): row for row in fourth["nearest_neighbors"]}
-    largest = search[4096, 4096, 12288]
-    assert (f"the search took {int(f(largest['genlib_ms'])):,} ms against {int(f(largest['gemm_bound_ms'])):,} ms "
-            f"for the bare GEMM ({f(largest['genlib_over_gemm'])} times) and {int(f(largest['cdist_ms'])):,} ms "
-            f"for `cdist`; {largest['settled']['fp32-wide']} of its 4,096 queries needed the wide fp32 pass") in words
+    assert largest_search(fourth) in words
     assert all(row["agrees_with_float64"] == 1.0 and row["brute_force_queries"] == 0 for row in search.values())
     over_gemm, over_cdist = lambda row: row["genlib_over_gemm"], lambda row: row["genlib_ms"] / row["cdist_ms"]
     assert (f"the search took {span(fourth, over_gemm)} times the bare GEMM and {span(fourth, over_cdist)} times "
